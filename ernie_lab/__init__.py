@@ -8,10 +8,14 @@
 
 Modules reachable as attributes: ``ernie_lab.routing`` (routing records), ``ernie_lab.losses``
 (MoE training losses), ``ernie_lab.vision`` (image preprocessing, ViT), ``ernie_lab.family``
-(parameter / memory / compute arithmetic), ``ernie_lab.processor`` (chats with pictures).
+(parameter / memory / compute arithmetic), ``ernie_lab.checkpoints`` (the family's published shapes),
+``ernie_lab.processor`` (chats with pictures), ``ernie_lab.modules`` (``replace_linears``, the seam for
+quantized and LoRA linears), ``ernie_lab.hub_names`` (Hub tensor names), ``ernie_lab.architectures``
+(the model-type registry).
 """
 
-from . import family, losses, moe, processor, routing, vision, vl_model  # noqa: F401
+from . import (architectures, checkpoints, family, hub_names, losses, modules, moe, processor,  # noqa: F401
+               routing, vision, vl_model)
 from .config import ErnieConfig
 from .errors import CheckpointError, ConfigError, ErnieLabError, InputError
 from .generation import generate
@@ -25,4 +29,5 @@ from .vl_model import ErnieVLForConditionalGeneration
 __all__ = ["ErnieConfig", "ErnieForCausalLM", "ErnieVLForConditionalGeneration", "KVCache", "ErnieLabError",
            "ConfigError", "CheckpointError", "InputError", "load_model", "save_model", "generate",
            "ErnieTokenizer", "StandInTokenizerWarning", "load_tokenizer",
-           "family", "losses", "moe", "processor", "routing", "vision", "vl_model"]
+           "architectures", "checkpoints", "family", "hub_names", "losses", "modules", "moe", "processor", "routing",
+           "vision", "vl_model"]

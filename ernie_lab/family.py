@@ -1,6 +1,7 @@
 """The ERNIE 4.5 family at scale: parameters, memory, compute and scale-out, from a config alone.
 
-Nothing here builds a model; every number follows from the integers in a config::
+Nothing here builds a model; every number follows from the integers of a parsed config (``config.py``
+reads every config.json dialect; the family's published shapes are tables in ``checkpoints.py``)::
 
     total params    = embeddings (+ untied lm_head) + L x (attention + norms) + dense MLPs + MoE layers
                       (+ vision encoder + adapter for the VL models)
@@ -23,205 +24,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .checkpoints import (CHECKPOINTS, CONFIG_0_3B, CONFIG_21B_A3B, CONFIG_300B_A47B, CONFIG_VL_28B_A3B,  # noqa: F401
+                          CONFIG_VL_424B_A47B, Checkpoint, checkpoint)
+from .config import ErnieConfig, VLConfig, parse_config
 from .errors import ConfigError, InputError
-
-# ================================================================================================
-# 1. The five shapes of the family, written out as config.json tables
-# ================================================================================================
-
-CONFIG_0_3B = {
-    "model_type": "ernie4_5",              # dense decoder (Ernie4_5ForCausalLM)
-    "vocab_size": 103424,                  # SentencePiece pieces + special tokens, the same in all ten
-    "hidden_size": 1024,                   # width of the residual stream
-    "intermediate_size": 3072,             # SwiGLU width, 3 x hidden
-    "num_hidden_layers": 18,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 2,              # GQA: 8 query heads share one K/V head
-    "head_dim": 128,                       # 16 x 128 = 2048: q_proj widens the 1024 stream
-    "max_position_embeddings": 131072,     # 128K context
-    "rope_theta": 500000.0,
-    "rms_norm_eps": 1e-05,
-    "tie_word_embeddings": True,           # lm_head reuses the embedding matrix
-    "use_bias": False,
-}
-
-CONFIG_21B_A3B = {
-    "model_type": "ernie4_5_moe",          # text MoE (Ernie4_5_MoeForCausalLM)
-    "vocab_size": 103424,
-    "hidden_size": 2560,                   # 2.5x the 0.3B
-    "intermediate_size": 12288,            # width of the one dense MLP (layer 0)
-    "num_hidden_layers": 28,
-    "num_attention_heads": 20,             # head_dim = 2560 / 20 = 128
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 131072,
-    "rope_theta": 500000.0,
-    "rms_norm_eps": 1e-05,
-    "tie_word_embeddings": True,
-    "use_bias": False,
-    "moe_num_experts": 64,                 # routed experts per MoE layer
-    "moe_k": 6,                            # experts each token visits
-    "moe_intermediate_size": 1536,         # width of one routed expert
-    "moe_num_shared_experts": 2,           # every token also passes 2 shared experts (one MLP of 2 x 1536)
-    "moe_layer_start_index": 1,            # layer 0 is dense ...
-    "moe_layer_end_index": 27,             # ... layers 1..27 are MoE (-1 means "the last layer")
-    "moe_layer_interval": 1,
-}
-
-# Values of the published config.json of baidu/ERNIE-4.5-300B-A47B-PT. The Hub is not reachable from
-# the machines this kit was written on; the numbers were read from three public copies that agree:
-#   - PaddlePaddle/ERNIE examples/pre-training/model_configs/ERNIE-4p5-300B-A47B/model_config.json, a
-#     pre-training demo config (its vocab and rope_theta differ) with the same widths, 64 experts, top-8,
-#     start index 3, and 56 layers with "remove_tail_layer": 2 -> 54,
-#   - the pre-release checkpoint config in github.com/Hchnr/test (config.json: 54 layers, 103424 vocab,
-#     rope_theta 500000) and its tensor listing (load/safe_open.output.all.sort), which shows layers 0-2
-#     dense, e_score_correction_bias of shape (1, 64) and a separate lm_head.weight (untied embeddings),
-#   - a FastDeploy test fixture that writes these widths for Ernie4_5_MoeForCausalLM (with fewer layers,
-#     for the test) and "tie_word_embeddings": false, "num_nextn_predict_layers": 1.
-# One MindIE unit-test fixture writes "tie_word_embeddings": true; the checkpoint's own tensor list wins.
-CONFIG_300B_A47B = {
-    "model_type": "ernie4_5_moe",
-    "vocab_size": 103424,
-    "hidden_size": 8192,                   # 3.2x the 21B
-    "intermediate_size": 28672,            # the three dense layers' MLP width (= 8 x 3584)
-    "num_hidden_layers": 54,
-    "num_attention_heads": 64,             # head_dim = 8192 / 64 = 128
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 131072,
-    "rope_theta": 500000.0,
-    "rms_norm_eps": 1e-05,
-    "tie_word_embeddings": False,          # a separate 103424 x 8192 lm_head: +0.85 B parameters
-    "use_bias": False,
-    "moe_num_experts": 64,
-    "moe_k": 8,                            # 8 experts of 3584 = one dense MLP of 28672 per token
-    "moe_intermediate_size": 3584,
-    "moe_num_shared_experts": 0,           # no shared experts, unlike the A3B models
-    "moe_layer_start_index": 3,            # layers 0, 1, 2 are dense
-    "moe_layer_end_index": 53,
-    "moe_layer_interval": 1,
-    "num_nextn_predict_layers": 1,         # one multi-token-prediction layer: not built by transformers
-}
-
-CONFIG_VL_28B_A3B = {
-    "model_type": "ernie4_5_vl_moe",       # vision-language MoE (Ernie4_5_VLMoeForConditionalGeneration)
-    "tie_word_embeddings": True,
-    "text_config": {
-        "vocab_size": 103424,
-        "hidden_size": 2560,               # the 21B-A3B decoder ...
-        "intermediate_size": 12288,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 20,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 131072,
-        "rope_theta": 500000.0,
-        "rms_norm_eps": 1e-05,
-        "use_bias": False,
-        "moe_num_experts": 64,             # ... with 64 text AND 64 vision experts per MoE layer
-        "moe_k": 6,                        # each token visits 6 experts of its own modality
-        "moe_intermediate_size": [1536, 512],  # [text expert width, vision expert width]
-        "moe_num_shared_experts": 2,       # shared experts see text and image tokens alike
-        "mlp_layer_types": ["dense"] + ["sparse"] * 27,
-    },
-    "vision_config": {
-        "depth": 32,                       # ViT blocks
-        "hidden_size": 1280,               # ViT width
-        "intermediate_size": 5120,         # ViT MLP width (4 x 1280, quick-GELU)
-        "num_heads": 16,
-        "in_channels": 3,
-        "patch_size": 14,                  # a patch is 3 x 14 x 14 = 588 pixels
-        "spatial_merge_size": 2,           # the adapter merges 2 x 2 patches ...
-        "temporal_merge_size": 2,          # ... and 2 video frames into one decoder token
-    },
-}
-
-# RECONSTRUCTED, not read from a published file: the config.json of baidu/ERNIE-4.5-VL-424B-A47B-PT
-# could not be found offline. The model card and technical report say: 54 layers, 64 query / 8 KV
-# heads, 64 text + 64 vision experts, top-8, 424B total, 47B active, the VL models extend the text
-# model with vision experts + ViT + adapter. So the text side is the 300B-A47B decoder above, and the
-# vision side is the 28B's ViT and adapter. Uncertain fields:
-#   - vision expert width 1536: chosen because it is the width that makes the total come out at 424B
-#     (width 512, as in the 28B, would give 341.4B; 1536 gives 423.5B);
-#   - dense layers 0-2 and no shared experts: taken over from the 300B;
-#   - untied embeddings: taken over from the 300B.
-CONFIG_VL_424B_A47B = {
-    "model_type": "ernie4_5_vl_moe",
-    "tie_word_embeddings": False,
-    "text_config": {
-        "vocab_size": 103424,
-        "hidden_size": 8192,
-        "intermediate_size": 28672,
-        "num_hidden_layers": 54,
-        "num_attention_heads": 64,
-        "num_key_value_heads": 8,
-        "max_position_embeddings": 131072,
-        "rope_theta": 500000.0,
-        "rms_norm_eps": 1e-05,
-        "use_bias": False,
-        "moe_num_experts": 64,
-        "moe_k": 8,
-        "moe_intermediate_size": [3584, 1536],  # vision width reconstructed (see above)
-        "moe_num_shared_experts": 0,
-        "mlp_layer_types": ["dense"] * 3 + ["sparse"] * 51,
-    },
-    "vision_config": dict(CONFIG_VL_28B_A3B["vision_config"]),  # same ViT as the 28B
-}
-
-_SOURCE_TRANSFORMERS = "transformers 5.x default config of the model class (= the published checkpoint)"
-_SOURCE_300B = ("published config.json values, read from public copies: PaddlePaddle/ERNIE pre-training "
-                "model_config.json, Hchnr/test pre-release config + tensor list, a FastDeploy test fixture")
-_SOURCE_424B = ("RECONSTRUCTED from the model card / technical report (not a published file); "
-                "uncertain: vision expert width 1536, dense layers 0-2, no shared experts, untied embeddings")
-
-
-# ================================================================================================
-# 2. The ten checkpoints
-# ================================================================================================
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """One published checkpoint: where it lives, what it is, and the shape of its weights."""
-
-    name: str                 # "ERNIE-4.5-21B-A3B-Base"
-    hub_id: str               # PyTorch weights: "baidu/ERNIE-4.5-21B-A3B-Base-PT"
-    paddle_hub_id: str        # PaddlePaddle weights, same numbers: "baidu/ERNIE-4.5-21B-A3B-Base-Paddle"
-    kind: str                 # "dense", "moe" (text) or "vl_moe" (vision-language)
-    post_trained: bool        # False for the -Base (pre-trained only) checkpoints
-    context_length: int       # tokens
-    config: dict              # config.json contents (one of the five tables above)
-    config_source: str        # where the config numbers come from
-    named_total: float        # the size in the name, in parameters ("21B" -> 21e9)
-    named_active: float       # the "A3B" part of the name (= named_total for the dense 0.3B)
-
-
-def _pair(size: str, kind: str, config: dict, source: str, total: float, active: float) -> list[Checkpoint]:
-    """The Base and the post-trained checkpoint of one size share every number but the name."""
-    pairs = []
-    for post_trained, suffix in ((False, "-Base"), (True, "")):
-        name = f"ERNIE-4.5-{size}{suffix}"
-        pairs.append(Checkpoint(name, f"baidu/{name}-PT", f"baidu/{name}-Paddle", kind, post_trained,
-                                131072, config, source, total, active))
-    return pairs
-
-
-CHECKPOINTS: dict[str, Checkpoint] = {
-    c.name: c
-    for c in (
-        _pair("0.3B", "dense", CONFIG_0_3B, _SOURCE_TRANSFORMERS, 0.3e9, 0.3e9)
-        + _pair("21B-A3B", "moe", CONFIG_21B_A3B, _SOURCE_TRANSFORMERS, 21e9, 3e9)
-        + _pair("300B-A47B", "moe", CONFIG_300B_A47B, _SOURCE_300B, 300e9, 47e9)
-        + _pair("VL-28B-A3B", "vl_moe", CONFIG_VL_28B_A3B, _SOURCE_TRANSFORMERS, 28e9, 3e9)
-        + _pair("VL-424B-A47B", "vl_moe", CONFIG_VL_424B_A47B, _SOURCE_424B, 424e9, 47e9)
-    )
-}
-
-
-def checkpoint(name: str) -> Checkpoint:
-    """Look a checkpoint up by name ("ERNIE-4.5-0.3B") or Hub id ("baidu/ERNIE-4.5-0.3B-Paddle")."""
-    for c in CHECKPOINTS.values():
-        if name in (c.name, c.hub_id, c.paddle_hub_id, c.hub_id.split("/")[1], c.paddle_hub_id.split("/")[1]):
-            return c
-    raise InputError(f"No ERNIE 4.5 checkpoint is called {name!r}. Known names: {', '.join(CHECKPOINTS)} "
-                     "(each also with its Hub id, baidu/<name>-PT or baidu/<name>-Paddle).")
-
 
 # ================================================================================================
 # 3. Reading a config into the handful of integers that fix every shape
@@ -243,7 +49,7 @@ class VisionShape:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Everything :func:`count_params` needs, whatever dialect the config was written in."""
+    """Everything :func:`count_params` needs, derived from a parsed config (see :func:`model_shape`)."""
 
     kind: str                          # "dense", "moe" or "vl_moe"
     vocab_size: int
@@ -271,22 +77,18 @@ class ModelShape:
         return sum(self.moe_layers)
 
 
-# The defaults that transformers' ViT config uses when a VL config leaves a vision field out.
-_VISION_DEFAULTS = dict(depth=32, width=1280, mlp_width=5120, num_heads=16, patch_size=14, in_channels=3,
-                        spatial_merge=2, temporal_merge=2)
-
-
 def model_shape(config: Any) -> ModelShape:
-    """Read a config (dict, ``transformers`` config, kit config or :class:`Checkpoint`) into a ModelShape.
+    """The shape of a model from its config: a parsed ``ErnieConfig`` / ``VLConfig``, or anything
+    :func:`ernie_lab.config.parse_config` reads (a config.json dict in any dialect, a ``transformers``
+    config or any object with ``.to_dict()``, a dataclass with config fields, a :class:`Checkpoint`)."""
+    return shape_of(parsed(config))
 
-    Accepted dialects: flat Hub ``config.json`` for ``ernie4_5`` / ``ernie4_5_moe``; for the VL model
-    either the nested ``text_config`` / ``vision_config`` form of ``transformers`` or the flat original
-    Hub form (list-valued ``moe_num_experts: [text, vision]``, ``vision_config.embed_dim``).
-    """
-    raw = _as_dict(config)
-    if _is_vision_language(raw):
-        return _vl_shape(raw)
-    return _text_shape(raw)
+
+def parsed(config: Any) -> ErnieConfig | VLConfig:
+    """``config`` as the kit's parsed config (config.py is the only reader of config.json dialects)."""
+    if isinstance(config, (ErnieConfig, VLConfig)):
+        return config
+    return parse_config(_as_dict(config), source=f"the {type(config).__name__} given")
 
 
 def _as_dict(config: Any) -> dict:
@@ -302,112 +104,26 @@ def _as_dict(config: Any) -> dict:
                       "an object with .to_dict() (transformers or ernie_lab config), or a Checkpoint.")
 
 
-def _is_vision_language(raw: dict) -> bool:
-    return (raw.get("model_type") in ("ernie4_5_vl_moe", "ernie4_5_moe_vl") or "text_config" in raw
-            or "vision_config" in raw or isinstance(raw.get("moe_num_experts"), (list, tuple)))
-
-
-def _get_int(d: dict, key: str, default: int | None = None, where: str = "config") -> int:
-    value = d.get(key, default)
-    if value is None:
-        raise ConfigError(f"{where} has no {key!r}; a config.json of an ERNIE 4.5 model always carries it. "
-                          "Pass the full config.json contents.")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{where}: {key} must be a non-negative integer, got {value!r}.")
-    return value
-
-
-def _pair_values(value: Any) -> tuple[Any, Any]:
-    """A VL field is either one value for both modalities or a [text, vision] list."""
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise ConfigError(f"An empty list {value!r} cannot give a text and a vision value.")
-        return value[0], value[1] if len(value) > 1 else value[0]
-    return value, value
-
-
-def _moe_layer_pattern(num_layers: int, start: Any, end: Any, interval: Any) -> tuple[bool, ...]:
-    """transformers' rule: layer l is MoE when (l + 1) % interval == 0 and start <= l <= end."""
-    start = min(start) if isinstance(start, (list, tuple)) else start
-    end = max(end) if isinstance(end, (list, tuple)) else end
-    end = num_layers - 1 if end is None or end < 0 else end
-    if interval is None or interval < 1:
-        raise ConfigError(f"moe_layer_interval must be a positive integer, got {interval!r}.")
-    return tuple((l + 1) % interval == 0 and start <= l <= end for l in range(num_layers))
-
-
-def _decoder_fields(d: dict, where: str) -> dict:
-    hidden = _get_int(d, "hidden_size", where=where)
-    heads = _get_int(d, "num_attention_heads", where=where)
-    kv_heads = d.get("num_key_value_heads") or heads
-    head_dim = d.get("head_dim") or (hidden // heads if heads else 0)
-    if heads == 0 or kv_heads == 0 or heads % kv_heads:
-        raise ConfigError(f"{where}: num_attention_heads ({heads}) must be a positive multiple of "
-                          f"num_key_value_heads ({kv_heads}).")
-    return dict(vocab_size=_get_int(d, "vocab_size", where=where), hidden_size=hidden,
-                num_layers=_get_int(d, "num_hidden_layers", where=where), num_heads=heads,
-                num_kv_heads=kv_heads, head_dim=head_dim,
-                intermediate_size=_get_int(d, "intermediate_size", where=where),
-                use_bias=bool(d.get("use_bias", False)),
-                max_position_embeddings=_get_int(d, "max_position_embeddings", 131072, where=where))
-
-
-def _text_shape(d: dict) -> ModelShape:
-    fields = _decoder_fields(d, "config")
-    num_layers = fields["num_layers"]
-    tie = bool(d.get("tie_word_embeddings", True))
-    experts = d.get("moe_num_experts") or 0
-    if not experts:
-        return ModelShape(kind="dense", tie_word_embeddings=tie, moe_layers=(False,) * num_layers, **fields)
-    pattern = _moe_layer_pattern(num_layers, d.get("moe_layer_start_index", 1), d.get("moe_layer_end_index", -1),
-                                 d.get("moe_layer_interval", 1))
-    return ModelShape(kind="moe", tie_word_embeddings=tie, moe_layers=pattern, num_experts=experts,
-                      experts_per_token=_get_int(d, "moe_k", 6), expert_size=_get_int(d, "moe_intermediate_size"),
-                      num_shared_experts=_get_int(d, "moe_num_shared_experts", 0), **fields)
-
-
-def _vl_shape(d: dict) -> ModelShape:
-    text = d["text_config"] if isinstance(d.get("text_config"), dict) else d
-    fields = _decoder_fields(text, "text_config" if text is not d else "config")
-    num_layers = fields["num_layers"]
-    if "mlp_layer_types" in text:
-        pattern = tuple(t == "sparse" for t in text["mlp_layer_types"])
-        if len(pattern) != num_layers:
-            raise ConfigError(f"mlp_layer_types has {len(pattern)} entries for {num_layers} layers.")
-    elif "moe_layer_start_index" in text:
-        pattern = _moe_layer_pattern(num_layers, text["moe_layer_start_index"],
-                                     text.get("moe_layer_end_index", -1), text.get("moe_layer_interval", 1))
-    else:  # transformers' default: the first layer dense, the rest MoE
-        pattern = (False,) + (True,) * (num_layers - 1)
-    text_experts, vision_experts = _pair_values(text.get("moe_num_experts", 64))
-    text_k, vision_k = _pair_values(text.get("moe_k", 6))
-    text_width, vision_width = _pair_values(text.get("moe_intermediate_size", [1536, 512]))
-    tie = bool(d.get("tie_word_embeddings", text.get("tie_word_embeddings", True)))
-    return ModelShape(kind="vl_moe", tie_word_embeddings=tie, moe_layers=pattern, num_experts=text_experts,
-                      experts_per_token=text_k, expert_size=text_width,
-                      num_shared_experts=text.get("moe_num_shared_experts", 2),
-                      num_vision_experts=vision_experts, vision_experts_per_token=vision_k,
-                      vision_expert_size=vision_width, vision=_vision_shape(d), **fields)
-
-
-def _vision_shape(d: dict) -> VisionShape:
-    v = d.get("vision_config") or {}
-    values = dict(_VISION_DEFAULTS)
-    # The original Hub files name the ViT width "embed_dim" and give the MLP as a ratio; there
-    # "hidden_size" is something else, so embed_dim wins when present.
-    if "embed_dim" in v:
-        values["width"] = v["embed_dim"]
-        values["mlp_width"] = int(v["embed_dim"] * v.get("mlp_ratio", 4))
-    else:
-        values["width"] = v.get("hidden_size", values["width"])
-        values["mlp_width"] = v.get("intermediate_size", 4 * values["width"])
-    values["depth"] = v.get("depth", values["depth"])
-    values["num_heads"] = v.get("num_heads", values["num_heads"])
-    values["patch_size"] = v.get("patch_size", values["patch_size"])
-    values["in_channels"] = v.get("in_channels", values["in_channels"])
-    values["spatial_merge"] = v.get("spatial_merge_size", d.get("spatial_conv_size", values["spatial_merge"]))
-    values["temporal_merge"] = v.get("temporal_merge_size", d.get("temporal_conv_size", values["temporal_merge"]))
-    return VisionShape(**values)
+def shape_of(config: ErnieConfig | VLConfig) -> ModelShape:
+    """Derive the counting shape from a parsed config."""
+    text = config.get_text_config()
+    fields = dict(vocab_size=text.vocab_size, hidden_size=text.hidden_size, num_layers=text.num_hidden_layers,
+                  num_heads=text.num_attention_heads, num_kv_heads=text.num_key_value_heads, head_dim=text.head_dim,
+                  intermediate_size=text.intermediate_size, tie_word_embeddings=text.tie_word_embeddings,
+                  use_bias=text.use_bias, max_position_embeddings=text.max_position_embeddings,
+                  moe_layers=text.moe_layers)
+    if not text.is_moe:
+        return ModelShape(kind="dense", **fields)
+    experts = dict(num_experts=text.moe_num_experts, experts_per_token=text.moe_k,
+                   expert_size=text.moe_intermediate_size, num_shared_experts=text.moe_num_shared_experts)
+    if not isinstance(config, VLConfig):
+        return ModelShape(kind="moe", **experts, **fields)
+    v = config.vision
+    vision = VisionShape(depth=v.depth, width=v.hidden_size, mlp_width=v.intermediate_size, num_heads=v.num_heads,
+                         patch_size=v.patch_size, in_channels=v.in_channels, spatial_merge=v.spatial_merge_size,
+                         temporal_merge=v.temporal_merge_size)
+    return ModelShape(kind="vl_moe", num_vision_experts=text.moe_num_experts, vision_experts_per_token=text.moe_k,
+                      vision_expert_size=config.vision_moe_intermediate_size, vision=vision, **experts, **fields)
 
 
 # ================================================================================================

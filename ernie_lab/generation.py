@@ -30,7 +30,7 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
     ``streamer`` gets ``put(ids)`` for the prompt and each new token and ``end()`` at the close, like
     transformers' streamers. Extra keyword arguments (e.g. ``pixel_values``) go to the prefill only.
     """
-    config = model.config
+    config = model.config.get_text_config()
     input_ids, attention_mask = _as_batch(input_ids, attention_mask, _pad_id(config, pad_token_id))
     check_sampling(max_new_tokens, temperature, top_p, top_k)
     B, T = input_ids.shape

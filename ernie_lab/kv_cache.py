@@ -22,9 +22,9 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model, batch: int, max_len: int) -> "KVCache":
-        """A cache shaped for ``model`` (an ErnieForCausalLM) with room for ``max_len`` tokens."""
-        cfg = model.config
-        weight = model.embed.weight
+        """A cache shaped for ``model`` (any ernie-lab model) with room for ``max_len`` tokens."""
+        cfg = model.config.get_text_config()
+        weight = model.norm.weight  # activations (and so keys and values) flow in the norms' dtype
         return cls(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, max_len,
                    dtype=weight.dtype, device=weight.device)
 

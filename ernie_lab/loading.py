@@ -1,96 +1,73 @@
 """Loading real checkpoints: a Hub id or a folder -> config.json + safetensors -> an ernie-lab model.
 
 A checkpoint is a config.json and its weights, either one ``model.safetensors`` or several shards
-listed in ``model.safetensors.index.json`` ("weight_map": tensor name -> file). The Hub names each
-tensor after the reference module tree (``model.layers.3.self_attn.q_proj.weight``); ernie-lab's
-modules are named more briefly, and ``NAME_MAP`` below is the whole translation, written as data.
+listed in ``model.safetensors.index.json`` ("weight_map": tensor name -> file). ``hub_names.py`` holds
+the translation from the Hub's tensor names to ernie-lab's, written as data.
 
 Loading checks everything before it builds anything: every file is readable, every tensor the model
 needs is there with the right shape, and nothing unknown is left over. Only then is the model built
-(on the meta device, so no memory is spent on random weights) and filled. Nothing is half-loaded.
+on the meta device (shapes, no memory) and filled **one tensor at a time**: each tensor is read, passed
+through a list of *transforms* ``(ernie-lab name, tensor) -> tensor`` and put in place of its meta
+parameter before the next one is read. The transforms are, in order:
+
+    paddle_transpose      -Paddle files store Linear weights as (in, out): transpose them back
+    stored_transpose      tensors the Hub stores transposed (the VL routers, (hidden, experts))
+    cast(dtype)           the requested dtype, except routers and correction biases (kept float32)
+    ...                   anything passed as ``transforms=`` (e.g. quantize-on-read)
+
+so the peak memory is the finished model plus about one tensor. Nothing is half-loaded: a failure
+leaves no model behind.
 """
 
 from __future__ import annotations
 
-import functools
 import json
+import math
 import os
 import re
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from .config import ErnieConfig, read_config_json
+from . import architectures, hub_names
+from .config import ErnieConfig, parse_config, read_config_json
 from .errors import CheckpointError, ConfigError
-from .vision import VISION_NAME_MAP
+from .hub_names import (HUB_FILES, INDEX_FILE, KEEP_FLOAT32, NAME_MAP, SKIPPED, VL_NAME_MAP,  # noqa: F401
+                        WEIGHTS_FILE, hub_to_lab, lab_to_hub)
 
-# Hub tensor name                                   <->  ernie-lab parameter name
-# {i} is a layer number, {rest} any remaining dotted path, other {fields} one name component.
-NAME_MAP = [
-    ("model.embed_tokens.weight",                         "embed.weight"),
-    ("model.layers.{i}.input_layernorm.weight",           "layers.{i}.attn_norm.weight"),
-    ("model.layers.{i}.self_attn.{proj}.{kind}",          "layers.{i}.attn.{proj}.{kind}"),
-    ("model.layers.{i}.post_attention_layernorm.weight",  "layers.{i}.mlp_norm.weight"),
-    ("model.layers.{i}.mlp.{rest}",                       "layers.{i}.mlp.{rest}"),  # SwiGLU and MoE alike
-    ("model.norm.weight",                                 "norm.weight"),
-    ("lm_head.weight",                                    "lm_head.weight"),
-]
-
-# Vision-language checkpoints (model_type "ernie4_5_vl_moe"): the decoder's names are the same (the
-# two-group MoE keeps the Hub's module names), plus the ViT and adapter rules of vision.VISION_NAME_MAP.
-VL_NAME_MAP = NAME_MAP + VISION_NAME_MAP
-
-# Tensors a checkpoint may carry that inference does not use. Multi-token-prediction (MTP) heads
-# were trained alongside some ERNIE 4.5 models; rotary tables are recomputed, never loaded.
-SKIPPED = [
-    (r"(model\.)?mtp.*|.*\.mtp_.*", "multi-token-prediction (MTP) weights, not needed for inference"),
-    (r".*rotary_emb\.inv_freq", "rotary tables, recomputed from rope_theta"),
-]
-
-# Tensors read as float32 whatever ``dtype`` load_model is given: the MoE router and its correction
-# bias decide which experts run, and tiny rounding there changes the choice (transformers does the same).
-KEEP_FLOAT32 = r".*\.mlp\.gate\.weight(_\d+)?|.*\.mlp\.moe_statics\..*"
-
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*", "*.model",
-             "special_tokens_map.json", "added_tokens.json", "generation_config.json",
-             "preprocessor_config.json", "chat_template*"]
+Transform = Callable[[str, torch.Tensor], torch.Tensor]  # (ernie-lab name, tensor) -> tensor
 
 
 # ----------------------------------------------------------------------------------------- public
-def load_model(source: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+def load_model(source: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               transforms: Iterable[Transform] = ()):
     """Load an ERNIE 4.5 checkpoint from a Hub id (``baidu/ERNIE-4.5-0.3B-PT``) or a local folder.
 
     ``dtype`` None keeps the checkpoint's dtype; the model comes back in eval mode on ``device``.
+    ``transforms`` are applied to each tensor after the built-in ones (see the module docstring).
     """
     folder = resolve_checkpoint(source)
     raw, config_path = read_config_json(folder)
     config = config_from_dict(raw, source=str(config_path))
-    paddle = is_paddle_checkpoint(source, raw)
     files = weight_files(folder)
-    hub_shapes = read_headers(files)  # hub name -> (file, shape, dtype); reads headers only
+    hub_shapes = read_headers(files)  # hub name -> (file, shape); reads headers only
+    paddle = hub_names.is_paddle_layout(hub_shapes)
     plan = plan_loading(config, hub_shapes, paddle=paddle)  # lab name -> hub name, all checked
     model = build_empty(config)
     check_shapes(model, plan, hub_shapes, paddle=paddle)
-    state = read_tensors(plan, hub_shapes, paddle=paddle, dtype=dtype)
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
+    steps = tensor_transforms(config, paddle=paddle, dtype=dtype) + list(transforms)
+    stream_tensors(model, plan, hub_shapes, steps, device=device, dtype=dtype)
+    if config.get_text_config().tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
-    return model.to(device).eval()
+    return model.eval()
 
 
 def config_from_dict(raw: dict, *, source: str = "config.json"):
-    """A VLConfig for vision-language checkpoints, else an ErnieConfig."""
-    vl = isinstance(raw, dict) and (raw.get("model_type") == "ernie4_5_vl_moe"
-                                    or "Ernie4_5_VLMoeForConditionalGeneration" in (raw.get("architectures") or ()))
-    if vl:
-        from .vl_model import VLConfig
-
-        return VLConfig.from_dict(raw, source=source)
-    return ErnieConfig.from_dict(raw, source=source)
+    """A VLConfig for vision-language checkpoints, else an ErnieConfig (``config.parse_config``)."""
+    return parse_config(raw, source=source)
 
 
 def resolve_checkpoint(source: str | os.PathLike) -> Path:
@@ -119,7 +96,7 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
 
 
 def is_paddle_checkpoint(source, raw_config: dict) -> bool:
-    """-Paddle checkpoints store Linear weights as (in, out), the transpose of PyTorch's (out, in)."""
+    """Kept for older callers: the layout is now decided from the tensors (``hub_names.is_paddle_layout``)."""
     if str(source).rstrip("/").endswith("-Paddle"):
         return True
     return str(raw_config.get("framework", "")).lower() == "paddle"
@@ -171,46 +148,16 @@ def read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
 
 # ---------------------------------------------------------------------------- the loading plan
 def name_table(config) -> list:
-    """The Hub <-> ernie-lab name table of a model type (a VLConfig, or a VL model's decoder config, is VL)."""
-    return VL_NAME_MAP if config.model_type == "ernie4_5_vl_moe" else NAME_MAP
-
-
-def hub_to_lab(name: str, table: list = NAME_MAP) -> str | None:
-    """Translate one Hub tensor name; None when no rule matches."""
-    return _translate(name, hub_side=0, table=table)
-
-
-def lab_to_hub(name: str, table: list = NAME_MAP) -> str | None:
-    """The inverse translation (used by ``save_model`` and in error messages)."""
-    return _translate(name, hub_side=1, table=table)
-
-
-def _translate(name: str, hub_side: int, table: list = NAME_MAP) -> str | None:
-    for pair in table:
-        source, target = pair[hub_side], pair[1 - hub_side]
-        match = re.fullmatch(_template_regex(source), name)
-        if match:
-            return target.format(**match.groupdict())
-    return None
-
-
-@functools.lru_cache(maxsize=None)  # a few templates, matched against every tensor name
-def _template_regex(template: str) -> str:
-    """'layers.{i}.mlp.{rest}' -> r'layers\.(?P<i>\d+)\.mlp\.(?P<rest>.+)'"""
-    kinds = {"i": r"\d+", "rest": r".+"}
-    parts = re.split(r"\{(\w+)\}", template)  # literal, field, literal, field, ...
-    regex = ""
-    for k, part in enumerate(parts):
-        regex += re.escape(part) if k % 2 == 0 else f"(?P<{part}>{kinds.get(part, r'[^.]+')})"
-    return regex
+    """The Hub <-> ernie-lab name table of a config's architecture (``architectures.REGISTRY``)."""
+    return architectures.name_table(config)
 
 
 def plan_loading(config: ErnieConfig, hub_shapes: dict, *, paddle: bool = False) -> dict[str, str]:
     """Decide, before loading anything, which Hub tensor fills which ernie-lab parameter."""
     table = name_table(config)
-    hub_names = {_unprefix_paddle(n) if paddle else n: n for n in hub_shapes}
+    hub_names_ = {hub_names.unprefix_paddle(n) if paddle else n: n for n in hub_shapes}
     plan, unknown, skipped = {}, [], {}
-    for name, original in hub_names.items():
+    for name, original in hub_names_.items():
         reason = next((why for pattern, why in SKIPPED if re.fullmatch(pattern, name)), None)
         if reason:
             skipped.setdefault(reason, 0)
@@ -221,7 +168,7 @@ def plan_loading(config: ErnieConfig, hub_shapes: dict, *, paddle: bool = False)
             unknown.append(original)
         else:
             plan[lab] = original
-    if config.tie_word_embeddings:
+    if config.get_text_config().tie_word_embeddings:
         plan.pop("lm_head.weight", None)  # the head is the embedding; a stored copy is redundant
     for reason, count in skipped.items():
         if "MTP" in reason:
@@ -235,26 +182,17 @@ def plan_loading(config: ErnieConfig, hub_shapes: dict, *, paddle: bool = False)
     return plan
 
 
-def _unprefix_paddle(name: str) -> str:
-    return "model." + name[len("ernie."):] if name.startswith("ernie.") else name
-
-
-def build_empty(config: ErnieConfig):
-    """The model's skeleton on the meta device: shapes without memory, filled by load_state_dict."""
-    from .model import ErnieForCausalLM
-    from .vl_model import ErnieVLForConditionalGeneration, VLConfig
-
+def build_empty(config):
+    """The model's skeleton on the meta device: shapes without memory, filled tensor by tensor."""
     with torch.device("meta"):
-        if isinstance(config, VLConfig):
-            return ErnieVLForConditionalGeneration(config)
-        return ErnieForCausalLM(config)
+        return architectures.build(config)
 
 
 def check_shapes(model, plan: dict[str, str], hub_shapes: dict, *, paddle: bool = False) -> None:
     """Every parameter present with the right shape, or one error listing what is wrong."""
     table = name_table(model.config)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
+    if model.config.get_text_config().tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(plan))
     extra = sorted(set(plan) - set(expected))
@@ -264,6 +202,8 @@ def check_shapes(model, plan: dict[str, str], hub_shapes: dict, *, paddle: bool 
             continue
         file, shape = hub_shapes[hub]
         if paddle and _is_linear(lab, shape):
+            shape = shape[::-1]
+        if hub_names.is_transposed(lab, table):
             shape = shape[::-1]
         if shape != expected[lab]:
             wrong.append(f"{hub} in {file.name}: shape {list(shape)}, the config needs {list(expected[lab])}")
@@ -284,26 +224,131 @@ def _is_linear(lab_name: str, shape: tuple) -> bool:
     return len(shape) == 2 and lab_name.endswith("weight") and not lab_name.startswith("embed")
 
 
-def read_tensors(plan: dict[str, str], hub_shapes: dict, *, paddle: bool = False,
-                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Read the planned tensors, file by file, with a progress bar."""
+# ---------------------------------------------------------------------------- the transforms
+def paddle_transpose(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """-Paddle files store every Linear weight as (in, out), the transpose of PyTorch's (out, in)."""
+    return tensor.t().contiguous() if _is_linear(name, tuple(tensor.shape)) else tensor
+
+
+def stored_transpose(table: list) -> Transform:
+    """Transpose back the tensors that the name table marks as stored transposed."""
+    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.t().contiguous() if hub_names.is_transposed(name, table) else tensor
+    return transform
+
+
+def cast(dtype: torch.dtype) -> Transform:
+    """Convert to ``dtype``, but keep the routers and correction biases in float32."""
+    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.float() if re.fullmatch(KEEP_FLOAT32, name) else tensor.to(dtype)
+    return transform
+
+
+def tensor_transforms(config, *, paddle: bool = False, dtype: torch.dtype | None = None) -> list[Transform]:
+    """The built-in transforms of a checkpoint, in the order they apply."""
+    steps: list[Transform] = [paddle_transpose] if paddle else []
+    table = name_table(config)
+    if any(hub_names.TRANSPOSED in rule[2:] for rule in table):
+        steps.append(stored_transpose(table))
+    if dtype is not None:
+        steps.append(cast(dtype))
+    return steps
+
+
+# ---------------------------------------------------------------------------- streaming
+def stream_tensors(model, plan: dict[str, str], hub_shapes: dict, transforms: list[Transform],
+                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> None:
+    """Read the planned tensors one at a time, transform each, and put it in place of its meta tensor.
+
+    Tensors are read with plain file reads (no memory map stays resident). A tensor that will be
+    converted to ``dtype`` is read into one scratch buffer, reused for every such tensor, so loading in
+    bf16 from an fp32 file needs the bf16 model plus one fp32 tensor, not both models.
+    """
+    scratch = ScratchBuffer()
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for lab, hub in plan.items():
         by_file.setdefault(hub_shapes[hub][0], []).append((lab, hub))
-    state = {}
     bar = tqdm(total=len(plan), desc="loading weights", unit="tensor", disable=len(plan) < 50)
-    for file, pairs in by_file.items():
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for lab, hub in pairs:
-                    tensor = f.get_tensor(hub)
-                    if paddle and _is_linear(lab, tuple(tensor.shape)):
-                        tensor = tensor.t().contiguous()
-                    if dtype is not None:
-                        tensor = tensor.float() if re.fullmatch(KEEP_FLOAT32, lab) else tensor.to(dtype)
-                    state[lab] = tensor
-                    bar.update()
-        except (SafetensorError, OSError, RuntimeError) as err:
-            raise CheckpointError(f"Reading {file} failed ({err}): the file is corrupt; download it again.") from None
-    bar.close()
-    return state
+    try:
+        for file, pairs in by_file.items():
+            try:
+                with open(file, "rb") as handle:
+                    entries, data_start = safetensors_header(handle)
+                    for lab, hub in pairs:
+                        entry = entries[hub]
+                        converted = dtype is not None and SAFETENSORS_DTYPES[entry["dtype"]] != dtype
+                        tensor = read_tensor(handle, entry, data_start, scratch if converted else None)
+                        for transform in transforms:
+                            tensor = transform(lab, tensor)
+                        tensor = tensor.to(device)
+                        if scratch.holds(tensor):  # a transform kept the raw tensor: it needs memory of its own
+                            tensor = tensor.clone()
+                        assign(model, lab, tensor)
+                        del tensor
+                        bar.update()
+            except (OSError, RuntimeError, ValueError, KeyError) as err:
+                raise CheckpointError(f"Reading {file} failed ({err!r}): the file is corrupt; download it again.") from None
+    finally:
+        bar.close()
+
+
+# safetensors dtype names -> torch dtypes
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def safetensors_header(handle) -> tuple[dict, int]:
+    """The header of an open safetensors file: {name: {dtype, shape, data_offsets}}, and where the data starts.
+
+    The format: 8 bytes little-endian header length n, n bytes of JSON, then the tensors' bytes.
+    """
+    length = int.from_bytes(handle.read(8), "little")
+    header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+class ScratchBuffer:
+    """One growing byte buffer that raw tensors are read into when they are converted right away."""
+
+    def __init__(self):
+        self.bytes = torch.empty(0, dtype=torch.uint8)
+
+    def tensor(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        count = math.prod(shape) * dtype.itemsize
+        if self.bytes.numel() < count:
+            self.bytes = torch.empty(count, dtype=torch.uint8)
+        return self.bytes[:count].view(dtype).view(shape)
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        return self.bytes.numel() > 0 and tensor.device.type == "cpu" and \
+            tensor.untyped_storage().data_ptr() == self.bytes.untyped_storage().data_ptr()
+
+
+def read_tensor(handle, entry: dict, data_start: int, scratch: ScratchBuffer | None = None) -> torch.Tensor:
+    """One tensor, read from an open safetensors file into fresh memory (or into ``scratch``)."""
+    dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+    start, end = entry["data_offsets"]
+    shape = tuple(entry["shape"])
+    tensor = torch.empty(shape, dtype=dtype) if scratch is None or not math.prod(shape) else scratch.tensor(shape, dtype)
+    if tensor.numel() == 0:
+        return tensor
+    raw = tensor.reshape(-1).view(torch.uint8)                    # the tensor's bytes, to fill in place
+    if raw.numel() != end - start:
+        raise ValueError(f"header says {end - start} bytes for a {entry['dtype']} tensor of shape {entry['shape']}")
+    handle.seek(data_start + start)
+    if handle.readinto(memoryview(raw.numpy())) != raw.numel():
+        raise ValueError("the file ends before the tensor's data")
+    return tensor
+
+
+def assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of the parameter (or buffer) ``name``, keeping its requires_grad."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        old = module._parameters[leaf]
+        module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+    else:
+        module._buffers[leaf] = tensor

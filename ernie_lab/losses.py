@@ -21,9 +21,16 @@ import torch
 from .errors import InputError
 
 
+def _layers(router_logits) -> list[torch.Tensor]:
+    """A list of per-layer (N, E) logits from one tensor, a list of tensors, or a model output's list of
+    ``moe.RouterLogits`` (``out.router_logits`` with ``output_router_logits=True``)."""
+    layers = [router_logits] if isinstance(router_logits, torch.Tensor) else list(router_logits)
+    return [getattr(z, "logits", z) for z in layers]
+
+
 def _rows(router_logits: torch.Tensor | Sequence[torch.Tensor], attention_mask: torch.Tensor | None):
     """Stack per-layer (N, E) logits into one (L*N, E) table, with a (L*N,) token mask (1 = counts)."""
-    layers = [router_logits] if isinstance(router_logits, torch.Tensor) else list(router_logits)
+    layers = _layers(router_logits)
     if not layers:
         raise InputError("router_logits is empty: pass an (N, E) tensor or a list with one per MoE layer.")
     layers = [z.reshape(-1, z.shape[-1]).float() for z in layers]  # (N, E) each; (B, T, E) is flattened
@@ -115,7 +122,7 @@ def token_balanced_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     return per_sample.mean()
 
 
-def modality_balancing_losses(router_logits: torch.Tensor | Sequence[torch.Tensor], modality: torch.Tensor,
+def modality_balancing_losses(router_logits: torch.Tensor | Sequence[torch.Tensor], modality: torch.Tensor | None,
                               k: int) -> dict[str, torch.Tensor]:
     r"""Load-balancing loss computed separately for the text group and the vision group.
 
@@ -127,9 +134,15 @@ def modality_balancing_losses(router_logits: torch.Tensor | Sequence[torch.Tenso
     own tokens. Pooling them would let a balanced group hide a collapsed one: two text tokens both on
     expert 0 next to two vision tokens split 0/1 look half-balanced pooled.
     ``router_logits``: (N, E) per MoE layer (each row from its own group's router); ``modality`` (N,) 0/1.
+    ``modality`` None takes it from ``moe.RouterLogits`` entries (a model output's ``router_logits``).
     Returns {"text": ..., "vision": ...}; a group without tokens gives 0.
     """
-    layers = [router_logits] if isinstance(router_logits, torch.Tensor) else list(router_logits)
+    if modality is None:
+        first = router_logits[0] if not isinstance(router_logits, torch.Tensor) else None
+        if getattr(first, "modality", None) is None:
+            raise InputError("modality is None: pass the (N,) modality codes, or the RouterLogits of a model output.")
+        modality = first.modality
+    layers = _layers(router_logits)
     modality = modality.reshape(-1)
     losses = {}
     for name, code in (("text", 0), ("vision", 1)):

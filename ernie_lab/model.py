@@ -5,15 +5,23 @@
     h   = h + MLP(RMSNorm(h))            # transforms each position (SwiGLU, or MoE in MoE layers)
     logits = RMSNorm(h_L) E^T            # tied embeddings: the LM head reuses E
 
-One class serves the dense 0.3B and the text MoE models: a layer's MLP is a SwiGLU or, where
-``config.is_moe_layer(i)``, a mixture of experts. The KV cache is an option of the same forward.
+One decoder serves every ERNIE 4.5 model. Its layers' MLPs come from an *MLP factory*: a SwiGLU or,
+where ``config.is_moe_layer(i)``, a mixture of experts (``moe.MoEBlock``); the vision-language model
+(``vl_model.py``) is this decoder with a factory whose MoE blocks hold a text and a vision expert group,
+a 3-D rotary function, and a vision encoder whose tokens enter as ``inputs_embeds``. The KV cache, the
+training loss (``labels``) and the routers' logits (``output_router_logits``) are options of the same
+forward, so no second copy of the model exists for any of them.
+
+    loss = cross_entropy(logits[:, :-1], labels[:, 1:])     # next-token prediction; label -100 is ignored
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention, padding_mask
@@ -21,75 +29,131 @@ from .config import ErnieConfig
 from .errors import InputError
 from .kv_cache import KVCache
 from .mlp import SwiGLU
+from .moe import MoEBlock, RouterLogits
 from .norm import RMSNorm
 from .rope import rope_angles
 
 
+IGNORE_INDEX = -100  # labels with this value carry no loss (prompts, padding, picture placeholders)
+
+
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor            # (B, T, vocab)
-    cache: KVCache | None = None    # the cache passed in, now holding these T tokens too
+    logits: torch.Tensor                     # (B, T, vocab)
+    cache: KVCache | None = None             # the cache passed in, now holding these T tokens too
+    loss: torch.Tensor | None = None         # () mean next-token cross-entropy, when labels were given
+    router_logits: list[RouterLogits] | None = None  # one per MoE layer, when output_router_logits=True
+
+
+MLPFactory = Callable[[ErnieConfig, int], nn.Module]  # (decoder config, layer index) -> the layer's MLP
 
 
 def make_mlp(config: ErnieConfig, layer_idx: int) -> nn.Module:
-    """The feed-forward block of layer ``layer_idx``: dense SwiGLU or mixture of experts."""
+    """The feed-forward block of layer ``layer_idx`` of a text model: dense SwiGLU or mixture of experts."""
     if config.is_moe_layer(layer_idx):
-        from .moe import MoEBlock  # the text-MoE block (issue: text mixture-of-experts)
-
         return MoEBlock(config, layer_idx)
     return SwiGLU(config.hidden_size, config.intermediate_size, config.use_bias)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ErnieConfig, layer_idx: int):
+    def __init__(self, config: ErnieConfig, layer_idx: int, mlp_factory: MLPFactory = make_mlp):
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = Attention(config, layer_idx)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = make_mlp(config, layer_idx)
+        self.mlp = mlp_factory(config, layer_idx)
 
-    def forward(self, x, rope, mask=None, cache=None):  # (B, T, hidden) -> (B, T, hidden)
+    def forward(self, x, rope, mask=None, cache=None, modality=None, router_logits: list | None = None):
+        """(B, T, hidden) -> (B, T, hidden). An MoE layer appends its RouterLogits to ``router_logits``
+        when that is a list; ``modality`` (B, T) tells an MoE layer each token's expert group."""
         x = x + self.attn(self.attn_norm(x), rope, mask, cache)
-        return x + self.mlp(self.mlp_norm(x))
+        h = self.mlp_norm(x)
+        if not isinstance(self.mlp, MoEBlock):
+            return x + self.mlp(h)
+        if router_logits is None:
+            return x + self.mlp(h, modality)
+        y, logits = self.mlp(h, modality, return_router_logits=True)
+        router_logits.append(logits)
+        return x + y
 
 
 class ErnieForCausalLM(nn.Module):
-    def __init__(self, config: ErnieConfig):
+    """The ERNIE 4.5 decoder: dense (0.3B) or text MoE (21B-A3B, 300B-A47B); the VL model extends it."""
+
+    def __init__(self, config, *, mlp_factory: MLPFactory = make_mlp):
         super().__init__()
-        self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.config = config                      # the whole config (a VL model's holds .text and .vision)
+        text = config.get_text_config()           # the decoder's part of it
+        self.embed = nn.Embedding(text.vocab_size, text.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(text, i, mlp_factory) for i in range(text.num_hidden_layers))
+        self.norm = RMSNorm(text.hidden_size, text.rms_norm_eps)
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        if text.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    @property
+    def text_config(self) -> ErnieConfig:
+        return self.config.get_text_config()
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations flow in (the final norm's: norms are never quantized or wrapped)."""
+        return self.norm.weight.dtype
+
+    def rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary angles (cos, sin), each (B, T, D/2), for (B, T) positions: 1-D RoPE on interleaved pairs."""
+        return rope_angles(position_ids, self.text_config.head_dim, self.text_config.rope_theta)
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, position_ids: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> CausalLMOutput:
-        """input_ids (B, T); attention_mask (B, past + T) of 0/1; logits_to_keep > 0 keeps the last n."""
+                logits_to_keep: int = 0, *, inputs_embeds: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, output_router_logits: bool = False,
+                modality: torch.Tensor | None = None) -> CausalLMOutput:
+        """input_ids (B, T), or inputs_embeds (B, T, hidden); attention_mask (B, past + T) of 0/1;
+        logits_to_keep > 0 keeps the last n; labels (B, T) aligned with the inputs (shifted here);
+        modality (B, T) the expert group of each token (MoE models with several groups)."""
+        text = self.text_config
         past = cache.length if cache is not None else 0
-        check_input_ids(input_ids, self.config, past)
-        B, T = input_ids.shape
+        if inputs_embeds is None:
+            check_input_ids(input_ids, text, past)
+            inputs_embeds = self.embed(input_ids)  # (B, T, hidden)
+        B, T = inputs_embeds.shape[:2]
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        rope = rope_angles(position_ids, self.config.head_dim, self.config.rope_theta)  # (B, T, D/2) x2
+            position_ids = torch.arange(past, past + T, device=inputs_embeds.device).expand(B, T)
+        rope = self.rotary(position_ids)  # (B, T, D/2) x2
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
-            mask = padding_mask(attention_mask.to(input_ids.device), T)  # (B, 1, T, past + T)
+            mask = padding_mask(attention_mask.to(inputs_embeds.device), T)  # (B, 1, T, past + T)
 
-        h = self.embed(input_ids)  # (B, T, hidden)
+        router_logits = [] if output_router_logits else None
+        h = inputs_embeds
         for layer in self.layers:
-            h = layer(h, rope, mask, cache)
+            h = layer(h, rope, mask, cache, modality, router_logits)
         if cache is not None:
             cache.advance(T)
         if logits_to_keep:
+            if labels is not None:
+                raise InputError("labels need the logits of every position: leave logits_to_keep at 0.")
             h = h[:, -logits_to_keep:]
-        return CausalLMOutput(logits=self.lm_head(self.norm(h)), cache=cache)
+        logits = self.lm_head(self.norm(h))
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits=logits, cache=cache, loss=loss, router_logits=router_logits)
 
     def num_parameters(self) -> int:
         """Parameters counted once (the tied LM head shares the embedding's)."""
         return sum(p.numel() for p in self.parameters())
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t + 1 from position t (labels aligned with the inputs)."""
+    if labels.shape != logits.shape[:2]:
+        raise InputError(f"labels {tuple(labels.shape)} must have the (batch, tokens) shape of the inputs "
+                         f"{tuple(logits.shape[:2])}.")
+    shifted = labels[:, 1:].to(logits.device)                      # (B, T-1) the next token of each position
+    if not bool((shifted != ignore_index).any()):
+        raise InputError(f"every label is {ignore_index} (ignored): there is nothing to learn from this batch.")
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                           ignore_index=ignore_index)
 
 
 def check_input_ids(input_ids, config: ErnieConfig, past: int = 0) -> None:

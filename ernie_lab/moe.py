@@ -10,9 +10,11 @@ chosen k); the correction bias b (``moe_statics.e_score_correction_bias``, learn
 to even out the load) is added only to *choose* the experts, never to the weights; the weights are
 renormalised with a sum clamped below at ``moe_norm_min``; the shared experts are added unscaled.
 
-One routed group is two functions, :func:`route` (logits -> chosen experts and weights) and
-:func:`dispatch` (tokens -> experts -> mixed outputs), so that the vision-language block, which
-routes text and vision tokens in two separate groups, reuses them. Dispatch sorts the N * k
+One :class:`MoEBlock` serves the text MoE models and the vision-language ones. Its experts come in
+*groups*, each with its own router and correction bias: a text model has one group; ERNIE 4.5 VL has
+two (modality-isolated routing), text experts then vision experts, of different widths, and a token is
+routed only inside the group of its modality. Each group is :func:`route` (logits -> chosen experts and
+weights) then :func:`dispatch` (tokens -> experts -> mixed outputs). Dispatch sorts the N * k
 (token, expert) pairs by expert, so each expert runs once, on all of its tokens together; the outputs
 are put back in token order and mixed with the weights: a loop over experts, never over tokens.
 """
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ErnieConfig
+from .errors import InputError
 from .mlp import SwiGLU
 from .routing import RoutingTap
 
@@ -34,6 +37,29 @@ class Routing(NamedTuple):
     probs: torch.Tensor       # (N, E) float32 softmax over all experts
     expert_ids: torch.Tensor  # (N, k) long, chosen experts (best first)
     weights: torch.Tensor     # (N, k) float32 mixing weights, each row sums to 1
+
+
+class RouterLogits(NamedTuple):
+    """What one MoE layer's routers said, for the training losses (``output_router_logits=True``)."""
+
+    logits: torch.Tensor    # (N, E) float32, N = B * T tokens batch-major; each row from its own group's router
+    modality: torch.Tensor  # (N,) long: the group (0 = text, 1 = vision) that routed each token
+
+    def group(self, code: int) -> torch.Tensor:
+        """(n, E) the logits of the tokens routed in group ``code``."""
+        return self.logits[self.modality.to(self.logits.device) == code]
+
+
+class Router(nn.Linear):
+    """The router of one expert group: (N, H) tokens -> (N, E) logits, always in float32 (even under
+    autocast or in a bf16 model), since tiny rounding here changes which experts run."""
+
+    def __init__(self, hidden: int, num_experts: int):
+        super().__init__(hidden, num_experts, bias=False, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float())
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -81,39 +107,95 @@ class MoEStatics(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    """The feed-forward block of an ERNIE 4.5 text MoE layer (replaces the SwiGLU of dense layers).
+    """The feed-forward block of an ERNIE 4.5 MoE layer (replaces the SwiGLU of dense layers).
 
-    Submodule names follow the Hub checkpoints: ``gate`` (the router, weight (E, H)),
-    ``experts.{e}.{gate,up,down}_proj``, ``shared_experts.*`` and ``moe_statics``.
-    While training, ``router_logits`` keeps the last (N, E) router logits for the auxiliary losses.
+    ``group_widths`` gives one expert width per group: ``(1536,)`` for the 21B text model,
+    ``(1536, 512)`` for the VL-28B's text and vision experts. Every group has E experts, its own
+    router (``routers[g]``) and its own correction-bias row. Submodule names follow the Hub:
+    ``experts.{n}.{gate,up,down}_proj`` (group 0's experts first), ``shared_experts.*``, ``moe_statics``.
     """
 
-    def __init__(self, config: ErnieConfig, layer_idx: int):
+    def __init__(self, config: ErnieConfig, layer_idx: int, group_widths: Sequence[int] | None = None):
         super().__init__()
-        hidden, width, num_experts = config.hidden_size, config.moe_intermediate_size, config.moe_num_experts
+        hidden, num_experts = config.hidden_size, config.moe_num_experts
+        widths = tuple(group_widths or (config.moe_intermediate_size,))
+        self.num_experts, self.num_groups = num_experts, len(widths)
         self.k, self.norm_min = config.moe_k, config.moe_norm_min
-        self.gate = nn.Linear(hidden, num_experts, bias=False, dtype=torch.float32)  # the router
-        self.moe_statics = MoEStatics(1, num_experts) if config.extra.get("moe_use_aux_free", True) else None
-        self.experts = nn.ModuleList(SwiGLU(hidden, width, config.use_bias) for _ in range(num_experts))
+        self.routers = nn.ModuleList(Router(hidden, num_experts) for _ in widths)
+        use_bias = config.extra.get("moe_use_aux_free", True)
+        self.moe_statics = MoEStatics(len(widths), num_experts) if use_bias else None
+        self.experts = nn.ModuleList(SwiGLU(hidden, width, config.use_bias) for width in widths
+                                     for _ in range(num_experts))
         shared = config.moe_num_shared_experts
-        # n shared experts of width I act as one SwiGLU of width n * I
-        self.shared_experts = SwiGLU(hidden, width * shared, config.use_bias) if shared else None
+        # n shared experts of width I act as one SwiGLU of width n * I (I: the first group's width)
+        self.shared_experts = SwiGLU(hidden, widths[0] * shared, config.use_bias) if shared else None
         self.routing_tap = RoutingTap(layer_idx, num_experts)
-        self.router_logits: torch.Tensor | None = None
+        self.router_logits: torch.Tensor | None = None  # the last (N, E) logits while training
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H)
-        tokens = x.reshape(-1, x.shape[-1])                        # (N, H), N = B * T, batch-major
-        logits = router_logits(tokens, self.gate.weight)           # (N, E) float32
-        bias = self.moe_statics.e_score_correction_bias[0] if self.moe_statics is not None else None
-        probs, expert_ids, weights = route(logits, self.k, self.norm_min, bias)
-        self.routing_tap(expert_ids, weights, probs)
+    @property
+    def gate(self) -> Router:
+        """The (first group's) router, under the Hub's name for it."""
+        return self.routers[0]
+
+    def group_experts(self, group: int) -> nn.ModuleList:
+        """The E experts of one group."""
+        return self.experts[group * self.num_experts:(group + 1) * self.num_experts]
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None, return_router_logits: bool = False):
+        """x (B, T, H); modality (B, T) group of each token (None: all in group 0). Returns (B, T, H),
+        and the layer's :class:`RouterLogits` when ``return_router_logits``."""
+        tokens = x.reshape(-1, x.shape[-1])                         # (N, H), N = B * T, batch-major
+        if modality is not None:
+            modality = self._checked_modality(modality.reshape(-1).to(tokens.device))  # (N,) or None
+        if modality is None:
+            y, logits, (ids, weights, probs) = self._route_group(tokens, 0)
+        else:
+            y, logits, (ids, weights, probs) = self._route_groups(tokens, modality)
+        self.routing_tap(ids, weights, probs, modality)
         self.router_logits = logits if self.training else None
-        y = dispatch(tokens, expert_ids, weights.to(x.dtype), self.experts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(tokens)
-        return y.view(x.shape)
+        y = y.view(x.shape)
+        if not return_router_logits:
+            return y
+        if modality is None:
+            modality = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        return y, RouterLogits(logits, modality)
+
+    def _checked_modality(self, modality: torch.Tensor) -> torch.Tensor | None:
+        """Codes outside the groups are an error; a single-group block routes every token in group 0 (None)."""
+        if bool((modality < 0).any() | (modality >= self.num_groups).any()):
+            raise InputError(f"modality codes must be in [0, {self.num_groups}) for this MoE layer, "
+                             f"got {sorted(set(modality.tolist()))}.")
+        return None if self.num_groups == 1 else modality
+
+    def _route_group(self, tokens: torch.Tensor, group: int):
+        """Route ``tokens`` (n, H) inside one group: outputs (n, H), logits (n, E), (ids, weights, probs)."""
+        logits = self.routers[group](tokens)                        # (n, E) float32
+        bias = self.moe_statics.e_score_correction_bias[group] if self.moe_statics is not None else None
+        probs, expert_ids, weights = route(logits, self.k, self.norm_min, bias)
+        y = dispatch(tokens, expert_ids, weights.to(tokens.dtype), self.group_experts(group))
+        return y, logits, (expert_ids, weights, probs)
+
+    def _route_groups(self, tokens: torch.Tensor, modality: torch.Tensor):
+        """Modality-isolated routing: each token routed only inside its own group; results in token order."""
+        N, E = tokens.shape[0], self.num_experts
+        y = torch.zeros_like(tokens)
+        logits = tokens.new_zeros(N, E, dtype=torch.float32)
+        ids = torch.zeros(N, self.k, dtype=torch.long, device=tokens.device)
+        weights = tokens.new_zeros(N, self.k, dtype=torch.float32)
+        probs = tokens.new_zeros(N, E, dtype=torch.float32)
+        for group in range(self.num_groups):
+            rows = (modality == group).nonzero().squeeze(1)          # the tokens of this group
+            if rows.numel() == 0:
+                continue
+            y_g, logits_g, (ids_g, weights_g, probs_g) = self._route_group(tokens[rows], group)
+            y = y.index_put((rows,), y_g)
+            logits = logits.index_put((rows,), logits_g)
+            ids[rows], weights[rows], probs[rows] = ids_g, weights_g, probs_g
+        return y, logits, (ids, weights, probs)
 
 
 def moe_blocks(model: nn.Module) -> list[MoEBlock]:
-    """The MoE blocks of a model, in depth order."""
+    """The MoE blocks of a model (text or vision-language), in depth order."""
     return [m for m in model.modules() if isinstance(m, MoEBlock)]

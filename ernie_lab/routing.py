@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-TEXT, VISION = 0, 1  # modality codes
+from .special_tokens import TEXT, VISION  # noqa: E402,F401  modality codes (0 = text, 1 = vision)
 
 
 @dataclass(eq=False)

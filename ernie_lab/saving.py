@@ -1,7 +1,8 @@
 """Export: write an ernie-lab model back in the Hub layout that transformers, vLLM and FastDeploy read.
 
 The inverse of loading: ernie-lab parameter names go through the model's name table backwards
-(``loading.NAME_MAP`` for text models, dense and MoE alike; ``VL_NAME_MAP`` for vision-language ones),
+(``hub_names.NAME_MAP`` for text models, dense and MoE alike; ``VL_NAME_MAP`` for vision-language ones,
+whose routers are written transposed, as the Hub stores them),
 the config is written as the Hub's ``config.json`` (flat for text models, transformers' nested
 ``text_config`` / ``vision_config`` for VL), and the tensors as safetensors, split into shards with a
 ``model.safetensors.index.json`` when they exceed ``max_shard_bytes``. A tied LM head is not written
@@ -17,7 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import InputError
-from .loading import INDEX_FILE, WEIGHTS_FILE, lab_to_hub, name_table
+from .architectures import name_table
+from .hub_names import INDEX_FILE, WEIGHTS_FILE, is_transposed, lab_to_hub
 
 
 def save_model(model, folder: str | Path, *, max_shard_bytes: int = 5 * 1024**3) -> Path:
@@ -25,7 +27,7 @@ def save_model(model, folder: str | Path, *, max_shard_bytes: int = 5 * 1024**3)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = hub_state_dict(model)
-    config = whole_config(model).to_dict()
+    config = model.config.to_dict()
     config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     shards = split_into_shards(tensors, max_shard_bytes)
@@ -44,23 +46,24 @@ def save_model(model, folder: str | Path, *, max_shard_bytes: int = 5 * 1024**3)
 
 
 def whole_config(model):
-    """The config that describes all of ``model``: a VL model's ``vl_config`` (decoder, ViT, token ids);
-    for text models the decoder's ``config`` is everything."""
-    return getattr(model, "vl_config", model.config)
+    """The config that describes all of ``model`` (kept for older callers: it is ``model.config``)."""
+    return model.config
 
 
 def hub_state_dict(model) -> dict[str, torch.Tensor]:
     """The model's tensors under their Hub names (contiguous, on CPU, tied head left out)."""
     table = name_table(model.config)
+    tied = model.config.get_text_config().tie_word_embeddings
     out = {}
     for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+        if name == "lm_head.weight" and tied:
             continue
         hub = lab_to_hub(name, table)
         if hub is None:
             raise InputError(f"parameter {name!r} has no Hub name; was a module added that the export does not "
                              "know (e.g. un-merged LoRA adapters)? Merge or remove it before saving.")
-        out[hub] = tensor.detach().to("cpu").contiguous()
+        tensor = tensor.detach().to("cpu")
+        out[hub] = (tensor.t() if is_transposed(name, table) else tensor).contiguous()
     return out
 
 

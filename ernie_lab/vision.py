@@ -17,8 +17,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torch import nn
 
+from .config import VisionConfig  # noqa: F401  (re-exported: it was defined here)
 from .errors import ConfigError, InputError
+from .hub_names import VISION_NAME_MAP, hub_to_lab
 from .norm import RMSNorm
 
 # ------------------------------------------------------------------------------------ constants
@@ -251,48 +251,7 @@ def draw_timestamps(video: torch.Tensor, fps: float, font: str | os.PathLike) ->
     return out
 
 
-# ================================================================================ configuration
-@dataclass
-class VisionConfig:
-    """The ViT and adapter shapes (defaults: ERNIE 4.5 VL 28B-A3B)."""
-
-    depth: int = 32                   # ViT blocks
-    hidden_size: int = 1280           # ViT width
-    num_heads: int = 16               # attention heads (head_dim 80)
-    intermediate_size: int = 5120     # ViT MLP width
-    patch_size: int = PATCH_SIZE
-    in_channels: int = 3
-    spatial_merge_size: int = MERGE_SIZE
-    temporal_merge_size: int = TEMPORAL_MERGE
-    layer_norm_eps: float = 1e-6      # the Hub calls it rms_norm_eps, but these are LayerNorms
-    rope_theta: float = 10000.0
-    text_hidden_size: int = 2560      # the adapter's output width = the decoder's width
-    text_rms_norm_eps: float = 1e-5   # the adapter ends with the decoder's kind of RMSNorm
-
-    @classmethod
-    def from_dict(cls, vision: dict, text_hidden_size: int, text_rms_norm_eps: float = 1e-5) -> "VisionConfig":
-        """From a checkpoint's ``vision_config`` dict and the text decoder's width."""
-        rope = vision.get("rope_parameters") or {}
-        config = cls(
-            depth=vision.get("depth", cls.depth), hidden_size=vision.get("hidden_size", cls.hidden_size),
-            num_heads=vision.get("num_heads", cls.num_heads),
-            intermediate_size=vision.get("intermediate_size", 4 * vision.get("hidden_size", cls.hidden_size)),
-            patch_size=vision.get("patch_size", PATCH_SIZE), in_channels=vision.get("in_channels", 3),
-            spatial_merge_size=vision.get("spatial_merge_size", MERGE_SIZE),
-            temporal_merge_size=vision.get("temporal_merge_size", TEMPORAL_MERGE),
-            layer_norm_eps=vision.get("rms_norm_eps", vision.get("layer_norm_eps", 1e-6)),
-            rope_theta=rope.get("rope_theta", vision.get("rope_theta", 10000.0)),
-            text_hidden_size=text_hidden_size, text_rms_norm_eps=text_rms_norm_eps,
-        )
-        act = vision.get("hidden_act", "quick_gelu")
-        if act != "quick_gelu":
-            raise ConfigError(f"vision_config.hidden_act {act!r} is not supported (ERNIE 4.5 VL uses 'quick_gelu').")
-        if config.hidden_size % config.num_heads or (config.hidden_size // config.num_heads) % 4:
-            raise ConfigError(f"vision_config: hidden_size {config.hidden_size} / num_heads {config.num_heads} must be "
-                              "a multiple of 4 (2-D rotary splits each head into row and column halves).")
-        if config.temporal_merge_size != 2:
-            raise ConfigError("vision_config.temporal_merge_size must be 2 (frames are merged in pairs).")
-        return config
+# The ViT's config (VisionConfig) is read with every other config in config.py.
 
 
 # ================================================================================ 2-D rotary
@@ -343,7 +302,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Linear(config.in_channels * config.patch_size ** 2, config.hidden_size, bias=False)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (N, 588) -> (N, width)
-        return self.proj(pixel_values.to(self.proj.weight.dtype))
+        return self.proj(pixel_values)
 
 
 class VisionAttention(nn.Module):
@@ -455,6 +414,8 @@ class VisionAdapter(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.config = config
+        if config.temporal_merge_size != 2:
+            raise ConfigError("vision_config.temporal_merge_size must be 2: the adapter merges frames in pairs.")
         merged = config.hidden_size * config.spatial_merge_size ** 2
         self.spatial_merge = MergeMLP(merged, merged, config.layer_norm_eps)
         self.temporal_merge = MergeMLP(merged * config.temporal_merge_size, merged, config.layer_norm_eps)
@@ -496,30 +457,9 @@ def tokens_per_item(grid_thw: torch.Tensor, merge: int = MERGE_SIZE, temporal: i
 
 
 # ================================================================================ Hub names
-# Hub tensor name (what save_pretrained writes)                   <->  ernie-lab parameter name
-# The VL model holds the ViT as ``vision`` and the adapter as ``adapter``. Same template syntax as
-# ernie_lab.loading.NAME_MAP: {rest} is any dotted remainder, {kind} one name component.
-VISION_NAME_MAP = [
-    ("model.vision_model.{rest}",                         "vision.{rest}"),  # identical names inside
-    ("model.resampler_model.spatial_linear.0.{kind}",     "adapter.spatial_merge.fc1.{kind}"),
-    ("model.resampler_model.spatial_linear.2.{kind}",     "adapter.spatial_merge.fc2.{kind}"),
-    ("model.resampler_model.spatial_linear.3.{kind}",     "adapter.spatial_merge.norm.{kind}"),
-    ("model.resampler_model.temporal_linear.0.{kind}",    "adapter.temporal_merge.fc1.{kind}"),
-    ("model.resampler_model.temporal_linear.2.{kind}",    "adapter.temporal_merge.fc2.{kind}"),
-    ("model.resampler_model.temporal_linear.3.{kind}",    "adapter.temporal_merge.norm.{kind}"),
-    ("model.resampler_model.mlp.{kind}",                  "adapter.proj.{kind}"),
-    ("model.resampler_model.after_norm.weight",           "adapter.norm.weight"),
-]
-
-
 def hub_to_lab_vision(name: str) -> str | None:
-    """Translate one Hub tensor name of the ViT or adapter; None for any other tensor."""
-    for hub, lab in VISION_NAME_MAP:
-        pattern = re.escape(hub).replace(r"\{rest\}", r"(?P<rest>.+)").replace(r"\{kind\}", r"(?P<kind>[^.]+)")
-        match = re.fullmatch(pattern, name)
-        if match:
-            return lab.format(**match.groupdict())
-    return None
+    """Translate one Hub tensor name of the ViT or adapter (``hub_names.VISION_NAME_MAP``); None for any other."""
+    return hub_to_lab(name, VISION_NAME_MAP)
 
 
 def vision_state_from_hub(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:

@@ -354,8 +354,8 @@ def test_vl_block_keeps_router_logits_for_the_losses_while_training(pair):
         logits = model(ids, **batch).logits
         losses = modality_balancing_losses([block.router_logits], (routing_types(ids) > 0).long(), k=2)
         (losses["text"] + losses["vision"] + token_balanced_loss(logits[:, :-1], ids[:, 1:])).backward()
-        assert block.gate.weight.grad is not None and block.gate.weight_1.grad is not None
-        assert block.gate.weight_1.grad.abs().sum() > 0
+        assert block.routers[0].weight.grad is not None and block.routers[1].weight.grad is not None
+        assert block.routers[1].weight.grad.abs().sum() > 0
     finally:
         model.eval()
         model.zero_grad(set_to_none=True)
