@@ -85,11 +85,16 @@ def prose(block: list[str], previous: list[str] | None = None) -> str | None:
 
 
 def all_documents() -> list[tuple[str, str]]:
-    """(name, text) for every section with prose, names like 'if' or 'typesseq/Common Sequence Operations'."""
-    documents = []
+    """(name, text) for every section with prose, names like 'if' or 'typesseq/Common Sequence Operations'.
+
+    Several help pages repeat the same paragraphs; each paragraph is kept only where it first appears,
+    so no text can sit in both splits.
+    """
+    documents, seen = [], set()
     for topic, page in sorted(help_topics().items()):
         for title, blocks in sections(page):
-            paragraphs = [p for p in map(prose, blocks, [None, *blocks[:-1]]) if p is not None]
+            paragraphs = [p for p in map(prose, blocks, [None, *blocks[:-1]]) if p is not None and p not in seen]
+            seen.update(paragraphs)
             if paragraphs:
                 text = "\n".join([title, *paragraphs] if title else paragraphs)
                 documents.append((f"{topic}/{title}" if title else topic, text))
