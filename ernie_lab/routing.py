@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-TEXT, VISION = 0, 1  # modality codes
+from .special_tokens import TEXT, VISION  # modality codes: the two expert groups
 
 
 @dataclass(eq=False)

@@ -32,10 +32,9 @@ from .norm import RMSNorm
 from .rope3d import (DEFAULT_MROPE_SECTION, check_mrope_section, modality_types, position_ids_3d, rope_angles_3d,
                      routing_types)
 from .routing import TEXT, VISION, RoutingTap
+from .special_tokens import TOKEN_IDS  # config.json key -> default id of the six picture tokens
 from .vision import VisionAdapter, VisionConfig, VisionEncoder, tokens_per_item
 
-TOKEN_IDS = dict(image_token_id=100295, image_start_token_id=101304, image_end_token_id=101305,
-                 video_token_id=103367, video_start_token_id=101306, video_end_token_id=101307)
 # Keys of Baidu's flat config.json that describe the whole model, not the decoder: ``to_dict`` keeps them out
 # of ``text_config`` (the token ids go to the top; ``freq_allocation`` is ``mrope_section[2]``).
 MODEL_LEVEL_KEYS = {"architectures", "model_type", "dtype", "torch_dtype", "transformers_version",

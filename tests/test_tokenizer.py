@@ -166,7 +166,7 @@ def test_decode_takes_lists_and_1d_tensors(stand_in):
 
 
 def test_stand_in_model_is_small_and_regenerates_exactly():
-    manifest = json.loads((REPO / "data" / "tokenizer" / "stand_in.json").read_text())
+    manifest = json.loads(STAND_IN_MODEL.with_name("stand_in.json").read_text())
     model = STAND_IN_MODEL.read_bytes()
     assert len(model) < 2 * 2**20
     assert hashlib.sha256(model).hexdigest() == manifest["model_sha256"]

@@ -18,7 +18,8 @@ from PIL import Image
 import ernie_lab
 from ernie_lab import InputError, routing
 from ernie_lab.rope3d import modality_types, position_ids_3d, routing_types
-from ernie_lab.vision import preprocess_images, preprocess_video, tokens_per_item
+from ernie_lab.image_processing import preprocess_images, preprocess_video
+from ernie_lab.vision import tokens_per_item
 from ernie_lab.vl_model import ErnieVLForConditionalGeneration, VLConfig
 
 IMG, VID = 100295, 103367
