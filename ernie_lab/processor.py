@@ -22,7 +22,8 @@ import re
 
 import torch
 
-from .chat_format import IMAGE_MARKER, NO_THINKING, THINKING, VIDEO_MARKER, check_messages, render_chat
+from .chat_format import NO_THINKING, THINKING  # noqa: F401  (their old home; chat_format.py writes them)
+from .chat_format import IMAGE_MARKER, VIDEO_MARKER, check_messages, render_chat
 from .errors import ConfigError, InputError
 from .image_processing import (IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS,
                                preprocess_images, preprocess_video)
@@ -30,7 +31,7 @@ from .special_tokens import BEGIN_OF_SENTENCE, END_OF_SENTENCE, PICTURE_TOKEN_ID
 from .vision import tokens_per_item
 
 IDS = PICTURE_TOKEN_IDS  # key -> id of the big checkpoints: image, image_start, image_end, video, ...
-BEGIN, END = BEGIN_OF_SENTENCE, END_OF_SENTENCE
+BEGIN, END = BEGIN_OF_SENTENCE, END_OF_SENTENCE  # old names of the chat markers
 
 
 def format_vl_chat(messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = False) -> str:
@@ -71,8 +72,9 @@ def _config_value(config, key: str) -> int | None:
     if config is None:
         return None
     if isinstance(config, dict):
-        value = config.get(key, (config.get("text_config") or {}).get(key))
-        return config.get("im_patch_id", value) if key == "image_token_id" and value is None else value
+        if key == "image_token_id" and "im_patch_id" in config:  # read as VLConfig.from_dict reads it
+            return config["im_patch_id"]
+        return config.get(key, (config.get("text_config") or {}).get(key))
     return getattr(config, key, None)
 
 

@@ -1,4 +1,4 @@
-"""Text <-> token ids for ERNIE 4.5: a SentencePiece model plus special tokens at fixed ids.
+"""Text <-> token ids for ERNIE 4.5: a SentencePiece model plus a table of special tokens.
 
 A SentencePiece BPE model cuts text into pieces from a learned list (``▁the``, ``ing``, ``:``);
 byte fallback gives every UTF-8 byte a piece too, so any text encodes and ``decode(encode(t)) == t``.
@@ -7,8 +7,10 @@ model: the tokenizer cuts them out of the text first and looks their ids up in a
 
 ERNIE's twist: the special tokens sit far above the ordinary pieces (``<|begin_of_sentence|>`` is
 100273, the image slot 100295) and the model's embedding has 103,424 rows, more than there are
-tokens, so some ids are simply unused. The chat format is plain text around two markers:
-``<|begin_of_sentence|>{system}\\nUser: {question}\\nAssistant: {answer}<|end_of_sentence|>``.
+tokens, so some ids are simply unused. Those are the big checkpoints' ids (the table in
+``special_tokens.py``); a folder's own tokenizer files may put the special tokens elsewhere (a small
+model's compact vocabulary), and then theirs count. The chat format (``chat_format.py``) is plain
+text around two markers: ``<|begin_of_sentence|>{system}\\nUser: {question}\\nAssistant: {answer}<|end_of_sentence|>``.
 
 ``load_tokenizer`` reads a checkpoint folder (or a Hub id from the local Hugging Face cache). When
 no real ``tokenizer.model`` is at hand it falls back, with a warning, to the kit's stand-in: a small
