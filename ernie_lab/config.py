@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
-from .special_tokens import VL_TOKEN_IDS
+from .special_tokens import TOKEN_IDS as VL_TOKEN_IDS  # config.json key -> default id of the picture tokens
 
 # model_type -> the architecture names that checkpoints of that type write in "architectures".
 # The Hub's original remote-code files use "Ernie4_5_ForCausalLM"; transformers writes "Ernie4_5ForCausalLM".

@@ -5,6 +5,9 @@
           Assistant: <think>\\n\\n</think>\\n\\n"
       -> ids: ... 101304, 100295 x n, 101305 ...  with n = the image's tokens after the adapter
 
+The ids are the big checkpoints'; a checkpoint with a compact vocabulary puts its picture tokens
+elsewhere, and the processor takes them from its tokenizer (``picture_token_ids``).
+
 Each picture's marker is replaced by exactly as many placeholder ids as the adapter makes tokens
 for it (``vision.tokens_per_item``), so the model can swap them for the picture's features. The
 post-trained VL models answer in two modes, chosen at the end of the prompt: *thinking* (the
@@ -19,16 +22,16 @@ import re
 
 import torch
 
-from .errors import InputError
-from .vision import (IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, preprocess_images,
-                     preprocess_video, tokens_per_item)
+from .chat_format import NO_THINKING, THINKING  # noqa: F401  (their old home; chat_format.py writes them)
+from .chat_format import IMAGE_MARKER, VIDEO_MARKER, check_messages, render_chat
+from .errors import ConfigError, InputError
+from .image_processing import (IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS,
+                               preprocess_images, preprocess_video)
+from .special_tokens import BEGIN_OF_SENTENCE, END_OF_SENTENCE, PICTURE_TOKEN_IDS, PICTURE_TOKENS
+from .vision import tokens_per_item
 
-IMAGE_MARKER = "<|IMAGE_START|><|image@placeholder|><|IMAGE_END|>"  # one per picture in the rendered text
-VIDEO_MARKER = "<|VIDEO_START|><|video@placeholder|><|VIDEO_END|>"
-IDS = dict(image=100295, image_start=101304, image_end=101305, video=103367, video_start=101306, video_end=101307)
-BEGIN, END = "<|begin_of_sentence|>", "<|end_of_sentence|>"
-NO_THINKING = "<think>\n\n</think>\n\n"  # an empty reasoning block: the model answers directly
-THINKING = "<think>\n"                   # an open reasoning block: the model thinks first
+IDS = PICTURE_TOKEN_IDS  # key -> id of the big checkpoints: image, image_start, image_end, video, ...
+BEGIN, END = BEGIN_OF_SENTENCE, END_OF_SENTENCE  # old names of the chat markers
 
 
 def format_vl_chat(messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = False) -> str:
@@ -36,53 +39,49 @@ def format_vl_chat(messages: list[dict], add_generation_prompt: bool = True, ena
 
         <|begin_of_sentence|>{system}\\nUser: Picture 1:<marker>{text}\\nAssistant: {reply}<|end_of_sentence|>...
         ... \\nAssistant: <think>\\n\\n</think>\\n\\n   (non-thinking)   or   <think>\\n   (thinking)
+
+    ``chat_format.render_chat`` writes it: the text models' format with picture items allowed.
     """
-    text, counts = BEGIN, {"image": 0, "video": 0}
-    for message in _checked(messages):
-        role, content = message["role"], message["content"]
-        if role == "system":
-            text += _render_content(content, counts) + "\n"
-        elif role == "user":
-            text += "User: " + _render_content(content, counts) + "\n"
-        elif role == "assistant":
-            text += "Assistant: " + _render_content(content, counts) + END
-        else:
-            raise InputError(f"unknown chat role {role!r}; use system, user or assistant.")
-    if add_generation_prompt:
-        text += "Assistant: " + (THINKING if enable_thinking else NO_THINKING)
-    return text
+    return render_chat(messages, add_generation_prompt, pictures=True, enable_thinking=bool(enable_thinking))
 
 
-def _render_content(content, counts: dict) -> str:
-    if isinstance(content, str):
-        return content
-    out = ""
-    for item in content:
-        kind = item.get("type")
-        if kind == "text":
-            out += item["text"]
-        elif kind in ("image", "image_url"):
-            counts["image"] += 1
-            out += f"Picture {counts['image']}:" + IMAGE_MARKER
-        elif kind in ("video", "video_url"):
-            counts["video"] += 1
-            out += f"Video {counts['video']}:" + VIDEO_MARKER
-        else:
-            raise InputError(f"content items must have type 'text', 'image' or 'video', got {item!r}.")
-    return out
+def picture_token_ids(tokenizer=None, config=None, token_ids: dict | None = None) -> dict[str, int]:
+    """The ids of the six picture tokens (keys of ``IDS``): where the checkpoint puts them.
+
+    Each id comes from ``token_ids`` if given there, else from the tokenizer (its ``special_tokens``
+    text -> id table), else from ``config`` (a VLConfig or a config.json dict: ``image_token_id``, ...),
+    else the big checkpoints' defaults. A tokenizer and a config that disagree do not belong together.
+    """
+    explicit = dict(token_ids or {})
+    unknown = set(explicit) - set(PICTURE_TOKENS)
+    if unknown:
+        raise InputError(f"token_ids has unknown keys {sorted(unknown)}; the keys are {list(PICTURE_TOKENS)}.")
+    vocabulary = getattr(tokenizer, "special_tokens", None) or {}
+    ids = {}
+    for key, (text, config_key) in PICTURE_TOKENS.items():
+        from_tokenizer, from_config = vocabulary.get(text), _config_value(config, config_key)
+        if from_tokenizer is not None and from_config is not None and from_tokenizer != from_config:
+            raise ConfigError(f"the tokenizer puts {text} at id {from_tokenizer} but the config says {config_key} = "
+                              f"{from_config}; the tokenizer and the model do not belong together.")
+        ids[key] = next(i for i in (explicit.get(key), from_tokenizer, from_config, IDS[key]) if i is not None)
+    return ids
 
 
-def _checked(messages):
-    if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) and {"role", "content"} <= set(m)
-                                                           for m in messages):
-        raise InputError("messages must be a list of {'role': ..., 'content': ...} dicts.")
-    return messages
+def _config_value(config, key: str) -> int | None:
+    """``key`` of a VLConfig (attribute) or a config.json dict (Baidu's flat files call the image id im_patch_id)."""
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        if key == "image_token_id" and "im_patch_id" in config:  # read as VLConfig.from_dict reads it
+            return config["im_patch_id"]
+        return config.get(key, (config.get("text_config") or {}).get(key))
+    return getattr(config, key, None)
 
 
 def _as_url_items(messages) -> list[dict]:
     """Baidu's template names picture items 'image_url' / 'video_url'; it renders only their place."""
     out = []
-    for message in _checked(messages):
+    for message in check_messages(messages, roles=None):  # the template decides which roles it renders
         content = message["content"]
         if not isinstance(content, str):
             content = [{"type": f"{item['type']}_url", f"{item['type']}_url": {"url": ""}}
@@ -113,11 +112,13 @@ class VLProcessor:
 
     def __init__(self, tokenizer, *, image_min_pixels: int = IMAGE_MIN_PIXELS, image_max_pixels: int = IMAGE_MAX_PIXELS,
                  video_min_pixels: int = VIDEO_MIN_PIXELS, video_max_pixels: int = VIDEO_MAX_PIXELS,
-                 token_ids: dict | None = None):
+                 token_ids: dict | None = None, config=None):
+        """``token_ids`` / ``config`` (the model's VLConfig or config.json dict) name the picture token ids
+        where the tokenizer does not know them; see :func:`picture_token_ids`."""
         self.tokenizer = tokenizer
         self.image_bounds = (image_min_pixels, image_max_pixels)
         self.video_bounds = (video_min_pixels, video_max_pixels)
-        self.ids = {**IDS, **(token_ids or {})}
+        self.ids = picture_token_ids(tokenizer, config, token_ids)
 
     def render(self, messages, *, add_generation_prompt: bool = True, enable_thinking: bool = False) -> str:
         """The prompt text, with one marker per picture (the checkpoint's template if the tokenizer has one)."""

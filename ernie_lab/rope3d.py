@@ -24,23 +24,27 @@ import torch
 
 from .errors import ConfigError, InputError
 from .rope import inverse_frequencies
+from .special_tokens import IMAGE, IMAGE_MARKER_IDS, IMAGE_TOKEN_ID, TEXT, VIDEO, VIDEO_MARKER_IDS, VIDEO_TOKEN_ID
 
-TEXT, IMAGE, VIDEO = 0, 1, 2  # modality types of tokens
 DEFAULT_MROPE_SECTION = (22, 22, 20)  # rotary pairs for height, width, time (head_dim 128)
 
 
 # ------------------------------------------------------------------------------ token types
-def modality_types(input_ids: torch.Tensor, image_token_id: int = 100295, video_token_id: int = 103367) -> torch.Tensor:
-    """0 for text, 1 for image placeholders, 2 for video placeholders; same shape as input_ids."""
+def modality_types(input_ids: torch.Tensor, image_token_id: int = IMAGE_TOKEN_ID,
+                   video_token_id: int = VIDEO_TOKEN_ID) -> torch.Tensor:
+    """0 for text, 1 for image placeholders, 2 for video placeholders; same shape as input_ids.
+
+    The default ids are the big checkpoints'; pass a model's own (``VLConfig.image_token_id`` ...).
+    """
     types = torch.zeros_like(input_ids)
     types[input_ids == image_token_id] = IMAGE
     types[input_ids == video_token_id] = VIDEO
     return types
 
 
-def routing_types(input_ids: torch.Tensor, image_token_id: int = 100295, video_token_id: int = 103367,
-                  image_markers: tuple[int, int] = (101304, 101305),
-                  video_markers: tuple[int, int] = (101306, 101307)) -> torch.Tensor:
+def routing_types(input_ids: torch.Tensor, image_token_id: int = IMAGE_TOKEN_ID, video_token_id: int = VIDEO_TOKEN_ID,
+                  image_markers: tuple[int, int] = IMAGE_MARKER_IDS,
+                  video_markers: tuple[int, int] = VIDEO_MARKER_IDS) -> torch.Tensor:
     """Like :func:`modality_types`, but the start/end markers around a picture count as vision too.
 
     The MoE routes these markers to vision experts, while their positions are text positions.

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .special_tokens import TEXT, VISION  # noqa: E402,F401  modality codes (0 = text, 1 = vision)
+from .special_tokens import TEXT, VISION  # modality codes: the two expert groups
 
 
 @dataclass(eq=False)

@@ -1,4 +1,4 @@
-"""Text <-> token ids for ERNIE 4.5: a SentencePiece model plus special tokens at fixed ids.
+"""Text <-> token ids for ERNIE 4.5: a SentencePiece model plus a table of special tokens.
 
 A SentencePiece BPE model cuts text into pieces from a learned list (``▁the``, ``ing``, ``:``);
 byte fallback gives every UTF-8 byte a piece too, so any text encodes and ``decode(encode(t)) == t``.
@@ -7,8 +7,10 @@ model: the tokenizer cuts them out of the text first and looks their ids up in a
 
 ERNIE's twist: the special tokens sit far above the ordinary pieces (``<|begin_of_sentence|>`` is
 100273, the image slot 100295) and the model's embedding has 103,424 rows, more than there are
-tokens, so some ids are simply unused. The chat format is plain text around two markers:
-``<|begin_of_sentence|>{system}\\nUser: {question}\\nAssistant: {answer}<|end_of_sentence|>``.
+tokens, so some ids are simply unused. Those are the big checkpoints' ids (the table in
+``special_tokens.py``); a folder's own tokenizer files may put the special tokens elsewhere (a small
+model's compact vocabulary), and then theirs count. The chat format (``chat_format.py``) is plain
+text around two markers: ``<|begin_of_sentence|>{system}\\nUser: {question}\\nAssistant: {answer}<|end_of_sentence|>``.
 
 ``load_tokenizer`` reads a checkpoint folder (or a Hub id from the local Hugging Face cache). When
 no real ``tokenizer.model`` is at hand it falls back, with a warning, to the kit's stand-in: a small
@@ -27,49 +29,17 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from .chat_format import check_messages, render_chat
 from .errors import CheckpointError, InputError
+from .special_tokens import BEGIN_OF_SENTENCE, END_OF_SENTENCE, ROLE_NAMES, SPECIAL_TOKENS, TOKEN_ROLES
 
 MODEL_VOCAB_SIZE = 103_424  # rows of ERNIE 4.5's embedding (config.json "vocab_size")
 
-# ERNIE 4.5's special tokens and their ids, each checked against a public source:
-#   <unk> 0, <s> 1, </s> 2: transformers tests/models/ernie4_5/test_tokenization_ernie4_5.py ("<s>" encodes
-#       to [1], eos appends 2) and Baidu's generation_config.json (bos 1, eos 2, pad 0).
-#   <|end_of_sentence|> 100272, <|begin_of_sentence|> 100273: the chat test in the same transformers file
-#       ([100273, ... "Nice to meet you." ..., 100272]); PaddleFormers' ERNIE-VL test input ids agree.
-#   <|IMAGE_PLACEHOLDER|> 100295: config "im_patch_id" of the VL checkpoints; transformers'
-#       Ernie4_5_VLMoeConfig.image_token_id.
-#   <|IMAGE_START|>..<|VIDEO_END|> 101304..101307, <|VIDEO_PLACEHOLDER|> 103367: transformers'
-#       Ernie4_5_VLMoeConfig defaults; its VL integration test shows "Picture 1:" then 101304, 100295.
-#       The VL conversion renames Baidu's <|AUDIO_PLACEHOLDER|> to <|VIDEO_PLACEHOLDER|>, keeping the id.
-# Baidu's tokenizer_config.json also names <mask:1> (mask) and <mask:4>..<mask:7> (system/header markers);
-# their ids could not be found in any reachable source, so the stand-in leaves them out rather than guess.
-# A real tokenizer.model carries all of them and load_tokenizer then uses its ids.
-ERNIE_SPECIAL_TOKENS = {
-    "<unk>": 0,
-    "<s>": 1,
-    "</s>": 2,
-    "<|end_of_sentence|>": 100272,
-    "<|begin_of_sentence|>": 100273,
-    "<|IMAGE_PLACEHOLDER|>": 100295,
-    "<|IMAGE_START|>": 101304,
-    "<|IMAGE_END|>": 101305,
-    "<|VIDEO_START|>": 101306,
-    "<|VIDEO_END|>": 101307,
-    "<|VIDEO_PLACEHOLDER|>": 103367,
-}
+# The special-token table, its sources and the role names live in special_tokens.py; these names stay for callers.
+ERNIE_SPECIAL_TOKENS = SPECIAL_TOKENS  # text -> id of the big checkpoints (a folder's own files override them)
+ERNIE_TOKEN_ROLES = TOKEN_ROLES        # role -> token text, as Baidu's tokenizer_config.json names them
 
-# What each special token is for, as Baidu's tokenizer_config.json names them.
-ERNIE_TOKEN_ROLES = {
-    "bos_token": "<s>",
-    "eos_token": "</s>",
-    "unk_token": "<unk>",
-    "pad_token": "<unk>",
-    "cls_token": "<|begin_of_sentence|>",  # opens every chat
-    "sep_token": "<|end_of_sentence|>",    # closes every assistant turn
-}
-ROLE_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "cls_token", "sep_token", "mask_token")
-
-STAND_IN_MODEL = Path(__file__).resolve().parent.parent / "data" / "tokenizer" / "stand_in.model"
+STAND_IN_MODEL = Path(__file__).resolve().parent / "data" / "tokenizer" / "stand_in.model"
 STAND_IN_WARNING = "using the ernie-lab stand-in tokenizer, not the real ERNIE vocabulary"
 RESERVED_NAME = "<|reserved_{}|>"  # the name of an id that no token uses
 
@@ -228,8 +198,8 @@ class ErnieTokenizer:
         """
         if self.chat_template is None:
             text = format_ernie_chat(messages, add_generation_prompt,
-                                     cls_token=self.roles.get("cls_token", "<|begin_of_sentence|>"),
-                                     sep_token=self.roles.get("sep_token", "<|end_of_sentence|>"))
+                                     cls_token=self.roles.get("cls_token", BEGIN_OF_SENTENCE),
+                                     sep_token=self.roles.get("sep_token", END_OF_SENTENCE))
         else:
             text = render_chat_template(self.chat_template, messages, add_generation_prompt,
                                         enable_thinking=enable_thinking, **self.roles)
@@ -237,27 +207,14 @@ class ErnieTokenizer:
 
 
 def format_ernie_chat(messages: list[dict], add_generation_prompt: bool = True, *,
-                      cls_token: str = "<|begin_of_sentence|>", sep_token: str = "<|end_of_sentence|>") -> str:
+                      cls_token: str = BEGIN_OF_SENTENCE, sep_token: str = END_OF_SENTENCE) -> str:
     """ERNIE 4.5's text chat format, the string Baidu's chat template renders (tests/test_tokenizer.py checks):
 
         <|begin_of_sentence|>You are terse.\\nUser: Hi\\nAssistant: Hello.<|end_of_sentence|>User: Bye\\nAssistant: 
+
+    Content must be str; ``chat_format.render_chat`` writes the text (the VL format is the same with pictures).
     """
-    _check_messages(messages)
-    text = cls_token
-    for message in messages:
-        role, content = message["role"], message["content"]
-        if not isinstance(content, str):
-            raise InputError(f"ERNIE 4.5's text chat format takes str content, got {type(content).__name__} "
-                             f"in a {role!r} message.")
-        if role == "system":
-            text += content + "\n"
-        elif role == "user":
-            text += "User: " + content + "\n"
-        elif role == "assistant":
-            text += "Assistant: " + content + sep_token
-        else:
-            raise InputError(f"unknown chat role {role!r}; ERNIE 4.5's text format has system, user and assistant.")
-    return text + ("Assistant: " if add_generation_prompt else "")
+    return render_chat(messages, add_generation_prompt, pictures=False, cls_token=cls_token, sep_token=sep_token)
 
 
 def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True,
@@ -267,7 +224,7 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    _check_messages(messages)
+    check_messages(messages, roles=None)  # the template decides which roles and items it renders
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -281,15 +238,6 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
         return env.from_string(template).render(**context)
     except jinja2.exceptions.TemplateError as err:
         raise InputError(f"the checkpoint's chat template could not render these messages: {err}") from None
-
-
-def _check_messages(messages) -> None:
-    if not isinstance(messages, (list, tuple)):
-        raise InputError(f"messages must be a list of dicts like {{'role': 'user', 'content': 'Hi'}}, "
-                         f"got {type(messages).__name__}.")
-    for n, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise InputError(f"message {n} must be a dict with 'role' and 'content', got {message!r}.")
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -28,10 +28,8 @@ from .mlp import SwiGLU
 from .model import CausalLMOutput, ErnieConfig, ErnieForCausalLM, check_input_ids
 from .moe import MoEBlock
 from .rope3d import modality_types, position_ids_3d, rope_angles_3d, routing_types
-from .special_tokens import TEXT, VISION, VL_TOKEN_IDS
+from .special_tokens import TEXT, TOKEN_IDS, VISION  # TOKEN_IDS: config.json key -> default id
 from .vision import VisionAdapter, VisionEncoder, tokens_per_item
-
-TOKEN_IDS = VL_TOKEN_IDS  # the earlier name of the big checkpoints' default picture ids
 
 
 # ================================================================================ modality -> expert group

@@ -15,7 +15,7 @@ model: ernie_lab.tokenizer adds them on top at their real ids. The training text
 prose of Python's own help pages (``pydoc_data.topics``), so the model is the same on every machine
 that runs the same Python version. Run from the repository root:
 
-    python scripts/train_stand_in_tokenizer.py          # writes data/tokenizer/stand_in.model
+    python scripts/train_stand_in_tokenizer.py          # writes ernie_lab/data/tokenizer/stand_in.model
     python scripts/train_stand_in_tokenizer.py --check  # retrains in memory, compares with the file
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-OUT_DIR = Path(__file__).resolve().parent.parent / "data" / "tokenizer"
+OUT_DIR = Path(__file__).resolve().parent.parent / "ernie_lab" / "data" / "tokenizer"  # shipped in the wheel
 MODEL_FILE = OUT_DIR / "stand_in.model"
 MANIFEST_FILE = OUT_DIR / "stand_in.json"
 

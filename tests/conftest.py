@@ -39,3 +39,29 @@ def real_shape_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ernie-0.3b-random")
     ref.save_pretrained(folder, max_shard_size="500MB")  # sharded, as the Hub's larger models are
     return ref, folder
+
+
+COMPACT_VOCAB_SIZE = 8192  # a tiny model's vocabulary: the stand-in's 8,000 pieces, then the special tokens
+
+
+@pytest.fixture(scope="session")
+def compact_tokenizer_folder(tmp_path_factory):
+    """(folder, text -> id) for a tokenizer with a compact vocabulary, in the Hub's file layout: the stand-in's
+    SentencePiece pieces at ids 0..7999 and ERNIE's special tokens right after them (8000, 8001, ...), not at
+    the big checkpoints' 100272+; vocab_size 8192 in config.json."""
+    import json
+    import shutil
+
+    from ernie_lab.special_tokens import SPECIAL_TOKENS
+    from ernie_lab.tokenizer import STAND_IN_MODEL
+
+    folder = tmp_path_factory.mktemp("compact-tokenizer")
+    shutil.copyfile(STAND_IN_MODEL, folder / "tokenizer.model")
+    above_pieces = [text for text, i in sorted(SPECIAL_TOKENS.items(), key=lambda item: item[1]) if i >= 8000]
+    ids = {text: 8000 + k for k, text in enumerate(above_pieces)}
+    decoder = {str(i): {"content": text, "special": True} for text, i in ids.items()}
+    config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>",
+              "cls_token": "<|begin_of_sentence|>", "sep_token": "<|end_of_sentence|>", "added_tokens_decoder": decoder}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    (folder / "config.json").write_text(json.dumps({"vocab_size": COMPACT_VOCAB_SIZE}), encoding="utf-8")
+    return folder, ids

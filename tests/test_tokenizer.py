@@ -166,7 +166,7 @@ def test_decode_takes_lists_and_1d_tensors(stand_in):
 
 
 def test_stand_in_model_is_small_and_regenerates_exactly():
-    manifest = json.loads((REPO / "data" / "tokenizer" / "stand_in.json").read_text())
+    manifest = json.loads(STAND_IN_MODEL.with_name("stand_in.json").read_text())
     model = STAND_IN_MODEL.read_bytes()
     assert len(model) < 2 * 2**20
     assert hashlib.sha256(model).hexdigest() == manifest["model_sha256"]
@@ -366,3 +366,21 @@ def test_corrupt_files_are_checkpoint_errors_naming_the_file(tmp_path):
     (folder / "config.json").write_text(json.dumps({"vocab_size": 50000}))
     with pytest.raises(CheckpointError, match=r"config\.json says vocab_size 50000"):
         load_tokenizer(folder)
+
+
+def test_compact_vocabulary_folder_uses_its_own_special_ids(compact_tokenizer_folder):
+    # A tiny model's tokenizer: pieces 0..7999, special tokens at 8000.., 8192 ids. Its files, not the table, decide.
+    folder, ids = compact_tokenizer_folder
+    tok = load_quietly(folder)
+    assert (tok.num_pieces, tok.vocab_size) == (8000, 8192)
+    assert sorted(ids.values()) == list(range(8000, 8000 + len(ids))) and len(ids) == 8
+    for text, i in ids.items():
+        assert tok.encode(text) == [i] and tok.decode([i]) == text and tok.convert_tokens_to_ids(text) == i
+    begin, end = ids["<|begin_of_sentence|>"], ids["<|end_of_sentence|>"]
+    assert (tok.cls_token_id, tok.sep_token_id, tok.bos_token_id, tok.eos_token_id) == (begin, end, 1, 2)
+    assert tok.stop_token_ids == [2, end]
+    chat = tok.apply_chat_template(CHATS["three turns"])
+    assert chat[0] == begin and chat.count(end) == 1 and max(chat) < 8192
+    assert tok.decode(chat) == format_ernie_chat(CHATS["three turns"])
+    with pytest.raises(InputError, match="outside"):  # the big checkpoints' id does not exist here
+        tok.decode([ERNIE_SPECIAL_TOKENS["<|begin_of_sentence|>"]])

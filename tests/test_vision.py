@@ -16,10 +16,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ernie_lab import InputError
-from ernie_lab import vision
-from ernie_lab.vision import (VisionAdapter, VisionConfig, VisionEncoder, fit_to_grid, preprocess_images,
-                              preprocess_video, tokens_per_item, vision_state_from_hub)
+from ernie_lab import InputError, image_processing, vision
+from ernie_lab.image_processing import fit_to_grid, preprocess_images, preprocess_video
+from ernie_lab.vision import VisionAdapter, VisionConfig, VisionEncoder, tokens_per_item, vision_state_from_hub
 
 RNG = np.random.default_rng(1234)
 
@@ -113,7 +112,7 @@ def test_grid_and_token_counts():
 def test_patch_layout_groups_merge_windows():
     """The 4 patches of a 2x2 window are consecutive rows, each a (C, 14, 14) block of the picture."""
     frames = torch.arange(3 * 56 * 56, dtype=torch.float32).reshape(1, 3, 56, 56)
-    patches = vision.patchify(frames)  # 16 patches
+    patches = image_processing.patchify(frames)  # 16 patches
     window_1 = patches[4:8].reshape(4, 3, 14, 14)  # second window: rows 0-27, columns 28-55
     expected = [frames[0, :, r:r + 14, c:c + 14] for r in (0, 14) for c in (28, 42)]
     for got, want in zip(window_1, expected):
@@ -161,7 +160,7 @@ def test_images_outside_the_pixel_bounds_raise_input_error(monkeypatch):
         preprocess_images([Image.new("RGB", (1500, 10))], max_pixels=28 * 28 * 20)
     with pytest.raises(InputError, match="cannot be fitted"):
         preprocess_images([Image.new("RGB", (64, 64))], min_pixels=100_000, max_pixels=50_000)
-    monkeypatch.setattr(vision, "MAX_INPUT_PIXELS", 100 * 100)
+    monkeypatch.setattr(image_processing, "MAX_INPUT_PIXELS", 100 * 100)
     with pytest.raises(InputError, match="exceeds"):
         preprocess_images([Image.new("RGB", (101, 100))])
 
@@ -201,7 +200,7 @@ def test_video_timestamps_are_drawn_top_left():
     stamped = preprocess_video(frames, min_pixels=112 * 112, max_pixels=112 * 112, fps=2, font=font)
     changed = (stamped["pixel_values_videos"] != plain).any(-1)  # which patches the text touched
     assert changed[0] and not changed[15]  # first patch (top-left) yes, last (bottom-right) no
-    assert vision.timestamp_text(62.5) == "time: 00:01:02.50"
+    assert image_processing.timestamp_text(62.5) == "time: 00:01:02.50"
 
 
 def test_bad_video_input_raises_input_error():

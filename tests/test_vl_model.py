@@ -18,7 +18,8 @@ from PIL import Image
 import ernie_lab
 from ernie_lab import InputError, routing
 from ernie_lab.rope3d import modality_types, position_ids_3d, routing_types
-from ernie_lab.vision import preprocess_images, preprocess_video, tokens_per_item
+from ernie_lab.image_processing import preprocess_images, preprocess_video
+from ernie_lab.vision import tokens_per_item
 from ernie_lab.vl_model import ErnieVLForConditionalGeneration, VLConfig
 
 IMG, VID = 100295, 103367
@@ -36,15 +37,21 @@ def picture(height, width):
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """(transformers reference, ernie_lab model loaded from its save_pretrained folder)."""
+    return build_pair(tmp_path_factory.mktemp("tiny-vl"))
+
+
+def build_pair(folder, vocab_size=103424, **token_ids):
+    """A random reference saved to ``folder`` and our model loaded from there; ``token_ids``: image_token_id=..."""
     from transformers import Ernie4_5_VLMoeConfig, Ernie4_5_VLMoeForConditionalGeneration
 
     torch.manual_seed(0)
     config = Ernie4_5_VLMoeConfig(
         text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2,
                          num_key_value_heads=1, head_dim=128, moe_intermediate_size=[32, 16], moe_k=2,
-                         moe_num_experts=NUM_EXPERTS, moe_num_shared_experts=1, vocab_size=103424,
+                         moe_num_experts=NUM_EXPERTS, moe_num_shared_experts=1, vocab_size=vocab_size,
                          initializer_range=0.08),
         vision_config=dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, initializer_range=0.08),
+        **token_ids,
     )
     reference = Ernie4_5_VLMoeForConditionalGeneration(config).eval()
     with torch.no_grad():
@@ -53,7 +60,6 @@ def pair(tmp_path_factory):
                 for group in (layer.mlp.text_moe, layer.mlp.vision_moe):
                     group.gate.weight.normal_(0.0, 0.5)
                     group.gate.moe_statics.e_score_correction_bias.uniform_(-0.05, 0.05)
-    folder = tmp_path_factory.mktemp("tiny-vl")
     reference.save_pretrained(folder)
     return reference, ernie_lab.load_model(folder)
 
@@ -304,6 +310,86 @@ def test_processor_uses_a_checkpoint_template(processor):
     finally:
         tokenizer.chat_template = original
     assert text == "[user]" + IMAGE_MARKER + "hi<think>"
+
+
+# ------------------------------------------------------------------------- a compact vocabulary
+from ernie_lab import special_tokens  # noqa: E402
+from ernie_lab.processor import IDS, picture_token_ids  # noqa: E402
+
+
+def compact_picture_ids(ids: dict) -> dict:
+    """processor key -> id in the compact tokenizer folder (see conftest.compact_tokenizer_folder)."""
+    return {key: ids[text] for key, (text, _) in special_tokens.PICTURE_TOKENS.items()}
+
+
+def picture_chat(image, video=None):
+    content = [{"type": "image", "image": image}, *([{"type": "video", "video": video}] if video is not None else []),
+               {"type": "text", "text": "What is it?"}]
+    return [{"role": "user", "content": content}]
+
+
+def test_processor_takes_picture_ids_from_a_compact_tokenizer(compact_tokenizer_folder):
+    folder, ids = compact_tokenizer_folder
+    tokenizer = ernie_lab.load_tokenizer(folder)
+    processor = VLProcessor(tokenizer, video_min_pixels=56 * 84, video_max_pixels=56 * 84)
+    compact = compact_picture_ids(ids)
+    assert processor.ids == compact and set(compact.values()).isdisjoint(IDS.values())
+    frames = np.stack([np.array(picture(56, 84))] * 2)
+    inputs = processor(picture_chat(picture(70, 100), frames))
+    row = inputs["input_ids"][0].tolist()
+    image_tokens, video_tokens = (tokens_per_item(inputs[key])[0] for key in ("image_grid_thw", "video_grid_thw"))
+    start = row.index(compact["image_start"])
+    assert row[start:start + image_tokens + 2] == ([compact["image_start"]] + [compact["image"]] * image_tokens
+                                                   + [compact["image_end"]])
+    start = row.index(compact["video_start"])
+    assert row[start:start + video_tokens + 2] == ([compact["video_start"]] + [compact["video"]] * video_tokens
+                                                   + [compact["video_end"]])
+    assert row[0] == ids["<|begin_of_sentence|>"] and max(row) < 8192
+
+
+def test_picture_ids_come_from_token_ids_then_tokenizer_then_config(compact_tokenizer_folder, processor):
+    folder, ids = compact_tokenizer_folder
+    compact_tokenizer = ernie_lab.load_tokenizer(folder)
+    compact = compact_picture_ids(ids)
+    config = {config_key: compact[key] for key, (_, config_key) in special_tokens.PICTURE_TOKENS.items()}
+    assert picture_token_ids() == IDS == special_tokens.PICTURE_TOKEN_IDS  # nothing known: the big checkpoints'
+    assert picture_token_ids(compact_tokenizer, config) == compact        # tokenizer and config agree
+    # a tokenizer that knows no picture tokens: the config's ids, then the defaults (Baidu's flat im_patch_id too)
+    bare = compact_tokenizer.special_tokens
+    compact_tokenizer.special_tokens = {}
+    try:
+        assert picture_token_ids(compact_tokenizer, config) == compact
+        assert picture_token_ids(compact_tokenizer, {"im_patch_id": 7})["image"] == 7
+        assert VLProcessor(compact_tokenizer).ids == IDS
+    finally:
+        compact_tokenizer.special_tokens = bare
+    assert picture_token_ids(compact_tokenizer, token_ids={"image": 9})["image"] == 9  # explicit ids win
+    with pytest.raises(ernie_lab.ConfigError, match="do not belong together"):
+        VLProcessor(processor.tokenizer, config=config)  # the stand-in's 100295 against a compact config
+    with pytest.raises(InputError, match="unknown keys"):
+        VLProcessor(processor.tokenizer, token_ids={"image_token_id": 5})
+
+
+def test_compact_vocabulary_model_reads_its_ids_from_its_config(tmp_path, compact_tokenizer_folder):
+    """A reference whose picture tokens sit at 8002.. in an 8,192-id vocabulary, against ours, on processor output."""
+    folder, ids = compact_tokenizer_folder
+    compact = compact_picture_ids(ids)
+    config_ids = {config_key: compact[key] for key, (_, config_key) in special_tokens.PICTURE_TOKENS.items()}
+    reference, model = build_pair(tmp_path / "compact-vl", vocab_size=8192, **config_ids)
+    assert {key: getattr(model.vl_config, key) for key in config_ids} == config_ids
+    inputs = VLProcessor(ernie_lab.load_tokenizer(folder))(picture_chat(picture(70, 100)))
+    ids_ = inputs.pop("input_ids")
+    types = modality_types(ids_, compact["image"], compact["video"])
+    assert int((types == special_tokens.IMAGE).sum()) == tokens_per_item(inputs["image_grid_thw"])[0]
+    router_types = routing_types(ids_, compact["image"], compact["video"], (compact["image_start"], compact["image_end"]),
+                                 (compact["video_start"], compact["video_end"]))
+    with torch.no_grad():
+        expected = reference(input_ids=ids_, mm_token_type_ids=types, moe_mm_token_type_ids=router_types,
+                             **inputs).logits
+        with routing.record(model) as record:
+            logits = model(ids_, **inputs).logits
+    assert (logits - expected).abs().max() < 1e-4
+    assert torch.equal(record.layers[0].modality, (router_types.reshape(-1) > 0).long())
 
 
 # ----------------------------------------------------------------------------------------- losses
