@@ -125,3 +125,39 @@ def test_a_teachers_edit_lands_in_the_py_and_outputs_do_not(checkout):
     assert "# A sentence the teacher added." in source
     assert "student output" not in source
     assert git(checkout, "status", "--porcelain").split() == ["M", "notebooks/00_tour.py"]
+
+
+def test_importing_ernie_lab_notebook_pulls_in_no_plotting():
+    code = ("import sys, ernie_lab, ernie_lab.notebook; "
+            "print(sorted(m for m in ('matplotlib', 'ipywidgets', 'IPython') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.stdout.strip() == "[]"
+
+
+def test_setup_reads_fast_mode_and_seeds(monkeypatch, capsys):
+    import torch
+
+    from ernie_lab import notebook
+
+    monkeypatch.setenv("ERNIE_LAB_FAST", "1")
+    assert notebook.setup(seed=3) is True
+    first = torch.rand(3)
+    monkeypatch.setenv("ERNIE_LAB_FAST", "0")
+    assert notebook.setup(seed=3) is False
+    assert torch.equal(torch.rand(3), first)
+    assert str(ROOT / "ernie_lab") in capsys.readouterr().out
+    assert notebook.repo_path("data", "tokenizer") == ROOT / "data" / "tokenizer"
+
+
+def test_compare_fails_above_the_tolerance_relative_to_large_values():
+    import torch
+
+    from ernie_lab.notebook import compare
+
+    assert compare("equal", torch.ones(3), torch.ones(3)) == 0.0
+    compare("round-off on values near 100", torch.tensor([100.0 + 5e-4]), torch.tensor([100.0]), atol=1e-5)
+    with pytest.raises(AssertionError, match="exceeds"):
+        compare("off by 1e-3", torch.tensor([1e-3]), torch.tensor([0.0]))
+    with pytest.raises(AssertionError, match="shape"):
+        compare("shapes", torch.zeros(2), torch.zeros(3))
