@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 # Missing notebooks/*.ipynb are made from their .py; existing ones (a student's work) are never overwritten.
-# JupyterLab pairs each .ipynb with its .py (jupytext.toml): saving writes both, outputs only to the .ipynb.
+# JupyterLab pairs each .ipynb with its .py (notebooks/jupytext.toml): saving writes both, outputs only to the .ipynb.
 # `make lab FAST=1` runs the notebooks in fast mode.
 lab: notebooks
 	$(if $(FAST),ERNIE_LAB_FAST=$(FAST)) $(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root,)

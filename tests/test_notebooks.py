@@ -28,8 +28,10 @@ def git(folder: Path, *args: str) -> str:
 
 def make(folder: Path, target: str) -> None:
     """Run a Makefile target with this interpreter; `-o` skips the venv stamp (this environment is set up)."""
-    subprocess.run(["make", "-s", "-C", str(folder), "-o", ".venv/.installed", target, f"PY={sys.executable}"],
-                   check=True, capture_output=True, text=True)
+    command = ["make", "-s", "-C", str(folder), "-o", ".venv/.installed", target, f"PY={sys.executable}"]
+    planned = subprocess.run([*command, "-n"], check=True, capture_output=True, text=True).stdout
+    assert "pip" not in planned, f"`make {target}` would install into this environment:\n{planned}"
+    subprocess.run(command, check=True, capture_output=True, text=True)
 
 
 def test_there_are_notebook_sources():
@@ -111,19 +113,22 @@ def test_student_outputs_stay_out_of_git_and_out_of_the_tests(checkout):
 
 
 @needs_git_and_make
-def test_a_teachers_edit_lands_in_the_py_and_outputs_do_not(checkout):
+def test_a_teachers_edit_in_the_lab_lands_in_the_py_and_outputs_do_not(checkout):
+    from jupytext.sync_contentsmanager import TextFileContentsManager
+
     make(checkout, "notebooks")
-    paired = checkout / "notebooks" / "00_tour.ipynb"
-    give_outputs(paired)
-    notebook = nbformat.read(paired, as_version=4)
+    lab = TextFileContentsManager(root_dir=str(checkout / "notebooks"))  # what `make lab` serves, with jupytext
+    notebook = lab.get("00_tour.ipynb")["content"]
     notebook.cells[0].source += "\n\nA sentence the teacher added."
-    nbformat.write(notebook, paired)
-    os.utime(paired, None)                                      # the .ipynb is now the newer side of the pair
-    subprocess.run([sys.executable, "-m", "jupytext", "--sync", str(paired)], cwd=checkout, check=True,
-                   capture_output=True, text=True)             # what JupyterLab's jupytext does on save
+    for count, cell in enumerate((c for c in notebook.cells if c.cell_type == "code"), start=1):
+        cell.execution_count = count
+        cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"lab output {count}\n")]
+    lab.save({"type": "notebook", "format": "json", "content": notebook}, "00_tour.ipynb")  # "Save" in the lab
+
     source = (checkout / "notebooks" / "00_tour.py").read_text(encoding="utf-8")
-    assert "# A sentence the teacher added." in source
-    assert "student output" not in source
+    assert "# A sentence the teacher added." in source, "jupytext.toml should pair the .ipynb with its .py"
+    assert "lab output" not in source
+    assert "lab output 1" in (checkout / "notebooks" / "00_tour.ipynb").read_text(encoding="utf-8")
     assert git(checkout, "status", "--porcelain").split() == ["M", "notebooks/00_tour.py"]
 
 
