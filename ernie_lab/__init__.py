@@ -21,6 +21,7 @@ import importlib
 
 from . import (architectures, chat_format, checkpoints, family, hub_names, losses, modules, moe,  # noqa: F401
                routing, special_tokens, vision, vl_model)
+from .chat import chat
 from .config import ErnieConfig
 from .errors import CheckpointError, ConfigError, ErnieLabError, InputError
 from .generation import generate
@@ -33,7 +34,7 @@ from .vl_model import ErnieVLForConditionalGeneration
 
 __all__ = ["ErnieConfig", "ErnieForCausalLM", "ErnieVLForConditionalGeneration", "KVCache", "ErnieLabError",
            "ConfigError", "CheckpointError", "InputError", "load_model", "save_model", "generate",
-           "ErnieTokenizer", "StandInTokenizerWarning", "load_tokenizer",
+           "ErnieTokenizer", "StandInTokenizerWarning", "load_tokenizer", "chat",
            "architectures", "checkpoints", "family", "hub_names", "losses", "modules", "moe", "processor", "routing",
            "vision", "vl_model", "special_tokens", "chat_format", "image_processing"]
 
