@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -503,6 +504,9 @@ def read_config_json(path: str | Path) -> tuple[dict, Path]:
     """The parsed ``config.json`` (given the file or its folder) and its path; ConfigError if absent or broken."""
     path = Path(path)
     if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ConfigError(f"Permission denied reading the folder {path}: make it readable for this user "
+                              "(chmod a+rx) or copy the checkpoint somewhere you own.")
         path = path / "config.json"
     if not path.is_file():
         raise ConfigError(
