@@ -668,6 +668,7 @@ from ernie_lab.model import ErnieForCausalLM
 with torch.device("meta"):
     model = ErnieForCausalLM(ERNIE_0_3B)
 model = model.to_empty(device="cpu")  # uninitialised 0.3B-shape weights: their values do not matter here
+model.lm_head.weight = model.embed.weight  # to_empty unties; the 0.3B is tied
 print("ready", flush=True)
 ernie_lab.save_model(model, sys.argv[1], max_shard_bytes=int(sys.argv[2]))
 print("finished", flush=True)
