@@ -32,7 +32,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from . import architectures, hub_names
+from . import architectures, hub_names, quant
+from .quant import checkpoint as quant_checkpoint
 from .config import ErnieConfig, parse_config, read_config_json
 from .errors import CheckpointError, ConfigError
 from .hub_names import (HUB_FILES, INDEX_FILE, KEEP_FLOAT32, NAME_MAP, SKIPPED, VL_NAME_MAP,  # noqa: F401
@@ -43,11 +44,13 @@ Transform = Callable[[str, torch.Tensor], torch.Tensor]  # (ernie-lab name, tens
 
 # ----------------------------------------------------------------------------------------- public
 def load_model(source: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               transforms: Iterable[Transform] = ()):
+               transforms: Iterable[Transform] = (), quantize: str | None = None, group_size: int = 128):
     """Load an ERNIE 4.5 checkpoint from a Hub id (``baidu/ERNIE-4.5-0.3B-PT``) or a local folder.
 
     ``dtype`` None keeps the checkpoint's dtype; the model comes back in eval mode on ``device``.
     ``transforms`` are applied to each tensor after the built-in ones (see the module docstring).
+    ``quantize`` (e.g. ``"w4a16"``) quantizes each linear weight as it is read (``ernie_lab.quant``);
+    a checkpoint saved quantized (``quantization_config`` in config.json) comes back quantized, bit-exact.
     """
     folder = resolve_checkpoint(source)
     raw, config_path = read_config_json(folder)
@@ -57,7 +60,14 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype | None = None, d
     paddle = hub_names.is_paddle_layout(hub_shapes)
     plan = plan_loading(config, hub_shapes, paddle=paddle)  # lab name -> hub name, all checked
     model = build_empty(config)
+    if raw.get("quantization_config") is not None:
+        quant_checkpoint.rebuild_layers(model, raw["quantization_config"])
     check_shapes(model, plan, hub_shapes, paddle=paddle)
+    if quantize is not None:
+        if raw.get("quantization_config") is not None:
+            raise CheckpointError(f"{folder} is already quantized; load it without quantize=.")
+        quant.check_scheme(quantize)
+        quant_checkpoint.quantize_on_read(model, quantize, group_size=group_size)
     steps = tensor_transforms(config, paddle=paddle, dtype=dtype) + list(transforms)
     stream_tensors(model, plan, hub_shapes, steps, device=device, dtype=dtype)
     if config.get_text_config().tie_word_embeddings:
@@ -163,7 +173,7 @@ def plan_loading(config: ErnieConfig, hub_shapes: dict, *, paddle: bool = False)
             skipped.setdefault(reason, 0)
             skipped[reason] += 1
             continue
-        lab = hub_to_lab(name, table)
+        lab = hub_to_lab(name, table) or quant_checkpoint.quant_hub_to_lab(name, table)
         if lab is None:
             unknown.append(original)
         else:
@@ -240,6 +250,8 @@ def stored_transpose(table: list) -> Transform:
 def cast(dtype: torch.dtype) -> Transform:
     """Convert to ``dtype``, but keep the routers and correction biases in float32."""
     def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name.rpartition(".")[2] in quant_checkpoint.SUFFIXES:
+            return tensor  # quantized codes and scales are loaded as stored
         return tensor.float() if re.fullmatch(KEEP_FLOAT32, name) else tensor.to(dtype)
     return transform
 
@@ -347,6 +359,11 @@ def assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     """Put ``tensor`` in place of the parameter (or buffer) ``name``, keeping its requires_grad."""
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
+    if isinstance(module, quant.QuantLinear):
+        if leaf == "weight":  # quantize-on-read: the float weight becomes codes here
+            module.set_weight(tensor)
+            return
+        quant_checkpoint.check_stored(model, name, tensor)
     if leaf in module._parameters:
         old = module._parameters[leaf]
         module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)

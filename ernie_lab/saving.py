@@ -20,6 +20,9 @@ from safetensors.torch import save_file
 from .errors import InputError
 from .architectures import name_table
 from .hub_names import INDEX_FILE, WEIGHTS_FILE, is_transposed, lab_to_hub
+from .quant.checkpoint import quant_lab_to_hub
+
+QUANT_TENSORS = (".qweight", ".scales", ".zeros")  # quantized layers (ernie_lab.quant): stored as they are
 
 
 def save_model(model, folder: str | Path, *, max_shard_bytes: int = 5 * 1024**3) -> Path:
@@ -28,7 +31,10 @@ def save_model(model, folder: str | Path, *, max_shard_bytes: int = 5 * 1024**3)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = hub_state_dict(model)
     config = model.config.to_dict()
-    config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    floats = [t for name, t in tensors.items() if t.is_floating_point() and not name.endswith(QUANT_TENSORS)]
+    config["dtype"] = str((floats or list(tensors.values()))[0].dtype).removeprefix("torch.")
+    if getattr(model, "quantization_config", None):
+        config["quantization_config"] = model.quantization_config  # ernie_lab.quant: layers, formats
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     shards = split_into_shards(tensors, max_shard_bytes)
     if len(shards) == 1:
@@ -58,7 +64,7 @@ def hub_state_dict(model) -> dict[str, torch.Tensor]:
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and tied:
             continue
-        hub = lab_to_hub(name, table)
+        hub = lab_to_hub(name, table) or quant_lab_to_hub(name, table)
         if hub is None:
             raise InputError(f"parameter {name!r} has no Hub name; was a module added that the export does not "
                              "know (e.g. un-merged LoRA adapters)? Merge or remove it before saving.")

@@ -115,7 +115,8 @@ class QuantLinear(nn.Module):
         """Quantize the (N, K) float ``weight`` into this layer's buffers (also used by quantize-on-read)."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise InputError(f"weight of shape {tuple(weight.shape)} for a {self.out_features}x{self.in_features} layer.")
-        weight = weight.to(self.scales.device)
+        if self.scales.device.type != "meta":
+            weight = weight.to(self.scales.device)
         if self.scheme == "fp8":
             values, scale = formats.quantize_fp8(weight)
             self._set_buffers(values, scale, None)
