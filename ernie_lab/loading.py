@@ -289,6 +289,7 @@ def stream_tensors(model, plan: dict[str, str], hub_shapes: dict, transforms: li
                     for lab, hub in pairs:
                         entry = entries[hub]
                         converted = dtype is not None and SAFETENSORS_DTYPES[entry["dtype"]] != dtype
+                        converted = converted or _quantized_on_read(model, lab)  # read, quantize, drop
                         tensor = read_tensor(handle, entry, data_start, scratch if converted else None)
                         for transform in transforms:
                             tensor = transform(lab, tensor)
@@ -302,6 +303,12 @@ def stream_tensors(model, plan: dict[str, str], hub_shapes: dict, transforms: li
                 raise CheckpointError(f"Reading {file} failed ({err!r}): the file is corrupt; download it again.") from None
     finally:
         bar.close()
+
+
+def _quantized_on_read(model, lab: str) -> bool:
+    """True for a float weight that a QuantLinear turns into codes as it is assigned."""
+    module_name, _, leaf = lab.rpartition(".")
+    return leaf == "weight" and isinstance(model.get_submodule(module_name), quant.QuantLinear)
 
 
 # safetensors dtype names -> torch dtypes

@@ -66,6 +66,16 @@ def quantize_weight(w: torch.Tensor, bits: int, group: int, symmetric: bool = Tr
     return Quantized(codes, scale, zero)
 
 
+def quantize_packed(w: torch.Tensor, bits: int, group: int, symmetric: bool = True,
+                    block_rows: int = 256) -> Quantized:
+    """:func:`quantize_weight` with the codes packed (bits < 8), ``block_rows`` rows at a time, so the
+    float temporaries stay small (quantize-on-read keeps its peak near the quantized model's size)."""
+    parts = [quantize_weight(w[i:i + block_rows], bits, group, symmetric) for i in range(0, w.shape[0], block_rows)]
+    codes = [p.codes if bits == 8 else pack(p.codes, bits) for p in parts]
+    zeros = None if symmetric else torch.cat([p.zeros for p in parts])
+    return Quantized(torch.cat(codes), torch.cat([p.scales for p in parts]), zeros)
+
+
 def dequantize_weight(q: Quantized, bits: int) -> torch.Tensor:
     """(N, K) codes + (N, G) scales -> the (N, K) float32 weight they stand for."""
     N, K = q.codes.shape

@@ -121,9 +121,12 @@ class QuantLinear(nn.Module):
             values, scale = formats.quantize_fp8(weight)
             self._set_buffers(values, scale, None)
             return
-        q = quantized or formats.quantize_weight(weight, self.bits, self.group_size, self.symmetric)
-        codes = q.codes if self.bits == 8 else formats.pack(q.codes, self.bits)
-        self._set_buffers(codes, q.scales, q.zeros)
+        if quantized is not None:
+            codes = quantized.codes if self.bits == 8 else formats.pack(quantized.codes, self.bits)
+            self._set_buffers(codes, quantized.scales, quantized.zeros)
+            return
+        q = formats.quantize_packed(weight, self.bits, self.group_size, self.symmetric)
+        self._set_buffers(q.codes, q.scales, q.zeros)
 
     def _set_buffers(self, qweight, scales, zeros) -> None:
         self.qweight, self.scales = qweight.contiguous(), scales.float().contiguous()
