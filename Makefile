@@ -43,8 +43,10 @@ figures: $(STAMP)
 	MPLBACKEND=Agg $(PY) scripts/make_figures.py
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -c requirements.lock -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/decode.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/moe.py
+	HF_HUB_OFFLINE=1 nice -n 15 $(PY) benchmarks/quant.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache $(NB_TEST_DIR)

@@ -151,12 +151,20 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer of ``model`` (shared tensors counted once), as held in memory."""
     seen, total = set(), 0
     for tensor in list(model.parameters()) + list(model.buffers()):
-        key = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else id(tensor)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += tensor.numel() * tensor.element_size()
+        plain = type(tensor) in (torch.Tensor, nn.Parameter) and tensor.device.type != "meta"
+        key = tensor.untyped_storage().data_ptr() if plain else id(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += _tensor_bytes(tensor)
     return total
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of a tensor, or of the inner tensors of a tensor subclass (e.g. torchao's quantized weights)."""
+    if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(tensor, n)) for n in names)
+    return tensor.numel() * tensor.element_size()
 
 
 def _skipper(skip):
