@@ -28,14 +28,15 @@ from .kv_cache import KVCache
 def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int | None = None, eos_token_id: int | list[int] | None = None, streamer=None,
              attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
-             generator: torch.Generator | None = None, **model_inputs) -> torch.Tensor:
+             generator: torch.Generator | None = None, kv_cache_dtype=None, **model_inputs) -> torch.Tensor:
     """Continue each prompt by up to ``max_new_tokens`` tokens; returns (B, T + new) token ids.
 
     ``input_ids`` is a (B, T) LongTensor (left-padded, with ``attention_mask``) or a list of token-id
     lists of any lengths, which are left-padded here. ``eos_token_id`` None uses the model config's;
     pass ``[]`` to never stop early. Rows that finished are filled with ``pad_token_id``.
     ``streamer`` gets ``put(ids)`` for the prompt and each new token and ``end()`` at the close, like
-    transformers' streamers. Extra keyword arguments (e.g. ``pixel_values``) go to the prefill only.
+    transformers' streamers. ``kv_cache_dtype="int8"`` stores the KV cache as int8 with per-(token, head)
+    scales (``kv_cache.Int8KVCache``). Extra keyword arguments (e.g. ``pixel_values``) go to the prefill only.
     """
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise InputError(f"generate wants an ernie-lab model as its first argument, got {type(model).__name__}.")
@@ -55,7 +56,7 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
-    cache = KVCache.for_model(model, B, T + max_new_tokens)
+    cache = KVCache.for_model(model, B, T + max_new_tokens, kv_cache_dtype=kv_cache_dtype)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens count 0, 1, 2, ...
     padded = not bool(attention_mask.all())
     logits = model(input_ids, attention_mask=attention_mask if padded else None, cache=cache,

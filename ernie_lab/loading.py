@@ -36,9 +36,10 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from . import architectures, hub_names
+from . import architectures, hub_names, quant
 from .config import ErnieConfig, parse_config, read_config_json, read_json_file
 from .errors import CheckpointError, ConfigError, InputError, NotEnoughMemoryError
+from .quant import checkpoint as quant_checkpoint
 from .hub_names import (HUB_FILES, INDEX_FILE, KEEP_FLOAT32, NAME_MAP, SKIPPED, VL_NAME_MAP,  # noqa: F401
                         WEIGHTS_FILE, hub_to_lab, lab_to_hub)
 
@@ -47,13 +48,16 @@ Transform = Callable[[str, torch.Tensor], torch.Tensor]  # (ernie-lab name, tens
 
 # ----------------------------------------------------------------------------------------- public
 def load_model(source: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
-               device: str | torch.device = "cpu", transforms: Iterable[Transform] = (), check_memory: bool = True):
+               device: str | torch.device = "cpu", transforms: Iterable[Transform] = (), check_memory: bool = True,
+               quantize: str | None = None, group_size: int = 128):
     """Load an ERNIE 4.5 checkpoint from a Hub id (``baidu/ERNIE-4.5-0.3B-PT``) or a local folder.
 
     ``dtype`` None keeps the checkpoint's dtype (also "float32", "bf16", ...); the model comes back in
     eval mode on ``device``. ``transforms`` are applied to each tensor after the built-in ones (see the
     module docstring). ``check_memory``: refuse, before building, a model larger than the free memory
     (``ERNIE_LAB_AVAILABLE_MEMORY``, in bytes, overrides what the machine reports).
+    ``quantize`` (e.g. ``"w4a16"``) quantizes each linear weight as it is read (``ernie_lab.quant``);
+    a checkpoint saved quantized (``quantization_config`` in config.json) comes back quantized, bit-exact.
     """
     dtype, device, transforms = check_load_arguments(source, dtype, device, transforms)
     folder = resolve_checkpoint(source)
@@ -64,10 +68,17 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype | str | None = N
     paddle = hub_names.is_paddle_layout(hub_shapes)
     check_tied_head(config, hub_shapes, paddle=paddle)
     plan = plan_loading(config, hub_shapes, paddle=paddle)  # lab name -> hub name, all checked
-    if check_memory:
+    if check_memory and quantize is None:  # a quantize-on-read model is smaller than the estimate
         check_memory_fits(config, hub_shapes, dtype=dtype, device=device)
     model = build_empty(config)
+    if raw.get("quantization_config") is not None:
+        quant_checkpoint.rebuild_layers(model, raw["quantization_config"])
     check_shapes(model, plan, hub_shapes, paddle=paddle)
+    if quantize is not None:
+        if raw.get("quantization_config") is not None:
+            raise CheckpointError(f"{folder} is already quantized; load it without quantize=.")
+        quant.check_scheme(quantize)
+        quant_checkpoint.quantize_on_read(model, quantize, group_size=group_size)
     steps = tensor_transforms(config, paddle=paddle, dtype=dtype) + list(transforms)
     stream_tensors(model, plan, hub_shapes, steps, device=device, dtype=dtype)
     if config.get_text_config().tie_word_embeddings:
@@ -279,7 +290,7 @@ def check_entry(file: Path, name: str, entry, data_bytes: int) -> None:
 # with the dtypes listed for it: the quantized formats the kit writes register theirs, e.g.
 # QUANTIZED_TENSOR_DTYPES[".qweight"] = {"I8", "U8"}. An integer tensor anywhere else is refused.
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-QUANTIZED_TENSOR_DTYPES: dict[str, set[str]] = {}
+QUANTIZED_TENSOR_DTYPES: dict[str, set[str]] = {".qweight": {"I8", "U8"}, ".zeros": {"I8", "U8"}}  # ernie_lab.quant
 
 
 def check_tensor_dtype(file: Path, name: str, dtype: str) -> None:
@@ -395,7 +406,7 @@ def plan_loading(config: ErnieConfig, hub_shapes: dict, *, paddle: bool = False)
             skipped.setdefault(reason, 0)
             skipped[reason] += 1
             continue
-        lab = hub_to_lab(name, table)
+        lab = hub_to_lab(name, table) or quant_checkpoint.quant_hub_to_lab(name, table)
         if lab is None:
             unknown.append(original)
         else:
@@ -475,6 +486,8 @@ def stored_transpose(table: list) -> Transform:
 def cast(dtype: torch.dtype) -> Transform:
     """Convert to ``dtype``, but keep the routers and correction biases in float32."""
     def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name.rpartition(".")[2] in quant_checkpoint.SUFFIXES:
+            return tensor  # quantized codes and scales are loaded as stored
         return tensor.float() if re.fullmatch(KEEP_FLOAT32, name) else tensor.to(dtype)
     return transform
 
@@ -512,6 +525,7 @@ def stream_tensors(model, plan: dict[str, str], hub_shapes: dict, transforms: li
                     for lab, hub in pairs:
                         entry = entries[hub]
                         converted = dtype is not None and SAFETENSORS_DTYPES[entry["dtype"]] != dtype
+                        converted = converted or _quantized_on_read(model, lab)  # read, quantize, drop
                         tensor = read_tensor(handle, entry, data_start, scratch if converted else None)
                         for transform in transforms:
                             tensor = transform(lab, tensor)
@@ -525,6 +539,12 @@ def stream_tensors(model, plan: dict[str, str], hub_shapes: dict, transforms: li
                 raise CheckpointError(f"Reading {file} failed ({err!r}): the file is corrupt; download it again.") from None
     finally:
         bar.close()
+
+
+def _quantized_on_read(model, lab: str) -> bool:
+    """True for a float weight that a QuantLinear turns into codes as it is assigned."""
+    module_name, _, leaf = lab.rpartition(".")
+    return leaf == "weight" and isinstance(model.get_submodule(module_name), quant.QuantLinear)
 
 
 # safetensors dtype names -> torch dtypes
@@ -595,6 +615,11 @@ def assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     """Put ``tensor`` in place of the parameter (or buffer) ``name``, keeping its requires_grad."""
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
+    if isinstance(module, quant.QuantLinear):
+        if leaf == "weight":  # quantize-on-read: the float weight becomes codes here
+            module.set_weight(tensor)
+            return
+        quant_checkpoint.check_stored(model, name, tensor)
     if leaf in module._parameters:
         old = module._parameters[leaf]
         module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)

@@ -34,6 +34,9 @@ from safetensors.torch import save_file
 from .errors import InputError
 from .architectures import name_table
 from .hub_names import INDEX_FILE, WEIGHTS_FILE, is_transposed, lab_to_hub
+from .quant.checkpoint import quant_lab_to_hub
+
+QUANT_TENSORS = (".qweight", ".scales", ".zeros")  # quantized layers (ernie_lab.quant): stored as they are
 
 CHECKPOINT_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json")  # replaced by a save
 PARTIAL_MARK = ".partial-"  # hidden staging folders: .<name>.partial-<pid>-<random>
@@ -67,7 +70,10 @@ def check_target(folder) -> Path:
 def checkpoint_config(model, tensors: dict) -> dict:
     """``config.json`` contents: the model's config, its dtype, and the head's tying as it really is."""
     config = model.config.to_dict()
-    config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    floats = [t for name, t in tensors.items() if t.is_floating_point() and not name.endswith(QUANT_TENSORS)]
+    config["dtype"] = str((floats or list(tensors.values()))[0].dtype).removeprefix("torch.")
+    if getattr(model, "quantization_config", None):
+        config["quantization_config"] = model.quantization_config  # ernie_lab.quant: layers, formats
     if not is_tied(model):
         if model.config.get_text_config().tie_word_embeddings:
             warnings.warn("the model's lm_head is not its embedding (untied after loading?) although its config says "
@@ -228,7 +234,7 @@ def hub_state_dict(model) -> dict[str, torch.Tensor]:
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and skip_head:
             continue
-        hub = lab_to_hub(name, table)
+        hub = lab_to_hub(name, table) or quant_lab_to_hub(name, table)
         if hub is None:
             raise InputError(f"parameter {name!r} has no Hub name; was a module added that the export does not "
                              "know (e.g. un-merged LoRA adapters)? Merge or remove it before saving.")
