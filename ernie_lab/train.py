@@ -42,8 +42,9 @@ One step over micro-batches i < A on ranks r < R. The step's gradient is that of
 and DDP averages gradients over ranks (divides by R), which leaves exactly d LM / d theta plus the mean
 of the routing losses over micro-batches. (Plain mean losses per rank with DDP's average are exact only
 when every micro-batch has the same n; the weights n_ri / N make uneven padding exact too.) L_orth
-depends on the router weights alone, identical on every rank: it is backpropagated once per step after
-the others, outside DDP's reduction (DDP would refuse a second gradient for a router that saw no token).
+depends on the router weights alone, identical on every rank: its gradient is added once per step, after
+DDP's reduction, with torch.autograd.grad (a second backward through DDP's hooks would mark a router
+that saw no token on this rank as used, and DDP then fails the next step).
 
 Scale-out: under ``torchrun --nproc_per_node=R script.py`` (env WORLD_SIZE > 1) the Trainer joins the
 process group (nccl with CUDA, gloo on CPU), puts rank r's model on ``cuda:LOCAL_RANK`` when CUDA exists,
@@ -59,6 +60,7 @@ continues the same curve.
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import random
@@ -237,11 +239,6 @@ def routing_losses(model: nn.Module, out, batch: Batch, config: TrainConfig) -> 
     return terms
 
 
-def orthogonal_loss(model: nn.Module) -> torch.Tensor:
-    """sum over every MoE block and expert group of the router orthogonal loss."""
-    return sum(losses.router_orthogonal_loss(router.weight) for block in moe_blocks(model) for router in block.routers)
-
-
 # ================================================================================ processes
 @dataclass(frozen=True)
 class Processes:
@@ -250,7 +247,6 @@ class Processes:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    started_group: bool = False  # this Trainer called init_process_group (and so ends it in close())
 
     @property
     def is_main(self) -> bool:
@@ -265,9 +261,16 @@ def join_processes() -> Processes:
     if not dist.is_available():
         raise ConfigError("WORLD_SIZE > 1 but this torch has no torch.distributed.")
     started = not dist.is_initialized()
-    if started:
+    if started:  # joined once per process; later Trainers share the group, left at exit
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), started)
+        atexit.register(leave_processes)
+    return Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def leave_processes() -> None:
+    """Leave the process group (the end of a torchrun script; also done at exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ================================================================================ the trainer
@@ -358,9 +361,7 @@ class Trainer:
             for name, value in terms.items():
                 logged[name] = logged.get(name, 0.0) + value.item() / (A * procs.world_size)
         if c.orthogonal:
-            orth = orthogonal_loss(self.model)
-            (c.orthogonal * orth).backward()  # the same on every rank: no reduction needed
-            orth = orth.detach()
+            orth = self._add_orthogonal_gradient()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -371,6 +372,16 @@ class Trainer:
                                                  for name in ("balance", "z_loss", "orthogonal") if name in record)
         record.update(lr=lr, grad_norm=float(grad_norm))
         return record, int(tokens)
+
+    def _add_orthogonal_gradient(self) -> torch.Tensor:
+        """Add c_orth d L_orth / d W to every router's gradient, by hand: L_orth depends on the weights
+        alone (the same on every rank), and autograd.grad leaves DDP's gradient hooks out of it."""
+        weights = [router.weight for block in moe_blocks(self.model) for router in block.routers
+                   if router.weight.requires_grad]
+        orth = sum(losses.router_orthogonal_loss(w) for w in weights)
+        for weight, grad in zip(weights, torch.autograd.grad(self.config.orthogonal * orth, weights)):
+            weight.grad = grad if weight.grad is None else weight.grad + grad
+        return orth.detach()
 
     def _forward(self, batch: Batch, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """LM loss and routing-loss terms of one micro-batch (n: its target count; 0 gives an LM of 0)."""
@@ -483,11 +494,6 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         return self
 
-    def close(self) -> None:
-        """Leave the process group if this Trainer joined it."""
-        if self.procs.started_group and dist.is_initialized():
-            dist.destroy_process_group()
-
 
 def _as_tuple(value):
     """random.getstate() comes back from torch.load with lists where tuples were."""
@@ -513,9 +519,5 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 
 def train(model: nn.Module, train_data: TrainData, config: TrainConfig | None = None,
           eval_data: EvalData | None = None) -> list[dict]:
-    """``Trainer(...).fit()`` in one call (then leaves the process group it joined); returns the history."""
-    trainer = Trainer(model, train_data, config, eval_data)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
+    """``Trainer(model, train_data, config, eval_data).fit()`` in one call; returns the history."""
+    return Trainer(model, train_data, config, eval_data).fit()

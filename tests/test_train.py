@@ -215,11 +215,13 @@ def test_from_batches_splits_rows_over_ranks():
 DDP_SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[1])
-    from test_train import SPARSE_MOE, counting_data, quiet, tiny_model
+    from test_train import SPARSE_MOE, counting_data, pictures_on_rank_0, quiet, tiny_model, tiny_vl
     from ernie_lab.train import train
 
     train(tiny_model(SPARSE_MOE), counting_data(rows=2, ignore_ragged=True),
           quiet(grad_accum_steps=2, z_loss=1e-3, orthogonal=0.01, checkpoint_every=3, out_dir=sys.argv[2]))
+    train(tiny_vl(), pictures_on_rank_0, quiet(max_steps=2, balance=0.01, z_loss=1e-3, orthogonal=0.01,
+                                               token_balanced=True, checkpoint_every=2, out_dir=sys.argv[2] + "-vl"))
 """)
 
 
@@ -245,6 +247,11 @@ def test_torchrun_two_processes_train_like_one_with_both_batches(tmp_path):
     assert [h["lm_loss"] for h in saved] == pytest.approx([h["lm_loss"] for h in history], abs=1e-5)
     assert [h["z_loss"] for h in saved] == pytest.approx([h["z_loss"] for h in history], abs=1e-5)
     assert saved[-1]["tokens_per_s"] > 0
+    # VL: rank 1 has no picture, so its vision routers see no token, yet get the orthogonal loss's gradient
+    vl_history = torch.load(tmp_path / "out-vl" / "step-2" / STATE_FILE, weights_only=True)["history"]
+    assert all(h["balance_vision"] > 0 and math.isfinite(h["loss"]) for h in vl_history)
+    vl = ernie_lab.load_model(tmp_path / "out-vl" / "step-2")
+    assert all(max_weight_diff(a, b) > 0 for a, b in zip(moe_blocks(vl)[0].routers, moe_blocks(tiny_vl())[0].routers))
 
 
 # ------------------------------------------------------------------------------ precision and the VL model
@@ -270,8 +277,17 @@ def vl_batch(index, rank, world_size):
     return {"input_ids": ids, "labels": labels, **pictures}
 
 
+def tiny_vl():
+    return ernie_lab.ErnieVLForConditionalGeneration(VLConfig.from_dict(VL)).init_weights(seed=0)
+
+
+def pictures_on_rank_0(index, rank, world_size):
+    """Rank 0 reads picture samples, every other rank text only."""
+    return vl_batch(index, rank, world_size) if rank == 0 else counting_batch(index, rows=2)
+
+
 def test_vl_model_trains_with_modality_balancing_and_token_balanced_loss():
-    model = ernie_lab.ErnieVLForConditionalGeneration(VLConfig.from_dict(VL)).init_weights(seed=0)
+    model = tiny_vl()
     before = [r.weight.detach().clone() for b in moe_blocks(model) for r in b.routers]
     config = quiet(max_steps=2, balance=0.01, z_loss=1e-3, orthogonal=0.01, token_balanced=True)
     history = Trainer(model, vl_batch, config).fit()
@@ -281,7 +297,7 @@ def test_vl_model_trains_with_modality_balancing_and_token_balanced_loss():
         assert all(math.isfinite(v) for v in h.values())
     after = [r.weight for b in moe_blocks(model) for r in b.routers]
     assert all((a - b).abs().max() > 0 for a, b in zip(after, before))  # text and vision routers learn
-    fresh = ernie_lab.ErnieVLForConditionalGeneration(VLConfig.from_dict(VL)).init_weights(seed=0)
+    fresh = tiny_vl()
     batch = vl_batch(0, 0, 1)
     with torch.no_grad():  # step 1 logged the token-balanced loss of the initial weights, not the token mean
         out = fresh(**batch)
