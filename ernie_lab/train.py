@@ -86,6 +86,7 @@ Batch = dict[str, torch.Tensor]
 TrainData = Callable[[int, int, int], Batch]   # (index, rank, world_size) -> batch
 EvalData = Callable[[int], Batch]              # i -> batch
 STATE_FILE = "trainer_state.pt"
+WEIGHTED = ("balance", "z_loss", "orthogonal")  # the loss terms with a weight of the same name in TrainConfig
 CHECKPOINT_PREFIX = "step-"
 
 
@@ -340,38 +341,39 @@ class Trainer:
 
     def _train_step(self) -> tuple[dict, int]:
         """One update over grad_accum_steps micro-batches; returns its history entry and input tokens."""
-        c, procs, A = self.config, self.procs, self.config.grad_accum_steps
+        c, A = self.config, self.config.grad_accum_steps
         batches = [self._batch(self.step * A + i) for i in range(A)]
         counts = [target_count(b["labels"], c.token_balanced) for b in batches]
-        tokens = sum(input_tokens(b) for b in batches)
-        total, tokens = self._sum([sum(counts), tokens])
+        total, tokens = self._sum([sum(counts), sum(input_tokens(b) for b in batches)])
         if total == 0:
             raise InputError(f"step {self.step}: no batch on any rank has a target (every label is -100).")
         lr = learning_rate(self.step, c)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        logged: dict[str, float] = {}
-        for i, (batch, n) in enumerate(zip(batches, counts)):
-            with self._sync_gradients(i == A - 1):
-                lm, terms = self._forward(batch, n)
-                weighted = sum(getattr(c, name) * value for name, value in terms.items() if hasattr(c, name))
-                (lm * (procs.world_size * n / total) + weighted / A).backward()
-            lm, terms = lm.detach(), {name: value.detach() for name, value in terms.items()}
-            logged["lm_loss"] = logged.get("lm_loss", 0.0) + lm.item() * n / total      # this rank's share
-            for name, value in terms.items():
-                logged[name] = logged.get(name, 0.0) + value.item() / (A * procs.world_size)
+        record = self._accumulate_gradients(batches, counts, total)
         if c.orthogonal:
-            orth = self._add_orthogonal_gradient()
+            record["orthogonal"] = self._add_orthogonal_gradient().item()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        record = dict(zip(logged, self._sum(list(logged.values()))))  # over ranks
-        if c.orthogonal:
-            record["orthogonal"] = orth.item()
-        record["loss"] = record["lm_loss"] + sum(getattr(c, name) * record[name]
-                                                 for name in ("balance", "z_loss", "orthogonal") if name in record)
+        record["loss"] = record["lm_loss"] + sum(getattr(c, name) * record[name] for name in WEIGHTED if name in record)
         record.update(lr=lr, grad_norm=float(grad_norm))
         return record, int(tokens)
+
+    def _accumulate_gradients(self, batches: list[Batch], counts: list[int], total: float) -> dict[str, float]:
+        """Backpropagate every micro-batch with the weights of the module docstring; returns the combined
+        batch's LM loss and the mean routing losses (over micro-batches and ranks)."""
+        c, world, A = self.config, self.procs.world_size, self.config.grad_accum_steps
+        sums: dict[str, float] = {}
+        for i, (batch, n) in enumerate(zip(batches, counts)):
+            with self._sync_gradients(i == A - 1):
+                lm, terms = self._forward(batch, n)
+                routing = sum(getattr(c, name) * value for name, value in terms.items() if name in WEIGHTED)
+                (lm * (world * n / total) + routing / A).backward()
+            sums["lm_loss"] = sums.get("lm_loss", 0.0) + lm.item() * n / total  # this rank's share
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.item() / (A * world)
+        return dict(zip(sums, self._sum(list(sums.values()))))  # summed over ranks
 
     def _add_orthogonal_gradient(self) -> torch.Tensor:
         """Add c_orth d L_orth / d W to every router's gradient, by hand: L_orth depends on the weights

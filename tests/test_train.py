@@ -72,12 +72,12 @@ def max_weight_diff(a, b) -> float:
 # ------------------------------------------------------------------------------ it learns
 def test_text_moe_learns_to_count_with_routing_losses_on():
     model = tiny_model(MOE)
-    config = quiet(lr=1e-2, warmup_steps=5, max_steps=40, log_every=5, eval_every=20, eval_batches=2,
+    config = quiet(lr=2e-2, warmup_steps=5, max_steps=30, log_every=5, eval_every=15, eval_batches=2,
                    balance=0.01, z_loss=1e-3, orthogonal=0.01)
     history = Trainer(model, counting_data(), config, eval_data=lambda i: counting_batch(10_000 + i)).fit()
     steps = [h for h in history if "loss" in h]
     evals = [h for h in history if "eval_loss" in h]
-    assert [h["step"] for h in steps] == [5, 10, 15, 20, 25, 30, 35, 40] and [h["step"] for h in evals] == [20, 40]
+    assert [h["step"] for h in steps] == [5, 10, 15, 20, 25, 30] and [h["step"] for h in evals] == [15, 30]
     for h in steps:
         assert {"loss", "lm_loss", "balance", "z_loss", "orthogonal", "lr", "grad_norm", "tokens_per_s"} <= set(h)
         assert h["tokens_per_s"] > 0 and math.isfinite(h["loss"])
