@@ -22,8 +22,9 @@ AdamW (Adam with *decoupled* weight decay, Loshchilov & Hutter): with the averag
 
 The decay shrinks the weight directly instead of entering g (where Adam's scaling would undo it). It
 applies to the matrices of linear layers (attention, MLPs, experts, routers, the ViT), not to norm
-scales, biases or embeddings (so not to the tied LM head): shrinking a norm scale or a bias only
-shifts the function, and an embedding row of a rare token would decay during all the steps it is unseen.
+scales (they should stay near 1, decay pulls them to 0), biases, or embeddings (nor the tied LM head that
+shares them): an embedding row of a rare token would shrink during every step that does not see it.
+The MoE correction bias is not trained here (it has no gradient; aux-free balancing would update it).
 
 Data, deterministic by index. ``train_data(index, rank, world_size) -> batch`` is called for micro-batch
 ``index = step * grad_accum_steps + micro`` (step 0-based). A batch is a dict of tensors: ``input_ids``
@@ -41,7 +42,9 @@ One step over micro-batches i < A on ranks r < R. The step's gradient is that of
 
 and DDP averages gradients over ranks (divides by R), which leaves exactly d LM / d theta plus the mean
 of the routing losses over micro-batches. (Plain mean losses per rank with DDP's average are exact only
-when every micro-batch has the same n; the weights n_ri / N make uneven padding exact too.) L_orth
+when every micro-batch has the same n; the weights n_ri / N make uneven padding exact too.) L_bal is
+computed per micro-batch (f and P over its tokens), so it is not the combined batch's; L_z is a token
+mean and equals the combined batch's when every micro-batch has as many tokens. L_orth
 depends on the router weights alone, identical on every rank: its gradient is added once per step, after
 DDP's reduction, with torch.autograd.grad (a second backward through DDP's hooks would mark a router
 that saw no token on this rank as used, and DDP then fails the next step).
@@ -55,7 +58,15 @@ Checkpoints: ``out_dir/step-N/`` (N updates done) holds the model in the Hub lay
 with ``ernie_lab.load_model`` and, for text models, with transformers) and ``trainer_state.pt`` (optimizer
 state, step, RNG states, history: plain tensors and lists, read back with ``torch.load(weights_only=True)``).
 Each is written to a temporary folder and renamed. ``Trainer.resume(folder)`` (or ``resume_from``)
-continues the same curve.
+continues the same curve (RNG states are rank 0's). ``keep_last`` prunes old ones, except the steps in
+``keep_checkpoints_at`` (written even off the ``checkpoint_every`` grid: routing over training wants a few early ones).
+
+The public names: :class:`TrainConfig`, :class:`Trainer` (``fit``, ``evaluate``, ``save_checkpoint``,
+``resume``), :func:`train` (``Trainer(...).fit()`` in one call), :func:`learning_rate`,
+:func:`parameter_groups`, :func:`from_batches`, :func:`checkpoints`, :func:`latest_checkpoint`,
+:func:`leave_processes`. History entries: ``step, loss, lm_loss, [balance, balance_text, balance_vision,
+z_loss, orthogonal,] lr, grad_norm`` (before clipping), ``tokens_per_s`` (input tokens of all ranks over
+the training time since the last entry); evaluation entries ``step, eval_loss``.
 """
 
 from __future__ import annotations
@@ -205,6 +216,10 @@ def with_labels(batch: Batch) -> Batch:
     return {**batch, "labels": labels}
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
 def target_count(labels: torch.Tensor, token_balanced: bool) -> int:
     """n of a batch: target tokens (labels[:, 1:] not ignored) or, token-balanced, samples with a target."""
     has_target = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
@@ -261,11 +276,13 @@ def join_processes() -> Processes:
         return Processes()
     if not dist.is_available():
         raise ConfigError("WORLD_SIZE > 1 but this torch has no torch.distributed.")
-    started = not dist.is_initialized()
-    if started:  # joined once per process; later Trainers share the group, left at exit
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():  # joined once per process; later Trainers share the group, left at exit
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)  # before NCCL starts, so each rank talks from its own GPU
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
         atexit.register(leave_processes)
-    return Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Processes(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def leave_processes() -> None:
@@ -402,8 +419,7 @@ class Trainer:
         return self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()
 
     def _batch(self, index: int) -> Batch:
-        batch = with_labels(self.train_data(index, self.procs.rank, self.procs.world_size))
-        return {key: value.to(self.device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+        return to_device(with_labels(self.train_data(index, self.procs.rank, self.procs.world_size)), self.device)
 
     def _sum(self, values: list[float]) -> list[float]:
         """Sum numbers over ranks (the numbers themselves in one process)."""
@@ -422,9 +438,7 @@ class Trainer:
         weighted, total = 0.0, 0
         self.model.eval()
         for i in range(procs.rank, c.eval_batches, procs.world_size):
-            batch = with_labels(self.eval_data(i))
-            batch = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
-                     for key, value in batch.items()}
+            batch = to_device(with_labels(self.eval_data(i)), self.device)
             n = target_count(batch["labels"], c.token_balanced)
             if n == 0:
                 continue
