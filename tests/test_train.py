@@ -134,6 +134,25 @@ def test_weight_decay_spares_norms_biases_and_the_tied_embedding():
     assert no_decay["weight_decay"] == 0.0
 
 
+def test_two_steps_equal_a_hand_written_loop_with_every_routing_loss():
+    c = quiet(max_steps=2, warmup_steps=1, balance=0.1, z_loss=0.01, orthogonal=1.0, max_grad_norm=None)
+    ours, ref = tiny_model(MOE), tiny_model(MOE)
+    Trainer(ours, counting_data(), c).fit()
+    optimizer = torch.optim.AdamW(parameter_groups(ref, c.weight_decay), betas=c.betas, eps=c.eps)
+    for step in range(2):
+        out = ref(**counting_batch(step), output_router_logits=True)
+        routers = [block.gate.weight for block in moe_blocks(ref)]
+        loss = (out.loss + 0.1 * ernie_lab.losses.load_balancing_loss(out.router_logits, k=2)
+                + 0.01 * ernie_lab.losses.router_z_loss(out.router_logits)
+                + sum(ernie_lab.losses.router_orthogonal_loss(w) for w in routers))
+        loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, c)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert max_weight_diff(ours, ref) < 1e-6
+
+
 # ------------------------------------------------------------------------------ accumulation
 def test_two_accumulated_micro_batches_equal_one_batch_of_both():
     """Uneven target counts per micro-batch: weighting by target counts keeps the two equal."""
@@ -264,9 +283,11 @@ def test_torchrun_two_processes_train_like_one_with_both_batches(tmp_path):
 
 
 # ------------------------------------------------------------------------------ precision and the VL model
-def test_bf16_autocast_trains_on_cpu():
+def test_bf16_autocast_trains_on_cpu_with_a_progress_bar(capsys):
     model = tiny_model(MOE)
-    history = Trainer(model, counting_data(), quiet(autocast="bf16", balance=0.01, z_loss=1e-3)).fit()
+    history = Trainer(model, counting_data(), quiet(autocast="bf16", balance=0.01, z_loss=1e-3, progress=True)).fit()
+    bar = capsys.readouterr().err
+    assert "train: 100%" in bar and "loss=" in bar and "tok_s=" in bar
     assert all(math.isfinite(h["loss"]) for h in history)
     assert model.embed.weight.dtype == torch.float32  # autocast computes in bf16, the weights stay fp32
     assert max_weight_diff(model, tiny_model(MOE)) > 1e-3
