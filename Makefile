@@ -6,7 +6,10 @@ STAMP  := $(VENV)/.installed
 # Offline by design: nothing in the tests or notebooks may touch a model hub.
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ERNIE_LAB_FAST=1 MPLBACKEND=Agg PYTHONHASHSEED=0
 
-.PHONY: lab test test-fast notebooks figures bench clean venv
+# Notebook sources are notebooks/NN_name.py (jupytext py:percent); every .ipynb is made from them.
+NB_TEST_DIR := build/nbtest
+
+.PHONY: lab test test-fast notebooks notebooks-build figures bench train-tiny clean venv
 
 venv: $(STAMP)
 
@@ -16,12 +19,22 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install --quiet -c requirements.lock -e ".[dev]"
 	touch $(STAMP)
 
-lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root,)
+# Missing notebooks/*.ipynb are made from their .py; existing ones (a student's work) are never overwritten.
+# JupyterLab pairs each .ipynb with its .py (notebooks/jupytext.toml): saving writes both, outputs only to the .ipynb.
+# `make lab FAST=1` runs the notebooks in fast mode.
+lab: notebooks
+	$(if $(FAST),ERNIE_LAB_FAST=$(FAST)) $(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-# pytest over tests/ and every notebook (nbval, outputs not compared, only errors and asserts).
-test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest tests/ notebooks/ --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p no:cacheprovider
+notebooks: $(STAMP)
+	$(PY) scripts/build_notebooks.py --missing
+
+# Fresh notebooks without outputs, from the .py sources, into $(NB_TEST_DIR) (the tests run these).
+notebooks-build: $(STAMP)
+	$(PY) scripts/build_notebooks.py --into $(NB_TEST_DIR)
+
+# pytest over tests/ and every notebook, built fresh (nbval, outputs not compared, only errors and asserts).
+test: notebooks-build
+	$(TEST_ENV) $(PY) -m pytest tests/ $(NB_TEST_DIR) --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p no:cacheprovider
 
 test-fast: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest tests/ -x -q -p no:cacheprovider
@@ -33,5 +46,10 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/decode.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/moe.py
 
+# Retrain the shipped tiny models from scratch (deterministic; about 30 min on 2 cores) and rewrite their
+# TRAINING.md, metrics.json and curves. Weights are binaries: commit a retrained model only when it is final.
+train-tiny: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) scripts/train_tiny.py text vl
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(NB_TEST_DIR)

@@ -1,61 +1,47 @@
-"""Write notebooks/09_family_and_scale.ipynb (without outputs).
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-    python scripts/make_notebook_09.py
-"""
+# %% [markdown]
+# # 09 · The ERNIE 4.5 family at scale
+#
+# Ten checkpoints, five sizes. Nobody runs the 300B or the 424B model in a classroom, but everybody can
+# compute what they cost: how many parameters sit where, how many a token actually uses, how many bytes
+# the weights and the KV cache take, how many FLOPs a token costs, and how the big models are spread over
+# many GPUs. Everything in this notebook is arithmetic on the integers of a `config.json`, done by
+# `ernie_lab.family`, and checked against `transformers` wherever `transformers` can check it.
+#
+# **What you will see**
+# 1. the ten checkpoints in one table, and checks that reproduce the published parameter counts exactly;
+# 2. where the parameters live (stacked bars) and why the names round the way they do;
+# 3. memory at bf16 / int8 / int4 / 2-bit, and the KV cache up to 128K tokens;
+# 4. active versus total parameters, FLOPs per token, and what the report's 47% MFU means;
+# 5. scale-out on paper: GPUs per checkpoint, expert-parallel and tensor-parallel traffic, intra- vs inter-node;
+# 6. what a single H100 or a laptop can run; exercises.
 
-from pathlib import Path
-
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-cells = []
-
-
-def md(text: str) -> None:
-    cells.append(new_markdown_cell(text.strip()))
-
-
-def code(text: str) -> None:
-    cells.append(new_code_cell(text.strip()))
-
-
-md("""
-# 09 · The ERNIE 4.5 family at scale
-
-Ten checkpoints, five sizes. Nobody runs the 300B or the 424B model in a classroom, but everybody can
-compute what they cost: how many parameters sit where, how many a token actually uses, how many bytes
-the weights and the KV cache take, how many FLOPs a token costs, and how the big models are spread over
-many GPUs. Everything in this notebook is arithmetic on the integers of a `config.json`, done by
-`ernie_lab.family`, and checked against `transformers` wherever `transformers` can check it.
-
-**What you will see**
-1. the ten checkpoints in one table, and checks that reproduce the published parameter counts exactly;
-2. where the parameters live (stacked bars) and why the names round the way they do;
-3. memory at bf16 / int8 / int4 / 2-bit, and the KV cache up to 128K tokens;
-4. active versus total parameters, FLOPs per token, and what the report's 47% MFU means;
-5. scale-out on paper: GPUs per checkpoint, expert-parallel and tensor-parallel traffic, intra- vs inter-node;
-6. what a single H100 or a laptop can run; exercises.
-""")
-
-code("""
-%matplotlib inline
+# %%
+# %matplotlib inline
 import math
-import os
 import random
-import sys
-from pathlib import Path
-
-ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "ernie_lab").is_dir())
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Markdown, display
 
 from ernie_lab import family as F
+from ernie_lab.notebook import setup
 
-FAST = os.environ.get("ERNIE_LAB_FAST") == "1"   # fewer Monte-Carlo samples; every check still runs
+FAST = setup()   # fast mode: fewer Monte-Carlo samples; every check still runs
 plt.rcParams.update({"figure.dpi": 110, "font.size": 11, "axes.grid": True, "grid.alpha": 0.3})
 
 SIZES = ["ERNIE-4.5-0.3B", "ERNIE-4.5-21B-A3B", "ERNIE-4.5-300B-A47B", "ERNIE-4.5-VL-28B-A3B",
@@ -67,25 +53,24 @@ COUNTS = {name: F.count_params(F.CHECKPOINTS[name]) for name in SIZES}
 def table(headers, rows):
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
-    display(Markdown("\\n".join(lines)))
+    display(Markdown("\n".join(lines)))
 
 
 def billions(n):
     return f"{n / 1e9:,.2f} B"
-""")
 
-md("""
-## 1. Ten checkpoints, five shapes
 
-Every size comes twice: a **-Base** checkpoint (pre-trained only) and a post-trained one (SFT + DPO/UPO),
-each published with PyTorch weights (`-PT`) and PaddlePaddle weights (`-Paddle`). Base and post-trained
-share every shape, so five config tables describe all ten. The three small ones are exactly the default
-configs of the `transformers` classes; the 300B table holds the published `config.json` values (read
-from public copies, the sources are named in `ernie_lab/family.py`); the **VL-424B table is
-reconstructed** from the model card and the report, because its `config.json` could not be found offline.
-""")
+# %% [markdown]
+# ## 1. Ten checkpoints, five shapes
+#
+# Every size comes twice: a **-Base** checkpoint (pre-trained only) and a post-trained one (SFT + DPO/UPO),
+# each published with PyTorch weights (`-PT`) and PaddlePaddle weights (`-Paddle`). Base and post-trained
+# share every shape, so five config tables describe all ten. The three small ones are exactly the default
+# configs of the `transformers` classes; the 300B table holds the published `config.json` values (read
+# from public copies, the sources are named in `ernie_lab/family.py`); the **VL-424B table is
+# reconstructed** from the model card and the report, because its `config.json` could not be found offline.
 
-code("""
+# %%
 rows = []
 for c in F.CHECKPOINTS.values():
     s, n = F.model_shape(c), F.count_params(c)
@@ -100,17 +85,15 @@ for c in F.CHECKPOINTS.values():
                  "reconstructed" if "RECONSTRUCTED" in c.config_source else "published"])
 table(["checkpoint", "kind", "training", "Hub ids", "context", "layers", "hidden", "heads / KV", "experts",
        "total", "active / text token", "config"], rows)
-""")
 
-md("""
-### Check: the counts are the counts of the real models
+# %% [markdown]
+# ### Check: the counts are the counts of the real models
+#
+# `count_params` never builds a model. Here we build the `transformers` models on PyTorch's **meta device**
+# (shapes only, no memory) and compare with `sum(p.numel())`. The three default shapes must give the
+# published numbers: 360,748,032 (0.3B), 21,825,437,888 (21B-A3B) and 29,399,294,336 (VL-28B-A3B).
 
-`count_params` never builds a model. Here we build the `transformers` models on PyTorch's **meta device**
-(shapes only, no memory) and compare with `sum(p.numel())`. The three default shapes must give the
-published numbers: 360,748,032 (0.3B), 21,825,437,888 (21B-A3B) and 29,399,294,336 (VL-28B-A3B).
-""")
-
-code("""
+# %%
 import torch
 import transformers
 
@@ -135,17 +118,15 @@ for name in SIZES:
     if name in PUBLISHED:
         assert built == PUBLISHED[name], name
     print(f"{SHORT[name]:>14}: count_params = transformers on meta = {built:,}")
-""")
 
-md("""
-## 2. Where the parameters live
+# %% [markdown]
+# ## 2. Where the parameters live
+#
+# `count_params` splits the total into components. The left panel shows where the **stored** parameters
+# are, the right panel what one **text token** multiplies by. In the MoE models almost everything is in the
+# routed experts, and a token uses only k of the E of them.
 
-`count_params` splits the total into components. The left panel shows where the **stored** parameters
-are, the right panel what one **text token** multiplies by. In the MoE models almost everything is in the
-routed experts, and a token uses only k of the E of them.
-""")
-
-code("""
+# %%
 PARTS = [("embeddings", "embeddings"), ("lm_head", "lm_head (untied)"), ("attention", "attention"),
          ("dense_mlp", "dense MLP"), ("routed_experts", "routed experts (text)"),
          ("vision_experts", "vision experts"), ("shared_experts", "shared experts"),
@@ -178,32 +159,31 @@ for ax, attr in zip(axes, ("total", "active")):
     ax.set_xlim(0, 125)
 fig.suptitle("ERNIE 4.5: where the parameters live", y=1.02)
 plt.show()
-""")
 
-md("""
-### What the names leave out or round
 
-A name is a label, not a count. The arithmetic below explains every gap between a computed total and the
-name; each line is asserted, so if a table changes, the explanation must change with it.
+# %% [markdown]
+# ### What the names leave out or round
+#
+# A name is a label, not a count. The arithmetic below explains every gap between a computed total and the
+# name; each line is asserted, so if a table changes, the explanation must change with it.
+#
+# * **0.3B** has 0.36 B parameters: 0.106 B of them are the 103424 x 1024 embedding; the layers alone hold
+#   0.25 B. The name sits between the two.
+# * **21B-A3B**: 21.83 B total, the name truncates. Active is 3.35 B if the tied embedding (the output
+#   projection every token multiplies by) is counted, 3.09 B without it: both round to 3 B.
+# * **300B-A47B**: 299.48 B with its separate lm_head (298.64 B if it were tied); the name rounds up.
+#   Active 47.08 B = 46.23 B inside the 54 layers + 0.85 B output projection; the input lookup table
+#   multiplies nothing and is not active. Its config declares one multi-token-prediction layer
+#   (`num_nextn_predict_layers: 1`) that `transformers` does not build and no count here includes.
+# * **VL-28B-A3B**: 29.40 B, more than the name: the decoder alone (text and vision experts, without the
+#   ViT and the adapter) has 28.62 B, which the name rounds down to 28; the ViT + adapter add 0.77 B.
+#   A text token uses exactly what a 21B-A3B token uses (3.35 B); an image token uses the narrower
+#   vision experts (2.85 B with the ViT and adapter counted).
+# * **VL-424B-A47B** (reconstructed): 423.53 B, of which the vision experts are 123.2 B, and active per text
+#   token = the 300B's 47.08 B. The vision expert width (1536) was chosen to land on 424 B, so this total is
+#   a consistency check of the reconstruction, not a measurement.
 
-* **0.3B** has 0.36 B parameters: 0.106 B of them are the 103424 x 1024 embedding; the layers alone hold
-  0.25 B. The name sits between the two.
-* **21B-A3B**: 21.83 B total, the name truncates. Active is 3.35 B if the tied embedding (the output
-  projection every token multiplies by) is counted, 3.09 B without it: both round to 3 B.
-* **300B-A47B**: 299.48 B with its separate lm_head (298.64 B if it were tied); the name rounds up.
-  Active 47.08 B = 46.23 B inside the 54 layers + 0.85 B output projection; the input lookup table
-  multiplies nothing and is not active. Its config declares one multi-token-prediction layer
-  (`num_nextn_predict_layers: 1`) that `transformers` does not build and no count here includes.
-* **VL-28B-A3B**: 29.40 B, more than the name: the decoder alone (text and vision experts, without the
-  ViT and the adapter) has 28.62 B, which the name rounds down to 28; the ViT + adapter add 0.77 B.
-  A text token uses exactly what a 21B-A3B token uses (3.35 B); an image token uses the narrower
-  vision experts (2.85 B with the ViT and adapter counted).
-* **VL-424B-A47B** (reconstructed): 423.53 B, of which the vision experts are 123.2 B, and active per text
-  token = the 300B's 47.08 B. The vision expert width (1536) was chosen to land on 424 B, so this total is
-  a consistency check of the reconstruction, not a measurement.
-""")
-
-code("""
+# %%
 def layers_only(count):
     return count.total - count.by_component["embeddings"] - count.by_component["lm_head"]
 
@@ -228,18 +208,16 @@ for name in SIZES:
     n, c = COUNTS[name], F.CHECKPOINTS[name]
     print(f"{SHORT[name]:>14}: total {billions(n.total):>10} vs name {c.named_total / 1e9:g} B"
           f" | active {billions(n.active):>9} vs name {c.named_active / 1e9:g} B")
-""")
 
-md("""
-## 3. Memory: weights at four precisions
+# %% [markdown]
+# ## 3. Memory: weights at four precisions
+#
+# Weights take `bits / 8` bytes each plus, for the quantised formats, one bf16 scale per group of 128
+# weights; norms and routers stay in bf16. FastDeploy serves ERNIE 4.5 in BF16, W8A16 (int8), W4A16
+# (int4) and 2-bit (convolutional code quantization, CCQ, about 2.5 bits on average in the report).
+# The dashed lines are the memory of the devices in question.
 
-Weights take `bits / 8` bytes each plus, for the quantised formats, one bf16 scale per group of 128
-weights; norms and routers stay in bf16. FastDeploy serves ERNIE 4.5 in BF16, W8A16 (int8), W4A16
-(int4) and 2-bit (convolutional code quantization, CCQ, about 2.5 bits on average in the report).
-The dashed lines are the memory of the devices in question.
-""")
-
-code("""
+# %%
 PRECISIONS = ["bf16", "int8", "int4", "2bit"]
 gib = {name: [F.weight_bytes(F.CHECKPOINTS[name], p) / F.GIB for p in PRECISIONS] for name in SIZES}
 
@@ -261,30 +239,27 @@ ax.legend(title="precision", ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0
 plt.show()
 
 table(["model"] + PRECISIONS, [[SHORT[n]] + [f"{v:,.1f} GiB" for v in gib[n]] for n in SIZES])
-""")
 
-code("""
+# %%
 # Check: bf16 is exactly 2 bytes per parameter; int4 is a quarter of it plus the scales (2 bytes / 128 weights).
 for name in SIZES:
     total = COUNTS[name].total
     assert F.weight_bytes(F.CHECKPOINTS[name], "bf16") == 2 * total
     ratio = F.weight_bytes(F.CHECKPOINTS[name], "int4") / (2 * total)
     assert 0.25 < ratio < 0.25 + 1 / 128 + 1e-3, (name, ratio)
-""")
 
-md("""
-## 4. The KV cache, GQA-aware
+# %% [markdown]
+# ## 4. The KV cache, GQA-aware
+#
+# Every generated token leaves a key and a value vector per layer and per **KV head**:
+#
+#     KV bytes per token = 2 x layers x kv_heads x head_dim x bytes
+#
+# Grouped-query attention keeps 2 (0.3B), 4 (A3B) or 8 (A47B) KV heads for 16, 20 and 64 query heads, so
+# the cache is 8x, 5x and 8x smaller than with full multi-head attention (dashed lines). The VL models
+# share their decoder with the text models of the same size, so their caches are the same.
 
-Every generated token leaves a key and a value vector per layer and per **KV head**:
-
-    KV bytes per token = 2 x layers x kv_heads x head_dim x bytes
-
-Grouped-query attention keeps 2 (0.3B), 4 (A3B) or 8 (A47B) KV heads for 16, 20 and 64 query heads, so
-the cache is 8x, 5x and 8x smaller than with full multi-head attention (dashed lines). The VL models
-share their decoder with the text models of the same size, so their caches are the same.
-""")
-
-code("""
+# %%
 contexts = 2 ** np.arange(10, 18)          # 1K ... 128K tokens
 decoders = {"0.3B": "ERNIE-4.5-0.3B", "21B-A3B / VL-28B-A3B": "ERNIE-4.5-21B-A3B",
             "300B-A47B / VL-424B-A47B": "ERNIE-4.5-300B-A47B"}
@@ -311,9 +286,8 @@ table(["decoder", "KV heads x head_dim", "bytes per token", "at 128K tokens", "w
         f"{F.kv_cache_bytes_per_token(F.CHECKPOINTS[n]):,.0f}",
         f"{F.kv_cache_bytes(F.CHECKPOINTS[n], 131072) / F.GIB:.2f} GiB",
         f"{F.kv_cache_bytes(F.CHECKPOINTS[n], 131072, gqa=False) / F.GIB:.1f} GiB"] for label, n in decoders.items()])
-""")
 
-code("""
+# %%
 # Check against a real cache: a tiny random ERNIE decoder in transformers, 2 sequences of 11 tokens.
 tiny = dict(model_type="ernie4_5", vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -326,20 +300,18 @@ assert measured == F.kv_cache_bytes(tiny, 11, batch=2, bytes_per_value=4)   # fp
 assert F.kv_cache_bytes_per_token(F.CONFIG_300B_A47B) == 2 * 54 * 8 * 128 * 2
 print(f"measured {measured} bytes = formula; "
       f"300B-A47B: {F.kv_cache_bytes_per_token(F.CONFIG_300B_A47B):,.0f} bytes per token")
-""")
 
-md("""
-## 5. Active versus total, and what a token costs
+# %% [markdown]
+# ## 5. Active versus total, and what a token costs
+#
+# A MoE model stores every expert but each token runs through only k of them. The A3B models store
+# 6.5x (21B) and 8.8x (VL-28B) more parameters than a text token uses, the A47B models 6.4x and 9.0x
+# (asserted below).
+#
+# FLOPs per generated token: a multiply-add is 2 FLOPs, so the weight matrices cost `2 x active`; attention
+# adds `4 x layers x heads x head_dim` per token of context (scores `QK^T` and the weighted sum `AV`).
 
-A MoE model stores every expert but each token runs through only k of them. The A3B models store
-6.5x (21B) and 8.8x (VL-28B) more parameters than a text token uses, the A47B models 6.4x and 9.0x
-(asserted below).
-
-FLOPs per generated token: a multiply-add is 2 FLOPs, so the weight matrices cost `2 x active`; attention
-adds `4 x layers x heads x head_dim` per token of context (scores `QK^T` and the weighted sum `AV`).
-""")
-
-code("""
+# %%
 fig, ax = plt.subplots(figsize=(7.5, 5))
 OFFSETS = {"ERNIE-4.5-0.3B": (8, -12), "ERNIE-4.5-21B-A3B": (-60, 8), "ERNIE-4.5-VL-28B-A3B": (8, -14),
            "ERNIE-4.5-300B-A47B": (-75, 8), "ERNIE-4.5-VL-424B-A47B": (8, -14)}
@@ -372,17 +344,15 @@ ax.set_xlabel("tokens already in context"); ax.set_ylabel("GFLOPs per generated 
 ax.set_title("Decode cost per token: weights (dotted) + attention over the context")
 ax.legend(fontsize=9)
 plt.show()
-""")
 
-md("""
-### Check: the FLOP formula against PyTorch's FLOP counter
+# %% [markdown]
+# ### Check: the FLOP formula against PyTorch's FLOP counter
+#
+# `torch.utils.flop_counter.FlopCounterMode` counts every matrix multiplication PyTorch runs. One decode
+# step of a tiny random MoE model (eager attention, eager experts) must cost exactly
+# `flops_per_token(config, context, "decode")`, where the context includes the new token itself.
 
-`torch.utils.flop_counter.FlopCounterMode` counts every matrix multiplication PyTorch runs. One decode
-step of a tiny random MoE model (eager attention, eager experts) must cost exactly
-`flops_per_token(config, context, "decode")`, where the context includes the new token itself.
-""")
-
-code("""
+# %%
 from torch.utils.flop_counter import FlopCounterMode
 
 tiny_moe = dict(model_type="ernie4_5_moe", vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
@@ -399,25 +369,23 @@ with torch.no_grad():
         moe_model(torch.randint(0, 256, (1, 1)), past_key_values=cache, use_cache=True)
 assert counter.get_total_flops() == F.flops_per_token(tiny_moe, 10, "decode")
 print("FlopCounterMode:", counter.get_total_flops(), "= formula")
-""")
 
-md("""
-### The 47% MFU claim
+# %% [markdown]
+# ### The 47% MFU claim
+#
+# The report says ERNIE 4.5 reached **47% model FLOPs utilisation** when pre-training its largest language
+# model (FP8 mixed precision, intra-node expert parallelism, memory-efficient pipeline scheduling):
+#
+#     MFU = tokens per second x training FLOPs per token / peak FLOP/s
+#
+# **We could not find, offline, the throughput and the hardware peak that the report plugged into this
+# formula**, so the notebook does not pretend to reproduce the number. `F.mfu(tokens_per_second,
+# flops_per_token, peak_flops)` takes them as arguments: put the report's figures in and it returns the
+# MFU. What we can do is run the formula backwards: the throughput per GPU that 47% would mean for the
+# 300B-A47B at a 4096-token sequence on an H800 (NVIDIA datasheet peaks: 989 dense BF16 TFLOPS, 1979
+# dense FP8 TFLOPS). Which peak the report divides by is one of the unknowns.
 
-The report says ERNIE 4.5 reached **47% model FLOPs utilisation** when pre-training its largest language
-model (FP8 mixed precision, intra-node expert parallelism, memory-efficient pipeline scheduling):
-
-    MFU = tokens per second x training FLOPs per token / peak FLOP/s
-
-**We could not find, offline, the throughput and the hardware peak that the report plugged into this
-formula**, so the notebook does not pretend to reproduce the number. `F.mfu(tokens_per_second,
-flops_per_token, peak_flops)` takes them as arguments: put the report's figures in and it returns the
-MFU. What we can do is run the formula backwards: the throughput per GPU that 47% would mean for the
-300B-A47B at a 4096-token sequence on an H800 (NVIDIA datasheet peaks: 989 dense BF16 TFLOPS, 1979
-dense FP8 TFLOPS). Which peak the report divides by is one of the unknowns.
-""")
-
-code("""
+# %%
 seq = 4096
 train_flops = F.training_flops_per_token(F.CONFIG_300B_A47B, seq)
 h800 = F.ACCELERATORS["H800-80GB"]
@@ -426,18 +394,16 @@ for label, peak in (("BF16 peak", h800.bf16_tflops * 1e12), ("FP8 peak", h800.fp
     tps = F.tokens_per_second_at_mfu(0.47, train_flops, peak)
     assert abs(F.mfu(tps, train_flops, peak) - 0.47) < 1e-12
     print(f"47% of the H800 {label}: {tps:,.0f} tokens/s per GPU")
-""")
 
-md("""
-## 6. Scale-out on paper
+# %% [markdown]
+# ## 6. Scale-out on paper
+#
+# ### How many GPUs?
+#
+# The fewest GPUs whose memory (less 10% kept for activations and the runtime) holds the weights and the
+# KV cache. Real deployments round this up to a parallel degree the layout allows, usually a power of two.
 
-### How many GPUs?
-
-The fewest GPUs whose memory (less 10% kept for activations and the runtime) holds the weights and the
-KV cache. Real deployments round this up to a parallel degree the layout allows, usually a power of two.
-""")
-
-code("""
+# %%
 CONTEXT, BATCH = 8192, 1
 DEVICES = ["laptop-16GB", "laptop-32GB", "H100-80GB", "H200-141GB"]
 GPUS = ["H100-80GB", "H200-141GB"]
@@ -451,9 +417,8 @@ for name in SIZES:
     rows.append(row)
 display(Markdown(f"Devices needed at bf16 / int8 / int4 / 2-bit, one sequence of {CONTEXT} tokens:"))
 table(["model"] + [F.ACCELERATORS[d].name for d in GPUS], rows)
-""")
 
-code("""
+# %%
 # What fits on ONE device (1 = fits):
 fits = np.array([[[F.gpus_needed(F.CHECKPOINTS[n], p, F.ACCELERATORS[d].memory_gib, CONTEXT) == 1
                    for p in PRECISIONS] for d in DEVICES] for n in SIZES])
@@ -474,33 +439,31 @@ plt.show()
 assert fits[SIZES.index("ERNIE-4.5-300B-A47B"), DEVICES.index("H200-141GB"), PRECISIONS.index("2bit")]
 assert not fits[SIZES.index("ERNIE-4.5-300B-A47B"), DEVICES.index("H100-80GB"), PRECISIONS.index("int4")]
 assert fits[SIZES.index("ERNIE-4.5-21B-A3B"), DEVICES.index("laptop-16GB"), PRECISIONS.index("int4")]
-""")
 
-md("""
-A laptop with 16 GB runs the 0.3B at any precision and the 21B-A3B at 4 bits; one H100 holds both A3B
-models even at bf16 and nothing bigger; the 300B fits on one 141 GB GPU only at 2 bits, which is what
-FastDeploy's 2-bit CCQ release is for. (How fast it runs there is another question: decoding reads every
-active weight once per token, so memory bandwidth, not memory size, sets the speed.)
+# %% [markdown]
+# A laptop with 16 GB runs the 0.3B at any precision and the 21B-A3B at 4 bits; one H100 holds both A3B
+# models even at bf16 and nothing bigger; the 300B fits on one 141 GB GPU only at 2 bits, which is what
+# FastDeploy's 2-bit CCQ release is for. (How fast it runs there is another question: decoding reads every
+# active weight once per token, so memory bandwidth, not memory size, sets the speed.)
+#
+# ### Expert parallelism: the all-to-all
+#
+# With expert parallelism of degree N the 64 experts of each MoE layer are spread over N GPUs, 64/N each.
+# A token's hidden state (8192 values for the A47B models) goes to the GPUs that hold its k chosen
+# experts (**dispatch**) and their outputs come back (**combine**):
+#
+#     bytes per token per MoE layer = 2 x remote copies x hidden x bytes per value
+#
+# Sent naively, one copy per chosen expert on another GPU: `k (N - 1) / N` copies. Sent once per
+# destination GPU (what DeepEP-style kernels do), `(N - 1) (1 - C(E - E/N, k) / C(E, k))`.
+#
+# For comparison, **tensor parallelism** of degree t splits every matrix across t GPUs and ends each
+# layer's attention and MLP with an all-reduce of the hidden vector; a ring all-reduce sends
+# `2 (t - 1) / t` of it from every GPU: `2 x 2 (t - 1) / t x hidden x bytes` per token per layer, in every
+# layer (dense or MoE). TP traffic is smaller per layer but it sits on the critical path of every matrix
+# multiplication, which is why it stays inside a node too.
 
-### Expert parallelism: the all-to-all
-
-With expert parallelism of degree N the 64 experts of each MoE layer are spread over N GPUs, 64/N each.
-A token's hidden state (8192 values for the A47B models) goes to the GPUs that hold its k chosen
-experts (**dispatch**) and their outputs come back (**combine**):
-
-    bytes per token per MoE layer = 2 x remote copies x hidden x bytes per value
-
-Sent naively, one copy per chosen expert on another GPU: `k (N - 1) / N` copies. Sent once per
-destination GPU (what DeepEP-style kernels do), `(N - 1) (1 - C(E - E/N, k) / C(E, k))`.
-
-For comparison, **tensor parallelism** of degree t splits every matrix across t GPUs and ends each
-layer's attention and MLP with an all-reduce of the hidden vector; a ring all-reduce sends
-`2 (t - 1) / t` of it from every GPU: `2 x 2 (t - 1) / t x hidden x bytes` per token per layer, in every
-layer (dense or MoE). TP traffic is smaller per layer but it sits on the critical path of every matrix
-multiplication, which is why it stays inside a node too.
-""")
-
-code("""
+# %%
 DEGREES = [1, 2, 4, 8, 16, 32, 64]
 a47b = F.CONFIG_300B_A47B
 naive = [F.ep_all_to_all_bytes(a47b, n) / 1024 for n in DEGREES]
@@ -519,9 +482,8 @@ ax.set_ylabel("KiB per token per layer (bf16)")
 ax.set_title("300B-A47B: bytes one token sends off its GPU in one layer")
 ax.legend()
 plt.show()
-""")
 
-code("""
+# %%
 # Check the two formulas with a simulation: tokens pick k distinct experts at random, experts are spread evenly.
 shape = F.model_shape(a47b)
 trials = 4000 if FAST else 20000
@@ -538,20 +500,18 @@ for n in (8, 16):
     assert abs(remote_gpus / trials * per_copy / F.ep_all_to_all_bytes(a47b, n, dedup=True) - 1) < 0.03
     print(f"N={n}: simulated {remote_gpus / trials:.2f} remote GPUs per token, "
           f"formula {F.ep_all_to_all_bytes(a47b, n, dedup=True) / per_copy:.2f}")
-""")
 
-md("""
-### Intra-node versus inter-node expert parallelism
+# %% [markdown]
+# ### Intra-node versus inter-node expert parallelism
+#
+# Inside a node of 8 GPUs the all-to-all runs over NVLink; beyond 8, part of it goes through the network
+# card, 4x slower than an H800's NVLink and 9x slower than an H100's (one direction per GPU: NVLink 200
+# GB/s on the H800, 450 GB/s on the H100, one 400 Gb/s InfiniBand NIC = 50 GB/s). The report keeps expert
+# parallelism **inside a node** and spreads the model over nodes with pipeline parallelism instead, whose
+# traffic is one activation per micro-batch per stage boundary, not per layer. The plot is a lower bound
+# (bandwidth only, no latency, no overlap with compute) for 4096 tokens per GPU in one MoE layer.
 
-Inside a node of 8 GPUs the all-to-all runs over NVLink; beyond 8, part of it goes through the network
-card, 4x slower than an H800's NVLink and 9x slower than an H100's (one direction per GPU: NVLink 200
-GB/s on the H800, 450 GB/s on the H100, one 400 Gb/s InfiniBand NIC = 50 GB/s). The report keeps expert
-parallelism **inside a node** and spreads the model over nodes with pipeline parallelism instead, whose
-traffic is one activation per micro-batch per stage boundary, not per layer. The plot is a lower bound
-(bandwidth only, no latency, no overlap with compute) for 4096 tokens per GPU in one MoE layer.
-""")
-
-code("""
+# %%
 fig, ax = plt.subplots(figsize=(10, 4.2))
 for hw, marker in (("H800-80GB", "o"), ("H100-80GB", "s")):
     ms = [F.ep_all_to_all_seconds(a47b, n, 4096, accelerator=hw) * 1e3 for n in DEGREES]
@@ -571,21 +531,19 @@ t16 = F.ep_all_to_all_seconds(a47b, 16, 4096)
 assert t16 > 2 * t8
 print(f"H800, N=8: {t8 * 1e3:.1f} ms per layer; N=16: {t16 * 1e3:.1f} ms ({t16 / t8:.1f}x) for "
       f"{F.ep_all_to_all_bytes(a47b, 16) / F.ep_all_to_all_bytes(a47b, 8):.2f}x the bytes")
-""")
 
-md("""
-## Exercises
+# %% [markdown]
+# ## Exercises
+#
+# Each exercise has a reference answer in the cell so that the notebook runs; replace it with your own
+# arithmetic (by hand, from the formulas above, not by calling the function you are checking) and run the
+# check.
+#
+# **Exercise 1.** A hypothetical ERNIE keeps the 300B-A47B backbone but doubles the routed experts to 128
+# per MoE layer (still top-8, width 3584). How many parameters does it store? Count the extra experts and
+# the extra router rows (weight + correction bias) yourself.
 
-Each exercise has a reference answer in the cell so that the notebook runs; replace it with your own
-arithmetic (by hand, from the formulas above, not by calling the function you are checking) and run the
-check.
-
-**Exercise 1.** A hypothetical ERNIE keeps the 300B-A47B backbone but doubles the routed experts to 128
-per MoE layer (still top-8, width 3584). How many parameters does it store? Count the extra experts and
-the extra router rows (weight + correction bias) yourself.
-""")
-
-code("""
+# %%
 # --- your answer (reference answer below; replace it with your own arithmetic) ---
 hidden, width, moe_layers = 8192, 3584, 51
 extra_experts = 64 * moe_layers * 3 * hidden * width          # gate, up, down of 64 more experts per layer
@@ -595,14 +553,12 @@ my_total = F.count_params(F.CONFIG_300B_A47B).total + extra_experts + extra_rout
 assert my_total == F.count_params(dict(F.CONFIG_300B_A47B, moe_num_experts=128)).total
 print(f"{my_total / 1e9:.1f} B parameters; active grows only by the router rows, to "
       f"{F.count_params(dict(F.CONFIG_300B_A47B, moe_num_experts=128)).active / 1e9:.2f} B")
-""")
 
-md("""
-**Exercise 2.** The 300B-A47B is served in int4 (group-128 scales) on 4 H100s (80 GiB each, 10% kept
-free). How many 32K-token conversations fit into the KV cache memory that is left?
-""")
+# %% [markdown]
+# **Exercise 2.** The 300B-A47B is served in int4 (group-128 scales) on 4 H100s (80 GiB each, 10% kept
+# free). How many 32K-token conversations fit into the KV cache memory that is left?
 
-code("""
+# %%
 # --- your answer (reference answer below) ---
 free = 4 * 80 * F.GIB * 0.9 - F.weight_bytes(F.CONFIG_300B_A47B, "int4")
 per_conversation = 2 * 54 * 8 * 128 * 2 * 32768                # K and V, layers, KV heads, head_dim, bf16
@@ -611,16 +567,14 @@ my_conversations = int(free // per_conversation)
 assert F.gpus_needed(F.CONFIG_300B_A47B, "int4", 80, 32768, batch=my_conversations) == 4
 assert F.gpus_needed(F.CONFIG_300B_A47B, "int4", 80, 32768, batch=my_conversations + 1) > 4
 print(my_conversations, "conversations of 32K tokens")
-""")
 
-md("""
-**Exercise 3.** For the 21B-A3B (64 experts, top-6, hidden 2560), sending one copy per destination GPU
-instead of one per expert saves a lot at small expert-parallel degrees and nothing at N = 64 (one expert
-per GPU). What is the largest power-of-two degree N at which it still saves more than 30% of the
-all-to-all bytes? Reason with `(N - 1)(1 - C(E - E/N, k) / C(E, k))` versus `k (N - 1) / N`.
-""")
+# %% [markdown]
+# **Exercise 3.** For the 21B-A3B (64 experts, top-6, hidden 2560), sending one copy per destination GPU
+# instead of one per expert saves a lot at small expert-parallel degrees and nothing at N = 64 (one expert
+# per GPU). What is the largest power-of-two degree N at which it still saves more than 30% of the
+# all-to-all bytes? Reason with `(N - 1)(1 - C(E - E/N, k) / C(E, k))` versus `k (N - 1) / N`.
 
-code("""
+# %%
 # --- your answer (reference answer below) ---
 E, k = 64, 6
 def saving(n):
@@ -634,25 +588,15 @@ def library(n):
 
 assert my_degree == max(n for n in (2, 4, 8, 16, 32, 64) if library(n) > 0.30)
 print(f"N = {my_degree}: de-duplication saves {library(my_degree):.0%} of the bytes")
-""")
 
-md("""
-## Summary
-
-* `ernie_lab.family.count_params` reproduces the `transformers` parameter counts of all five shapes
-  exactly (tested on the meta device), split into embeddings, attention, dense MLP, routed / vision /
-  shared experts, ViT and adapter, with the active count per text or image token.
-* Names round: 0.36 B is "0.3B", 299.5 B is "300B", 3.35 B active is "A3B"; the VL-28B's name counts its
-  decoder and leaves out the 0.77 B ViT + adapter. The VL-424B table is a reconstruction.
-* GQA keeps the 128K-token cache of the largest models at 27 GiB instead of 216 GiB.
-* Expert parallelism sends every token's hidden state to its experts and back, in every MoE layer, which
-  is why ERNIE 4.5 keeps it on NVLink inside a node.
-""")
-
-nb = new_notebook(cells=cells, metadata={
-    "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-    "language_info": {"name": "python"},
-})
-out = Path(__file__).resolve().parents[1] / "notebooks" / "09_family_and_scale.ipynb"
-nbformat.write(nb, out)
-print(f"wrote {out}")
+# %% [markdown]
+# ## Summary
+#
+# * `ernie_lab.family.count_params` reproduces the `transformers` parameter counts of all five shapes
+#   exactly (tested on the meta device), split into embeddings, attention, dense MLP, routed / vision /
+#   shared experts, ViT and adapter, with the active count per text or image token.
+# * Names round: 0.36 B is "0.3B", 299.5 B is "300B", 3.35 B active is "A3B"; the VL-28B's name counts its
+#   decoder and leaves out the 0.77 B ViT + adapter. The VL-424B table is a reconstruction.
+# * GQA keeps the 128K-token cache of the largest models at 27 GiB instead of 216 GiB.
+# * Expert parallelism sends every token's hidden state to its experts and back, in every MoE layer, which
+#   is why ERNIE 4.5 keeps it on NVLink inside a node.

@@ -1,45 +1,37 @@
-"""Write notebooks/03_vision_encoder_and_3d_rope.ipynb (without outputs).
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-    python scripts/make_notebook_03.py
+# %% [markdown]
+# # 03 · The vision encoder and 3-D rotary positions
+#
+# ERNIE 4.5 VL reads pictures and videos alongside text. Before the decoder sees anything, four
+# steps turn pixels into tokens:
+#
+# 1. **preprocess**: resize so both sides are multiples of 28, normalise, cut into 14x14 patches;
+# 2. **ViT**: a vision transformer mixes the patches of each frame, with 2-D rotary positions;
+# 3. **adapter**: merges each 2x2 window of patches, then each pair of frames, into one token of the
+#    decoder's width (a still image is paired with itself);
+# 4. **3-D positions**: the decoder gives every token a (time, height, width) position and splits
+#    its rotary frequencies between the three axes.
+#
+# Each step is built with `ernie_lab` and checked against `transformers`' reference on the same
+# weights. `ERNIE_LAB_FAST=1` shrinks the pictures; every check still runs.
 
-How ERNIE 4.5 VL sees: a picture becomes 14x14 patches, a ViT with 2-D rotary positions turns them
-into features, an adapter merges 2x2 patches and 2 frames into decoder tokens, and the decoder
-places those tokens with 3-D (time, height, width) rotary positions.
-"""
-
-from pathlib import Path
-
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "03_vision_encoder_and_3d_rope.ipynb"
-
-CELLS = [
-    ("md", """\
-# 03 · The vision encoder and 3-D rotary positions
-
-ERNIE 4.5 VL reads pictures and videos alongside text. Before the decoder sees anything, four
-steps turn pixels into tokens:
-
-1. **preprocess**: resize so both sides are multiples of 28, normalise, cut into 14x14 patches;
-2. **ViT**: a vision transformer mixes the patches of each frame, with 2-D rotary positions;
-3. **adapter**: merges each 2x2 window of patches, then each pair of frames, into one token of the
-   decoder's width (a still image is paired with itself);
-4. **3-D positions**: the decoder gives every token a (time, height, width) position and splits
-   its rotary frequencies between the three axes.
-
-Each step is built with `ernie_lab` and checked against `transformers`' reference on the same
-weights. `ERNIE_LAB_FAST=1` shrinks the pictures; every check still runs."""),
-    ("code", """\
-%matplotlib inline
+# %%
+# %matplotlib inline
 import os
-import sys
 from pathlib import Path
-
-for folder in [Path.cwd(), *Path.cwd().parents]:  # find ernie_lab when it is not pip-installed
-    if (folder / "ernie_lab" / "__init__.py").is_file():
-        sys.path.insert(0, str(folder))
-        break
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import matplotlib.cbook as cbook
@@ -49,29 +41,32 @@ import torch
 from PIL import Image
 
 from ernie_lab import vision, rope3d
+from ernie_lab.notebook import setup
 from ernie_lab.rope import apply_rope
 
-FAST = os.environ.get("ERNIE_LAB_FAST") == "1"
-torch.manual_seed(0)
+FAST = setup()
 MAX_PIXELS = 28 * 28 * (60 if FAST else 300)   # bounds for our demo picture: ~60 or ~300 tokens
 picture = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
-print("picture:", picture.size, "| fast mode:", FAST)"""),
-    ("md", """\
-## 1 · From pixels to patches
+print("picture:", picture.size)
 
-The side lengths must be multiples of $28 = 14 \\times 2$: 14 is the patch size and 2 the merge
-window of the adapter. `fit_to_grid` rounds each side to the nearest multiple of 28; if the area
-leaves the bounds `[min_pixels, max_pixels]`, it scales both sides by one factor and rounds again
-(down when shrinking, up when growing), so the aspect ratio survives as well as 28-pixel steps allow.
-The defaults allow 56x56 up to about 4.8 megapixels (6177 merged tokens)."""),
-    ("code", """\
+# %% [markdown]
+# ## 1 · From pixels to patches
+#
+# The side lengths must be multiples of $28 = 14 \times 2$: 14 is the patch size and 2 the merge
+# window of the adapter. `fit_to_grid` rounds each side to the nearest multiple of 28; if the area
+# leaves the bounds `[min_pixels, max_pixels]`, it scales both sides by one factor and rounds again
+# (down when shrinking, up when growing), so the aspect ratio survives as well as 28-pixel steps allow.
+# The defaults allow 56x56 up to about 4.8 megapixels (6177 merged tokens).
+
+# %%
 height, width = vision.fit_to_grid(picture.height, picture.width, max_pixels=MAX_PIXELS)
 batch = vision.preprocess_images([picture], max_pixels=MAX_PIXELS)
 pixels, grid = batch["pixel_values"], batch["image_grid_thw"]
 print(f"{picture.width}x{picture.height} -> {width}x{height} pixels")
 print("pixel_values", tuple(pixels.shape), "image_grid_thw", grid.tolist())
-print("decoder tokens for this picture:", vision.tokens_per_item(grid))"""),
-    ("code", """\
+print("decoder tokens for this picture:", vision.tokens_per_item(grid))
+
+# %%
 t, gh, gw = grid[0].tolist()
 assert height % 28 == 0 and width % 28 == 0 and height * width <= MAX_PIXELS
 assert (gh, gw) == (height // 14, width // 14) and pixels.shape == (gh * gw, 3 * 14 * 14)
@@ -84,14 +79,16 @@ reference = Ernie4_5_VLMoeImageProcessorPil()([picture], size={"shortest_edge": 
                                               return_tensors="pt")
 assert torch.equal(reference["image_grid_thw"], grid)
 assert (reference["pixel_values"] - pixels).abs().max() < 1e-5
-print("preprocessing matches transformers")"""),
-    ("md", """\
-### In which order are the patches stored?
+print("preprocessing matches transformers")
 
-Not row by row. `patchify` stores the four patches of each 2x2 merge window next to each other,
-windows row by row. The adapter can then merge a window with a plain `reshape`. The numbers
-below are the row index of each patch in `pixel_values`."""),
-    ("code", """\
+# %% [markdown]
+# ### In which order are the patches stored?
+#
+# Not row by row. `patchify` stores the four patches of each 2x2 merge window next to each other,
+# windows row by row. The adapter can then merge a window with a plain `reshape`. The numbers
+# below are the row index of each patch in `pixel_values`.
+
+# %%
 order = torch.arange(gh * gw)
 positions = vision.vision_positions(grid)            # (N, 2): (row, column) of each stored patch
 where = torch.zeros(gh, gw, dtype=torch.long)
@@ -110,30 +107,33 @@ for k in range(0, max(gh, gw) + 1):
     ax.axhline(k * 14 - 0.5, color="white", lw=lw)
     ax.axvline(k * 14 - 0.5, color="white", lw=lw)
 ax.set_xlim(0, 8 * 14); ax.set_ylim(6 * 14, 0)
-ax.set_title("Top-left corner: 14x14 patches (thin) and 2x2 merge windows (thick),\\nlabelled with their row in pixel_values")
+ax.set_title("Top-left corner: 14x14 patches (thin) and 2x2 merge windows (thick),\nlabelled with their row in pixel_values")
 ax.set_xlabel("x (pixels)"); ax.set_ylabel("y (pixels)")
-plt.show()"""),
-    ("code", """\
+plt.show()
+
+# %%
 assert where[0, :2].tolist() == [0, 1] and where[1, :2].tolist() == [2, 3]   # first window: rows 0-3
 assert where[0, 2] == 4                                                     # the next window starts at row 4
 patch_5 = pixels[5].reshape(3, 14, 14)                                      # a patch is channel-major 3x14x14
 r, c = positions[5].tolist()
 expected = vision.normalize(torch.from_numpy(np.array(resized)).permute(2, 0, 1))[:, r * 14:(r + 1) * 14, c * 14:(c + 1) * 14]
-assert torch.allclose(patch_5, expected, atol=1e-6)"""),
-    ("md", """\
-## 2 · 2-D rotary positions inside the ViT
+assert torch.allclose(patch_5, expected, atol=1e-6)
 
-The ViT knows where a patch is only through rotary embeddings. Each head of width $d$ is cut in
-two halves; a quarter of the usual frequencies $\\omega_j = 10000^{-4j/d}$ serve both axes:
+# %% [markdown]
+# ## 2 · 2-D rotary positions inside the ViT
+#
+# The ViT knows where a patch is only through rotary embeddings. Each head of width $d$ is cut in
+# two halves; a quarter of the usual frequencies $\omega_j = 10000^{-4j/d}$ serve both axes:
+#
+# $$\text{angles} = [\,\text{row}\cdot\omega_0, \dots, \text{row}\cdot\omega_{d/4-1},\;
+# \text{col}\cdot\omega_0, \dots, \text{col}\cdot\omega_{d/4-1}\,]$$
+#
+# and dimension $i$ is rotated together with dimension $i + d/2$ (the *rotate-half* layout of
+# Llama-style code, unlike ERNIE's text decoder, which rotates neighbouring pairs). After rotation,
+# $q \cdot k$ depends only on the offset between two patches, in both directions. The map below is
+# the score of one fixed query at the centre against the same key placed everywhere.
 
-$$\\text{angles} = [\\,\\text{row}\\cdot\\omega_0, \\dots, \\text{row}\\cdot\\omega_{d/4-1},\\;
-\\text{col}\\cdot\\omega_0, \\dots, \\text{col}\\cdot\\omega_{d/4-1}\\,]$$
-
-and dimension $i$ is rotated together with dimension $i + d/2$ (the *rotate-half* layout of
-Llama-style code, unlike ERNIE's text decoder, which rotates neighbouring pairs). After rotation,
-$q \\cdot k$ depends only on the offset between two patches, in both directions. The map below is
-the score of one fixed query at the centre against the same key placed everywhere."""),
-    ("code", """\
+# %%
 head_dim = 80                                       # the real ViT: 1280 wide / 16 heads
 q = torch.randn(1, 1, head_dim); k = q.clone()
 rows, cols = torch.meshgrid(torch.arange(25), torch.arange(25), indexing="ij")
@@ -146,11 +146,13 @@ scores = (k_rot * q_rot).sum(-1).reshape(25, 25)
 
 fig, ax = plt.subplots(figsize=(5, 4.2))
 im = ax.imshow(scores, cmap="viridis", extent=(-12.5, 12.5, 12.5, -12.5))
-ax.set_title("q·k of a patch at (0, 0) with the same vector\\nplaced at every (row, column) offset")
+ax.set_title("q·k of a patch at (0, 0) with the same vector\nplaced at every (row, column) offset")
 ax.set_xlabel("column offset (patches)"); ax.set_ylabel("row offset (patches)")
 fig.colorbar(im, ax=ax, label="score")
-plt.show()"""),
-    ("code", """\
+plt.show()
+
+
+# %%
 def score(p, r):
     cp, sp = vision.vision_rope_angles(torch.tensor([p]), head_dim, 10000.0)
     cr, sr = vision.vision_rope_angles(torch.tensor([r]), head_dim, 10000.0)
@@ -158,18 +160,21 @@ def score(p, r):
 
 assert torch.allclose(score((2, 3), (0, 0)), score((12, 13), (10, 10)), atol=1e-4)   # only the offset counts
 assert scores[12, 12] == scores.max()                                              # a vector agrees most with itself
-print("frequencies per axis:", head_dim // 4)"""),
-    ("md", """\
-## 3 · The ViT and the adapter, compared with transformers
+print("frequencies per axis:", head_dim // 4)
 
-We build a small random `transformers` ERNIE 4.5 VL model, save it with `save_pretrained` (the
-Hub's tensor names: `vision_model.*`, `resampler_model.*`) and load its vision tensors into
-`ernie_lab.vision.VisionEncoder` and `VisionAdapter` through `VISION_NAME_MAP`, the whole name
-translation:"""),
-    ("code", """\
+# %% [markdown]
+# ## 3 · The ViT and the adapter, compared with transformers
+#
+# We build a small random `transformers` ERNIE 4.5 VL model, save it with `save_pretrained` (the
+# Hub's tensor names: `vision_model.*`, `resampler_model.*`) and load its vision tensors into
+# `ernie_lab.vision.VisionEncoder` and `VisionAdapter` through `VISION_NAME_MAP`, the whole name
+# translation:
+
+# %%
 for hub, lab in vision.VISION_NAME_MAP:
-    print(f"{hub:50s} -> {lab}")"""),
-    ("code", """\
+    print(f"{hub:50s} -> {lab}")
+
+# %%
 import tempfile
 
 from safetensors.torch import load_file
@@ -197,8 +202,9 @@ encoder_state, adapter_state = vision.vision_state_from_hub(hub_tensors)
 encoder.load_state_dict(encoder_state, strict=True)
 adapter.load_state_dict(adapter_state, strict=True)
 print(encoder.__class__.__name__, sum(p.numel() for p in encoder.parameters()), "parameters;",
-      adapter.__class__.__name__, sum(p.numel() for p in adapter.parameters()))"""),
-    ("code", """\
+      adapter.__class__.__name__, sum(p.numel() for p in adapter.parameters()))
+
+# %%
 with torch.no_grad():
     features = encoder(pixels, grid)                          # (patches, ViT width)
     tokens = adapter(features, grid)                          # (tokens, text width)
@@ -208,34 +214,38 @@ print("features", tuple(features.shape), "max |diff|", float((features - ref_fea
 print("tokens  ", tuple(tokens.shape), "max |diff|", float((tokens - ref_tokens).abs().max()))
 assert (features - ref_features).abs().max() < 1e-4
 assert (tokens - ref_tokens).abs().max() < 1e-4
-assert tokens.shape == (gh * gw // 4, ref_config.text_config.hidden_size)"""),
-    ("md", """\
-### What the adapter does
+assert tokens.shape == (gh * gw // 4, ref_config.text_config.hidden_size)
 
-$$x_s = \\text{MLP}_s\\big([f_{a}; f_{b}; f_{c}; f_{d}]\\big) \\quad\\text{(a 2x2 window, 4w numbers)}$$
-$$x_t = \\text{MLP}_t\\big([x_s^{(2k)}; x_s^{(2k+1)}]\\big) \\quad\\text{(two frames; an image: } [x_s; x_s])$$
-$$\\text{token} = \\text{RMSNorm}(W x_t)$$
+# %% [markdown]
+# ### What the adapter does
+#
+# $$x_s = \text{MLP}_s\big([f_{a}; f_{b}; f_{c}; f_{d}]\big) \quad\text{(a 2x2 window, 4w numbers)}$$
+# $$x_t = \text{MLP}_t\big([x_s^{(2k)}; x_s^{(2k+1)}]\big) \quad\text{(two frames; an image: } [x_s; x_s])$$
+# $$\text{token} = \text{RMSNorm}(W x_t)$$
+#
+# where each MLP is Linear → GELU → Linear → LayerNorm. So an image of $h \times w$ patches becomes
+# $hw/4$ tokens and a video of $t$ frames $t\,hw/8$. Below: the norm of each token, drawn where its
+# window sits in the picture (random weights, so the pattern only shows *where* tokens come from).
 
-where each MLP is Linear → GELU → Linear → LayerNorm. So an image of $h \\times w$ patches becomes
-$hw/4$ tokens and a video of $t$ frames $t\\,hw/8$. Below: the norm of each token, drawn where its
-window sits in the picture (random weights, so the pattern only shows *where* tokens come from)."""),
-    ("code", """\
+# %%
 fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
 axes[0].imshow(resized); axes[0].set_title(f"resized picture {width}x{height}")
 axes[0].set_xlabel("x (pixels)"); axes[0].set_ylabel("y (pixels)")
 norms = tokens.norm(dim=-1).reshape(gh // 2, gw // 2)
 im = axes[1].imshow(norms, cmap="magma")
-axes[1].set_title(f"{norms.numel()} decoder tokens, one per 2x2 window\\n(norm of each, random weights)")
+axes[1].set_title(f"{norms.numel()} decoder tokens, one per 2x2 window\n(norm of each, random weights)")
 axes[1].set_xlabel("window column"); axes[1].set_ylabel("window row")
 fig.colorbar(im, ax=axes[1], label="token norm")
-plt.tight_layout(); plt.show()"""),
-    ("md", """\
-## 4 · A short video
+plt.tight_layout(); plt.show()
 
-A video is a stack of frames of one size. Frames are merged in pairs, so an odd count gets its
-last frame repeated. Each frame attends only to itself inside the ViT; the adapter's temporal
-MLP then joins frame $2k$ with frame $2k+1$. Our clip: the picture sliding left, 4 frames."""),
-    ("code", """\
+# %% [markdown]
+# ## 4 · A short video
+#
+# A video is a stack of frames of one size. Frames are merged in pairs, so an odd count gets its
+# last frame repeated. Each frame attends only to itself inside the ViT; the adapter's temporal
+# MLP then joins frame $2k$ with frame $2k+1$. Our clip: the picture sliding left, 4 frames.
+
+# %%
 side = 112 if FAST else 224
 frames = np.stack([np.array(picture.crop((40 * i, 100, 40 * i + 300, 400)).resize((side, side))) for i in range(4)])
 video = vision.preprocess_video(frames, min_pixels=side * side, max_pixels=side * side)
@@ -251,18 +261,20 @@ assert (video_tokens - ref_video).abs().max() < 1e-4
 fig, axes = plt.subplots(1, 4, figsize=(10, 2.8))
 for i, ax in enumerate(axes):
     ax.imshow(frames[i]); ax.set_title(f"frame {i} (pair {i // 2})"); ax.set_xlabel("x"); ax.set_ylabel("y")
-plt.tight_layout(); plt.show()"""),
-    ("md", """\
-## 5 · 3-D positions in the decoder
+plt.tight_layout(); plt.show()
 
-The decoder sees text tokens and picture tokens in one sequence. Text counts up 0, 1, 2, ...
-with the same number on all three axes. A picture block of $H \\times W$ tokens that starts at
-position $p$ gets $t = p$, $h = p + \\text{row}$, $w = p + \\text{column}$, and the text after it
-resumes at $p + \\max(H, W)$: a picture costs as many positions as its longer side. (The markers
-`<|IMAGE_START|>` / `<|IMAGE_END|>` around a picture are text tokens for positions.)
+# %% [markdown]
+# ## 5 · 3-D positions in the decoder
+#
+# The decoder sees text tokens and picture tokens in one sequence. Text counts up 0, 1, 2, ...
+# with the same number on all three axes. A picture block of $H \times W$ tokens that starts at
+# position $p$ gets $t = p$, $h = p + \text{row}$, $w = p + \text{column}$, and the text after it
+# resumes at $p + \max(H, W)$: a picture costs as many positions as its longer side. (The markers
+# `<|IMAGE_START|>` / `<|IMAGE_END|>` around a picture are text tokens for positions.)
+#
+# Below: the prompt `"Describe" <start> [picture] <end> "please"` with our picture.
 
-Below: the prompt `"Describe" <start> [picture] <end> "please"` with our picture."""),
-    ("code", """\
+# %%
 IMG, START, END = 100295, 101304, 101305
 n_image = vision.tokens_per_item(grid)[0]
 ids = torch.tensor([[11, 12, START] + [IMG] * n_image + [END, 13, 14]])
@@ -272,8 +284,9 @@ print("sequence length", ids.shape[1], "| last position", positions[:, 0, -1].to
 
 reference_positions, reference_deltas = reference_model.model.get_rope_index(ids, types, grid, None)
 assert torch.equal(positions, reference_positions) and torch.equal(deltas, reference_deltas)
-print("3-D positions match transformers' get_rope_index")"""),
-    ("code", """\
+print("3-D positions match transformers' get_rope_index")
+
+# %%
 fig, axes = plt.subplots(1, 3, figsize=(13, 4))
 block = positions[:, 0, 3:3 + n_image].reshape(3, gh // 2, gw // 2)
 for ax, axis_name, values in zip(axes[:2], ["height", "width"], [block[1], block[2]]):
@@ -289,14 +302,16 @@ for name, row in zip(["time", "height", "width"], positions[:, 0]):
     axes[2].plot(row, label=name, lw=1)
 axes[2].set_title("positions along the sequence"); axes[2].set_xlabel("token index"); axes[2].set_ylabel("position")
 axes[2].legend()
-plt.tight_layout(); plt.show()"""),
-    ("md", """\
-### Which rotary frequencies carry which axis
+plt.tight_layout(); plt.show()
 
-The decoder's heads are 128 wide: 64 rotary pairs. `mrope_section = [22, 22, 20]` gives the first
-44 pairs to height and width, alternating (even pair: height, odd pair: width), and the last 20
-(slowest) pairs to time. For text, $t = h = w$, and this is exactly the 1-D rotary of the text models."""),
-    ("code", """\
+# %% [markdown]
+# ### Which rotary frequencies carry which axis
+#
+# The decoder's heads are 128 wide: 64 rotary pairs. `mrope_section = [22, 22, 20]` gives the first
+# 44 pairs to height and width, alternating (even pair: height, odd pair: width), and the last 20
+# (slowest) pairs to time. For text, $t = h = w$, and this is exactly the 1-D rotary of the text models.
+
+# %%
 axis = rope3d.axis_of_pair(128)
 fig, ax = plt.subplots(figsize=(10, 1.6))
 colors = np.array([[0.85, 0.4, 0.1], [0.1, 0.45, 0.8], [0.2, 0.65, 0.3]])   # time, height, width
@@ -313,16 +328,18 @@ ref_rotated, _ = apply_rotary_pos_emb(x, x, *rotary(x, positions))
 ours = apply_rope(x, *rope3d.rope_angles_3d(positions, 128, 500000.0))
 print("rotated queries, max |diff| vs transformers:", float((ours - ref_rotated).abs().max()))
 assert (ours - ref_rotated).abs().max() < 1e-5
-assert axis[:44].tolist() == [1, 2] * 22 and axis[44:].tolist() == [0] * 20"""),
-    ("md", """\
-## Exercises
+assert axis[:44].tolist() == [1, 2] * 22 and axis[44:].tolist() == [0] * 20
 
-**1.** A phone photo of 4032 x 3024 pixels with the default bounds: how many decoder tokens does it
-become? Write `photo_tokens` using only `math` and the rule of section 1 (round to multiples of
-28; when the area exceeds the maximum, shrink both sides by $\\sqrt{HW / \\text{max}}$ and round
-*down* to multiples of 28), then divide the patch count by 4. The reference answer is filled in;
-replace it with your own."""),
-    ("code", """\
+# %% [markdown]
+# ## Exercises
+#
+# **1.** A phone photo of 4032 x 3024 pixels with the default bounds: how many decoder tokens does it
+# become? Write `photo_tokens` using only `math` and the rule of section 1 (round to multiples of
+# 28; when the area exceeds the maximum, shrink both sides by $\sqrt{HW / \text{max}}$ and round
+# *down* to multiples of 28), then divide the patch count by 4. The reference answer is filled in;
+# replace it with your own.
+
+# %%
 import math
 
 MAX = 28 * 28 * 6177
@@ -333,47 +350,38 @@ h_side = math.floor(H / shrink / 28) * 28
 w_side = math.floor(W / shrink / 28) * 28
 photo_tokens = (h_side // 14) * (w_side // 14) // 4
 # -------------------------------------------------------------------
-print("tokens:", photo_tokens)"""),
-    ("code", """\
+print("tokens:", photo_tokens)
+
+# %%
 fitted = vision.fit_to_grid(H, W)
 assert photo_tokens == (fitted[0] // 14) * (fitted[1] // 14) // 4, "compare with vision.fit_to_grid(H, W)"
-print("correct:", photo_tokens, "tokens, from a", fitted, "resize")"""),
-    ("md", """\
-**2.** The prompt is 5 text tokens, then `<start>`, an image of grid (1, 8, 12), `<end>` and 3 more
-text tokens. What are the (t, h, w) positions of the last text token? Fill in `last_position` by
-hand (the start marker is text; the image block starts at the position after it)."""),
-    ("code", """\
+print("correct:", photo_tokens, "tokens, from a", fitted, "resize")
+
+# %% [markdown]
+# **2.** The prompt is 5 text tokens, then `<start>`, an image of grid (1, 8, 12), `<end>` and 3 more
+# text tokens. What are the (t, h, w) positions of the last text token? Fill in `last_position` by
+# hand (the start marker is text; the image block starts at the position after it).
+
+# %%
 # --- your answer (reference solution; replace it with your own) ---
 start = 6                          # 5 text tokens (0..4) and the start marker (5)
 after_image = start + max(8, 12) // 2
 last_position = [after_image + 3] * 3   # <end> takes after_image, then 3 text tokens
 # -------------------------------------------------------------------
-print(last_position)"""),
-    ("code", """\
+print(last_position)
+
+# %%
 exercise_ids = torch.tensor([[1, 2, 3, 4, 5, START] + [IMG] * (8 * 12 // 4) + [END, 6, 7, 8]])
 exercise_positions, _ = rope3d.position_ids_3d(rope3d.modality_types(exercise_ids), torch.tensor([[1, 8, 12]]))
 assert list(last_position) == exercise_positions[:, 0, -1].tolist(), exercise_positions[:, 0, -1].tolist()
-print("correct")"""),
-    ("md", """\
-## What we built
+print("correct")
 
-* `vision.preprocess_images` / `preprocess_video`: equal to transformers' processors (checked above);
-* `vision.VisionEncoder`: ViT with 2-D rotate-half rotary, attention within each frame;
-* `vision.VisionAdapter`: 2x2 spatial and 2-frame temporal merge into the decoder's width;
-* `rope3d.position_ids_3d` and `rope3d.rope_angles_3d`: the decoder's 3-D positions.
-
-Notebook 04 puts these in front of the multimodal mixture-of-experts decoder."""),
-]
-
-
-def build() -> nbformat.NotebookNode:
-    nb = new_notebook()
-    nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in CELLS]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    return nb
-
-
-if __name__ == "__main__":
-    NOTEBOOK.parent.mkdir(exist_ok=True)
-    nbformat.write(build(), NOTEBOOK)
-    print("wrote", NOTEBOOK)
+# %% [markdown]
+# ## What we built
+#
+# * `vision.preprocess_images` / `preprocess_video`: equal to transformers' processors (checked above);
+# * `vision.VisionEncoder`: ViT with 2-D rotate-half rotary, attention within each frame;
+# * `vision.VisionAdapter`: 2x2 spatial and 2-frame temporal merge into the decoder's width;
+# * `rope3d.position_ids_3d` and `rope3d.rope_angles_3d`: the decoder's 3-D positions.
+#
+# Notebook 04 puts these in front of the multimodal mixture-of-experts decoder.

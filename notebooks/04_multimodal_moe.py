@@ -1,49 +1,41 @@
-"""Write notebooks/04_multimodal_moe.ipynb (without outputs).
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-    python scripts/make_notebook_04.py
+# %% [markdown]
+# # 04 · The multimodal mixture of experts
+#
+# Notebook 03 turned pictures into tokens of the decoder's width. Here they meet the decoder, whose
+# feed-forward layers are a **heterogeneous mixture of experts** with **modality-isolated routing**:
+#
+# * every MoE layer holds two groups of experts: 64 *text* experts and 64 *vision* experts;
+# * a text token is routed by the text router among the text experts only, a vision token (an image or
+#   video placeholder, or the start/end marker around a picture) by the vision router among the
+#   vision experts only; shared experts see every token;
+# * the groups have different widths: 1536 for text, 512 for vision in the 28B model.
+#
+# We build a small random model in `transformers`, load it with `ernie_lab`, check that both agree
+# (logits, positions, every routing decision, greedy decoding), look at the routing, see why the
+# load-balancing loss is computed per modality, and count the parameters of the real models.
+# `ERNIE_LAB_FAST=1` shrinks the inputs; every check still runs.
 
-The decoder of ERNIE 4.5 VL: a mixture of experts that routes text and vision tokens in separate
-groups of experts of different widths, checked against transformers; why its balancing losses are
-computed per modality; and the parameter arithmetic of the 28B-A3B and 424B-A47B models.
-"""
-
-from pathlib import Path
-
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "04_multimodal_moe.ipynb"
-
-CELLS = [
-    ("md", """\
-# 04 · The multimodal mixture of experts
-
-Notebook 03 turned pictures into tokens of the decoder's width. Here they meet the decoder, whose
-feed-forward layers are a **heterogeneous mixture of experts** with **modality-isolated routing**:
-
-* every MoE layer holds two groups of experts: 64 *text* experts and 64 *vision* experts;
-* a text token is routed by the text router among the text experts only, a vision token (an image or
-  video placeholder, or the start/end marker around a picture) by the vision router among the
-  vision experts only; shared experts see every token;
-* the groups have different widths: 1536 for text, 512 for vision in the 28B model.
-
-We build a small random model in `transformers`, load it with `ernie_lab`, check that both agree
-(logits, positions, every routing decision, greedy decoding), look at the routing, see why the
-load-balancing loss is computed per modality, and count the parameters of the real models.
-`ERNIE_LAB_FAST=1` shrinks the inputs; every check still runs."""),
-    ("code", """\
-%matplotlib inline
+# %%
+# %matplotlib inline
 import math
 import os
-import sys
 import tempfile
 import warnings
 from pathlib import Path
-
-for folder in [Path.cwd(), *Path.cwd().parents]:  # find ernie_lab when it is not pip-installed
-    if (folder / "ernie_lab" / "__init__.py").is_file():
-        sys.path.insert(0, str(folder))
-        break
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import matplotlib.cbook as cbook
@@ -56,25 +48,26 @@ from tqdm.auto import tqdm
 import ernie_lab
 from ernie_lab import routing
 from ernie_lab.losses import load_balancing_loss, modality_balancing_losses
+from ernie_lab.notebook import draw_expert_choices, setup
 from ernie_lab.processor import VLProcessor
 from ernie_lab.rope3d import modality_types, routing_types
 from ernie_lab.vision import tokens_per_item
 
-FAST = os.environ.get("ERNIE_LAB_FAST") == "1"
-torch.manual_seed(0)
+FAST = setup()
 picture = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
-print("fast mode:", FAST)"""),
-    ("md", """\
-## 1 · A small random VL model, saved the way the Hub stores it
 
-The reference is `transformers`' `Ernie4_5_VLMoeForConditionalGeneration` with a small decoder
-(3 layers, width 64, 4 text + 4 vision experts, top-2, one shared expert; weights drawn wider than
-the default so that greedy decoding does not just repeat one token) but the real rotary
-layout (head_dim 128, `mrope_section` [22, 22, 20]). `transformers` initialises routers to zero, so
-every token would pick the same experts: we re-draw the routers and their correction biases.
-`save_pretrained` writes the Hub layout: one expert list per layer (text experts first), the
-routers as `gate.weight` / `gate.weight_1`, a (2, E) `moe_statics.e_score_correction_bias`."""),
-    ("code", """\
+# %% [markdown]
+# ## 1 · A small random VL model, saved the way the Hub stores it
+#
+# The reference is `transformers`' `Ernie4_5_VLMoeForConditionalGeneration` with a small decoder
+# (3 layers, width 64, 4 text + 4 vision experts, top-2, one shared expert; weights drawn wider than
+# the default so that greedy decoding does not just repeat one token) but the real rotary
+# layout (head_dim 128, `mrope_section` [22, 22, 20]). `transformers` initialises routers to zero, so
+# every token would pick the same experts: we re-draw the routers and their correction biases.
+# `save_pretrained` writes the Hub layout: one expert list per layer (text experts first), the
+# routers as `gate.weight` / `gate.weight_1`, a (2, E) `moe_statics.e_score_correction_bias`.
+
+# %%
 from safetensors import safe_open
 from transformers import Ernie4_5_VLMoeConfig, Ernie4_5_VLMoeForConditionalGeneration
 
@@ -98,20 +91,23 @@ with safe_open(str(folder / "model.safetensors"), "pt") as f:
     for name in sorted(f.keys()):
         if name.startswith("model.layers.1.mlp.") and ("experts.0." in name or "experts.4." in name or "gate" in name
                                                       or "statics" in name):
-            print(f"{name:55s} {list(f.get_slice(name).get_shape())}")"""),
-    ("code", """\
+            print(f"{name:55s} {list(f.get_slice(name).get_shape())}")
+
+# %%
 model = ernie_lab.load_model(folder)
 print(type(model).__name__, f"{model.num_parameters():,} parameters")
 print("MoE layers:", model.vl_config.moe_layers)
-print(model.layers[1].mlp)"""),
-    ("md", """\
-## 2 · The reference check
+print(model.layers[1].mlp)
 
-A prompt built by `ernie_lab.processor.VLProcessor`: text, a picture, text. The processor inserts one
-placeholder id per adapter token; `transformers` also needs two token-type tensors
-(`mm_token_type_ids`: 1 on placeholders, for positions; `moe_mm_token_type_ids`: also 1 on the
-start/end markers, for routing), which `ernie_lab` derives from the ids itself."""),
-    ("code", """\
+# %% [markdown]
+# ## 2 · The reference check
+#
+# A prompt built by `ernie_lab.processor.VLProcessor`: text, a picture, text. The processor inserts one
+# placeholder id per adapter token; `transformers` also needs two token-type tensors
+# (`mm_token_type_ids`: 1 on placeholders, for positions; `moe_mm_token_type_ids`: also 1 on the
+# start/end markers, for routing), which `ernie_lab` derives from the ids itself.
+
+# %%
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # no real tokenizer here: the kit's stand-in carries the same special ids
     tokenizer = ernie_lab.load_tokenizer()
@@ -130,8 +126,9 @@ with torch.no_grad():
     with routing.record(model) as record:
         logits = model(ids, **pixels).logits
 print("max |logits difference|:", float((logits - expected).abs().max()))
-assert (logits - expected).abs().max() < 1e-4"""),
-    ("code", """\
+assert (logits - expected).abs().max() < 1e-4
+
+# %%
 # every routing decision: hooks on the reference's two routers per layer
 choices = {}
 for idx, layer in enumerate(reference.model.language_model.layers):
@@ -156,15 +153,17 @@ our_out = ernie_lab.generate(model, ids, 10, eos_token_id=[], **pixels)
 print("reference:", ref_out[0, -10:].tolist())
 print("ernie_lab:", our_out[0, -10:].tolist())
 assert torch.equal(our_out, ref_out)
-assert len(set(ref_out[0, -10:].tolist())) > 1, "a continuation of one repeated token would be a weak check\""""),
-    ("md", """\
-## 3 · Modality-isolated routing, seen
+assert len(set(ref_out[0, -10:].tolist())) > 1, "a continuation of one repeated token would be a weak check"
 
-`routing.record` keeps, for every MoE layer and token, the chosen experts **numbered inside their
-group** and the token's modality (0 text, 1 vision). To draw them we must label the two groups
-apart: text experts T0..T3 and vision experts V0..V3 are different networks, even though both are
-numbered 0..3 inside their group."""),
-    ("code", """\
+# %% [markdown]
+# ## 3 · Modality-isolated routing, seen
+#
+# `routing.record` keeps, for every MoE layer and token, the chosen experts **numbered inside their
+# group** and the token's modality (0 text, 1 vision). To draw them we must label the two groups
+# apart: text experts T0..T3 and vision experts V0..V3 are different networks, even though both are
+# numbered 0..3 inside their group.
+
+# %%
 entry = record.layers[0]
 columns = torch.zeros(ids.shape[1], 2 * E)            # token x (T0..T3, V0..V3): mixing weight
 for t in range(ids.shape[1]):
@@ -172,32 +171,25 @@ for t in range(ids.shape[1]):
     for j in range(entry.expert_ids.shape[1]):
         columns[t, offset + int(entry.expert_ids[t, j])] = float(entry.weights[t, j])
 
-fig, ax = plt.subplots(figsize=(11, 3.2))
-ax.imshow(columns.T, aspect="auto", cmap="Blues", interpolation="nearest")
-ax.axhline(E - 0.5, color="black", lw=1)
-ax.set_yticks(range(2 * E), [f"T{e}" for e in range(E)] + [f"V{e}" for e in range(E)])
-for t in range(ids.shape[1]):
-    if entry.modality[t]:
-        ax.axvspan(t - 0.5, t + 0.5, color="orange", alpha=0.12, lw=0)
-ax.set_xlabel("token position (orange band: vision tokens, picture placeholders and their markers)")
-ax.set_ylabel("expert")
-ax.set_title(f"Layer {entry.layer_idx}: mixing weight of the experts each token chose (top-{entry.expert_ids.shape[1]})")
-plt.show()
+draw_expert_choices(columns, entry.modality, E,
+                    f"Layer {entry.layer_idx}: mixing weight of the experts each token chose (top-{entry.expert_ids.shape[1]})")
 
 text_load, vision_load = entry.load(modality=0), entry.load(modality=1)
 print("tokens per text expert:  ", text_load.tolist())
 print("tokens per vision expert:", vision_load.tolist())
 assert int(text_load.sum()) == 2 * int((entry.modality == 0).sum())    # k = 2 choices per text token
 assert int(vision_load.sum()) == 2 * int((entry.modality == 1).sum())
-assert columns[~vision_rows][:, E:].sum() == 0 and columns[vision_rows][:, :E].sum() == 0  # isolation"""),
-    ("md", """\
-## 4 · Heterogeneous experts: narrow vision experts
+assert columns[~vision_rows][:, E:].sum() == 0 and columns[vision_rows][:, :E].sum() == 0  # isolation
 
-Each expert is a SwiGLU with three matrices of `hidden x width`. In the 28B model a text expert is
-1536 wide, a vision expert 512: a vision expert has a third of the parameters and a third of the
-compute. Pictures bring many tokens (hundreds per image), each of which needs less processing than a
-text token, so the model spends less on each of them."""),
-    ("code", """\
+# %% [markdown]
+# ## 4 · Heterogeneous experts: narrow vision experts
+#
+# Each expert is a SwiGLU with three matrices of `hidden x width`. In the 28B model a text expert is
+# 1536 wide, a vision expert 512: a vision expert has a third of the parameters and a third of the
+# compute. Pictures bring many tokens (hundreds per image), each of which needs less processing than a
+# text token, so the model spends less on each of them.
+
+# %%
 hidden, text_width, vision_width = 2560, 1536, 512
 per_expert = {"text expert": 3 * hidden * text_width, "vision expert": 3 * hidden * vision_width,
               "2 shared experts": 3 * hidden * 2 * text_width}
@@ -211,16 +203,18 @@ plt.show()
 assert per_expert["text expert"] == 3 * per_expert["vision expert"]
 
 layer = model.layers[1].mlp   # our tiny model keeps the same pattern: 32-wide text, 16-wide vision experts
-print([e.up_proj.out_features for e in layer.experts])"""),
-    ("md", """\
-## 5 · Why the balancing loss is computed per modality
+print([e.up_proj.out_features for e in layer.experts])
 
-The load-balancing loss $L = E \\sum_e f_e P_e$ ($f_e$: share of the token choices that went to expert
-$e$, $P_e$: mean router probability of $e$) is smallest when the load is even. The two groups share no
-experts, and their token counts differ wildly from batch to batch. Pooled into one table, a balanced
-group hides a collapsed one. Below: text tokens collapse onto expert 0 while vision tokens are split
-evenly (E = 2, k = 1)."""),
-    ("code", """\
+# %% [markdown]
+# ## 5 · Why the balancing loss is computed per modality
+#
+# The load-balancing loss $L = E \sum_e f_e P_e$ ($f_e$: share of the token choices that went to expert
+# $e$, $P_e$: mean router probability of $e$) is smallest when the load is even. The two groups share no
+# experts, and their token counts differ wildly from batch to batch. Pooled into one table, a balanced
+# group hides a collapsed one. Below: text tokens collapse onto expert 0 while vision tokens are split
+# evenly (E = 2, k = 1).
+
+# %%
 probs = torch.tensor([[0.8, 0.2], [0.8, 0.2],      # two text tokens: both choose expert 0
                       [0.7, 0.3], [0.3, 0.7]])     # two vision tokens: one each
 modality = torch.tensor([0, 0, 1, 1])
@@ -229,11 +223,13 @@ pooled = load_balancing_loss(probs.log(), k=1)
 print(f"text {separate['text']:.3f}   vision {separate['vision']:.3f}   pooled {pooled:.3f}   (balanced = 1.0)")
 assert math.isclose(separate["text"].item(), 1.6, rel_tol=1e-6)
 assert math.isclose(separate["vision"].item(), 1.0, rel_tol=1e-6)
-assert pooled < separate["text"]   # pooling dilutes the text group's collapse"""),
-    ("md", """\
-The dilution grows with the picture: as more vision tokens join the batch, the pooled loss drifts to
-the vision group's value and stops seeing the collapsed text group at all."""),
-    ("code", """\
+assert pooled < separate["text"]   # pooling dilutes the text group's collapse
+
+# %% [markdown]
+# The dilution grows with the picture: as more vision tokens join the batch, the pooled loss drifts to
+# the vision group's value and stops seeing the collapsed text group at all.
+
+# %%
 n_vision = [2, 8, 32, 128, 512] if FAST else [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 pooled_values = []
 for n in tqdm(n_vision, desc="vision tokens"):
@@ -247,20 +243,23 @@ ax.axhline(1.0, color="gray", ls=":", label="perfectly balanced")
 ax.set_xlabel("vision tokens in the batch (2 text tokens)"); ax.set_ylabel("load-balancing loss")
 ax.set_title("A collapsed text group disappears in the pooled loss"); ax.legend()
 plt.show()
-assert pooled_values[-1] < 1.01 and pooled_values[0] > pooled_values[-1]"""),
-    ("md", """\
-## 6 · Parameter arithmetic: 28B-A3B and 424B-A47B
+assert pooled_values[-1] < 1.01 and pooled_values[0] > pooled_values[-1]
 
-Per layer, with width $h$, $H$ query and $H_{kv}$ key/value heads of size $d$:
 
-* attention: $2hHd + 2hH_{kv}d$; two RMSNorms: $2h$;
-* dense layer: a SwiGLU of width $I$: $3hI$;
-* MoE layer: $E$ text experts $3hI_t$ each, $E$ vision experts $3hI_v$ each, shared experts $3h\\,S I_t$,
-  two routers $2Eh$ and the correction biases $2E$.
+# %% [markdown]
+# ## 6 · Parameter arithmetic: 28B-A3B and 424B-A47B
+#
+# Per layer, with width $h$, $H$ query and $H_{kv}$ key/value heads of size $d$:
+#
+# * attention: $2hHd + 2hH_{kv}d$; two RMSNorms: $2h$;
+# * dense layer: a SwiGLU of width $I$: $3hI$;
+# * MoE layer: $E$ text experts $3hI_t$ each, $E$ vision experts $3hI_v$ each, shared experts $3h\,S I_t$,
+#   two routers $2Eh$ and the correction biases $2E$.
+#
+# Plus the embedding $Vh$ (tied with the LM head), a final norm, the ViT and the adapter. *Active* per
+# token counts the $k$ chosen experts of the token's own group instead of all of them.
 
-Plus the embedding $Vh$ (tied with the LM head), a final norm, the ViT and the adapter. *Active* per
-token counts the $k$ chosen experts of the token's own group instead of all of them."""),
-    ("code", """\
+# %%
 def vit_params(width=1280, depth=32, mlp=5120, patch=14):
     block = 4 * width * width + 4 * width + 2 * width * mlp + mlp + width + 4 * width   # qkv+proj, fc1+fc2, 2 LayerNorms
     return 3 * patch * patch * width + depth * block + 2 * width
@@ -287,8 +286,9 @@ vl28 = decoder_params(V=103424, h=2560, L=28, H=20, Hkv=4, d=128, I=12288, E=64,
 vision_28 = vit_params() + adapter_params(text_hidden=2560)
 total_28 = vl28[0] + vision_28
 print(f"VL-28B-A3B: decoder {vl28[0] / 1e9:.2f} B + ViT and adapter {vision_28 / 1e9:.2f} B = {total_28:,} parameters")
-print(f"            active per text token {vl28[1] / 1e9:.2f} B, per vision token {vl28[2] / 1e9:.2f} B")"""),
-    ("code", """\
+print(f"            active per text token {vl28[1] / 1e9:.2f} B, per vision token {vl28[2] / 1e9:.2f} B")
+
+# %%
 # check: the same count from transformers' reference class, and from ernie_lab's model, both on the meta device
 from ernie_lab.vl_model import ErnieVLForConditionalGeneration, VLConfig
 
@@ -298,18 +298,20 @@ with torch.device("meta"):
 print(f"transformers {hf_count:,}   ernie_lab {lab_count:,}   formula {total_28:,}")
 assert hf_count == lab_count == total_28
 assert 28e9 < vl28[0] < 29e9          # "28B": the language model; the ViT and adapter add 0.8 B
-assert 2.9e9 < vl28[1] < 3.5e9        # "A3B": about 3 B active per text token"""),
-    ("md", """\
-### 424B-A47B
+assert 2.9e9 < vl28[1] < 3.5e9        # "A3B": about 3 B active per text token
 
-The large VL model shares its decoder shape with ERNIE-4.5-300B-A47B (54 layers of width 8192, 64
-query / 8 KV heads, dense width 28672, 3 dense layers then MoE, 64 text experts of width 3584, top-8,
-no shared experts, untied embeddings) and adds 64 vision experts per MoE layer. Its config.json is
-not on this machine, so the vision-expert width is *inferred*: the 124 B that separate 424 B from
-300 B, spread over 51 MoE layers x 64 experts x 3 x 8192, give a width of about 1536. (In the 28B the
-vision width is a third of the text width; 1536 is no such simple fraction of 3584, so treat it as the
-number the published total implies.) Point the formula at the published config.json to replace it."""),
-    ("code", """\
+# %% [markdown]
+# ### 424B-A47B
+#
+# The large VL model shares its decoder shape with ERNIE-4.5-300B-A47B (54 layers of width 8192, 64
+# query / 8 KV heads, dense width 28672, 3 dense layers then MoE, 64 text experts of width 3584, top-8,
+# no shared experts, untied embeddings) and adds 64 vision experts per MoE layer. Its config.json is
+# not on this machine, so the vision-expert width is *inferred*: the 124 B that separate 424 B from
+# 300 B, spread over 51 MoE layers x 64 experts x 3 x 8192, give a width of about 1536. (In the 28B the
+# vision width is a third of the text width; 1536 is no such simple fraction of 3584, so treat it as the
+# number the published total implies.) Point the formula at the published config.json to replace it.
+
+# %%
 text300 = decoder_params(V=103424, h=8192, L=54, H=64, Hkv=8, d=128, I=28672, E=64, k=8, It=3584, Iv=0, S=0,
                          moe_layers=51, tied=False)
 vl424 = decoder_params(V=103424, h=8192, L=54, H=64, Hkv=8, d=128, I=28672, E=64, k=8, It=3584, Iv=1536, S=0,
@@ -330,60 +332,53 @@ ax.set_yscale("log"); ax.set_ylim(1, 2000); ax.set_xticks(range(2), names); ax.s
 ax.set_title("Total vs active parameters"); ax.legend()
 for x, (t, a) in enumerate(zip(totals, actives)):
     ax.text(x - 0.2, t, f"{t:.0f}", ha="center", va="bottom"); ax.text(x + 0.2, a, f"{a:.1f}", ha="center", va="bottom")
-plt.show()"""),
-    ("md", """\
-## Exercises
+plt.show()
 
-**1.** In the 28B model, how many parameters does one MoE layer hold in its *vision* experts alone,
-and what share of the decoder's total is that? (Reference answer filled in; replace it with yours.)"""),
-    ("code", """\
+# %% [markdown]
+# ## Exercises
+#
+# **1.** In the 28B model, how many parameters does one MoE layer hold in its *vision* experts alone,
+# and what share of the decoder's total is that? (Reference answer filled in; replace it with yours.)
+
+# %%
 # --- your answer (reference solution; replace it with your own) ---
 vision_experts_per_layer = 64 * 3 * 2560 * 512
 share_of_decoder = 27 * vision_experts_per_layer / vl28[0]
 # -------------------------------------------------------------------
-print(f"{vision_experts_per_layer:,} per layer, {share_of_decoder:.1%} of the decoder")"""),
-    ("code", """\
+print(f"{vision_experts_per_layer:,} per layer, {share_of_decoder:.1%} of the decoder")
+
+# %%
 with torch.device("meta"):  # count from the real module, shapes only
     real = ErnieVLForConditionalGeneration(VLConfig.from_dict(Ernie4_5_VLMoeConfig().to_dict()))
 experts = real.layers[1].mlp.experts
 counted = sum(p.numel() for e in experts[64:] for p in e.parameters())
 assert vision_experts_per_layer == counted, counted
 assert abs(share_of_decoder - 27 * counted / vl28[0]) < 1e-9
-print("correct")"""),
-    ("md", """\
-**2.** A batch holds 3 text tokens that all pick text expert 1 (probabilities [0.1, 0.9]) and 3 vision
-tokens with probabilities [0.6, 0.4], [0.4, 0.6], [0.55, 0.45]. With E = 2 and k = 1, compute the
-*text* group's balancing loss by hand."""),
-    ("code", """\
+print("correct")
+
+# %% [markdown]
+# **2.** A batch holds 3 text tokens that all pick text expert 1 (probabilities [0.1, 0.9]) and 3 vision
+# tokens with probabilities [0.6, 0.4], [0.4, 0.6], [0.55, 0.45]. With E = 2 and k = 1, compute the
+# *text* group's balancing loss by hand.
+
+# %%
 # --- your answer (reference solution; replace it with your own) ---
 f_text = [0.0, 1.0]            # share of text choices per expert
 P_text = [0.1, 0.9]            # mean text router probability per expert
 text_loss = 2 * sum(f * p for f, p in zip(f_text, P_text))
 # -------------------------------------------------------------------
-print(text_loss)"""),
-    ("code", """\
+print(text_loss)
+
+# %%
 table = torch.tensor([[0.1, 0.9]] * 3 + [[0.6, 0.4], [0.4, 0.6], [0.55, 0.45]]).log()
 check = modality_balancing_losses([table], torch.tensor([0, 0, 0, 1, 1, 1]), k=1)
 assert math.isclose(text_loss, check["text"].item(), rel_tol=1e-5), check
-print("correct; the vision group's loss is", round(check["vision"].item(), 4))"""),
-    ("md", """\
-## What we built
+print("correct; the vision group's loss is", round(check["vision"].item(), 4))
 
-* `ernie_lab.vl_model.ErnieVLForConditionalGeneration`, loaded by `ernie_lab.load_model` from a
-  `ernie4_5_vl_moe` checkpoint, equal to `transformers` in logits, positions, routing and decoding;
-* `ernie_lab.processor.VLProcessor`: a conversation with pictures -> ids and pixels (thinking switch);
-* `ernie_lab.losses.token_balanced_loss` and `modality_balancing_losses` for training."""),
-]
-
-
-def build() -> nbformat.NotebookNode:
-    nb = new_notebook()
-    nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in CELLS]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    return nb
-
-
-if __name__ == "__main__":
-    NOTEBOOK.parent.mkdir(exist_ok=True)
-    nbformat.write(build(), NOTEBOOK)
-    print("wrote", NOTEBOOK)
+# %% [markdown]
+# ## What we built
+#
+# * `ernie_lab.vl_model.ErnieVLForConditionalGeneration`, loaded by `ernie_lab.load_model` from a
+#   `ernie4_5_vl_moe` checkpoint, equal to `transformers` in logits, positions, routing and decoding;
+# * `ernie_lab.processor.VLProcessor`: a conversation with pictures -> ids and pixels (thinking switch);
+# * `ernie_lab.losses.token_balanced_loss` and `modality_balancing_losses` for training.

@@ -1,60 +1,50 @@
-"""Write notebooks/02_mixture_of_experts.ipynb (without outputs).
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-    python scripts/make_notebook_02.py
+# %% [markdown]
+# # 02 · The mixture of experts
+#
+# In notebook 01 every layer of the decoder ended in one feed-forward network (FFN), a SwiGLU. ERNIE 4.5's
+# large text models, **21B-A3B** and **300B-A47B**, replace it in most layers by a *mixture of experts*
+# (MoE): many small SwiGLUs, the *experts*, and a *router* that sends every token to only a few of them.
+#
+# 1. why: parameters grow with the number of experts, compute only with the number *used*;
+# 2. the router, step by step, with ERNIE's twists (float32 softmax over all experts, a correction
+#    bias that only chooses, renormalised weights);
+# 3. shared experts, which every token passes through;
+# 4. dispatch: running each expert once on all of its tokens, with a picture;
+# 5. the whole model checked against `transformers` (logits, greedy decoding, every routing decision);
+# 6. routing records and expert-load heatmaps;
+# 7. load imbalance, the losses that fix it, and a small training run with and without them;
+# 8. exercises.
+#
+# `ERNIE_LAB_FAST=1` shortens the training run; every check still runs.
 
-The text mixture of experts of ERNIE-4.5-21B-A3B and 300B-A47B: why (parameters vs compute, with
-both models' arithmetic), the router step by step, shared experts, dispatch, a check against
-transformers, routing records and load heatmaps, load imbalance and the losses that fix it, and a
-small training run with and without them.
-"""
-
-from pathlib import Path
-
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "02_mixture_of_experts.ipynb"
-
-CELLS = [
-    ("md", """\
-# 02 · The mixture of experts
-
-In notebook 01 every layer of the decoder ended in one feed-forward network (FFN), a SwiGLU. ERNIE 4.5's
-large text models, **21B-A3B** and **300B-A47B**, replace it in most layers by a *mixture of experts*
-(MoE): many small SwiGLUs, the *experts*, and a *router* that sends every token to only a few of them.
-
-1. why: parameters grow with the number of experts, compute only with the number *used*;
-2. the router, step by step, with ERNIE's twists (float32 softmax over all experts, a correction
-   bias that only chooses, renormalised weights);
-3. shared experts, which every token passes through;
-4. dispatch: running each expert once on all of its tokens, with a picture;
-5. the whole model checked against `transformers` (logits, greedy decoding, every routing decision);
-6. routing records and expert-load heatmaps;
-7. load imbalance, the losses that fix it, and a small training run with and without them;
-8. exercises.
-
-`ERNIE_LAB_FAST=1` shortens the training run; every check still runs."""),
-    ("code", """\
-%matplotlib inline
+# %%
+# %matplotlib inline
 import math
 import os
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
-
-for folder in [Path.cwd(), *Path.cwd().parents]:  # find ernie_lab when it is not pip-installed
-    if (folder / "ernie_lab" / "__init__.py").is_file():
-        sys.path.insert(0, str(folder))
-        break
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 from tqdm.auto import tqdm
 
 import ernie_lab
@@ -62,29 +52,29 @@ from ernie_lab import losses, routing
 from ernie_lab.config import ERNIE_21B_A3B, ErnieConfig
 from ernie_lab.mlp import SwiGLU
 from ernie_lab.moe import MoEBlock, dispatch, moe_blocks, route
+from ernie_lab.notebook import draw_dispatch, load_heatmap, setup
 
-FAST = os.environ.get("ERNIE_LAB_FAST") == "1"
-torch.manual_seed(0)
-print("fast mode:", FAST)"""),
-    # ------------------------------------------------------------------------------------------------
-    ("md", """\
-## 1 · Why a mixture of experts: parameters versus compute
+FAST = setup()
 
-A dense SwiGLU of width $I$ on a residual stream of width $H$ holds $3HI$ parameters, and every token
-multiplies with all of them. An MoE layer holds $E$ experts of width $I_e$ but each token uses only
-$k$ of them:
+# %% [markdown]
+# ## 1 · Why a mixture of experts: parameters versus compute
+#
+# A dense SwiGLU of width $I$ on a residual stream of width $H$ holds $3HI$ parameters, and every token
+# multiplies with all of them. An MoE layer holds $E$ experts of width $I_e$ but each token uses only
+# $k$ of them:
+#
+# $$\text{parameters} \approx 3 H I_e E, \qquad \text{work per token} \approx 3 H I_e k .$$
+#
+# Parameters (what the model can *store*) grow with $E$; compute (what a token *costs*) grows with $k$.
+# The names say both numbers: 21B-**A3B** has 21 B parameters of which about 3 B are *active* for a token.
+# Below, both models are counted from their config numbers alone. The 21B-A3B numbers are the
+# `transformers` default config (the published checkpoint's). The 300B-A47B numbers are those of its
+# published `config.json`, read from public copies (the Hub is not reachable here): a FastDeploy test
+# fixture and an Ascend MindIE fixture that write the same widths, and a public tensor listing of the
+# checkpoint (github.com/Hchnr/test) that shows layers 0-2 dense, a (1, 64) correction bias and a separate
+# `lm_head.weight`, i.e. untied embeddings.
 
-$$\\text{parameters} \\approx 3 H I_e E, \\qquad \\text{work per token} \\approx 3 H I_e k .$$
-
-Parameters (what the model can *store*) grow with $E$; compute (what a token *costs*) grows with $k$.
-The names say both numbers: 21B-**A3B** has 21 B parameters of which about 3 B are *active* for a token.
-Below, both models are counted from their config numbers alone. The 21B-A3B numbers are the
-`transformers` default config (the published checkpoint's). The 300B-A47B numbers are those of its
-published `config.json`, read from public copies (the Hub is not reachable here): a FastDeploy test
-fixture and an Ascend MindIE fixture that write the same widths, and a public tensor listing of the
-checkpoint (github.com/Hchnr/test) that shows layers 0-2 dense, a (1, 64) correction bias and a separate
-`lm_head.weight`, i.e. untied embeddings."""),
-    ("code", """\
+# %%
 ERNIE_300B_A47B_NUMBERS = dict(
     model_type="ernie4_5_moe", vocab_size=103424, hidden_size=8192, intermediate_size=28672,
     num_hidden_layers=54, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
@@ -123,13 +113,15 @@ counts = {name: parameter_count(c) for name, c in configs.items()}
 for name, (total, active) in counts.items():
     print(f"{name:10s} total {sum(total.values()):>17,}   active {sum(active.values()):>15,}")
     for part in total:
-        print(f"    {part:15s} {total[part]:>17,} {active[part]:>17,}")"""),
-    ("md", """\
-Two independent checks: the same configs built as `ernie_lab` models on PyTorch's *meta* device (shapes
-without memory, so a 300 B model costs nothing) must count exactly the same, and the totals must
-reproduce the published figures: 21,825,437,888 for 21B-A3B (what `transformers` counts for its
-default config), about 300 B and 47 B active for 300B-A47B, about 3 B active for 21B-A3B."""),
-    ("code", """\
+        print(f"    {part:15s} {total[part]:>17,} {active[part]:>17,}")
+
+# %% [markdown]
+# Two independent checks: the same configs built as `ernie_lab` models on PyTorch's *meta* device (shapes
+# without memory, so a 300 B model costs nothing) must count exactly the same, and the totals must
+# reproduce the published figures: 21,825,437,888 for 21B-A3B (what `transformers` counts for its
+# default config), about 300 B and 47 B active for 300B-A47B, about 3 B active for 21B-A3B.
+
+# %%
 for name, c in configs.items():
     with torch.device("meta"):
         built = ernie_lab.ErnieForCausalLM(c)
@@ -142,8 +134,9 @@ assert abs(active_21 - 3e9) < 0.4e9, active_21
 assert abs(total_300 - 300e9) / 300e9 < 0.01, total_300
 assert abs(active_300 - 47e9) / 47e9 < 0.01, active_300
 print(f"21B-A3B: {total_21 / 1e9:.2f} B total, {active_21 / 1e9:.2f} B active ({active_21 / total_21:.1%})")
-print(f"300B-A47B: {total_300 / 1e9:.2f} B total, {active_300 / 1e9:.2f} B active ({active_300 / total_300:.1%})")"""),
-    ("code", """\
+print(f"300B-A47B: {total_300 / 1e9:.2f} B total, {active_300 / 1e9:.2f} B active ({active_300 / total_300:.1%})")
+
+# %%
 fig, axes = plt.subplots(1, 2, figsize=(13, 3.4))
 colors = plt.cm.tab10(np.arange(8))
 for ax, (name, (total, active)) in zip(axes, counts.items()):
@@ -160,30 +153,32 @@ for ax, (name, (total, active)) in zip(axes, counts.items()):
 axes[1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=9)
 fig.suptitle("Where the parameters are, and how few a token uses")
 plt.tight_layout()
-plt.show()"""),
-    ("md", """\
-The routed experts hold 96 % of the 300B model, and a token touches 8 of 64 of them. In 300B-A47B the
-8 active experts of width 3584 add up to exactly one dense FFN of width 28672 (the width of its three
-dense layers): per token, an MoE layer costs what a dense layer costs, with 8x the parameters to draw on."""),
-    # ------------------------------------------------------------------------------------------------
-    ("md", """\
-## 2 · The router, step by step
+plt.show()
 
-For a token $x$ (width $H$), ERNIE's router computes, in float32:
+# %% [markdown]
+# The routed experts hold 96 % of the 300B model, and a token touches 8 of 64 of them. In 300B-A47B the
+# 8 active experts of width 3584 add up to exactly one dense FFN of width 28672 (the width of its three
+# dense layers): per token, an MoE layer costs what a dense layer costs, with 8x the parameters to draw on.
 
-1. logits $z = W_r x$, one per expert ($W_r$ is `mlp.gate.weight`, shape $(E, H)$);
-2. probabilities $p = \\mathrm{softmax}(z)$ over **all** $E$ experts;
-3. the chosen experts $S = \\text{top-}k(p + b)$, where $b$ is the **correction bias**
-   (`mlp.moe_statics.e_score_correction_bias`). It is not learnt by gradient descent: during training
-   it is nudged up for under-used experts and down for over-used ones, to even out the load. It only
-   *chooses*;
-4. the mixing weights are the *unbiased* probabilities of the chosen experts, renormalised:
-   $w_e = p_e / \\max(\\sum_{j \\in S} p_j,\\ \\texttt{moe\\_norm\\_min})$ for $e \\in S$. The clamp
-   (1e-12) only guards against dividing by zero.
+# %% [markdown]
+# ## 2 · The router, step by step
+#
+# For a token $x$ (width $H$), ERNIE's router computes, in float32:
+#
+# 1. logits $z = W_r x$, one per expert ($W_r$ is `mlp.gate.weight`, shape $(E, H)$);
+# 2. probabilities $p = \mathrm{softmax}(z)$ over **all** $E$ experts;
+# 3. the chosen experts $S = \text{top-}k(p + b)$, where $b$ is the **correction bias**
+#    (`mlp.moe_statics.e_score_correction_bias`). It is not learnt by gradient descent: during training
+#    it is nudged up for under-used experts and down for over-used ones, to even out the load. It only
+#    *chooses*;
+# 4. the mixing weights are the *unbiased* probabilities of the chosen experts, renormalised:
+#    $w_e = p_e / \max(\sum_{j \in S} p_j,\ \texttt{moe\_norm\_min})$ for $e \in S$. The clamp
+#    (1e-12) only guards against dividing by zero.
+#
+# Here is one token with 8 experts and $k = 2$. We give the third most likely expert just enough bias
+# to overtake the second.
 
-Here is one token with 8 experts and $k = 2$. We give the third most likely expert just enough bias
-to overtake the second."""),
-    ("code", """\
+# %%
 torch.manual_seed(3)
 E, k, H = 8, 2, 16
 x = torch.randn(1, H)                           # one token
@@ -199,8 +194,9 @@ chosen = (p + b).topk(k, dim=-1).indices        # (1, k): the bias takes part in
 w = p.gather(-1, chosen)                        # ... but the weights use the unbiased p
 w = w / w.sum(dim=-1, keepdim=True).clamp(min=1e-12)
 print("probabilities:", [round(v, 3) for v in p[0].tolist()])
-print("chosen experts:", chosen[0].tolist(), " weights:", [round(v, 3) for v in w[0].tolist()])"""),
-    ("code", """\
+print("chosen experts:", chosen[0].tolist(), " weights:", [round(v, 3) for v in w[0].tolist()])
+
+# %%
 fig, ax = plt.subplots(figsize=(9, 3.2))
 experts = np.arange(E)
 is_chosen = np.isin(experts, chosen[0].numpy())
@@ -215,8 +211,9 @@ ax.set_ylabel("probability")
 ax.set_title(f"One token, top-{k} of {E}: the bias lifts E{int(ranked[2])} into the choice, its weight stays unbiased")
 ax.legend(loc="upper right")
 plt.tight_layout()
-plt.show()"""),
-    ("code", """\
+plt.show()
+
+# %%
 # the same with ernie_lab.moe.route (used by the MoE block), and what the bias did
 probs, ids, weights = route(logits, k, norm_min=1e-12, correction_bias=b)
 assert torch.equal(ids, chosen) and torch.allclose(weights, w) and torch.allclose(probs, p)
@@ -224,19 +221,20 @@ assert int(ranked[2]) in ids[0].tolist() and int(ranked[1]) not in ids[0].tolist
 unbiased = route(logits, k).expert_ids
 assert int(ranked[1]) in unbiased[0].tolist()
 assert torch.isclose(weights.sum(), torch.tensor(1.0))
-print("route() agrees; without the bias the choice would be", unbiased[0].tolist())"""),
-    # ------------------------------------------------------------------------------------------------
-    ("md", """\
-## 3 · Shared experts
+print("route() agrees; without the bias the choice would be", unbiased[0].tolist())
 
-21B-A3B also has **2 shared experts** in every MoE layer: experts that every token passes through,
-whatever the router says, added to the routed output **unscaled** (no router weight). They hold what
-every token needs, so the routed experts can specialise. 300B-A47B has none.
+# %% [markdown]
+# ## 3 · Shared experts
+#
+# 21B-A3B also has **2 shared experts** in every MoE layer: experts that every token passes through,
+# whatever the router says, added to the routed output **unscaled** (no router weight). They hold what
+# every token needs, so the routed experts can specialise. 300B-A47B has none.
+#
+# Two shared SwiGLU experts of width 1536 are stored as **one** SwiGLU of width 2 x 1536 = 3072
+# (`mlp.shared_experts.*`): a SwiGLU is a sum over its intermediate features, so two side by side are
+# one twice as wide. Check it:
 
-Two shared SwiGLU experts of width 1536 are stored as **one** SwiGLU of width 2 x 1536 = 3072
-(`mlp.shared_experts.*`): a SwiGLU is a sum over its intermediate features, so two side by side are
-one twice as wide. Check it:"""),
-    ("code", """\
+# %%
 torch.manual_seed(0)
 one, two = SwiGLU(16, 6), SwiGLU(16, 6)
 wide = SwiGLU(16, 12)
@@ -248,79 +246,34 @@ with torch.no_grad():
     assert torch.allclose(one(tokens) + two(tokens), wide(tokens), atol=1e-6)
 print("two experts of width 6 == one expert of width 12")
 print(MoEBlock(ErnieConfig(model_type="ernie4_5_moe", hidden_size=8, moe_num_experts=3, moe_k=2,
-                           moe_intermediate_size=4, moe_num_shared_experts=2), layer_idx=1))"""),
-    ("md", """\
-So an MoE layer computes $y = \\sum_{e \\in S} w_e \\,\\mathrm{Expert}_e(x) + \\mathrm{Shared}(x)$. The
-printout shows the layout the checkpoints use: `gate` (the router), `moe_statics`, `experts.0 ...`,
-`shared_experts`."""),
-    # ------------------------------------------------------------------------------------------------
-    ("md", """\
-## 4 · Dispatch: every expert once, on all of its tokens
-
-The obvious code loops over tokens and, for each, over its $k$ experts: $N k$ tiny matrix-vector
-products, and in Python. Instead, `ernie_lab.moe.dispatch`:
-
-1. lists the $N k$ (token, slot) *pairs* and **sorts them by expert**: expert $e$'s tokens now sit in
-   one contiguous slice, and `bincount` says how long each slice is;
-2. gathers the token rows in that order and runs **each active expert once**, on its whole slice
-   (three batched matmuls), skipping idle experts;
-3. puts the outputs back in pair order and adds each token's $k$ outputs with their weights.
-
-The loop is over experts (at most $E$), never over tokens."""),
-    ("code", """\
-def draw_dispatch(expert_ids, num_experts):
-    '''Tokens -> pairs sorted by expert -> one call per active expert -> back to tokens.'''
-    N, k = expert_ids.shape
-    pairs = expert_ids.reshape(-1)
-    order = pairs.argsort(stable=True)
-    counts = torch.bincount(pairs, minlength=num_experts)
-    colors = plt.cm.Set2(np.arange(num_experts))
-    rows = N * k
-    idle = [e for e in range(num_experts) if counts[e] == 0]
-    fig, ax = plt.subplots(figsize=(12, 0.6 * (rows + len(idle)) + 1.2))
-    token_y = {t: rows - 1 - (t + 0.5) * rows / N + 0.5 for t in range(N)}
-    box = dict(boxstyle="round,pad=0.05")
-    for t in range(N):
-        ax.add_patch(FancyBboxPatch((0, token_y[t] - 0.35), 1.3, 0.7, fc="white", ec="black", **box))
-        ax.text(0.65, token_y[t], f"token {t}", ha="center", va="center")
-    for pos, pair in enumerate(order.tolist()):
-        t, slot, e = pair // k, pair % k, int(pairs[pair])
-        y = rows - 1 - pos
-        ax.add_patch(FancyBboxPatch((3, y - 0.35), 1.6, 0.7, fc=colors[e], ec="gray", **box))
-        ax.text(3.8, y, f"t{t} slot {slot} -> E{e}", ha="center", va="center", fontsize=9)
-        ax.add_patch(FancyArrowPatch((1.4, token_y[t]), (2.95, y), arrowstyle="->", color=colors[e], mutation_scale=12, lw=1.5))
-    start = 0
-    for e in range(num_experts):
-        n = int(counts[e])
-        if n == 0:
-            continue
-        top, bottom = rows - 1 - start + 0.4, rows - 1 - (start + n - 1) - 0.4
-        mid = (top + bottom) / 2
-        ax.add_patch(FancyBboxPatch((6, mid - 0.35), 2.6, 0.7, fc=colors[e], ec="black", **box))
-        ax.text(7.3, mid, f"expert {e}: one call on {n} rows", ha="center", va="center", fontsize=9)
-        ax.plot([4.75, 4.75], [bottom + 0.05, top - 0.05], color="black", lw=2)
-        ax.add_patch(FancyArrowPatch((4.8, mid), (5.95, mid), arrowstyle="->", color="black", mutation_scale=12))
-        ax.add_patch(FancyArrowPatch((8.65, mid), (9.55, rows / 2 - 0.5), arrowstyle="->", color=colors[e], mutation_scale=12))
-        start += n
-    for j, e in enumerate(idle):
-        y = -1 - j
-        ax.add_patch(FancyBboxPatch((6, y - 0.35), 2.6, 0.7, fc="white", ec="gray", ls="--", **box))
-        ax.text(7.3, y, f"expert {e}: no tokens, skipped", ha="center", va="center", fontsize=9, color="gray")
-    ax.text(10.6, rows / 2 - 0.5, "outputs back in\\n(token, slot) order;\\neach token adds its\\nk outputs, weighted",
-            ha="center", va="center", fontsize=9, bbox=dict(boxstyle="round", fc="lightyellow", ec="gray"))
-    for x, label in ((0.65, "tokens"), (3.8, "pairs, sorted by expert"), (7.3, "experts"), (10.6, "combine")):
-        ax.text(x, rows + 0.2, label, ha="center", fontweight="bold")
-    ax.set_xlim(-0.2, 11.8)
-    ax.set_ylim(-0.8 - len(idle), rows + 0.7)
-    ax.axis("off")
-    fig.suptitle("dispatch: (token, slot) pairs sorted by expert; each active expert runs once on its slice")
-    plt.tight_layout()
-    plt.show()
+                           moe_intermediate_size=4, moe_num_shared_experts=2), layer_idx=1))
 
 
+# %% [markdown]
+# So an MoE layer computes $y = \sum_{e \in S} w_e \,\mathrm{Expert}_e(x) + \mathrm{Shared}(x)$. The
+# printout shows the layout the checkpoints use: `gate` (the router), `moe_statics`, `experts.0 ...`,
+# `shared_experts`.
+
+# %% [markdown]
+# ## 4 · Dispatch: every expert once, on all of its tokens
+#
+# The obvious code loops over tokens and, for each, over its $k$ experts: $N k$ tiny matrix-vector
+# products, and in Python. Instead, `ernie_lab.moe.dispatch`:
+#
+# 1. lists the $N k$ (token, slot) *pairs* and **sorts them by expert**: expert $e$'s tokens now sit in
+#    one contiguous slice, and `bincount` says how long each slice is;
+# 2. gathers the token rows in that order and runs **each active expert once**, on its whole slice
+#    (three batched matmuls), skipping idle experts;
+# 3. puts the outputs back in pair order and adds each token's $k$ outputs with their weights.
+#
+# The loop is over experts (at most $E$), never over tokens.
+
+# %%
+# `ernie_lab.notebook.draw_dispatch` draws these steps for any (N, k) table of expert ids
 example_ids = torch.tensor([[2, 0], [1, 2], [0, 2], [2, 1], [0, 1]])  # 5 tokens, k = 2, E = 4
-draw_dispatch(example_ids, num_experts=4)"""),
-    ("code", """\
+draw_dispatch(example_ids, num_experts=4)
+
+# %%
 # the same steps in code, on that example
 N, k = example_ids.shape
 pairs = example_ids.reshape(-1)                   # pair p = (token p // k, slot p % k)
@@ -338,8 +291,9 @@ with torch.no_grad():
     fast = dispatch(tokens, example_ids, mix, experts)
     slow = torch.stack([sum(mix[t, j] * experts[int(example_ids[t, j])](tokens[t]) for j in range(k)) for t in range(N)])
 assert torch.allclose(fast, slow, atol=1e-6)
-print("dispatch == the loop over tokens")"""),
-    ("code", """\
+print("dispatch == the loop over tokens")
+
+# %%
 # why it matters: 512 tokens through 16 experts, top-4
 torch.manual_seed(0)
 experts = torch.nn.ModuleList(SwiGLU(256, 128) for _ in range(16))
@@ -352,17 +306,18 @@ with torch.no_grad():
     slow = torch.stack([sum(mix[t, j] * experts[int(ids[t, j])](tokens[t]) for j in range(4)) for t in range(512)])
     t_slow = time.perf_counter() - start
 assert torch.allclose(fast, slow, atol=1e-5)
-print(f"loop over tokens: {t_slow * 1e3:.0f} ms   dispatch: {t_fast * 1e3:.1f} ms   ({t_slow / t_fast:.0f}x)")"""),
-    # ------------------------------------------------------------------------------------------------
-    ("md", """\
-## 5 · The whole model, checked against `transformers`
+print(f"loop over tokens: {t_slow * 1e3:.0f} ms   dispatch: {t_fast * 1e3:.1f} ms   ({t_slow / t_fast:.0f}x)")
 
-A small random `Ernie4_5_MoeForCausalLM` (3 layers: one dense, two MoE; 8 experts, top-2, 2 shared),
-saved with `save_pretrained` in the Hub layout, then loaded by `ernie_lab.load_model`. `transformers`
-initialises routers to zero (every token would route alike) and the correction bias to zero: both are
-re-drawn, the bias large enough to change some choices; all weights are drawn wider than the default
-(std 0.3), so that greedy decoding does not just repeat one token."""),
-    ("code", """\
+# %% [markdown]
+# ## 5 · The whole model, checked against `transformers`
+#
+# A small random `Ernie4_5_MoeForCausalLM` (3 layers: one dense, two MoE; 8 experts, top-2, 2 shared),
+# saved with `save_pretrained` in the Hub layout, then loaded by `ernie_lab.load_model`. `transformers`
+# initialises routers to zero (every token would route alike) and the correction bias to zero: both are
+# re-drawn, the bias large enough to change some choices; all weights are drawn wider than the default
+# (std 0.3), so that greedy decoding does not just repeat one token.
+
+# %%
 from safetensors import safe_open
 from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
 
@@ -388,8 +343,9 @@ with safe_open(str(folder / "model.safetensors"), "pt") as f:
         if name.startswith("model.layers.1.mlp.") and ".experts." not in name or name.startswith("model.layers.1.mlp.experts.0."):
             print(f"{name:52s} {list(f.get_slice(name).get_shape())}")    # experts 1..7 look like expert 0
 model = ernie_lab.load_model(folder)
-print(f"ernie_lab model: {model.num_parameters():,} parameters; MoE layers", [b.routing_tap.layer_idx for b in moe_blocks(model)])"""),
-    ("code", """\
+print(f"ernie_lab model: {model.num_parameters():,} parameters; MoE layers", [b.routing_tap.layer_idx for b in moe_blocks(model)])
+
+# %%
 # logits, every routing decision, greedy decoding
 choices = {}
 for idx, layer in enumerate(reference.model.layers):
@@ -419,71 +375,66 @@ for entry in record.layers:
     assert torch.equal(entry.expert_ids.sort(-1).values, ref_ids.sort(-1).values)
 for module in reference.modules():
     module._forward_hooks.clear()
-print("same experts for all", record.layers[0].num_tokens, "tokens in", len(record.layers), "MoE layers")"""),
-    # ------------------------------------------------------------------------------------------------
-    ("md", """\
-## 6 · Routing records
+print("same experts for all", record.layers[0].num_tokens, "tokens in", len(record.layers), "MoE layers")
 
-`ernie_lab.routing.record(model)` is a context manager: every forward pass inside it is recorded, on
-the CPU, one entry per MoE layer in depth order. Each entry holds, for the $N$ tokens that reached the
-layer (batch-major, the prompt first, then one token per row and decoding step):
+# %% [markdown]
+# ## 6 · Routing records
+#
+# `ernie_lab.routing.record(model)` is a context manager: every forward pass inside it is recorded, on
+# the CPU, one entry per MoE layer in depth order. Each entry holds, for the $N$ tokens that reached the
+# layer (batch-major, the prompt first, then one token per row and decoding step):
+#
+# | field | shape | meaning |
+# |---|---|---|
+# | `layer_idx` | int | the decoder layer |
+# | `expert_ids` | $(N, k)$ long | the chosen experts |
+# | `weights` | $(N, k)$ | their mixing weights |
+# | `probs` | $(N, E)$ | router probabilities (unbiased) |
+# | `modality` | $(N,)$ long | 0 text, 1 vision (all 0 in text models) |
+#
+# and `rec.load()` counts tokens per expert, `(MoE layers, E)`. The record above, from the generation:
 
-| field | shape | meaning |
-|---|---|---|
-| `layer_idx` | int | the decoder layer |
-| `expert_ids` | $(N, k)$ long | the chosen experts |
-| `weights` | $(N, k)$ | their mixing weights |
-| `probs` | $(N, E)$ | router probabilities (unbiased) |
-| `modality` | $(N,)$ long | 0 text, 1 vision (all 0 in text models) |
-
-and `rec.load()` counts tokens per expert, `(MoE layers, E)`. The record above, from the generation:"""),
-    ("code", """\
+# %%
 print(record)
 entry = record.layers[0]
 print("layer", entry.layer_idx, "| expert_ids", tuple(entry.expert_ids.shape), "| weights", tuple(entry.weights.shape),
       "| probs", tuple(entry.probs.shape), "| modality", tuple(entry.modality.shape))
 print("first tokens:", entry.expert_ids[:4].tolist(), [[round(w, 2) for w in row] for row in entry.weights[:4].tolist()])
 load = record.load()
-print("tokens per expert:\\n", load)
+print("tokens per expert:\n", load)
 assert entry.num_tokens == 8 + 19 and load.sum(-1).tolist() == [entry.num_tokens * TINY["moe_k"]] * len(record.layers)
-assert torch.allclose(entry.weights.sum(-1), torch.ones(entry.num_tokens))"""),
-    ("code", """\
-def load_heatmap(ax, fractions, title, layer_labels, vmax=None):
-    image = ax.imshow(fractions.numpy(), cmap="viridis", aspect="auto", vmin=0, vmax=vmax)
-    ax.set_xticks(range(fractions.shape[1]), [f"E{e}" for e in range(fractions.shape[1])], fontsize=8)
-    ax.set_yticks(range(len(layer_labels)), layer_labels)
-    ax.set_xlabel("expert")
-    ax.set_ylabel("MoE layer")
-    ax.set_title(title)
-    return image
+assert torch.allclose(entry.weights.sum(-1), torch.ones(entry.num_tokens))
 
 
+# %%
+# `ernie_lab.notebook.load_heatmap(ax, fractions, title, row_labels)`: one row per layer, one column per expert
 fig, ax = plt.subplots(figsize=(7, 2.4))
 image = load_heatmap(ax, record.load_fraction(), "random model: share of expert slots, 27 tokens",
                      [f"layer {e.layer_idx}" for e in record.layers])
 fig.colorbar(image, ax=ax, label="share of slots")
 plt.tight_layout()
-plt.show()"""),
-    # ------------------------------------------------------------------------------------------------
-    ("md", """\
-## 7 · Load imbalance and the losses that fix it
+plt.show()
 
-A router trained only on the language-model loss tends to collapse: the experts that win early get more
-gradient, get better, and win more; the others starve. Collapsed experts waste parameters, and in
-expert-parallel training one overloaded expert stalls the whole batch. Three auxiliary losses,
-in `ernie_lab.losses`, each a function of the router logits or weights:
+# %% [markdown]
+# ## 7 · Load imbalance and the losses that fix it
+#
+# A router trained only on the language-model loss tends to collapse: the experts that win early get more
+# gradient, get better, and win more; the others starve. Collapsed experts waste parameters, and in
+# expert-parallel training one overloaded expert stalls the whole batch. Three auxiliary losses,
+# in `ernie_lab.losses`, each a function of the router logits or weights:
+#
+# * **load balancing** (Switch Transformer): $L_{bal} = E \sum_e f_e P_e$, with $f_e$ the fraction of tokens
+#   that chose expert $e$ (a count, no gradient) and $P_e$ the mean router probability of $e$ (differentiable).
+#   The gradient lowers $P_e$ most where $f_e$ is high. Uniform routing gives $L_{bal} = k$.
+# * **router z-loss** (ST-MoE): $L_z = \frac1N \sum_t (\log \sum_e e^{z_{te}})^2$ keeps logits small, so the
+#   softmax stays soft and float-safe.
+# * **router orthogonal loss** (ERNIE 4.5): normalise each expert's router row $w_e$ to unit length;
+#   $L_{orth} = \frac{1}{E^2} \sum_{i,j} (w_i \cdot w_j - [i = j])^2$. Rows pointing in different directions
+#   mean experts that different tokens choose.
+#
+# By hand, two tokens and two experts, $k = 1$:
 
-* **load balancing** (Switch Transformer): $L_{bal} = E \\sum_e f_e P_e$, with $f_e$ the fraction of tokens
-  that chose expert $e$ (a count, no gradient) and $P_e$ the mean router probability of $e$ (differentiable).
-  The gradient lowers $P_e$ most where $f_e$ is high. Uniform routing gives $L_{bal} = k$.
-* **router z-loss** (ST-MoE): $L_z = \\frac1N \\sum_t (\\log \\sum_e e^{z_{te}})^2$ keeps logits small, so the
-  softmax stays soft and float-safe.
-* **router orthogonal loss** (ERNIE 4.5): normalise each expert's router row $w_e$ to unit length;
-  $L_{orth} = \\frac{1}{E^2} \\sum_{i,j} (w_i \\cdot w_j - [i = j])^2$. Rows pointing in different directions
-  mean experts that different tokens choose.
-
-By hand, two tokens and two experts, $k = 1$:"""),
-    ("code", """\
+# %%
 ln3 = math.log(3.0)
 balanced = torch.tensor([[ln3, 0.0], [0.0, ln3]])     # p = (3/4, 1/4) and (1/4, 3/4): f = P = (1/2, 1/2)
 collapsed = torch.tensor([[ln3, 0.0], [ln3, 0.0]])    # both choose expert 0: f = (1, 0), P = (3/4, 1/4)
@@ -498,8 +449,9 @@ random_router = torch.randn(8, 32)
 orthonormal_router = torch.linalg.qr(torch.randn(32, 8)).Q.T      # 8 orthonormal rows
 print(f"orthogonal loss: random router {losses.router_orthogonal_loss(random_router):.4f}, "
       f"orthonormal rows {losses.router_orthogonal_loss(orthonormal_router):.1e}")
-assert losses.router_orthogonal_loss(orthonormal_router) < 1e-10 < losses.router_orthogonal_loss(random_router)"""),
-    ("code", """\
+assert losses.router_orthogonal_loss(orthonormal_router) < 1e-10 < losses.router_orthogonal_loss(random_router)
+
+# %%
 # transformers computes the balancing loss of an Ernie4_5_MoeForCausalLM itself (aux_loss): the same number
 tokens = torch.randint(3, TINY["vocab_size"], (2, 12))
 with torch.no_grad():
@@ -509,19 +461,21 @@ with torch.no_grad():
     model.eval()
 ours = losses.load_balancing_loss([block.router_logits for block in moe_blocks(model)], k=TINY["moe_k"])
 print(f"transformers aux_loss {ref_aux.item():.6f}   ernie_lab {ours.item():.6f}")
-assert torch.allclose(ours, ref_aux, atol=1e-5)"""),
-    ("md", """\
-### A small experiment: training with and without the balancing losses
+assert torch.allclose(ours, ref_aux, atol=1e-5)
 
-A tiny MoE language model (2 layers, both MoE, 8 experts, top-2, no shared experts) learns to predict
-the next character of Python's own documentation (`pydoc_data.topics`, shipped with Python). Two runs
-from the same start: the language-model loss alone, and with
-$0.1\\,L_{bal} + 0.001\\,L_z + 0.01\\,L_{orth}$ per layer. Inside each step, `routing.record` tells us
-how the tokens were spread over the experts."""),
-    ("code", """\
+# %% [markdown]
+# ### A small experiment: training with and without the balancing losses
+#
+# A tiny MoE language model (2 layers, both MoE, 8 experts, top-2, no shared experts) learns to predict
+# the next character of Python's own documentation (`pydoc_data.topics`, shipped with Python). Two runs
+# from the same start: the language-model loss alone, and with
+# $0.1\,L_{bal} + 0.001\,L_z + 0.01\,L_{orth}$ per layer. Inside each step, `routing.record` tells us
+# how the tokens were spread over the experts.
+
+# %%
 from pydoc_data.topics import topics
 
-text = "\\n".join(topics[key] for key in sorted(topics))
+text = "\n".join(topics[key] for key in sorted(topics))
 alphabet = sorted(set(text))
 char_id = {c: i for i, c in enumerate(alphabet)}
 data = torch.tensor([char_id[c] for c in text])
@@ -556,8 +510,8 @@ def train(balance: bool, seed: int = 0):
         loss = lm = F.cross_entropy(logits.reshape(-1, toy.vocab_size), y.reshape(-1))
         if balance:
             for block in moe_blocks(net):
-                loss = loss + 0.1 * losses.load_balancing_loss(block.router_logits, toy.moe_k) \\
-                            + 1e-3 * losses.router_z_loss(block.router_logits) \\
+                loss = loss + 0.1 * losses.load_balancing_loss(block.router_logits, toy.moe_k) \
+                            + 1e-3 * losses.router_z_loss(block.router_logits) \
                             + 1e-2 * losses.router_orthogonal_loss(block.gate.weight)
         opt.zero_grad()
         loss.backward()
@@ -575,8 +529,10 @@ torch.set_flush_denormal(True)
 plain, plain_loads, plain_lm = train(balance=False)
 balanced_net, balanced_loads, balanced_lm = train(balance=True)
 torch.set_num_threads(threads)
-torch.set_flush_denormal(False)"""),
-    ("code", """\
+torch.set_flush_denormal(False)
+
+
+# %%
 def imbalance(loads):
     '''max load / mean load per step, averaged over layers: 1 = perfectly even, E/k = total collapse.'''
     return (loads.max(-1).values * loads.shape[-1]).mean(-1)
@@ -612,19 +568,21 @@ final_plain, final_balanced = imbalance(plain_loads[-20:]).mean().item(), imbala
 print(f"imbalance over the last 20 steps: {final_plain:.2f} without, {final_balanced:.2f} with the losses")
 print(f"language-model loss over the last 20 steps: {np.mean(plain_lm[-20:]):.3f} without, {np.mean(balanced_lm[-20:]):.3f} with")
 assert final_balanced < 1.45 and final_plain > final_balanced + 0.4
-assert np.mean(balanced_lm[-20:]) < np.mean(balanced_lm[:10]) - 0.5   # it did learn"""),
-    ("md", """\
-Without the losses a few experts take most of the slots and others starve (the dark rows of the left
-heatmap); with them every expert keeps a fair share within a few dozen steps, at no visible cost in
-language-model loss in this run. The exact numbers change with the seed; the contrast does not."""),
-    # ------------------------------------------------------------------------------------------------
-    ("md", """\
-## 8 · Expert-load heatmaps from `routing.record`
+assert np.mean(balanced_lm[-20:]) < np.mean(balanced_lm[:10]) - 0.5   # it did learn
 
-The trained models, on held-out text (the last 5 % of the characters). Left: share of slots per expert
-and layer. Right: which experts the balanced model's first layer gives each kind of character: a glimpse
-of specialisation."""),
-    ("code", """\
+# %% [markdown]
+# Without the losses a few experts take most of the slots and others starve (the dark rows of the left
+# heatmap); with them every expert keeps a fair share within a few dozen steps, at no visible cost in
+# language-model loss in this run. The exact numbers change with the seed; the contrast does not.
+
+# %% [markdown]
+# ## 8 · Expert-load heatmaps from `routing.record`
+#
+# The trained models, on held-out text (the last 5 % of the characters). Left: share of slots per expert
+# and layer. Right: which experts the balanced model's first layer gives each kind of character: a glimpse
+# of specialisation.
+
+# %%
 generator = torch.Generator().manual_seed(123)
 held_out, _ = batch(generator, start=split, end=len(data))
 records = {}
@@ -634,7 +592,7 @@ for name, net in (("language model only", plain), ("with balancing losses", bala
     records[name] = rec
 
 kinds = {"lower-case": str.islower, "upper-case": str.isupper, "digit": str.isdigit,
-         "space": lambda c: c == " ", "newline": lambda c: c == "\\n",
+         "space": lambda c: c == " ", "newline": lambda c: c == "\n",
          "punctuation": lambda c: not (c.isalnum() or c.isspace())}
 chars = [alphabet[i] for i in held_out.reshape(-1).tolist()]               # batch-major, like the record
 kinds = {name: test for name, test in kinds.items() if any(test(c) for c in chars)}  # kinds in this text
@@ -650,65 +608,72 @@ for ax, (name, rec) in zip(axes, records.items()):
     image = load_heatmap(ax, rec.load_fraction(), name, [f"layer {e.layer_idx}" for e in rec.layers], vmax=0.5)
 axes[1].set_ylabel("")
 fig.colorbar(image, ax=axes[:2], label="share of slots (even = 1/8)")
-image = axes[2].imshow(by_kind.numpy(), cmap="magma", aspect="auto")
-axes[2].set_xticks(range(toy.moe_num_experts), [f"E{e}" for e in range(toy.moe_num_experts)], fontsize=8)
-axes[2].set_yticks(range(len(kinds)), list(kinds))
-axes[2].set_xlabel("expert")
-axes[2].set_title("balanced model, layer 0: experts per kind of character")
+image = load_heatmap(axes[2], by_kind, "balanced model, layer 0: experts per kind of character", list(kinds),
+                     cmap="magma", ylabel="")
 fig.colorbar(image, ax=axes[2], label="share of that kind's slots")
 plt.show()
 
 for rec in records.values():
     assert rec.load().sum().item() == 2 * held_out.numel() * toy.moe_k
-assert imbalance(records["with balancing losses"].load_fraction()[None]).item() < imbalance(records["language model only"].load_fraction()[None]).item()"""),
-    # ------------------------------------------------------------------------------------------------
-    ("md", """\
-## Exercises
+assert imbalance(records["with balancing losses"].load_fraction()[None]).item() < imbalance(records["language model only"].load_fraction()[None]).item()
 
-Each exercise cell holds a working reference answer so that the notebook runs end to end; replace it
-with your own and run the check below it.
+# %% [markdown]
+# ## Exercises
+#
+# Each exercise cell holds a working reference answer so that the notebook runs end to end; replace it
+# with your own and run the check below it.
+#
+# **Exercise 1.** In 300B-A47B, how many parameters does one token use in *one* MoE layer's feed-forward
+# part (router weight + correction bias + the chosen experts)? Work it out from the numbers
+# (hidden 8192, 64 experts of width 3584, top-8).
 
-**Exercise 1.** In 300B-A47B, how many parameters does one token use in *one* MoE layer's feed-forward
-part (router weight + correction bias + the chosen experts)? Work it out from the numbers
-(hidden 8192, 64 experts of width 3584, top-8)."""),
-    ("code", """\
+# %%
 # your answer (reference: the router is 64 x 8192 plus 64 biases; each expert 3 matrices of 8192 x 3584)
-answer_1 = 64 * 8192 + 64 + 8 * 3 * 8192 * 3584"""),
-    ("code", """\
+answer_1 = 64 * 8192 + 64 + 8 * 3 * 8192 * 3584
+
+# %%
 with torch.device("meta"):
     block = MoEBlock(configs["300B-A47B"], layer_idx=3)
 router_part = block.gate.weight.numel() + block.moe_statics.e_score_correction_bias.numel()
 one_expert = sum(p.numel() for p in block.experts[0].parameters())
 assert answer_1 == router_part + block.k * one_expert, "count the router, the bias and k experts"
-print(f"{answer_1:,} parameters per token per MoE layer; the layer holds {sum(p.numel() for p in block.parameters()):,}")"""),
-    ("md", """\
-**Exercise 2.** Write the router's choice yourself: from logits `(N, E)`, `k`, a bias `(E,)` and
-`norm_min`, return `(expert_ids, weights)`, ERNIE's way (bias only for the choice)."""),
-    ("code", """\
+print(f"{answer_1:,} parameters per token per MoE layer; the layer holds {sum(p.numel() for p in block.parameters()):,}")
+
+
+# %% [markdown]
+# **Exercise 2.** Write the router's choice yourself: from logits `(N, E)`, `k`, a bias `(E,)` and
+# `norm_min`, return `(expert_ids, weights)`, ERNIE's way (bias only for the choice).
+
+# %%
 def my_route(logits, k, bias, norm_min=1e-12):
     # reference answer; replace with your own
     p = logits.float().softmax(-1)
     ids = (p + bias).topk(k, dim=-1).indices
     w = p.gather(-1, ids)
-    return ids, w / w.sum(-1, keepdim=True).clamp(min=norm_min)"""),
-    ("code", """\
+    return ids, w / w.sum(-1, keepdim=True).clamp(min=norm_min)
+
+
+# %%
 torch.manual_seed(7)
 test_logits, test_bias = torch.randn(50, 16) * 2, torch.randn(16) * 0.05
 ids, w = my_route(test_logits, 4, test_bias)
 expected = route(test_logits, 4, 1e-12, test_bias)
 assert torch.equal(ids.sort(-1).values, expected.expert_ids.sort(-1).values), "the bias must take part in the choice"
-assert torch.allclose(w.gather(-1, ids.argsort(-1)), expected.weights.gather(-1, expected.expert_ids.argsort(-1)), atol=1e-6), \\
+assert torch.allclose(w.gather(-1, ids.argsort(-1)), expected.weights.gather(-1, expected.expert_ids.argsort(-1)), atol=1e-6), \
     "weights: unbiased probabilities of the chosen experts, renormalised"
-print("my_route agrees with ernie_lab.moe.route")"""),
-    ("md", """\
-**Exercise 3: balancing without a loss.** The correction bias is how ERNIE 4.5 evens out the load
-without changing the loss: after each batch, raise the bias of under-used experts and lower that of
-over-used ones by a small step $\\gamma$: $b_e \\leftarrow b_e + \\gamma\\,\\mathrm{sign}(\\bar f - f_e)$.
-Apply it to the model trained *without* balancing losses (its weights stay frozen), for 40 batches,
-and make its imbalance drop. (It will not reach 1: a bias of a few tenths moves the tokens that were
-undecided between experts, not those that strongly prefer one; during pre-training the bias moves
-along with the router, a little every step.)"""),
-    ("code", """\
+print("my_route agrees with ernie_lab.moe.route")
+
+
+# %% [markdown]
+# **Exercise 3: balancing without a loss.** The correction bias is how ERNIE 4.5 evens out the load
+# without changing the loss: after each batch, raise the bias of under-used experts and lower that of
+# over-used ones by a small step $\gamma$: $b_e \leftarrow b_e + \gamma\,\mathrm{sign}(\bar f - f_e)$.
+# Apply it to the model trained *without* balancing losses (its weights stay frozen), for 40 batches,
+# and make its imbalance drop. (It will not reach 1: a bias of a few tenths moves the tokens that were
+# undecided between experts, not those that strongly prefer one; during pre-training the bias moves
+# along with the router, a little every step.)
+
+# %%
 def balance_with_bias(net, batches=40, gamma=0.01, seed=5):
     # reference answer; replace with your own
     generator = torch.Generator().manual_seed(seed)
@@ -717,8 +682,10 @@ def balance_with_bias(net, batches=40, gamma=0.01, seed=5):
         with torch.no_grad(), routing.record(net) as rec:
             net(x)
         for block, fractions in zip(moe_blocks(net), rec.load_fraction()):
-            block.moe_statics.e_score_correction_bias[0] += gamma * torch.sign(fractions.mean() - fractions)"""),
-    ("code", """\
+            block.moe_statics.e_score_correction_bias[0] += gamma * torch.sign(fractions.mean() - fractions)
+
+
+# %%
 def measure(net):
     with torch.no_grad(), routing.record(net) as rec:
         net(held_out)
@@ -732,30 +699,17 @@ print(f"imbalance on held-out text: {before:.2f} before, {after:.2f} after adjus
 assert after < 0.95 * before, "the load should even out"
 changed = sorted(n for n in params_before if not torch.equal(params_before[n], params_after[n]))
 assert changed and all("e_score_correction_bias" in n for n in changed), f"only the correction bias may change: {changed}"
-print("changed:", changed, "- the weights did not, so a chosen expert's mixing weight is what it was")"""),
-    ("md", """\
-## What we built
+print("changed:", changed, "- the weights did not, so a chosen expert's mixing weight is what it was")
 
-* `ernie_lab.moe`: `route` (float32 softmax, bias-only selection, clamped renormalisation),
-  `dispatch` (sort by expert, one call per active expert), `MoEBlock` (router + experts + shared
-  experts, in the Hub's layout), reused by the vision-language model's two expert groups;
-* `ernie_lab.load_model` reads `Ernie4_5_MoeForCausalLM` checkpoints (skipping MTP tensors), equal to
-  `transformers` in logits, greedy decoding and every routing decision;
-* `ernie_lab.routing.record`: every routing decision of a forward pass or a generation, on the CPU;
-* `ernie_lab.losses`: load balancing, router z-loss, router orthogonal loss.
-
-Next, notebook 04 gives the mixture a second group of experts for pictures."""),
-]
-
-
-def build() -> nbformat.NotebookNode:
-    nb = new_notebook()
-    nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in CELLS]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    return nb
-
-
-if __name__ == "__main__":
-    NOTEBOOK.parent.mkdir(exist_ok=True)
-    nbformat.write(build(), NOTEBOOK)
-    print("wrote", NOTEBOOK)
+# %% [markdown]
+# ## What we built
+#
+# * `ernie_lab.moe`: `route` (float32 softmax, bias-only selection, clamped renormalisation),
+#   `dispatch` (sort by expert, one call per active expert), `MoEBlock` (router + experts + shared
+#   experts, in the Hub's layout), reused by the vision-language model's two expert groups;
+# * `ernie_lab.load_model` reads `Ernie4_5_MoeForCausalLM` checkpoints (skipping MTP tensors), equal to
+#   `transformers` in logits, greedy decoding and every routing decision;
+# * `ernie_lab.routing.record`: every routing decision of a forward pass or a generation, on the CPU;
+# * `ernie_lab.losses`: load balancing, router z-loss, router orthogonal loss.
+#
+# Next, notebook 04 gives the mixture a second group of experts for pictures.

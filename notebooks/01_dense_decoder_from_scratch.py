@@ -1,60 +1,49 @@
-"""Write notebooks/01_dense_decoder_from_scratch.ipynb (without outputs).
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-    python scripts/make_notebook_01.py
+# %% [markdown]
+# # 01 · The dense ERNIE 4.5 decoder, from scratch
+#
+# ERNIE-4.5-0.3B is a plain decoder-only transformer with a few choices of its own: RMSNorm,
+# rotary positions on **interleaved** pairs, grouped-query attention with 16 query heads but only
+# 2 key/value heads of width 128, a SwiGLU MLP and an output head tied to the embedding.
+#
+# We build each piece by hand, in this order:
+#
+# | step | piece | checked against |
+# |---|---|---|
+# | 1 | RMSNorm | `Ernie4_5RMSNorm`, `ernie_lab.norm.RMSNorm` |
+# | 2 | interleaved RoPE | `apply_rotary_pos_emb`, `ernie_lab.rope.apply_rope` |
+# | 3 | causal grouped-query attention | `Ernie4_5Attention`, `ernie_lab.attention.Attention` |
+# | 4 | SwiGLU MLP | `Ernie4_5MLP`, `ernie_lab.mlp.SwiGLU` |
+# | 5 | decoder layer | `Ernie4_5DecoderLayer`, `ernie_lab.model.DecoderLayer` |
+# | 6 | the whole model | `Ernie4_5ForCausalLM`, `ernie_lab.ErnieForCausalLM` |
+#
+# then load a checkpoint, add a KV cache, generate text and tokenize a chat. Each check compares
+# with the reference implementation in `transformers` **on the same weights and inputs**, in
+# float32, and fails loudly if the numbers drift. After a piece passes, we use the package's copy.
+#
+# `ERNIE_LAB_FAST=1` (set by the tests) builds a narrow 4-layer model with the real vocabulary and
+# the real attention geometry; without it every step runs on the real 0.3B shape (random weights,
+# about 1.4 GB per copy in float32).
 
-The notebook builds the dense ERNIE 4.5 decoder (the 0.3B) piece by piece: each piece is written by
-hand, checked against transformers' reference module on the same weights, shown to equal the
-matching ernie_lab piece, and from then on taken from the package.
-"""
-
-from pathlib import Path
-
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "01_dense_decoder_from_scratch.ipynb"
-
-CELLS = [
-    # ------------------------------------------------------------------------------------------ intro
-    ("md", r"""
-# 01 · The dense ERNIE 4.5 decoder, from scratch
-
-ERNIE-4.5-0.3B is a plain decoder-only transformer with a few choices of its own: RMSNorm,
-rotary positions on **interleaved** pairs, grouped-query attention with 16 query heads but only
-2 key/value heads of width 128, a SwiGLU MLP and an output head tied to the embedding.
-
-We build each piece by hand, in this order:
-
-| step | piece | checked against |
-|---|---|---|
-| 1 | RMSNorm | `Ernie4_5RMSNorm`, `ernie_lab.norm.RMSNorm` |
-| 2 | interleaved RoPE | `apply_rotary_pos_emb`, `ernie_lab.rope.apply_rope` |
-| 3 | causal grouped-query attention | `Ernie4_5Attention`, `ernie_lab.attention.Attention` |
-| 4 | SwiGLU MLP | `Ernie4_5MLP`, `ernie_lab.mlp.SwiGLU` |
-| 5 | decoder layer | `Ernie4_5DecoderLayer`, `ernie_lab.model.DecoderLayer` |
-| 6 | the whole model | `Ernie4_5ForCausalLM`, `ernie_lab.ErnieForCausalLM` |
-
-then load a checkpoint, add a KV cache, generate text and tokenize a chat. Each check compares
-with the reference implementation in `transformers` **on the same weights and inputs**, in
-float32, and fails loudly if the numbers drift. After a piece passes, we use the package's copy.
-
-`ERNIE_LAB_FAST=1` (set by the tests) builds a narrow 4-layer model with the real vocabulary and
-the real attention geometry; without it every step runs on the real 0.3B shape (random weights,
-about 1.4 GB per copy in float32)."""),
-    ("code", r"""
-%matplotlib inline
+# %%
+# %matplotlib inline
 import math
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-# Make `import ernie_lab` work when the kit is not pip-installed: look for it above this folder.
-for folder in [Path.cwd(), *Path.cwd().parents]:
-    if (folder / "ernie_lab" / "__init__.py").is_file():
-        sys.path.insert(0, str(folder))
-        break
 
 import matplotlib.pyplot as plt
 import torch
@@ -63,17 +52,18 @@ from tqdm.auto import tqdm
 
 import ernie_lab
 from ernie_lab.config import ERNIE_0_3B, ErnieConfig
+from ernie_lab.notebook import compare, setup
 
-FAST = os.environ.get("ERNIE_LAB_FAST") == "1"
-torch.manual_seed(0)
+FAST = setup()
 torch.set_grad_enabled(False)  # this notebook only runs models forward
-print("fast mode:", FAST)"""),
-    ("md", r"""
-## 0 · The configuration and a reference model
 
-A config is a handful of integers that fix every tensor shape. Note the 0.3B's oddity: 16 query
-heads of width 128 make 2048, twice the model width of 1024, so the query projection *widens*."""),
-    ("code", r"""
+# %% [markdown]
+# ## 0 · The configuration and a reference model
+#
+# A config is a handful of integers that fix every tensor shape. Note the 0.3B's oddity: 16 query
+# heads of width 128 make 2048, twice the model width of 1024, so the query projection *widens*.
+
+# %%
 SMALL = ErnieConfig(  # the real vocabulary and attention geometry, narrower and shallower
     vocab_size=103424, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
     num_attention_heads=16, num_key_value_heads=2, head_dim=128,
@@ -84,18 +74,21 @@ fields = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
           "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings"]
 print(f"{'field':22s} {'this notebook':>14s} {'ERNIE-4.5-0.3B':>15s}")
 for name in fields:
-    print(f"{name:22s} {getattr(cfg, name)!s:>14s} {getattr(ERNIE_0_3B, name)!s:>15s}")"""),
-    ("md", r"""
-The reference is `transformers`' `Ernie4_5ForCausalLM` with the same shape and random weights.
-Two adjustments make the comparison meaningful: weights drawn with standard deviation 0.1 instead
-of 0.02 (a model that small-weighted just echoes its input token, and then everything "matches"),
-and norm gains drawn around 1 instead of all ones (a gain of exactly 1 would hide a forgotten
-multiplication). We ask for the reference's *eager* attention: the plain softmax path we rebuild.
+    print(f"{name:22s} {getattr(cfg, name)!s:>14s} {getattr(ERNIE_0_3B, name)!s:>15s}")
 
-`compare` prints the largest difference between two tensors and fails above a tolerance: 1e-5
-for single pieces, 1e-4 once errors can add up over layers. float32 keeps about seven significant
-digits, so where values exceed 1 the tolerance is taken relative to the largest value."""),
-    ("code", r"""
+# %% [markdown]
+# The reference is `transformers`' `Ernie4_5ForCausalLM` with the same shape and random weights.
+# Two adjustments make the comparison meaningful: weights drawn with standard deviation 0.1 instead
+# of 0.02 (a model that small-weighted just echoes its input token, and then everything "matches"),
+# and norm gains drawn around 1 instead of all ones (a gain of exactly 1 would hide a forgotten
+# multiplication). We ask for the reference's *eager* attention: the plain softmax path we rebuild.
+#
+# `compare` (from `ernie_lab.notebook`) prints the largest difference between two tensors and fails
+# above a tolerance: 1e-5 for single pieces, 1e-4 once errors can add up over layers. float32 keeps
+# about seven significant digits, so where values exceed 1 the tolerance is taken relative to the
+# largest value.
+
+# %%
 from transformers import Ernie4_5Config, Ernie4_5ForCausalLM
 
 INIT_STD = 0.1
@@ -115,34 +108,28 @@ reference = Ernie4_5ForCausalLM(reference_config(cfg)).eval()
 for name, p in reference.named_parameters():
     if name.endswith("norm.weight"):
         p.normal_(1.0, 0.1)  # gains near 1, but not 1
-print(reference.model.layers[0])"""),
-    ("code", r"""
-def compare(label: str, ours: torch.Tensor, theirs: torch.Tensor, atol: float = 1e-5) -> None:
-    # Print the largest difference and fail when it exceeds atol, measured relative to the largest value
-    # when values exceed 1 (float32 keeps about 7 significant digits, so big numbers carry bigger round-off).
-    assert ours.shape == theirs.shape, f"{label}: shape {tuple(ours.shape)} vs {tuple(theirs.shape)}"
-    diff = (ours.float() - theirs.float()).abs().max().item()
-    scale = max(1.0, theirs.float().abs().max().item())
-    print(f"{label:52s} max |diff| = {diff:.1e}  (values up to {scale:5.1f}; tolerance {atol:.0e} x {scale:.1f})")
-    assert diff <= atol * scale, f"{label}: max difference {diff:.2e} exceeds {atol:.0e} x {scale:.1f}"
+print(reference.model.layers[0])
 
 
+# %%
 B, T = 2, 12
 x = torch.randn(B, T, cfg.hidden_size)                 # (B, T, hidden): a batch of residual-stream vectors
 positions = torch.arange(T).expand(B, T)               # (B, T): token positions 0..T-1
-ref_layer = reference.model.layers[0]"""),
-    # ------------------------------------------------------------------------------------------ RMSNorm
-    ("md", r"""
-## 1 · RMSNorm
+ref_layer = reference.model.layers[0]
 
-Before each sub-block the residual vector $x \in \mathbb{R}^h$ is rescaled to unit root mean square
-and multiplied by a learned gain $g$:
 
-$$\mathrm{RMSNorm}(x) = g \odot \frac{x}{\sqrt{\tfrac{1}{h}\sum_{i=1}^{h} x_i^2 + \varepsilon}}, \qquad \varepsilon = 10^{-5}.$$
+# %% [markdown]
+# ## 1 · RMSNorm
+#
+# Before each sub-block the residual vector $x \in \mathbb{R}^h$ is rescaled to unit root mean square
+# and multiplied by a learned gain $g$:
+#
+# $$\mathrm{RMSNorm}(x) = g \odot \frac{x}{\sqrt{\tfrac{1}{h}\sum_{i=1}^{h} x_i^2 + \varepsilon}}, \qquad \varepsilon = 10^{-5}.$$
+#
+# Unlike LayerNorm there is no mean subtraction and no bias: cheaper, and it works as well. The
+# statistics are computed in float32 even when the model runs in bfloat16.
 
-Unlike LayerNorm there is no mean subtraction and no bias: cheaper, and it works as well. The
-statistics are computed in float32 even when the model runs in bfloat16."""),
-    ("code", r"""
+# %%
 class HandRMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -161,8 +148,9 @@ compare("RMSNorm: by hand vs transformers", hand_norm(x), ref_layer.input_layern
 
 lab_norm = ernie_lab.norm.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 lab_norm.load_state_dict(ref_layer.input_layernorm.state_dict())
-compare("RMSNorm: by hand vs ernie_lab.norm.RMSNorm", hand_norm(x), lab_norm(x))"""),
-    ("code", r"""
+compare("RMSNorm: by hand vs ernie_lab.norm.RMSNorm", hand_norm(x), lab_norm(x))
+
+# %%
 # What RMSNorm does: vectors of wildly different sizes come out the same size, except tiny ones,
 # where eps (1e-5, compared with the mean square) keeps the division from blowing noise up.
 scales = torch.logspace(-4, 2, 400)[:, None]                      # (400, 1)
@@ -185,28 +173,30 @@ ax.legend()
 plt.tight_layout()
 plt.show()
 assert torch.allclose(rms_out, predicted, rtol=1e-4)
-assert torch.allclose(rms_out[rms_in > 0.1], torch.ones(1), atol=1e-3)"""),
-    # ------------------------------------------------------------------------------------------ RoPE
-    ("md", r"""
-## 2 · Rotary position embedding (RoPE), interleaved
+assert torch.allclose(rms_out[rms_in > 0.1], torch.ones(1), atol=1e-3)
 
-Attention compares a query with keys by dot products, which know nothing about order. RoPE
-rotates each query and key by an angle proportional to its position. A head vector of width
-$d$ is cut into $d/2$ pairs; pair $i$ at position $p$ is rotated by $p\,\omega_i$ with
-$\omega_i = \theta^{-2i/d}$ and $\theta = 500\,000$:
 
-$$\begin{pmatrix} x'_{2i} \\ x'_{2i+1} \end{pmatrix} =
-\begin{pmatrix} \cos p\omega_i & -\sin p\omega_i \\ \sin p\omega_i & \cos p\omega_i \end{pmatrix}
-\begin{pmatrix} x_{2i} \\ x_{2i+1} \end{pmatrix}.$$
+# %% [markdown]
+# ## 2 · Rotary position embedding (RoPE), interleaved
+#
+# Attention compares a query with keys by dot products, which know nothing about order. RoPE
+# rotates each query and key by an angle proportional to its position. A head vector of width
+# $d$ is cut into $d/2$ pairs; pair $i$ at position $p$ is rotated by $p\,\omega_i$ with
+# $\omega_i = \theta^{-2i/d}$ and $\theta = 500\,000$:
+#
+# $$\begin{pmatrix} x'_{2i} \\ x'_{2i+1} \end{pmatrix} =
+# \begin{pmatrix} \cos p\omega_i & -\sin p\omega_i \\ \sin p\omega_i & \cos p\omega_i \end{pmatrix}
+# \begin{pmatrix} x_{2i} \\ x_{2i+1} \end{pmatrix}.$$
+#
+# Because rotations compose, $\langle R_m q, R_n k\rangle = \langle q, R_{n-m} k\rangle$: the score depends
+# only on the **distance** $n-m$. Pair $i=0$ turns one radian per token; the last pair turns so
+# slowly that it takes millions of tokens to go round once.
+#
+# **ERNIE's twist:** the pairs are *neighbouring* dimensions $(2i, 2i{+}1)$ (GPT-J / GLM style),
+# not the two halves $(i, i{+}d/2)$ that Llama uses. A pair of numbers is a complex number,
+# and a rotation is multiplication by $e^{\mathrm{i}\,p\omega_i}$; that is how we write it by hand.
 
-Because rotations compose, $\langle R_m q, R_n k\rangle = \langle q, R_{n-m} k\rangle$: the score depends
-only on the **distance** $n-m$. Pair $i=0$ turns one radian per token; the last pair turns so
-slowly that it takes millions of tokens to go round once.
-
-**ERNIE's twist:** the pairs are *neighbouring* dimensions $(2i, 2i{+}1)$ (GPT-J / GLM style),
-not the two halves $(i, i{+}d/2)$ that Llama uses. A pair of numbers is a complex number,
-and a rotation is multiplication by $e^{\mathrm{i}\,p\omega_i}$; that is how we write it by hand."""),
-    ("code", r"""
+# %%
 def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (d/2,): omega_i
 
@@ -217,8 +207,10 @@ def rope_by_hand(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torc
     angles = positions.float()[..., None] * rope_frequencies(d, theta)            # (B, T, d/2)
     turn = torch.polar(torch.ones_like(angles), angles)[:, None]                  # (B, 1, T, d/2): e^{i p w}
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], d // 2, 2))    # (B, H, T, d/2)
-    return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)               # (B, H, T, d)"""),
-    ("code", r"""
+    return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)               # (B, H, T, d)
+
+
+# %%
 from transformers.models.ernie4_5.modeling_ernie4_5 import apply_rotary_pos_emb
 
 q = torch.randn(B, cfg.num_attention_heads, T, cfg.head_dim)     # (B, H, T, d)
@@ -234,14 +226,16 @@ lab_cos, lab_sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)  # (B, T
 compare("frequencies: by hand vs ernie_lab.rope", rope_frequencies(cfg.head_dim, cfg.rope_theta),
         inverse_frequencies(cfg.head_dim, cfg.rope_theta), atol=0)
 compare("RoPE on q: by hand vs ernie_lab.rope.apply_rope", rope_by_hand(q, positions, cfg.rope_theta),
-        apply_rope(q, lab_cos, lab_sin))"""),
-    ("md", r"""
-Three pictures of RoPE. **Left:** $\cos(p\,\omega_i)$ for every position and pair: the first
-pairs spin fast, the last barely move, so together they tell near and far positions apart.
-**Middle:** the wavelength $2\pi/\omega_i$ of each pair, from about 6 tokens to over ten million
-(the 128K context is marked). **Right:** the score $\langle R_m q, R_n k\rangle$ of one fixed query
-and key placed at positions $m$ and $n$: constant along every diagonal, since only $n-m$ matters."""),
-    ("code", r"""
+        apply_rope(q, lab_cos, lab_sin))
+
+# %% [markdown]
+# Three pictures of RoPE. **Left:** $\cos(p\,\omega_i)$ for every position and pair: the first
+# pairs spin fast, the last barely move, so together they tell near and far positions apart.
+# **Middle:** the wavelength $2\pi/\omega_i$ of each pair, from about 6 tokens to over ten million
+# (the 128K context is marked). **Right:** the score $\langle R_m q, R_n k\rangle$ of one fixed query
+# and key placed at positions $m$ and $n$: constant along every diagonal, since only $n-m$ matters.
+
+# %%
 freqs = rope_frequencies(cfg.head_dim, cfg.rope_theta)
 pos = torch.arange(256)
 fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -274,12 +268,14 @@ plt.tight_layout()
 plt.show()
 
 # The picture's claim, checked: shifting both positions by 7 leaves every score unchanged.
-compare("RoPE scores depend only on n - m", scores[7:, 7:], scores[:-7, :-7], atol=1e-4)"""),
-    ("md", r"""
-Which dimensions form a pair? ERNIE pairs neighbours; Llama (`rotate_half`) pairs dimension $i$
-with $i + d/2$. Both are valid rotary embeddings, but a checkpoint trained with one gives garbage
-with the other. Exercise 2 at the end lets you prove which one ERNIE uses."""),
-    ("code", r"""
+compare("RoPE scores depend only on n - m", scores[7:, 7:], scores[:-7, :-7], atol=1e-4)
+
+# %% [markdown]
+# Which dimensions form a pair? ERNIE pairs neighbours; Llama (`rotate_half`) pairs dimension $i$
+# with $i + d/2$. Both are valid rotary embeddings, but a checkpoint trained with one gives garbage
+# with the other. Exercise 2 at the end lets you prove which one ERNIE uses.
+
+# %%
 from matplotlib.patches import Arc
 
 width = 16  # draw the first 16 dimensions of a head
@@ -299,23 +295,25 @@ for ax, (title, pairs) in zip(axes, layouts):
     ax.axis("off")
 fig.suptitle("Which head dimensions are rotated together (same colour = one pair)")
 plt.tight_layout()
-plt.show()"""),
-    # ------------------------------------------------------------------------------------------ attention
-    ("md", r"""
-## 3 · Causal grouped-query attention
+plt.show()
 
-Each head $h$ projects the normalised residual into queries, keys and values and mixes the values
-of earlier tokens by how well their keys match its query:
 
-$$\mathrm{head}_h = \mathrm{softmax}\!\Big(\frac{Q_h K_{g(h)}^{\top}}{\sqrt{d}} + M\Big) V_{g(h)}, \qquad
-M_{ts} = \begin{cases} 0 & s \le t \\ -\infty & s > t \end{cases}$$
+# %% [markdown]
+# ## 3 · Causal grouped-query attention
+#
+# Each head $h$ projects the normalised residual into queries, keys and values and mixes the values
+# of earlier tokens by how well their keys match its query:
+#
+# $$\mathrm{head}_h = \mathrm{softmax}\!\Big(\frac{Q_h K_{g(h)}^{\top}}{\sqrt{d}} + M\Big) V_{g(h)}, \qquad
+# M_{ts} = \begin{cases} 0 & s \le t \\ -\infty & s > t \end{cases}$$
+#
+# The causal mask $M$ stops a token from reading the future. In **grouped-query attention** (GQA)
+# the 16 query heads share only 2 key/value heads: head $h$ reads KV head $g(h) = \lfloor h / 8 \rfloor$.
+# The keys and values, which must be stored for every past token (the KV cache, section 8), shrink
+# 8x, while 16 different queries still ask 16 different questions. The head outputs are
+# concatenated and projected back to the model width by $W_o$.
 
-The causal mask $M$ stops a token from reading the future. In **grouped-query attention** (GQA)
-the 16 query heads share only 2 key/value heads: head $h$ reads KV head $g(h) = \lfloor h / 8 \rfloor$.
-The keys and values, which must be stored for every past token (the KV cache, section 8), shrink
-8x, while 16 different queries still ask 16 different questions. The head outputs are
-concatenated and projected back to the model width by $W_o$."""),
-    ("code", r"""
+# %%
 class HandAttention(nn.Module):
     def __init__(self, c: ErnieConfig):
         super().__init__()
@@ -339,8 +337,10 @@ class HandAttention(nn.Module):
         causal = torch.ones(T, T, dtype=torch.bool).tril()                                # (T, T)
         weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)              # (B, H, T, T)
         out = (weights @ v).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*d)
-        return self.o_proj(out), weights                                                  # (B, T, hidden)"""),
-    ("code", r"""
+        return self.o_proj(out), weights                                                  # (B, T, hidden)
+
+
+# %%
 hand_attn = HandAttention(cfg)
 hand_attn.load_state_dict(ref_layer.self_attn.state_dict())
 ours, our_weights = hand_attn(x, positions)
@@ -355,11 +355,13 @@ from ernie_lab.attention import Attention, causal_mask
 lab_attn = Attention(cfg, layer_idx=0)
 lab_attn.load_state_dict(ref_layer.self_attn.state_dict())
 compare("attention output: by hand vs ernie_lab Attention", ours, lab_attn(x, (lab_cos, lab_sin)))
-assert torch.equal(causal_mask(T, T), torch.ones(T, T, dtype=torch.bool).tril())"""),
-    ("md", r"""
-**Left:** the causal mask, white where a query may look. **Right:** where head 0 actually looks
-(random weights, so the pattern is arbitrary, but never above the diagonal, and every row sums to 1)."""),
-    ("code", r"""
+assert torch.equal(causal_mask(T, T), torch.ones(T, T, dtype=torch.bool).tril())
+
+# %% [markdown]
+# **Left:** the causal mask, white where a query may look. **Right:** where head 0 actually looks
+# (random weights, so the pattern is arbitrary, but never above the diagonal, and every row sums to 1).
+
+# %%
 fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
 axes[0].imshow(causal_mask(T, T), cmap="gray")
 axes[0].set_title("causal mask: may query t see key s?")
@@ -372,12 +374,14 @@ for ax in axes:
 plt.tight_layout()
 plt.show()
 assert torch.allclose(our_weights.sum(-1), torch.ones(B, cfg.num_attention_heads, T), atol=1e-5)
-assert (our_weights.triu(diagonal=1) == 0).all()"""),
-    ("md", r"""
-GQA, drawn. **Left:** which KV head each of the 16 query heads reads. **Right:** the 16 heads'
-patterns on the same input: heads in one group share keys and values, yet look at different
-places because their queries differ."""),
-    ("code", r"""
+assert (our_weights.triu(diagonal=1) == 0).all()
+
+# %% [markdown]
+# GQA, drawn. **Left:** which KV head each of the 16 query heads reads. **Right:** the 16 heads'
+# patterns on the same input: heads in one group share keys and values, yet look at different
+# places because their queries differ.
+
+# %%
 H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
 group = H // Hkv
 fig = plt.figure(figsize=(13, 6))
@@ -403,21 +407,23 @@ for h in range(H):
     sub.set_title(f"q{h} -> kv{h // group}", fontsize=8, color=plt.cm.tab10(h // group))
 fig.suptitle("Grouped-query attention: head sharing and the 16 heads' patterns (layer 0)")
 plt.tight_layout()
-plt.show()"""),
-    # ------------------------------------------------------------------------------------------ SwiGLU
-    ("md", r"""
-## 4 · The SwiGLU MLP
+plt.show()
 
-After attention has moved information between positions, the MLP transforms each position on its
-own. ERNIE uses a *gated* MLP: one projection decides how much of each of the $I$ features passes
-(through $\mathrm{silu}(z) = z\,\sigma(z)$), a second one supplies the features:
 
-$$\mathrm{MLP}(x) = W_{\text{down}}\big(\mathrm{silu}(W_{\text{gate}}\,x) \odot W_{\text{up}}\,x\big), \qquad
-W_{\text{gate}}, W_{\text{up}} \in \mathbb{R}^{I\times h},\; W_{\text{down}} \in \mathbb{R}^{h\times I}.$$
+# %% [markdown]
+# ## 4 · The SwiGLU MLP
+#
+# After attention has moved information between positions, the MLP transforms each position on its
+# own. ERNIE uses a *gated* MLP: one projection decides how much of each of the $I$ features passes
+# (through $\mathrm{silu}(z) = z\,\sigma(z)$), a second one supplies the features:
+#
+# $$\mathrm{MLP}(x) = W_{\text{down}}\big(\mathrm{silu}(W_{\text{gate}}\,x) \odot W_{\text{up}}\,x\big), \qquad
+# W_{\text{gate}}, W_{\text{up}} \in \mathbb{R}^{I\times h},\; W_{\text{down}} \in \mathbb{R}^{h\times I}.$$
+#
+# With three matrices the 0.3B's width $I = 3072 = 3h$ costs $9h^2$ parameters per layer, close
+# to the $8h^2$ of a classic two-matrix MLP of width $4h$.
 
-With three matrices the 0.3B's width $I = 3072 = 3h$ costs $9h^2$ parameters per layer, close
-to the $8h^2$ of a classic two-matrix MLP of width $4h$."""),
-    ("code", r"""
+# %%
 class HandSwiGLU(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
@@ -436,8 +442,9 @@ compare("SwiGLU: by hand vs transformers", hand_mlp(x), ref_layer.mlp(x))
 
 lab_mlp = ernie_lab.mlp.SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 lab_mlp.load_state_dict(ref_layer.mlp.state_dict())
-compare("SwiGLU: by hand vs ernie_lab.mlp.SwiGLU", hand_mlp(x), lab_mlp(x))"""),
-    ("code", r"""
+compare("SwiGLU: by hand vs ernie_lab.mlp.SwiGLU", hand_mlp(x), lab_mlp(x))
+
+# %%
 z = torch.linspace(-6, 4, 200)
 fig, ax = plt.subplots(figsize=(6, 3.5))
 ax.plot(z, torch.relu(z), ls="--", label="relu(z)")
@@ -448,18 +455,20 @@ ax.set_ylabel("gate value")
 ax.set_title("The SwiGLU gate: smooth, and slightly negative below 0")
 ax.legend()
 plt.tight_layout()
-plt.show()"""),
-    # ------------------------------------------------------------------------------------------ layer
-    ("md", r"""
-## 5 · The decoder layer
+plt.show()
 
-A layer adds two updates to the residual stream, each computed from a normalised copy (pre-norm):
 
-$$x \leftarrow x + \mathrm{Attention}(\mathrm{RMSNorm}_1(x)), \qquad x \leftarrow x + \mathrm{MLP}(\mathrm{RMSNorm}_2(x)).$$
+# %% [markdown]
+# ## 5 · The decoder layer
+#
+# A layer adds two updates to the residual stream, each computed from a normalised copy (pre-norm):
+#
+# $$x \leftarrow x + \mathrm{Attention}(\mathrm{RMSNorm}_1(x)), \qquad x \leftarrow x + \mathrm{MLP}(\mathrm{RMSNorm}_2(x)).$$
+#
+# The residual stream itself is never normalised, so a signal (and a gradient) can pass through
+# all 18 layers unchanged. We name our sub-modules like the reference does, so its weights load as they are.
 
-The residual stream itself is never normalised, so a signal (and a gradient) can pass through
-all 18 layers unchanged. We name our sub-modules like the reference does, so its weights load as they are."""),
-    ("code", r"""
+# %%
 class HandDecoderLayer(nn.Module):
     def __init__(self, c: ErnieConfig):
         super().__init__()
@@ -476,12 +485,14 @@ class HandDecoderLayer(nn.Module):
 hand_layer = HandDecoderLayer(cfg)
 hand_layer.load_state_dict(ref_layer.state_dict())
 their_layer_out = ref_layer(x, attention_mask=additive_mask[None, None], position_embeddings=(cos, sin))
-compare("decoder layer: by hand vs transformers", hand_layer(x, positions), their_layer_out, atol=1e-4)"""),
-    ("md", r"""
-ernie-lab names its modules more briefly (`attn_norm`, `attn`, `mlp_norm`, `mlp`). The loader's
-`NAME_MAP`, a list of (Hub name, ernie-lab name) templates, is the whole translation;
-`hub_to_lab` applies it. We use it here to move the reference layer's weights across."""),
-    ("code", r"""
+compare("decoder layer: by hand vs transformers", hand_layer(x, positions), their_layer_out, atol=1e-4)
+
+# %% [markdown]
+# ernie-lab names its modules more briefly (`attn_norm`, `attn`, `mlp_norm`, `mlp`). The loader's
+# `NAME_MAP`, a list of (Hub name, ernie-lab name) templates, is the whole translation;
+# `hub_to_lab` applies it. We use it here to move the reference layer's weights across.
+
+# %%
 from ernie_lab.loading import NAME_MAP, hub_to_lab
 from ernie_lab.model import DecoderLayer
 
@@ -498,17 +509,19 @@ def lab_state(reference_module: nn.Module, hub_prefix: str, lab_prefix: str = ""
 lab_layer = DecoderLayer(cfg, layer_idx=0)
 lab_layer.load_state_dict(lab_state(ref_layer, "model.layers.0.", "layers.0."))
 compare("decoder layer: by hand vs ernie_lab DecoderLayer", hand_layer(x, positions),
-        lab_layer(x, (lab_cos, lab_sin)), atol=1e-4)"""),
-    # ------------------------------------------------------------------------------------------ model
-    ("md", r"""
-## 6 · The whole model
+        lab_layer(x, (lab_cos, lab_sin)), atol=1e-4)
 
-Token ids pick rows of the embedding matrix $E \in \mathbb{R}^{V\times h}$; the layers update
-the residual stream; a final RMSNorm; and the logits are dot products with the **same** matrix
-$E$ (tied embeddings: the 0.3B saves $V h \approx 106$ M parameters this way):
 
-$$h_0 = E[\text{ids}], \quad h_\ell = \mathrm{Layer}_\ell(h_{\ell-1}), \quad \text{logits} = \mathrm{RMSNorm}(h_L)\,E^{\top}.$$"""),
-    ("code", r"""
+# %% [markdown]
+# ## 6 · The whole model
+#
+# Token ids pick rows of the embedding matrix $E \in \mathbb{R}^{V\times h}$; the layers update
+# the residual stream; a final RMSNorm; and the logits are dot products with the **same** matrix
+# $E$ (tied embeddings: the 0.3B saves $V h \approx 106$ M parameters this way):
+#
+# $$h_0 = E[\text{ids}], \quad h_\ell = \mathrm{Layer}_\ell(h_{\ell-1}), \quad \text{logits} = \mathrm{RMSNorm}(h_L)\,E^{\top}.$$
+
+# %%
 class HandErnie(nn.Module):
     def __init__(self, c: ErnieConfig):
         super().__init__()
@@ -530,22 +543,26 @@ hand_model.load_state_dict({name.removeprefix("model."): tensor for name, tensor
                             if name != "lm_head.weight"})
 ids = torch.randint(0, cfg.vocab_size, (B, T))
 reference_logits = reference(ids).logits
-compare("logits: by hand vs transformers", hand_model(ids), reference_logits, atol=1e-4)"""),
-    ("code", r"""
+compare("logits: by hand vs transformers", hand_model(ids), reference_logits, atol=1e-4)
+
+# %%
 model = ernie_lab.ErnieForCausalLM(cfg).eval()
 model.load_state_dict(lab_state(reference, ""))
 compare("logits: by hand vs ernie_lab.ErnieForCausalLM", hand_model(ids), model(ids).logits, atol=1e-4)
 assert model.lm_head.weight is model.embed.weight  # tied: one matrix, two uses
-del hand_model  # from here on we use the package"""),
-    ("md", r"""
-### Counting parameters
+del hand_model  # from here on we use the package
 
-Summing the matrices (the head is free, it *is* the embedding):
 
-$$N = Vh + L\big(\underbrace{2hHd + 2hH_{kv}d}_{q,\,o,\,k,\,v} + \underbrace{3hI}_{\text{SwiGLU}} + 2h\big) + h.$$
+# %% [markdown]
+# ### Counting parameters
+#
+# Summing the matrices (the head is free, it *is* the embedding):
+#
+# $$N = Vh + L\big(\underbrace{2hHd + 2hH_{kv}d}_{q,\,o,\,k,\,v} + \underbrace{3hI}_{\text{SwiGLU}} + 2h\big) + h.$$
+#
+# For the 0.3B: $103424\cdot1024 + 18\,(2\cdot1024\cdot2048 + 2\cdot1024\cdot256 + 3\cdot1024\cdot3072 + 2048) + 1024 = 360{,}748{,}032$.
 
-For the 0.3B: $103424\cdot1024 + 18\,(2\cdot1024\cdot2048 + 2\cdot1024\cdot256 + 3\cdot1024\cdot3072 + 2048) + 1024 = 360{,}748{,}032$."""),
-    ("code", r"""
+# %%
 def count_parameters(c: ErnieConfig) -> int:
     h = c.hidden_size
     attention = 2 * h * c.num_attention_heads * c.head_dim + 2 * h * c.num_key_value_heads * c.head_dim
@@ -578,29 +595,32 @@ ax.set_xlabel("parameters (millions)")
 ax.set_title("Where the 360.7 M parameters of ERNIE-4.5-0.3B live")
 ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=2, fontsize=9)
 plt.tight_layout()
-plt.show()"""),
-    # ------------------------------------------------------------------------------------------ loading
-    ("md", r"""
-## 7 · Loading a checkpoint
+plt.show()
 
-A Hub checkpoint is a folder: `config.json` plus `model.safetensors` (or shards listed in
-`model.safetensors.index.json`). `transformers`' `save_pretrained` writes exactly that layout,
-so our reference model becomes a stand-in for a downloaded one. `ernie_lab.load_model` reads the
-config, translates the tensor names with `NAME_MAP`, checks every name and shape against a model
-skeleton built on the `meta` device (shapes only, no memory) before it reads any weights, and
-then fills the skeleton."""),
-    ("code", r"""
+# %% [markdown]
+# ## 7 · Loading a checkpoint
+#
+# A Hub checkpoint is a folder: `config.json` plus `model.safetensors` (or shards listed in
+# `model.safetensors.index.json`). `transformers`' `save_pretrained` writes exactly that layout,
+# so our reference model becomes a stand-in for a downloaded one. `ernie_lab.load_model` reads the
+# config, translates the tensor names with `NAME_MAP`, checks every name and shape against a model
+# skeleton built on the `meta` device (shapes only, no memory) before it reads any weights, and
+# then fills the skeleton.
+
+# %%
 checkpoint = Path(tempfile.mkdtemp(prefix="ernie-0.3b-shape-"))
 reference.save_pretrained(checkpoint)
 for file in sorted(checkpoint.iterdir()):
     print(f"  {file.name:26s} {file.stat().st_size / 1e6:9.1f} MB")
 
 loaded = ernie_lab.load_model(checkpoint)
-compare("logits: ernie_lab.load_model vs transformers", loaded(ids).logits, reference_logits, atol=1e-4)"""),
-    ("md", r"""
-A checkpoint whose weights do not fit its config fails before anything is built, with a message
-that names the problem. Here `config.json` claims one layer more than the weights hold:"""),
-    ("code", r"""
+compare("logits: ernie_lab.load_model vs transformers", loaded(ids).logits, reference_logits, atol=1e-4)
+
+# %% [markdown]
+# A checkpoint whose weights do not fit its config fails before anything is built, with a message
+# that names the problem. Here `config.json` claims one layer more than the weights hold:
+
+# %%
 import json
 
 broken = Path(tempfile.mkdtemp(prefix="ernie-broken-"))
@@ -613,20 +633,21 @@ try:
     raise AssertionError("a config with an extra layer must not load")
 except ernie_lab.CheckpointError as err:
     print("CheckpointError:", err)
-    assert f"layers.{cfg.num_hidden_layers}." in str(err)"""),
-    # ------------------------------------------------------------------------------------------ KV cache
-    ("md", r"""
-## 8 · The KV cache
+    assert f"layers.{cfg.num_hidden_layers}." in str(err)
 
-Generating token $t+1$ needs attention over all $t$ earlier tokens, but their keys and values
-never change once computed. The KV cache keeps them: after one **prefill** pass over the prompt,
-each **decode** step runs the model on the single new token, appends its key and value rows
-(per layer: $2 \times H_{kv} \times d$ numbers) and attends over everything stored.
-`ernie_lab.KVCache` preallocates the buffers and writes in place.
+# %% [markdown]
+# ## 8 · The KV cache
+#
+# Generating token $t+1$ needs attention over all $t$ earlier tokens, but their keys and values
+# never change once computed. The KV cache keeps them: after one **prefill** pass over the prompt,
+# each **decode** step runs the model on the single new token, appends its key and value rows
+# (per layer: $2 \times H_{kv} \times d$ numbers) and attends over everything stored.
+# `ernie_lab.KVCache` preallocates the buffers and writes in place.
+#
+# The check: feeding a sequence as a prompt plus one token at a time through the cache must give
+# the same logits as one pass over the whole sequence.
 
-The check: feeding a sequence as a prompt plus one token at a time through the cache must give
-the same logits as one pass over the whole sequence."""),
-    ("code", r"""
+# %%
 from ernie_lab import KVCache
 
 sequence = torch.randint(0, cfg.vocab_size, (1, 24))
@@ -637,12 +658,15 @@ pieces = [loaded(sequence[:, :8], cache=cache).logits]                  # prefil
 for t in range(8, 24):
     pieces.append(loaded(sequence[:, t:t + 1], cache=cache).logits)     # decode: one token per step
 print("tokens in the cache:", cache.length, "| key buffer of layer 0:", tuple(cache.keys[0].shape))
-compare("logits: cached decode vs full recomputation", torch.cat(pieces, dim=1), full, atol=1e-4)"""),
-    ("md", r"""
-What the cache buys: the time to produce the next token after $t$ tokens, recomputing everything
-versus one cached step. Without the cache the cost grows with $t$ (and the whole generation with
-$t^2$); with it a step costs about the same at any length, dominated by reading the weights."""),
-    ("code", r"""
+compare("logits: cached decode vs full recomputation", torch.cat(pieces, dim=1), full, atol=1e-4)
+
+
+# %% [markdown]
+# What the cache buys: the time to produce the next token after $t$ tokens, recomputing everything
+# versus one cached step. Without the cache the cost grows with $t$ (and the whole generation with
+# $t^2$); with it a step costs about the same at any length, dominated by reading the weights.
+
+# %%
 def median_seconds(fn, repeats: int = 3) -> float:
     fn()  # warm-up: the first call pays for memory allocation
     times = []
@@ -675,15 +699,16 @@ ax.set_ylabel("time for the next token (ms)")
 ax.set_title("Next-token cost with and without a KV cache")
 ax.legend()
 plt.tight_layout()
-plt.show()"""),
-    # ------------------------------------------------------------------------------------------ generation
-    ("md", r"""
-## 9 · Generation
+plt.show()
 
-`ernie_lab.generate` prefills the prompt, then picks one token per step. **Greedy** decoding takes
-the most likely token; it must reproduce `transformers`' `generate` token for token, also for a
-batch of prompts of different lengths (left-padded, with positions that count only real tokens)."""),
-    ("code", r"""
+# %% [markdown]
+# ## 9 · Generation
+#
+# `ernie_lab.generate` prefills the prompt, then picks one token per step. **Greedy** decoding takes
+# the most likely token; it must reproduce `transformers`' `generate` token for token, also for a
+# batch of prompts of different lengths (left-padded, with positions that count only real tokens).
+
+# %%
 prompts = [[5, 17, 300, 4242, 77, 9], [81, 64, 1000]]
 ours = ernie_lab.generate(loaded, prompts, max_new_tokens=12, eos_token_id=[])   # [] = never stop early
 
@@ -694,14 +719,16 @@ theirs = reference.generate(padded, attention_mask=attention_mask, max_new_token
 print("ernie-lab   :", ours.tolist())
 print("transformers:", theirs.tolist())
 assert torch.equal(ours, theirs)
-assert len(set(ours[0, 6:].tolist())) > 2  # a varied continuation, so the match means something"""),
-    ("md", r"""
-**Sampling** draws the next token from $p_i \propto \exp(z_i / \tau)$. The temperature $\tau$
-sharpens ($\tau<1$) or flattens ($\tau>1$) the distribution; **top-p** (nucleus) keeps only the
-most likely tokens whose probabilities add up to $p$, so the long tail of unlikely tokens is never
-drawn. A random model is unsure of everything, so its distributions are flat; the mechanics are
-the same as for a trained one."""),
-    ("code", r"""
+assert len(set(ours[0, 6:].tolist())) > 2  # a varied continuation, so the match means something
+
+# %% [markdown]
+# **Sampling** draws the next token from $p_i \propto \exp(z_i / \tau)$. The temperature $\tau$
+# sharpens ($\tau<1$) or flattens ($\tau>1$) the distribution; **top-p** (nucleus) keeps only the
+# most likely tokens whose probabilities add up to $p$, so the long tail of unlikely tokens is never
+# drawn. A random model is unsure of everything, so its distributions are flat; the mechanics are
+# the same as for a trained one.
+
+# %%
 from ernie_lab.generation import pick_next_token
 
 logits = loaded(torch.tensor([prompts[0]])).logits[:, -1]          # (1, V): the next-token logits
@@ -715,8 +742,9 @@ ax.set_ylabel("probability")
 ax.set_title("Next-token distribution at three temperatures")
 ax.legend()
 plt.tight_layout()
-plt.show()"""),
-    ("code", r"""
+plt.show()
+
+# %%
 # Checks of the sampler's promises.
 greedy = pick_next_token(logits)
 assert torch.equal(pick_next_token(logits, temperature=1.0, top_k=1), greedy)         # top-k 1 is greedy
@@ -731,20 +759,21 @@ run = lambda seed: ernie_lab.generate(loaded, prompts, 6, temperature=0.8, top_p
                                       generator=torch.Generator().manual_seed(seed))
 first, again, other = run(0), run(0), run(1)
 assert torch.equal(first, again) and not torch.equal(first, other)  # same seed, same text
-print("sampled (T=0.8, top-p 0.9):", first[:, 6:].tolist())"""),
-    # ------------------------------------------------------------------------------------------ tokenizer
-    ("md", r"""
-## 10 · Text in, text out: tokenizer and chat template
+print("sampled (T=0.8, top-p 0.9):", first[:, 6:].tolist())
 
-The model reads token ids. `ernie_lab.load_tokenizer(folder_or_hub_id)` reads a checkpoint's
-SentencePiece `tokenizer.model`; without one (as here, offline) it falls back, with a warning, to
-the kit's **stand-in**: a small SentencePiece model trained on Python's help texts that keeps
-ERNIE's special tokens at their real ids (`<|begin_of_sentence|>` = 100273, ...). Ordinary words
-get different ids than in the real vocabulary, which does not matter for a random model.
+# %% [markdown]
+# ## 10 · Text in, text out: tokenizer and chat template
+#
+# The model reads token ids. `ernie_lab.load_tokenizer(folder_or_hub_id)` reads a checkpoint's
+# SentencePiece `tokenizer.model`; without one (as here, offline) it falls back, with a warning, to
+# the kit's **stand-in**: a small SentencePiece model trained on Python's help texts that keeps
+# ERNIE's special tokens at their real ids (`<|begin_of_sentence|>` = 100273, ...). Ordinary words
+# get different ids than in the real vocabulary, which does not matter for a random model.
+#
+# ERNIE 4.5's chat format is plain text around two markers:
+# `<|begin_of_sentence|>{system}\nUser: {question}\nAssistant: {answer}<|end_of_sentence|>`.
 
-ERNIE 4.5's chat format is plain text around two markers:
-`<|begin_of_sentence|>{system}\nUser: {question}\nAssistant: {answer}<|end_of_sentence|>`."""),
-    ("code", r"""
+# %%
 import warnings
 
 with warnings.catch_warnings():
@@ -761,38 +790,43 @@ messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "c
 print(repr(tokenizer.apply_chat_template(messages, tokenize=False)))
 chat_ids = tokenizer.apply_chat_template(messages)
 assert chat_ids[0] == tokenizer.convert_tokens_to_ids("<|begin_of_sentence|>") == 100273
-assert tokenizer.decode(chat_ids).endswith("Assistant: ")"""),
-    ("code", r"""
+assert tokenizer.decode(chat_ids).endswith("Assistant: ")
+
+# %%
 reply = ernie_lab.generate(loaded, [chat_ids], max_new_tokens=12, eos_token_id=tokenizer.stop_token_ids)
 reply_ids = reply[0, len(chat_ids):].tolist()
 print("reply ids   :", reply_ids)
 print("reply tokens:", tokenizer.convert_ids_to_tokens(reply_ids))
 print("reply text  :", repr(tokenizer.decode(reply_ids, skip_special_tokens=True)))
-assert reply.shape[1] > len(chat_ids)"""),
-    ("md", r"""
-The random model picks ids anywhere in the 103,424 rows of its embedding, while the stand-in
-tokenizer has only 8,000 pieces (plus the special tokens), so most of its "words" are reserved ids
-that decode to nothing. With a real checkpoint folder, `load_model(folder)` and
-`load_tokenizer(folder)` give a trained model and its real vocabulary, and the same three calls
-(chat template, generate, decode) produce a readable reply."""),
-    # ------------------------------------------------------------------------------------------ exercises
-    ("md", r"""
-## Exercises
+assert reply.shape[1] > len(chat_ids)
 
-Each exercise cell holds a working reference answer so that the notebook runs end to end.
-Replace it with your own and run the check cell below it."""),
-    ("md", r"""
-### Exercise 1 · The KV cache of the 0.3B
+# %% [markdown]
+# The random model picks ids anywhere in the 103,424 rows of its embedding, while the stand-in
+# tokenizer has only 8,000 pieces (plus the special tokens), so most of its "words" are reserved ids
+# that decode to nothing. With a real checkpoint folder, `load_model(folder)` and
+# `load_tokenizer(folder)` give a trained model and its real vocabulary, and the same three calls
+# (chat template, generate, decode) produce a readable reply.
 
-How many bytes does the 0.3B's KV cache hold **per token** in bfloat16 (2 bytes per number)?
-And how long must the context be before the cache is as large as the model's own bfloat16 weights?
-*Hint:* keys and values, every layer, only the KV heads."""),
-    ("code", r"""
+# %% [markdown]
+# ## Exercises
+#
+# Each exercise cell holds a working reference answer so that the notebook runs end to end.
+# Replace it with your own and run the check cell below it.
+
+# %% [markdown]
+# ### Exercise 1 · The KV cache of the 0.3B
+#
+# How many bytes does the 0.3B's KV cache hold **per token** in bfloat16 (2 bytes per number)?
+# And how long must the context be before the cache is as large as the model's own bfloat16 weights?
+# *Hint:* keys and values, every layer, only the KV heads.
+
+# %%
 # YOUR ANSWER (the reference answer is filled in; replace it with your own)
 c = ERNIE_0_3B
 kv_bytes_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2
-tokens_where_cache_equals_weights = 360_748_032 * 2 / kv_bytes_per_token"""),
-    ("code", r"""
+tokens_where_cache_equals_weights = 360_748_032 * 2 / kv_bytes_per_token
+
+# %%
 # Check against the real KVCache: allocate one (on the meta device: shapes only) and measure it.
 probe = KVCache(c.num_hidden_layers, 1, c.num_key_value_heads, c.head_dim, max_len=100, dtype=torch.bfloat16,
                 device="meta")
@@ -800,16 +834,19 @@ measured = sum(t.numel() * t.element_size() for t in probe.keys + probe.values) 
 assert kv_bytes_per_token == measured, (kv_bytes_per_token, measured)
 assert abs(tokens_where_cache_equals_weights - real_shape.num_parameters() * 2 / measured) < 1
 print(f"{kv_bytes_per_token:,} bytes per token; the cache outweighs the weights after "
-      f"{tokens_where_cache_equals_weights:,.0f} tokens. With 16 KV heads (no GQA) it would be 8x more.")"""),
-    ("md", r"""
-### Exercise 2 · Interleaved or rotate-half?
+      f"{tokens_where_cache_equals_weights:,.0f} tokens. With 16 KV heads (no GQA) it would be 8x more.")
 
-Implement both layouts of RoPE with `cos` and `sin` tables of shape `(B, T, d/2)`:
-*interleaved* rotates pairs $(x_{2i}, x_{2i+1})$, *rotate-half* (Llama) rotates $(x_i, x_{i+d/2})$.
-Which one matches `transformers`' ERNIE? The check also shows that both are rotations (they keep
-lengths) and that one turns into the other by permuting the head dimensions: the two layouts
-differ only in how the q and k projections order their output rows."""),
-    ("code", r"""
+
+# %% [markdown]
+# ### Exercise 2 · Interleaved or rotate-half?
+#
+# Implement both layouts of RoPE with `cos` and `sin` tables of shape `(B, T, d/2)`:
+# *interleaved* rotates pairs $(x_{2i}, x_{2i+1})$, *rotate-half* (Llama) rotates $(x_i, x_{i+d/2})$.
+# Which one matches `transformers`' ERNIE? The check also shows that both are rotations (they keep
+# lengths) and that one turns into the other by permuting the head dimensions: the two layouts
+# differ only in how the q and k projections order their output rows.
+
+# %%
 # YOUR ANSWER (the reference answer is filled in; replace it with your own)
 def rope_interleaved(x, cos, sin):                       # x: (B, H, T, d); cos, sin: (B, T, d/2)
     cos, sin = cos[:, None], sin[:, None]
@@ -820,8 +857,10 @@ def rope_interleaved(x, cos, sin):                       # x: (B, H, T, d); cos,
 def rope_rotate_half(x, cos, sin):
     cos, sin = cos[:, None], sin[:, None]
     first, second = x.chunk(2, dim=-1)
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)"""),
-    ("code", r"""
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+# %%
 angles_cos, angles_sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
 interleaved, rotate_half = rope_interleaved(q, angles_cos, angles_sin), rope_rotate_half(q, angles_cos, angles_sin)
 gap_interleaved = (interleaved - q_ref).abs().max().item()
@@ -834,61 +873,50 @@ for rotated in (interleaved, rotate_half):  # both are rotations: vector lengths
 d = cfg.head_dim  # [0, 2, 4, ..., 1, 3, 5, ...]: evens first, then odds
 to_halves = torch.cat((torch.arange(0, d, 2), torch.arange(1, d, 2)))
 compare("interleaved == rotate-half after permuting dims", interleaved[..., to_halves],
-        rope_rotate_half(q[..., to_halves], angles_cos, angles_sin))"""),
-    ("md", r"""
-### Exercise 3 · One layer, by formula
+        rope_rotate_half(q[..., to_halves], angles_cos, angles_sin))
 
-Write the number of parameters of one decoder layer of the **real** 0.3B as a formula of the
-config fields (attention projections, the SwiGLU MLP, the two RMSNorm gains)."""),
-    ("code", r"""
+# %% [markdown]
+# ### Exercise 3 · One layer, by formula
+#
+# Write the number of parameters of one decoder layer of the **real** 0.3B as a formula of the
+# config fields (attention projections, the SwiGLU MLP, the two RMSNorm gains).
+
+# %%
 # YOUR ANSWER (the reference answer is filled in; replace it with your own)
 c = ERNIE_0_3B
 h, H, Hkv, d, I = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
-layer_parameters = h * H * d + 2 * h * Hkv * d + H * d * h + 3 * h * I + 2 * h"""),
-    ("code", r"""
+layer_parameters = h * H * d + 2 * h * Hkv * d + H * d * h + 3 * h * I + 2 * h
+
+# %%
 with torch.device("meta"):
     one_layer = DecoderLayer(ERNIE_0_3B, layer_idx=0)
 measured = sum(p.numel() for p in one_layer.parameters())
 print(f"one layer: {layer_parameters:,} by formula, {measured:,} counted "
       f"({measured * ERNIE_0_3B.num_hidden_layers / 360_748_032:.0%} of the model in all 18 layers)")
-assert layer_parameters == measured"""),
-    ("md", r"""
-### Exercise 4 · What the causal mask protects
+assert layer_parameters == measured
 
-Change one token in the **middle** of a sequence. Which positions' logits may change? Write the
-positions (0-based) whose logits stay exactly as they were, for a 16-token sequence where
-position 10 is changed."""),
-    ("code", r"""
+# %% [markdown]
+# ### Exercise 4 · What the causal mask protects
+#
+# Change one token in the **middle** of a sequence. Which positions' logits may change? Write the
+# positions (0-based) whose logits stay exactly as they were, for a 16-token sequence where
+# position 10 is changed.
+
+# %%
 # YOUR ANSWER (the reference answer is filled in; replace it with your own)
-unchanged_positions = list(range(10))"""),
-    ("code", r"""
+unchanged_positions = list(range(10))
+
+# %%
 seq = torch.randint(0, cfg.vocab_size, (1, 16))
 edited = seq.clone()
 edited[0, 10] = (seq[0, 10] + 1) % cfg.vocab_size
 same = (loaded(seq).logits - loaded(edited).logits).abs().amax(-1)[0] < 1e-5    # (16,)
 assert unchanged_positions == same.nonzero().flatten().tolist(), same
-print("positions unaffected by the edit:", unchanged_positions)"""),
-    ("md", r"""
-## What's next
+print("positions unaffected by the edit:", unchanged_positions)
 
-You have the whole dense ERNIE 4.5: every piece written by hand, matched with the reference, and
-available as `ernie_lab`. Notebook **02** replaces the MLP of most layers with a *mixture of
-experts* and builds the 21B-A3B."""),
-]
-
-
-def build() -> nbformat.NotebookNode:
-    notebook = new_notebook()
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    notebook.metadata["language_info"] = {"name": "python"}
-    notebook.cells = [new_markdown_cell(src.strip("\n")) if kind == "md" else new_code_cell(src.strip("\n"))
-                      for kind, src in CELLS]
-    for number, cell in enumerate(notebook.cells):
-        cell.id = f"cell-{number:02d}"  # stable ids: regenerating the notebook changes no line it need not
-    return notebook
-
-
-if __name__ == "__main__":
-    NOTEBOOK.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(build(), NOTEBOOK)
-    print("wrote", NOTEBOOK)
+# %% [markdown]
+# ## What's next
+#
+# You have the whole dense ERNIE 4.5: every piece written by hand, matched with the reference, and
+# available as `ernie_lab`. Notebook **02** replaces the MLP of most layers with a *mixture of
+# experts* and builds the 21B-A3B.

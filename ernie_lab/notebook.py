@@ -1,0 +1,148 @@
+"""What every notebook does first, and the pictures several notebooks share.
+
+A notebook should read as a story about ERNIE, not as set-up code. Here live, written once:
+
+* `setup()`: the first cell of every notebook (fast mode from `ERNIE_LAB_FAST`, a fixed seed, where
+  `ernie_lab` was imported from);
+* `repo_path()`: files of the kit (data/, figures/, notebooks/), found from the package, so a notebook
+  runs from any folder (the tests execute fresh copies in a temporary one);
+* `compare()`: one line per "ours equals the reference" check, failing above a tolerance;
+* `load_heatmap()`, `draw_dispatch()`, `draw_expert_choices()`: the routing pictures of notebooks 02
+  and 04.
+
+matplotlib is imported inside the drawing functions: `import ernie_lab` stays free of plotting.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout that holds ernie_lab/
+
+
+def repo_path(*parts: str) -> Path:
+    """A path inside the kit's checkout: `repo_path("data", "tokenizer")`, `repo_path("notebooks")`."""
+    return REPO_ROOT.joinpath(*parts)
+
+
+def fast_mode() -> bool:
+    """True when `ERNIE_LAB_FAST=1`: notebooks shrink their work (tests and `make lab FAST=1` set it)."""
+    return os.environ.get("ERNIE_LAB_FAST") == "1"
+
+
+def setup(seed: int = 0) -> bool:
+    """Seed torch, say where `ernie_lab` comes from and whether fast mode is on; return fast mode."""
+    torch.manual_seed(seed)
+    fast = fast_mode()
+    print("ernie_lab from", Path(__file__).resolve().parent, "| fast mode:", fast)
+    return fast
+
+
+def compare(label: str, ours: torch.Tensor, theirs: torch.Tensor, atol: float = 1e-5) -> float:
+    """Print the largest difference of two tensors and fail when it exceeds `atol`; return it.
+
+    Where values exceed 1 the tolerance is taken relative to the largest value: float32 keeps about
+    seven significant digits, so big numbers carry bigger round-off.
+    """
+    assert ours.shape == theirs.shape, f"{label}: shape {tuple(ours.shape)} vs {tuple(theirs.shape)}"
+    diff = (ours.float() - theirs.float()).abs().max().item()
+    scale = max(1.0, theirs.float().abs().max().item())
+    print(f"{label:52s} max |diff| = {diff:.1e}  (values up to {scale:5.1f}; tolerance {atol:.0e} x {scale:.1f})")
+    assert diff <= atol * scale, f"{label}: max difference {diff:.2e} exceeds {atol:.0e} x {scale:.1f}"
+    return diff
+
+
+def load_heatmap(ax, fractions: torch.Tensor, title: str, row_labels: list[str], vmax: float | None = None,
+                 cmap: str = "viridis", ylabel: str = "MoE layer"):
+    """Draw a (rows, experts) table of shares on `ax`, one column per expert; return the image for a colorbar."""
+    image = ax.imshow(fractions.numpy(), cmap=cmap, aspect="auto", vmin=0, vmax=vmax)
+    ax.set_xticks(range(fractions.shape[1]), [f"E{e}" for e in range(fractions.shape[1])], fontsize=8)
+    ax.set_yticks(range(len(row_labels)), row_labels)
+    ax.set_xlabel("expert")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return image
+
+
+def draw_dispatch(expert_ids: torch.Tensor, num_experts: int) -> None:
+    """Tokens -> (token, slot) pairs sorted by expert -> one call per active expert -> back to tokens.
+
+    `expert_ids` is (N, k): the k experts each of N tokens chose.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    N, k = expert_ids.shape
+    pairs = expert_ids.reshape(-1)                       # (N k,): pair p = (token p // k, slot p % k)
+    order = pairs.argsort(stable=True)
+    counts = torch.bincount(pairs, minlength=num_experts)  # (E,)
+    colors = plt.cm.Set2(np.arange(num_experts))
+    rows = N * k
+    idle = [e for e in range(num_experts) if counts[e] == 0]
+    fig, ax = plt.subplots(figsize=(12, 0.6 * (rows + len(idle)) + 1.2))
+    token_y = {t: rows - 1 - (t + 0.5) * rows / N + 0.5 for t in range(N)}
+    box = dict(boxstyle="round,pad=0.05")
+    for t in range(N):
+        ax.add_patch(FancyBboxPatch((0, token_y[t] - 0.35), 1.3, 0.7, fc="white", ec="black", **box))
+        ax.text(0.65, token_y[t], f"token {t}", ha="center", va="center")
+    for pos, pair in enumerate(order.tolist()):
+        t, slot, e = pair // k, pair % k, int(pairs[pair])
+        y = rows - 1 - pos
+        ax.add_patch(FancyBboxPatch((3, y - 0.35), 1.6, 0.7, fc=colors[e], ec="gray", **box))
+        ax.text(3.8, y, f"t{t} slot {slot} -> E{e}", ha="center", va="center", fontsize=9)
+        ax.add_patch(FancyArrowPatch((1.4, token_y[t]), (2.95, y), arrowstyle="->", color=colors[e],
+                                     mutation_scale=12, lw=1.5))
+    start = 0
+    for e in range(num_experts):
+        n = int(counts[e])
+        if n == 0:
+            continue
+        top, bottom = rows - 1 - start + 0.4, rows - 1 - (start + n - 1) - 0.4
+        mid = (top + bottom) / 2
+        ax.add_patch(FancyBboxPatch((6, mid - 0.35), 2.6, 0.7, fc=colors[e], ec="black", **box))
+        ax.text(7.3, mid, f"expert {e}: one call on {n} rows", ha="center", va="center", fontsize=9)
+        ax.plot([4.75, 4.75], [bottom + 0.05, top - 0.05], color="black", lw=2)
+        ax.add_patch(FancyArrowPatch((4.8, mid), (5.95, mid), arrowstyle="->", color="black", mutation_scale=12))
+        ax.add_patch(FancyArrowPatch((8.65, mid), (9.55, rows / 2 - 0.5), arrowstyle="->", color=colors[e],
+                                     mutation_scale=12))
+        start += n
+    for j, e in enumerate(idle):
+        y = -1 - j
+        ax.add_patch(FancyBboxPatch((6, y - 0.35), 2.6, 0.7, fc="white", ec="gray", ls="--", **box))
+        ax.text(7.3, y, f"expert {e}: no tokens, skipped", ha="center", va="center", fontsize=9, color="gray")
+    ax.text(10.6, rows / 2 - 0.5, "outputs back in\n(token, slot) order;\neach token adds its\nk outputs, weighted",
+            ha="center", va="center", fontsize=9, bbox=dict(boxstyle="round", fc="lightyellow", ec="gray"))
+    for x, label in ((0.65, "tokens"), (3.8, "pairs, sorted by expert"), (7.3, "experts"), (10.6, "combine")):
+        ax.text(x, rows + 0.2, label, ha="center", fontweight="bold")
+    ax.set_xlim(-0.2, 11.8)
+    ax.set_ylim(-0.8 - len(idle), rows + 0.7)
+    ax.axis("off")
+    fig.suptitle("dispatch: (token, slot) pairs sorted by expert; each active expert runs once on its slice")
+    plt.tight_layout()
+    plt.show()
+
+
+def draw_expert_choices(columns: torch.Tensor, modality: torch.Tensor, experts_per_group: int, title: str) -> None:
+    """Draw which expert each token chose, and with what weight, in a model with text and vision groups.
+
+    `columns` is (T, 2 E): the mixing weight of text experts T0..T(E-1), then vision experts V0..V(E-1);
+    `modality` is (T,): 1 marks a vision token, shaded orange.
+    """
+    import matplotlib.pyplot as plt
+
+    E = experts_per_group
+    fig, ax = plt.subplots(figsize=(11, 3.2))
+    ax.imshow(columns.T, aspect="auto", cmap="Blues", interpolation="nearest")
+    ax.axhline(E - 0.5, color="black", lw=1)               # text group above, vision group below
+    ax.set_yticks(range(2 * E), [f"T{e}" for e in range(E)] + [f"V{e}" for e in range(E)])
+    for t in range(columns.shape[0]):
+        if modality[t]:
+            ax.axvspan(t - 0.5, t + 0.5, color="orange", alpha=0.12, lw=0)
+    ax.set_xlabel("token position (orange band: vision tokens, picture placeholders and their markers)")
+    ax.set_ylabel("expert")
+    ax.set_title(title)
+    plt.show()
