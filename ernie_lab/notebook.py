@@ -8,7 +8,11 @@ A notebook should read as a story about ERNIE, not as set-up code. Here live, wr
   runs from any folder (the tests execute fresh copies in a temporary one);
 * `compare()`: one line per "ours equals the reference" check, failing above a tolerance;
 * `load_heatmap()`, `draw_dispatch()`, `draw_expert_choices()`: the routing pictures of notebooks 02
-  and 04.
+  and 04;
+* `figure()`: a diagram from figures/ (made by `scripts/make_figures.py`) shown in a notebook;
+* plumbing the lessons should not show: `reference_routing()` (which experts `transformers`' routers
+  chose), `reference_vl_generate()`, `cpu_settings()` (threads and denormals, always restored) and
+  `rope_layout()` (run a model with another RoPE function, for the experiment of notebook 01).
 
 matplotlib is imported inside the drawing functions: `import ernie_lab` stays free of plotting.
 """
@@ -16,6 +20,7 @@ matplotlib is imported inside the drawing functions: `import ernie_lab` stays fr
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,6 +44,83 @@ def setup(seed: int = 0) -> bool:
     fast = fast_mode()
     print("ernie_lab from", Path(__file__).resolve().parent, "| fast mode:", fast)
     return fast
+
+
+def figure(name: str, width: int = 720):
+    """Show figures/`name` (a diagram drawn by scripts/make_figures.py) in the notebook's output."""
+    from IPython.display import Image
+
+    return Image(filename=str(repo_path("figures", name)), width=width)
+
+
+@contextmanager
+def cpu_settings(threads: int = 1, flush_denormal: bool = True):
+    """Run a block with `threads` CPU threads and denormal floats flushed to zero; restore both afterwards.
+
+    Denormals are floats so close to 0 that the CPU handles them in slow microcode; training tiny models
+    produces many (an expert that gets no tokens sees vanishing optimizer statistics).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(flush_denormal)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        torch.set_flush_denormal(False)
+
+
+@contextmanager
+def rope_layout(apply_rope):
+    """Inside the block every ernie_lab attention layer rotates q and k with `apply_rope(x, cos, sin)`."""
+    from . import attention
+
+    original = attention.apply_rope
+    attention.apply_rope = apply_rope
+    try:
+        yield
+    finally:
+        attention.apply_rope = original
+
+
+def _reference_routers(reference):
+    """(layer index, group, router module) of a transformers ERNIE MoE or VL-MoE model (group 1 = vision)."""
+    inner = getattr(reference.model, "language_model", reference.model)
+    for idx, layer in enumerate(inner.layers):
+        if hasattr(layer.mlp, "text_moe"):
+            yield idx, 0, layer.mlp.text_moe.gate
+            yield idx, 1, layer.mlp.vision_moe.gate
+        elif hasattr(layer.mlp, "gate"):
+            yield idx, 0, layer.mlp.gate
+
+
+@contextmanager
+def reference_routing(reference):
+    """Record the experts `transformers`' routers choose: yields {(layer, group): [(N, k) ids per call]}."""
+    chosen, handles = {}, []
+    for idx, group, router in _reference_routers(reference):
+        calls = chosen.setdefault((idx, group), [])
+        # the reference router returns (weights, scores, expert ids): the ids are its third output
+        handles.append(router.register_forward_hook(lambda m, i, out, calls=calls: calls.append(out[2].clone())))
+    try:
+        yield chosen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def reference_vl_inputs(input_ids: torch.Tensor) -> dict:
+    """The token-type tensors transformers' VL model wants next to the ids (ernie_lab derives them itself)."""
+    from .rope3d import modality_types, routing_types
+
+    return dict(mm_token_type_ids=modality_types(input_ids), moe_mm_token_type_ids=routing_types(input_ids))
+
+
+def reference_vl_generate(reference, input_ids: torch.Tensor, max_new_tokens: int, **pixels) -> torch.Tensor:
+    """Greedy decoding with transformers' VL model from a clean state (it caches 3-D position offsets)."""
+    reference.model.rope_deltas = None
+    return reference.generate(input_ids=input_ids, **reference_vl_inputs(input_ids), max_new_tokens=max_new_tokens,
+                              do_sample=False, eos_token_id=None, pad_token_id=0, **pixels)
 
 
 def compare(label: str, ours: torch.Tensor, theirs: torch.Tensor, atol: float = 1e-5) -> float:

@@ -48,11 +48,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import ernie_lab
-from ernie_lab import losses, routing
+from ernie_lab import exercises, losses, notebook, routing
 from ernie_lab.config import ERNIE_21B_A3B, ErnieConfig
 from ernie_lab.mlp import SwiGLU
 from ernie_lab.moe import MoEBlock, dispatch, moe_blocks, route
-from ernie_lab.notebook import draw_dispatch, load_heatmap, setup
+from ernie_lab.notebook import compare, draw_dispatch, load_heatmap, setup
 
 FAST = setup()
 
@@ -345,14 +345,42 @@ with safe_open(str(folder / "model.safetensors"), "pt") as f:
 model = ernie_lab.load_model(folder)
 print(f"ernie_lab model: {model.num_parameters():,} parameters; MoE layers", [b.routing_tap.layer_idx for b in moe_blocks(model)])
 
+# %% [markdown]
+# ### The MoE block from scratch
+#
+# Everything of sections 2-4 in one function, written with nothing but the block's weight tensors:
+# float32 router softmax, bias-only choice, renormalised weights, each token through its $k$ experts,
+# the shared experts added unscaled. It must equal `ernie_lab`'s `MoEBlock` and `transformers`' block
+# on the same weights (layer 1 of the checkpoint just loaded).
+
+# %%
+def swiglu_by_hand(x, expert):                               # x: (H,) -> (H,)
+    gate, up, down = expert.gate_proj.weight, expert.up_proj.weight, expert.down_proj.weight
+    return down @ (torch.nn.functional.silu(gate @ x) * (up @ x))
+
+
+def moe_block_by_hand(x, block):                             # x: (N, H) -> (N, H)
+    probs = (x.float() @ block.gate.weight.float().T).softmax(-1)            # (N, E) float32
+    bias = block.moe_statics.e_score_correction_bias[0]                       # (E,) only for the choice
+    ids = (probs + bias).topk(block.k, dim=-1).indices                        # (N, k)
+    weights = probs.gather(-1, ids)
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=block.norm_min)
+    out = torch.stack([sum(weights[t, j] * swiglu_by_hand(x[t], block.experts[int(ids[t, j])])
+                           for j in range(block.k)) for t in range(x.shape[0])])
+    if block.shared_experts is not None:                                      # every token, unscaled
+        out = out + torch.stack([swiglu_by_hand(row, block.shared_experts) for row in x])
+    return out
+
+
+ours_block, ref_block = model.layers[1].mlp, reference.model.layers[1].mlp
+hidden_in = torch.randn(1, 10, TINY["hidden_size"])                            # (B, T, H)
+with torch.no_grad():
+    by_hand = moe_block_by_hand(hidden_in[0], ours_block)
+    compare("MoE block: by hand vs ernie_lab.moe.MoEBlock", by_hand, ours_block(hidden_in)[0])
+    compare("MoE block: by hand vs transformers", by_hand, ref_block(hidden_in)[0])
+
 # %%
 # logits, every routing decision, greedy decoding
-choices = {}
-for idx, layer in enumerate(reference.model.layers):
-    if hasattr(layer.mlp, "gate"):
-        choices[idx] = []
-        layer.mlp.gate.register_forward_hook(lambda m, i, out, idx=idx: choices[idx].append(out[2].clone()))
-
 torch.manual_seed(1)
 prompt = torch.randint(3, TINY["vocab_size"], (1, 8))
 with torch.no_grad():
@@ -360,10 +388,9 @@ with torch.no_grad():
 print("max |logits difference|:", float(diff))
 assert diff < 1e-4
 
-for calls in choices.values():
-    calls.clear()
-expected = reference.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None,
-                              attention_mask=torch.ones_like(prompt))
+with notebook.reference_routing(reference) as choices:      # which experts transformers' routers pick
+    expected = reference.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None,
+                                  attention_mask=torch.ones_like(prompt))
 with routing.record(model) as record:
     got = ernie_lab.generate(model, prompt, max_new_tokens=20, eos_token_id=[])
 print("reference:", expected[0, 8:].tolist())
@@ -371,10 +398,8 @@ print("ernie_lab:", got[0, 8:].tolist())
 assert torch.equal(got, expected)
 assert len(set(got[0, 8:].tolist())) > 1, "one repeated token would be a weak check"
 for entry in record.layers:
-    ref_ids = torch.cat(choices[entry.layer_idx])            # prefill 8 tokens, then 19 decoding steps
+    ref_ids = torch.cat(choices[entry.layer_idx, 0])         # prefill 8 tokens, then 19 decoding steps
     assert torch.equal(entry.expert_ids.sort(-1).values, ref_ids.sort(-1).values)
-for module in reference.modules():
-    module._forward_hooks.clear()
 print("same experts for all", record.layers[0].num_tokens, "tokens in", len(record.layers), "MoE layers")
 
 # %% [markdown]
@@ -522,14 +547,11 @@ def train(balance: bool, seed: int = 0):
 
 
 # Tiny matrices: one CPU thread is faster than several that wait on each other, and flushing
-# denormal floats (experts that get no tokens see vanishing Adam statistics) avoids a 10x slow-down.
-threads = torch.get_num_threads()
-torch.set_num_threads(1)
-torch.set_flush_denormal(True)
-plain, plain_loads, plain_lm = train(balance=False)
-balanced_net, balanced_loads, balanced_lm = train(balance=True)
-torch.set_num_threads(threads)
-torch.set_flush_denormal(False)
+# denormals (floats so close to 0 that the CPU computes with them in slow microcode; experts that get
+# no tokens see vanishing Adam statistics) avoids a 10x slow-down. Both are restored afterwards.
+with notebook.cpu_settings(threads=1, flush_denormal=True):
+    plain, plain_loads, plain_lm = train(balance=False)
+    balanced_net, balanced_loads, balanced_lm = train(balance=True)
 
 
 # %%
@@ -618,88 +640,75 @@ for rec in records.values():
 assert imbalance(records["with balancing losses"].load_fraction()[None]).item() < imbalance(records["language model only"].load_fraction()[None]).item()
 
 # %% [markdown]
-# ## Exercises
+# ## Exercises · core, 20 min
 #
-# Each exercise cell holds a working reference answer so that the notebook runs end to end; replace it
-# with your own and run the check below it.
+# Each exercise is a stub for you to fill in, followed by a check from `ernie_lab.exercises`. Until you
+# write something the check says "not attempted yet" and gives a hint; a wrong answer stops with a
+# message that says what differs; a right one says "correct". The solutions are in `solutions/`.
 #
-# **Exercise 1.** In 300B-A47B, how many parameters does one token use in *one* MoE layer's feed-forward
-# part (router weight + correction bias + the chosen experts)? Work it out from the numbers
-# (hidden 8192, 64 experts of width 3584, top-8).
+# **Exercise 1 · One token's share of a layer.** In 300B-A47B, how many parameters does one token use in
+# *one* MoE layer's feed-forward part: the router weight, its correction bias and the chosen experts?
+# (Hidden 8192, 64 experts of width 3584, top-8.)
 
 # %%
-# your answer (reference: the router is 64 x 8192 plus 64 biases; each expert 3 matrices of 8192 x 3584)
-answer_1 = 64 * 8192 + 64 + 8 * 3 * 8192 * 3584
+active_per_layer = None   # your answer: a number
 
-# %%
-with torch.device("meta"):
-    block = MoEBlock(configs["300B-A47B"], layer_idx=3)
-router_part = block.gate.weight.numel() + block.moe_statics.e_score_correction_bias.numel()
-one_expert = sum(p.numel() for p in block.experts[0].parameters())
-assert answer_1 == router_part + block.k * one_expert, "count the router, the bias and k experts"
-print(f"{answer_1:,} parameters per token per MoE layer; the layer holds {sum(p.numel() for p in block.parameters()):,}")
+exercises.check("02.active_per_layer", active_per_layer)
 
 
 # %% [markdown]
-# **Exercise 2.** Write the router's choice yourself: from logits `(N, E)`, `k`, a bias `(E,)` and
-# `norm_min`, return `(expert_ids, weights)`, ERNIE's way (bias only for the choice).
+# **Exercise 2 · The balancing loss by hand.** Write the Switch-Transformer load-balancing loss
+# $L = E \sum_e f_e P_e$ from a table of router probabilities `probs (N, E)` and the chosen experts
+# `expert_ids (N, k)`: $f_e$ is the share of tokens that chose expert $e$, $P_e$ its mean probability.
+# The check compares with `ernie_lab.losses.load_balancing_loss`.
 
 # %%
-def my_route(logits, k, bias, norm_min=1e-12):
-    # reference answer; replace with your own
-    p = logits.float().softmax(-1)
-    ids = (p + bias).topk(k, dim=-1).indices
-    w = p.gather(-1, ids)
-    return ids, w / w.sum(-1, keepdim=True).clamp(min=norm_min)
+def switch_loss(probs, expert_ids):
+    ...   # your code here
 
 
-# %%
-torch.manual_seed(7)
-test_logits, test_bias = torch.randn(50, 16) * 2, torch.randn(16) * 0.05
-ids, w = my_route(test_logits, 4, test_bias)
-expected = route(test_logits, 4, 1e-12, test_bias)
-assert torch.equal(ids.sort(-1).values, expected.expert_ids.sort(-1).values), "the bias must take part in the choice"
-assert torch.allclose(w.gather(-1, ids.argsort(-1)), expected.weights.gather(-1, expected.expert_ids.argsort(-1)), atol=1e-6), \
-    "weights: unbiased probabilities of the chosen experts, renormalised"
-print("my_route agrees with ernie_lab.moe.route")
+exercises.check("02.switch_loss", switch_loss)
 
 
 # %% [markdown]
-# **Exercise 3: balancing without a loss.** The correction bias is how ERNIE 4.5 evens out the load
-# without changing the loss: after each batch, raise the bias of under-used experts and lower that of
-# over-used ones by a small step $\gamma$: $b_e \leftarrow b_e + \gamma\,\mathrm{sign}(\bar f - f_e)$.
-# Apply it to the model trained *without* balancing losses (its weights stay frozen), for 40 batches,
-# and make its imbalance drop. (It will not reach 1: a bias of a few tenths moves the tokens that were
-# undecided between experts, not those that strongly prefer one; during pre-training the bias moves
-# along with the router, a little every step.)
+# **Exercise 3 · Balancing without a loss (an experiment).** The correction bias is how ERNIE 4.5 evens
+# out the load without a loss term: after each batch, raise the bias of under-used experts and lower
+# that of over-used ones by a small step $\gamma$: $b_e \leftarrow b_e + \gamma\,\mathrm{sign}(\bar f - f_e)$.
+# Write `balance_with_bias(net, batches, gamma)`; `batches` is a list of `(B, T)` id tensors. The check
+# runs it on a small lopsided MoE; the cell after it applies your function to the model trained above
+# *without* balancing losses (its weights stay frozen). It will not reach 1: a bias of a few tenths
+# moves the tokens that were undecided between experts, not those that strongly prefer one; during
+# pre-training the bias moves along with the router, a little every step.
 
 # %%
-def balance_with_bias(net, batches=40, gamma=0.01, seed=5):
-    # reference answer; replace with your own
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(batches):
-        x, _ = batch(generator)
-        with torch.no_grad(), routing.record(net) as rec:
-            net(x)
-        for block, fractions in zip(moe_blocks(net), rec.load_fraction()):
-            block.moe_statics.e_score_correction_bias[0] += gamma * torch.sign(fractions.mean() - fractions)
+def balance_with_bias(net, batches, gamma=0.01):
+    ...   # your code here
+
+
+exercises.check("02.balance_with_bias", balance_with_bias)
 
 
 # %%
 def measure(net):
     with torch.no_grad(), routing.record(net) as rec:
         net(held_out)
-    return imbalance(rec.load_fraction()[None]).item(), {n: p.detach().clone() for n, p in net.named_parameters()}
+    return imbalance(rec.load_fraction()[None]).item()
 
 
-before, params_before = measure(plain)
-balance_with_bias(plain)
-after, params_after = measure(plain)
-print(f"imbalance on held-out text: {before:.2f} before, {after:.2f} after adjusting the bias")
-assert after < 0.95 * before, "the load should even out"
-changed = sorted(n for n in params_before if not torch.equal(params_before[n], params_after[n]))
-assert changed and all("e_score_correction_bias" in n for n in changed), f"only the correction bias may change: {changed}"
-print("changed:", changed, "- the weights did not, so a chosen expert's mixing weight is what it was")
+generator = torch.Generator().manual_seed(5)
+bias_before = [b.moe_statics.e_score_correction_bias.clone() for b in moe_blocks(plain)]
+before = measure(plain)
+balance_with_bias(plain, [batch(generator)[0] for _ in range(40)], gamma=0.01)
+if all(torch.equal(b.moe_statics.e_score_correction_bias, old) for b, old in zip(moe_blocks(plain), bias_before)):
+    print("(write balance_with_bias above to run this experiment on the model trained without balancing losses)")
+else:
+    print(f"imbalance on held-out text: {before:.2f} before, {measure(plain):.2f} after adjusting the bias alone")
+
+# %% [markdown]
+# **Experiment · k = 1, or no shared experts (optional, 10 min).** Change `toy` in section 7 to
+# `moe_k=1` (Switch Transformer's choice) or give it `moe_num_shared_experts=1`, run the two trainings
+# again and compare the final language-model losses and the heatmaps. Which one learns faster per
+# step, and which one is cheaper per token?
 
 # %% [markdown]
 # ## What we built

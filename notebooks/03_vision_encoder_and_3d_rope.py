@@ -40,7 +40,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ernie_lab import vision, rope3d
+from ernie_lab import exercises, rope3d, vision
+from ernie_lab import notebook
 from ernie_lab.notebook import setup
 from ernie_lab.rope import apply_rope
 
@@ -217,6 +218,66 @@ assert (tokens - ref_tokens).abs().max() < 1e-4
 assert tokens.shape == (gh * gw // 4, ref_config.text_config.hidden_size)
 
 # %% [markdown]
+# ### The ViT block and the adapter from scratch
+#
+# The same computation with nothing but the loaded weight tensors: a ViT block is pre-norm LayerNorm,
+# bidirectional attention with the 2-D rotate-half RoPE of section 2 (every patch sees every patch of
+# its frame), and an MLP with the "quick GELU" $x\,\sigma(1.702x)$. The adapter concatenates each 2x2
+# window (section 1 stored them next to each other), pairs frames (an image with itself) and projects
+# to the decoder's width. Checked against `ernie_lab.vision` and `transformers` on one image.
+
+# %%
+import torch.nn.functional as F
+
+
+def rotate_half(x, cos, sin):                               # x: (N, heads, d); cos, sin: (N, d/2)
+    cos, sin = cos[:, None], sin[:, None]
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+def vit_block_by_hand(x, block, cos, sin):                  # x: (N, width), one frame
+    N, width = x.shape
+    heads = block.attn.num_heads
+    h = F.layer_norm(x, (width,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
+    q, k, v = (h @ block.attn.qkv.weight.T + block.attn.qkv.bias).view(N, 3, heads, -1).unbind(1)  # (N, heads, d)
+    q, k = rotate_half(q, cos, sin), rotate_half(k, cos, sin)
+    scores = torch.einsum("nhd,mhd->hnm", q, k) / q.shape[-1] ** 0.5           # (heads, N, N): no mask
+    mixed = torch.einsum("hnm,mhd->nhd", scores.softmax(-1), v).reshape(N, width)
+    x = x + mixed @ block.attn.proj.weight.T + block.attn.proj.bias
+    h = F.layer_norm(x, (width,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
+    h = h @ block.mlp.fc1.weight.T + block.mlp.fc1.bias
+    return x + (h * torch.sigmoid(1.702 * h)) @ block.mlp.fc2.weight.T + block.mlp.fc2.bias
+
+
+def merge_mlp_by_hand(x, mlp):                              # Linear -> GELU -> Linear -> LayerNorm
+    x = F.gelu(x @ mlp.fc1.weight.T + mlp.fc1.bias) @ mlp.fc2.weight.T + mlp.fc2.bias
+    return F.layer_norm(x, x.shape[-1:], mlp.norm.weight, mlp.norm.bias, mlp.norm.eps)
+
+
+def adapter_by_hand(features, adapter):                     # (patches, width) of one image -> (tokens, text width)
+    windows = features.reshape(-1, 4 * features.shape[-1])  # (patches/4, 4 width): a 2x2 window per row
+    x = merge_mlp_by_hand(windows, adapter.spatial_merge)
+    x = merge_mlp_by_hand(torch.cat([x, x], dim=-1), adapter.temporal_merge)   # an image is its own pair
+    x = x @ adapter.proj.weight.T + adapter.proj.bias
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + adapter.norm.eps) * adapter.norm.weight
+
+
+cos, sin = vision.vision_rope_angles(vision.vision_positions(grid), config.hidden_size // config.num_heads,
+                                     config.rope_theta)
+with torch.no_grad():
+    x = pixels @ encoder.patch_embed.proj.weight.T                             # (patches, width)
+    first_block = vit_block_by_hand(x, encoder.blocks[0], cos, sin)
+    notebook.compare("ViT block: by hand vs ernie_lab.vision", first_block,
+                     encoder.blocks[0](x, (cos, sin), [x.shape[0]]), atol=1e-4)
+    for block in encoder.blocks[1:]:
+        first_block = vit_block_by_hand(first_block, block, cos, sin)
+    hand_features = F.layer_norm(first_block, (config.hidden_size,), encoder.ln.weight, encoder.ln.bias, encoder.ln.eps)
+    notebook.compare("ViT features: by hand vs transformers", hand_features, ref_features, atol=1e-4)
+    notebook.compare("adapter tokens: by hand vs transformers", adapter_by_hand(hand_features, adapter), ref_tokens,
+                     atol=1e-4)
+
+# %% [markdown]
 # ### What the adapter does
 #
 # $$x_s = \text{MLP}_s\big([f_{a}; f_{b}; f_{c}; f_{d}]\big) \quad\text{(a 2x2 window, 4w numbers)}$$
@@ -331,50 +392,31 @@ assert (ours - ref_rotated).abs().max() < 1e-5
 assert axis[:44].tolist() == [1, 2] * 22 and axis[44:].tolist() == [0] * 20
 
 # %% [markdown]
-# ## Exercises
+# ## Exercises · core, 15 min
 #
-# **1.** A phone photo of 4032 x 3024 pixels with the default bounds: how many decoder tokens does it
-# become? Write `photo_tokens` using only `math` and the rule of section 1 (round to multiples of
-# 28; when the area exceeds the maximum, shrink both sides by $\sqrt{HW / \text{max}}$ and round
-# *down* to multiples of 28), then divide the patch count by 4. The reference answer is filled in;
-# replace it with your own.
+# Each exercise is a stub, followed by a check from `ernie_lab.exercises`: "not attempted yet" and a hint
+# until you write something, a message saying what differs when it is wrong, "correct" when it is right.
+# The solutions are in `solutions/`.
+#
+# **Exercise 1 · A phone photo.** A photo of 4032 x 3024 pixels with the default bounds: how many decoder
+# tokens does it become? Use only `math` and the rule of section 1 (round to multiples of 28; when the
+# area exceeds the maximum, shrink both sides by $\sqrt{HW / \text{max}}$ and round *down* to multiples of
+# 28), then count 14 x 14 patches and divide by 4.
 
 # %%
-import math
+photo_tokens = None   # your answer: a number
 
-MAX = 28 * 28 * 6177
-H, W = 3024, 4032
-# --- your answer (reference solution; replace it with your own) ---
-shrink = math.sqrt(H * W / MAX)
-h_side = math.floor(H / shrink / 28) * 28
-w_side = math.floor(W / shrink / 28) * 28
-photo_tokens = (h_side // 14) * (w_side // 14) // 4
-# -------------------------------------------------------------------
-print("tokens:", photo_tokens)
-
-# %%
-fitted = vision.fit_to_grid(H, W)
-assert photo_tokens == (fitted[0] // 14) * (fitted[1] // 14) // 4, "compare with vision.fit_to_grid(H, W)"
-print("correct:", photo_tokens, "tokens, from a", fitted, "resize")
+exercises.check("03.photo_tokens", photo_tokens)
 
 # %% [markdown]
-# **2.** The prompt is 5 text tokens, then `<start>`, an image of grid (1, 8, 12), `<end>` and 3 more
-# text tokens. What are the (t, h, w) positions of the last text token? Fill in `last_position` by
-# hand (the start marker is text; the image block starts at the position after it).
+# **Exercise 2 · Positions after a picture.** The prompt is 5 text tokens, then `<start>`, an image of
+# grid (1, 8, 12), `<end>` and 3 more text tokens. What are the (t, h, w) positions of the last text
+# token? Work it out by hand (the start marker is text; the image block starts at the position after it).
 
 # %%
-# --- your answer (reference solution; replace it with your own) ---
-start = 6                          # 5 text tokens (0..4) and the start marker (5)
-after_image = start + max(8, 12) // 2
-last_position = [after_image + 3] * 3   # <end> takes after_image, then 3 text tokens
-# -------------------------------------------------------------------
-print(last_position)
+last_position = None   # your answer: [t, h, w]
 
-# %%
-exercise_ids = torch.tensor([[1, 2, 3, 4, 5, START] + [IMG] * (8 * 12 // 4) + [END, 6, 7, 8]])
-exercise_positions, _ = rope3d.position_ids_3d(rope3d.modality_types(exercise_ids), torch.tensor([[1, 8, 12]]))
-assert list(last_position) == exercise_positions[:, 0, -1].tolist(), exercise_positions[:, 0, -1].tolist()
-print("correct")
+exercises.check("03.last_position", last_position)
 
 # %% [markdown]
 # ## What we built

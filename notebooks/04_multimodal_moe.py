@@ -46,7 +46,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import ernie_lab
-from ernie_lab import routing
+from ernie_lab import exercises, notebook, routing
+from ernie_lab import family as F
 from ernie_lab.losses import load_balancing_loss, modality_balancing_losses
 from ernie_lab.notebook import draw_expert_choices, setup
 from ernie_lab.processor import VLProcessor
@@ -129,26 +130,17 @@ print("max |logits difference|:", float((logits - expected).abs().max()))
 assert (logits - expected).abs().max() < 1e-4
 
 # %%
-# every routing decision: hooks on the reference's two routers per layer
-choices = {}
-for idx, layer in enumerate(reference.model.language_model.layers):
-    if hasattr(layer.mlp, "text_moe"):
-        for group, block in ((0, layer.mlp.text_moe), (1, layer.mlp.vision_moe)):
-            block.gate.register_forward_hook(lambda m, i, out, key=(idx, group): choices.__setitem__(key, out[2].clone()))
-with torch.no_grad():
-    reference(input_ids=ids, mm_token_type_ids=modality_types(ids), moe_mm_token_type_ids=routing_types(ids), **pixels)
-for module in reference.modules():
-    module._forward_hooks.clear()
+# every routing decision: which experts the reference's two routers per layer chose
+with torch.no_grad(), notebook.reference_routing(reference) as choices:
+    reference(input_ids=ids, **notebook.reference_vl_inputs(ids), **pixels)
 vision_rows = routing_types(ids)[0] > 0
 for entry in record.layers:
-    assert torch.equal(entry.expert_ids[~vision_rows], choices[entry.layer_idx, 0])
-    assert torch.equal(entry.expert_ids[vision_rows], choices[entry.layer_idx, 1])
+    assert torch.equal(entry.expert_ids[~vision_rows], choices[entry.layer_idx, 0][0])
+    assert torch.equal(entry.expert_ids[vision_rows], choices[entry.layer_idx, 1][0])
 print("routed experts equal for all", ids.shape[1], "tokens in", len(record.layers), "MoE layers")
 
 # greedy decoding, 10 tokens
-reference.model.rope_deltas = None
-ref_out = reference.generate(input_ids=ids, mm_token_type_ids=modality_types(ids), moe_mm_token_type_ids=routing_types(ids),
-                             max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0, **pixels)
+ref_out = notebook.reference_vl_generate(reference, ids, 10, **pixels)
 our_out = ernie_lab.generate(model, ids, 10, eos_token_id=[], **pixels)
 print("reference:", ref_out[0, -10:].tolist())
 print("ernie_lab:", our_out[0, -10:].tolist())
@@ -200,6 +192,8 @@ for y, v in enumerate(per_expert.values()):
     ax.text(v / 1e6, y, f" {v / 1e6:.1f} M", va="center")
 ax.set_xlim(0, 30)
 plt.show()
+shape_28 = F.model_shape(F.CONFIG_VL_28B_A3B)                    # the published config, read by ernie_lab.family
+assert (hidden, text_width, vision_width) == (shape_28.hidden_size, shape_28.expert_size, shape_28.vision_expert_size)
 assert per_expert["text expert"] == 3 * per_expert["vision expert"]
 
 layer = model.layers[1].mlp   # our tiny model keeps the same pattern: 32-wide text, 16-wide vision experts
@@ -274,19 +268,24 @@ def adapter_params(width=1280, text_hidden=2560):
 
 def decoder_params(V, h, L, H, Hkv, d, I, E, k, It, Iv, S, moe_layers, tied=True):
     attention = 2 * h * H * d + 2 * h * Hkv * d + 2 * h
-    moe_fixed = 3 * h * S * It + 2 * E * h + 2 * E      # shared experts, routers, biases
+    routers = 2 * E * h + 2 * E                           # one router (weights + correction biases) per group
     dense, moe = L - moe_layers, moe_layers
-    total = V * h * (1 if tied else 2) + h + L * attention + dense * 3 * h * I + moe * (moe_fixed + E * 3 * h * (It + Iv))
-    active_text = V * h * (1 if tied else 2) + h + L * attention + dense * 3 * h * I + moe * (moe_fixed + k * 3 * h * It)
-    active_vision = active_text - moe * k * 3 * h * (It - Iv)
-    return total, active_text, active_vision
+    total = V * h * (1 if tied else 2) + h + L * attention + dense * 3 * h * I \
+        + moe * (3 * h * S * It + routers + E * 3 * h * (It + Iv))
+    # active per text token: the output projection once (the input lookup multiplies nothing), the text
+    # group's router, the shared experts and the k chosen text experts
+    active_text = V * h + h + L * attention + dense * 3 * h * I + moe * (3 * h * S * It + routers // 2 + k * 3 * h * It)
+    return total, active_text
 
 
 vl28 = decoder_params(V=103424, h=2560, L=28, H=20, Hkv=4, d=128, I=12288, E=64, k=6, It=1536, Iv=512, S=2, moe_layers=27)
 vision_28 = vit_params() + adapter_params(text_hidden=2560)
 total_28 = vl28[0] + vision_28
+counts_28 = F.count_params(F.CONFIG_VL_28B_A3B)                 # the one source of the headline numbers
+assert (total_28, vl28[1]) == (counts_28.total, counts_28.active), "the formula must agree with ernie_lab.family"
 print(f"VL-28B-A3B: decoder {vl28[0] / 1e9:.2f} B + ViT and adapter {vision_28 / 1e9:.2f} B = {total_28:,} parameters")
-print(f"            active per text token {vl28[1] / 1e9:.2f} B, per vision token {vl28[2] / 1e9:.2f} B")
+print(f"            active per text token {counts_28.active / 1e9:.2f} B, "
+      f"per vision token {F.count_params(F.CONFIG_VL_28B_A3B, 'vision').active / 1e9:.2f} B (ernie_lab.family)")
 
 # %%
 # check: the same count from transformers' reference class, and from ernie_lab's model, both on the meta device
@@ -317,11 +316,12 @@ text300 = decoder_params(V=103424, h=8192, L=54, H=64, Hkv=8, d=128, I=28672, E=
 vl424 = decoder_params(V=103424, h=8192, L=54, H=64, Hkv=8, d=128, I=28672, E=64, k=8, It=3584, Iv=1536, S=0,
                        moe_layers=51, tied=False)
 total_424 = vl424[0] + vit_params() + adapter_params(text_hidden=8192)
-print(f"300B-A47B : total {text300[0] / 1e9:6.1f} B, active {text300[1] / 1e9:.1f} B")
-print(f"VL-424B   : total {total_424 / 1e9:6.1f} B, active per text token {vl424[1] / 1e9:.1f} B, "
-      f"per vision token {vl424[2] / 1e9:.1f} B")
-assert abs(text300[0] / 300e9 - 1) < 0.01 and abs(text300[1] / 47e9 - 1) < 0.03
-assert abs(total_424 / 424e9 - 1) < 0.01 and abs(vl424[1] / 47e9 - 1) < 0.03
+counts_300, counts_424 = F.count_params(F.CONFIG_300B_A47B), F.count_params(F.CONFIG_VL_424B_A47B)
+assert (text300[0], text300[1]) == (counts_300.total, counts_300.active)
+assert (total_424, vl424[1]) == (counts_424.total, counts_424.active)
+print(f"300B-A47B : total {counts_300.total / 1e9:6.2f} B, active {counts_300.active / 1e9:.2f} B")
+print(f"VL-424B   : total {counts_424.total / 1e9:6.2f} B, active per text token {counts_424.active / 1e9:.2f} B, "
+      f"per vision token {F.count_params(F.CONFIG_VL_424B_A47B, 'vision').active / 1e9:.2f} B")
 
 fig, ax = plt.subplots(figsize=(7, 3))
 names = ["VL-28B-A3B", "VL-424B-A47B"]
@@ -335,45 +335,29 @@ for x, (t, a) in enumerate(zip(totals, actives)):
 plt.show()
 
 # %% [markdown]
-# ## Exercises
+# ## Exercises · core, 15 min
 #
-# **1.** In the 28B model, how many parameters does one MoE layer hold in its *vision* experts alone,
-# and what share of the decoder's total is that? (Reference answer filled in; replace it with yours.)
+# Each exercise is a stub, followed by a check from `ernie_lab.exercises`: "not attempted yet" and a hint
+# until you write something, a message saying what differs when it is wrong, "correct" when it is right.
+# The solutions are in `solutions/`.
+#
+# **Exercise 1 · The vision experts' weight.** In the 28B model, how many parameters does one MoE layer
+# hold in its *vision* experts alone?
 
 # %%
-# --- your answer (reference solution; replace it with your own) ---
-vision_experts_per_layer = 64 * 3 * 2560 * 512
-share_of_decoder = 27 * vision_experts_per_layer / vl28[0]
-# -------------------------------------------------------------------
-print(f"{vision_experts_per_layer:,} per layer, {share_of_decoder:.1%} of the decoder")
+vision_experts_per_layer = None   # your answer: a number
 
-# %%
-with torch.device("meta"):  # count from the real module, shapes only
-    real = ErnieVLForConditionalGeneration(VLConfig.from_dict(Ernie4_5_VLMoeConfig().to_dict()))
-experts = real.layers[1].mlp.experts
-counted = sum(p.numel() for e in experts[64:] for p in e.parameters())
-assert vision_experts_per_layer == counted, counted
-assert abs(share_of_decoder - 27 * counted / vl28[0]) < 1e-9
-print("correct")
+exercises.check("04.vision_experts", vision_experts_per_layer)
 
 # %% [markdown]
-# **2.** A batch holds 3 text tokens that all pick text expert 1 (probabilities [0.1, 0.9]) and 3 vision
-# tokens with probabilities [0.6, 0.4], [0.4, 0.6], [0.55, 0.45]. With E = 2 and k = 1, compute the
-# *text* group's balancing loss by hand.
+# **Exercise 2 · The text group's loss by hand.** A batch holds 3 text tokens that all pick text expert 1
+# (probabilities [0.1, 0.9]) and 3 vision tokens with probabilities [0.6, 0.4], [0.4, 0.6], [0.55, 0.45].
+# With E = 2 and k = 1, compute the *text* group's balancing loss.
 
 # %%
-# --- your answer (reference solution; replace it with your own) ---
-f_text = [0.0, 1.0]            # share of text choices per expert
-P_text = [0.1, 0.9]            # mean text router probability per expert
-text_loss = 2 * sum(f * p for f, p in zip(f_text, P_text))
-# -------------------------------------------------------------------
-print(text_loss)
+text_loss = None   # your answer: a number
 
-# %%
-table = torch.tensor([[0.1, 0.9]] * 3 + [[0.6, 0.4], [0.4, 0.6], [0.55, 0.45]]).log()
-check = modality_balancing_losses([table], torch.tensor([0, 0, 0, 1, 1, 1]), k=1)
-assert math.isclose(text_loss, check["text"].item(), rel_tol=1e-5), check
-print("correct; the vision group's loss is", round(check["vision"].item(), 4))
+exercises.check("04.text_balance_loss", text_loss)
 
 # %% [markdown]
 # ## What we built
