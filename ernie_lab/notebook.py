@@ -27,6 +27,21 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout that holds ernie_lab/
 
+# The course, in order: (number, title, minutes, track). Tracks: "dense", "moe" (MoE / vision-language)
+# or "both". README.md, notebook 00 and figures/course_map.png are made from or checked against this.
+COURSE = [
+    ("00", "Tour: the family and the kit", 25, "both"),
+    ("01", "The dense decoder from scratch", 75, "dense"),
+    ("02", "Mixture of experts", 60, "moe"),
+    ("03", "Vision encoder and 3-D RoPE", 45, "moe"),
+    ("04", "Multimodal MoE", 45, "moe"),
+    ("05", "Training", 45, "both"),
+    ("06", "Seeing attention and routing", 30, "both"),
+    ("07", "Quantization", 40, "dense"),
+    ("08", "LoRA fine-tuning", 40, "dense"),
+    ("09", "The family at scale", 45, "both"),
+]
+
 
 def repo_path(*parts: str) -> Path:
     """A path inside the kit's checkout: `repo_path("data", "tokenizer")`, `repo_path("notebooks")`."""

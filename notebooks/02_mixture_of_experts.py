@@ -15,6 +15,17 @@
 # %% [markdown]
 # # 02 · The mixture of experts
 #
+# **What you will learn:** how a router sends each token to a few experts, ERNIE's correction bias,
+# shared experts, efficient dispatch, a whole MoE block by hand, and how load balancing works (with a
+# loss, and without one). **Time:** 60 min (core 45 min). **Memory:** under 2 GB.
+#
+# ![The MoE layer](../figures/moe_layer.png)
+#
+# Papers: Switch Transformer ([Fedus et al. 2021](https://arxiv.org/abs/2101.03961)), ST-MoE and its router
+# z-loss ([Zoph et al. 2022](https://arxiv.org/abs/2202.08906)), balancing by a bias instead of a loss
+# ([Wang et al. 2024](https://arxiv.org/abs/2408.15664)); ERNIE's own choices:
+# [ERNIE 4.5 technical report](https://ernie.baidu.com/blog/publication/ERNIE_Technical_Report.pdf).
+#
 # In notebook 01 every layer of the decoder ended in one feed-forward network (FFN), a SwiGLU. ERNIE 4.5's
 # large text models, **21B-A3B** and **300B-A47B**, replace it in most layers by a *mixture of experts*
 # (MoE): many small SwiGLUs, the *experts*, and a *router* that sends every token to only a few of them.
@@ -54,10 +65,10 @@ from ernie_lab.mlp import SwiGLU
 from ernie_lab.moe import MoEBlock, dispatch, moe_blocks, route
 from ernie_lab.notebook import compare, draw_dispatch, load_heatmap, setup
 
-FAST = setup()
+FAST = setup()  # fast mode: from ERNIE_LAB_FAST (make lab FAST=1); write FAST = True here to force it
 
 # %% [markdown]
-# ## 1 · Why a mixture of experts: parameters versus compute
+# ## 1 · Why a mixture of experts: parameters versus compute · core, 5 min
 #
 # A dense SwiGLU of width $I$ on a residual stream of width $H$ holds $3HI$ parameters, and every token
 # multiplies with all of them. An MoE layer holds $E$ experts of width $I_e$ but each token uses only
@@ -161,7 +172,7 @@ plt.show()
 # dense layers): per token, an MoE layer costs what a dense layer costs, with 8x the parameters to draw on.
 
 # %% [markdown]
-# ## 2 · The router, step by step
+# ## 2 · The router, step by step · core, 8 min
 #
 # For a token $x$ (width $H$), ERNIE's router computes, in float32:
 #
@@ -224,7 +235,7 @@ assert torch.isclose(weights.sum(), torch.tensor(1.0))
 print("route() agrees; without the bias the choice would be", unbiased[0].tolist())
 
 # %% [markdown]
-# ## 3 · Shared experts
+# ## 3 · Shared experts · core, 3 min
 #
 # 21B-A3B also has **2 shared experts** in every MoE layer: experts that every token passes through,
 # whatever the router says, added to the routed output **unscaled** (no router weight). They hold what
@@ -255,7 +266,7 @@ print(MoEBlock(ErnieConfig(model_type="ernie4_5_moe", hidden_size=8, moe_num_exp
 # `shared_experts`.
 
 # %% [markdown]
-# ## 4 · Dispatch: every expert once, on all of its tokens
+# ## 4 · Dispatch: every expert once, on all of its tokens · optional, 5 min
 #
 # The obvious code loops over tokens and, for each, over its $k$ experts: $N k$ tiny matrix-vector
 # products, and in Python. Instead, `ernie_lab.moe.dispatch`:
@@ -309,7 +320,7 @@ assert torch.allclose(fast, slow, atol=1e-5)
 print(f"loop over tokens: {t_slow * 1e3:.0f} ms   dispatch: {t_fast * 1e3:.1f} ms   ({t_slow / t_fast:.0f}x)")
 
 # %% [markdown]
-# ## 5 · The whole model, checked against `transformers`
+# ## 5 · The whole model, checked against `transformers` · core, 8 min
 #
 # A small random `Ernie4_5_MoeForCausalLM` (3 layers: one dense, two MoE; 8 experts, top-2, 2 shared),
 # saved with `save_pretrained` in the Hub layout, then loaded by `ernie_lab.load_model`. `transformers`
@@ -403,7 +414,7 @@ for entry in record.layers:
 print("same experts for all", record.layers[0].num_tokens, "tokens in", len(record.layers), "MoE layers")
 
 # %% [markdown]
-# ## 6 · Routing records
+# ## 6 · Routing records · optional, 3 min
 #
 # `ernie_lab.routing.record(model)` is a context manager: every forward pass inside it is recorded, on
 # the CPU, one entry per MoE layer in depth order. Each entry holds, for the $N$ tokens that reached the
@@ -441,7 +452,7 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## 7 · Load imbalance and the losses that fix it
+# ## 7 · Load imbalance and the losses that fix it · core, 8 min
 #
 # A router trained only on the language-model loss tends to collapse: the experts that win early get more
 # gradient, get better, and win more; the others starve. Collapsed experts waste parameters, and in
@@ -598,7 +609,7 @@ assert np.mean(balanced_lm[-20:]) < np.mean(balanced_lm[:10]) - 0.5   # it did l
 # language-model loss in this run. The exact numbers change with the seed; the contrast does not.
 
 # %% [markdown]
-# ## 8 · Expert-load heatmaps from `routing.record`
+# ## 8 · Expert-load heatmaps from `routing.record` · optional, 4 min
 #
 # The trained models, on held-out text (the last 5 % of the characters). Left: share of slots per expert
 # and layer. Right: which experts the balanced model's first layer gives each kind of character: a glimpse
@@ -711,14 +722,21 @@ else:
 # step, and which one is cheaper per token?
 
 # %% [markdown]
+# ## Key takeaways
+#
+# * An MoE layer stores E experts and runs k of them per token: memory grows with E, compute with k.
+# * ERNIE's router: float32 softmax over all experts, a correction bias that only *chooses*, weights
+#   renormalised over the chosen k; shared experts are added unscaled.
+# * Dispatch sorts (token, slot) pairs by expert so each expert runs once on all its tokens.
+# * Without balancing, a few experts take most tokens; a balancing loss or the bias alone evens the load.
+#
 # ## What we built
 #
-# * `ernie_lab.moe`: `route` (float32 softmax, bias-only selection, clamped renormalisation),
-#   `dispatch` (sort by expert, one call per active expert), `MoEBlock` (router + experts + shared
-#   experts, in the Hub's layout), reused by the vision-language model's two expert groups;
-# * `ernie_lab.load_model` reads `Ernie4_5_MoeForCausalLM` checkpoints (skipping MTP tensors), equal to
-#   `transformers` in logits, greedy decoding and every routing decision;
-# * `ernie_lab.routing.record`: every routing decision of a forward pass or a generation, on the CPU;
-# * `ernie_lab.losses`: load balancing, router z-loss, router orthogonal loss.
+# * `ernie_lab.moe`: `route`, `dispatch`, `MoEBlock` (router + experts + shared experts, in the Hub's
+#   layout), reused by the vision-language model's two expert groups, equal to a block written by hand;
+# * `ernie_lab.load_model` reads `Ernie4_5_MoeForCausalLM` checkpoints, equal to `transformers` in
+#   logits, greedy decoding and every routing decision;
+# * `ernie_lab.routing.record` and `ernie_lab.losses` (load balancing, router z-loss, orthogonal loss).
 #
-# Next, notebook 04 gives the mixture a second group of experts for pictures.
+# **What comes next:** notebook **03** turns pictures into tokens, notebook **04** gives the mixture a
+# second group of experts for them.

@@ -15,6 +15,12 @@
 # %% [markdown]
 # # 03 · The vision encoder and 3-D rotary positions
 #
+# **What you will learn:** how a picture becomes decoder tokens (patches, a ViT with 2-D rotary
+# positions, the adapter's merges) and how the decoder places them in time, height and width.
+# **Time:** 45 min (core 35 min). **Memory:** under 2 GB.
+#
+# ![The vision-language pipeline](../figures/vl_pipeline.png)
+#
 # ERNIE 4.5 VL reads pictures and videos alongside text. Before the decoder sees anything, four
 # steps turn pixels into tokens:
 #
@@ -24,6 +30,8 @@
 #    decoder's width (a still image is paired with itself);
 # 4. **3-D positions**: the decoder gives every token a (time, height, width) position and splits
 #    its rotary frequencies between the three axes.
+#
+# ![3-D positions](../figures/positions_3d.png)
 #
 # Each step is built with `ernie_lab` and checked against `transformers`' reference on the same
 # weights. `ERNIE_LAB_FAST=1` shrinks the pictures; every check still runs.
@@ -45,13 +53,13 @@ from ernie_lab import notebook
 from ernie_lab.notebook import setup
 from ernie_lab.rope import apply_rope
 
-FAST = setup()
+FAST = setup()  # fast mode: from ERNIE_LAB_FAST (make lab FAST=1); write FAST = True here to force it
 MAX_PIXELS = 28 * 28 * (60 if FAST else 300)   # bounds for our demo picture: ~60 or ~300 tokens
 picture = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
 print("picture:", picture.size)
 
 # %% [markdown]
-# ## 1 · From pixels to patches
+# ## 1 · From pixels to patches · core, 5 min
 #
 # The side lengths must be multiples of $28 = 14 \times 2$: 14 is the patch size and 2 the merge
 # window of the adapter. `fit_to_grid` rounds each side to the nearest multiple of 28; if the area
@@ -121,7 +129,7 @@ expected = vision.normalize(torch.from_numpy(np.array(resized)).permute(2, 0, 1)
 assert torch.allclose(patch_5, expected, atol=1e-6)
 
 # %% [markdown]
-# ## 2 · 2-D rotary positions inside the ViT
+# ## 2 · 2-D rotary positions inside the ViT · core, 5 min
 #
 # The ViT knows where a patch is only through rotary embeddings. Each head of width $d$ is cut in
 # two halves; a quarter of the usual frequencies $\omega_j = 10000^{-4j/d}$ serve both axes:
@@ -164,7 +172,7 @@ assert scores[12, 12] == scores.max()                                           
 print("frequencies per axis:", head_dim // 4)
 
 # %% [markdown]
-# ## 3 · The ViT and the adapter, compared with transformers
+# ## 3 · The ViT and the adapter, compared with transformers · core, 10 min
 #
 # We build a small random `transformers` ERNIE 4.5 VL model, save it with `save_pretrained` (the
 # Hub's tensor names: `vision_model.*`, `resampler_model.*`) and load its vision tensors into
@@ -230,8 +238,9 @@ assert tokens.shape == (gh * gw // 4, ref_config.text_config.hidden_size)
 import torch.nn.functional as F
 
 
-def rotate_half(x, cos, sin):                               # x: (N, heads, d); cos, sin: (N, d/2)
-    cos, sin = cos[:, None], sin[:, None]
+def rotate_half(x, cos, sin):                               # x: (N, heads, d); cos, sin: (N, d), both halves alike
+    half = x.shape[-1] // 2
+    cos, sin = cos[:, None, :half], sin[:, None, :half]     # (N, 1, d/2): the angle of pair (i, i + d/2)
     first, second = x.chunk(2, dim=-1)
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
@@ -300,7 +309,7 @@ fig.colorbar(im, ax=axes[1], label="token norm")
 plt.tight_layout(); plt.show()
 
 # %% [markdown]
-# ## 4 · A short video
+# ## 4 · A short video · optional, 3 min
 #
 # A video is a stack of frames of one size. Frames are merged in pairs, so an odd count gets its
 # last frame repeated. Each frame attends only to itself inside the ViT; the adapter's temporal
@@ -325,7 +334,7 @@ for i, ax in enumerate(axes):
 plt.tight_layout(); plt.show()
 
 # %% [markdown]
-# ## 5 · 3-D positions in the decoder
+# ## 5 · 3-D positions in the decoder · core, 7 min
 #
 # The decoder sees text tokens and picture tokens in one sequence. Text counts up 0, 1, 2, ...
 # with the same number on all three axes. A picture block of $H \times W$ tokens that starts at
@@ -419,11 +428,17 @@ last_position = None   # your answer: [t, h, w]
 exercises.check("03.last_position", last_position)
 
 # %% [markdown]
+# ## Key takeaways
+#
+# * A picture is resized to multiples of 28, cut into 14 x 14 patches, mixed by a ViT within each frame,
+#   and merged 2 x 2 (and two frames at a time) into tokens of the decoder's width.
+# * Inside the ViT, 2-D rotary positions (rotate-half) tell patches apart; in the decoder, every token has
+#   a (t, h, w) position, and text continues after a picture one past the largest position it used.
+#
 # ## What we built
 #
-# * `vision.preprocess_images` / `preprocess_video`: equal to transformers' processors (checked above);
-# * `vision.VisionEncoder`: ViT with 2-D rotate-half rotary, attention within each frame;
-# * `vision.VisionAdapter`: 2x2 spatial and 2-frame temporal merge into the decoder's width;
+# * `vision.preprocess_images` / `preprocess_video`, `vision.VisionEncoder`, `vision.VisionAdapter`
+#   (equal to a ViT block and an adapter written by hand, and to `transformers`);
 # * `rope3d.position_ids_3d` and `rope3d.rope_angles_3d`: the decoder's 3-D positions.
 #
-# Notebook 04 puts these in front of the multimodal mixture-of-experts decoder.
+# **What comes next:** notebook **04** puts these in front of the multimodal mixture-of-experts decoder.

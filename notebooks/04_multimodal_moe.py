@@ -15,6 +15,12 @@
 # %% [markdown]
 # # 04 · The multimodal mixture of experts
 #
+# **What you will learn:** modality-isolated routing (text experts and vision experts), narrow vision
+# experts, why balancing is computed per modality, and the parameter arithmetic of the VL models.
+# **Time:** 45 min (core 35 min). **Memory:** under 2 GB.
+#
+# ![The vision-language pipeline](../figures/vl_pipeline.png)
+#
 # Notebook 03 turned pictures into tokens of the decoder's width. Here they meet the decoder, whose
 # feed-forward layers are a **heterogeneous mixture of experts** with **modality-isolated routing**:
 #
@@ -54,11 +60,11 @@ from ernie_lab.processor import VLProcessor
 from ernie_lab.rope3d import modality_types, routing_types
 from ernie_lab.vision import tokens_per_item
 
-FAST = setup()
+FAST = setup()  # fast mode: from ERNIE_LAB_FAST (make lab FAST=1); write FAST = True here to force it
 picture = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
 
 # %% [markdown]
-# ## 1 · A small random VL model, saved the way the Hub stores it
+# ## 1 · A small random VL model, saved the way the Hub stores it · core, 5 min
 #
 # The reference is `transformers`' `Ernie4_5_VLMoeForConditionalGeneration` with a small decoder
 # (3 layers, width 64, 4 text + 4 vision experts, top-2, one shared expert; weights drawn wider than
@@ -101,7 +107,7 @@ print("MoE layers:", model.vl_config.moe_layers)
 print(model.layers[1].mlp)
 
 # %% [markdown]
-# ## 2 · The reference check
+# ## 2 · The reference check · core, 5 min
 #
 # A prompt built by `ernie_lab.processor.VLProcessor`: text, a picture, text. The processor inserts one
 # placeholder id per adapter token; `transformers` also needs two token-type tensors
@@ -148,7 +154,7 @@ assert torch.equal(our_out, ref_out)
 assert len(set(ref_out[0, -10:].tolist())) > 1, "a continuation of one repeated token would be a weak check"
 
 # %% [markdown]
-# ## 3 · Modality-isolated routing, seen
+# ## 3 · Modality-isolated routing, seen · core, 5 min
 #
 # `routing.record` keeps, for every MoE layer and token, the chosen experts **numbered inside their
 # group** and the token's modality (0 text, 1 vision). To draw them we must label the two groups
@@ -174,7 +180,7 @@ assert int(vision_load.sum()) == 2 * int((entry.modality == 1).sum())
 assert columns[~vision_rows][:, E:].sum() == 0 and columns[vision_rows][:, :E].sum() == 0  # isolation
 
 # %% [markdown]
-# ## 4 · Heterogeneous experts: narrow vision experts
+# ## 4 · Heterogeneous experts: narrow vision experts · core, 3 min
 #
 # Each expert is a SwiGLU with three matrices of `hidden x width`. In the 28B model a text expert is
 # 1536 wide, a vision expert 512: a vision expert has a third of the parameters and a third of the
@@ -200,7 +206,7 @@ layer = model.layers[1].mlp   # our tiny model keeps the same pattern: 32-wide t
 print([e.up_proj.out_features for e in layer.experts])
 
 # %% [markdown]
-# ## 5 · Why the balancing loss is computed per modality
+# ## 5 · Why the balancing loss is computed per modality · core, 5 min
 #
 # The load-balancing loss $L = E \sum_e f_e P_e$ ($f_e$: share of the token choices that went to expert
 # $e$, $P_e$: mean router probability of $e$) is smallest when the load is even. The two groups share no
@@ -241,7 +247,7 @@ assert pooled_values[-1] < 1.01 and pooled_values[0] > pooled_values[-1]
 
 
 # %% [markdown]
-# ## 6 · Parameter arithmetic: 28B-A3B and 424B-A47B
+# ## 6 · Parameter arithmetic: 28B-A3B and 424B-A47B · optional, 7 min
 #
 # Per layer, with width $h$, $H$ query and $H_{kv}$ key/value heads of size $d$:
 #
@@ -268,13 +274,14 @@ def adapter_params(width=1280, text_hidden=2560):
 
 def decoder_params(V, h, L, H, Hkv, d, I, E, k, It, Iv, S, moe_layers, tied=True):
     attention = 2 * h * H * d + 2 * h * Hkv * d + 2 * h
-    routers = 2 * E * h + 2 * E                           # one router (weights + correction biases) per group
+    groups = 2 if Iv else 1                               # a text-only model has one expert group
+    router = E * h + E                                    # one router's weights + its correction biases
     dense, moe = L - moe_layers, moe_layers
     total = V * h * (1 if tied else 2) + h + L * attention + dense * 3 * h * I \
-        + moe * (3 * h * S * It + routers + E * 3 * h * (It + Iv))
+        + moe * (3 * h * S * It + groups * router + E * 3 * h * (It + Iv))
     # active per text token: the output projection once (the input lookup multiplies nothing), the text
     # group's router, the shared experts and the k chosen text experts
-    active_text = V * h + h + L * attention + dense * 3 * h * I + moe * (3 * h * S * It + routers // 2 + k * 3 * h * It)
+    active_text = V * h + h + L * attention + dense * 3 * h * I + moe * (3 * h * S * It + router + k * 3 * h * It)
     return total, active_text
 
 
@@ -360,9 +367,19 @@ text_loss = None   # your answer: a number
 exercises.check("04.text_balance_loss", text_loss)
 
 # %% [markdown]
+# ## Key takeaways
+#
+# * Each MoE layer of the VL models holds two expert groups with their own routers; a token is routed only
+#   inside its own modality's group, and the shared experts see every token.
+# * Vision experts are narrower (512 vs 1536 in the 28B): picture tokens are many and cheap.
+# * A pooled balancing loss hides a collapsed group; ERNIE balances each modality separately.
+#
 # ## What we built
 #
 # * `ernie_lab.vl_model.ErnieVLForConditionalGeneration`, loaded by `ernie_lab.load_model` from a
 #   `ernie4_5_vl_moe` checkpoint, equal to `transformers` in logits, positions, routing and decoding;
-# * `ernie_lab.processor.VLProcessor`: a conversation with pictures -> ids and pixels (thinking switch);
+# * `ernie_lab.processor.VLProcessor`: a conversation with pictures -> ids and pixels;
 # * `ernie_lab.losses.token_balanced_loss` and `modality_balancing_losses` for training.
+#
+# **What comes next:** notebook **05** trains the tiny models of this course, notebook **06** looks
+# inside them (attention and routing pictures).

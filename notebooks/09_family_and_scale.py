@@ -15,6 +15,10 @@
 # %% [markdown]
 # # 09 · The ERNIE 4.5 family at scale
 #
+# **What you will learn:** where the parameters of each model live, memory at four precisions, the KV
+# cache, FLOPs per token, and how the big models are spread over many GPUs. **Time:** 45 min (core 30
+# min). **Memory:** under 1 GB (arithmetic, plus a few tiny models).
+#
 # Ten checkpoints, five sizes. Nobody runs the 300B or the 424B model in a classroom, but everybody can
 # compute what they cost: how many parameters sit where, how many a token actually uses, how many bytes
 # the weights and the KV cache take, how many FLOPs a token costs, and how the big models are spread over
@@ -42,7 +46,7 @@ from ernie_lab import exercises
 from ernie_lab import family as F
 from ernie_lab.notebook import setup
 
-FAST = setup()   # fast mode: fewer Monte-Carlo samples; every check still runs
+FAST = setup()   # fast mode (fewer samples): from ERNIE_LAB_FAST (make lab FAST=1); FAST = True forces it
 plt.rcParams.update({"figure.dpi": 110, "font.size": 11, "axes.grid": True, "grid.alpha": 0.3})
 
 SIZES = ["ERNIE-4.5-0.3B", "ERNIE-4.5-21B-A3B", "ERNIE-4.5-300B-A47B", "ERNIE-4.5-VL-28B-A3B",
@@ -62,7 +66,7 @@ def billions(n):
 
 
 # %% [markdown]
-# ## 1. Ten checkpoints, five shapes
+# ## 1. Ten checkpoints, five shapes · core, 4 min
 #
 # Every size comes twice: a **-Base** checkpoint (pre-trained only) and a post-trained one (SFT + DPO/UPO),
 # each published with PyTorch weights (`-PT`) and PaddlePaddle weights (`-Paddle`). Base and post-trained
@@ -121,7 +125,7 @@ for name in SIZES:
     print(f"{SHORT[name]:>14}: count_params = transformers on meta = {built:,}")
 
 # %% [markdown]
-# ## 2. Where the parameters live
+# ## 2. Where the parameters live · core, 6 min
 #
 # `count_params` splits the total into components. The left panel shows where the **stored** parameters
 # are, the right panel what one **text token** multiplies by. In the MoE models almost everything is in the
@@ -211,7 +215,9 @@ for name in SIZES:
           f" | active {billions(n.active):>9} vs name {c.named_active / 1e9:g} B")
 
 # %% [markdown]
-# ## 3. Memory: weights at four precisions
+# ## 3. Memory: weights at four precisions · core, 4 min
+#
+# ![Weight-only quantization](../figures/quantization.png)
 #
 # Weights take `bits / 8` bytes each plus, for the quantised formats, one bf16 scale per group of 128
 # weights; norms and routers stay in bf16. FastDeploy serves ERNIE 4.5 in BF16, W8A16 (int8), W4A16
@@ -256,7 +262,7 @@ print(f"bf16 model: {measured:,} bytes measured, {F.weight_bytes(small, 'bf16'):
 assert measured == F.weight_bytes(small, "bf16")
 
 # %% [markdown]
-# ## 4. The KV cache, GQA-aware
+# ## 4. The KV cache, GQA-aware · core, 4 min
 #
 # Every generated token leaves a key and a value vector per layer and per **KV head**:
 #
@@ -309,7 +315,7 @@ print(f"measured {measured} bytes = formula; "
       f"300B-A47B: {F.kv_cache_bytes_per_token(F.CONFIG_300B_A47B):,.0f} bytes per token")
 
 # %% [markdown]
-# ## 5. Active versus total, and what a token costs
+# ## 5. Active versus total, and what a token costs · optional, 6 min
 #
 # A MoE model stores every expert but each token runs through only k of them. The A3B models store
 # 6.5x (21B) and 8.8x (VL-28B) more parameters than a text token uses, the A47B models 6.4x and 9.0x
@@ -413,7 +419,7 @@ assert forward_backward.get_total_flops() == 3 * forward_only.get_total_flops()
 moe_model.zero_grad(set_to_none=True)
 
 # %% [markdown]
-# ## 6. Scale-out on paper
+# ## 6. Scale-out on paper · optional, 6 min
 #
 # ### How many GPUs?
 #
@@ -601,47 +607,38 @@ def int8_rtn(weight):
 exercises.check("09.int8_rtn", int8_rtn)
 
 # %% [markdown]
-# Then quantize **one layer at a time** and find the one that hurts most: write
-# `worst_layer(model, ids, quantize)`, which, for each `nn.Linear` of the model
+# Then quantize **one layer at a time** and see which one hurts most: write
+# `layer_damage(model, ids, quantize)`, which, for each `nn.Linear` of the model
 # (`ernie_lab.modules.linear_names(model)`), swaps in `quantize(weight)`, measures the largest change of
-# the logits, puts the original weight back, and returns the name with the largest change. The check plants
-# one outlier weight in a small model; the cell below runs your function on a small random ERNIE and draws
-# the damage per layer.
+# the logits, puts the original weight back, and returns `{name: change}`. The check plants one outlier
+# weight in a small model (it should stand out); the cell below runs your function on a small random
+# ERNIE and draws the damage per layer. Which kind of layer suffers most, and why?
 
 # %%
-def worst_layer(model, ids, quantize):
+def layer_damage(model, ids, quantize):
     ...   # your code here
 
 
-exercises.check("09.worst_layer", worst_layer)
+exercises.check("09.layer_damage", layer_damage)
 
 # %%
 from ernie_lab.modules import linear_names
 
-if exercises.check("09.int8_rtn", int8_rtn):
+if exercises.check("09.int8_rtn", int8_rtn) and exercises.check("09.layer_damage", layer_damage):
     torch.manual_seed(0)
     probe = ernie_lab.ErnieForCausalLM(parse_config(dict(small, num_hidden_layers=2))).eval()
-    probe_ids = torch.randint(0, 512, (2, 24))
-    damage = {}
-    with torch.no_grad():
-        reference_logits = probe(probe_ids).logits
-        for name in linear_names(probe):
-            weight = probe.get_submodule(name).weight
-            original = weight.clone()
-            weight.copy_(int8_rtn(original))
-            damage[name] = (probe(probe_ids).logits - reference_logits).abs().max().item()
-            weight.copy_(original)
-    fig, ax = plt.subplots(figsize=(11, 3.5))
+    damage = layer_damage(probe, torch.randint(0, 512, (2, 24)), int8_rtn)
+    fig, ax = plt.subplots(figsize=(12, 4))
     ax.bar(range(len(damage)), list(damage.values()))
-    ax.set_xticks(range(len(damage)), list(damage), rotation=60, ha="right", fontsize=9)
-    ax.set_ylabel("largest logit change")
-    ax.set_title("int8 round-to-nearest, one layer at a time (random weights)")
+    ax.set_xticks(range(len(damage)), list(damage), rotation=60, ha="right", fontsize=11)
+    ax.set_ylabel("largest logit change", fontsize=12)
+    ax.set_title("int8 round-to-nearest, one layer at a time (random weights)", fontsize=13)
     plt.tight_layout()
     plt.show()
     print("hurts most:", max(damage, key=damage.get))
 
 # %% [markdown]
-# ## Summary
+# ## Key takeaways
 #
 # * `ernie_lab.family.count_params` reproduces the `transformers` parameter counts of all five shapes
 #   exactly (tested on the meta device), split into embeddings, attention, dense MLP, routed / vision /
@@ -649,5 +646,13 @@ if exercises.check("09.int8_rtn", int8_rtn):
 # * Names round: 0.36 B is "0.3B", 299.5 B is "300B", 3.35 B active is "A3B"; the VL-28B's name counts its
 #   decoder and leaves out the 0.77 B ViT + adapter. The VL-424B table is a reconstruction.
 # * GQA keeps the 128K-token cache of the largest models at 27 GiB instead of 216 GiB.
-# * Expert parallelism sends every token's hidden state to its experts and back, in every MoE layer, which
-#   is why ERNIE 4.5 keeps it on NVLink inside a node.
+# * **Expert parallelism** (experts spread over GPUs) sends every token's hidden state to its experts and
+#   back, in every MoE layer; **tensor parallelism** splits each matrix over GPUs; **pipeline
+#   parallelism** gives each GPU a range of layers. ERNIE 4.5 keeps expert parallelism on **NVLink** (the
+#   fast GPU-to-GPU links inside one node).
+#
+# **What comes next:** the course ends here. Notebooks **07** (quantization) and **08** (LoRA fine-tuning,
+# [Hu et al. 2021](https://arxiv.org/abs/2106.09685)) make these models fit and adapt on smaller machines;
+# post-training (SFT: supervised fine-tuning on answers; DPO: learning from preferred vs rejected answers,
+# [Rafailov et al. 2023](https://arxiv.org/abs/2305.18290)) is described in the
+# [technical report](https://ernie.baidu.com/blog/publication/ERNIE_Technical_Report.pdf).

@@ -70,12 +70,22 @@ def strip_remote(html: str) -> str:
     return REMOTE_LINK.sub("", html)
 
 
-def to_html(nb, figures_base: Path) -> str:
-    """nbconvert's lab template with images embedded; `figures_base` resolves markdown image paths."""
+def to_html(nb, notebook_folder: Path) -> str:
+    """nbconvert's lab template with images embedded; markdown image paths are relative to `notebook_folder`.
+
+    nbconvert embeds only files below the folder it is given, so `../figures/x.png` (as the notebooks in
+    notebooks/ write it) is resolved against the folder above.
+    """
+    import copy
+
     from nbconvert import HTMLExporter
 
+    nb = copy.deepcopy(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            cell.source = cell.source.replace("](../", "](")
     exporter = HTMLExporter(template_name="lab", embed_images=True)
-    body, _ = exporter.from_notebook_node(static_widgets(nb), resources={"metadata": {"path": str(figures_base)}})
+    body, _ = exporter.from_notebook_node(static_widgets(nb), resources={"metadata": {"path": str(notebook_folder.parent)}})
     return strip_remote(body)
 
 

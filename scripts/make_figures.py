@@ -219,22 +219,19 @@ def quantization():
     return path
 
 
-COURSE = [  # number, title, track ("both", "dense", "moe")
-    ("00", "Tour: the family,\nthe kit", "both"), ("01", "Dense decoder\nfrom scratch", "dense"),
-    ("02", "Mixture of\nexperts", "moe"), ("03", "Vision encoder\nand 3-D RoPE", "moe"),
-    ("04", "Multimodal\nMoE", "moe"), ("05", "Training", "both"),
-    ("06", "Seeing attention\nand routing", "both"), ("07", "Quantization", "dense"),
-    ("08", "LoRA\nfine-tuning", "dense"), ("09", "Family and\nscale", "both"),
-]
 
 
 def course_map():
     fig, ax = canvas(13, 5.4, "The course: ten notebooks, two 90-minute tracks")
     colors = {"both": GREY, "dense": BLUE, "moe": ORANGE}
-    for i, (number, title, track) in enumerate(COURSE):
+    from ernie_lab.notebook import COURSE
+
+    for i, (number, title, minutes, track) in enumerate(COURSE):
         row, col = divmod(i, 5)
         x, y = 0.3 + col * 2.55, 3.0 - row * 1.9
-        box(ax, x, y, 2.3, 1.3, f"{number}\n{title}", colors[track], fontsize=FONT - 1)
+        words = title.split()
+        title = " ".join(words[:len(words) // 2 + 1]) + "\n" + " ".join(words[len(words) // 2 + 1:])
+        box(ax, x, y, 2.3, 1.3, f"{number}  ({minutes} min)\n{title}", colors[track], fontsize=FONT - 1)
         if col < 4:
             arrow(ax, (x + 2.3, y + 0.65), (x + 2.55, y + 0.65))
     arrow(ax, (0.3 + 4 * 2.55 + 1.15, 3.0), (1.45, 2.4), connectionstyle="arc3,rad=0.0", color="gray")

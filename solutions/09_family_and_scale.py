@@ -34,7 +34,7 @@ def int8_rtn(weight):                            # (out, in) -> (out, in), on th
 
 
 @torch.no_grad()
-def worst_layer(model, ids, quantize):
+def layer_damage(model, ids, quantize):
     reference = model(ids).logits
     damage = {}
     for name in linear_names(model):
@@ -43,7 +43,7 @@ def worst_layer(model, ids, quantize):
         linear.weight.copy_(quantize(original))
         damage[name] = (model(ids).logits - reference).abs().max().item()
         linear.weight.copy_(original)
-    return max(damage, key=damage.get)
+    return damage
 
 
 SOLUTIONS = {
@@ -51,7 +51,7 @@ SOLUTIONS = {
     "09.conversations": (conversations,),
     "09.dedup_degree": (dedup_degree,),
     "09.int8_rtn": (int8_rtn,),
-    "09.worst_layer": (worst_layer,),
+    "09.layer_damage": (layer_damage,),
 }
 
 
@@ -69,7 +69,7 @@ def _truncate(weight):
 def _forgets_to_restore(model, ids, quantize):
     for name in linear_names(model):
         model.get_submodule(name).weight.copy_(quantize(model.get_submodule(name).weight))
-    return "layers.1.mlp.down_proj"
+    return {name: 1.0 if name == "layers.1.mlp.down_proj" else 0.0 for name in linear_names(model)}
 
 
 WRONG = {
@@ -77,5 +77,6 @@ WRONG = {
     "09.conversations": [(conversations + 1,)],
     "09.dedup_degree": [(2,), (64,)],
     "09.int8_rtn": [(_per_tensor,), (_truncate,)],
-    "09.worst_layer": [(_forgets_to_restore,), (lambda model, ids, quantize: "lm_head",)],
+    "09.layer_damage": [(_forgets_to_restore,), (lambda model, ids, quantize: {"lm_head": 1.0},),
+                        (lambda model, ids, quantize: "layers.1.mlp.down_proj",)],
 }

@@ -88,7 +88,7 @@ def test_notebooks_check_only_known_exercises_and_every_exercise_is_used():
     checked = set().union(*used.values())
     assert checked <= set(ALL), f"notebooks check unknown exercises: {checked - set(ALL)}"
     for name in ALL:
-        if used.get(name[:2]):  # TODO(course): drop this guard once 00-04 and 09 are converted
+        if name[:2] in used:
             assert name in used[name[:2]], f"{name}: notebook {name[:2]} never checks it"
 
 

@@ -83,10 +83,10 @@ def int8_rtn(function) -> str:
     return f"Every weight within half a step; relative error {((got - weight).norm() / weight.norm()).item():.2%}."
 
 
-@exercise("09.worst_layer",
-          hint="for each name in the model's nn.Linear modules: keep a copy of the weight, put int8_rtn(weight) "
-               "in, measure the change of the logits, put the copy back; return the name with the largest change.")
-def worst_layer(function) -> str:
+@exercise("09.layer_damage",
+          hint="for each name in linear_names(model): keep a copy of the weight, put quantize(weight) in, measure "
+               "the largest change of the logits, put the copy back; return {name: change}.")
+def layer_damage(function) -> str:
     from ..config import ErnieConfig
     from ..model import ErnieForCausalLM
 
@@ -101,5 +101,9 @@ def worst_layer(function) -> str:
     changed = [n for n, t in model.state_dict().items() if not torch.equal(t, state[n])]
     if changed:
         raise Mismatch(f"put every weight back after measuring; still changed: {changed[:3]}")
-    expect_equal("the layer that hurts most when quantized", str(got), "layers.1.mlp.down_proj")
+    from ..modules import linear_names
+
+    if not isinstance(got, dict) or sorted(got) != sorted(linear_names(model)):
+        raise Mismatch("return a dict with one entry per nn.Linear of the model: {name: largest logit change}")
+    expect_equal("the layer that hurts most when quantized", max(got, key=got.get), "layers.1.mlp.down_proj")
     return "One outlier weight stretches its row's scale, and every other weight of that row loses its digits."
