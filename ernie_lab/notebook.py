@@ -10,6 +10,7 @@ A notebook should read as a story about ERNIE, not as set-up code. Here live, wr
 * `load_heatmap()`, `draw_dispatch()`, `draw_expert_choices()`: the routing pictures of notebooks 02
   and 04;
 * `figure()`: a diagram from figures/ (made by `scripts/make_figures.py`) shown in a notebook;
+* `cached_model()`: a real checkpoint a lecturer has cached, for the `USE_REAL_WEIGHTS` switch;
 * plumbing the lessons should not show: `reference_routing()` (which experts `transformers`' routers
   chose), `reference_vl_generate()`, `cpu_settings()` (threads and denormals, always restored) and
   `rope_layout()` (run a model with another RoPE function, for the experiment of notebook 01).
@@ -136,6 +137,30 @@ def reference_vl_generate(reference, input_ids: torch.Tensor, max_new_tokens: in
     reference.model.rope_deltas = None
     return reference.generate(input_ids=input_ids, **reference_vl_inputs(input_ids), max_new_tokens=max_new_tokens,
                               do_sample=False, eos_token_id=None, pad_token_id=0, **pixels)
+
+
+def cached_model(hub_id: str):
+    """(model, tokenizer) of a real checkpoint a lecturer has cached, or (None, None) with a note; never downloads.
+
+    Looks in the Hugging Face cache ($HF_HOME) for `hub_id`, or in the folder named by the environment
+    variable ERNIE_LAB_WEIGHTS_<SIZE> (e.g. ERNIE_LAB_WEIGHTS_0_3B for "baidu/ERNIE-4.5-0.3B-PT").
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    from . import load_model, load_tokenizer
+
+    size = hub_id.split("ERNIE-4.5-")[-1].removesuffix("-PT").removesuffix("-Paddle").replace(".", "_").replace("-", "_")
+    folder = os.environ.get(f"ERNIE_LAB_WEIGHTS_{size.upper()}")
+    if folder is None:
+        found = try_to_load_from_cache(hub_id, "config.json")
+        folder = str(Path(found).parent) if isinstance(found, str) else None
+    if folder is None or not Path(folder, "config.json").is_file():
+        print(f"USE_REAL_WEIGHTS: {hub_id} is not cached on this machine (download it on a connected machine "
+              f"with `hf download {hub_id}`, or set ERNIE_LAB_WEIGHTS_{size.upper()} to its folder); "
+              "the notebook goes on with the small models.")
+        return None, None
+    print("USE_REAL_WEIGHTS: loading", folder)
+    return load_model(folder), load_tokenizer(folder)
 
 
 def compare(label: str, ours: torch.Tensor, theirs: torch.Tensor, atol: float = 1e-5) -> float:

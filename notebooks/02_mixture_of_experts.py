@@ -66,6 +66,7 @@ from ernie_lab.moe import MoEBlock, dispatch, moe_blocks, route
 from ernie_lab.notebook import compare, draw_dispatch, load_heatmap, setup
 
 FAST = setup()  # fast mode: from ERNIE_LAB_FAST (make lab FAST=1); write FAST = True here to force it
+USE_REAL_WEIGHTS = False  # True: also use a real checkpoint a lecturer has cached (never downloads)
 
 # %% [markdown]
 # ## 1 · Why a mixture of experts: parameters versus compute · core, 5 min
@@ -649,6 +650,24 @@ plt.show()
 for rec in records.values():
     assert rec.load().sum().item() == 2 * held_out.numel() * toy.moe_k
 assert imbalance(records["with balancing losses"].load_fraction()[None]).item() < imbalance(records["language model only"].load_fraction()[None]).item()
+
+# %% [markdown]
+# **With real weights (optional, about 44 GB of memory in bf16).** With `USE_REAL_WEIGHTS = True` in the
+# first cell and the 21B-A3B cached on this machine, the heatmap of a trained model's routing on a real
+# sentence: the experts specialise, unlike the random ones above.
+
+# %%
+if USE_REAL_WEIGHTS:
+    real_model, real_tokenizer = notebook.cached_model("baidu/ERNIE-4.5-21B-A3B-PT")
+    if real_model is not None:
+        sentence = real_tokenizer.encode("Mixture-of-experts models route every token to a few experts.")
+        with torch.no_grad(), routing.record(real_model) as real_record:
+            real_model(torch.tensor([sentence]))
+        fig, ax = plt.subplots(figsize=(12, 6))
+        load_heatmap(ax, real_record.load_fraction(), "21B-A3B: share of the choices per expert",
+                     [str(e.layer_idx) for e in real_record.layers])
+        plt.show()
+        del real_model
 
 # %% [markdown]
 # ## Exercises · core, 20 min

@@ -61,6 +61,7 @@ from ernie_lab.rope3d import modality_types, routing_types
 from ernie_lab.vision import tokens_per_item
 
 FAST = setup()  # fast mode: from ERNIE_LAB_FAST (make lab FAST=1); write FAST = True here to force it
+USE_REAL_WEIGHTS = False  # True: also use a real checkpoint a lecturer has cached (never downloads)
 picture = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
 
 # %% [markdown]
@@ -178,6 +179,19 @@ print("tokens per vision expert:", vision_load.tolist())
 assert int(text_load.sum()) == 2 * int((entry.modality == 0).sum())    # k = 2 choices per text token
 assert int(vision_load.sum()) == 2 * int((entry.modality == 1).sum())
 assert columns[~vision_rows][:, E:].sum() == 0 and columns[vision_rows][:, :E].sum() == 0  # isolation
+
+# %% [markdown]
+# **With real weights (optional, about 60 GB of memory in bf16).** With `USE_REAL_WEIGHTS = True` in the
+# first cell and the VL-28B-A3B cached on this machine, ask the trained model about the picture.
+
+# %%
+if USE_REAL_WEIGHTS:
+    real_model, real_tokenizer = notebook.cached_model("baidu/ERNIE-4.5-VL-28B-A3B-PT")
+    if real_model is not None:
+        question = [{"role": "user", "content": [{"type": "image", "image": picture},
+                                                 {"type": "text", "text": "Who is this? Answer in one sentence."}]}]
+        print(ernie_lab.chat(real_model, real_tokenizer, question, max_new_tokens=40))
+        del real_model
 
 # %% [markdown]
 # ## 4 · Heterogeneous experts: narrow vision experts · core, 3 min
