@@ -282,7 +282,7 @@ assert {name[:2] for name in present} <= set(numbers), "every notebook in the ch
 # %% [markdown]
 # ## 4 · Where real weights come from
 #
-# This kit never ships weights. `ernie_lab.load_model` takes either
+# Apart from its tiny trained models, this kit ships no weights. `ernie_lab.load_model` takes either
 #
 # * a **Hub id** such as `"baidu/ERNIE-4.5-0.3B-PT"`: the files are looked up in the Hugging Face
 #   cache (`$HF_HOME`, by default `~/.cache/huggingface`) and downloaded into it if the Hub can be

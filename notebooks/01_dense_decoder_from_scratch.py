@@ -802,7 +802,7 @@ print("sampled (T=0.8, top-p 0.9):", first[:, 6:].tolist())
 # ## 10 · Text in, text out: tokenizer and chat template · optional, 5 min
 #
 # The model reads token ids. `ernie_lab.load_tokenizer(folder_or_hub_id)` reads a checkpoint's
-# SentencePiece `tokenizer.model`; without one (as here, offline) it falls back, with a warning, to
+# SentencePiece `tokenizer.model`; without one (as for this random model) it falls back, with a warning, to
 # the kit's **stand-in**: a small SentencePiece model trained on Python's help texts that keeps
 # ERNIE's special tokens at their real ids (`<|begin_of_sentence|>` = 100273, ...). Ordinary words
 # get different ids than in the real vocabulary, which does not matter for a random model.

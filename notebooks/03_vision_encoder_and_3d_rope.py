@@ -104,12 +104,12 @@ where = torch.zeros(gh, gw, dtype=torch.long)
 where[positions[:, 0], positions[:, 1]] = order
 
 resized = picture.resize((width, height), Image.Resampling.BICUBIC)
-fig, ax = plt.subplots(figsize=(7, 7 * height / width))
+fig, ax = plt.subplots(figsize=(10, 7.5))
 ax.imshow(resized)
 for r in range(gh):
     for c in range(gw):
         if r < 6 and c < 8:
-            ax.text(c * 14 + 7, r * 14 + 7, str(int(where[r, c])), ha="center", va="center", fontsize=7,
+            ax.text(c * 14 + 7, r * 14 + 7, str(int(where[r, c])), ha="center", va="center", fontsize=13,
                     color="yellow", bbox=dict(facecolor="black", alpha=0.5, pad=0.5, linewidth=0))
 for k in range(0, max(gh, gw) + 1):
     lw = 1.2 if k % 2 == 0 else 0.3
@@ -357,16 +357,17 @@ assert torch.equal(positions, reference_positions) and torch.equal(deltas, refer
 print("3-D positions match transformers' get_rope_index")
 
 # %%
-fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+fig, axes = plt.subplots(1, 3, figsize=(16, 5.5))
 block = positions[:, 0, 3:3 + n_image].reshape(3, gh // 2, gw // 2)
 for ax, axis_name, values in zip(axes[:2], ["height", "width"], [block[1], block[2]]):
     ax.imshow(resized, extent=(0, gw // 2, gh // 2, 0))
     ax.imshow(values, cmap="cool", alpha=0.55, extent=(0, gw // 2, gh // 2, 0))
-    step = max(1, (gw // 2) // 8)
+    step = max(1, (gw // 2) // 5)                    # a few large labels, legible when projected
     for r in range(0, gh // 2, step):
         for c in range(0, gw // 2, step):
-            ax.text(c + 0.5, r + 0.5, str(int(values[r, c])), ha="center", va="center", fontsize=7)
-    ax.set_title(f"{axis_name} position of each picture token")
+            ax.text(c + 0.5, r + 0.5, str(int(values[r, c])), ha="center", va="center", fontsize=13,
+                    color="white", bbox=dict(facecolor="black", alpha=0.6, pad=1, linewidth=0))
+    ax.set_title(f"{axis_name} position of each picture token", fontsize=13)
     ax.set_xlabel("token column"); ax.set_ylabel("token row")
 for name, row in zip(["time", "height", "width"], positions[:, 0]):
     axes[2].plot(row, label=name, lw=1)

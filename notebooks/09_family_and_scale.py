@@ -445,18 +445,19 @@ table(["model"] + [F.ACCELERATORS[d].name for d in GPUS], rows)
 # What fits on ONE device (1 = fits):
 fits = np.array([[[F.gpus_needed(F.CHECKPOINTS[n], p, F.ACCELERATORS[d].memory_gib, CONTEXT) == 1
                    for p in PRECISIONS] for d in DEVICES] for n in SIZES])
-fig, axes = plt.subplots(1, len(DEVICES), figsize=(14, 3.2), sharey=True)
-for k, (ax, device) in enumerate(zip(axes, DEVICES)):
+fig, axes = plt.subplots(2, 2, figsize=(13, 8), sharey=True)       # large cells: legible on a projector
+for k, (ax, device) in enumerate(zip(axes.flat, DEVICES)):
     ax.imshow(fits[:, k, :], cmap="Greens", vmin=-0.3, vmax=1.2)
-    ax.set_xticks(range(len(PRECISIONS)), PRECISIONS)
-    ax.set_yticks(range(len(SIZES)), [SHORT[n] for n in SIZES])
-    ax.set_title(F.ACCELERATORS[device].name, fontsize=10)
+    ax.set_xticks(range(len(PRECISIONS)), PRECISIONS, fontsize=12)
+    ax.set_yticks(range(len(SIZES)), [SHORT[n] for n in SIZES], fontsize=12)
+    ax.set_title(F.ACCELERATORS[device].name, fontsize=14)
     ax.grid(False)
     for i in range(len(SIZES)):
         for j in range(len(PRECISIONS)):
-            ax.text(j, i, "fits" if fits[i, k, j] else "-", ha="center", va="center", fontsize=8,
+            ax.text(j, i, "fits" if fits[i, k, j] else "-", ha="center", va="center", fontsize=13,
                     color="white" if fits[i, k, j] else "black")
-fig.suptitle(f"What one device can hold (weights + KV cache of {CONTEXT} tokens)", y=1.04)
+plt.tight_layout()
+fig.suptitle(f"What one device can hold (weights + KV cache of {CONTEXT} tokens)", y=1.02, fontsize=15)
 plt.show()
 
 assert fits[SIZES.index("ERNIE-4.5-300B-A47B"), DEVICES.index("H200-141GB"), PRECISIONS.index("2bit")]
