@@ -7,8 +7,8 @@ A notebook should read as a story about ERNIE, not as set-up code. Here live, wr
 * `repo_path()`: files of the kit (data/, figures/, notebooks/), found from the package, so a notebook
   runs from any folder (the tests execute fresh copies in a temporary one);
 * `compare()`: one line per "ours equals the reference" check, failing above a tolerance;
-* `load_heatmap()`, `draw_dispatch()`, `draw_expert_choices()`: the routing pictures of notebooks 02
-  and 04;
+* `load_heatmap()`, `draw_dispatch()`, `draw_expert_choices()`, `draw_layer_routing()`: the routing
+  pictures of notebooks 00, 02 and 04;
 * `figure()`: a diagram from figures/ (made by `scripts/make_figures.py`) shown in a notebook;
 * `cached_model()`: a real checkpoint a lecturer has cached, for the `USE_REAL_WEIGHTS` switch;
 * plumbing the lessons should not show: `reference_routing()` (which experts `transformers`' routers
@@ -163,6 +163,13 @@ def cached_model(hub_id: str):
     return load_model(folder), load_tokenizer(folder)
 
 
+class Difference(float):
+    """The largest difference `compare` found: a float that a notebook does not echo (the printed line says it)."""
+
+    def _ipython_display_(self) -> None:
+        pass
+
+
 def compare(label: str, ours: torch.Tensor, theirs: torch.Tensor, atol: float = 1e-5) -> float:
     """Print the largest difference of two tensors and fail when it exceeds `atol`; return it.
 
@@ -174,7 +181,7 @@ def compare(label: str, ours: torch.Tensor, theirs: torch.Tensor, atol: float = 
     scale = max(1.0, theirs.float().abs().max().item())
     print(f"{label:52s} max |diff| = {diff:.1e}  (values up to {scale:5.1f}; tolerance {atol:.0e} x {scale:.1f})")
     assert diff <= atol * scale, f"{label}: max difference {diff:.2e} exceeds {atol:.0e} x {scale:.1f}"
-    return diff
+    return Difference(diff)
 
 
 def load_heatmap(ax, fractions: torch.Tensor, title: str, row_labels: list[str], vmax: float | None = None,
@@ -268,3 +275,16 @@ def draw_expert_choices(columns: torch.Tensor, modality: torch.Tensor, experts_p
     ax.set_ylabel("expert")
     ax.set_title(title)
     plt.show()
+
+
+def expert_columns(entry, experts_per_group: int) -> torch.Tensor:
+    """(T, 2 E) mixing weights of one layer's routing record: text experts T0.., then vision experts V0.."""
+    columns = torch.zeros(entry.num_tokens, 2 * experts_per_group)
+    offsets = entry.modality[:, None] * experts_per_group                  # (T, 1): vision experts come after
+    columns.scatter_(1, entry.expert_ids + offsets, entry.weights)
+    return columns
+
+
+def draw_layer_routing(entry, experts_per_group: int, title: str) -> None:
+    """The experts every token of one MoE layer chose, and with what weight (text and vision groups apart)."""
+    draw_expert_choices(expert_columns(entry, experts_per_group), entry.modality, experts_per_group, title)

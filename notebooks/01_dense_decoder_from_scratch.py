@@ -69,9 +69,9 @@ from ernie_lab.config import ERNIE_0_3B, ErnieConfig
 from ernie_lab import exercises, notebook
 from ernie_lab.notebook import compare, setup
 
+torch.set_grad_enabled(False)  # this notebook only runs models forward
 FAST = setup()  # fast mode: from ERNIE_LAB_FAST (make lab FAST=1); write FAST = True here to force it
 USE_REAL_WEIGHTS = False  # True: also use a real checkpoint a lecturer has cached (never downloads)
-torch.set_grad_enabled(False)  # this notebook only runs models forward
 
 # %% [markdown]
 # ## 0 · The configuration and a reference model · core, 5 min

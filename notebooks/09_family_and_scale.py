@@ -387,7 +387,10 @@ print("FlopCounterMode:", counter.get_total_flops(), "= formula")
 # ### The 47% MFU claim
 #
 # The report says ERNIE 4.5 reached **47% model FLOPs utilisation** when pre-training its largest language
-# model (FP8 mixed precision, intra-node expert parallelism, memory-efficient pipeline scheduling):
+# model (FP8 mixed precision, intra-node expert parallelism, memory-efficient pipeline scheduling; the three
+# ways of spreading a model over GPUs: **expert parallelism** puts different experts on different GPUs,
+# **tensor parallelism** splits every matrix across GPUs, **pipeline parallelism** gives each GPU a range of
+# layers; section 6 counts what each one sends):
 #
 #     MFU = tokens per second x training FLOPs per token / peak FLOP/s
 #
@@ -528,7 +531,8 @@ for n in (8, 16):
 # %% [markdown]
 # ### Intra-node versus inter-node expert parallelism
 #
-# Inside a node of 8 GPUs the all-to-all runs over NVLink; beyond 8, part of it goes through the network
+# Inside a node of 8 GPUs the all-to-all runs over NVLink (NVIDIA's direct GPU-to-GPU links inside one
+# machine); beyond 8, part of it goes through the network
 # card, 4x slower than an H800's NVLink and 9x slower than an H100's (one direction per GPU: NVLink 200
 # GB/s on the H800, 450 GB/s on the H100, one 400 Gb/s InfiniBand NIC = 50 GB/s). The report keeps expert
 # parallelism **inside a node** and spreads the model over nodes with pipeline parallelism instead, whose

@@ -211,7 +211,7 @@ def quantization():
     box(right, 1.7, 0.9, 2.6, 1.1, "y = W x\n(bf16 matmul)", GREEN)
     arrow(right, (2.7, 3.45), (3.3, 3.45))
     arrow(right, (4.6, 2.9), (3.6, 2.0))
-    right.text(0.1, 0.2, "4 bits + 2 bytes / 128 weights = 0.27 of bf16", fontsize=FONT - 1)
+    right.text(0.1, 0.2, "4 bits + 2 bytes / 128 weights = 0.26 of bf16", fontsize=FONT - 1)
     fig.tight_layout()
     path = FIGURES / "quantization.png"
     fig.savefig(path, dpi=100)

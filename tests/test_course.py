@@ -54,3 +54,13 @@ def test_course_is_numbered_without_gaps_and_covers_the_notebooks():
     present = {p.name[:2] for p in notebook.repo_path("notebooks").glob("[0-9][0-9]_*.py")}
     assert present <= set(numbers)
     assert all(track in ("dense", "moe", "both") and minutes > 0 for _, _, minutes, track in notebook.COURSE)
+
+
+def test_expert_columns_put_each_choice_in_its_groups_column():
+    from ernie_lab.routing import LayerRouting
+
+    entry = LayerRouting(layer_idx=1, num_experts=3)
+    entry.append(torch.tensor([[0, 2], [1, 0]]), torch.tensor([[0.7, 0.3], [0.6, 0.4]]), torch.zeros(2, 3),
+                 torch.tensor([0, 1]))
+    columns = notebook.expert_columns(entry, 3)              # (2 tokens, T0 T1 T2 V0 V1 V2)
+    assert torch.allclose(columns, torch.tensor([[0.7, 0.0, 0.3, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.4, 0.6, 0.0]]))

@@ -84,3 +84,17 @@ def test_every_page_exists_with_its_figures_inline_and_no_remote_script(source):
     assert not REMOTE_SCRIPT.search(html), f"{page.name} loads a script from another host"
     assert not re.search(r"<link\b[^>]*href=[\"']?(?:https?:)?//", html, re.I), f"{page.name} links a remote file"
     assert f'href="{page.name}"' in (Path(SITE) / "index.html").read_text(), f"index.html does not list {page.name}"
+
+
+@pytest.mark.skipif(not SITE, reason="the executed notebooks are checked after `make html`")
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_no_stray_outputs(source):
+    """A cell's last expression echoed as bare text (a `True`, a float, a context object) is noise."""
+    executed = Path(SITE) / f"{source.stem}.ipynb"
+    if not executed.exists():
+        pytest.fail(f"{executed} was not executed")
+    for cell in nbformat.read(executed, as_version=4).cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "execute_result":
+                assert set(output["data"]) != {"text/plain"}, \
+                    f"{source.name}: stray output {output['data']['text/plain'][:60]!r} of {cell.source.splitlines()[-1]!r}"
