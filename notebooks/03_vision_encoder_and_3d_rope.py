@@ -287,6 +287,28 @@ with torch.no_grad():
                      atol=1e-4)
 
 # %% [markdown]
+# **Experiment · what the ViT's positions mean (optional, 5 min).** Predict first, then run: (a) every
+# patch's (row, column) moved by the same offset, say 5 rows down and 3 columns right; (b) rows and
+# columns swapped, as if the picture were transposed but the pixels were not. Which one changes the
+# ViT's features? Try other offsets, or scale the positions by 2.
+
+# %%
+def vit_features(positions):                                   # (patches, 2) positions -> (patches, width)
+    cos, sin = vision.vision_rope_angles(positions, config.hidden_size // config.num_heads, config.rope_theta)
+    h = pixels @ encoder.patch_embed.proj.weight.T
+    with torch.no_grad():
+        for block in encoder.blocks:
+            h = vit_block_by_hand(h, block, cos, sin)
+    return F.layer_norm(h, (config.hidden_size,), encoder.ln.weight, encoder.ln.bias, encoder.ln.eps)
+
+
+patch_positions = vision.vision_positions(grid)                # (patches, 2): row, column
+shifted = (vit_features(patch_positions + torch.tensor([5, 3])) - hand_features).abs().max().item()
+swapped = (vit_features(patch_positions.flip(-1)) - hand_features).abs().max().item()
+print(f"(a) all positions shifted: features change by {shifted:.1e}   (b) rows and columns swapped: {swapped:.1e}")
+assert shifted < 1e-3 < swapped    # rotary attention sees only offsets between patches, in both directions
+
+# %% [markdown]
 # ### What the adapter does
 #
 # $$x_s = \text{MLP}_s\big([f_{a}; f_{b}; f_{c}; f_{d}]\big) \quad\text{(a 2x2 window, 4w numbers)}$$

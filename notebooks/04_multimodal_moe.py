@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 import ernie_lab
 from ernie_lab import exercises, notebook, routing
+from ernie_lab.moe import moe_blocks
 from ernie_lab import family as F
 from ernie_lab.losses import load_balancing_loss, modality_balancing_losses
 from ernie_lab.notebook import draw_expert_choices, setup
@@ -259,6 +260,38 @@ ax.set_title("A collapsed text group disappears in the pooled loss"); ax.legend(
 plt.show()
 assert pooled_values[-1] < 1.01 and pooled_values[0] > pooled_values[-1]
 
+
+# %% [markdown]
+# **Experiment · balance each group with its bias alone (optional, 10 min).** ERNIE keeps one
+# correction-bias row per group (`block.moe_statics.e_score_correction_bias[group]`, 0 text, 1 vision).
+# Write `balance_groups(model, batches, gamma)`: for each batch, record the routing, and for each MoE
+# block and each group nudge that group's bias by $\gamma\,\mathrm{sign}(\bar f - f_e)$, with $f$ from
+# `rec.load_fraction(modality=group)`. The cell after it runs your function on the tiny model above and
+# prints each group's imbalance before and after; the weights stay as they are.
+
+# %%
+def balance_groups(model, batches, gamma=0.005):
+    ...   # your code here
+
+
+# %%
+def group_imbalance(model, group):
+    with torch.no_grad(), routing.record(model) as rec:
+        model(ids, **pixels)
+    shares = rec.load_fraction(modality=group)                    # (MoE layers, E)
+    return (shares.max(-1).values * shares.shape[-1]).mean().item()
+
+
+biases_before = [b.moe_statics.e_score_correction_bias.clone() for b in moe_blocks(model)]
+before = [group_imbalance(model, g) for g in (0, 1)]
+balance_groups(model, [ids] * 30)
+if all(torch.equal(b.moe_statics.e_score_correction_bias, old) for b, old in zip(moe_blocks(model), biases_before)):
+    print("(write balance_groups above to run this experiment)")
+else:
+    after = [group_imbalance(model, g) for g in (0, 1)]
+    print(f"imbalance, text group: {before[0]:.2f} -> {after[0]:.2f}; vision group: {before[1]:.2f} -> {after[1]:.2f}")
+    for block, old in zip(moe_blocks(model), biases_before):           # undo, for the sections below
+        block.moe_statics.e_score_correction_bias.copy_(old)
 
 # %% [markdown]
 # ## 6 · Parameter arithmetic: 28B-A3B and 424B-A47B · optional, 7 min
