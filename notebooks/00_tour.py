@@ -26,6 +26,7 @@
 #
 # | section | what | time | tag |
 # |---|---|---|---|
+# | | a first look: a tiny trained ERNIE answers about a picture | 3 min | core |
 # | 1 | the family, counting parameters, the cost of a 128K context | 8 min | core |
 # | 2 | the architecture in one picture | 4 min | core |
 # | 3 | the course: the notebooks and the two lab tracks | 3 min | core |
@@ -50,6 +51,28 @@ from ernie_lab import notebook
 FAST = notebook.setup()  # fast mode: from ERNIE_LAB_FAST (make lab FAST=1); write FAST = True to force it
 from ernie_lab import exercises
 from ernie_lab import family as F
+
+# %% [markdown]
+# ## A first look · core, 3 min
+#
+# The kit ships a tiny vision-language ERNIE, trained on pictures of shapes (`data/tiny-ernie-vl/`). Load
+# it, show it a picture, ask, and see which experts each token went to (text tokens to text experts,
+# picture tokens to vision experts):
+
+# %%
+from ernie_lab import routing, scenes
+
+TINY_VL = notebook.repo_path("data", "tiny-ernie-vl")
+if (TINY_VL / "config.json").exists():   # the trained tiny models ship with the kit (scripts/train_tiny.py)
+    vl_model, vl_tokenizer = ernie_lab.load_model(TINY_VL), ernie_lab.load_tokenizer(TINY_VL)
+    scene = scenes.random_scene(2026)
+    question = scenes.conversation(scenes.render(scene), "What is in the picture?", "")[:1]
+    with routing.record(vl_model) as first_look:
+        print("Q: What is in the picture?\nA:", ernie_lab.chat(vl_model, vl_tokenizer, question, max_new_tokens=24))
+    notebook.draw_layer_routing(first_look.layers[-1], vl_model.config.get_text_config().moe_num_experts,
+                                "the last MoE layer: which experts each token chose")
+else:
+    print(f"(the tiny trained models are not in {TINY_VL.parent} yet: `make train-tiny` makes them)")
 
 # %% [markdown]
 # ## 1 · The family
