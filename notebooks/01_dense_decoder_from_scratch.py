@@ -781,6 +781,24 @@ ax.legend()
 plt.tight_layout()
 plt.show()
 
+# %% [markdown]
+# A random model's distributions are flat, so temperature changes little you can read. The kit's tiny
+# trained text model (`data/tiny-ernie-text/`, trained on Python's help pages) shows what temperature does
+# to text: greedy repeats the most likely phrase, higher temperatures wander.
+
+# %%
+TINY_TEXT = notebook.repo_path("data", "tiny-ernie-text")
+if (TINY_TEXT / "config.json").exists():
+    tiny_text, tiny_tokenizer = ernie_lab.load_model(TINY_TEXT), ernie_lab.load_tokenizer(TINY_TEXT)
+    start = [tiny_tokenizer.encode("A list is")]
+    for temperature in (0.0, 0.7, 1.5):
+        out = ernie_lab.generate(tiny_text, start, 24, temperature=temperature, eos_token_id=[],
+                                 generator=torch.Generator().manual_seed(0))
+        print(f"T = {temperature}:", repr(tiny_tokenizer.decode(out[0].tolist())))
+    del tiny_text
+else:
+    print(f"(the tiny trained text model is not in {TINY_TEXT} yet: `make train-tiny` makes it)")
+
 # %%
 # Checks of the sampler's promises.
 greedy = pick_next_token(logits)
