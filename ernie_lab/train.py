@@ -115,6 +115,7 @@ class TrainConfig:
     z_loss: float = 0.0                     # router z-loss weight
     orthogonal: float = 0.0                 # router orthogonal loss weight (summed over every router)
     token_balanced: bool = False            # LM = token-balanced loss instead of the token mean
+    logits_for_labels_only: bool = False    # run the LM head only where a label is (same loss, less work)
     find_unused_parameters: bool | None = None  # DDP; None: on for MoE models
     progress: bool = True                   # tqdm bar on rank 0
 
@@ -378,8 +379,10 @@ class Trainer:
         inputs = {key: value for key, value in batch.items() if key != "labels"}
         want_router = bool(c.balance or c.z_loss)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.autocast == "bf16"):
+            only = c.logits_for_labels_only and not c.token_balanced and n > 0
+            extra = {"logits_for_labels_only": True} if only else {}
             out = (self.ddp or self.model)(**inputs, labels=batch["labels"] if n else None,
-                                           output_router_logits=want_router)
+                                           output_router_logits=want_router, **extra)
             lm = lm_loss(out, batch["labels"], c.token_balanced) if n else out.logits.sum() * 0.0
             terms = routing_losses(self.model, out, batch, c) if want_router else {}
         return lm, terms
