@@ -172,10 +172,20 @@ def collate(examples: list[dict], pad_id: int) -> dict:
     return batch
 
 
+PHOTO_QUESTIONS = ("Describe the picture.", "Who is this?", "What is in the picture?")
+
+
+@lru_cache(maxsize=1)
+def photo_images(size: int = scenes.IMAGE_SIZE) -> tuple:
+    """The bundled photographs (``scenes.photos()``), squeezed to ``size`` x ``size``, with their captions."""
+    return tuple((p.name, p.image.convert("RGB").resize((size, size)), p.caption) for p in scenes.photos())
+
+
 def vl_batches(tokenizer, config, batch_size: int = 16, split: str = "train", seed: int = 0, text_every: int = 4,
-               text_batch: int = 8, image_size: int = scenes.IMAGE_SIZE, max_turns: int = 4):
+               text_batch: int = 8, image_size: int = scenes.IMAGE_SIZE, max_turns: int = 4, photos: int = 0):
     """``batches(step, rank=0, world_size=1)``: fresh random scenes with question turns; every ``text_every``-th
-    step a batch of plain text instead (0: never), so the decoder keeps its language."""
+    step a batch of plain text instead (0: never), so the decoder keeps its language. ``photos`` > 0 adds that
+    many of the bundled photographs to each scene batch, asked to be described (their captions are the answers)."""
     from .processor import VLProcessor
 
     processor = VLProcessor(tokenizer, config=config)
@@ -192,6 +202,9 @@ def vl_batches(tokenizer, config, batch_size: int = 16, split: str = "train", se
                 continue
             image = scenes.render(scene, image_size)
             examples.append(vl_example(processor, image, scene_turns(scene, rng, max_turns)))
+        for _ in range(photos):
+            name, image, words = rng.choice(photo_images(image_size))
+            examples.append(vl_example(processor, image, [(rng.choice(PHOTO_QUESTIONS), words + ".")]))
         return collate(examples, tokenizer.pad_token_id or 0)
 
     return batch
@@ -261,6 +274,27 @@ def normalised_mutual_information(a: list, b: list) -> float:
     return 2 * mi / denominator if denominator > 0 else 0.0
 
 
+def token_labels(scene: scenes.Scene, grid_h: int, grid_w: int, attribute: str, min_share: float = 0.04,
+                 size: int = scenes.IMAGE_SIZE) -> list[str]:
+    """The ``attribute`` of the shape under each merged image token (row-major), or "background".
+
+    A token covers size/grid pixels on a side; a small shape fills only part of one, so a token takes the
+    shape that covers the most of it when that is at least ``min_share`` of its pixels.
+    """
+    import numpy as np
+
+    owners = scenes.owner_map(scene, size)                        # (size, size): 0 background, i shape i - 1
+    labels = []
+    for r in range(grid_h):
+        for c in range(grid_w):
+            cell = owners[size * r // grid_h:size * (r + 1) // grid_h, size * c // grid_w:size * (c + 1) // grid_w]
+            counts = np.bincount(cell.ravel(), minlength=len(scene.shapes) + 1)
+            best = int(counts[1:].argmax()) + 1 if len(counts) > 1 else 0
+            covered = len(counts) > 1 and counts[best] >= min_share * cell.size
+            labels.append(getattr(scene.shapes[best - 1], attribute) if covered else "background")
+    return labels
+
+
 @torch.no_grad()
 def specialisation(model, tokenizer, count: int = 60, seed: int = 12345,
                    attributes=("colour", "kind", "background")) -> dict:
@@ -288,8 +322,7 @@ def specialisation(model, tokenizer, count: int = 60, seed: int = 12345,
             if attribute == "background":
                 labels[attribute] += [scene.background] * len(image_rows)
             else:
-                cells = scenes.patch_labels(scene, *grid, attribute=attribute)
-                labels[attribute] += [label for row in cells for label in row]
+                labels[attribute] += token_labels(scene, *grid, attribute)
     E = model.config.text.moe_num_experts
     out = {}
     for layer, experts in picks.items():
