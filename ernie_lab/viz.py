@@ -111,12 +111,13 @@ def route_scenes(model, tokenizer, scene_list, question: str | None = None,
     return rec, torch.cat(rows), labels
 
 
-def cell_labels(scene, grid: tuple[int, int], attribute: str, min_share: float = 0.25, fine: int = 4) -> list[str]:
-    """The attribute of the shape in each merged token's cell (row-major), "background" where none does.
+def cell_labels(scene, grid: tuple[int, int], attribute: str, min_share: float = 1 / 16, fine: int = 4) -> list[str]:
+    """The attribute of the shape in each merged token's cell (row-major), "background" where none is.
 
-    A merged token of the tiny model covers 28 x 28 pixels, more than a small shape, so a shape
-    rarely covers most of a cell; a cell takes the shape that covers at least ``min_share`` of it,
-    counted on ``scenes.patch_labels`` of a ``fine`` times finer grid.
+    A merged token of the tiny model covers 28 x 28 pixels, more than a small shape, and the scenes'
+    places sit on cell corners, so a shape rarely covers most of any cell. A cell takes the shape
+    that covers most of at least ``min_share`` of it, counted on ``scenes.patch_labels`` of a
+    ``fine`` times finer grid.
     """
     from collections import Counter
 
@@ -436,15 +437,19 @@ def confidence_by_layer(record: routing.RoutingRecord) -> Figure:
 
 
 def specialisation(record: routing.RoutingRecord, rows: torch.Tensor, labels: dict[str, list],
-                   group: int = VISION, rank: int = 0, title: str | None = None) -> Figure:
+                   group: int = VISION, rank: int = 0, title: str | None = None, layer: int | None = None) -> Figure:
     """Do experts specialise? NMI between each token's expert and its attributes, per layer (left), and
-    the most specialised layer's load split by that attribute, with the counts (right).
+    one layer's load split by its most telling attribute, with the counts (right): ``layer``, or by
+    default the layer that specialises most.
 
     ``rows``: record rows (all routed in ``group``); ``labels``: {attribute: one label per row}.
     """
     results = {name: routing.specialisation(record, rows, values, rank) for name, values in labels.items()}
     depth = [e.layer_idx for e in record.layers]
-    best_attr, best_i = max(((a, i) for a in results for i in range(len(depth))), key=lambda ai: results[ai[0]][ai[1]]["nmi"])
+    if layer is not None and layer not in depth:
+        raise InputError(f"layer {layer} is not an MoE layer; MoE layers: {depth}.")
+    candidates = [depth.index(layer)] if layer is not None else range(len(depth))
+    best_attr, best_i = max(((a, i) for a in results for i in candidates), key=lambda ai: results[ai[0]][ai[1]]["nmi"])
     best = results[best_attr][best_i]
     E = record.layers[0].num_experts
     fig = Figure(figsize=(5 + max(5.0, 0.45 * E), 1.8 + max(2.6, 0.42 * len(best["names"]))), layout="constrained")
@@ -456,6 +461,7 @@ def specialisation(record: routing.RoutingRecord, rows: torch.Tensor, labels: di
         bars = left.bar(xs, values, width, label=attribute)
         if len(depth) <= 8:
             left.bar_label(bars, fmt="%.2f", fontsize=6)
+    left.axvspan(best_i - 0.45, best_i + 0.45, color="gold", alpha=0.25, lw=0)  # the layer drawn on the right
     left.set_xticks(range(len(depth)), [str(d) if len(depth) <= 14 or i % 2 == 0 else "" for i, d in enumerate(depth)])
     left.set_xlabel("decoder layer")
     left.set_ylabel("NMI(expert ; attribute)")
@@ -528,18 +534,24 @@ def saturation(step_records: list[tuple[int, routing.RoutingRecord]], final: rou
     E, k = final.layers[0].num_experts, final.layers[0].expert_ids.shape[1]
     colours = expert_colours(max(len(final.layers), 1))
     fig = Figure(figsize=(5.2 * len(groups) + 0.6, 3.9), layout="constrained")
-    axes = fig.subplots(1, len(groups), squeeze=False, sharey=True)[0]
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
     for ax, group in zip(axes, groups):
         steps, table = routing.saturation(step_records, final, group)   # (S, L)
+        ax.set_title(f"{GROUP_NAME[group]} tokens (chance: k/E = {k / E:.2f})", fontsize=10)
+        ax.set_xlabel("training step")
+        if len(final.layers) > 8:  # many layers: one row per layer, one column per step
+            shown = ax.imshow(table.T.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+            ax.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize=7)
+            ax.set_yticks(range(len(final.layers)), [f"layer {e.layer_idx}" for e in final.layers], fontsize=6)
+            fig.colorbar(shown, ax=ax, label="top-k overlap with the final model", shrink=0.85)
+            continue
         for l, entry in enumerate(final.layers):
             ax.plot(steps, table[:, l].numpy(), marker="o", ms=3, color=colours[l], label=f"layer {entry.layer_idx}")
-        ax.axhline(k / E, color="gray", ls=":", label=f"chance k/E = {k / E:.2f}")
-        ax.set_xlabel("training step")
-        ax.set_title(f"{GROUP_NAME[group]} tokens", fontsize=10)
+        ax.axhline(k / E, color="gray", ls=":", label="chance")
         ax.grid(alpha=0.3)
         ax.set_ylim(0, 1.02)
-        ax.legend(fontsize=7, ncol=1 if len(final.layers) <= 8 else 3)
-    axes[0].set_ylabel("top-k overlap with the final model")
+        ax.set_ylabel("top-k overlap with the final model")
+        ax.legend(fontsize=7)
     fig.suptitle("Router saturation: when each layer's choices settle")
     return fig
 
