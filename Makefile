@@ -9,7 +9,7 @@ TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ERNIE_LAB_FAST=1 MPLBACKEND=
 # Notebook sources are notebooks/NN_name.py (jupytext py:percent); every .ipynb is made from them.
 NB_TEST_DIR := build/nbtest
 
-.PHONY: lab test test-fast notebooks notebooks-build figures bench clean venv
+.PHONY: lab test test-fast notebooks notebooks-build figures bench train-tiny clean venv
 
 venv: $(STAMP)
 
@@ -45,6 +45,11 @@ figures: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/decode.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/moe.py
+
+# Retrain the shipped tiny models from scratch (deterministic; about 30 min on 2 cores) and rewrite their
+# TRAINING.md, metrics.json and curves. Weights are binaries: commit a retrained model only when it is final.
+train-tiny: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) scripts/train_tiny.py text vl
 
 clean:
 	rm -rf $(VENV) .pytest_cache $(NB_TEST_DIR)

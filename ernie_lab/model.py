@@ -139,6 +139,31 @@ class ErnieForCausalLM(nn.Module):
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, cache=cache, loss=loss, router_logits=router_logits)
 
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> "ErnieForCausalLM":
+        """Initialise for training from scratch; returns the model. PyTorch's defaults start the loss far
+        above log(vocab): nn.Embedding draws N(0, 1), and the tied LM head multiplies by those rows again.
+
+            Linear / Embedding weights (routers too, so experts start distinguishable) ~ N(0, std^2)
+            biases, the MoE correction bias                                             = 0
+            RMSNorm scales, LayerNorm scales (ViT, adapter) / shifts                   = 1 / 0
+
+        ``seed`` draws from a private CPU generator (same weights on every device); None uses torch's."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        done: set[int] = set()  # a tied head shares the embedding's weight: draw it once
+        with torch.no_grad():
+            for module in self.modules():
+                for name, param in module.named_parameters(recurse=False):
+                    if id(param) in done:
+                        continue
+                    done.add(id(param))
+                    if isinstance(module, (nn.Linear, nn.Embedding)) and name == "weight":
+                        param.copy_(torch.randn(param.shape, generator=generator) * std)
+                    elif isinstance(module, (RMSNorm, nn.LayerNorm)) and name == "weight":
+                        param.fill_(1.0)
+                    elif name in ("bias", "e_score_correction_bias"):
+                        param.zero_()
+        return self
+
     def num_parameters(self) -> int:
         """Parameters counted once (the tied LM head shares the embedding's)."""
         return sum(p.numel() for p in self.parameters())
