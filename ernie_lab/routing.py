@@ -11,6 +11,11 @@ batch-major (row b's tokens, then row b+1's). A generation therefore records the
 first, then B tokens per decoding step. Left-padding positions are routed like any token and are
 recorded too. Expert ids are numbered inside their group (0..E-1); ``modality`` says which group
 (0 = text, 1 = vision), so a vision-language block records its two groups in one layer entry.
+
+The second half of the module holds the numbers the pictures of ``ernie_lab.viz`` show, as pure
+functions of a record: choices per layer, one token's path, co-selection, router entropy and top-1
+weight, loads split by a token attribute with their normalised mutual information, and the agreement
+of two records' choices (router saturation over training).
 """
 
 from __future__ import annotations

@@ -107,9 +107,9 @@ class RoutingExplorer:
         self._quiet = False  # True while the explorer itself moves a slider
         self.view = View(modality=VISION if self.is_vl else TEXT, name="patch overlay" if self.is_vl else "token strip")
 
-        self.picture = w.Image(format="png", layout=w.Layout(max_width="980px"))
+        self.picture = w.Image(format="png", layout=w.Layout(width="100%", object_fit="contain"))
         self.answer = w.HTML()
-        self.experts = w.HTML(layout=w.Layout(min_width="230px"))
+        self.experts = w.HTML(layout=w.Layout(min_width="240px"))
         self.image_pick = w.Dropdown(options=list(self.images), description="picture", layout=w.Layout(width="420px"))
         self.upload = w.FileUpload(accept="image/*", multiple=False, description="upload")
         self.prompt = w.Text(value=prompt or scenes.DESCRIBE, description="prompt", continuous_update=False,
@@ -129,7 +129,9 @@ class RoutingExplorer:
         self.upload.observe(self._on_upload, names="value")
         controls = [self.image_pick, self.upload] if self.is_vl else []
         controls += [self.prompt, self.view_pick, self.layer, self.modality, self.rank, self.position]
-        self.widget = w.VBox([w.VBox(controls), self.answer, w.HBox([self.picture, self.experts])])
+        left = w.VBox([*controls, self.experts], layout=w.Layout(flex="0 0 auto"))
+        right = w.VBox([self.answer, self.picture], layout=w.Layout(flex="1 1 auto", min_width="0"))
+        self.widget = w.HBox([left, right])  # controls and the selected token's experts | answer and picture
         self._route(self.images[self.image_pick.value] if self.is_vl else None)
 
     # ---------------------------------------------------------------------------- state -> picture

@@ -196,10 +196,7 @@ trained_fig
 # adds is specialisation on what the model must *answer*: the colour and kind of the shapes.
 
 # %%
-untrained = architectures.build(model.config)
-if hasattr(untrained, "init_weights"):
-    untrained.init_weights(std=0.02, seed=0)
-untrained.eval()
+untrained = architectures.build(model.config).init_weights(std=0.02, seed=0).eval()
 rec0, rows0, labels0 = viz.route_scenes(untrained, tokenizer, scene_list)
 display(viz.specialisation(rec0, rows0, labels0, title="At initialisation: the same measurement"))
 
@@ -235,22 +232,21 @@ viz.specialisation(text_rec, text_rows, {"word class": classes}, group=TEXT,
 # (`make figures` draws this for a longer run into `figures/routing_saturation.png`.)
 
 # %%
+import copy
 import tempfile
 
 from ernie_lab.train import TrainConfig, Trainer, checkpoints
 
-steps = 16 if FAST else 120
-keep = tuple(sorted({0, steps // 8, steps // 4, steps // 2, steps}))
-start = architectures.build(model.config)
-start.init_weights(std=0.02, seed=0)
+steps = 8 if FAST else 120
+keep = tuple(sorted({steps // 6, steps // 3, steps // 2, steps}))
+start = architectures.build(model.config).init_weights(std=0.02, seed=0)
+at_zero = copy.deepcopy(start).eval()                      # step 0: the initialisation itself
 run_dir = tempfile.mkdtemp(prefix="routing-run-")
-data = tiny_models.vl_batches(tokenizer, start.config, batch_size=4 if FAST else 8)
+data = tiny_models.vl_batches(tokenizer, start.config, batch_size=4 if FAST else 16)
 config = TrainConfig(lr=2e-3, max_steps=steps, warmup_steps=max(steps // 10, 1), out_dir=run_dir,
-                     keep_checkpoints_at=keep[1:], log_every=max(steps // 4, 1), balance=0.01)
-snapshot = [(0, architectures.build(model.config))]
-snapshot[0][1].load_state_dict(start.state_dict())
+                     keep_checkpoints_at=keep, log_every=max(steps // 4, 1), balance=0.01, progress=False)
 Trainer(start, data, config).fit()
-kept = snapshot + checkpoints(run_dir)
+kept = [(0, at_zero)] + checkpoints(run_dir)             # (step, model or step-N folder)
 probe = [render_prompt(model, tokenizer, viz.messages_for(scenes.DESCRIBE, scenes.render(s))) for s in scene_list[:6]]
 over_time = viz.records_over_training(kept, probe)
 print("checkpoints at steps", [step for step, _ in over_time])

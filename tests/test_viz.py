@@ -35,6 +35,14 @@ def hand_record(ids_per_layer, modality, num_experts=4, probs=None):
     return RoutingRecord(layers)
 
 
+def test_import_ernie_lab_does_not_import_matplotlib_or_ipywidgets():
+    import subprocess
+    import sys
+
+    code = "import sys, ernie_lab, ernie_lab.routing; print(sorted({'matplotlib', 'ipywidgets'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
 # ------------------------------------------------------------------------------------------ numbers
 def test_co_selection_counts_pairs_and_its_diagonal_is_the_load():
     rec = hand_record([[[0, 1], [0, 2], [1, 0], [3, 2]]], [0, 0, 0, 1])
