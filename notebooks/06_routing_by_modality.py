@@ -52,7 +52,6 @@ from ernie_lab.notebook import repo_path, setup
 from ernie_lab.special_tokens import TEXT, VISION
 
 FAST = setup()
-torch.set_num_threads(2)
 FOLDER = repo_path("data", "tiny-ernie-vl")
 model = ernie_lab.load_model(FOLDER).eval()
 tokenizer = ernie_lab.load_tokenizer(FOLDER)
