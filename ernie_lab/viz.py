@@ -186,6 +186,11 @@ def ink_for(colour) -> str:
     return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
 
 
+def ordinal(rank: int) -> str:
+    """How a top-k rank reads: 0 -> 'top-1', 1 -> '2nd', 2 -> '3rd', 5 -> '6th'."""
+    return {0: "top-1", 1: "2nd", 2: "3rd"}.get(rank, f"{rank + 1}th")
+
+
 def layer_entry(record: routing.RoutingRecord, layer: int | None) -> routing.LayerRouting:
     """The entry of decoder layer ``layer`` (None: the first MoE layer)."""
     if not record.layers:
@@ -273,8 +278,7 @@ def patch_overlay(record: routing.RoutingRecord, image, grid: tuple[int, int], r
                     color=ink_for(colours[e]), fontweight="bold")
     grid_lines(ax, gh, gw)
     mark(ax, selected, gw)
-    ordinal = ["top-1", "2nd", "3rd"][rank] if rank < 3 else f"{rank + 1}th"
-    ax.set_title(f"layer {entry.layer_idx}: {ordinal} vision expert of each image token", fontsize=10)
+    ax.set_title(f"layer {entry.layer_idx}: {ordinal(rank)} vision expert of each image token", fontsize=10)
     used, counts = np.unique(experts, return_counts=True)
     order = np.argsort(-counts)
     handles = [Patch(color=colours[used[i]], label=f"V{used[i]}: {counts[i]} tokens") for i in order]
@@ -371,8 +375,7 @@ def token_strip(record: routing.RoutingRecord, tokens: list[str], rows: torch.Te
     ax.set_xlim(-1.2, min(per_line, len(rows)))
     ax.set_ylim(lines * band, 0)
     ax.axis("off")
-    ordinal = "top-1" if rank == 0 else f"choice {rank + 1}"
-    ax.set_title(f"{len(rows)} text tokens, coloured by their {ordinal} text expert (number = T-expert) "
+    ax.set_title(f"{len(rows)} text tokens, coloured by their {ordinal(rank)} text expert (number = T-expert) "
                  f"in MoE layers {', '.join(map(str, layers))}", fontsize=9)
     return fig
 
@@ -474,7 +477,7 @@ def specialisation(record: routing.RoutingRecord, rows: torch.Tensor, labels: di
                      fontsize=8)
     step = 1 if E <= 16 else 4
     right.set_xticks(range(0, E, step), routing.expert_labels(E, group)[::step], fontsize=7)
-    right.set_xlabel(f"{rank + 1}{'st' if rank == 0 else 'nd' if rank == 1 else 'th'} {GROUP_NAME[group]} expert")
+    right.set_xlabel(f"{ordinal(rank)} {GROUP_NAME[group]} expert")
     if E <= 16:
         for (i, j), n in np.ndenumerate(table.numpy().astype(int)):
             if n:
