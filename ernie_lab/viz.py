@@ -334,13 +334,13 @@ def short(piece: str, width: int = 7) -> str:
 
 def token_strip(record: routing.RoutingRecord, tokens: list[str], rows: torch.Tensor | None = None,
                 layers: list[int] | None = None, rank: int = 0, per_line: int = 24,
-                selected: int | None = None) -> Figure:
+                selected: int | None = None, highlight: int | None = None) -> Figure:
     """A prompt's text tokens, each coloured by its ``rank``-th text expert, one band per MoE layer.
 
     Tokens wrap into lines of ``per_line`` (100+ tokens stay readable); each cell names its expert.
     ``rows``: the record rows to show (default: every text-group row), ``tokens``: the text of every
     record row; ``layers``: decoder layers (default: up to 8 spread over the depth); ``selected``: a
-    position in ``rows`` to frame.
+    position in ``rows`` to frame; ``highlight``: a layer whose band is marked (and shown).
     """
     from matplotlib.patches import Rectangle
 
@@ -349,6 +349,8 @@ def token_strip(record: routing.RoutingRecord, tokens: list[str], rows: torch.Te
     if len(rows) == 0:
         raise InputError("there are no text tokens in this record to draw.")
     layers = default_layers(record) if layers is None else list(layers)
+    if highlight is not None and highlight not in layers:
+        layers = sorted([*layers, layer_entry(record, highlight).layer_idx])
     picks = {l: layer_entry(record, l).expert_ids[rows, rank].numpy() for l in layers}
     colours = expert_colours(first.num_experts)
     lines = math.ceil(len(rows) / per_line)
@@ -371,7 +373,12 @@ def token_strip(record: routing.RoutingRecord, tokens: list[str], rows: torch.Te
             if i == selected:
                 ax.add_patch(Rectangle((slot, top + 1.2), 1, len(layers), fill=False, ec="black", lw=2.5))
         for depth, l in enumerate(layers):
-            ax.text(-0.15, top + 1.7 + depth, f"L{l}", ha="right", va="center", fontsize=7)
+            marked = l == highlight
+            ax.text(-0.15, top + 1.7 + depth, f"\u25b6 L{l}" if marked else f"L{l}", ha="right", va="center",
+                    fontsize=8 if marked else 7, fontweight="bold" if marked else "normal")
+            if marked:
+                ax.add_patch(Rectangle((0, top + 1.2 + depth), min(per_line, len(rows) - line * per_line), 1,
+                                       fill=False, ec="black", lw=1.5))
     ax.set_xlim(-1.2, min(per_line, len(rows)))
     ax.set_ylim(lines * band, 0)
     ax.axis("off")

@@ -57,7 +57,8 @@ def draw(routed: viz.Routed, view: View, specialisation=None):
                                  rank=view.rank, selected=cell)
     if view.name == "token strip":
         chosen = min(view.position, len(routed.text_rows) - 1) if view.modality == TEXT else None
-        return viz.token_strip(routed.record, routed.tokens, routed.text_rows, rank=view.rank, selected=chosen)
+        return viz.token_strip(routed.record, routed.tokens, routed.text_rows, rank=view.rank, selected=chosen,
+                               highlight=view.layer)
     if view.name == "load heatmap":
         return viz.load_heatmap(routed.record, title="Expert load of this prompt, per MoE layer")
     if specialisation is None:
@@ -189,7 +190,7 @@ class RoutingExplorer:
 
     def snapshot(self) -> bytes:
         """PNG of what the widget shows now: the static picture for notebooks opened without widgets."""
-        return self.picture.value
+        return bytes(self.picture.value)
 
     def specialisation_data(self, group: int):
         """(record, rows, labels, group), routed once: held-out scenes for the vision group, word classes

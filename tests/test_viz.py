@@ -354,3 +354,26 @@ def test_draw_explains_views_that_do_not_apply(tiny_vl):
         widgets.draw(routed, widgets.View(name="sideways"))
     assert widgets.selected_row(routed, widgets.View(modality=VISION)) is None
     widgets.draw(routed, widgets.View(name="token strip", modality=TEXT, position=2))
+
+
+def test_explorer_on_a_text_moe_model():
+    pytest.importorskip("ipywidgets")
+    from ernie_lab.config import ErnieConfig
+    from ernie_lab.widgets import RoutingExplorer
+
+    config = ErnieConfig.from_dict(dict(model_type="ernie4_5_moe", vocab_size=103424, hidden_size=16,
+                                        intermediate_size=24, num_hidden_layers=3, num_attention_heads=2,
+                                        num_key_value_heads=1, head_dim=8, moe_num_experts=64, moe_k=6,
+                                        moe_intermediate_size=8, moe_num_shared_experts=2, moe_layer_start_index=1))
+    torch.manual_seed(0)
+    model = ernie_lab.ErnieForCausalLM(config).eval()
+    with torch.no_grad():
+        for block in ernie_lab.moe.moe_blocks(model):
+            block.gate.weight.normal_(0.0, 1.0)
+    explorer = RoutingExplorer(model, stand_in_tokenizer(), prompt="Where do these words go?", max_new_tokens=2)
+    assert explorer.view_pick.options == ("token strip", "load heatmap") and explorer.routed.image is None
+    before = explorer.snapshot()
+    explorer.layer.value = 2
+    assert explorer.snapshot() != before
+    explorer.position.value = 2
+    assert "text token" in explorer.experts.value and "layer  2: T" in explorer.experts.value
