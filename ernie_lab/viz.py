@@ -281,7 +281,8 @@ def patch_overlay(record: routing.RoutingRecord, image, grid: tuple[int, int], r
     ax.set_title(f"layer {entry.layer_idx}: {ordinal(rank)} vision expert of each image token", fontsize=10)
     used, counts = np.unique(experts, return_counts=True)
     order = np.argsort(-counts)
-    handles = [Patch(color=colours[used[i]], label=f"V{used[i]}: {counts[i]} tokens") for i in order]
+    handles = [Patch(color=colours[used[i]], label=f"V{used[i]}: {counts[i]} token{'s' if counts[i] != 1 else ''}")
+               for i in order]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="expert",
               ncol=1 if len(handles) <= 16 else 2, frameon=False)
     if confidence:

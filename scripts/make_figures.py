@@ -76,6 +76,7 @@ def routing_figures(scene_count: int = 40, saturation_steps: int = 150) -> None:
          "routing_load.png")
     save(viz.specialisation(rec, rows, labels, title="Trained tiny VL model: vision experts vs what the patch shows"),
          "routing_specialisation.png")
+    layers = [entry.layer_idx for entry in rec.layers]
     per_attribute = [routing.specialisation(rec, rows, values) for values in labels.values()]
     best = max((r for results in per_attribute for r in results), key=lambda r: r["nmi"])["layer"]  # most specialised
     save(viz.co_selection(rec, best), "routing_co_selection.png")
@@ -85,11 +86,12 @@ def routing_figures(scene_count: int = 40, saturation_steps: int = 150) -> None:
     save(viz.specialisation(rec0, rows0, labels0, title="The same architecture at initialisation"),
          "routing_specialisation_init.png")
 
-    scene = held_out[2]
+    scene = next(s for s in held_out if len(s.shapes) == 3)  # a busy picture
     routed = viz.route(model, tokenizer, scenes.DESCRIBE, scenes.render(scene))
-    save(viz.patch_overlay(routed.record, routed.image, routed.grid, routed.image_rows, layer=best),
+    deepest = layers[-1]  # where the trained model's experts track the shapes' colour most (notebook 06)
+    save(viz.patch_overlay(routed.record, routed.image, routed.grid, routed.image_rows, layer=deepest),
          "routing_patches.png")
-    save(viz.patch_overlay(routed.record, routed.image, routed.grid, routed.image_rows, layer=best, rank=1,
+    save(viz.patch_overlay(routed.record, routed.image, routed.grid, routed.image_rows, layer=deepest, rank=1,
                            confidence=False), "routing_patches_second_choice.png")
     save(viz.routing_path(routed.record, int(routed.image_rows[5]), routed.tokens), "routing_path.png")
     text = " ".join(scenes.caption(s) + "." for s in held_out[:8])
