@@ -22,8 +22,9 @@ AdamW (Adam with *decoupled* weight decay, Loshchilov & Hutter): with the averag
 
 The decay shrinks the weight directly instead of entering g (where Adam's scaling would undo it). It
 applies to the matrices of linear layers (attention, MLPs, experts, routers, the ViT), not to norm
-scales, biases or embeddings (so not to the tied LM head): shrinking a norm scale or a bias only
-shifts the function, and an embedding row of a rare token would decay during all the steps it is unseen.
+scales (they should stay near 1, decay pulls them to 0), biases, or embeddings (nor the tied LM head that
+shares them): an embedding row of a rare token would shrink during every step that does not see it.
+The MoE correction bias is not trained here (it has no gradient; aux-free balancing would update it).
 
 Data, deterministic by index. ``train_data(index, rank, world_size) -> batch`` is called for micro-batch
 ``index = step * grad_accum_steps + micro`` (step 0-based). A batch is a dict of tensors: ``input_ids``
@@ -41,9 +42,12 @@ One step over micro-batches i < A on ranks r < R. The step's gradient is that of
 
 and DDP averages gradients over ranks (divides by R), which leaves exactly d LM / d theta plus the mean
 of the routing losses over micro-batches. (Plain mean losses per rank with DDP's average are exact only
-when every micro-batch has the same n; the weights n_ri / N make uneven padding exact too.) L_orth
-depends on the router weights alone, identical on every rank: it is backpropagated once per step after
-the others, outside DDP's reduction (DDP would refuse a second gradient for a router that saw no token).
+when every micro-batch has the same n; the weights n_ri / N make uneven padding exact too.) L_bal is
+computed per micro-batch (f and P over its tokens), so it is not the combined batch's; L_z is a token
+mean and equals the combined batch's when every micro-batch has as many tokens. L_orth
+depends on the router weights alone, identical on every rank: its gradient is added once per step, after
+DDP's reduction, with torch.autograd.grad (a second backward through DDP's hooks would mark a router
+that saw no token on this rank as used, and DDP then fails the next step).
 
 Scale-out: under ``torchrun --nproc_per_node=R script.py`` (env WORLD_SIZE > 1) the Trainer joins the
 process group (nccl with CUDA, gloo on CPU), puts rank r's model on ``cuda:LOCAL_RANK`` when CUDA exists,
@@ -54,11 +58,20 @@ Checkpoints: ``out_dir/step-N/`` (N updates done) holds the model in the Hub lay
 with ``ernie_lab.load_model`` and, for text models, with transformers) and ``trainer_state.pt`` (optimizer
 state, step, RNG states, history: plain tensors and lists, read back with ``torch.load(weights_only=True)``).
 Each is written to a temporary folder and renamed. ``Trainer.resume(folder)`` (or ``resume_from``)
-continues the same curve.
+continues the same curve (RNG states are rank 0's). ``keep_last`` prunes old ones, except the steps in
+``keep_checkpoints_at`` (written even off the ``checkpoint_every`` grid: routing over training wants a few early ones).
+
+The public names: :class:`TrainConfig`, :class:`Trainer` (``fit``, ``evaluate``, ``save_checkpoint``,
+``resume``), :func:`train` (``Trainer(...).fit()`` in one call), :func:`learning_rate`,
+:func:`parameter_groups`, :func:`from_batches`, :func:`checkpoints`, :func:`latest_checkpoint`,
+:func:`leave_processes`. History entries: ``step, loss, lm_loss, [balance, balance_text, balance_vision,
+z_loss, orthogonal,] lr, grad_norm`` (before clipping), ``tokens_per_s`` (input tokens of all ranks over
+the training time since the last entry); evaluation entries ``step, eval_loss``.
 """
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import random
@@ -84,6 +97,7 @@ Batch = dict[str, torch.Tensor]
 TrainData = Callable[[int, int, int], Batch]   # (index, rank, world_size) -> batch
 EvalData = Callable[[int], Batch]              # i -> batch
 STATE_FILE = "trainer_state.pt"
+WEIGHTED = ("balance", "z_loss", "orthogonal")  # the loss terms with a weight of the same name in TrainConfig
 CHECKPOINT_PREFIX = "step-"
 
 
@@ -115,6 +129,7 @@ class TrainConfig:
     z_loss: float = 0.0                     # router z-loss weight
     orthogonal: float = 0.0                 # router orthogonal loss weight (summed over every router)
     token_balanced: bool = False            # LM = token-balanced loss instead of the token mean
+    logits_for_labels_only: bool = False    # run the LM head only where a label is (same loss, less work)
     find_unused_parameters: bool | None = None  # DDP; None: on for MoE models
     progress: bool = True                   # tqdm bar on rank 0
 
@@ -202,6 +217,10 @@ def with_labels(batch: Batch) -> Batch:
     return {**batch, "labels": labels}
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
 def target_count(labels: torch.Tensor, token_balanced: bool) -> int:
     """n of a batch: target tokens (labels[:, 1:] not ignored) or, token-balanced, samples with a target."""
     has_target = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
@@ -237,11 +256,6 @@ def routing_losses(model: nn.Module, out, batch: Batch, config: TrainConfig) -> 
     return terms
 
 
-def orthogonal_loss(model: nn.Module) -> torch.Tensor:
-    """sum over every MoE block and expert group of the router orthogonal loss."""
-    return sum(losses.router_orthogonal_loss(router.weight) for block in moe_blocks(model) for router in block.routers)
-
-
 # ================================================================================ processes
 @dataclass(frozen=True)
 class Processes:
@@ -250,7 +264,6 @@ class Processes:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    started_group: bool = False  # this Trainer called init_process_group (and so ends it in close())
 
     @property
     def is_main(self) -> bool:
@@ -264,10 +277,19 @@ def join_processes() -> Processes:
         return Processes()
     if not dist.is_available():
         raise ConfigError("WORLD_SIZE > 1 but this torch has no torch.distributed.")
-    started = not dist.is_initialized()
-    if started:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():  # joined once per process; later Trainers share the group, left at exit
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)  # before NCCL starts, so each rank talks from its own GPU
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), started)
+        atexit.register(leave_processes)
+    return Processes(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def leave_processes() -> None:
+    """Leave the process group (the end of a torchrun script; also done at exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ================================================================================ the trainer
@@ -337,40 +359,49 @@ class Trainer:
 
     def _train_step(self) -> tuple[dict, int]:
         """One update over grad_accum_steps micro-batches; returns its history entry and input tokens."""
-        c, procs, A = self.config, self.procs, self.config.grad_accum_steps
+        c, A = self.config, self.config.grad_accum_steps
         batches = [self._batch(self.step * A + i) for i in range(A)]
         counts = [target_count(b["labels"], c.token_balanced) for b in batches]
-        tokens = sum(input_tokens(b) for b in batches)
-        total, tokens = self._sum([sum(counts), tokens])
+        total, tokens = self._sum([sum(counts), sum(input_tokens(b) for b in batches)])
         if total == 0:
             raise InputError(f"step {self.step}: no batch on any rank has a target (every label is -100).")
         lr = learning_rate(self.step, c)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        logged: dict[str, float] = {}
-        for i, (batch, n) in enumerate(zip(batches, counts)):
-            with self._sync_gradients(i == A - 1):
-                lm, terms = self._forward(batch, n)
-                weighted = sum(getattr(c, name) * value for name, value in terms.items() if hasattr(c, name))
-                (lm * (procs.world_size * n / total) + weighted / A).backward()
-            lm, terms = lm.detach(), {name: value.detach() for name, value in terms.items()}
-            logged["lm_loss"] = logged.get("lm_loss", 0.0) + lm.item() * n / total      # this rank's share
-            for name, value in terms.items():
-                logged[name] = logged.get(name, 0.0) + value.item() / (A * procs.world_size)
+        record = self._accumulate_gradients(batches, counts, total)
         if c.orthogonal:
-            orth = orthogonal_loss(self.model)
-            (c.orthogonal * orth).backward()  # the same on every rank: no reduction needed
-            orth = orth.detach()
+            record["orthogonal"] = self._add_orthogonal_gradient().item()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        record = dict(zip(logged, self._sum(list(logged.values()))))  # over ranks
-        if c.orthogonal:
-            record["orthogonal"] = orth.item()
-        record["loss"] = record["lm_loss"] + sum(getattr(c, name) * record[name]
-                                                 for name in ("balance", "z_loss", "orthogonal") if name in record)
+        record["loss"] = record["lm_loss"] + sum(getattr(c, name) * record[name] for name in WEIGHTED if name in record)
         record.update(lr=lr, grad_norm=float(grad_norm))
         return record, int(tokens)
+
+    def _accumulate_gradients(self, batches: list[Batch], counts: list[int], total: float) -> dict[str, float]:
+        """Backpropagate every micro-batch with the weights of the module docstring; returns the combined
+        batch's LM loss and the mean routing losses (over micro-batches and ranks)."""
+        c, world, A = self.config, self.procs.world_size, self.config.grad_accum_steps
+        sums: dict[str, float] = {}
+        for i, (batch, n) in enumerate(zip(batches, counts)):
+            with self._sync_gradients(i == A - 1):
+                lm, terms = self._forward(batch, n)
+                routing = sum(getattr(c, name) * value for name, value in terms.items() if name in WEIGHTED)
+                (lm * (world * n / total) + routing / A).backward()
+            sums["lm_loss"] = sums.get("lm_loss", 0.0) + lm.item() * n / total  # this rank's share
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.item() / (A * world)
+        return dict(zip(sums, self._sum(list(sums.values()))))  # summed over ranks
+
+    def _add_orthogonal_gradient(self) -> torch.Tensor:
+        """Add c_orth d L_orth / d W to every router's gradient, by hand: L_orth depends on the weights
+        alone (the same on every rank), and autograd.grad leaves DDP's gradient hooks out of it."""
+        weights = [router.weight for block in moe_blocks(self.model) for router in block.routers
+                   if router.weight.requires_grad]
+        orth = sum(losses.router_orthogonal_loss(w) for w in weights)
+        for weight, grad in zip(weights, torch.autograd.grad(self.config.orthogonal * orth, weights)):
+            weight.grad = grad if weight.grad is None else weight.grad + grad
+        return orth.detach()
 
     def _forward(self, batch: Batch, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """LM loss and routing-loss terms of one micro-batch (n: its target count; 0 gives an LM of 0)."""
@@ -378,8 +409,10 @@ class Trainer:
         inputs = {key: value for key, value in batch.items() if key != "labels"}
         want_router = bool(c.balance or c.z_loss)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.autocast == "bf16"):
+            only = c.logits_for_labels_only and not c.token_balanced and n > 0
+            extra = {"logits_for_labels_only": True} if only else {}
             out = (self.ddp or self.model)(**inputs, labels=batch["labels"] if n else None,
-                                           output_router_logits=want_router)
+                                           output_router_logits=want_router, **extra)
             lm = lm_loss(out, batch["labels"], c.token_balanced) if n else out.logits.sum() * 0.0
             terms = routing_losses(self.model, out, batch, c) if want_router else {}
         return lm, terms
@@ -389,8 +422,7 @@ class Trainer:
         return self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()
 
     def _batch(self, index: int) -> Batch:
-        batch = with_labels(self.train_data(index, self.procs.rank, self.procs.world_size))
-        return {key: value.to(self.device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+        return to_device(with_labels(self.train_data(index, self.procs.rank, self.procs.world_size)), self.device)
 
     def _sum(self, values: list[float]) -> list[float]:
         """Sum numbers over ranks (the numbers themselves in one process)."""
@@ -409,9 +441,7 @@ class Trainer:
         weighted, total = 0.0, 0
         self.model.eval()
         for i in range(procs.rank, c.eval_batches, procs.world_size):
-            batch = with_labels(self.eval_data(i))
-            batch = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
-                     for key, value in batch.items()}
+            batch = to_device(with_labels(self.eval_data(i)), self.device)
             n = target_count(batch["labels"], c.token_balanced)
             if n == 0:
                 continue
@@ -483,11 +513,6 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         return self
 
-    def close(self) -> None:
-        """Leave the process group if this Trainer joined it."""
-        if self.procs.started_group and dist.is_initialized():
-            dist.destroy_process_group()
-
 
 def _as_tuple(value):
     """random.getstate() comes back from torch.load with lists where tuples were."""
@@ -513,9 +538,5 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 
 def train(model: nn.Module, train_data: TrainData, config: TrainConfig | None = None,
           eval_data: EvalData | None = None) -> list[dict]:
-    """``Trainer(...).fit()`` in one call (then leaves the process group it joined); returns the history."""
-    trainer = Trainer(model, train_data, config, eval_data)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
+    """``Trainer(model, train_data, config, eval_data).fit()`` in one call; returns the history."""
+    return Trainer(model, train_data, config, eval_data).fit()

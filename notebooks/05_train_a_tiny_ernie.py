@@ -42,7 +42,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import ernie_lab
-from ernie_lab import notebook, scenes, tiny_models, train
+from ernie_lab import exercises, notebook, scenes, tiny_models, train
 from ernie_lab.config import parse_config
 
 FAST = notebook.setup()  # the fast-mode switch: True under ERNIE_LAB_FAST=1 (CI, `make lab FAST=1`)
@@ -279,7 +279,7 @@ def answer_labels(ids: list[int], is_answer: list[bool]) -> list[int]:
     ...  # your code here
 
 
-ernie_lab.exercises.check("05.answer_labels", answer_labels) if hasattr(ernie_lab, "exercises") else None
+exercises.check("05.answer_labels", answer_labels)
 
 # %% [markdown]
 # **Exercise 2 (optional, an experiment).** Train the tiny VL model for 300 steps with `balance=0` and

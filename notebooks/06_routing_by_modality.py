@@ -15,6 +15,11 @@
 # %% [markdown]
 # # 06 · Expert routing by modality, made visible
 #
+# **What you will learn:** what modality-isolated routing is and why ERNIE 4.5 VL uses it; how to read
+# where a trained model sends each image patch and each text token; how to measure specialisation
+# honestly (against the same architecture at initialisation); when routers settle during training; how
+# to point the same pictures at a real checkpoint. **Time:** 30 min (core 20 min). **Memory:** under 2 GB.
+#
 # ERNIE 4.5 VL's feed-forward layers are mixtures of experts with **modality-isolated routing**. Every MoE
 # layer holds two *groups* of experts, each with its own router:
 #
@@ -37,7 +42,7 @@
 # image, token by token, layer by layer; how this differs from the same architecture at initialisation;
 # how routing settles during training; and an explorer to click through it. Every picture is a function
 # of a routing record (`ernie_lab.routing.record`) in `ernie_lab.viz`, and works unchanged on a real
-# ERNIE-4.5-VL-28B-A3B checkpoint (section 8). `ERNIE_LAB_FAST=1` makes the runs shorter; every check
+# ERNIE-4.5-VL-28B-A3B checkpoint (last section). `ERNIE_LAB_FAST=1` makes the runs shorter; every check
 # still runs.
 
 # %%
@@ -61,7 +66,7 @@ print(f"{model.num_parameters():,} parameters; {E} text + {E} vision experts per
       "MoE layers:", [tap.layer_idx for tap in routing.taps(model)])
 
 # %% [markdown]
-# ## 1 · One picture, patch by patch
+# ## 1 · One picture, patch by patch · core, 4 min
 #
 # A 112 x 112 scene is cut into 8 x 8 patches of 14 pixels; the adapter merges each 2 x 2 block into one
 # token, so the decoder sees a 4 x 4 grid of image tokens. `viz.route` runs the model once on a chat
@@ -130,7 +135,7 @@ for entry in rec.layers:
           f" vision experts {int(ran_vision.sum())} = {n_vision} vision tokens x {K}")
 
 # %% [markdown]
-# ## 2 · A prompt, token by token
+# ## 2 · A prompt, token by token · core, 3 min
 #
 # The text side of the same model: a longer prompt (the captions of a few scenes), every token coloured
 # by its top-1 text expert, one band per MoE layer. Numbers name the expert, so the strip reads in grey too.
@@ -154,7 +159,7 @@ word = int(text_routed.text_rows[min(12, len(text_routed.text_rows) - 1)])
 viz.routing_path(text_routed.record, word, text_routed.tokens)
 
 # %% [markdown]
-# ## 3 · Load, co-selection and confidence
+# ## 3 · Load, co-selection and confidence · core, 3 min
 #
 # Tokens per expert in every layer, the text and vision groups on separate axes (they are different
 # experts: T3 and V3 share nothing but a number). The bars under each heatmap are each expert's total.
@@ -174,7 +179,7 @@ display(viz.co_selection(rec, layers[-1]))
 viz.confidence_by_layer(rec)
 
 # %% [markdown]
-# ## 4 · Specialisation: does an expert mean something?
+# ## 4 · Specialisation: does an expert mean something? · core, 6 min
 #
 # Each image token gets the attributes of what lies under it: the colour and kind of the shape in its
 # cell (or "background") and the scene's background colour. If the top-1 expert depended on nothing,
@@ -236,7 +241,7 @@ viz.specialisation(text_rec, text_rows, {"word class": classes}, group=TEXT,
                    title="Trained: text experts vs word class")
 
 # %% [markdown]
-# ## 5 · Routing over training: when do the routers settle?
+# ## 5 · Routing over training: when do the routers settle? · optional, 5 min
 #
 # OLMoE's analysis asks how early each layer's top-k choices match the final model's ("router
 # saturation"). A short retraining of the same recipe keeps checkpoints at a few steps
@@ -272,7 +277,7 @@ print("vision top-k overlap with the final checkpoint (rows: steps, columns: MoE
 print(agreement)
 
 # %% [markdown]
-# ## 6 · The explorer
+# ## 6 · The explorer · core, 4 min
 #
 # `ernie_lab.widgets.RoutingExplorer` puts the pictures above behind controls: a bundled scene or
 # photograph (or an upload), a prompt, the layer, the group, the top-k rank and the view; the position
@@ -288,7 +293,7 @@ display(Image(explorer.snapshot()))  # static picture: what the explorer shows n
 explorer
 
 # %% [markdown]
-# ## 7 · What we saw
+# ## Key takeaways
 #
 # * Text tokens went only to text experts and vision tokens (placeholders and their markers) only to
 #   vision experts, and each group's load adds up to its tokens times k: the isolation is exact.
@@ -297,7 +302,7 @@ explorer
 #   for the background; training with the balancing loss spreads that load, and moves specialisation on
 #   the shapes' colour into the deepest MoE layer, where the trained model beats its initialisation.
 #
-# ## 8 · Pointing it at a real checkpoint
+# ## Pointing it at a real checkpoint · optional, 5 min
 #
 # Everything here takes any ERNIE 4.5 VL (or text-MoE) model that `ernie_lab.load_model` loads. On a
 # machine with the weights in its Hugging Face cache (about 58 GB in bf16 for VL-28B-A3B; the pictures
@@ -315,3 +320,7 @@ explorer
 # With 64 experts per group the pictures switch to sparser tick labels and write the expert only where
 # it fits; `token_strip` shows 8 of the 28 layers unless given `layers=[...]`. The test suite draws
 # every picture on a random 64-expert checkpoint that `transformers` saved, and on a 28-layer record.
+#
+# **What comes next:** notebook **07** makes the weights smaller (weight-only quantization); the routing
+# pictures here are a quick way to see whether a quantized MoE still routes as the original does
+# (`routing.agreement` of the two records).
