@@ -11,6 +11,11 @@ batch-major (row b's tokens, then row b+1's). A generation therefore records the
 first, then B tokens per decoding step. Left-padding positions are routed like any token and are
 recorded too. Expert ids are numbered inside their group (0..E-1); ``modality`` says which group
 (0 = text, 1 = vision), so a vision-language block records its two groups in one layer entry.
+
+The second half of the module holds the numbers the pictures of ``ernie_lab.viz`` show, as pure
+functions of a record: choices per layer, one token's path, co-selection, router entropy and top-1
+weight, loads split by a token attribute with their normalised mutual information, and the agreement
+of two records' choices (router saturation over training).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import InputError
 from .special_tokens import TEXT, VISION  # modality codes: the two expert groups
 
 
@@ -134,3 +140,143 @@ def record(model: torch.nn.Module):
     finally:
         for tap, entry in zip(model_taps, rec.layers):
             tap.listeners[:] = [listener for listener in tap.listeners if listener is not entry]
+
+
+# ================================================================ the numbers behind the pictures
+# Pure functions of a record (tensors in, tensors or lists out); ernie_lab.viz draws them.
+# Expert ids are numbered inside their group; a VL model's text experts are T0..T(E-1), its vision
+# experts V0..V(E-1): the two groups are different modules and are never put on one axis.
+GROUP_LETTER = {TEXT: "T", VISION: "V"}
+
+
+def expert_labels(num_experts: int, modality: int = TEXT) -> list[str]:
+    """['T0', 'T1', ...] for the text group, ['V0', ...] for the vision group."""
+    return [f"{GROUP_LETTER[modality]}{e}" for e in range(num_experts)]
+
+
+def modality_rows(entry: LayerRouting, modality: int) -> torch.Tensor:
+    """(n,) long: the recorded rows routed in the group of ``modality``."""
+    return (entry.modality == modality).nonzero().squeeze(1)
+
+
+def routed_modalities(record: RoutingRecord) -> list[int]:
+    """The groups that routed at least one recorded token: [TEXT], [VISION] or [TEXT, VISION]."""
+    if not record.layers:
+        return []
+    present = set(record.layers[0].modality.unique().tolist())
+    return [m for m in (TEXT, VISION) if m in present]
+
+
+def choices(record: RoutingRecord, rows: torch.Tensor, rank: int = 0) -> torch.Tensor:
+    """(num MoE layers, len(rows)) long: the ``rank``-th expert (0 = top-1) each of ``rows`` chose, per layer."""
+    if not record.layers:
+        return torch.zeros(0, len(rows), dtype=torch.long)
+    k = record.layers[0].expert_ids.shape[1]
+    if not 0 <= rank < k:
+        raise InputError(f"rank must be from 0 (the top choice) to k - 1 = {k - 1}, got {rank}.")
+    return torch.stack([entry.expert_ids[rows, rank] for entry in record.layers])
+
+
+def path(record: RoutingRecord, row: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One token's route through the depth: (L, k) expert ids, (L, k) weights, and its group."""
+    ids = torch.stack([entry.expert_ids[row] for entry in record.layers])    # (L, k)
+    weights = torch.stack([entry.weights[row] for entry in record.layers])   # (L, k)
+    return ids, weights, int(record.layers[0].modality[row])
+
+
+def co_selection(entry: LayerRouting, modality: int | None = None) -> torch.Tensor:
+    """(E, E) long: how many tokens chose experts i and j together (diagonal: tokens that chose i)."""
+    ids = entry.expert_ids if modality is None else entry.expert_ids[entry.modality == modality]
+    picked = torch.zeros(ids.shape[0], entry.num_experts, dtype=torch.long)  # (n, E) one-hot of the k choices
+    picked.scatter_(1, ids, 1)
+    return picked.T @ picked
+
+
+def entropy(entry: LayerRouting, modality: int | None = None) -> torch.Tensor:
+    """(n,) entropy of each token's router distribution over its group's E experts, in nats (max log E)."""
+    probs = entry.probs if modality is None else entry.probs[entry.modality == modality]
+    return -(probs * probs.clamp(min=1e-30).log()).sum(-1)
+
+
+def top1_weight(entry: LayerRouting, modality: int | None = None) -> torch.Tensor:
+    """(n,) the mixing weight of each token's first expert: the router's confidence (1/k: undecided)."""
+    weights = entry.weights if modality is None else entry.weights[entry.modality == modality]
+    return weights[:, 0]
+
+
+def per_layer(record: RoutingRecord, statistic, modality: int | None = None) -> torch.Tensor:
+    """(L,) the mean of ``statistic(entry, modality)`` (entropy, top1_weight) in every MoE layer (nan if no token)."""
+    means = []
+    for entry in record.layers:
+        values = statistic(entry, modality)
+        means.append(values.mean() if values.numel() else torch.tensor(float("nan")))
+    return torch.stack(means) if means else torch.zeros(0)
+
+
+def load_by_label(picks: torch.Tensor, labels: list, num_experts: int) -> tuple[list, torch.Tensor]:
+    """Split one layer's load by a token attribute: (sorted label names, (len(names), E) token counts).
+
+    ``picks`` (n,) expert ids, ``labels`` n labels (a colour, a word class, ...) of the same tokens.
+    """
+    if len(labels) != len(picks):
+        raise InputError(f"give one label per routed token: {len(labels)} labels for {len(picks)} tokens.")
+    names = sorted(set(labels))
+    index = torch.tensor([names.index(label) for label in labels], dtype=torch.long)
+    table = torch.zeros(len(names), num_experts, dtype=torch.long)
+    table.index_put_((index, picks.long()), torch.ones(len(picks), dtype=torch.long), accumulate=True)
+    return names, table
+
+
+def mutual_information(table: torch.Tensor) -> float:
+    """NMI = 2 I(A; B) / (H(A) + H(B)) of a (labels, experts) count table: 0 independent, 1 one decides the other."""
+    joint = table.double() / table.sum().clamp(min=1)
+    pa, pb = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
+    nonzero = joint > 0
+    mi = (joint[nonzero] * (joint[nonzero] / (pa @ pb)[nonzero]).log()).sum()
+    h = lambda p: -(p[p > 0] * p[p > 0].log()).sum()  # noqa: E731
+    denominator = h(pa) + h(pb)
+    return float(2 * mi / denominator) if denominator > 0 else 0.0
+
+
+def specialisation(record: RoutingRecord, rows: torch.Tensor, labels: list, rank: int = 0) -> list[dict]:
+    """Per MoE layer: {"layer", "names", "table" (labels, E) counts, "nmi"} of ``rows``' ``rank``-th choices
+    split by their ``labels`` (one per row)."""
+    out = []
+    for entry, picks in zip(record.layers, choices(record, rows, rank)):
+        names, table = load_by_label(picks, labels, entry.num_experts)
+        out.append({"layer": entry.layer_idx, "names": names, "table": table, "nmi": mutual_information(table)})
+    return out
+
+
+def word_class(piece: str) -> str:
+    """A text token's simple class: 'punctuation', 'digits', 'words', or 'other' (markers, spaces)."""
+    text = piece.replace("\u2581", "").strip()  # SentencePiece writes a leading space as U+2581
+    if not text or (text.startswith("<") and text.endswith(">")):
+        return "other"
+    if text.isdigit():
+        return "digits"
+    if all(not ch.isalnum() for ch in text):
+        return "punctuation"
+    return "words"
+
+
+def agreement(entry: LayerRouting, final: LayerRouting, modality: int | None = None) -> float:
+    """Mean share of each token's k experts that ``final`` also chose for it (same tokens; 1: identical)."""
+    if entry.expert_ids.shape != final.expert_ids.shape:
+        raise InputError(f"the two records hold different tokens ({tuple(entry.expert_ids.shape)} vs "
+                         f"{tuple(final.expert_ids.shape)}): record the same inputs with both models.")
+    rows = slice(None) if modality is None else entry.modality == modality
+    a, b = entry.expert_ids[rows], final.expert_ids[rows]             # (n, k) each
+    if a.numel() == 0:
+        return float("nan")
+    shared = (a[:, :, None] == b[:, None, :]).any(-1).sum(-1)          # (n,) experts in both top-k sets
+    return float(shared.float().mean() / a.shape[1])
+
+
+def saturation(step_records: list[tuple[int, RoutingRecord]], final: RoutingRecord,
+               modality: int | None = None) -> tuple[list[int], torch.Tensor]:
+    """Router saturation (as in OLMoE's analysis): (steps, (S, L) agreement of each step's top-k with the final's)."""
+    steps = [step for step, _ in step_records]
+    table = torch.tensor([[agreement(entry, last, modality) for entry, last in zip(rec.layers, final.layers)]
+                          for _, rec in step_records])
+    return steps, table

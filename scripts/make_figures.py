@@ -5,8 +5,15 @@ the KV cache, LoRA, weight-only quantization, the course map, and the family cha
 and arrows drawn with matplotlib at a size that stays legible when projected (text >= 12 pt at 100 dpi
 on a 12-inch-wide figure). The family chart's numbers come from `ernie_lab.family`, the one source.
 
+The routing pictures (`routing`, `routing_saturation`) come from the shipped tiny VL model,
+data/tiny-ernie-vl/, on held-out scenes (ernie_lab.viz draws them). Router saturation needs checkpoints
+from *during* training, which the kit does not ship (size): the same recipe is retrained briefly from
+the same initialisation, keeping checkpoints at a few steps (``TrainConfig(keep_checkpoints_at=...)``),
+and each checkpoint's top-k choices are compared with that run's last one.
+
     python scripts/make_figures.py            # all of them
     python scripts/make_figures.py moe_layer  # one
+    python scripts/make_figures.py routing_saturation --saturation-steps 40   # a shorter retraining
 """
 
 from __future__ import annotations
@@ -263,12 +270,111 @@ def family_chart():
     return save(fig, "ernie45_family.png")
 
 
-ALL = [decoder_layer, moe_layer, vl_pipeline, positions_3d, kv_cache, lora, quantization, course_map, family_chart]
+def save_figure(fig, name: str) -> Path:
+    """Save a matplotlib.figure.Figure made by ernie_lab.viz (it keeps its own constrained layout)."""
+    path = FIGURES / name
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def tiny_vl():
+    import ernie_lab
+
+    folder = ROOT / "data" / "tiny-ernie-vl"
+    return ernie_lab.load_model(folder).eval(), ernie_lab.load_tokenizer(folder)
+
+
+SCENES = 40             # held-out scenes routed for the load and specialisation pictures
+SATURATION_STEPS = 150  # steps of the retraining behind routing_saturation.png
+
+
+def routing() -> list[Path]:
+    """Every routing picture of ernie_lab.viz except saturation, on the shipped tiny VL model."""
+    import torch
+
+    from ernie_lab import architectures, routing as records, scenes, tiny_models, viz
+    from ernie_lab.special_tokens import TEXT
+
+    torch.manual_seed(0)
+    model, tokenizer = tiny_vl()
+    held_out = tiny_models.held_out_scenes(SCENES)
+    rec, rows, labels = viz.route_scenes(model, tokenizer, held_out)
+    layers = [entry.layer_idx for entry in rec.layers]
+    per_attribute = [records.specialisation(rec, rows, values) for values in labels.values()]
+    best = max((r for results in per_attribute for r in results), key=lambda r: r["nmi"])["layer"]  # most specialised
+    untrained = architectures.build(model.config).init_weights(std=0.02, seed=0).eval()
+    rec0, rows0, labels0 = viz.route_scenes(untrained, tokenizer, held_out)
+
+    scene = next(s for s in held_out if len(s.shapes) == 3)  # a busy picture
+    routed = viz.route(model, tokenizer, scenes.DESCRIBE, scenes.render(scene))
+    deepest = layers[-1]  # where the trained model's experts track the shapes' colour most (notebook 06)
+    text_routed = viz.route(model, tokenizer, " ".join(scenes.caption(s) + "." for s in held_out[:8]))
+    texts = [scenes.caption(s) + "." for s in held_out] + ["There are 3 shapes: 1 circle, 2 squares; 0 triangles!"]
+    text_rec, text_rows, classes = viz.route_texts(model, tokenizer, texts)
+    pictures = {
+        "routing_load.png": viz.load_heatmap(rec, title=f"Expert load of the tiny VL model on {SCENES} held-out scenes"),
+        "routing_specialisation.png": viz.specialisation(
+            rec, rows, labels, title="Trained tiny VL model: vision experts vs what the patch shows"),
+        "routing_specialisation_init.png": viz.specialisation(
+            rec0, rows0, labels0, title="The same architecture at initialisation"),
+        "routing_co_selection.png": viz.co_selection(rec, best),
+        "routing_confidence.png": viz.confidence_by_layer(rec),
+        "routing_patches.png": viz.patch_overlay(routed.record, routed.image, routed.grid, routed.image_rows,
+                                                 layer=deepest),
+        "routing_patches_second_choice.png": viz.patch_overlay(routed.record, routed.image, routed.grid,
+                                                               routed.image_rows, layer=deepest, rank=1,
+                                                               confidence=False),
+        "routing_path.png": viz.routing_path(routed.record, int(routed.image_rows[5]), routed.tokens),
+        "routing_tokens.png": viz.token_strip(text_routed.record, text_routed.tokens, text_routed.text_rows),
+        "routing_text_specialisation.png": viz.specialisation(
+            text_rec, text_rows, {"word class": classes}, group=TEXT,
+            title="Trained tiny VL model: text experts vs word class"),
+    }
+    return [save_figure(fig, name) for name, fig in pictures.items()]
+
+
+def routing_saturation() -> Path:
+    """Retrain the tiny VL recipe for SATURATION_STEPS steps, keeping checkpoints; draw router saturation."""
+    import copy
+    import tempfile
+
+    from ernie_lab import architectures, scenes, tiny_models, viz
+    from ernie_lab.chat import render_prompt
+    from ernie_lab.train import TrainConfig, Trainer, checkpoints
+
+    steps = SATURATION_STEPS
+    shipped, tokenizer = tiny_vl()
+    model = architectures.build(shipped.config).init_weights(std=0.02, seed=0)
+    at_zero = copy.deepcopy(model).eval()
+    keep = tuple(sorted({max(1, round(steps * f)) for f in (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)}))
+    with tempfile.TemporaryDirectory(prefix="saturation-") as run_dir:
+        config = TrainConfig(lr=2e-3, min_lr_ratio=0.1, warmup_steps=max(steps // 15, 1), max_steps=steps,
+                             weight_decay=0.01, seed=0, keep_checkpoints_at=keep, out_dir=run_dir,
+                             log_every=max(steps // 10, 1), balance=0.01, z_loss=1e-3, orthogonal=1e-3)
+        Trainer(model, tiny_models.vl_batches(tokenizer, shipped.config, 16), config).fit()
+        probe = [render_prompt(at_zero, tokenizer, viz.messages_for(scenes.DESCRIBE, scenes.render(s)))
+                 for s in tiny_models.held_out_scenes(8)]
+        over_time = viz.records_over_training([(0, at_zero)] + checkpoints(run_dir), probe)
+    fig = viz.saturation(over_time, over_time[-1][1])
+    fig.suptitle(f"Router saturation of the tiny VL recipe, retrained for {steps} steps")
+    return save_figure(fig, "routing_saturation.png")
+
+
+ALL = [decoder_layer, moe_layer, vl_pipeline, positions_3d, kv_cache, lora, quantization, course_map, family_chart,
+       routing, routing_saturation]
 
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help=f"figures to draw (default: all): {[d.__name__ for d in ALL]}")
+    parser.add_argument("--saturation-steps", type=int, default=SATURATION_STEPS)
+    args = parser.parse_args()
+    SATURATION_STEPS = args.saturation_steps
     FIGURES.mkdir(exist_ok=True)
-    wanted = sys.argv[1:]
     for draw in ALL:
-        if not wanted or draw.__name__ in wanted:
-            print("wrote", draw().relative_to(ROOT))
+        if not args.names or draw.__name__ in args.names:
+            made = draw()
+            for path in made if isinstance(made, list) else [made]:
+                print("wrote", path.relative_to(ROOT))

@@ -1,0 +1,326 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 · Expert routing by modality, made visible
+#
+# **What you will learn:** what modality-isolated routing is and why ERNIE 4.5 VL uses it; how to read
+# where a trained model sends each image patch and each text token; how to measure specialisation
+# honestly (against the same architecture at initialisation); when routers settle during training; how
+# to point the same pictures at a real checkpoint. **Time:** 30 min (core 20 min). **Memory:** under 2 GB.
+#
+# ERNIE 4.5 VL's feed-forward layers are mixtures of experts with **modality-isolated routing**. Every MoE
+# layer holds two *groups* of experts, each with its own router:
+#
+# * **text experts** T0..T63 (width 1536 in VL-28B-A3B): a text token is routed by the text router, among
+#   these only;
+# * **vision experts** V0..V63 (width 512): an image or video token (and the start/end marker around a
+#   picture) is routed by the vision router, among these only;
+# * shared experts see every token.
+#
+# Why separate them? Text and image tokens are very different inputs. In one shared pool they would
+# compete for the same experts and the same load-balancing budget: a picture of 1,000 tokens would push
+# text tokens off "their" experts, and the balancing loss would trade one modality against the other.
+# Isolated groups give each modality its own experts, its own balancing (the load-balancing loss is taken
+# per group) and its own width: vision experts are a third as wide, so an image token costs less. The
+# two groups still share attention, the shared experts and the residual stream, so text and pictures
+# still talk to each other.
+#
+# This notebook draws where the kit's **trained tiny VL model** (`data/tiny-ernie-vl/`: 8 text + 8 vision
+# experts, top-2, 3 MoE layers, trained on synthetic scenes) sends every patch and every token: image by
+# image, token by token, layer by layer; how this differs from the same architecture at initialisation;
+# how routing settles during training; and an explorer to click through it. Every picture is a function
+# of a routing record (`ernie_lab.routing.record`) in `ernie_lab.viz`, and works unchanged on a real
+# ERNIE-4.5-VL-28B-A3B checkpoint (last section). `ERNIE_LAB_FAST=1` makes the runs shorter; every check
+# still runs.
+
+# %%
+# %matplotlib inline
+import torch
+from IPython.display import Image, display
+
+import ernie_lab
+from ernie_lab import architectures, routing, scenes, tiny_models, viz
+from ernie_lab.moe import moe_blocks
+from ernie_lab.notebook import repo_path, setup
+from ernie_lab.special_tokens import TEXT, VISION
+
+FAST = setup()
+FOLDER = repo_path("data", "tiny-ernie-vl")
+model = ernie_lab.load_model(FOLDER).eval()
+tokenizer = ernie_lab.load_tokenizer(FOLDER)
+text = model.config.get_text_config()
+E, K = text.moe_num_experts, text.moe_k
+print(f"{model.num_parameters():,} parameters; {E} text + {E} vision experts per MoE layer, top-{K};",
+      "MoE layers:", [tap.layer_idx for tap in routing.taps(model)])
+
+# %% [markdown]
+# ## 1 · One picture, patch by patch · core, 4 min
+#
+# A 112 x 112 scene is cut into 8 x 8 patches of 14 pixels; the adapter merges each 2 x 2 block into one
+# token, so the decoder sees a 4 x 4 grid of image tokens. `viz.route` runs the model once on a chat
+# prompt with the picture and keeps the record. Left: each image token coloured by its top-1 vision
+# expert in one layer, with the expert written in the cell and the counts in the legend. Right: the
+# router's confidence, the weight of that first expert (with k = 2, 0.5 means "undecided").
+
+# %%
+scene = tiny_models.held_out_scenes(3)[2]
+picture = scenes.render(scene)
+routed = viz.route(model, tokenizer, scenes.DESCRIBE, picture)
+print(scenes.caption(scene))
+print("prompt:", len(routed.input_ids), "tokens;", len(routed.image_rows), "image tokens on a grid of", routed.grid)
+layers = [entry.layer_idx for entry in routed.record.layers]
+for layer in layers:
+    display(viz.patch_overlay(routed.record, routed.image, routed.grid, routed.image_rows, layer=layer))
+
+# %% [markdown]
+# The second choice of each token (top-k rank 1) is a different expert by construction; where the first
+# choice is confident, the second carries little weight.
+
+# %%
+viz.patch_overlay(routed.record, routed.image, routed.grid, routed.image_rows, layer=layers[-1], rank=1,
+                  confidence=False)
+
+# %% [markdown]
+# ### Check: the two groups never mix
+#
+# The record says which group routed each row; here we check it against what actually ran. A forward
+# hook on every expert module counts the rows it received: text experts must receive exactly the text
+# tokens' choices, vision experts exactly the vision tokens' (the placeholders and the two markers), and
+# the loads of each group must add up to its tokens times k.
+
+# %%
+from ernie_lab.chat import render_prompt
+
+seen = {}  # (layer, group, expert) -> rows the expert module received
+
+
+def count_rows(key):
+    def hook(module, args, output):
+        seen[key] = seen.get(key, 0) + args[0].shape[0]
+    return hook
+
+
+hooks = [expert.register_forward_hook(count_rows((block.routing_tap.layer_idx, *divmod(n, block.num_experts))))
+         for block in moe_blocks(model) for n, expert in enumerate(block.experts)]  # group 0's experts first
+inputs = render_prompt(model, tokenizer, viz.messages_for(scenes.DESCRIBE, picture))
+with torch.no_grad(), routing.record(model) as rec:
+    model(**inputs)
+for hook in hooks:
+    hook.remove()
+
+vision_ids = {model.config.image_token_id, *(tokenizer.special_tokens[t] for t in ("<|IMAGE_START|>", "<|IMAGE_END|>"))}
+is_vision = torch.tensor([int(i) in vision_ids for i in inputs["input_ids"][0]])
+n_text, n_vision = int((~is_vision).sum()), int(is_vision.sum())
+for entry in rec.layers:
+    l = entry.layer_idx
+    assert torch.equal(entry.modality.bool(), is_vision), "a token was routed in the wrong group"
+    ran_text = torch.tensor([seen.get((l, TEXT, e), 0) for e in range(E)])
+    ran_vision = torch.tensor([seen.get((l, VISION, e), 0) for e in range(E)])
+    assert torch.equal(ran_text, entry.load(TEXT)) and torch.equal(ran_vision, entry.load(VISION))
+    assert int(ran_text.sum()) == n_text * K, "text experts received something besides the text tokens' choices"
+    assert int(ran_vision.sum()) == n_vision * K, "vision experts received something besides the vision tokens' choices"
+    print(f"layer {l}: text experts ran {int(ran_text.sum())} rows = {n_text} text tokens x {K};"
+          f" vision experts {int(ran_vision.sum())} = {n_vision} vision tokens x {K}")
+
+# %% [markdown]
+# ## 2 · A prompt, token by token · core, 3 min
+#
+# The text side of the same model: a longer prompt (the captions of a few scenes), every token coloured
+# by its top-1 text expert, one band per MoE layer. Numbers name the expert, so the strip reads in grey too.
+
+# %%
+long_text = " ".join(scenes.caption(s) + "." for s in tiny_models.held_out_scenes(6 if FAST else 10))
+text_routed = viz.route(model, tokenizer, long_text)
+print(len(text_routed.text_rows), "text tokens")
+viz.token_strip(text_routed.record, text_routed.tokens, text_routed.text_rows)
+
+# %% [markdown]
+# ### One token's route through the layers
+#
+# A patch and a word, followed through the depth: the k experts of every layer, dot size = mixing weight.
+
+# %%
+patch = int(routed.image_rows[5])
+display(viz.routing_path(routed.record, patch, routed.tokens))
+print(viz.path_table(routed.record, patch))
+word = int(text_routed.text_rows[min(12, len(text_routed.text_rows) - 1)])
+viz.routing_path(text_routed.record, word, text_routed.tokens)
+
+# %% [markdown]
+# ## 3 · Load, co-selection and confidence · core, 3 min
+#
+# Tokens per expert in every layer, the text and vision groups on separate axes (they are different
+# experts: T3 and V3 share nothing but a number). The bars under each heatmap are each expert's total.
+
+# %%
+scene_list = tiny_models.held_out_scenes(24 if FAST else 60)
+rec, image_rows, labels = viz.route_scenes(model, tokenizer, scene_list)
+display(viz.load_heatmap(rec, title=f"Expert load on {len(scene_list)} held-out scenes (caption prompts)"))
+routed_tokens = rec.layers[0].num_tokens
+for group in (TEXT, VISION):
+    tokens_in_group = int((rec.layers[0].modality == group).sum())
+    assert (rec.load(group).sum(1) == tokens_in_group * K).all()  # every token picked exactly k experts
+print("loads sum to routed tokens x k in every layer and group:", routed_tokens, "tokens")
+
+# %%
+display(viz.co_selection(rec, layers[-1]))
+viz.confidence_by_layer(rec)
+
+# %% [markdown]
+# ## 4 · Specialisation: does an expert mean something? · core, 6 min
+#
+# Each image token gets the attributes of what lies under it: the colour and kind of the shape in its
+# cell (or "background") and the scene's background colour. If the top-1 expert depended on nothing,
+# each attribute's tokens would spread over the experts as all tokens do, and the normalised mutual
+# information (NMI) between expert and attribute would be 0; 1 would mean the expert names the attribute.
+# Right: the layer that specialises most, its tokens per expert split by the attribute, with the counts.
+
+# %%
+trained_fig = viz.specialisation(rec, image_rows, labels, title="Trained: vision experts vs what the patch shows")
+trained_fig
+
+# %% [markdown]
+# ### The same architecture at initialisation
+#
+# The same shapes with freshly drawn weights (the recipe's initialisation, N(0, 0.02)). Routing at
+# initialisation is far from uniform: a random router is a fixed random function of the token's
+# features, and a patch's features at initialisation are little more than its pixels, so tokens of the
+# same colour land on the same expert. That gives a *high* NMI with the background colour before any
+# training, higher than the trained model's: the balancing loss spreads tokens over more experts.
+# Specialisation in the useful sense is on what the model must answer about, the shapes, and deep in
+# the network: among the tokens that show a shape, how much does the deepest MoE layer's expert say
+# about the shape's colour?
+
+# %%
+untrained = architectures.build(model.config).init_weights(std=0.02, seed=0).eval()
+rec0, rows0, labels0 = viz.route_scenes(untrained, tokenizer, scene_list)
+display(viz.specialisation(rec0, rows0, labels0, title="At initialisation: the same measurement"))
+
+
+def nmi_per_layer(record, rows, values):
+    return [round(r["nmi"], 3) for r in routing.specialisation(record, rows, values)]
+
+
+def on_shapes(rows, labels, attribute):
+    """The rows of tokens that show a shape, and their ``attribute``."""
+    keep = [c != "background" for c in labels["colour"]]
+    return rows[torch.tensor(keep)], [v for v, k in zip(labels[attribute], keep) if k]
+
+
+print("NMI per MoE layer", layers)
+for attribute in labels:
+    print(f"  {attribute:12s} all tokens     trained {nmi_per_layer(rec, image_rows, labels[attribute])}"
+          f"   initialisation {nmi_per_layer(rec0, rows0, labels0[attribute])}")
+for attribute in ("colour", "kind"):
+    print(f"  {attribute:12s} shape tokens   trained {nmi_per_layer(rec, *on_shapes(image_rows, labels, attribute))}"
+          f"   initialisation {nmi_per_layer(rec0, *on_shapes(rows0, labels0, attribute))}")
+trained_deep = nmi_per_layer(rec, *on_shapes(image_rows, labels, "colour"))[-1]
+untrained_deep = nmi_per_layer(rec0, *on_shapes(rows0, labels0, "colour"))[-1]
+assert trained_deep > untrained_deep, "after training, the deepest layer's experts should track the shapes' colour more"
+print(f"deepest MoE layer, shape tokens, NMI(expert; colour): trained {trained_deep} > initialisation {untrained_deep}")
+
+# %% [markdown]
+# The text group, by a simple word class (words, digits, punctuation, other):
+
+# %%
+texts = [scenes.caption(s) + "." for s in scene_list] + ["There are 3 shapes: 1 circle, 2 squares; 0 triangles!"]
+text_rec, text_rows, classes = viz.route_texts(model, tokenizer, texts)
+viz.specialisation(text_rec, text_rows, {"word class": classes}, group=TEXT,
+                   title="Trained: text experts vs word class")
+
+# %% [markdown]
+# ## 5 · Routing over training: when do the routers settle? · optional, 5 min
+#
+# OLMoE's analysis asks how early each layer's top-k choices match the final model's ("router
+# saturation"). A short retraining of the same recipe keeps checkpoints at a few steps
+# (`TrainConfig(keep_checkpoints_at=...)`); every checkpoint routes the same held-out scenes, and we
+# count the share of each token's k experts that the last checkpoint also chose. Chance is k / E.
+# (`make figures` draws this for a longer run into `figures/routing_saturation.png`.)
+
+# %%
+import copy
+import tempfile
+
+from ernie_lab.train import TrainConfig, Trainer, checkpoints
+
+steps = 8 if FAST else 120
+keep = tuple(sorted({steps // 6, steps // 3, steps // 2, steps}))
+start = architectures.build(model.config).init_weights(std=0.02, seed=0)
+at_zero = copy.deepcopy(start).eval()                      # step 0: the initialisation itself
+run_dir = tempfile.mkdtemp(prefix="routing-run-")
+data = tiny_models.vl_batches(tokenizer, start.config, batch_size=4 if FAST else 16)
+config = TrainConfig(lr=2e-3, max_steps=steps, warmup_steps=max(steps // 10, 1), out_dir=run_dir,
+                     keep_checkpoints_at=keep, log_every=max(steps // 4, 1), balance=0.01, progress=False)
+Trainer(start, data, config).fit()
+kept = [(0, at_zero)] + checkpoints(run_dir)             # (step, model or step-N folder)
+probe = [render_prompt(model, tokenizer, viz.messages_for(scenes.DESCRIBE, scenes.render(s))) for s in scene_list[:6]]
+over_time = viz.records_over_training(kept, probe)
+print("checkpoints at steps", [step for step, _ in over_time])
+viz.saturation(over_time, over_time[-1][1])
+
+# %%
+steps_seen, agreement = routing.saturation(over_time, over_time[-1][1], VISION)
+assert torch.allclose(agreement[-1], torch.ones(len(layers)))  # the final model agrees with itself
+print("vision top-k overlap with the final checkpoint (rows: steps, columns: MoE layers):")
+print(agreement)
+
+# %% [markdown]
+# ## 6 · The explorer · core, 4 min
+#
+# `ernie_lab.widgets.RoutingExplorer` puts the pictures above behind controls: a bundled scene or
+# photograph (or an upload), a prompt, the layer, the group, the top-k rank and the view; the position
+# slider selects one image token (modality "vision") or text token ("text") and lists its experts and
+# weights in every layer; the model's answer to the prompt is shown above the picture. A static picture
+# comes first, so the notebook shows the routing where widgets do not render (GitHub, nbviewer).
+
+# %%
+from ernie_lab.widgets import RoutingExplorer
+
+explorer = RoutingExplorer(model, tokenizer)
+display(Image(explorer.snapshot()))  # static picture: what the explorer shows now
+explorer
+
+# %% [markdown]
+# ## Key takeaways
+#
+# * Text tokens went only to text experts and vision tokens (placeholders and their markers) only to
+#   vision experts, and each group's load adds up to its tokens times k: the isolation is exact.
+# * Image tokens pick their vision expert by what they show, and the counts say by how much. At
+#   initialisation this is already so for raw colour (a random router hashes the pixels), most of all
+#   for the background; training with the balancing loss spreads that load, and moves specialisation on
+#   the shapes' colour into the deepest MoE layer, where the trained model beats its initialisation.
+#
+# ## Pointing it at a real checkpoint · optional, 5 min
+#
+# Everything here takes any ERNIE 4.5 VL (or text-MoE) model that `ernie_lab.load_model` loads. On a
+# machine with the weights in its Hugging Face cache (about 58 GB in bf16 for VL-28B-A3B; the pictures
+# need one forward pass, no gradients):
+#
+# ```python
+# model = ernie_lab.load_model("baidu/ERNIE-4.5-VL-28B-A-PT", dtype=torch.bfloat16)  # or a local folder
+# tokenizer = ernie_lab.load_tokenizer("baidu/ERNIE-4.5-VL-28B-A-PT")
+# routed = viz.route(model, tokenizer, "Describe the picture.", scenes.photos(["astronaut"])[0].image)
+# viz.load_heatmap(routed.record)          # 64 text + 64 vision experts, 28 layers
+# viz.patch_overlay(routed.record, routed.image, routed.grid, routed.image_rows, layer=10)
+# RoutingExplorer(model, tokenizer, image_size=448)
+# ```
+#
+# With 64 experts per group the pictures switch to sparser tick labels and write the expert only where
+# it fits; `token_strip` shows 8 of the 28 layers unless given `layers=[...]`. The test suite draws
+# every picture on a random 64-expert checkpoint that `transformers` saved, and on a 28-layer record.
+#
+# **What comes next:** notebook **07** makes the weights smaller (weight-only quantization); the routing
+# pictures here are a quick way to see whether a quantized MoE still routes as the original does
+# (`routing.agreement` of the two records).
