@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import ernie_lab
-from ernie_lab import architectures, family, quant
+from ernie_lab import architectures, exercises, family, quant
 from ernie_lab.config import ErnieConfig
 from ernie_lab.notebook import repo_path, setup
 from ernie_lab.quant import formats
@@ -228,21 +228,10 @@ else:
 
 # %%
 def most_sensitive_layer(model, ids):
-    return None  # your code here
+    ...  # your code here
 
 
-# %%
-sens_model = architectures.build(ErnieConfig(num_hidden_layers=2, hidden_size=128, intermediate_size=256,
-                                             vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
-                                             head_dim=32)).eval()
-sens_model.layers[1].mlp.down_proj.weight.data[:, 0] *= 50            # make one layer very sensitive
-sens_ids = torch.randint(3, 512, (1, 16))
-answer = most_sensitive_layer(sens_model, sens_ids)
-if answer is None:
-    print("exercise 1: not attempted")
-else:
-    assert answer == "layers.1.mlp.down_proj", answer
-    print("exercise 1: correct")
+exercises.check("07.most_sensitive_layer", most_sensitive_layer)
 
 # %% [markdown]
 # **2.** Write `pack2(codes)` packing four 2-bit codes per byte, first column in the highest bits, without
@@ -250,14 +239,7 @@ else:
 
 # %%
 def pack2(codes):
-    return None  # your code here
+    ...  # your code here
 
 
-# %%
-example = torch.randint(0, 4, (3, 16), dtype=torch.uint8)
-packed = pack2(example)
-if packed is None:
-    print("exercise 2: not attempted")
-else:
-    assert torch.equal(packed, formats.pack(example, 2))
-    print("exercise 2: correct")
+exercises.check("07.pack2", pack2)
