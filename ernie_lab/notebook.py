@@ -36,10 +36,10 @@ COURSE = [
     ("02", "Mixture of experts", 60, "moe"),
     ("03", "Vision encoder and 3-D RoPE", 45, "moe"),
     ("04", "Multimodal MoE", 45, "moe"),
-    ("05", "Training", 45, "both"),
-    ("06", "Seeing attention and routing", 30, "both"),
+    ("05", "Train a tiny ERNIE", 40, "both"),
+    ("06", "Routing by modality", 30, "moe"),
     ("07", "Quantization", 40, "dense"),
-    ("08", "LoRA fine-tuning", 40, "dense"),
+    ("08", "Fine-tuning: LoRA, SFT, DPO", 40, "dense"),
     ("09", "The family at scale", 45, "both"),
 ]
 

@@ -63,16 +63,13 @@ from ernie_lab import family as F
 from ernie_lab import routing, scenes
 
 TINY_VL = notebook.repo_path("data", "tiny-ernie-vl")
-if (TINY_VL / "config.json").exists():   # the trained tiny models ship with the kit (scripts/train_tiny.py)
-    vl_model, vl_tokenizer = ernie_lab.load_model(TINY_VL), ernie_lab.load_tokenizer(TINY_VL)
-    scene = scenes.random_scene(2026)
-    question = scenes.conversation(scenes.render(scene), "What is in the picture?", "")[:1]
-    with routing.record(vl_model) as first_look:
-        print("Q: What is in the picture?\nA:", ernie_lab.chat(vl_model, vl_tokenizer, question, max_new_tokens=24))
-    notebook.draw_layer_routing(first_look.layers[-1], vl_model.config.get_text_config().moe_num_experts,
-                                "the last MoE layer: which experts each token chose")
-else:
-    print(f"(the tiny trained models are not in {TINY_VL.parent} yet: `make train-tiny` makes them)")
+vl_model, vl_tokenizer = ernie_lab.load_model(TINY_VL), ernie_lab.load_tokenizer(TINY_VL)
+scene = scenes.random_scene(2026)
+question = scenes.conversation(scenes.render(scene), "What is in the picture?", "")[:1]
+with routing.record(vl_model) as first_look:
+    print("Q: What is in the picture?\nA:", ernie_lab.chat(vl_model, vl_tokenizer, question, max_new_tokens=24))
+notebook.draw_layer_routing(first_look.layers[-1], vl_model.config.get_text_config().moe_num_experts,
+                            "the last MoE layer: which experts each token chose")
 
 # %% [markdown]
 # ## 1 · The family

@@ -163,19 +163,16 @@ assert len(set(ref_out[0, -10:].tolist())) > 1, "a continuation of one repeated 
 
 # %%
 TINY_VL = notebook.repo_path("data", "tiny-ernie-vl")
-if (TINY_VL / "config.json").exists():
-    from ernie_lab import scenes, tiny_models
+from ernie_lab import scenes, tiny_models
 
-    tiny_vl, tiny_tokenizer = ernie_lab.load_model(TINY_VL), ernie_lab.load_tokenizer(TINY_VL)
-    held_out = tiny_models.held_out_scenes(1)[0]
-    plt.figure(figsize=(3, 3)); plt.imshow(scenes.render(held_out)); plt.axis("off"); plt.title("a held-out scene")
-    plt.show()
-    for qa in scenes.questions(held_out)[:3]:
-        reply = ernie_lab.chat(tiny_vl, tiny_tokenizer, scenes.conversation(scenes.render(held_out), qa.question, "")[:1],
-                               max_new_tokens=8)
-        print(f"{qa.question:<36} model: {reply!r:<16} truth: {qa.answer_word}")
-else:
-    print(f"(the tiny trained VL model is not in {TINY_VL} yet: `make train-tiny` makes it)")
+tiny_vl, tiny_tokenizer = ernie_lab.load_model(TINY_VL), ernie_lab.load_tokenizer(TINY_VL)
+held_out = tiny_models.held_out_scenes(1)[0]
+plt.figure(figsize=(3, 3)); plt.imshow(scenes.render(held_out)); plt.axis("off"); plt.title("a held-out scene")
+plt.show()
+for qa in scenes.questions(held_out)[:3]:
+    reply = ernie_lab.chat(tiny_vl, tiny_tokenizer, scenes.conversation(scenes.render(held_out), qa.question, "")[:1],
+                           max_new_tokens=8)
+    print(f"{qa.question:<36} model: {reply!r:<16} truth: {qa.answer_word}")
 
 # %% [markdown]
 # ## 3 · Modality-isolated routing, seen · core, 5 min
