@@ -334,3 +334,51 @@ def test_vl_model_trains_with_modality_balancing_and_token_balanced_loss():
     balanced = ernie_lab.losses.token_balanced_loss(out.logits[:, :-1], batch["labels"][:, 1:])
     assert history[0]["lm_loss"] == pytest.approx(balanced.item(), abs=1e-5)
     assert abs(balanced.item() - out.loss.item()) > 1e-4
+
+
+KILL_SCRIPT = """
+import sys, time, torch, ernie_lab
+from ernie_lab import train
+from ernie_lab.config import ErnieConfig
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = ernie_lab.ErnieForCausalLM(ErnieConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=8)).init_weights(seed=0)
+def batches(index, rank, world):
+    if index >= int(sys.argv[3]):
+        time.sleep(0.3)  # slow down after the first steps, so the parent can kill the run mid-way
+    g = torch.Generator().manual_seed(index)
+    ids = torch.randint(0, 64, (4, 12), generator=g)
+    return {"input_ids": ids, "labels": ids}
+config = train.TrainConfig(lr=1e-2, max_steps=int(sys.argv[2]), checkpoint_every=1, out_dir=sys.argv[1],
+                           resume_from="latest", progress=False)
+history = train.Trainer(model, batches, config).fit()
+print("final", [round(h["loss"], 6) for h in history if "loss" in h][-1])
+"""
+
+
+def test_training_resumes_after_a_kill(tmp_path):
+    """A run killed mid-way (SIGKILL) leaves its finished checkpoints intact; rerunning resumes the same curve."""
+    import signal
+    import time
+
+    from ernie_lab.train import checkpoints
+
+    script = tmp_path / "run.py"
+    script.write_text(KILL_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = subprocess.run([sys.executable, str(script), str(tmp_path / "straight"), "8", "100"],
+                              capture_output=True, text=True, env=env, check=True).stdout
+    killed = subprocess.Popen([sys.executable, str(script), str(tmp_path / "run"), "8", "3"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(checkpoints(tmp_path / "run")) < 4:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    done = checkpoints(tmp_path / "run")
+    assert 4 <= len(done) < 8, [step for step, _ in done]  # killed after some steps, before the end
+    resumed = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), "8", "100"],
+                             capture_output=True, text=True, env=env, check=True).stdout
+    assert resumed.split("final")[-1] == straight.split("final")[-1]  # the same last loss, to 6 digits
+    assert [step for step, _ in checkpoints(tmp_path / "run")][-1] == 8
