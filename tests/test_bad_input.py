@@ -204,10 +204,15 @@ def test_integer_weights_are_refused(single):
 def test_quantized_allow_list_admits_integer_tensors(monkeypatch):
     from ernie_lab import loading
 
+    # the kit's quantized format (ernie_lab.quant) stores codes as int8 / uint8 under .qweight
+    loading.check_tensor_dtype(Path("x.safetensors"), "layers.0.mlp.up_proj.qweight", "I8")
+    with pytest.raises(CheckpointError):  # another integer type, or an integer tensor under any other name
+        loading.check_tensor_dtype(Path("x.safetensors"), "layers.0.mlp.up_proj.qweight", "I32")
+    with pytest.raises(CheckpointError):
+        loading.check_tensor_dtype(Path("x.safetensors"), "layers.0.mlp.up_proj.weight", "I8")
+    monkeypatch.delitem(loading.QUANTIZED_TENSOR_DTYPES, ".qweight")
     with pytest.raises(CheckpointError):
         loading.check_tensor_dtype(Path("x.safetensors"), "layers.0.mlp.up_proj.qweight", "I8")
-    monkeypatch.setitem(loading.QUANTIZED_TENSOR_DTYPES, ".qweight", {"I8"})
-    loading.check_tensor_dtype(Path("x.safetensors"), "layers.0.mlp.up_proj.qweight", "I8")
 
 
 def test_unknown_dtype_in_header(tmp_path, single):
