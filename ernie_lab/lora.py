@@ -25,6 +25,19 @@ such an adapter itself when it loads it into a transformers 5 model, whose exper
 parameters (``mlp.experts.gate_up_proj``): gate and up LoRAs of rank r become one rank-2r LoRA of the
 fused weight. :func:`load_adapter` reads both forms (per-expert and peft's fused one).
 
+What interoperates with peft 0.21.2 on transformers 5.23 (tests/test_lora.py checks each, logits within 1e-4):
+
+* dense models: everything (attention and MLP), both directions; trainable counts equal peft's.
+* text MoE models: attention, dense-layer MLPs, shared experts and routed experts, both directions. peft
+  rewrites every ``gate_proj`` / ``up_proj`` / ``down_proj`` target of a transformers 5 MoE model into
+  the fused expert parameters and would silently skip the dense layers' and shared experts' MLPs, so the
+  kit names those in ``target_parameters`` (same tensors, same layout). peft's fused experts need
+  ``lora_dropout`` 0, and its fused gate/up LoRA (rank 2r, block-diagonal B stored dense) has more
+  trainable numbers than the kit's per-expert gate and up LoRAs: counts match peft's for attention,
+  dense and shared-expert targets, not for routed experts.
+* vision-language models: saved and loaded by the kit (decoder, and the ViT with ``vision=True``);
+  loading them into peft on transformers' VL model is not tested.
+
 ``merge_lora`` folds ``(alpha / r) B A`` into W (no extra cost at inference), ``unmerge_lora`` takes it
 out again, and ``with adapters_disabled(model):`` runs the base model (the frozen reference of DPO)
 without holding a second copy.
