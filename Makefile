@@ -8,8 +8,9 @@ TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ERNIE_LAB_FAST=1 MPLBACKEND=
 
 # Notebook sources are notebooks/NN_name.py (jupytext py:percent); every .ipynb is made from them.
 NB_TEST_DIR := build/nbtest
+HTML_DIR    := build/html
 
-.PHONY: lab test test-fast notebooks notebooks-build figures bench clean venv
+.PHONY: lab test test-fast test-nbval html notebooks notebooks-build figures bench train-tiny clean venv
 
 venv: $(STAMP)
 
@@ -32,9 +33,19 @@ notebooks: $(STAMP)
 notebooks-build: $(STAMP)
 	$(PY) scripts/build_notebooks.py --into $(NB_TEST_DIR)
 
-# pytest over tests/ and every notebook, built fresh (nbval, outputs not compared, only errors and asserts).
-test: notebooks-build
-	$(TEST_ENV) $(PY) -m pytest tests/ $(NB_TEST_DIR) --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p no:cacheprovider
+# Every notebook executed once, in fast mode, from the fresh copies: an error in any cell fails (as
+# nbval --nbval-lax does), and the executed notebooks become a static HTML site in $(HTML_DIR)
+# (figures inline, no JavaScript from a CDN) that a lecturer previews without running anything.
+html: notebooks-build
+	$(TEST_ENV) $(PY) scripts/build_html.py --notebooks $(NB_TEST_DIR) --out $(HTML_DIR)
+
+# The notebooks run once (`make html`), then pytest over tests/, which also checks the rendered pages.
+test: html
+	$(TEST_ENV) ERNIE_LAB_HTML=$(HTML_DIR) $(PY) -m pytest tests/ -p no:cacheprovider
+
+# The notebooks under nbval instead (one pytest item per cell).
+test-nbval: notebooks-build
+	$(TEST_ENV) $(PY) -m pytest $(NB_TEST_DIR) --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p no:cacheprovider
 
 test-fast: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest tests/ -x -q -p no:cacheprovider
@@ -43,8 +54,15 @@ figures: $(STAMP)
 	MPLBACKEND=Agg $(PY) scripts/make_figures.py
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -c requirements.lock -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/decode.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/moe.py
+	HF_HUB_OFFLINE=1 nice -n 15 $(PY) benchmarks/quant.py
+
+# Retrain the shipped tiny models from scratch (deterministic; about 30 min on 2 cores) and rewrite their
+# TRAINING.md, metrics.json and curves. Weights are binaries: commit a retrained model only when it is final.
+train-tiny: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) scripts/train_tiny.py text vl
 
 clean:
-	rm -rf $(VENV) .pytest_cache $(NB_TEST_DIR)
+	rm -rf $(VENV) .pytest_cache $(NB_TEST_DIR) $(HTML_DIR)

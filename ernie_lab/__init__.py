@@ -23,7 +23,7 @@ from . import (architectures, chat_format, checkpoints, family, hub_names, losse
                routing, special_tokens, vision, vl_model)
 from .chat import chat
 from .config import ErnieConfig
-from .errors import CheckpointError, ConfigError, ErnieLabError, InputError
+from .errors import CheckpointError, ConfigError, ErnieLabError, InputError, NotEnoughMemoryError
 from .generation import generate
 from .kv_cache import KVCache
 from .loading import load_model
@@ -33,7 +33,7 @@ from .tokenizer import ErnieTokenizer, StandInTokenizerWarning, load_tokenizer
 from .vl_model import ErnieVLForConditionalGeneration
 
 __all__ = ["ErnieConfig", "ErnieForCausalLM", "ErnieVLForConditionalGeneration", "KVCache", "ErnieLabError",
-           "ConfigError", "CheckpointError", "InputError", "load_model", "save_model", "generate",
+           "ConfigError", "CheckpointError", "InputError", "NotEnoughMemoryError", "load_model", "save_model", "generate",
            "ErnieTokenizer", "StandInTokenizerWarning", "load_tokenizer", "chat",
            "architectures", "checkpoints", "family", "hub_names", "losses", "modules", "moe", "processor", "routing",
            "vision", "vl_model", "special_tokens", "chat_format", "image_processing"]

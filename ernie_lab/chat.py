@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .chat_format import check_messages
 from .config import VLConfig
 from .errors import InputError
 from .generation import generate
@@ -27,6 +28,7 @@ def chat(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 64, te
     Content is a string, or for a VL model a list of ``{"type": "text", "text": ...}`` and
     ``{"type": "image", "image": PIL.Image}`` items. ``temperature`` 0 is greedy decoding.
     """
+    check_chat_arguments(model, tokenizer, messages, enable_thinking)
     prompt = render_prompt(model, tokenizer, messages, enable_thinking=enable_thinking)
     input_ids = prompt.pop("input_ids")
     stop = list(getattr(tokenizer, "stop_token_ids", None) or [])
@@ -36,6 +38,21 @@ def chat(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 64, te
     if stop:
         new = new[:next((i for i, t in enumerate(new) if t in stop), len(new))]  # up to the first stop token
     return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def check_chat_arguments(model, tokenizer, messages, enable_thinking) -> None:
+    """chat's own arguments (generate checks the sampling ones), each an InputError naming it."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise InputError(f"chat's first argument must be an ernie-lab model (ernie_lab.load_model(...)), "
+                         f"got {type(model).__name__}.")
+    if not all(callable(getattr(tokenizer, name, None)) for name in ("encode", "decode", "apply_chat_template")):
+        raise InputError(f"chat's tokenizer must be a tokenizer (ernie_lab.load_tokenizer(...)), got "
+                         f"{type(tokenizer).__name__}; the order is chat(model, tokenizer, messages).")
+    check_messages(messages, pictures=isinstance(model.config, VLConfig) or _has_pictures(messages))
+    if len(messages) == 0:
+        raise InputError("chat got no messages; give at least one, e.g. [{'role': 'user', 'content': 'Hi'}].")
+    if not isinstance(enable_thinking, bool):
+        raise InputError(f"enable_thinking must be True or False, got {enable_thinking!r}.")
 
 
 def render_prompt(model, tokenizer, messages: list[dict], *, enable_thinking: bool = False) -> dict:

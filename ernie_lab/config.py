@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +42,34 @@ VL_MODEL_TYPES = ("ernie4_5_vl_moe", "ernie4_5_moe_vl")  # the second is Baidu's
 # Keys every config.json of an ERNIE 4.5 decoder carries; a dict without them is not a config.
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 MOE_DEFAULT_START = 1  # transformers' default moe_layer_start_index: layer 0 stays dense
+# Upper bounds on every size, far above any real model (the 300B has hidden 8192, vocabulary 103424, 54 layers).
+# A larger number is a typo or a hostile file, refused before anything is allocated.
+SIZE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 17, "intermediate_size": 1 << 19, "head_dim": 1 << 12,
+               "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024,
+               "max_position_embeddings": 1 << 24, "moe_num_experts": 4096, "moe_k": 4096,
+               "moe_intermediate_size": 1 << 19, "moe_layer_interval": 1024, "depth": 1024, "num_heads": 1024,
+               "patch_size": 1024, "in_channels": 64, "spatial_merge_size": 64, "temporal_merge_size": 64}
+MAX_CONFIG_BYTES = 16 * 1024**2  # a config.json is a few KB; a larger file is not read
+
+
+def check_int(source: str, name: str, value, low: int = 1) -> int:
+    """``value`` if it is an int in ``low .. SIZE_LIMITS[name]``, else a ConfigError naming the field."""
+    high = SIZE_LIMITS.get(name, 1 << 40)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        kind = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ConfigError(f"{source}: {name} must be {kind} (valid: {low} .. {high}), got {value!r}. "
+                          "Fix that field of the config.")
+    return value
+
+
+def check_float(source: str, name: str, value, *, below: float = math.inf) -> float:
+    """``value`` if it is a finite number in (0, below), else a ConfigError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 < value < below:
+        valid = "a finite number > 0" + (f" and < {below}" if below != math.inf else "")
+        raise ConfigError(f"{source}: {name} must be {valid}, got {value!r} ({type(value).__name__}). "
+                          "Fix that field of the config (e.g. 1e-05 for an eps, 500000.0 for rope_theta).")
+    return float(value)
 
 
 def moe_layer_pattern(num_layers: int, start: int = MOE_DEFAULT_START, end: int = -1,
@@ -110,6 +140,9 @@ class ErnieConfig:
                               "model always carries them. Pass the full config.json contents.")
         data["model_type"] = model_type
         rope = data.pop("rope_parameters", None) or data.pop("rope_scaling", None) or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: rope_parameters must be a JSON object like "
+                              f"{{'rope_type': 'default', 'rope_theta': 500000.0}}, got {rope!r}.")
         if "rope_theta" not in data and "rope_theta" in rope:
             data["rope_theta"] = rope["rope_theta"]
         if rope.get("rope_type", "default") not in ("default", None):
@@ -118,7 +151,12 @@ class ErnieConfig:
         known = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names}
         if known.get("head_dim") is None:
-            known["head_dim"] = known["hidden_size"] // known["num_attention_heads"]
+            width = check_int(source, "hidden_size", known["hidden_size"])
+            heads = check_int(source, "num_attention_heads", known["num_attention_heads"])
+            if width % heads:
+                raise ConfigError(f"{source}: hidden_size ({width}) is not a multiple of num_attention_heads ({heads}) "
+                                  "and no head_dim is given; give head_dim, or a head count that divides the width.")
+            known["head_dim"] = width // heads
         if known.get("num_key_value_heads") is None:
             known["num_key_value_heads"] = known["num_attention_heads"]
         for key in ("moe_num_experts", "moe_k", "moe_intermediate_size", "moe_num_shared_experts",
@@ -142,20 +180,24 @@ class ErnieConfig:
 
     # ------------------------------------------------------------------ checks
     def validate(self, source: str = "config") -> None:
-        """Raise ConfigError when the numbers cannot describe a working model."""
-        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "max_position_embeddings")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{source}: {name} must be a positive integer, got {value!r}.")
+        """Raise ConfigError, naming the field, when the numbers cannot describe a working model."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            check_int(source, name, getattr(self, name))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"{source}: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention."
+                f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention; valid "
+                f"num_key_value_heads: {divisors(self.num_attention_heads)}."
             )
         if self.head_dim % 2:
             raise ConfigError(f"{source}: head_dim ({self.head_dim}) must be even for rotary embeddings.")
+        check_float(source, "rms_norm_eps", self.rms_norm_eps, below=1.0)
+        check_float(source, "rope_theta", self.rope_theta)
+        for name in ("tie_word_embeddings", "use_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{source}: {name} must be true or false, got {getattr(self, name)!r}.")
+        self._validate_token_ids(source)
         if self.hidden_act != "silu":
             raise ConfigError(f"{source}: hidden_act {self.hidden_act!r} is not supported (ERNIE 4.5 uses 'silu').")
         if self.mlp_layer_types is not None:
@@ -165,15 +207,34 @@ class ErnieConfig:
         if self.is_moe:
             self._validate_moe(source)
 
+    def _validate_token_ids(self, source: str) -> None:
+        """pad / bos / eos ids are None or ids inside the vocabulary (an eos outside it would never stop)."""
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
+            if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size for i in ids):
+                raise ConfigError(f"{source}: {name} must be a token id in 0 .. {self.vocab_size - 1} (or null), "
+                                  f"got {value!r}.")
+
     def _validate_moe(self, source: str) -> None:
         """The MoE numbers of an MoE config: k experts out of E, of a positive width."""
         for name in ("moe_num_experts", "moe_k", "moe_intermediate_size", "moe_layer_interval"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{source}: {name} must be a positive integer in an MoE config, got {value!r}.")
+            check_int(source, name, value)
+        check_int(source, "moe_num_shared_experts", self.moe_num_shared_experts, low=0)
+        check_int(source, "moe_layer_start_index", self.moe_layer_start_index, low=0)
+        check_int(source, "moe_layer_end_index", self.moe_layer_end_index, low=-1)
+        check_float(source, "moe_norm_min", self.moe_norm_min)
         if self.moe_k > self.moe_num_experts:
             raise ConfigError(f"{source}: moe_k ({self.moe_k}) cannot exceed moe_num_experts ({self.moe_num_experts}): "
-                              "each token picks k different experts.")
+                              f"each token picks k different experts. Valid moe_k: 1 .. {self.moe_num_experts}.")
+        if not any(self.moe_layers):
+            raise ConfigError(f"{source}: moe_num_experts is {self.moe_num_experts} but no layer is an MoE layer "
+                              f"(moe_layer_start_index {self.moe_layer_start_index}, end {self.moe_layer_end_index}, "
+                              f"interval {self.moe_layer_interval}, {self.num_hidden_layers} layers); the experts "
+                              "would silently go unused. Fix the layer range or set moe_num_experts to 0.")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -233,7 +294,7 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, vision: dict, text_hidden_size: int, text_rms_norm_eps: float = 1e-5,
-                  top_level: dict | None = None) -> "VisionConfig":
+                  top_level: dict | None = None, source: str = "config") -> "VisionConfig":
         """From a checkpoint's ``vision_config`` dict and the text decoder's width.
 
         Baidu's original files name the ViT width ``embed_dim`` and give the MLP as ``mlp_ratio`` (there
@@ -241,11 +302,11 @@ class VisionConfig:
         (``spatial_conv_size``, ``temporal_conv_size``): ``top_level`` is that outer dict.
         """
         if not isinstance(vision, dict):
-            raise ConfigError(f"vision_config must be a JSON object, got {type(vision).__name__}.")
+            raise ConfigError(f"{source}: vision_config must be a JSON object, got {type(vision).__name__}.")
         top = top_level or {}
         rope = vision.get("rope_parameters") or {}
         if "embed_dim" in vision:
-            width = vision["embed_dim"]
+            width = check_int(f"{source}: vision_config", "embed_dim", vision["embed_dim"])
             mlp = int(width * vision.get("mlp_ratio", 4))
         else:
             width = vision.get("hidden_size", cls.hidden_size)
@@ -262,14 +323,17 @@ class VisionConfig:
         )
         act = vision.get("hidden_act", "quick_gelu")
         if act != "quick_gelu":
-            raise ConfigError(f"vision_config.hidden_act {act!r} is not supported (ERNIE 4.5 VL uses 'quick_gelu').")
+            raise ConfigError(f"{source}: vision_config.hidden_act {act!r} is not supported (ERNIE 4.5 VL uses 'quick_gelu').")
         for name in ("depth", "hidden_size", "num_heads", "intermediate_size", "patch_size", "in_channels",
                      "spatial_merge_size", "temporal_merge_size"):
             value = getattr(config, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"vision_config: {name} must be a positive integer, got {value!r}.")
+                raise ConfigError(f"{source}: vision_config.{name} must be a positive integer, got {value!r}.")
+            check_int(f"{source}: vision_config", name, value)
+        check_float(f"{source}: vision_config", "rms_norm_eps (layer_norm_eps)", config.layer_norm_eps, below=1.0)
+        check_float(f"{source}: vision_config", "rope_theta", config.rope_theta)
         if config.hidden_size % config.num_heads or (config.hidden_size // config.num_heads) % 4:
-            raise ConfigError(f"vision_config: hidden_size {config.hidden_size} / num_heads {config.num_heads} must be "
+            raise ConfigError(f"{source}: vision_config.hidden_size {config.hidden_size} / num_heads {config.num_heads} must be "
                               "a multiple of 4 (2-D rotary splits each head into row and column halves).")
         return config
 
@@ -350,6 +414,10 @@ class VLConfig:
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
         if not isinstance(text.get("hidden_size"), int) or not isinstance(text.get("num_attention_heads"), int):
             raise ConfigError(f"{source}: the decoder needs integer hidden_size and num_attention_heads.")
+        check_int(source, "hidden_size", text["hidden_size"])
+        check_int(source, "num_attention_heads", text["num_attention_heads"])
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: rope_parameters must be a JSON object, got {rope!r}.")
         head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
         section = rope.get("mrope_section") or _section_from_freq_allocation(text, head_dim)
         widths = _pair(text["moe_intermediate_size"], "moe_intermediate_size", source)
@@ -366,7 +434,7 @@ class VLConfig:
         ids = {key: raw.get(key, text.get(key, default)) for key, default in VL_TOKEN_IDS.items()}
         ids["image_token_id"] = raw.get("im_patch_id", ids["image_token_id"])
         vision = VisionConfig.from_dict(raw["vision_config"], text_config.hidden_size, text_config.rms_norm_eps,
-                                        top_level=raw)
+                                        top_level=raw, source=source)
         from .rope3d import check_mrope_section
 
         return cls(text=text_config, vision=vision, vision_moe_intermediate_size=widths[1],
@@ -393,6 +461,11 @@ class VLConfig:
     def from_file(cls, path) -> "VLConfig":
         raw, path = read_config_json(path)
         return cls.from_dict(raw, source=str(path))
+
+
+def divisors(n: int) -> list[int]:
+    """The divisors of n, for messages that list the valid values."""
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _pair(value, name: str, source: str) -> tuple[int, int]:
@@ -431,16 +504,32 @@ def read_config_json(path: str | Path) -> tuple[dict, Path]:
     """The parsed ``config.json`` (given the file or its folder) and its path; ConfigError if absent or broken."""
     path = Path(path)
     if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ConfigError(f"Permission denied reading the folder {path}: make it readable for this user "
+                              "(chmod a+rx) or copy the checkpoint somewhere you own.")
         path = path / "config.json"
     if not path.is_file():
         raise ConfigError(
             f"No config.json at {path}. A checkpoint folder must hold config.json next to its "
             "*.safetensors files; download the full model folder (see README: 'Real weights')."
         )
+    return read_json_file(path, ConfigError, what="config.json"), path
+
+
+def read_json_file(path: Path, error: type = ConfigError, *, what: str = "file", max_bytes: int = MAX_CONFIG_BYTES):
+    """The parsed JSON of a small file (config, index), as ``error`` when it is too big, unreadable or broken."""
     try:
-        return json.loads(path.read_text(encoding="utf-8")), path
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path} is not valid JSON ({err}). Re-download the file.") from None
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise error(f"{path} is {size} bytes; a {what} is a few KB (at most {max_bytes} bytes are read). "
+                        "It is not a real one: re-download it.")
+        with open(path, "rb") as handle:
+            return json.loads(handle.read(max_bytes + 1).decode("utf-8"))
+    except PermissionError:
+        raise error(f"Permission denied reading {path}: make it readable for this user (chmod a+r, or copy the "
+                    "checkpoint folder somewhere you own).") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise error(f"{path} is not valid JSON ({err}). Re-download the file.") from None
 
 
 def model_type_from_architectures(architectures) -> str | None:

@@ -20,3 +20,7 @@ class CheckpointError(ErnieLabError):
 
 class InputError(ErnieLabError, ValueError):
     """Arguments to a model, tokenizer or generator are of the wrong type, shape or range."""
+
+
+class NotEnoughMemoryError(ErnieLabError, MemoryError):
+    """A model would not fit the free memory of the machine; refused before anything is allocated."""

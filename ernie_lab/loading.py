@@ -17,6 +17,11 @@ parameter before the next one is read. The transforms are, in order:
 
 so the peak memory is the finished model plus about one tensor. Nothing is half-loaded: a failure
 leaves no model behind.
+
+Files are untrusted: only JSON and safetensors are parsed (never pickle), JSON and safetensors headers
+are read up to a bound, every header entry is checked (known floating-point dtype, offsets inside the
+file, bytes matching the shape), a tensor must sit in the shard the index names and appear once, and the
+memory the model needs is compared with the free memory before anything is built (``check_memory``).
 """
 
 from __future__ import annotations
@@ -29,12 +34,12 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from . import architectures, hub_names
-from .config import ErnieConfig, parse_config, read_config_json
-from .errors import CheckpointError, ConfigError
+from . import architectures, hub_names, quant
+from .config import ErnieConfig, parse_config, read_config_json, read_json_file
+from .errors import CheckpointError, ConfigError, InputError, NotEnoughMemoryError
+from .quant import checkpoint as quant_checkpoint
 from .hub_names import (HUB_FILES, INDEX_FILE, KEEP_FLOAT32, NAME_MAP, SKIPPED, VL_NAME_MAP,  # noqa: F401
                         WEIGHTS_FILE, hub_to_lab, lab_to_hub)
 
@@ -42,27 +47,97 @@ Transform = Callable[[str, torch.Tensor], torch.Tensor]  # (ernie-lab name, tens
 
 
 # ----------------------------------------------------------------------------------------- public
-def load_model(source: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               transforms: Iterable[Transform] = ()):
+def load_model(source: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+               device: str | torch.device = "cpu", transforms: Iterable[Transform] = (), check_memory: bool = True,
+               quantize: str | None = None, group_size: int = 128):
     """Load an ERNIE 4.5 checkpoint from a Hub id (``baidu/ERNIE-4.5-0.3B-PT``) or a local folder.
 
-    ``dtype`` None keeps the checkpoint's dtype; the model comes back in eval mode on ``device``.
-    ``transforms`` are applied to each tensor after the built-in ones (see the module docstring).
+    ``dtype`` None keeps the checkpoint's dtype (also "float32", "bf16", ...); the model comes back in
+    eval mode on ``device``. ``transforms`` are applied to each tensor after the built-in ones (see the
+    module docstring). ``check_memory``: refuse, before building, a model larger than the free memory
+    (``ERNIE_LAB_AVAILABLE_MEMORY``, in bytes, overrides what the machine reports).
+    ``quantize`` (e.g. ``"w4a16"``) quantizes each linear weight as it is read (``ernie_lab.quant``);
+    a checkpoint saved quantized (``quantization_config`` in config.json) comes back quantized, bit-exact.
     """
+    dtype, device, transforms = check_load_arguments(source, dtype, device, transforms)
     folder = resolve_checkpoint(source)
     raw, config_path = read_config_json(folder)
     config = config_from_dict(raw, source=str(config_path))
     files = weight_files(folder)
-    hub_shapes = read_headers(files)  # hub name -> (file, shape); reads headers only
+    hub_shapes = read_headers(files, weight_map=read_index(folder))  # hub name -> (file, shape); headers only
     paddle = hub_names.is_paddle_layout(hub_shapes)
+    check_tied_head(config, hub_shapes, paddle=paddle)
     plan = plan_loading(config, hub_shapes, paddle=paddle)  # lab name -> hub name, all checked
+    if check_memory and quantize is None:  # a quantize-on-read model is smaller than the estimate
+        check_memory_fits(config, hub_shapes, dtype=dtype, device=device)
     model = build_empty(config)
+    if raw.get("quantization_config") is not None:
+        quant_checkpoint.rebuild_layers(model, raw["quantization_config"])
     check_shapes(model, plan, hub_shapes, paddle=paddle)
+    if quantize is not None:
+        if raw.get("quantization_config") is not None:
+            raise CheckpointError(f"{folder} is already quantized; load it without quantize=.")
+        quant.check_scheme(quantize)
+        quant_checkpoint.quantize_on_read(model, quantize, group_size=group_size)
     steps = tensor_transforms(config, paddle=paddle, dtype=dtype) + list(transforms)
     stream_tensors(model, plan, hub_shapes, steps, device=device, dtype=dtype)
     if config.get_text_config().tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     return model.eval()
+
+
+# ---------------------------------------------------------------------------- the arguments
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+               "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+               "half": torch.float16, "float64": torch.float64, "fp64": torch.float64}
+
+
+def check_load_arguments(source, dtype, device, transforms) -> tuple[torch.dtype | None, torch.device, list]:
+    """load_model's arguments, checked before any file is opened: (dtype, device, transforms)."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise InputError(f"load_model's source must be a folder path or a Hub id string, got {type(source).__name__}.")
+    return as_dtype(dtype), as_device(device), as_transforms(transforms)
+
+
+def as_dtype(dtype) -> torch.dtype | None:
+    """None, a floating torch dtype, or its name ("bfloat16", "bf16", "float32", ...)."""
+    if isinstance(dtype, str):
+        if dtype.removeprefix("torch.") not in DTYPE_NAMES:
+            raise InputError(f"load_model: dtype {dtype!r} is not a dtype; use one of {', '.join(DTYPE_NAMES)}, "
+                             "a torch dtype such as torch.bfloat16, or None to keep the checkpoint's.")
+        return DTYPE_NAMES[dtype.removeprefix("torch.")]
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise InputError(f"load_model: dtype must be a floating-point torch dtype (torch.float32, torch.bfloat16, "
+                         f"torch.float16) or None, got {dtype!r}. Quantized loading is a transform, not a dtype.")
+    return dtype
+
+
+def as_device(device) -> torch.device:
+    """A torch.device this machine has, or an InputError naming the argument."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InputError(f"load_model: device {device!r} is not a device ({err}); use 'cpu', 'cuda' or 'cuda:0'.") from None
+    if device.type == "meta":
+        raise InputError("load_model: device 'meta' holds no data; build on meta with architectures.build instead.")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise InputError(f"load_model: device {str(device)!r} is not available on this machine "
+                         f"({torch.cuda.device_count()} CUDA device(s)); use device='cpu'.")
+    if device.type not in ("cpu", "cuda") and device.type != "mps":
+        raise InputError(f"load_model: device type {device.type!r} is not supported; use 'cpu' or 'cuda'.")
+    return device
+
+
+def as_transforms(transforms) -> list:
+    try:
+        steps = list(transforms or ())
+    except TypeError:
+        raise InputError(f"load_model: transforms must be a list of functions (name, tensor) -> tensor, "
+                         f"got {type(transforms).__name__}.") from None
+    bad = [t for t in steps if not callable(t)]
+    if bad:
+        raise InputError(f"load_model: every transform must be a function (name, tensor) -> tensor, got {bad[0]!r}.")
+    return steps
 
 
 def config_from_dict(raw: dict, *, source: str = "config.json"):
@@ -104,17 +179,13 @@ def is_paddle_checkpoint(source, raw_config: dict) -> bool:
 
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint: one file, or every shard its index names."""
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({err!r}). Re-download it.") from None
+    weight_map = read_index(folder)
+    if weight_map is not None:
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise CheckpointError(
-                f"{index} lists {len(shards)} shard(s) but {len(missing)} are missing from {folder}: "
+                f"{folder / INDEX_FILE} lists {len(shards)} shard(s) but {len(missing)} are missing from {folder}: "
                 f"{', '.join(missing)}. Download the missing file(s) again (an interrupted download?)."
             )
         return [folder / s for s in shards]
@@ -124,26 +195,198 @@ def weight_files(folder: Path) -> list[Path]:
     others = sorted(folder.glob("*.safetensors"))
     if others:
         return others
+    found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pdparams", ".ckpt"))
     raise CheckpointError(
-        f"No weights in {folder}: expected {WEIGHTS_FILE} or {INDEX_FILE} with its shards. "
-        "Only safetensors checkpoints are supported (convert .bin / .pdparams with the tools that made them)."
+        f"No weights in {folder}: expected {WEIGHTS_FILE} or {INDEX_FILE} with its shards"
+        + (f" (found {', '.join(found)}: pickle files, which this kit never opens since they can run code)" if found else "")
+        + ". Only safetensors checkpoints are supported (convert .bin / .pdparams with the tools that made them)."
     )
 
 
-def read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """Open every file's header (cheap: no tensor data is read) and list its tensors."""
-    found = {}
+def read_index(folder: Path) -> dict[str, str] | None:
+    """The index's weight_map (tensor name -> shard file name), checked; None for a single-file checkpoint."""
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        return None
+    data = read_json_file(index, CheckpointError, what="safetensors index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise CheckpointError(f"{index} is not a valid safetensors index: it needs a 'weight_map' object of "
+                              "tensor name -> shard file name. Re-download it.")
+    unsafe = sorted({v for v in weight_map.values() if Path(v).name != v or v in ("", ".", "..")
+                     or not v.endswith(".safetensors")})
+    if unsafe:
+        raise CheckpointError(f"{index} names shard(s) {unsafe[:3]} that are not plain .safetensors file names in "
+                              "the checkpoint folder; the index is damaged or hostile. Re-download it.")
+    return weight_map
+
+
+def read_headers(files: list[Path], weight_map: dict[str, str] | None = None) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Read and check every file's header (no tensor data is read) and list its tensors: name -> (file, shape).
+
+    Each tensor must appear in one file only, and, with an index, in the very file the index names.
+    """
+    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
     for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    found[name] = (file, tuple(f.get_slice(name).get_shape()))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(
-                f"{file} is not a readable safetensors file ({err}). It is probably truncated or corrupt: "
-                "delete it and download it again."
-            ) from None
+        for name, entry in read_checked_header(file).items():
+            if name in found:
+                raise CheckpointError(f"Tensor {name} is stored twice, in {found[name][0].name} and in {file.name}; "
+                                      "which copy is meant is unclear. Remove the stale file (an older save?) or "
+                                      "re-download the checkpoint.")
+            if weight_map is not None and weight_map.get(name) != file.name:
+                said = f"names {weight_map[name]}" if name in weight_map else "does not list it"
+                raise CheckpointError(f"Tensor {name} is in {file.name}, but {INDEX_FILE} {said}; the index and "
+                                      "the shards do not belong together. Re-download the checkpoint (or delete "
+                                      "shards left over from an older save).")
+            found[name] = (file, tuple(entry["shape"]))
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(found))
+        if absent:
+            raise CheckpointError(f"{INDEX_FILE} says {absent[0]} is in {weight_map[absent[0]]}, but it is not there "
+                                  f"({len(absent)} such tensor(s)); the shard is from another save. Re-download it.")
     return found
+
+
+def read_checked_header(file: Path) -> dict:
+    """The header of one safetensors file with every entry checked, or a CheckpointError naming the file."""
+    try:
+        with open(file, "rb") as handle:
+            entries, data_start = safetensors_header(handle)
+            size = os.fstat(handle.fileno()).st_size
+    except PermissionError:
+        raise CheckpointError(f"Permission denied reading {file}: make it readable for this user (chmod a+r, or "
+                              "copy the checkpoint folder somewhere you own).") from None
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({err}). It is probably truncated or "
+                              "corrupt: delete it and download it again.") from None
+    for name, entry in entries.items():
+        check_entry(file, name, entry, size - data_start)
+    return entries
+
+
+def check_entry(file: Path, name: str, entry, data_bytes: int) -> None:
+    """One header entry: a known, allowed dtype, an integer shape, offsets inside the file matching the shape."""
+    def corrupt(why):
+        return CheckpointError(f"{file}: tensor {name} {why}. The file is truncated or corrupt: download it again.")
+
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise corrupt("has no dtype / shape / data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise corrupt(f"has an invalid shape {shape!r}")
+    if dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{file}: tensor {name} has dtype {dtype!r}, which this kit does not read "
+                              f"(known: {', '.join(SAFETENSORS_DTYPES)}). Convert the checkpoint to bf16 or fp32.")
+    check_tensor_dtype(file, name, dtype)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+        raise corrupt(f"has data offsets {offsets!r} outside the file's {data_bytes} data bytes")
+    if offsets[1] - offsets[0] != math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize:
+        raise corrupt(f"has {offsets[1] - offsets[0]} bytes for a {dtype} tensor of shape {shape}")
+
+
+# Weights are floating point. Integer tensors are allowed only under names ending in a suffix listed here,
+# with the dtypes listed for it: the quantized formats the kit writes register theirs, e.g.
+# QUANTIZED_TENSOR_DTYPES[".qweight"] = {"I8", "U8"}. An integer tensor anywhere else is refused.
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+QUANTIZED_TENSOR_DTYPES: dict[str, set[str]] = {".qweight": {"I8", "U8"}, ".zeros": {"I8", "U8"}}  # ernie_lab.quant
+
+
+def check_tensor_dtype(file: Path, name: str, dtype: str) -> None:
+    if dtype in FLOAT_DTYPES:
+        return
+    if any(name.endswith(suffix) and dtype in allowed for suffix, allowed in QUANTIZED_TENSOR_DTYPES.items()):
+        return
+    raise CheckpointError(f"{file}: tensor {name} is stored as {dtype}, but weights must be floating point "
+                          f"({', '.join(sorted(FLOAT_DTYPES))}); integer tensors appear only in the quantized "
+                          "formats this kit writes. Is this a checkpoint of another tool's quantization? Load the "
+                          "unquantized checkpoint instead.")
+
+
+# ---------------------------------------------------------------------------- the tied head
+def check_tied_head(config, hub_shapes: dict, *, paddle: bool = False) -> None:
+    """With tie_word_embeddings true, a stored lm_head.weight must equal the embedding, or it would be dropped."""
+    if not config.get_text_config().tie_word_embeddings:
+        return
+    table = name_table(config)
+    by_lab = {hub_to_lab(hub_names.unprefix_paddle(n) if paddle else n, table): n for n in hub_shapes}
+    head, embed = by_lab.get("lm_head.weight"), by_lab.get("embed.weight")
+    if head is None or embed is None:
+        return
+    head_tensor, embed_tensor = read_one(hub_shapes, head), read_one(hub_shapes, embed)
+    if paddle:
+        head_tensor = paddle_transpose("lm_head.weight", head_tensor)
+    if head_tensor.shape == embed_tensor.shape and torch.equal(head_tensor, embed_tensor.to(head_tensor.dtype)):
+        return  # a redundant copy of the embedding: dropping it loses nothing
+    raise CheckpointError(
+        f"config.json says tie_word_embeddings: true (the output head IS the embedding), but the checkpoint "
+        f"stores a different {head} in {hub_shapes[head][0].name}; loading would silently drop it. Either set "
+        "\"tie_word_embeddings\": false in config.json to use the stored head, or delete lm_head.weight from "
+        "the weights to use the embedding as the head."
+    )
+
+
+def read_one(hub_shapes: dict, hub: str) -> torch.Tensor:
+    """One tensor, read by its Hub name (for checks before loading)."""
+    file = hub_shapes[hub][0]
+    with open(file, "rb") as handle:
+        entries, data_start = safetensors_header(handle)
+        return read_tensor(handle, entries[hub], data_start)
+
+
+# ---------------------------------------------------------------------------- memory
+MEMORY_ENV = "ERNIE_LAB_AVAILABLE_MEMORY"  # bytes; overrides what the machine reports (tests, containers)
+
+
+def check_memory_fits(config, hub_shapes: dict, *, dtype: torch.dtype | None, device: torch.device) -> None:
+    """Refuse, before anything is allocated, a model that cannot fit the free memory of ``device``."""
+    from .family import weight_bytes
+
+    free = available_memory(device)
+    if free is None:
+        return
+    entries = [(file, shape) for file, shape in hub_shapes.values()]
+    stored = stored_itemsize(hub_shapes)
+    itemsize = dtype.itemsize if dtype is not None else stored
+    needed = weight_bytes(config, "bf16") // 2 * itemsize + max(math.prod(s) for _, s in entries) * stored
+    if needed <= free:
+        return
+    gib = 1024**3
+    raise NotEnoughMemoryError(
+        f"This model needs about {needed / gib:.1f} GiB on {device} to load ({itemsize * 8}-bit weights plus one "
+        f"tensor in flight), but only {free / gib:.1f} GiB are free. Load it with dtype=torch.bfloat16 (half of "
+        "fp32), quantize it on read, use a smaller model, or free memory; check_memory=False tries anyway."
+    )
+
+
+def stored_itemsize(hub_shapes: dict) -> int:
+    """Bytes per value of the checkpoint's largest tensor (the dtype most of it is stored in)."""
+    name = max(hub_shapes, key=lambda n: math.prod(hub_shapes[n][1]))
+    file = hub_shapes[name][0]
+    with open(file, "rb") as handle:
+        entries, _ = safetensors_header(handle)
+    return SAFETENSORS_DTYPES[entries[name]["dtype"]].itemsize
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device``: the override, MemAvailable from /proc/meminfo, or CUDA's free memory."""
+    override = os.environ.get(MEMORY_ENV)
+    if override:
+        try:
+            return int(float(override))
+        except ValueError:
+            raise InputError(f"{MEMORY_ENV}={override!r} must be a number of bytes.") from None
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None  # not Linux: no check
+    return None
 
 
 # ---------------------------------------------------------------------------- the loading plan
@@ -163,7 +406,7 @@ def plan_loading(config: ErnieConfig, hub_shapes: dict, *, paddle: bool = False)
             skipped.setdefault(reason, 0)
             skipped[reason] += 1
             continue
-        lab = hub_to_lab(name, table)
+        lab = hub_to_lab(name, table) or quant_checkpoint.quant_hub_to_lab(name, table)
         if lab is None:
             unknown.append(original)
         else:
@@ -208,6 +451,9 @@ def check_shapes(model, plan: dict[str, str], hub_shapes: dict, *, paddle: bool 
         if shape != expected[lab]:
             wrong.append(f"{hub} in {file.name}: shape {list(shape)}, the config needs {list(expected[lab])}")
     problems = []
+    if "lm_head.weight" in missing:
+        problems.append("no lm_head.weight although config.json says tie_word_embeddings: false (if the head is "
+                        "the embedding, set it to true)")
     if missing:
         problems.append(f"{len(missing)} tensor(s) missing: " + ", ".join(lab_to_hub(m, table) or m for m in missing[:5])
                         + (" ..." if len(missing) > 5 else ""))
@@ -240,6 +486,8 @@ def stored_transpose(table: list) -> Transform:
 def cast(dtype: torch.dtype) -> Transform:
     """Convert to ``dtype``, but keep the routers and correction biases in float32."""
     def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name.rpartition(".")[2] in quant_checkpoint.SUFFIXES:
+            return tensor  # quantized codes and scales are loaded as stored
         return tensor.float() if re.fullmatch(KEEP_FLOAT32, name) else tensor.to(dtype)
     return transform
 
@@ -277,6 +525,7 @@ def stream_tensors(model, plan: dict[str, str], hub_shapes: dict, transforms: li
                     for lab, hub in pairs:
                         entry = entries[hub]
                         converted = dtype is not None and SAFETENSORS_DTYPES[entry["dtype"]] != dtype
+                        converted = converted or _quantized_on_read(model, lab)  # read, quantize, drop
                         tensor = read_tensor(handle, entry, data_start, scratch if converted else None)
                         for transform in transforms:
                             tensor = transform(lab, tensor)
@@ -292,10 +541,19 @@ def stream_tensors(model, plan: dict[str, str], hub_shapes: dict, transforms: li
         bar.close()
 
 
+def _quantized_on_read(model, lab: str) -> bool:
+    """True for a float weight that a QuantLinear turns into codes as it is assigned."""
+    module_name, _, leaf = lab.rpartition(".")
+    return leaf == "weight" and isinstance(model.get_submodule(module_name), quant.QuantLinear)
+
+
 # safetensors dtype names -> torch dtypes
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own bound on a header; real ones are a few MB at most
 
 
 def safetensors_header(handle) -> tuple[dict, int]:
@@ -303,8 +561,18 @@ def safetensors_header(handle) -> tuple[dict, int]:
 
     The format: 8 bytes little-endian header length n, n bytes of JSON, then the tensors' bytes.
     """
-    length = int.from_bytes(handle.read(8), "little")
-    header = json.loads(handle.read(length))
+    prefix = handle.read(8)
+    if len(prefix) != 8:
+        raise ValueError("the file is shorter than the 8-byte header length")
+    length = int.from_bytes(prefix, "little")
+    if not 2 <= length <= MAX_HEADER_BYTES:
+        raise ValueError(f"the header claims {length} bytes (a real one is under {MAX_HEADER_BYTES})")
+    text = handle.read(length)
+    if len(text) != length:
+        raise ValueError("the file ends inside its header")
+    header = json.loads(text)
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
     header.pop("__metadata__", None)
     return header, 8 + length
 
@@ -347,6 +615,11 @@ def assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     """Put ``tensor`` in place of the parameter (or buffer) ``name``, keeping its requires_grad."""
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
+    if isinstance(module, quant.QuantLinear):
+        if leaf == "weight":  # quantize-on-read: the float weight becomes codes here
+            module.set_weight(tensor)
+            return
+        quant_checkpoint.check_stored(model, name, tensor)
     if leaf in module._parameters:
         old = module._parameters[leaf]
         module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)

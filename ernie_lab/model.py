@@ -108,10 +108,13 @@ class ErnieForCausalLM(nn.Module):
                 cache: KVCache | None = None, position_ids: torch.Tensor | None = None,
                 logits_to_keep: int = 0, *, inputs_embeds: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, output_router_logits: bool = False,
-                modality: torch.Tensor | None = None) -> CausalLMOutput:
+                modality: torch.Tensor | None = None, logits_for_labels_only: bool = False) -> CausalLMOutput:
         """input_ids (B, T), or inputs_embeds (B, T, hidden); attention_mask (B, past + T) of 0/1;
         logits_to_keep > 0 keeps the last n; labels (B, T) aligned with the inputs (shifted here);
-        modality (B, T) the expert group of each token (MoE models with several groups)."""
+        modality (B, T) the expert group of each token (MoE models with several groups).
+        ``logits_for_labels_only`` (training): the LM head runs only on the K positions that predict a
+        label, ``logits`` is then (K, vocab) and the loss is the same; it saves most of the head's work
+        when prompts, pictures and padding carry no loss."""
         text = self.text_config
         past = cache.length if cache is not None else 0
         if inputs_embeds is None:
@@ -135,9 +138,49 @@ class ErnieForCausalLM(nn.Module):
             if labels is not None:
                 raise InputError("labels need the logits of every position: leave logits_to_keep at 0.")
             h = h[:, -logits_to_keep:]
-        logits = self.lm_head(self.norm(h))
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        if logits_for_labels_only and labels is not None:
+            logits, loss = self._loss_at_labels(h, labels)
+        else:
+            logits = self.lm_head(self.norm(h))
+            loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, cache=cache, loss=loss, router_logits=router_logits)
+
+    def _loss_at_labels(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, vocab) logits of the positions that predict a label, and their mean cross-entropy."""
+        if labels.shape != h.shape[:2]:
+            raise InputError(f"labels {tuple(labels.shape)} must have the (batch, tokens) shape of the inputs "
+                             f"{tuple(h.shape[:2])}.")
+        targets = labels[:, 1:].to(h.device)                         # (B, T-1)
+        keep = targets != IGNORE_INDEX
+        if not bool(keep.any()):
+            raise InputError(f"every label is {IGNORE_INDEX} (ignored): there is nothing to learn from this batch.")
+        logits = self.lm_head(self.norm(h[:, :-1][keep]))             # (K, vocab)
+        return logits, F.cross_entropy(logits.float(), targets[keep])
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> "ErnieForCausalLM":
+        """Initialise for training from scratch; returns the model. PyTorch's defaults start the loss far
+        above log(vocab): nn.Embedding draws N(0, 1), and the tied LM head multiplies by those rows again.
+
+            Linear / Embedding weights (routers too, so experts start distinguishable) ~ N(0, std^2)
+            biases, the MoE correction bias                                             = 0
+            RMSNorm scales, LayerNorm scales (ViT, adapter) / shifts                   = 1 / 0
+
+        ``seed`` draws from a private CPU generator (same weights on every device); None uses torch's."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        done: set[int] = set()  # a tied head shares the embedding's weight: draw it once
+        with torch.no_grad():
+            for module in self.modules():
+                for name, param in module.named_parameters(recurse=False):
+                    if id(param) in done:
+                        continue
+                    done.add(id(param))
+                    if isinstance(module, (nn.Linear, nn.Embedding)) and name == "weight":
+                        param.copy_(torch.randn(param.shape, generator=generator) * std)
+                    elif isinstance(module, (RMSNorm, nn.LayerNorm)) and name == "weight":
+                        param.fill_(1.0)
+                    elif name in ("bias", "e_score_correction_bias"):
+                        param.zero_()
+        return self
 
     def num_parameters(self) -> int:
         """Parameters counted once (the tied LM head shares the embedding's)."""

@@ -7,8 +7,13 @@ A notebook should read as a story about ERNIE, not as set-up code. Here live, wr
 * `repo_path()`: files of the kit (data/, figures/, notebooks/), found from the package, so a notebook
   runs from any folder (the tests execute fresh copies in a temporary one);
 * `compare()`: one line per "ours equals the reference" check, failing above a tolerance;
-* `load_heatmap()`, `draw_dispatch()`, `draw_expert_choices()`: the routing pictures of notebooks 02
-  and 04.
+* `load_heatmap()`, `draw_dispatch()`, `draw_expert_choices()`, `draw_layer_routing()`: the routing
+  pictures of notebooks 00, 02 and 04;
+* `figure()`: a diagram from figures/ (made by `scripts/make_figures.py`) shown in a notebook;
+* `cached_model()`: a real checkpoint a lecturer has cached, for the `USE_REAL_WEIGHTS` switch;
+* plumbing the lessons should not show: `reference_routing()` (which experts `transformers`' routers
+  chose), `reference_vl_generate()`, `cpu_settings()` (threads and denormals, always restored) and
+  `rope_layout()` (run a model with another RoPE function, for the experiment of notebook 01).
 
 matplotlib is imported inside the drawing functions: `import ernie_lab` stays free of plotting.
 """
@@ -16,11 +21,27 @@ matplotlib is imported inside the drawing functions: `import ernie_lab` stays fr
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout that holds ernie_lab/
+
+# The course, in order: (number, title, minutes, track). Tracks: "dense", "moe" (MoE / vision-language)
+# or "both". README.md, notebook 00 and figures/course_map.png are made from or checked against this.
+COURSE = [
+    ("00", "Tour: the family and the kit", 25, "both"),
+    ("01", "The dense decoder from scratch", 75, "dense"),
+    ("02", "Mixture of experts", 60, "moe"),
+    ("03", "Vision encoder and 3-D RoPE", 45, "moe"),
+    ("04", "Multimodal MoE", 45, "moe"),
+    ("05", "Training", 45, "both"),
+    ("06", "Seeing attention and routing", 30, "both"),
+    ("07", "Quantization", 40, "dense"),
+    ("08", "LoRA fine-tuning", 40, "dense"),
+    ("09", "The family at scale", 45, "both"),
+]
 
 
 def repo_path(*parts: str) -> Path:
@@ -41,6 +62,114 @@ def setup(seed: int = 0) -> bool:
     return fast
 
 
+def figure(name: str, width: int = 720):
+    """Show figures/`name` (a diagram drawn by scripts/make_figures.py) in the notebook's output."""
+    from IPython.display import Image
+
+    return Image(filename=str(repo_path("figures", name)), width=width)
+
+
+@contextmanager
+def cpu_settings(threads: int = 1, flush_denormal: bool = True):
+    """Run a block with `threads` CPU threads and denormal floats flushed to zero; restore both afterwards.
+
+    Denormals are floats so close to 0 that the CPU handles them in slow microcode; training tiny models
+    produces many (an expert that gets no tokens sees vanishing optimizer statistics).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(flush_denormal)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        torch.set_flush_denormal(False)
+
+
+@contextmanager
+def rope_layout(apply_rope):
+    """Inside the block every ernie_lab attention layer rotates q and k with `apply_rope(x, cos, sin)`."""
+    from . import attention
+
+    original = attention.apply_rope
+    attention.apply_rope = apply_rope
+    try:
+        yield
+    finally:
+        attention.apply_rope = original
+
+
+def _reference_routers(reference):
+    """(layer index, group, router module) of a transformers ERNIE MoE or VL-MoE model (group 1 = vision)."""
+    inner = getattr(reference.model, "language_model", reference.model)
+    for idx, layer in enumerate(inner.layers):
+        if hasattr(layer.mlp, "text_moe"):
+            yield idx, 0, layer.mlp.text_moe.gate
+            yield idx, 1, layer.mlp.vision_moe.gate
+        elif hasattr(layer.mlp, "gate"):
+            yield idx, 0, layer.mlp.gate
+
+
+@contextmanager
+def reference_routing(reference):
+    """Record the experts `transformers`' routers choose: yields {(layer, group): [(N, k) ids per call]}."""
+    chosen, handles = {}, []
+    for idx, group, router in _reference_routers(reference):
+        calls = chosen.setdefault((idx, group), [])
+        # the reference router returns (weights, scores, expert ids): the ids are its third output
+        handles.append(router.register_forward_hook(lambda m, i, out, calls=calls: calls.append(out[2].clone())))
+    try:
+        yield chosen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def reference_vl_inputs(input_ids: torch.Tensor) -> dict:
+    """The token-type tensors transformers' VL model wants next to the ids (ernie_lab derives them itself)."""
+    from .rope3d import modality_types, routing_types
+
+    return dict(mm_token_type_ids=modality_types(input_ids), moe_mm_token_type_ids=routing_types(input_ids))
+
+
+def reference_vl_generate(reference, input_ids: torch.Tensor, max_new_tokens: int, **pixels) -> torch.Tensor:
+    """Greedy decoding with transformers' VL model from a clean state (it caches 3-D position offsets)."""
+    reference.model.rope_deltas = None
+    return reference.generate(input_ids=input_ids, **reference_vl_inputs(input_ids), max_new_tokens=max_new_tokens,
+                              do_sample=False, eos_token_id=None, pad_token_id=0, **pixels)
+
+
+def cached_model(hub_id: str):
+    """(model, tokenizer) of a real checkpoint a lecturer has cached, or (None, None) with a note; never downloads.
+
+    Looks in the Hugging Face cache ($HF_HOME) for `hub_id`, or in the folder named by the environment
+    variable ERNIE_LAB_WEIGHTS_<SIZE> (e.g. ERNIE_LAB_WEIGHTS_0_3B for "baidu/ERNIE-4.5-0.3B-PT").
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    from . import load_model, load_tokenizer
+
+    size = hub_id.split("ERNIE-4.5-")[-1].removesuffix("-PT").removesuffix("-Paddle").replace(".", "_").replace("-", "_")
+    folder = os.environ.get(f"ERNIE_LAB_WEIGHTS_{size.upper()}")
+    if folder is None:
+        found = try_to_load_from_cache(hub_id, "config.json")
+        folder = str(Path(found).parent) if isinstance(found, str) else None
+    if folder is None or not Path(folder, "config.json").is_file():
+        print(f"USE_REAL_WEIGHTS: {hub_id} is not cached on this machine (download it on a connected machine "
+              f"with `hf download {hub_id}`, or set ERNIE_LAB_WEIGHTS_{size.upper()} to its folder); "
+              "the notebook goes on with the small models.")
+        return None, None
+    print("USE_REAL_WEIGHTS: loading", folder)
+    return load_model(folder), load_tokenizer(folder)
+
+
+class Difference(float):
+    """The largest difference `compare` found: a float that a notebook does not echo (the printed line says it)."""
+
+    def _ipython_display_(self) -> None:
+        pass
+
+
 def compare(label: str, ours: torch.Tensor, theirs: torch.Tensor, atol: float = 1e-5) -> float:
     """Print the largest difference of two tensors and fail when it exceeds `atol`; return it.
 
@@ -52,7 +181,7 @@ def compare(label: str, ours: torch.Tensor, theirs: torch.Tensor, atol: float = 
     scale = max(1.0, theirs.float().abs().max().item())
     print(f"{label:52s} max |diff| = {diff:.1e}  (values up to {scale:5.1f}; tolerance {atol:.0e} x {scale:.1f})")
     assert diff <= atol * scale, f"{label}: max difference {diff:.2e} exceeds {atol:.0e} x {scale:.1f}"
-    return diff
+    return Difference(diff)
 
 
 def load_heatmap(ax, fractions: torch.Tensor, title: str, row_labels: list[str], vmax: float | None = None,
@@ -146,3 +275,16 @@ def draw_expert_choices(columns: torch.Tensor, modality: torch.Tensor, experts_p
     ax.set_ylabel("expert")
     ax.set_title(title)
     plt.show()
+
+
+def expert_columns(entry, experts_per_group: int) -> torch.Tensor:
+    """(T, 2 E) mixing weights of one layer's routing record: text experts T0.., then vision experts V0.."""
+    columns = torch.zeros(entry.num_tokens, 2 * experts_per_group)
+    offsets = entry.modality[:, None] * experts_per_group                  # (T, 1): vision experts come after
+    columns.scatter_(1, entry.expert_ids + offsets, entry.weights)
+    return columns
+
+
+def draw_layer_routing(entry, experts_per_group: int, title: str) -> None:
+    """The experts every token of one MoE layer chose, and with what weight (text and vision groups apart)."""
+    draw_expert_choices(expert_columns(entry, experts_per_group), entry.modality, experts_per_group, title)

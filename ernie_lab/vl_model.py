@@ -82,7 +82,8 @@ class ErnieVLForConditionalGeneration(ErnieForCausalLM):
                 cache: KVCache | None = None, position_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
-                *, labels: torch.Tensor | None = None, output_router_logits: bool = False) -> CausalLMOutput:
+                *, labels: torch.Tensor | None = None, output_router_logits: bool = False,
+                logits_for_labels_only: bool = False) -> CausalLMOutput:
         """input_ids (B, T) with one placeholder id per vision token; pixels and grids from the preprocessor.
 
         With pictures, positions are 3-D and computed here from the ids (``position_ids`` is ignored);
@@ -99,7 +100,8 @@ class ErnieVLForConditionalGeneration(ErnieForCausalLM):
         modality = routing_groups(input_ids, self.config) if has_vision else None
         return super().forward(attention_mask=attention_mask, cache=cache, position_ids=positions,
                                logits_to_keep=logits_to_keep, inputs_embeds=h, labels=labels,
-                               output_router_logits=output_router_logits, modality=modality)
+                               output_router_logits=output_router_logits, modality=modality,
+                               logits_for_labels_only=logits_for_labels_only)
 
     def _insert(self, h, input_ids, token_id, pixels, grid, kind):
         """Put the adapter's tokens where the placeholders are (in reading order)."""

@@ -15,20 +15,27 @@
 # %% [markdown]
 # # 00 · A tour of ERNIE 4.5 and of this kit
 #
-# ERNIE 4.5 is Baidu's open model family (Apache-2.0, released 30 June 2025): one small dense
-# language model, two text mixture-of-experts (MoE) models and two vision-language MoE models.
-# This kit, **ernie-lab**, rebuilds them from scratch in plain PyTorch so you can read, run and
-# change every line.
+# **What you will learn:** what the ERNIE 4.5 family is (ten checkpoints, five sizes), what *total* and
+# *active* parameters mean, what a long context costs, how the course is ordered, and how to run a tiny
+# ERNIE yourself. **Time:** 25 min (core 15 min). **Memory:** under 1 GB.
 #
-# In this notebook:
+# ERNIE 4.5 is Baidu's open model family (Apache-2.0, released 30 June 2025; the
+# [technical report](https://ernie.baidu.com/blog/publication/ERNIE_Technical_Report.pdf)): one small dense
+# language model, two text mixture-of-experts (MoE) models and two vision-language MoE models. This kit,
+# **ernie-lab**, rebuilds them from scratch in plain PyTorch so you can read, run and change every line.
 #
-# 1. the family: ten checkpoints, five sizes, and what *total* vs *active* parameters means;
-# 2. the architecture in one picture;
-# 3. how the notebooks are ordered;
-# 4. where real weights come from;
-# 5. a tiny ERNIE model saved, loaded and run, live.
+# | section | what | time | tag |
+# |---|---|---|---|
+# | | a first look: a tiny trained ERNIE answers about a picture | 3 min | core |
+# | 1 | the family, counting parameters, the cost of a 128K context | 8 min | core |
+# | 2 | the architecture in one picture | 4 min | core |
+# | 3 | the course: the notebooks and the two lab tracks | 3 min | core |
+# | 4 | where real weights come from | 3 min | optional |
+# | 5 | a tiny ERNIE saved, loaded and run, live | 5 min | core |
+# | | exercise | 5 min | core |
 #
-# Set `ERNIE_LAB_FAST=1` in the environment to shrink work (tests do); every check still runs.
+# **Fast mode** (smaller models, fewer steps; every check still runs) is the switch in the next cell:
+# it reads `ERNIE_LAB_FAST` (`make lab FAST=1` sets it; the tests do too); set `FAST = True` there to force it.
 
 # %%
 # %matplotlib inline
@@ -41,7 +48,31 @@ import torch
 import ernie_lab
 from ernie_lab import notebook
 
-FAST = notebook.setup()  # seed 0; fast mode from ERNIE_LAB_FAST; prints where ernie_lab comes from
+FAST = notebook.setup()  # fast mode: from ERNIE_LAB_FAST (make lab FAST=1); write FAST = True to force it
+from ernie_lab import exercises
+from ernie_lab import family as F
+
+# %% [markdown]
+# ## A first look · core, 3 min
+#
+# The kit ships a tiny vision-language ERNIE, trained on pictures of shapes (`data/tiny-ernie-vl/`). Load
+# it, show it a picture, ask, and see which experts each token went to (text tokens to text experts,
+# picture tokens to vision experts):
+
+# %%
+from ernie_lab import routing, scenes
+
+TINY_VL = notebook.repo_path("data", "tiny-ernie-vl")
+if (TINY_VL / "config.json").exists():   # the trained tiny models ship with the kit (scripts/train_tiny.py)
+    vl_model, vl_tokenizer = ernie_lab.load_model(TINY_VL), ernie_lab.load_tokenizer(TINY_VL)
+    scene = scenes.random_scene(2026)
+    question = scenes.conversation(scenes.render(scene), "What is in the picture?", "")[:1]
+    with routing.record(vl_model) as first_look:
+        print("Q: What is in the picture?\nA:", ernie_lab.chat(vl_model, vl_tokenizer, question, max_new_tokens=24))
+    notebook.draw_layer_routing(first_look.layers[-1], vl_model.config.get_text_config().moe_num_experts,
+                                "the last MoE layer: which experts each token chose")
+else:
+    print(f"(the tiny trained models are not in {TINY_VL.parent} yet: `make train-tiny` makes them)")
 
 # %% [markdown]
 # ## 1 · The family
@@ -54,13 +85,14 @@ FAST = notebook.setup()  # seed 0; fast mode from ERNIE_LAB_FAST; prints where e
 # | model | kind | total params | active per token | layers | hidden | query / KV heads | experts (routed, top-k, shared) |
 # |---|---|---|---|---|---|---|---|
 # | ERNIE-4.5-0.3B | dense text | 0.36 B | 0.36 B | 18 | 1024 | 16 / 2 | none |
-# | ERNIE-4.5-21B-A3B | text MoE | 21.8 B | ~3 B | 28 | 2560 | 20 / 4 | 64, top-6, 2 shared |
-# | ERNIE-4.5-300B-A47B | text MoE | 300 B | 47 B | 54 | 8192 | 64 / 8 | 64, top-8, 0 shared |
-# | ERNIE-4.5-VL-28B-A3B | vision-language MoE | 28 B | ~3 B | 28 | 2560 | 20 / 4 | 64 text + 64 vision, top-6, 2 shared |
-# | ERNIE-4.5-VL-424B-A47B | vision-language MoE | 424 B | 47 B | 54 | 8192 | 64 / 8 | 64 text + 64 vision, top-8 |
+# | ERNIE-4.5-21B-A3B | text MoE | 21.83 B | 3.35 B | 28 | 2560 | 20 / 4 | 64, top-6, 2 shared |
+# | ERNIE-4.5-300B-A47B | text MoE | 299.48 B | 47.08 B | 54 | 8192 | 64 / 8 | 64, top-8, 0 shared |
+# | ERNIE-4.5-VL-28B-A3B | vision-language MoE | 29.40 B | 3.35 B | 28 | 2560 | 20 / 4 | 64 text + 64 vision, top-6, 2 shared |
+# | ERNIE-4.5-VL-424B-A47B | vision-language MoE | 423.53 B | 47.08 B | 54 | 8192 | 64 / 8 | 64 text + 64 vision, top-8 |
 #
 # All of them read a context of **128K tokens** (131,072 positions).
 #
+# (All counts from `ernie_lab.family`, printed below; notebook 09 explains why the names round as they do.)
 # The name says the size: `21B-A3B` is 21 billion parameters in total of which about 3 billion
 # are *active* for any one token. In a mixture-of-experts layer a small router picks 6 of 64
 # expert MLPs per token, so most expert weights sit idle for that token. Memory has to hold all
@@ -82,9 +114,10 @@ for repo in hub_ids("0.3B"):
 print(f"... {len(checkpoints)} checkpoints, {len(repositories)} repositories in all")
 
 # %%
-assert len(checkpoints) == 10, checkpoints
-assert len(set(repositories)) == 20
-assert "baidu/ERNIE-4.5-0.3B-PT" in repositories and "baidu/ERNIE-4.5-VL-424B-A47B-Base-Paddle" in repositories
+# The naming rule, checked against the package's table of published checkpoints (ernie_lab.checkpoints)
+published = {c.hub_id for c in F.CHECKPOINTS.values()} | {c.paddle_hub_id for c in F.CHECKPOINTS.values()}
+assert set(repositories) == published, sorted(set(repositories) ^ published)
+assert checkpoints == set(F.CHECKPOINTS), sorted(checkpoints ^ set(F.CHECKPOINTS))
 
 # %% [markdown]
 # ### Counting parameters by hand
@@ -154,45 +187,32 @@ assert count_parameters(ERNIE_21B_A3B) == reference_counts["21B-A3B"] == 21_825_
 assert 3.0e9 < count_parameters(ERNIE_21B_A3B, active=True) < 3.5e9  # the "A3B" in the name
 
 # %% [markdown]
-# The picture below puts the five sizes side by side (published totals; note the logarithmic
-# axis). For the two MoE text models the active share is 15% or less; the dense 0.3B uses every
-# weight for every token.
+# The picture below puts the five sizes side by side (note the logarithmic axis), with the counts of
+# `ernie_lab.family`, the one source of every headline number in this course. For the two MoE text models
+# the active share is 16% or less; the dense 0.3B uses every weight for every token.
+#
+# ![The ERNIE 4.5 family: total and active parameters](../figures/ernie45_family.png)
 
 # %%
-# Published totals and active counts in billions (the 21B-A3B active count is the formula's).
-family = {
-    "0.3B": (0.36, 0.36),
-    "21B-A3B": (21.8, count_parameters(ERNIE_21B_A3B, active=True) / 1e9),
-    "300B-A47B": (300, 47),
-    "VL-28B-A3B": (28, 3),
-    "VL-424B-A47B": (424, 47),
-}
-names = list(family)
-x = torch.arange(len(names)).float()
-fig, ax = plt.subplots(figsize=(9, 4.2))
-ax.bar(x - 0.2, [t for t, _ in family.values()], width=0.4, label="total", color="#4c72b0")
-ax.bar(x + 0.2, [a for _, a in family.values()], width=0.4, label="active per token", color="#dd8452")
-for i, (total, active) in enumerate(family.values()):
-    ax.text(i - 0.2, total * 1.1, f"{total:g}", ha="center", fontsize=9)
-    ax.text(i + 0.2, active * 1.1, f"{active:.2g}", ha="center", fontsize=9)
-ax.set_yscale("log")
-ax.set_ylim(0.1, 2000)
-ax.set_xticks(x.tolist(), names)
-ax.set_ylabel("parameters (billions, log scale)")
-ax.set_xlabel("ERNIE 4.5 model")
-ax.set_title("ERNIE 4.5: total vs active parameters per token")
-ax.legend()
-plt.tight_layout()
-plt.show()
-assert all(active <= total for total, active in family.values())
+for name, c in F.CHECKPOINTS.items():
+    if c.post_trained:
+        counts = F.count_params(c)
+        print(f"{name:24s} total {counts.total / 1e9:7.2f} B   active per token {counts.active / 1e9:6.2f} B")
+# the formula above, applied to the 21B-A3B, agrees with the package's count
+assert count_parameters(ERNIE_21B_A3B, active=True) == F.count_params(F.CONFIG_21B_A3B).active
 
 
 # %% [markdown]
 # ### What a 128K context costs
 #
-# Attention needs the keys and values of every earlier token. The KV cache holds, per token,
-# $2 \times L \times H_{kv} \times d$ numbers. Grouped-query attention (few KV heads) is what
-# keeps that affordable at 131,072 tokens:
+# Attention needs the keys and values of every earlier token. The **KV cache** keeps them, so that each
+# new token is computed once (notebook 01 builds it):
+#
+# ![The KV cache](../figures/kv_cache.png)
+#
+# Per token it holds $2 \times L \times H_{kv} \times d$ numbers. Grouped-query attention
+# ([GQA, Ainslie et al. 2023](https://arxiv.org/abs/2305.13245): many query heads share few key/value
+# heads) is what keeps that affordable at 131,072 tokens:
 
 # %%
 def kv_bytes_per_token(c, bytes_per_number: int = 2) -> int:  # bf16: 2 bytes
@@ -203,8 +223,23 @@ for name, c in [("0.3B", ERNIE_0_3B), ("21B-A3B", ERNIE_21B_A3B)]:
     per_token = kv_bytes_per_token(c)
     full = per_token * c.max_position_embeddings
     print(f"{name:8s} {per_token:>7,} bytes/token -> {full / 2**30:5.2f} GiB for {c.max_position_embeddings:,} tokens (bf16)")
-assert ERNIE_0_3B.max_position_embeddings == 128 * 1024
-assert kv_bytes_per_token(ERNIE_0_3B) == 18_432  # 2 (k, v) x 18 layers x 2 heads x 128 dims x 2 bytes
+
+# Checked against the real cache: allocate one for 100 tokens (on the meta device: shapes, no memory)
+probe = ernie_lab.KVCache(ERNIE_0_3B.num_hidden_layers, 1, ERNIE_0_3B.num_key_value_heads, ERNIE_0_3B.head_dim,
+                          max_len=100, dtype=torch.bfloat16, device="meta")
+measured = sum(t.numel() * t.element_size() for t in probe.keys + probe.values) / 100
+assert kv_bytes_per_token(ERNIE_0_3B) == measured, (kv_bytes_per_token(ERNIE_0_3B), measured)
+
+# %% [markdown]
+# **Exercise · core, 5 min.** How long must a conversation be before the 0.3B's bf16 KV cache is as large
+# as the model's own bf16 weights (360,748,032 parameters)? Replace `None` with your number and run the
+# cell: the check says "not attempted yet" with a hint until you do, explains what differs when the
+# answer is wrong, and says "correct" when it is right. (Solutions of every exercise: `solutions/`.)
+
+# %%
+tokens_where_cache_equals_weights = None   # your answer: a number of tokens
+
+exercises.check("00.kv_crossover", tokens_where_cache_equals_weights)
 
 
 # %% [markdown]
@@ -214,59 +249,41 @@ assert kv_bytes_per_token(ERNIE_0_3B) == 18_432  # 2 (k, v) x 18 layers x 2 head
 # an output head tied to the embedding. Each layer is *pre-norm*: normalise, transform, add back
 # to the residual stream. Dense layers use one SwiGLU MLP; MoE layers swap it for a router and
 # experts; the VL models add a vision encoder whose patch features enter as extra tokens.
-
-# %%
-def draw_box(ax, y, text, color, width=0.7):
-    ax.add_patch(plt.Rectangle((0.5 - width / 2, y - 0.3), width, 0.6, color=color, ec="black"))
-    ax.text(0.5, y, text, ha="center", va="center", fontsize=10)
-
-
-fig, ax = plt.subplots(figsize=(6.5, 7))
-rows = [
-    ("token ids  (B, T)", "#ffffff"),
-    ("embedding  E[ids]  (B, T, hidden)", "#c6dbef"),
-    ("RMSNorm", "#fdd0a2"),
-    ("GQA attention + interleaved RoPE  (+ KV cache)", "#9ecae1"),
-    ("add to residual", "#eeeeee"),
-    ("RMSNorm", "#fdd0a2"),
-    ("SwiGLU MLP  |  MoE: router + experts", "#a1d99b"),
-    ("add to residual", "#eeeeee"),
-    ("final RMSNorm", "#fdd0a2"),
-    ("LM head = E^T (tied)  ->  logits (B, T, vocab)", "#c6dbef"),
-]
-ys = list(range(len(rows)))[::-1]
-for (text, color), y in zip(rows, ys):
-    draw_box(ax, y, text, color)
-for y in ys[:-1]:
-    ax.annotate("", xy=(0.5, y - 0.7), xytext=(0.5, y - 0.3), arrowprops=dict(arrowstyle="->"))
-for src, dst in [(ys[1] - 0.5, ys[4]), (ys[4] - 0.5, ys[7])]:  # the residual stream skips each block
-    ax.plot([0.5, 0.11, 0.11], [src, src, dst], color="#555555", lw=1.2)
-    ax.annotate("", xy=(0.15, dst), xytext=(0.11, dst), arrowprops=dict(arrowstyle="->", color="#555555"))
-    ax.text(0.1, (src + dst) / 2, "residual", rotation=90, ha="right", va="center", fontsize=8, color="#555555")
-ax.add_patch(plt.Rectangle((0.04, ys[7] - 0.45), 0.88, ys[2] - ys[7] + 0.9, fill=False, ls="--", ec="gray"))
-ax.text(0.93, (ys[2] + ys[7]) / 2, "x L layers\n(18 for 0.3B)", va="center", fontsize=9, color="gray")
-ax.set_xlim(0, 1.15)
-ax.set_ylim(-0.6, len(rows) - 0.4)
-ax.axis("off")
-ax.set_title("The ERNIE 4.5 text decoder (one layer drawn)")
-plt.tight_layout()
-plt.show()
+#
+# ![One ERNIE 4.5 decoder layer](../figures/decoder_layer.png)
+#
+# The **residual stream** is the vector each token carries from layer to layer; every block reads a
+# normalised copy and adds its result back. The last layer's stream, multiplied by the output head, gives
+# the **logits**: one score per vocabulary entry, which a softmax turns into next-token probabilities.
+# An MoE layer replaces the MLP like this (notebook 02):
+#
+# ![The MoE layer](../figures/moe_layer.png)
 
 # %% [markdown]
 # ## 3 · How to use this kit
 #
 # Each notebook builds one idea by hand, compares it with `transformers`' reference on the same
 # weights, shows that it equals the matching piece of the `ernie_lab` package, and from then on
-# uses the package. Read them in order:
+# uses the package. The course map (blue: dense track, orange: MoE / vision-language track, grey: both):
 #
-# | notebook | what you build |
-# |---|---|
-# | 00 tour | this page |
-# | 01 dense decoder from scratch | RMSNorm, interleaved RoPE, GQA attention, SwiGLU, the 0.3B, KV cache, generation |
-# | 02 mixture of experts | router, top-k with correction bias, shared experts: the 21B-A3B |
-# | 03 vision encoder & 3-D RoPE | the ViT, patch merging, positions in time, height and width |
-# | 04 multimodal MoE | modality-isolated routing: text experts and vision experts |
-# | 09 family & scale | the large shapes, memory and speed arithmetic for the whole family |
+# ![The course map](../figures/course_map.png)
+#
+# | notebook | what you build | time |
+# |---|---|---|
+# | 00 tour | this page | 25 min |
+# | 01 dense decoder from scratch | RMSNorm, interleaved RoPE, GQA attention, SwiGLU, the 0.3B, KV cache, generation | 75 min |
+# | 02 mixture of experts | router, top-k with correction bias, shared experts, an MoE block by hand: the 21B-A3B | 60 min |
+# | 03 vision encoder & 3-D RoPE | the ViT and adapter by hand, patch merging, positions in time, height and width | 45 min |
+# | 04 multimodal MoE | modality-isolated routing: text experts and vision experts | 45 min |
+# | 05 training | the training loop (SFT: supervised fine-tuning on answers), the tiny models' recipe | 45 min |
+# | 06 seeing attention and routing | attention heads and routing pictures of a trained model | 30 min |
+# | 07 quantization | weight-only int8 / int4 and what it costs in quality | 40 min |
+# | 08 LoRA fine-tuning | low-rank adapters on a frozen model | 40 min |
+# | 09 family & scale | the large shapes, memory and speed arithmetic, expert / tensor / pipeline parallelism | 45 min |
+#
+# Two 90-minute lab plans (README.md has them too): **dense track** 00 (15) -> 01 core (50) -> 07 (25);
+# **MoE / VL track** 00 (15) -> 02 core (35) -> 03 core (15) -> 04 core (25). Sections tagged *optional*
+# are for after the lab.
 #
 # The package itself is small: one module per idea (`norm.py`, `rope.py`, `attention.py`,
 # `mlp.py`, `kv_cache.py`, `model.py`, `loading.py`, `generation.py`). The public entry points:
@@ -281,12 +298,14 @@ plt.show()
 notebook_dir = notebook.repo_path("notebooks")  # the sources; each .ipynb is made from its .py
 present = sorted(p.name for p in notebook_dir.glob("[0-9][0-9]_*.py"))
 print("notebooks in this checkout:", *present, sep="\n  ")
-assert "00_tour.py" in present
+numbers = [number for number, *_ in notebook.COURSE]
+assert numbers == [f"{i:02d}" for i in range(len(numbers))], "the course is numbered without gaps"
+assert {name[:2] for name in present} <= set(numbers), "every notebook in the checkout is on the course map"
 
 # %% [markdown]
 # ## 4 · Where real weights come from
 #
-# This kit never ships weights. `ernie_lab.load_model` takes either
+# Apart from its tiny trained models, this kit ships no weights. `ernie_lab.load_model` takes either
 #
 # * a **Hub id** such as `"baidu/ERNIE-4.5-0.3B-PT"`: the files are looked up in the Hugging Face
 #   cache (`$HF_HOME`, by default `~/.cache/huggingface`) and downloaded into it if the Hub can be
@@ -362,5 +381,15 @@ assert torch.equal(ours, theirs)
 assert len(set(ours[0, 5:].tolist())) > 1  # a varied continuation, so the match means something
 
 # %% [markdown]
-# The same call works on the real 0.3B: only the folder changes. Notebook **01** opens the model
-# up and builds every piece of it by hand.
+# The same call works on the real 0.3B: only the folder changes.
+#
+# ## Key takeaways
+#
+# * One decoder serves the whole family: pre-norm layers of GQA attention with interleaved RoPE and a
+#   SwiGLU MLP, which the MoE models replace by a router and experts in most layers.
+# * *Total* parameters decide the memory, *active* ones the compute per token: 21.83 B vs 3.35 B for the
+#   21B-A3B (all numbers from `ernie_lab.family`).
+# * A long context costs memory in the KV cache; GQA's few key/value heads keep it small.
+# * Every piece of ernie-lab is checked against `transformers` on the same weights.
+#
+# **What comes next:** notebook **01** opens the dense model up and builds every piece of it by hand.

@@ -15,6 +15,19 @@
 # %% [markdown]
 # # 01 · The dense ERNIE 4.5 decoder, from scratch
 #
+# **What you will learn:** every piece of a modern decoder (RMSNorm, rotary positions, grouped-query
+# attention, SwiGLU), written by hand and proven equal to `transformers`; loading a checkpoint; the KV
+# cache; greedy decoding and sampling. **Time:** 75 min (core 55 min). **Memory:** fast mode under 2 GB;
+# full mode (the real 0.3B shape, random weights) about 3 GB: two float32 copies of 1.4 GB each at a
+# time, and a temporary 1.4 GB checkpoint that is deleted after loading.
+#
+# ![One ERNIE 4.5 decoder layer](../figures/decoder_layer.png)
+#
+# Papers behind the pieces: RMSNorm ([Zhang & Sennrich 2019](https://arxiv.org/abs/1910.07467)), RoPE
+# ([Su et al. 2021](https://arxiv.org/abs/2104.09864)), GQA ([Ainslie et al. 2023](https://arxiv.org/abs/2305.13245)),
+# SwiGLU ([Shazeer 2020](https://arxiv.org/abs/2002.05202)); the model:
+# [ERNIE 4.5 technical report](https://ernie.baidu.com/blog/publication/ERNIE_Technical_Report.pdf).
+#
 # ERNIE-4.5-0.3B is a plain decoder-only transformer with a few choices of its own: RMSNorm,
 # rotary positions on **interleaved** pairs, grouped-query attention with 16 query heads but only
 # 2 key/value heads of width 128, a SwiGLU MLP and an output head tied to the embedding.
@@ -41,6 +54,7 @@
 # %%
 # %matplotlib inline
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -52,13 +66,15 @@ from tqdm.auto import tqdm
 
 import ernie_lab
 from ernie_lab.config import ERNIE_0_3B, ErnieConfig
+from ernie_lab import exercises, notebook
 from ernie_lab.notebook import compare, setup
 
-FAST = setup()
 torch.set_grad_enabled(False)  # this notebook only runs models forward
+FAST = setup()  # fast mode: from ERNIE_LAB_FAST (make lab FAST=1); write FAST = True here to force it
+USE_REAL_WEIGHTS = False  # True: also use a real checkpoint a lecturer has cached (never downloads)
 
 # %% [markdown]
-# ## 0 · The configuration and a reference model
+# ## 0 · The configuration and a reference model · core, 5 min
 #
 # A config is a handful of integers that fix every tensor shape. Note the 0.3B's oddity: 16 query
 # heads of width 128 make 2048, twice the model width of 1024, so the query projection *widens*.
@@ -119,7 +135,7 @@ ref_layer = reference.model.layers[0]
 
 
 # %% [markdown]
-# ## 1 · RMSNorm
+# ## 1 · RMSNorm · core, 5 min
 #
 # Before each sub-block the residual vector $x \in \mathbb{R}^h$ is rescaled to unit root mean square
 # and multiplied by a learned gain $g$:
@@ -177,7 +193,7 @@ assert torch.allclose(rms_out[rms_in > 0.1], torch.ones(1), atol=1e-3)
 
 
 # %% [markdown]
-# ## 2 · Rotary position embedding (RoPE), interleaved
+# ## 2 · Rotary position embedding (RoPE), interleaved · core, 10 min
 #
 # Attention compares a query with keys by dot products, which know nothing about order. RoPE
 # rotates each query and key by an angle proportional to its position. A head vector of width
@@ -231,8 +247,9 @@ compare("RoPE on q: by hand vs ernie_lab.rope.apply_rope", rope_by_hand(q, posit
 # %% [markdown]
 # Three pictures of RoPE. **Left:** $\cos(p\,\omega_i)$ for every position and pair: the first
 # pairs spin fast, the last barely move, so together they tell near and far positions apart.
-# **Middle:** the wavelength $2\pi/\omega_i$ of each pair, from about 6 tokens to over ten million
-# (the 128K context is marked). **Right:** the score $\langle R_m q, R_n k\rangle$ of one fixed query
+# **Middle:** the wavelength $2\pi/\omega_i$ of each pair, from $2\pi \approx 6$ tokens for the first pair
+# to $2\pi\,\theta^{(d-2)/d} \approx 2.56$ million tokens for the last ($d = 128$, $\theta = 500\,000$;
+# computed below), far beyond the 128K context (marked). **Right:** the score $\langle R_m q, R_n k\rangle$ of one fixed query
 # and key placed at positions $m$ and $n$: constant along every diagonal, since only $n-m$ matters.
 
 # %%
@@ -267,13 +284,17 @@ fig.colorbar(im, ax=axes[2])
 plt.tight_layout()
 plt.show()
 
+longest = 2 * math.pi * cfg.rope_theta ** ((cfg.head_dim - 2) / cfg.head_dim)
+print(f"wavelengths from {2 * math.pi / freqs[0]:.2f} to {2 * math.pi / freqs[-1]:,.0f} tokens")
+assert math.isclose(2 * math.pi / freqs[-1].item(), longest, rel_tol=1e-4) and 2.5e6 < longest < 2.6e6
 # The picture's claim, checked: shifting both positions by 7 leaves every score unchanged.
 compare("RoPE scores depend only on n - m", scores[7:, 7:], scores[:-7, :-7], atol=1e-4)
 
 # %% [markdown]
 # Which dimensions form a pair? ERNIE pairs neighbours; Llama (`rotate_half`) pairs dimension $i$
 # with $i + d/2$. Both are valid rotary embeddings, but a checkpoint trained with one gives garbage
-# with the other. Exercise 2 at the end lets you prove which one ERNIE uses.
+# with the other. Exercise 1 at the end has you write the rotate-half layout and put it into the
+# model, to watch the logits leave the checkpoint's.
 
 # %%
 from matplotlib.patches import Arc
@@ -299,7 +320,7 @@ plt.show()
 
 
 # %% [markdown]
-# ## 3 · Causal grouped-query attention
+# ## 3 · Causal grouped-query attention · core, 10 min
 #
 # Each head $h$ projects the normalised residual into queries, keys and values and mixes the values
 # of earlier tokens by how well their keys match its query:
@@ -411,7 +432,7 @@ plt.show()
 
 
 # %% [markdown]
-# ## 4 · The SwiGLU MLP
+# ## 4 · The SwiGLU MLP · core, 3 min
 #
 # After attention has moved information between positions, the MLP transforms each position on its
 # own. ERNIE uses a *gated* MLP: one projection decides how much of each of the $I$ features passes
@@ -459,7 +480,7 @@ plt.show()
 
 
 # %% [markdown]
-# ## 5 · The decoder layer
+# ## 5 · The decoder layer · core, 4 min
 #
 # A layer adds two updates to the residual stream, each computed from a normalised copy (pre-norm):
 #
@@ -513,7 +534,7 @@ compare("decoder layer: by hand vs ernie_lab DecoderLayer", hand_layer(x, positi
 
 
 # %% [markdown]
-# ## 6 · The whole model
+# ## 6 · The whole model · core, 5 min
 #
 # Token ids pick rows of the embedding matrix $E \in \mathbb{R}^{V\times h}$; the layers update
 # the residual stream; a final RMSNorm; and the logits are dot products with the **same** matrix
@@ -598,7 +619,7 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## 7 · Loading a checkpoint
+# ## 7 · Loading a checkpoint · optional, 5 min
 #
 # A Hub checkpoint is a folder: `config.json` plus `model.safetensors` (or shards listed in
 # `model.safetensors.index.json`). `transformers`' `save_pretrained` writes exactly that layout,
@@ -608,6 +629,7 @@ plt.show()
 # then fills the skeleton.
 
 # %%
+del model  # the package's copy from section 6 is no longer needed: keep at most two models in memory
 checkpoint = Path(tempfile.mkdtemp(prefix="ernie-0.3b-shape-"))
 reference.save_pretrained(checkpoint)
 for file in sorted(checkpoint.iterdir()):
@@ -635,14 +657,19 @@ except ernie_lab.CheckpointError as err:
     print("CheckpointError:", err)
     assert f"layers.{cfg.num_hidden_layers}." in str(err)
 
+shutil.rmtree(broken)
+shutil.rmtree(checkpoint)   # the temporary checkpoint (1.4 GB in full mode) is loaded; delete it
+
 # %% [markdown]
-# ## 8 · The KV cache
+# ## 8 · The KV cache · core, 8 min
 #
 # Generating token $t+1$ needs attention over all $t$ earlier tokens, but their keys and values
 # never change once computed. The KV cache keeps them: after one **prefill** pass over the prompt,
 # each **decode** step runs the model on the single new token, appends its key and value rows
 # (per layer: $2 \times H_{kv} \times d$ numbers) and attends over everything stored.
 # `ernie_lab.KVCache` preallocates the buffers and writes in place.
+#
+# ![The KV cache](../figures/kv_cache.png)
 #
 # The check: feeding a sequence as a prompt plus one token at a time through the cache must give
 # the same logits as one pass over the whole sequence.
@@ -667,7 +694,7 @@ compare("logits: cached decode vs full recomputation", torch.cat(pieces, dim=1),
 # $t^2$); with it a step costs about the same at any length, dominated by reading the weights.
 
 # %%
-def median_seconds(fn, repeats: int = 3) -> float:
+def median_seconds(fn, repeats: int = 5) -> float:
     fn()  # warm-up: the first call pays for memory allocation
     times = []
     for _ in range(repeats):
@@ -691,18 +718,28 @@ for t in tqdm(lengths, desc="timing"):
 
     with_cache.append(median_seconds(one_step))
 
-fig, ax = plt.subplots(figsize=(6.5, 3.8))
-ax.plot(lengths, [s * 1e3 for s in no_cache], marker="o", label="recompute all t + 1 tokens")
-ax.plot(lengths, [s * 1e3 for s in with_cache], marker="o", label="one step with the KV cache")
-ax.set_xlabel("tokens already in the context (t)")
-ax.set_ylabel("time for the next token (ms)")
-ax.set_title("Next-token cost with and without a KV cache")
-ax.legend()
+# Left: the work, counted (independent of how busy the machine is): token rows through the model and
+# key rows read by attention. Right: the time, median of 5 repeats (a loaded machine adds noise).
+fig, (work_ax, time_ax) = plt.subplots(1, 2, figsize=(12, 3.8))
+work_ax.plot(lengths, [t + 1 for t in lengths], marker="o", label="recompute: rows through every layer")
+work_ax.plot(lengths, [1 for _ in lengths], marker="o", label="cached: rows through every layer")
+work_ax.plot(lengths, [t + 1 for t in lengths], ls=":", color="gray", label="cached: key rows read (grows, but cheap)")
+work_ax.set_xlabel("tokens already in the context (t)")
+work_ax.set_ylabel("rows per next token")
+work_ax.set_title("Work for the next token (counted)")
+work_ax.legend(fontsize=9)
+time_ax.plot(lengths, [s * 1e3 for s in no_cache], marker="o", label="recompute all t + 1 tokens")
+time_ax.plot(lengths, [s * 1e3 for s in with_cache], marker="o", label="one step with the KV cache")
+time_ax.set_xlabel("tokens already in the context (t)")
+time_ax.set_ylabel("time for the next token (ms, median of 5)")
+time_ax.set_title("Time for the next token (measured)")
+time_ax.legend()
 plt.tight_layout()
 plt.show()
+print("cached step / recompute, at the longest context:", f"{with_cache[-1] / no_cache[-1]:.2f}")
 
 # %% [markdown]
-# ## 9 · Generation
+# ## 9 · Generation · core, 8 min
 #
 # `ernie_lab.generate` prefills the prompt, then picks one token per step. **Greedy** decoding takes
 # the most likely token; it must reproduce `transformers`' `generate` token for token, also for a
@@ -744,6 +781,24 @@ ax.legend()
 plt.tight_layout()
 plt.show()
 
+# %% [markdown]
+# A random model's distributions are flat, so temperature changes little you can read. The kit's tiny
+# trained text model (`data/tiny-ernie-text/`, trained on Python's help pages) shows what temperature does
+# to text: greedy repeats the most likely phrase, higher temperatures wander.
+
+# %%
+TINY_TEXT = notebook.repo_path("data", "tiny-ernie-text")
+if (TINY_TEXT / "config.json").exists():
+    tiny_text, tiny_tokenizer = ernie_lab.load_model(TINY_TEXT), ernie_lab.load_tokenizer(TINY_TEXT)
+    start = [tiny_tokenizer.encode("A list is")]
+    for temperature in (0.0, 0.7, 1.5):
+        out = ernie_lab.generate(tiny_text, start, 24, temperature=temperature, eos_token_id=[],
+                                 generator=torch.Generator().manual_seed(0))
+        print(f"T = {temperature}:", repr(tiny_tokenizer.decode(out[0].tolist())))
+    del tiny_text
+else:
+    print(f"(the tiny trained text model is not in {TINY_TEXT} yet: `make train-tiny` makes it)")
+
 # %%
 # Checks of the sampler's promises.
 greedy = pick_next_token(logits)
@@ -762,10 +817,10 @@ assert torch.equal(first, again) and not torch.equal(first, other)  # same seed,
 print("sampled (T=0.8, top-p 0.9):", first[:, 6:].tolist())
 
 # %% [markdown]
-# ## 10 · Text in, text out: tokenizer and chat template
+# ## 10 · Text in, text out: tokenizer and chat template · optional, 5 min
 #
 # The model reads token ids. `ernie_lab.load_tokenizer(folder_or_hub_id)` reads a checkpoint's
-# SentencePiece `tokenizer.model`; without one (as here, offline) it falls back, with a warning, to
+# SentencePiece `tokenizer.model`; without one (as for this random model) it falls back, with a warning, to
 # the kit's **stand-in**: a small SentencePiece model trained on Python's help texts that keeps
 # ERNIE's special tokens at their real ids (`<|begin_of_sentence|>` = 100273, ...). Ordinary words
 # get different ids than in the real vocabulary, which does not matter for a random model.
@@ -798,7 +853,8 @@ reply_ids = reply[0, len(chat_ids):].tolist()
 print("reply ids   :", reply_ids)
 print("reply tokens:", tokenizer.convert_ids_to_tokens(reply_ids))
 print("reply text  :", repr(tokenizer.decode(reply_ids, skip_special_tokens=True)))
-assert reply.shape[1] > len(chat_ids)
+# generate's reply is the continuation of the chat ids: the prompt comes back unchanged, then new ids
+assert reply[0, :len(chat_ids)].tolist() == chat_ids and 0 < len(reply_ids) <= 12
 
 # %% [markdown]
 # The random model picks ids anywhere in the 103,424 rows of its embedding, while the stand-in
@@ -808,115 +864,90 @@ assert reply.shape[1] > len(chat_ids)
 # (chat template, generate, decode) produce a readable reply.
 
 # %% [markdown]
-# ## Exercises
-#
-# Each exercise cell holds a working reference answer so that the notebook runs end to end.
-# Replace it with your own and run the check cell below it.
+# **With real weights (optional).** With `USE_REAL_WEIGHTS = True` in the first cell and the 0.3B cached
+# on this machine, the same three calls give a readable reply from the trained model.
+
+# %%
+if USE_REAL_WEIGHTS:
+    real_model, real_tokenizer = notebook.cached_model("baidu/ERNIE-4.5-0.3B-PT")
+    if real_model is not None:
+        print(ernie_lab.chat(real_model, real_tokenizer, messages, max_new_tokens=48))
+        del real_model
 
 # %% [markdown]
-# ### Exercise 1 · The KV cache of the 0.3B
+# ## Exercises · core, 25 min
 #
-# How many bytes does the 0.3B's KV cache hold **per token** in bfloat16 (2 bytes per number)?
-# And how long must the context be before the cache is as large as the model's own bfloat16 weights?
-# *Hint:* keys and values, every layer, only the KV heads.
-
-# %%
-# YOUR ANSWER (the reference answer is filled in; replace it with your own)
-c = ERNIE_0_3B
-kv_bytes_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2
-tokens_where_cache_equals_weights = 360_748_032 * 2 / kv_bytes_per_token
-
-# %%
-# Check against the real KVCache: allocate one (on the meta device: shapes only) and measure it.
-probe = KVCache(c.num_hidden_layers, 1, c.num_key_value_heads, c.head_dim, max_len=100, dtype=torch.bfloat16,
-                device="meta")
-measured = sum(t.numel() * t.element_size() for t in probe.keys + probe.values) / 100
-assert kv_bytes_per_token == measured, (kv_bytes_per_token, measured)
-assert abs(tokens_where_cache_equals_weights - real_shape.num_parameters() * 2 / measured) < 1
-print(f"{kv_bytes_per_token:,} bytes per token; the cache outweighs the weights after "
-      f"{tokens_where_cache_equals_weights:,.0f} tokens. With 16 KV heads (no GQA) it would be 8x more.")
-
+# Each exercise is a stub for you to fill in, followed by a check from `ernie_lab.exercises`. Until you
+# write something the check says "not attempted yet" and gives a hint; a wrong answer stops with a
+# message that says what differs; a right one says "correct". The solutions are in `solutions/`.
 
 # %% [markdown]
-# ### Exercise 2 · Interleaved or rotate-half?
+# ### Exercise 1 · The other RoPE layout, in the model (an experiment)
 #
-# Implement both layouts of RoPE with `cos` and `sin` tables of shape `(B, T, d/2)`:
-# *interleaved* rotates pairs $(x_{2i}, x_{2i+1})$, *rotate-half* (Llama) rotates $(x_i, x_{i+d/2})$.
-# Which one matches `transformers`' ERNIE? The check also shows that both are rotations (they keep
-# lengths) and that one turns into the other by permuting the head dimensions: the two layouts
-# differ only in how the q and k projections order their output rows.
+# Write Llama's *rotate-half* RoPE: dimension $i$ turns together with dimension $i + d/2$ (ERNIE's
+# interleaved layout turns $2i$ with $2i+1$). `x` is `(B, H, T, d)`, `cos` and `sin` are `(B, T, d/2)`
+# as `ernie_lab.rope.rope_angles` makes them.
 
 # %%
-# YOUR ANSWER (the reference answer is filled in; replace it with your own)
-def rope_interleaved(x, cos, sin):                       # x: (B, H, T, d); cos, sin: (B, T, d/2)
-    cos, sin = cos[:, None], sin[:, None]
-    even, odd = x[..., 0::2], x[..., 1::2]
-    return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
-
-
 def rope_rotate_half(x, cos, sin):
-    cos, sin = cos[:, None], sin[:, None]
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+    ...   # your code here
 
 
-# %%
-angles_cos, angles_sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
-interleaved, rotate_half = rope_interleaved(q, angles_cos, angles_sin), rope_rotate_half(q, angles_cos, angles_sin)
-gap_interleaved = (interleaved - q_ref).abs().max().item()
-gap_rotate_half = (rotate_half - q_ref).abs().max().item()
-print(f"interleaved vs transformers: {gap_interleaved:.1e}   rotate-half vs transformers: {gap_rotate_half:.1e}")
-assert gap_interleaved < 1e-5 and gap_rotate_half > 1e-1  # ERNIE 4.5 is interleaved
-
-for rotated in (interleaved, rotate_half):  # both are rotations: vector lengths are kept
-    assert torch.allclose(rotated.norm(dim=-1), q.norm(dim=-1), atol=1e-4)
-d = cfg.head_dim  # [0, 2, 4, ..., 1, 3, 5, ...]: evens first, then odds
-to_halves = torch.cat((torch.arange(0, d, 2), torch.arange(1, d, 2)))
-compare("interleaved == rotate-half after permuting dims", interleaved[..., to_halves],
-        rope_rotate_half(q[..., to_halves], angles_cos, angles_sin))
+exercises.check("01.rope_rotate_half", rope_rotate_half)
 
 # %% [markdown]
-# ### Exercise 3 · One layer, by formula
+# Now put your layout into the model that loaded the checkpoint, and compare its logits with the
+# checkpoint's own (interleaved) logits. Both layouts are valid rotary embeddings; the weights were made
+# for one of them. The same rotation applied after permuting the head dimensions
+# (`[0, 2, 4, ..., 1, 3, 5, ...]`) would give the interleaved result again: the two layouts differ only
+# in how the q and k projections order their output rows.
+
+# %%
+probe_ids = torch.randint(0, cfg.vocab_size, (1, 16))
+if exercises.check("01.rope_rotate_half", rope_rotate_half):
+    with notebook.rope_layout(rope_rotate_half):
+        swapped = loaded(probe_ids).logits
+    own = loaded(probe_ids).logits
+    gap = (swapped - own).abs().amax(-1)[0]                                # (16,): per position
+    print("largest logit change per position:", [f"{g:.2f}" for g in gap.tolist()])
+    print("same next-token choice at", int((swapped.argmax(-1) == own.argmax(-1)).sum()), "of 16 positions")
+    assert gap[0] < 1e-6 < gap[1:].min()   # position 0 is not rotated at all (angle 0); every later one is off
+
+# %% [markdown]
+# ### Exercise 2 · The top-p nucleus
 #
-# Write the number of parameters of one decoder layer of the **real** 0.3B as a formula of the
-# config fields (attention projections, the SwiGLU MLP, the two RMSNorm gains).
+# Section 9 sampled with `top_p`. Write the nucleus yourself: given next-token probabilities `probs (V,)`
+# and `p`, return the ids (sorted) of the smallest set of most likely tokens whose probabilities add up
+# to at least `p`.
 
 # %%
-# YOUR ANSWER (the reference answer is filled in; replace it with your own)
-c = ERNIE_0_3B
-h, H, Hkv, d, I = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
-layer_parameters = h * H * d + 2 * h * Hkv * d + H * d * h + 3 * h * I + 2 * h
+def nucleus(probs, p):
+    ...   # your code here
 
-# %%
-with torch.device("meta"):
-    one_layer = DecoderLayer(ERNIE_0_3B, layer_idx=0)
-measured = sum(p.numel() for p in one_layer.parameters())
-print(f"one layer: {layer_parameters:,} by formula, {measured:,} counted "
-      f"({measured * ERNIE_0_3B.num_hidden_layers / 360_748_032:.0%} of the model in all 18 layers)")
-assert layer_parameters == measured
+
+exercises.check("01.nucleus", nucleus)
 
 # %% [markdown]
-# ### Exercise 4 · What the causal mask protects
+# ### Exercise 3 · What the causal mask protects
 #
 # Change one token in the **middle** of a sequence. Which positions' logits may change? Write the
-# positions (0-based) whose logits stay exactly as they were, for a 16-token sequence where
-# position 10 is changed.
+# positions (0-based) whose logits stay exactly as they were, for a 16-token sequence where position 10
+# is changed. Then try it on `loaded` yourself.
 
 # %%
-# YOUR ANSWER (the reference answer is filled in; replace it with your own)
-unchanged_positions = list(range(10))
+unchanged_positions = None   # your answer: a list of positions
 
-# %%
-seq = torch.randint(0, cfg.vocab_size, (1, 16))
-edited = seq.clone()
-edited[0, 10] = (seq[0, 10] + 1) % cfg.vocab_size
-same = (loaded(seq).logits - loaded(edited).logits).abs().amax(-1)[0] < 1e-5    # (16,)
-assert unchanged_positions == same.nonzero().flatten().tolist(), same
-print("positions unaffected by the edit:", unchanged_positions)
+exercises.check("01.causal_mask", unchanged_positions)
 
 # %% [markdown]
-# ## What's next
+# ## Key takeaways
 #
-# You have the whole dense ERNIE 4.5: every piece written by hand, matched with the reference, and
-# available as `ernie_lab`. Notebook **02** replaces the MLP of most layers with a *mixture of
-# experts* and builds the 21B-A3B.
+# * RMSNorm rescales to unit root-mean-square and multiplies by a gain; no mean, no bias.
+# * RoPE turns each pair of dimensions by an angle proportional to the position, so scores depend only on
+#   distances; ERNIE pairs *neighbouring* dimensions, and a model run with the other layout is wrong from
+#   position 1 on.
+# * GQA lets 16 query heads share 2 key/value heads: an 8x smaller KV cache.
+# * The KV cache makes a decoding step cost the same at any length; the causal mask is what allows it.
+#
+# **What comes next:** notebook **02** replaces the MLP of most layers with a *mixture of experts* and
+# builds the 21B-A3B; notebook **07** (dense track) quantizes this model.

@@ -15,6 +15,17 @@
 # %% [markdown]
 # # 02 · The mixture of experts
 #
+# **What you will learn:** how a router sends each token to a few experts, ERNIE's correction bias,
+# shared experts, efficient dispatch, a whole MoE block by hand, and how load balancing works (with a
+# loss, and without one). **Time:** 60 min (core 45 min). **Memory:** under 2 GB.
+#
+# ![The MoE layer](../figures/moe_layer.png)
+#
+# Papers: Switch Transformer ([Fedus et al. 2021](https://arxiv.org/abs/2101.03961)), ST-MoE and its router
+# z-loss ([Zoph et al. 2022](https://arxiv.org/abs/2202.08906)), balancing by a bias instead of a loss
+# ([Wang et al. 2024](https://arxiv.org/abs/2408.15664)); ERNIE's own choices:
+# [ERNIE 4.5 technical report](https://ernie.baidu.com/blog/publication/ERNIE_Technical_Report.pdf).
+#
 # In notebook 01 every layer of the decoder ended in one feed-forward network (FFN), a SwiGLU. ERNIE 4.5's
 # large text models, **21B-A3B** and **300B-A47B**, replace it in most layers by a *mixture of experts*
 # (MoE): many small SwiGLUs, the *experts*, and a *router* that sends every token to only a few of them.
@@ -48,16 +59,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import ernie_lab
-from ernie_lab import losses, routing
+from ernie_lab import exercises, losses, notebook, routing
 from ernie_lab.config import ERNIE_21B_A3B, ErnieConfig
 from ernie_lab.mlp import SwiGLU
 from ernie_lab.moe import MoEBlock, dispatch, moe_blocks, route
-from ernie_lab.notebook import draw_dispatch, load_heatmap, setup
+from ernie_lab.notebook import compare, draw_dispatch, load_heatmap, setup
 
-FAST = setup()
+FAST = setup()  # fast mode: from ERNIE_LAB_FAST (make lab FAST=1); write FAST = True here to force it
+USE_REAL_WEIGHTS = False  # True: also use a real checkpoint a lecturer has cached (never downloads)
 
 # %% [markdown]
-# ## 1 · Why a mixture of experts: parameters versus compute
+# ## 1 · Why a mixture of experts: parameters versus compute · core, 5 min
 #
 # A dense SwiGLU of width $I$ on a residual stream of width $H$ holds $3HI$ parameters, and every token
 # multiplies with all of them. An MoE layer holds $E$ experts of width $I_e$ but each token uses only
@@ -161,7 +173,7 @@ plt.show()
 # dense layers): per token, an MoE layer costs what a dense layer costs, with 8x the parameters to draw on.
 
 # %% [markdown]
-# ## 2 · The router, step by step
+# ## 2 · The router, step by step · core, 8 min
 #
 # For a token $x$ (width $H$), ERNIE's router computes, in float32:
 #
@@ -224,7 +236,7 @@ assert torch.isclose(weights.sum(), torch.tensor(1.0))
 print("route() agrees; without the bias the choice would be", unbiased[0].tolist())
 
 # %% [markdown]
-# ## 3 · Shared experts
+# ## 3 · Shared experts · core, 3 min
 #
 # 21B-A3B also has **2 shared experts** in every MoE layer: experts that every token passes through,
 # whatever the router says, added to the routed output **unscaled** (no router weight). They hold what
@@ -255,7 +267,7 @@ print(MoEBlock(ErnieConfig(model_type="ernie4_5_moe", hidden_size=8, moe_num_exp
 # `shared_experts`.
 
 # %% [markdown]
-# ## 4 · Dispatch: every expert once, on all of its tokens
+# ## 4 · Dispatch: every expert once, on all of its tokens · optional, 5 min
 #
 # The obvious code loops over tokens and, for each, over its $k$ experts: $N k$ tiny matrix-vector
 # products, and in Python. Instead, `ernie_lab.moe.dispatch`:
@@ -309,7 +321,7 @@ assert torch.allclose(fast, slow, atol=1e-5)
 print(f"loop over tokens: {t_slow * 1e3:.0f} ms   dispatch: {t_fast * 1e3:.1f} ms   ({t_slow / t_fast:.0f}x)")
 
 # %% [markdown]
-# ## 5 · The whole model, checked against `transformers`
+# ## 5 · The whole model, checked against `transformers` · core, 8 min
 #
 # A small random `Ernie4_5_MoeForCausalLM` (3 layers: one dense, two MoE; 8 experts, top-2, 2 shared),
 # saved with `save_pretrained` in the Hub layout, then loaded by `ernie_lab.load_model`. `transformers`
@@ -345,14 +357,42 @@ with safe_open(str(folder / "model.safetensors"), "pt") as f:
 model = ernie_lab.load_model(folder)
 print(f"ernie_lab model: {model.num_parameters():,} parameters; MoE layers", [b.routing_tap.layer_idx for b in moe_blocks(model)])
 
+# %% [markdown]
+# ### The MoE block from scratch
+#
+# Everything of sections 2-4 in one function, written with nothing but the block's weight tensors:
+# float32 router softmax, bias-only choice, renormalised weights, each token through its $k$ experts,
+# the shared experts added unscaled. It must equal `ernie_lab`'s `MoEBlock` and `transformers`' block
+# on the same weights (layer 1 of the checkpoint just loaded).
+
+# %%
+def swiglu_by_hand(x, expert):                               # x: (H,) -> (H,)
+    gate, up, down = expert.gate_proj.weight, expert.up_proj.weight, expert.down_proj.weight
+    return down @ (torch.nn.functional.silu(gate @ x) * (up @ x))
+
+
+def moe_block_by_hand(x, block):                             # x: (N, H) -> (N, H)
+    probs = (x.float() @ block.gate.weight.float().T).softmax(-1)            # (N, E) float32
+    bias = block.moe_statics.e_score_correction_bias[0]                       # (E,) only for the choice
+    ids = (probs + bias).topk(block.k, dim=-1).indices                        # (N, k)
+    weights = probs.gather(-1, ids)
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=block.norm_min)
+    out = torch.stack([sum(weights[t, j] * swiglu_by_hand(x[t], block.experts[int(ids[t, j])])
+                           for j in range(block.k)) for t in range(x.shape[0])])
+    if block.shared_experts is not None:                                      # every token, unscaled
+        out = out + torch.stack([swiglu_by_hand(row, block.shared_experts) for row in x])
+    return out
+
+
+ours_block, ref_block = model.layers[1].mlp, reference.model.layers[1].mlp
+hidden_in = torch.randn(1, 10, TINY["hidden_size"])                            # (B, T, H)
+with torch.no_grad():
+    by_hand = moe_block_by_hand(hidden_in[0], ours_block)
+    compare("MoE block: by hand vs ernie_lab.moe.MoEBlock", by_hand, ours_block(hidden_in)[0])
+    compare("MoE block: by hand vs transformers", by_hand, ref_block(hidden_in)[0])
+
 # %%
 # logits, every routing decision, greedy decoding
-choices = {}
-for idx, layer in enumerate(reference.model.layers):
-    if hasattr(layer.mlp, "gate"):
-        choices[idx] = []
-        layer.mlp.gate.register_forward_hook(lambda m, i, out, idx=idx: choices[idx].append(out[2].clone()))
-
 torch.manual_seed(1)
 prompt = torch.randint(3, TINY["vocab_size"], (1, 8))
 with torch.no_grad():
@@ -360,10 +400,9 @@ with torch.no_grad():
 print("max |logits difference|:", float(diff))
 assert diff < 1e-4
 
-for calls in choices.values():
-    calls.clear()
-expected = reference.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None,
-                              attention_mask=torch.ones_like(prompt))
+with notebook.reference_routing(reference) as choices:      # which experts transformers' routers pick
+    expected = reference.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None,
+                                  attention_mask=torch.ones_like(prompt))
 with routing.record(model) as record:
     got = ernie_lab.generate(model, prompt, max_new_tokens=20, eos_token_id=[])
 print("reference:", expected[0, 8:].tolist())
@@ -371,14 +410,12 @@ print("ernie_lab:", got[0, 8:].tolist())
 assert torch.equal(got, expected)
 assert len(set(got[0, 8:].tolist())) > 1, "one repeated token would be a weak check"
 for entry in record.layers:
-    ref_ids = torch.cat(choices[entry.layer_idx])            # prefill 8 tokens, then 19 decoding steps
+    ref_ids = torch.cat(choices[entry.layer_idx, 0])         # prefill 8 tokens, then 19 decoding steps
     assert torch.equal(entry.expert_ids.sort(-1).values, ref_ids.sort(-1).values)
-for module in reference.modules():
-    module._forward_hooks.clear()
 print("same experts for all", record.layers[0].num_tokens, "tokens in", len(record.layers), "MoE layers")
 
 # %% [markdown]
-# ## 6 · Routing records
+# ## 6 · Routing records · optional, 3 min
 #
 # `ernie_lab.routing.record(model)` is a context manager: every forward pass inside it is recorded, on
 # the CPU, one entry per MoE layer in depth order. Each entry holds, for the $N$ tokens that reached the
@@ -416,7 +453,7 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## 7 · Load imbalance and the losses that fix it
+# ## 7 · Load imbalance and the losses that fix it · core, 8 min
 #
 # A router trained only on the language-model loss tends to collapse: the experts that win early get more
 # gradient, get better, and win more; the others starve. Collapsed experts waste parameters, and in
@@ -522,14 +559,11 @@ def train(balance: bool, seed: int = 0):
 
 
 # Tiny matrices: one CPU thread is faster than several that wait on each other, and flushing
-# denormal floats (experts that get no tokens see vanishing Adam statistics) avoids a 10x slow-down.
-threads = torch.get_num_threads()
-torch.set_num_threads(1)
-torch.set_flush_denormal(True)
-plain, plain_loads, plain_lm = train(balance=False)
-balanced_net, balanced_loads, balanced_lm = train(balance=True)
-torch.set_num_threads(threads)
-torch.set_flush_denormal(False)
+# denormals (floats so close to 0 that the CPU computes with them in slow microcode; experts that get
+# no tokens see vanishing Adam statistics) avoids a 10x slow-down. Both are restored afterwards.
+with notebook.cpu_settings(threads=1, flush_denormal=True):
+    plain, plain_loads, plain_lm = train(balance=False)
+    balanced_net, balanced_loads, balanced_lm = train(balance=True)
 
 
 # %%
@@ -576,7 +610,7 @@ assert np.mean(balanced_lm[-20:]) < np.mean(balanced_lm[:10]) - 0.5   # it did l
 # language-model loss in this run. The exact numbers change with the seed; the contrast does not.
 
 # %% [markdown]
-# ## 8 · Expert-load heatmaps from `routing.record`
+# ## 8 · Expert-load heatmaps from `routing.record` · optional, 4 min
 #
 # The trained models, on held-out text (the last 5 % of the characters). Left: share of slots per expert
 # and layer. Right: which experts the balanced model's first layer gives each kind of character: a glimpse
@@ -618,98 +652,110 @@ for rec in records.values():
 assert imbalance(records["with balancing losses"].load_fraction()[None]).item() < imbalance(records["language model only"].load_fraction()[None]).item()
 
 # %% [markdown]
-# ## Exercises
-#
-# Each exercise cell holds a working reference answer so that the notebook runs end to end; replace it
-# with your own and run the check below it.
-#
-# **Exercise 1.** In 300B-A47B, how many parameters does one token use in *one* MoE layer's feed-forward
-# part (router weight + correction bias + the chosen experts)? Work it out from the numbers
-# (hidden 8192, 64 experts of width 3584, top-8).
+# **With real weights (optional, about 44 GB of memory in bf16).** With `USE_REAL_WEIGHTS = True` in the
+# first cell and the 21B-A3B cached on this machine, the heatmap of a trained model's routing on a real
+# sentence: the experts specialise, unlike the random ones above.
 
 # %%
-# your answer (reference: the router is 64 x 8192 plus 64 biases; each expert 3 matrices of 8192 x 3584)
-answer_1 = 64 * 8192 + 64 + 8 * 3 * 8192 * 3584
+if USE_REAL_WEIGHTS:
+    real_model, real_tokenizer = notebook.cached_model("baidu/ERNIE-4.5-21B-A3B-PT")
+    if real_model is not None:
+        sentence = real_tokenizer.encode("Mixture-of-experts models route every token to a few experts.")
+        with torch.no_grad(), routing.record(real_model) as real_record:
+            real_model(torch.tensor([sentence]))
+        fig, ax = plt.subplots(figsize=(12, 6))
+        load_heatmap(ax, real_record.load_fraction(), "21B-A3B: share of the choices per expert",
+                     [str(e.layer_idx) for e in real_record.layers])
+        plt.show()
+        del real_model
+
+# %% [markdown]
+# ## Exercises · core, 20 min
+#
+# Each exercise is a stub for you to fill in, followed by a check from `ernie_lab.exercises`. Until you
+# write something the check says "not attempted yet" and gives a hint; a wrong answer stops with a
+# message that says what differs; a right one says "correct". The solutions are in `solutions/`.
+#
+# **Exercise 1 · One token's share of a layer.** In 300B-A47B, how many parameters does one token use in
+# *one* MoE layer's feed-forward part: the router weight, its correction bias and the chosen experts?
+# (Hidden 8192, 64 experts of width 3584, top-8.)
 
 # %%
-with torch.device("meta"):
-    block = MoEBlock(configs["300B-A47B"], layer_idx=3)
-router_part = block.gate.weight.numel() + block.moe_statics.e_score_correction_bias.numel()
-one_expert = sum(p.numel() for p in block.experts[0].parameters())
-assert answer_1 == router_part + block.k * one_expert, "count the router, the bias and k experts"
-print(f"{answer_1:,} parameters per token per MoE layer; the layer holds {sum(p.numel() for p in block.parameters()):,}")
+active_per_layer = None   # your answer: a number
+
+exercises.check("02.active_per_layer", active_per_layer)
 
 
 # %% [markdown]
-# **Exercise 2.** Write the router's choice yourself: from logits `(N, E)`, `k`, a bias `(E,)` and
-# `norm_min`, return `(expert_ids, weights)`, ERNIE's way (bias only for the choice).
+# **Exercise 2 · The balancing loss by hand.** Write the Switch-Transformer load-balancing loss
+# $L = E \sum_e f_e P_e$ from a table of router probabilities `probs (N, E)` and the chosen experts
+# `expert_ids (N, k)`: $f_e$ is the share of tokens that chose expert $e$, $P_e$ its mean probability.
+# The check compares with `ernie_lab.losses.load_balancing_loss`.
 
 # %%
-def my_route(logits, k, bias, norm_min=1e-12):
-    # reference answer; replace with your own
-    p = logits.float().softmax(-1)
-    ids = (p + bias).topk(k, dim=-1).indices
-    w = p.gather(-1, ids)
-    return ids, w / w.sum(-1, keepdim=True).clamp(min=norm_min)
+def switch_loss(probs, expert_ids):
+    ...   # your code here
 
 
-# %%
-torch.manual_seed(7)
-test_logits, test_bias = torch.randn(50, 16) * 2, torch.randn(16) * 0.05
-ids, w = my_route(test_logits, 4, test_bias)
-expected = route(test_logits, 4, 1e-12, test_bias)
-assert torch.equal(ids.sort(-1).values, expected.expert_ids.sort(-1).values), "the bias must take part in the choice"
-assert torch.allclose(w.gather(-1, ids.argsort(-1)), expected.weights.gather(-1, expected.expert_ids.argsort(-1)), atol=1e-6), \
-    "weights: unbiased probabilities of the chosen experts, renormalised"
-print("my_route agrees with ernie_lab.moe.route")
+exercises.check("02.switch_loss", switch_loss)
 
 
 # %% [markdown]
-# **Exercise 3: balancing without a loss.** The correction bias is how ERNIE 4.5 evens out the load
-# without changing the loss: after each batch, raise the bias of under-used experts and lower that of
-# over-used ones by a small step $\gamma$: $b_e \leftarrow b_e + \gamma\,\mathrm{sign}(\bar f - f_e)$.
-# Apply it to the model trained *without* balancing losses (its weights stay frozen), for 40 batches,
-# and make its imbalance drop. (It will not reach 1: a bias of a few tenths moves the tokens that were
-# undecided between experts, not those that strongly prefer one; during pre-training the bias moves
-# along with the router, a little every step.)
+# **Exercise 3 · Balancing without a loss (an experiment).** The correction bias is how ERNIE 4.5 evens
+# out the load without a loss term: after each batch, raise the bias of under-used experts and lower
+# that of over-used ones by a small step $\gamma$: $b_e \leftarrow b_e + \gamma\,\mathrm{sign}(\bar f - f_e)$.
+# Write `balance_with_bias(net, batches, gamma)`; `batches` is a list of `(B, T)` id tensors. The check
+# runs it on a small lopsided MoE; the cell after it applies your function to the model trained above
+# *without* balancing losses (its weights stay frozen). It will not reach 1: a bias of a few tenths
+# moves the tokens that were undecided between experts, not those that strongly prefer one; during
+# pre-training the bias moves along with the router, a little every step.
 
 # %%
-def balance_with_bias(net, batches=40, gamma=0.01, seed=5):
-    # reference answer; replace with your own
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(batches):
-        x, _ = batch(generator)
-        with torch.no_grad(), routing.record(net) as rec:
-            net(x)
-        for block, fractions in zip(moe_blocks(net), rec.load_fraction()):
-            block.moe_statics.e_score_correction_bias[0] += gamma * torch.sign(fractions.mean() - fractions)
+def balance_with_bias(net, batches, gamma=0.01):
+    ...   # your code here
+
+
+exercises.check("02.balance_with_bias", balance_with_bias)
 
 
 # %%
 def measure(net):
     with torch.no_grad(), routing.record(net) as rec:
         net(held_out)
-    return imbalance(rec.load_fraction()[None]).item(), {n: p.detach().clone() for n, p in net.named_parameters()}
+    return imbalance(rec.load_fraction()[None]).item()
 
 
-before, params_before = measure(plain)
-balance_with_bias(plain)
-after, params_after = measure(plain)
-print(f"imbalance on held-out text: {before:.2f} before, {after:.2f} after adjusting the bias")
-assert after < 0.95 * before, "the load should even out"
-changed = sorted(n for n in params_before if not torch.equal(params_before[n], params_after[n]))
-assert changed and all("e_score_correction_bias" in n for n in changed), f"only the correction bias may change: {changed}"
-print("changed:", changed, "- the weights did not, so a chosen expert's mixing weight is what it was")
+generator = torch.Generator().manual_seed(5)
+bias_before = [b.moe_statics.e_score_correction_bias.clone() for b in moe_blocks(plain)]
+before = measure(plain)
+balance_with_bias(plain, [batch(generator)[0] for _ in range(40)], gamma=0.01)
+if all(torch.equal(b.moe_statics.e_score_correction_bias, old) for b, old in zip(moe_blocks(plain), bias_before)):
+    print("(write balance_with_bias above to run this experiment on the model trained without balancing losses)")
+else:
+    print(f"imbalance on held-out text: {before:.2f} before, {measure(plain):.2f} after adjusting the bias alone")
 
 # %% [markdown]
+# **Experiment · k = 1, or no shared experts (optional, 10 min).** Change `toy` in section 7 to
+# `moe_k=1` (Switch Transformer's choice) or give it `moe_num_shared_experts=1`, run the two trainings
+# again and compare the final language-model losses and the heatmaps. Which one learns faster per
+# step, and which one is cheaper per token?
+
+# %% [markdown]
+# ## Key takeaways
+#
+# * An MoE layer stores E experts and runs k of them per token: memory grows with E, compute with k.
+# * ERNIE's router: float32 softmax over all experts, a correction bias that only *chooses*, weights
+#   renormalised over the chosen k; shared experts are added unscaled.
+# * Dispatch sorts (token, slot) pairs by expert so each expert runs once on all its tokens.
+# * Without balancing, a few experts take most tokens; a balancing loss or the bias alone evens the load.
+#
 # ## What we built
 #
-# * `ernie_lab.moe`: `route` (float32 softmax, bias-only selection, clamped renormalisation),
-#   `dispatch` (sort by expert, one call per active expert), `MoEBlock` (router + experts + shared
-#   experts, in the Hub's layout), reused by the vision-language model's two expert groups;
-# * `ernie_lab.load_model` reads `Ernie4_5_MoeForCausalLM` checkpoints (skipping MTP tensors), equal to
-#   `transformers` in logits, greedy decoding and every routing decision;
-# * `ernie_lab.routing.record`: every routing decision of a forward pass or a generation, on the CPU;
-# * `ernie_lab.losses`: load balancing, router z-loss, router orthogonal loss.
+# * `ernie_lab.moe`: `route`, `dispatch`, `MoEBlock` (router + experts + shared experts, in the Hub's
+#   layout), reused by the vision-language model's two expert groups, equal to a block written by hand;
+# * `ernie_lab.load_model` reads `Ernie4_5_MoeForCausalLM` checkpoints, equal to `transformers` in
+#   logits, greedy decoding and every routing decision;
+# * `ernie_lab.routing.record` and `ernie_lab.losses` (load balancing, router z-loss, orthogonal loss).
 #
-# Next, notebook 04 gives the mixture a second group of experts for pictures.
+# **What comes next:** notebook **03** turns pictures into tokens, notebook **04** gives the mixture a
+# second group of experts for them.

@@ -15,6 +15,12 @@
 # %% [markdown]
 # # 03 · The vision encoder and 3-D rotary positions
 #
+# **What you will learn:** how a picture becomes decoder tokens (patches, a ViT with 2-D rotary
+# positions, the adapter's merges) and how the decoder places them in time, height and width.
+# **Time:** 45 min (core 35 min). **Memory:** under 2 GB.
+#
+# ![The vision-language pipeline](../figures/vl_pipeline.png)
+#
 # ERNIE 4.5 VL reads pictures and videos alongside text. Before the decoder sees anything, four
 # steps turn pixels into tokens:
 #
@@ -24,6 +30,8 @@
 #    decoder's width (a still image is paired with itself);
 # 4. **3-D positions**: the decoder gives every token a (time, height, width) position and splits
 #    its rotary frequencies between the three axes.
+#
+# ![3-D positions](../figures/positions_3d.png)
 #
 # Each step is built with `ernie_lab` and checked against `transformers`' reference on the same
 # weights. `ERNIE_LAB_FAST=1` shrinks the pictures; every check still runs.
@@ -40,17 +48,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ernie_lab import vision, rope3d
+from ernie_lab import exercises, rope3d, vision
+from ernie_lab import notebook
 from ernie_lab.notebook import setup
 from ernie_lab.rope import apply_rope
 
-FAST = setup()
+FAST = setup()  # fast mode: from ERNIE_LAB_FAST (make lab FAST=1); write FAST = True here to force it
 MAX_PIXELS = 28 * 28 * (60 if FAST else 300)   # bounds for our demo picture: ~60 or ~300 tokens
 picture = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
 print("picture:", picture.size)
 
 # %% [markdown]
-# ## 1 · From pixels to patches
+# ## 1 · From pixels to patches · core, 5 min
 #
 # The side lengths must be multiples of $28 = 14 \times 2$: 14 is the patch size and 2 the merge
 # window of the adapter. `fit_to_grid` rounds each side to the nearest multiple of 28; if the area
@@ -95,12 +104,12 @@ where = torch.zeros(gh, gw, dtype=torch.long)
 where[positions[:, 0], positions[:, 1]] = order
 
 resized = picture.resize((width, height), Image.Resampling.BICUBIC)
-fig, ax = plt.subplots(figsize=(7, 7 * height / width))
+fig, ax = plt.subplots(figsize=(10, 7.5))
 ax.imshow(resized)
 for r in range(gh):
     for c in range(gw):
         if r < 6 and c < 8:
-            ax.text(c * 14 + 7, r * 14 + 7, str(int(where[r, c])), ha="center", va="center", fontsize=7,
+            ax.text(c * 14 + 7, r * 14 + 7, str(int(where[r, c])), ha="center", va="center", fontsize=13,
                     color="yellow", bbox=dict(facecolor="black", alpha=0.5, pad=0.5, linewidth=0))
 for k in range(0, max(gh, gw) + 1):
     lw = 1.2 if k % 2 == 0 else 0.3
@@ -120,7 +129,7 @@ expected = vision.normalize(torch.from_numpy(np.array(resized)).permute(2, 0, 1)
 assert torch.allclose(patch_5, expected, atol=1e-6)
 
 # %% [markdown]
-# ## 2 · 2-D rotary positions inside the ViT
+# ## 2 · 2-D rotary positions inside the ViT · core, 5 min
 #
 # The ViT knows where a patch is only through rotary embeddings. Each head of width $d$ is cut in
 # two halves; a quarter of the usual frequencies $\omega_j = 10000^{-4j/d}$ serve both axes:
@@ -163,7 +172,7 @@ assert scores[12, 12] == scores.max()                                           
 print("frequencies per axis:", head_dim // 4)
 
 # %% [markdown]
-# ## 3 · The ViT and the adapter, compared with transformers
+# ## 3 · The ViT and the adapter, compared with transformers · core, 10 min
 #
 # We build a small random `transformers` ERNIE 4.5 VL model, save it with `save_pretrained` (the
 # Hub's tensor names: `vision_model.*`, `resampler_model.*`) and load its vision tensors into
@@ -217,6 +226,89 @@ assert (tokens - ref_tokens).abs().max() < 1e-4
 assert tokens.shape == (gh * gw // 4, ref_config.text_config.hidden_size)
 
 # %% [markdown]
+# ### The ViT block and the adapter from scratch
+#
+# The same computation with nothing but the loaded weight tensors: a ViT block is pre-norm LayerNorm,
+# bidirectional attention with the 2-D rotate-half RoPE of section 2 (every patch sees every patch of
+# its frame), and an MLP with the "quick GELU" $x\,\sigma(1.702x)$. The adapter concatenates each 2x2
+# window (section 1 stored them next to each other), pairs frames (an image with itself) and projects
+# to the decoder's width. Checked against `ernie_lab.vision` and `transformers` on one image.
+
+# %%
+import torch.nn.functional as F
+
+
+def rotate_half(x, cos, sin):                               # x: (N, heads, d); cos, sin: (N, d), both halves alike
+    half = x.shape[-1] // 2
+    cos, sin = cos[:, None, :half], sin[:, None, :half]     # (N, 1, d/2): the angle of pair (i, i + d/2)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+def vit_block_by_hand(x, block, cos, sin):                  # x: (N, width), one frame
+    N, width = x.shape
+    heads = block.attn.num_heads
+    h = F.layer_norm(x, (width,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
+    q, k, v = (h @ block.attn.qkv.weight.T + block.attn.qkv.bias).view(N, 3, heads, -1).unbind(1)  # (N, heads, d)
+    q, k = rotate_half(q, cos, sin), rotate_half(k, cos, sin)
+    scores = torch.einsum("nhd,mhd->hnm", q, k) / q.shape[-1] ** 0.5           # (heads, N, N): no mask
+    mixed = torch.einsum("hnm,mhd->nhd", scores.softmax(-1), v).reshape(N, width)
+    x = x + mixed @ block.attn.proj.weight.T + block.attn.proj.bias
+    h = F.layer_norm(x, (width,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
+    h = h @ block.mlp.fc1.weight.T + block.mlp.fc1.bias
+    return x + (h * torch.sigmoid(1.702 * h)) @ block.mlp.fc2.weight.T + block.mlp.fc2.bias
+
+
+def merge_mlp_by_hand(x, mlp):                              # Linear -> GELU -> Linear -> LayerNorm
+    x = F.gelu(x @ mlp.fc1.weight.T + mlp.fc1.bias) @ mlp.fc2.weight.T + mlp.fc2.bias
+    return F.layer_norm(x, x.shape[-1:], mlp.norm.weight, mlp.norm.bias, mlp.norm.eps)
+
+
+def adapter_by_hand(features, adapter):                     # (patches, width) of one image -> (tokens, text width)
+    windows = features.reshape(-1, 4 * features.shape[-1])  # (patches/4, 4 width): a 2x2 window per row
+    x = merge_mlp_by_hand(windows, adapter.spatial_merge)
+    x = merge_mlp_by_hand(torch.cat([x, x], dim=-1), adapter.temporal_merge)   # an image is its own pair
+    x = x @ adapter.proj.weight.T + adapter.proj.bias
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + adapter.norm.eps) * adapter.norm.weight
+
+
+cos, sin = vision.vision_rope_angles(vision.vision_positions(grid), config.hidden_size // config.num_heads,
+                                     config.rope_theta)
+with torch.no_grad():
+    x = pixels @ encoder.patch_embed.proj.weight.T                             # (patches, width)
+    first_block = vit_block_by_hand(x, encoder.blocks[0], cos, sin)
+    notebook.compare("ViT block: by hand vs ernie_lab.vision", first_block,
+                     encoder.blocks[0](x, (cos, sin), [x.shape[0]]), atol=1e-4)
+    for block in encoder.blocks[1:]:
+        first_block = vit_block_by_hand(first_block, block, cos, sin)
+    hand_features = F.layer_norm(first_block, (config.hidden_size,), encoder.ln.weight, encoder.ln.bias, encoder.ln.eps)
+    notebook.compare("ViT features: by hand vs transformers", hand_features, ref_features, atol=1e-4)
+    notebook.compare("adapter tokens: by hand vs transformers", adapter_by_hand(hand_features, adapter), ref_tokens,
+                     atol=1e-4)
+
+# %% [markdown]
+# **Experiment · what the ViT's positions mean (optional, 5 min).** Predict first, then run: (a) every
+# patch's (row, column) moved by the same offset, say 5 rows down and 3 columns right; (b) rows and
+# columns swapped, as if the picture were transposed but the pixels were not. Which one changes the
+# ViT's features? Try other offsets, or scale the positions by 2.
+
+# %%
+def vit_features(positions):                                   # (patches, 2) positions -> (patches, width)
+    cos, sin = vision.vision_rope_angles(positions, config.hidden_size // config.num_heads, config.rope_theta)
+    h = pixels @ encoder.patch_embed.proj.weight.T
+    with torch.no_grad():
+        for block in encoder.blocks:
+            h = vit_block_by_hand(h, block, cos, sin)
+    return F.layer_norm(h, (config.hidden_size,), encoder.ln.weight, encoder.ln.bias, encoder.ln.eps)
+
+
+patch_positions = vision.vision_positions(grid)                # (patches, 2): row, column
+shifted = (vit_features(patch_positions + torch.tensor([5, 3])) - hand_features).abs().max().item()
+swapped = (vit_features(patch_positions.flip(-1)) - hand_features).abs().max().item()
+print(f"(a) all positions shifted: features change by {shifted:.1e}   (b) rows and columns swapped: {swapped:.1e}")
+assert shifted < 1e-3 < swapped    # rotary attention sees only offsets between patches, in both directions
+
+# %% [markdown]
 # ### What the adapter does
 #
 # $$x_s = \text{MLP}_s\big([f_{a}; f_{b}; f_{c}; f_{d}]\big) \quad\text{(a 2x2 window, 4w numbers)}$$
@@ -239,7 +331,7 @@ fig.colorbar(im, ax=axes[1], label="token norm")
 plt.tight_layout(); plt.show()
 
 # %% [markdown]
-# ## 4 · A short video
+# ## 4 · A short video · optional, 3 min
 #
 # A video is a stack of frames of one size. Frames are merged in pairs, so an odd count gets its
 # last frame repeated. Each frame attends only to itself inside the ViT; the adapter's temporal
@@ -264,7 +356,7 @@ for i, ax in enumerate(axes):
 plt.tight_layout(); plt.show()
 
 # %% [markdown]
-# ## 5 · 3-D positions in the decoder
+# ## 5 · 3-D positions in the decoder · core, 7 min
 #
 # The decoder sees text tokens and picture tokens in one sequence. Text counts up 0, 1, 2, ...
 # with the same number on all three axes. A picture block of $H \times W$ tokens that starts at
@@ -287,16 +379,17 @@ assert torch.equal(positions, reference_positions) and torch.equal(deltas, refer
 print("3-D positions match transformers' get_rope_index")
 
 # %%
-fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+fig, axes = plt.subplots(1, 3, figsize=(16, 5.5))
 block = positions[:, 0, 3:3 + n_image].reshape(3, gh // 2, gw // 2)
 for ax, axis_name, values in zip(axes[:2], ["height", "width"], [block[1], block[2]]):
     ax.imshow(resized, extent=(0, gw // 2, gh // 2, 0))
     ax.imshow(values, cmap="cool", alpha=0.55, extent=(0, gw // 2, gh // 2, 0))
-    step = max(1, (gw // 2) // 8)
+    step = max(1, (gw // 2) // 5)                    # a few large labels, legible when projected
     for r in range(0, gh // 2, step):
         for c in range(0, gw // 2, step):
-            ax.text(c + 0.5, r + 0.5, str(int(values[r, c])), ha="center", va="center", fontsize=7)
-    ax.set_title(f"{axis_name} position of each picture token")
+            ax.text(c + 0.5, r + 0.5, str(int(values[r, c])), ha="center", va="center", fontsize=13,
+                    color="white", bbox=dict(facecolor="black", alpha=0.6, pad=1, linewidth=0))
+    ax.set_title(f"{axis_name} position of each picture token", fontsize=13)
     ax.set_xlabel("token column"); ax.set_ylabel("token row")
 for name, row in zip(["time", "height", "width"], positions[:, 0]):
     axes[2].plot(row, label=name, lw=1)
@@ -331,57 +424,44 @@ assert (ours - ref_rotated).abs().max() < 1e-5
 assert axis[:44].tolist() == [1, 2] * 22 and axis[44:].tolist() == [0] * 20
 
 # %% [markdown]
-# ## Exercises
+# ## Exercises · core, 15 min
 #
-# **1.** A phone photo of 4032 x 3024 pixels with the default bounds: how many decoder tokens does it
-# become? Write `photo_tokens` using only `math` and the rule of section 1 (round to multiples of
-# 28; when the area exceeds the maximum, shrink both sides by $\sqrt{HW / \text{max}}$ and round
-# *down* to multiples of 28), then divide the patch count by 4. The reference answer is filled in;
-# replace it with your own.
+# Each exercise is a stub, followed by a check from `ernie_lab.exercises`: "not attempted yet" and a hint
+# until you write something, a message saying what differs when it is wrong, "correct" when it is right.
+# The solutions are in `solutions/`.
+#
+# **Exercise 1 · A phone photo.** A photo of 4032 x 3024 pixels with the default bounds: how many decoder
+# tokens does it become? Use only `math` and the rule of section 1 (round to multiples of 28; when the
+# area exceeds the maximum, shrink both sides by $\sqrt{HW / \text{max}}$ and round *down* to multiples of
+# 28), then count 14 x 14 patches and divide by 4.
 
 # %%
-import math
+photo_tokens = None   # your answer: a number
 
-MAX = 28 * 28 * 6177
-H, W = 3024, 4032
-# --- your answer (reference solution; replace it with your own) ---
-shrink = math.sqrt(H * W / MAX)
-h_side = math.floor(H / shrink / 28) * 28
-w_side = math.floor(W / shrink / 28) * 28
-photo_tokens = (h_side // 14) * (w_side // 14) // 4
-# -------------------------------------------------------------------
-print("tokens:", photo_tokens)
-
-# %%
-fitted = vision.fit_to_grid(H, W)
-assert photo_tokens == (fitted[0] // 14) * (fitted[1] // 14) // 4, "compare with vision.fit_to_grid(H, W)"
-print("correct:", photo_tokens, "tokens, from a", fitted, "resize")
+exercises.check("03.photo_tokens", photo_tokens)
 
 # %% [markdown]
-# **2.** The prompt is 5 text tokens, then `<start>`, an image of grid (1, 8, 12), `<end>` and 3 more
-# text tokens. What are the (t, h, w) positions of the last text token? Fill in `last_position` by
-# hand (the start marker is text; the image block starts at the position after it).
+# **Exercise 2 · Positions after a picture.** The prompt is 5 text tokens, then `<start>`, an image of
+# grid (1, 8, 12), `<end>` and 3 more text tokens. What are the (t, h, w) positions of the last text
+# token? Work it out by hand (the start marker is text; the image block starts at the position after it).
 
 # %%
-# --- your answer (reference solution; replace it with your own) ---
-start = 6                          # 5 text tokens (0..4) and the start marker (5)
-after_image = start + max(8, 12) // 2
-last_position = [after_image + 3] * 3   # <end> takes after_image, then 3 text tokens
-# -------------------------------------------------------------------
-print(last_position)
+last_position = None   # your answer: [t, h, w]
 
-# %%
-exercise_ids = torch.tensor([[1, 2, 3, 4, 5, START] + [IMG] * (8 * 12 // 4) + [END, 6, 7, 8]])
-exercise_positions, _ = rope3d.position_ids_3d(rope3d.modality_types(exercise_ids), torch.tensor([[1, 8, 12]]))
-assert list(last_position) == exercise_positions[:, 0, -1].tolist(), exercise_positions[:, 0, -1].tolist()
-print("correct")
+exercises.check("03.last_position", last_position)
 
 # %% [markdown]
+# ## Key takeaways
+#
+# * A picture is resized to multiples of 28, cut into 14 x 14 patches, mixed by a ViT within each frame,
+#   and merged 2 x 2 (and two frames at a time) into tokens of the decoder's width.
+# * Inside the ViT, 2-D rotary positions (rotate-half) tell patches apart; in the decoder, every token has
+#   a (t, h, w) position, and text continues after a picture one past the largest position it used.
+#
 # ## What we built
 #
-# * `vision.preprocess_images` / `preprocess_video`: equal to transformers' processors (checked above);
-# * `vision.VisionEncoder`: ViT with 2-D rotate-half rotary, attention within each frame;
-# * `vision.VisionAdapter`: 2x2 spatial and 2-frame temporal merge into the decoder's width;
+# * `vision.preprocess_images` / `preprocess_video`, `vision.VisionEncoder`, `vision.VisionAdapter`
+#   (equal to a ViT block and an adapter written by hand, and to `transformers`);
 # * `rope3d.position_ids_3d` and `rope3d.rope_angles_3d`: the decoder's 3-D positions.
 #
-# Notebook 04 puts these in front of the multimodal mixture-of-experts decoder.
+# **What comes next:** notebook **04** puts these in front of the multimodal mixture-of-experts decoder.

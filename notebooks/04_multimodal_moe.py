@@ -15,6 +15,12 @@
 # %% [markdown]
 # # 04 · The multimodal mixture of experts
 #
+# **What you will learn:** modality-isolated routing (text experts and vision experts), narrow vision
+# experts, why balancing is computed per modality, and the parameter arithmetic of the VL models.
+# **Time:** 45 min (core 35 min). **Memory:** under 2 GB.
+#
+# ![The vision-language pipeline](../figures/vl_pipeline.png)
+#
 # Notebook 03 turned pictures into tokens of the decoder's width. Here they meet the decoder, whose
 # feed-forward layers are a **heterogeneous mixture of experts** with **modality-isolated routing**:
 #
@@ -46,18 +52,21 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import ernie_lab
-from ernie_lab import routing
+from ernie_lab import exercises, notebook, routing
+from ernie_lab.moe import moe_blocks
+from ernie_lab import family as F
 from ernie_lab.losses import load_balancing_loss, modality_balancing_losses
 from ernie_lab.notebook import draw_expert_choices, setup
 from ernie_lab.processor import VLProcessor
 from ernie_lab.rope3d import modality_types, routing_types
 from ernie_lab.vision import tokens_per_item
 
-FAST = setup()
+FAST = setup()  # fast mode: from ERNIE_LAB_FAST (make lab FAST=1); write FAST = True here to force it
+USE_REAL_WEIGHTS = False  # True: also use a real checkpoint a lecturer has cached (never downloads)
 picture = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
 
 # %% [markdown]
-# ## 1 · A small random VL model, saved the way the Hub stores it
+# ## 1 · A small random VL model, saved the way the Hub stores it · core, 5 min
 #
 # The reference is `transformers`' `Ernie4_5_VLMoeForConditionalGeneration` with a small decoder
 # (3 layers, width 64, 4 text + 4 vision experts, top-2, one shared expert; weights drawn wider than
@@ -100,7 +109,7 @@ print("MoE layers:", model.vl_config.moe_layers)
 print(model.layers[1].mlp)
 
 # %% [markdown]
-# ## 2 · The reference check
+# ## 2 · The reference check · core, 5 min
 #
 # A prompt built by `ernie_lab.processor.VLProcessor`: text, a picture, text. The processor inserts one
 # placeholder id per adapter token; `transformers` also needs two token-type tensors
@@ -129,26 +138,17 @@ print("max |logits difference|:", float((logits - expected).abs().max()))
 assert (logits - expected).abs().max() < 1e-4
 
 # %%
-# every routing decision: hooks on the reference's two routers per layer
-choices = {}
-for idx, layer in enumerate(reference.model.language_model.layers):
-    if hasattr(layer.mlp, "text_moe"):
-        for group, block in ((0, layer.mlp.text_moe), (1, layer.mlp.vision_moe)):
-            block.gate.register_forward_hook(lambda m, i, out, key=(idx, group): choices.__setitem__(key, out[2].clone()))
-with torch.no_grad():
-    reference(input_ids=ids, mm_token_type_ids=modality_types(ids), moe_mm_token_type_ids=routing_types(ids), **pixels)
-for module in reference.modules():
-    module._forward_hooks.clear()
+# every routing decision: which experts the reference's two routers per layer chose
+with torch.no_grad(), notebook.reference_routing(reference) as choices:
+    reference(input_ids=ids, **notebook.reference_vl_inputs(ids), **pixels)
 vision_rows = routing_types(ids)[0] > 0
 for entry in record.layers:
-    assert torch.equal(entry.expert_ids[~vision_rows], choices[entry.layer_idx, 0])
-    assert torch.equal(entry.expert_ids[vision_rows], choices[entry.layer_idx, 1])
+    assert torch.equal(entry.expert_ids[~vision_rows], choices[entry.layer_idx, 0][0])
+    assert torch.equal(entry.expert_ids[vision_rows], choices[entry.layer_idx, 1][0])
 print("routed experts equal for all", ids.shape[1], "tokens in", len(record.layers), "MoE layers")
 
 # greedy decoding, 10 tokens
-reference.model.rope_deltas = None
-ref_out = reference.generate(input_ids=ids, mm_token_type_ids=modality_types(ids), moe_mm_token_type_ids=routing_types(ids),
-                             max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0, **pixels)
+ref_out = notebook.reference_vl_generate(reference, ids, 10, **pixels)
 our_out = ernie_lab.generate(model, ids, 10, eos_token_id=[], **pixels)
 print("reference:", ref_out[0, -10:].tolist())
 print("ernie_lab:", our_out[0, -10:].tolist())
@@ -156,7 +156,29 @@ assert torch.equal(our_out, ref_out)
 assert len(set(ref_out[0, -10:].tolist())) > 1, "a continuation of one repeated token would be a weak check"
 
 # %% [markdown]
-# ## 3 · Modality-isolated routing, seen
+# "Who is this?" is a question random weights cannot answer. The kit's tiny trained VL model
+# (`data/tiny-ernie-vl/`, trained on pictures of shapes; see its `TRAINING.md`) can answer questions about
+# a picture of the kind it learned, here one it never saw; the real VL-28B-A3B answers about the
+# photograph with `USE_REAL_WEIGHTS` (below).
+
+# %%
+TINY_VL = notebook.repo_path("data", "tiny-ernie-vl")
+if (TINY_VL / "config.json").exists():
+    from ernie_lab import scenes, tiny_models
+
+    tiny_vl, tiny_tokenizer = ernie_lab.load_model(TINY_VL), ernie_lab.load_tokenizer(TINY_VL)
+    held_out = tiny_models.held_out_scenes(1)[0]
+    plt.figure(figsize=(3, 3)); plt.imshow(scenes.render(held_out)); plt.axis("off"); plt.title("a held-out scene")
+    plt.show()
+    for qa in scenes.questions(held_out)[:3]:
+        reply = ernie_lab.chat(tiny_vl, tiny_tokenizer, scenes.conversation(scenes.render(held_out), qa.question, "")[:1],
+                               max_new_tokens=8)
+        print(f"{qa.question:<36} model: {reply!r:<16} truth: {qa.answer_word}")
+else:
+    print(f"(the tiny trained VL model is not in {TINY_VL} yet: `make train-tiny` makes it)")
+
+# %% [markdown]
+# ## 3 · Modality-isolated routing, seen · core, 5 min
 #
 # `routing.record` keeps, for every MoE layer and token, the chosen experts **numbered inside their
 # group** and the token's modality (0 text, 1 vision). To draw them we must label the two groups
@@ -182,7 +204,20 @@ assert int(vision_load.sum()) == 2 * int((entry.modality == 1).sum())
 assert columns[~vision_rows][:, E:].sum() == 0 and columns[vision_rows][:, :E].sum() == 0  # isolation
 
 # %% [markdown]
-# ## 4 · Heterogeneous experts: narrow vision experts
+# **With real weights (optional, about 60 GB of memory in bf16).** With `USE_REAL_WEIGHTS = True` in the
+# first cell and the VL-28B-A3B cached on this machine, ask the trained model about the picture.
+
+# %%
+if USE_REAL_WEIGHTS:
+    real_model, real_tokenizer = notebook.cached_model("baidu/ERNIE-4.5-VL-28B-A3B-PT")
+    if real_model is not None:
+        question = [{"role": "user", "content": [{"type": "image", "image": picture},
+                                                 {"type": "text", "text": "Who is this? Answer in one sentence."}]}]
+        print(ernie_lab.chat(real_model, real_tokenizer, question, max_new_tokens=40))
+        del real_model
+
+# %% [markdown]
+# ## 4 · Heterogeneous experts: narrow vision experts · core, 3 min
 #
 # Each expert is a SwiGLU with three matrices of `hidden x width`. In the 28B model a text expert is
 # 1536 wide, a vision expert 512: a vision expert has a third of the parameters and a third of the
@@ -200,13 +235,15 @@ for y, v in enumerate(per_expert.values()):
     ax.text(v / 1e6, y, f" {v / 1e6:.1f} M", va="center")
 ax.set_xlim(0, 30)
 plt.show()
+shape_28 = F.model_shape(F.CONFIG_VL_28B_A3B)                    # the published config, read by ernie_lab.family
+assert (hidden, text_width, vision_width) == (shape_28.hidden_size, shape_28.expert_size, shape_28.vision_expert_size)
 assert per_expert["text expert"] == 3 * per_expert["vision expert"]
 
 layer = model.layers[1].mlp   # our tiny model keeps the same pattern: 32-wide text, 16-wide vision experts
 print([e.up_proj.out_features for e in layer.experts])
 
 # %% [markdown]
-# ## 5 · Why the balancing loss is computed per modality
+# ## 5 · Why the balancing loss is computed per modality · core, 5 min
 #
 # The load-balancing loss $L = E \sum_e f_e P_e$ ($f_e$: share of the token choices that went to expert
 # $e$, $P_e$: mean router probability of $e$) is smallest when the load is even. The two groups share no
@@ -247,7 +284,39 @@ assert pooled_values[-1] < 1.01 and pooled_values[0] > pooled_values[-1]
 
 
 # %% [markdown]
-# ## 6 · Parameter arithmetic: 28B-A3B and 424B-A47B
+# **Experiment · balance each group with its bias alone (optional, 10 min).** ERNIE keeps one
+# correction-bias row per group (`block.moe_statics.e_score_correction_bias[group]`, 0 text, 1 vision).
+# Write `balance_groups(model, batches, gamma)`: for each batch, record the routing, and for each MoE
+# block and each group nudge that group's bias by $\gamma\,\mathrm{sign}(\bar f - f_e)$, with $f$ from
+# `rec.load_fraction(modality=group)`. The cell after it runs your function on the tiny model above and
+# prints each group's imbalance before and after; the weights stay as they are.
+
+# %%
+def balance_groups(model, batches, gamma=0.005):
+    ...   # your code here
+
+
+# %%
+def group_imbalance(model, group):
+    with torch.no_grad(), routing.record(model) as rec:
+        model(ids, **pixels)
+    shares = rec.load_fraction(modality=group)                    # (MoE layers, E)
+    return (shares.max(-1).values * shares.shape[-1]).mean().item()
+
+
+biases_before = [b.moe_statics.e_score_correction_bias.clone() for b in moe_blocks(model)]
+before = [group_imbalance(model, g) for g in (0, 1)]
+balance_groups(model, [ids] * 30)
+if all(torch.equal(b.moe_statics.e_score_correction_bias, old) for b, old in zip(moe_blocks(model), biases_before)):
+    print("(write balance_groups above to run this experiment)")
+else:
+    after = [group_imbalance(model, g) for g in (0, 1)]
+    print(f"imbalance, text group: {before[0]:.2f} -> {after[0]:.2f}; vision group: {before[1]:.2f} -> {after[1]:.2f}")
+    for block, old in zip(moe_blocks(model), biases_before):           # undo, for the sections below
+        block.moe_statics.e_score_correction_bias.copy_(old)
+
+# %% [markdown]
+# ## 6 · Parameter arithmetic: 28B-A3B and 424B-A47B · optional, 7 min
 #
 # Per layer, with width $h$, $H$ query and $H_{kv}$ key/value heads of size $d$:
 #
@@ -274,19 +343,25 @@ def adapter_params(width=1280, text_hidden=2560):
 
 def decoder_params(V, h, L, H, Hkv, d, I, E, k, It, Iv, S, moe_layers, tied=True):
     attention = 2 * h * H * d + 2 * h * Hkv * d + 2 * h
-    moe_fixed = 3 * h * S * It + 2 * E * h + 2 * E      # shared experts, routers, biases
+    groups = 2 if Iv else 1                               # a text-only model has one expert group
+    router = E * h + E                                    # one router's weights + its correction biases
     dense, moe = L - moe_layers, moe_layers
-    total = V * h * (1 if tied else 2) + h + L * attention + dense * 3 * h * I + moe * (moe_fixed + E * 3 * h * (It + Iv))
-    active_text = V * h * (1 if tied else 2) + h + L * attention + dense * 3 * h * I + moe * (moe_fixed + k * 3 * h * It)
-    active_vision = active_text - moe * k * 3 * h * (It - Iv)
-    return total, active_text, active_vision
+    total = V * h * (1 if tied else 2) + h + L * attention + dense * 3 * h * I \
+        + moe * (3 * h * S * It + groups * router + E * 3 * h * (It + Iv))
+    # active per text token: the output projection once (the input lookup multiplies nothing), the text
+    # group's router, the shared experts and the k chosen text experts
+    active_text = V * h + h + L * attention + dense * 3 * h * I + moe * (3 * h * S * It + router + k * 3 * h * It)
+    return total, active_text
 
 
 vl28 = decoder_params(V=103424, h=2560, L=28, H=20, Hkv=4, d=128, I=12288, E=64, k=6, It=1536, Iv=512, S=2, moe_layers=27)
 vision_28 = vit_params() + adapter_params(text_hidden=2560)
 total_28 = vl28[0] + vision_28
+counts_28 = F.count_params(F.CONFIG_VL_28B_A3B)                 # the one source of the headline numbers
+assert (total_28, vl28[1]) == (counts_28.total, counts_28.active), "the formula must agree with ernie_lab.family"
 print(f"VL-28B-A3B: decoder {vl28[0] / 1e9:.2f} B + ViT and adapter {vision_28 / 1e9:.2f} B = {total_28:,} parameters")
-print(f"            active per text token {vl28[1] / 1e9:.2f} B, per vision token {vl28[2] / 1e9:.2f} B")
+print(f"            active per text token {counts_28.active / 1e9:.2f} B, "
+      f"per vision token {F.count_params(F.CONFIG_VL_28B_A3B, 'vision').active / 1e9:.2f} B (ernie_lab.family)")
 
 # %%
 # check: the same count from transformers' reference class, and from ernie_lab's model, both on the meta device
@@ -317,11 +392,12 @@ text300 = decoder_params(V=103424, h=8192, L=54, H=64, Hkv=8, d=128, I=28672, E=
 vl424 = decoder_params(V=103424, h=8192, L=54, H=64, Hkv=8, d=128, I=28672, E=64, k=8, It=3584, Iv=1536, S=0,
                        moe_layers=51, tied=False)
 total_424 = vl424[0] + vit_params() + adapter_params(text_hidden=8192)
-print(f"300B-A47B : total {text300[0] / 1e9:6.1f} B, active {text300[1] / 1e9:.1f} B")
-print(f"VL-424B   : total {total_424 / 1e9:6.1f} B, active per text token {vl424[1] / 1e9:.1f} B, "
-      f"per vision token {vl424[2] / 1e9:.1f} B")
-assert abs(text300[0] / 300e9 - 1) < 0.01 and abs(text300[1] / 47e9 - 1) < 0.03
-assert abs(total_424 / 424e9 - 1) < 0.01 and abs(vl424[1] / 47e9 - 1) < 0.03
+counts_300, counts_424 = F.count_params(F.CONFIG_300B_A47B), F.count_params(F.CONFIG_VL_424B_A47B)
+assert (text300[0], text300[1]) == (counts_300.total, counts_300.active)
+assert (total_424, vl424[1]) == (counts_424.total, counts_424.active)
+print(f"300B-A47B : total {counts_300.total / 1e9:6.2f} B, active {counts_300.active / 1e9:.2f} B")
+print(f"VL-424B   : total {counts_424.total / 1e9:6.2f} B, active per text token {counts_424.active / 1e9:.2f} B, "
+      f"per vision token {F.count_params(F.CONFIG_VL_424B_A47B, 'vision').active / 1e9:.2f} B")
 
 fig, ax = plt.subplots(figsize=(7, 3))
 names = ["VL-28B-A3B", "VL-424B-A47B"]
@@ -335,50 +411,44 @@ for x, (t, a) in enumerate(zip(totals, actives)):
 plt.show()
 
 # %% [markdown]
-# ## Exercises
+# ## Exercises · core, 15 min
 #
-# **1.** In the 28B model, how many parameters does one MoE layer hold in its *vision* experts alone,
-# and what share of the decoder's total is that? (Reference answer filled in; replace it with yours.)
+# Each exercise is a stub, followed by a check from `ernie_lab.exercises`: "not attempted yet" and a hint
+# until you write something, a message saying what differs when it is wrong, "correct" when it is right.
+# The solutions are in `solutions/`.
+#
+# **Exercise 1 · The vision experts' weight.** In the 28B model, how many parameters does one MoE layer
+# hold in its *vision* experts alone?
 
 # %%
-# --- your answer (reference solution; replace it with your own) ---
-vision_experts_per_layer = 64 * 3 * 2560 * 512
-share_of_decoder = 27 * vision_experts_per_layer / vl28[0]
-# -------------------------------------------------------------------
-print(f"{vision_experts_per_layer:,} per layer, {share_of_decoder:.1%} of the decoder")
+vision_experts_per_layer = None   # your answer: a number
 
-# %%
-with torch.device("meta"):  # count from the real module, shapes only
-    real = ErnieVLForConditionalGeneration(VLConfig.from_dict(Ernie4_5_VLMoeConfig().to_dict()))
-experts = real.layers[1].mlp.experts
-counted = sum(p.numel() for e in experts[64:] for p in e.parameters())
-assert vision_experts_per_layer == counted, counted
-assert abs(share_of_decoder - 27 * counted / vl28[0]) < 1e-9
-print("correct")
+exercises.check("04.vision_experts", vision_experts_per_layer)
 
 # %% [markdown]
-# **2.** A batch holds 3 text tokens that all pick text expert 1 (probabilities [0.1, 0.9]) and 3 vision
-# tokens with probabilities [0.6, 0.4], [0.4, 0.6], [0.55, 0.45]. With E = 2 and k = 1, compute the
-# *text* group's balancing loss by hand.
+# **Exercise 2 · The text group's loss by hand.** A batch holds 3 text tokens that all pick text expert 1
+# (probabilities [0.1, 0.9]) and 3 vision tokens with probabilities [0.6, 0.4], [0.4, 0.6], [0.55, 0.45].
+# With E = 2 and k = 1, compute the *text* group's balancing loss.
 
 # %%
-# --- your answer (reference solution; replace it with your own) ---
-f_text = [0.0, 1.0]            # share of text choices per expert
-P_text = [0.1, 0.9]            # mean text router probability per expert
-text_loss = 2 * sum(f * p for f, p in zip(f_text, P_text))
-# -------------------------------------------------------------------
-print(text_loss)
+text_loss = None   # your answer: a number
 
-# %%
-table = torch.tensor([[0.1, 0.9]] * 3 + [[0.6, 0.4], [0.4, 0.6], [0.55, 0.45]]).log()
-check = modality_balancing_losses([table], torch.tensor([0, 0, 0, 1, 1, 1]), k=1)
-assert math.isclose(text_loss, check["text"].item(), rel_tol=1e-5), check
-print("correct; the vision group's loss is", round(check["vision"].item(), 4))
+exercises.check("04.text_balance_loss", text_loss)
 
 # %% [markdown]
+# ## Key takeaways
+#
+# * Each MoE layer of the VL models holds two expert groups with their own routers; a token is routed only
+#   inside its own modality's group, and the shared experts see every token.
+# * Vision experts are narrower (512 vs 1536 in the 28B): picture tokens are many and cheap.
+# * A pooled balancing loss hides a collapsed group; ERNIE balances each modality separately.
+#
 # ## What we built
 #
 # * `ernie_lab.vl_model.ErnieVLForConditionalGeneration`, loaded by `ernie_lab.load_model` from a
 #   `ernie4_5_vl_moe` checkpoint, equal to `transformers` in logits, positions, routing and decoding;
-# * `ernie_lab.processor.VLProcessor`: a conversation with pictures -> ids and pixels (thinking switch);
+# * `ernie_lab.processor.VLProcessor`: a conversation with pictures -> ids and pixels;
 # * `ernie_lab.losses.token_balanced_loss` and `modality_balancing_losses` for training.
+#
+# **What comes next:** notebook **05** trains the tiny models of this course, notebook **06** looks
+# inside them (attention and routing pictures).

@@ -15,6 +15,10 @@
 # %% [markdown]
 # # 09 · The ERNIE 4.5 family at scale
 #
+# **What you will learn:** where the parameters of each model live, memory at four precisions, the KV
+# cache, FLOPs per token, and how the big models are spread over many GPUs. **Time:** 45 min (core 30
+# min). **Memory:** under 1 GB (arithmetic, plus a few tiny models).
+#
 # Ten checkpoints, five sizes. Nobody runs the 300B or the 424B model in a classroom, but everybody can
 # compute what they cost: how many parameters sit where, how many a token actually uses, how many bytes
 # the weights and the KV cache take, how many FLOPs a token costs, and how the big models are spread over
@@ -38,10 +42,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Markdown, display
 
+from ernie_lab import exercises
 from ernie_lab import family as F
 from ernie_lab.notebook import setup
 
-FAST = setup()   # fast mode: fewer Monte-Carlo samples; every check still runs
+FAST = setup()   # fast mode (fewer samples): from ERNIE_LAB_FAST (make lab FAST=1); FAST = True forces it
 plt.rcParams.update({"figure.dpi": 110, "font.size": 11, "axes.grid": True, "grid.alpha": 0.3})
 
 SIZES = ["ERNIE-4.5-0.3B", "ERNIE-4.5-21B-A3B", "ERNIE-4.5-300B-A47B", "ERNIE-4.5-VL-28B-A3B",
@@ -61,14 +66,14 @@ def billions(n):
 
 
 # %% [markdown]
-# ## 1. Ten checkpoints, five shapes
+# ## 1. Ten checkpoints, five shapes · core, 4 min
 #
 # Every size comes twice: a **-Base** checkpoint (pre-trained only) and a post-trained one (SFT + DPO/UPO),
 # each published with PyTorch weights (`-PT`) and PaddlePaddle weights (`-Paddle`). Base and post-trained
 # share every shape, so five config tables describe all ten. The three small ones are exactly the default
-# configs of the `transformers` classes; the 300B table holds the published `config.json` values (read
-# from public copies, the sources are named in `ernie_lab/family.py`); the **VL-424B table is
-# reconstructed** from the model card and the report, because its `config.json` could not be found offline.
+# configs of the `transformers` classes; the 300B table holds the published `config.json` values; the
+# **VL-424B table is reconstructed** from the model card and the technical report (sources and caveats
+# in `ernie_lab/checkpoints.py`), so its numbers are consistency checks, not measurements.
 
 # %%
 rows = []
@@ -120,7 +125,7 @@ for name in SIZES:
     print(f"{SHORT[name]:>14}: count_params = transformers on meta = {built:,}")
 
 # %% [markdown]
-# ## 2. Where the parameters live
+# ## 2. Where the parameters live · core, 6 min
 #
 # `count_params` splits the total into components. The left panel shows where the **stored** parameters
 # are, the right panel what one **text token** multiplies by. In the MoE models almost everything is in the
@@ -210,7 +215,9 @@ for name in SIZES:
           f" | active {billions(n.active):>9} vs name {c.named_active / 1e9:g} B")
 
 # %% [markdown]
-# ## 3. Memory: weights at four precisions
+# ## 3. Memory: weights at four precisions · core, 4 min
+#
+# ![Weight-only quantization](../figures/quantization.png)
 #
 # Weights take `bits / 8` bytes each plus, for the quantised formats, one bf16 scale per group of 128
 # weights; norms and routers stay in bf16. FastDeploy serves ERNIE 4.5 in BF16, W8A16 (int8), W4A16
@@ -241,15 +248,21 @@ plt.show()
 table(["model"] + PRECISIONS, [[SHORT[n]] + [f"{v:,.1f} GiB" for v in gib[n]] for n in SIZES])
 
 # %%
-# Check: bf16 is exactly 2 bytes per parameter; int4 is a quarter of it plus the scales (2 bytes / 128 weights).
-for name in SIZES:
-    total = COUNTS[name].total
-    assert F.weight_bytes(F.CHECKPOINTS[name], "bf16") == 2 * total
-    ratio = F.weight_bytes(F.CHECKPOINTS[name], "int4") / (2 * total)
-    assert 0.25 < ratio < 0.25 + 1 / 128 + 1e-3, (name, ratio)
+# Check: the bf16 bytes of a real (small) model, measured from its tensors, are what the formula says.
+import ernie_lab
+from ernie_lab.config import parse_config
+
+small = dict(model_type="ernie4_5_moe", vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16, moe_num_experts=4, moe_k=2,
+             moe_intermediate_size=32, moe_num_shared_experts=1, moe_layer_start_index=1)
+small_model = ernie_lab.ErnieForCausalLM(parse_config(small)).to(torch.bfloat16)
+storages = {t.data_ptr(): t.numel() * t.element_size() for t in small_model.state_dict().values()}  # tied: once
+measured = sum(storages.values())
+print(f"bf16 model: {measured:,} bytes measured, {F.weight_bytes(small, 'bf16'):,} by the formula")
+assert measured == F.weight_bytes(small, "bf16")
 
 # %% [markdown]
-# ## 4. The KV cache, GQA-aware
+# ## 4. The KV cache, GQA-aware · core, 4 min
 #
 # Every generated token leaves a key and a value vector per layer and per **KV head**:
 #
@@ -302,7 +315,7 @@ print(f"measured {measured} bytes = formula; "
       f"300B-A47B: {F.kv_cache_bytes_per_token(F.CONFIG_300B_A47B):,.0f} bytes per token")
 
 # %% [markdown]
-# ## 5. Active versus total, and what a token costs
+# ## 5. Active versus total, and what a token costs · optional, 6 min
 #
 # A MoE model stores every expert but each token runs through only k of them. The A3B models store
 # 6.5x (21B) and 8.8x (VL-28B) more parameters than a text token uses, the A47B models 6.4x and 9.0x
@@ -374,14 +387,16 @@ print("FlopCounterMode:", counter.get_total_flops(), "= formula")
 # ### The 47% MFU claim
 #
 # The report says ERNIE 4.5 reached **47% model FLOPs utilisation** when pre-training its largest language
-# model (FP8 mixed precision, intra-node expert parallelism, memory-efficient pipeline scheduling):
+# model (FP8 mixed precision, intra-node expert parallelism, memory-efficient pipeline scheduling; the three
+# ways of spreading a model over GPUs: **expert parallelism** puts different experts on different GPUs,
+# **tensor parallelism** splits every matrix across GPUs, **pipeline parallelism** gives each GPU a range of
+# layers; section 6 counts what each one sends):
 #
 #     MFU = tokens per second x training FLOPs per token / peak FLOP/s
 #
-# **We could not find, offline, the throughput and the hardware peak that the report plugged into this
-# formula**, so the notebook does not pretend to reproduce the number. `F.mfu(tokens_per_second,
-# flops_per_token, peak_flops)` takes them as arguments: put the report's figures in and it returns the
-# MFU. What we can do is run the formula backwards: the throughput per GPU that 47% would mean for the
+# The report does not give the throughput and the hardware peak behind this number, so the notebook does
+# not pretend to reproduce it. `F.mfu(tokens_per_second, flops_per_token, peak_flops)` takes them as
+# arguments. What we can do is run the formula backwards: the throughput per GPU that 47% would mean for the
 # 300B-A47B at a 4096-token sequence on an H800 (NVIDIA datasheet peaks: 989 dense BF16 TFLOPS, 1979
 # dense FP8 TFLOPS). Which peak the report divides by is one of the unknowns.
 
@@ -392,11 +407,22 @@ h800 = F.ACCELERATORS["H800-80GB"]
 print(f"training FLOPs per token (6 x active + attention, seq {seq}): {train_flops / 1e9:.1f} GFLOPs")
 for label, peak in (("BF16 peak", h800.bf16_tflops * 1e12), ("FP8 peak", h800.fp8_tflops * 1e12)):
     tps = F.tokens_per_second_at_mfu(0.47, train_flops, peak)
-    assert abs(F.mfu(tps, train_flops, peak) - 0.47) < 1e-12
     print(f"47% of the H800 {label}: {tps:,.0f} tokens/s per GPU")
 
+# The premise of "training = 3 x forward": a backward pass costs two forwards. Counted, on the tiny model
+# of the FLOP check above (every weight trainable, a full sequence):
+ids = torch.randint(0, 256, (1, 16))
+forward_only, forward_backward = FlopCounterMode(display=False), FlopCounterMode(display=False)
+with forward_only:
+    moe_model(ids)
+with forward_backward:
+    moe_model(ids, labels=ids).loss.backward()
+print(f"forward + backward / forward = {forward_backward.get_total_flops() / forward_only.get_total_flops():.3f}")
+assert forward_backward.get_total_flops() == 3 * forward_only.get_total_flops()
+moe_model.zero_grad(set_to_none=True)
+
 # %% [markdown]
-# ## 6. Scale-out on paper
+# ## 6. Scale-out on paper · optional, 6 min
 #
 # ### How many GPUs?
 #
@@ -422,18 +448,19 @@ table(["model"] + [F.ACCELERATORS[d].name for d in GPUS], rows)
 # What fits on ONE device (1 = fits):
 fits = np.array([[[F.gpus_needed(F.CHECKPOINTS[n], p, F.ACCELERATORS[d].memory_gib, CONTEXT) == 1
                    for p in PRECISIONS] for d in DEVICES] for n in SIZES])
-fig, axes = plt.subplots(1, len(DEVICES), figsize=(14, 3.2), sharey=True)
-for k, (ax, device) in enumerate(zip(axes, DEVICES)):
+fig, axes = plt.subplots(2, 2, figsize=(13, 8), sharey=True)       # large cells: legible on a projector
+for k, (ax, device) in enumerate(zip(axes.flat, DEVICES)):
     ax.imshow(fits[:, k, :], cmap="Greens", vmin=-0.3, vmax=1.2)
-    ax.set_xticks(range(len(PRECISIONS)), PRECISIONS)
-    ax.set_yticks(range(len(SIZES)), [SHORT[n] for n in SIZES])
-    ax.set_title(F.ACCELERATORS[device].name, fontsize=10)
+    ax.set_xticks(range(len(PRECISIONS)), PRECISIONS, fontsize=12)
+    ax.set_yticks(range(len(SIZES)), [SHORT[n] for n in SIZES], fontsize=12)
+    ax.set_title(F.ACCELERATORS[device].name, fontsize=14)
     ax.grid(False)
     for i in range(len(SIZES)):
         for j in range(len(PRECISIONS)):
-            ax.text(j, i, "fits" if fits[i, k, j] else "-", ha="center", va="center", fontsize=8,
+            ax.text(j, i, "fits" if fits[i, k, j] else "-", ha="center", va="center", fontsize=13,
                     color="white" if fits[i, k, j] else "black")
-fig.suptitle(f"What one device can hold (weights + KV cache of {CONTEXT} tokens)", y=1.04)
+plt.tight_layout()
+fig.suptitle(f"What one device can hold (weights + KV cache of {CONTEXT} tokens)", y=1.02, fontsize=15)
 plt.show()
 
 assert fits[SIZES.index("ERNIE-4.5-300B-A47B"), DEVICES.index("H200-141GB"), PRECISIONS.index("2bit")]
@@ -504,7 +531,8 @@ for n in (8, 16):
 # %% [markdown]
 # ### Intra-node versus inter-node expert parallelism
 #
-# Inside a node of 8 GPUs the all-to-all runs over NVLink; beyond 8, part of it goes through the network
+# Inside a node of 8 GPUs the all-to-all runs over NVLink (NVIDIA's direct GPU-to-GPU links inside one
+# machine); beyond 8, part of it goes through the network
 # card, 4x slower than an H800's NVLink and 9x slower than an H100's (one direction per GPU: NVLink 200
 # GB/s on the H800, 450 GB/s on the H100, one 400 Gb/s InfiniBand NIC = 50 GB/s). The report keeps expert
 # parallelism **inside a node** and spreads the model over nodes with pipeline parallelism instead, whose
@@ -533,64 +561,89 @@ print(f"H800, N=8: {t8 * 1e3:.1f} ms per layer; N=16: {t16 * 1e3:.1f} ms ({t16 /
       f"{F.ep_all_to_all_bytes(a47b, 16) / F.ep_all_to_all_bytes(a47b, 8):.2f}x the bytes")
 
 # %% [markdown]
-# ## Exercises
+# ## Exercises · core, 20 min (the last one optional, 15 min)
 #
-# Each exercise has a reference answer in the cell so that the notebook runs; replace it with your own
-# arithmetic (by hand, from the formulas above, not by calling the function you are checking) and run the
-# check.
+# Each exercise is a stub, followed by a check from `ernie_lab.exercises`: "not attempted yet" and a hint
+# until you write something, a message saying what differs when it is wrong, "correct" when it is right.
+# Work by hand, from the formulas above, not by calling the function that is being checked. The solutions
+# are in `solutions/`.
 #
-# **Exercise 1.** A hypothetical ERNIE keeps the 300B-A47B backbone but doubles the routed experts to 128
-# per MoE layer (still top-8, width 3584). How many parameters does it store? Count the extra experts and
-# the extra router rows (weight + correction bias) yourself.
+# **Exercise 1 · Twice the experts.** A hypothetical ERNIE keeps the 300B-A47B backbone but doubles the
+# routed experts to 128 per MoE layer (still top-8, width 3584). How many parameters does it store? Count
+# the extra experts and the extra router rows (weight + correction bias) yourself.
 
 # %%
-# --- your answer (reference answer below; replace it with your own arithmetic) ---
-hidden, width, moe_layers = 8192, 3584, 51
-extra_experts = 64 * moe_layers * 3 * hidden * width          # gate, up, down of 64 more experts per layer
-extra_router = 64 * moe_layers * (hidden + 1)                  # 64 more rows of gate weight + bias entries
-my_total = F.count_params(F.CONFIG_300B_A47B).total + extra_experts + extra_router
-# --- check ---
-assert my_total == F.count_params(dict(F.CONFIG_300B_A47B, moe_num_experts=128)).total
-print(f"{my_total / 1e9:.1f} B parameters; active grows only by the router rows, to "
-      f"{F.count_params(dict(F.CONFIG_300B_A47B, moe_num_experts=128)).active / 1e9:.2f} B")
+more_experts = None   # your answer: a number
+
+exercises.check("09.more_experts", more_experts)
 
 # %% [markdown]
-# **Exercise 2.** The 300B-A47B is served in int4 (group-128 scales) on 4 H100s (80 GiB each, 10% kept
-# free). How many 32K-token conversations fit into the KV cache memory that is left?
+# **Exercise 2 · Conversations that fit.** The 300B-A47B is served in int4 (group-128 scales) on 4 H100s
+# (80 GiB each, 10% kept free). How many 32K-token conversations fit into the KV cache memory that is left?
 
 # %%
-# --- your answer (reference answer below) ---
-free = 4 * 80 * F.GIB * 0.9 - F.weight_bytes(F.CONFIG_300B_A47B, "int4")
-per_conversation = 2 * 54 * 8 * 128 * 2 * 32768                # K and V, layers, KV heads, head_dim, bf16
-my_conversations = int(free // per_conversation)
-# --- check ---
-assert F.gpus_needed(F.CONFIG_300B_A47B, "int4", 80, 32768, batch=my_conversations) == 4
-assert F.gpus_needed(F.CONFIG_300B_A47B, "int4", 80, 32768, batch=my_conversations + 1) > 4
-print(my_conversations, "conversations of 32K tokens")
+conversations = None   # your answer: a number
+
+exercises.check("09.conversations", conversations)
 
 # %% [markdown]
-# **Exercise 3.** For the 21B-A3B (64 experts, top-6, hidden 2560), sending one copy per destination GPU
-# instead of one per expert saves a lot at small expert-parallel degrees and nothing at N = 64 (one expert
-# per GPU). What is the largest power-of-two degree N at which it still saves more than 30% of the
-# all-to-all bytes? Reason with `(N - 1)(1 - C(E - E/N, k) / C(E, k))` versus `k (N - 1) / N`.
+# **Exercise 3 · De-duplicated all-to-all.** For the 21B-A3B (64 experts, top-6, hidden 2560), sending one
+# copy per destination GPU instead of one per expert saves a lot at small expert-parallel degrees and
+# nothing at N = 64 (one expert per GPU). What is the largest power-of-two degree N at which it still saves
+# more than 30% of the all-to-all bytes? Reason with `(N - 1)(1 - C(E - E/N, k) / C(E, k))` versus
+# `k (N - 1) / N`.
 
 # %%
-# --- your answer (reference answer below) ---
-E, k = 64, 6
-def saving(n):
-    naive = k * (n - 1) / n
-    dedup = (n - 1) * (1 - math.comb(E - E // n, k) / math.comb(E, k))
-    return 1 - dedup / naive
-my_degree = max(n for n in (2, 4, 8, 16, 32, 64) if saving(n) > 0.30)
-# --- check ---
-def library(n):
-    return 1 - F.ep_all_to_all_bytes(F.CONFIG_21B_A3B, n, dedup=True) / F.ep_all_to_all_bytes(F.CONFIG_21B_A3B, n)
+dedup_degree = None   # your answer: a number
 
-assert my_degree == max(n for n in (2, 4, 8, 16, 32, 64) if library(n) > 0.30)
-print(f"N = {my_degree}: de-duplication saves {library(my_degree):.0%} of the bytes")
+exercises.check("09.dedup_degree", dedup_degree)
 
 # %% [markdown]
-# ## Summary
+# **Exercise 4 · int8 by hand, and the layer that hurts most (an experiment, optional).** Section 3 counted
+# the bytes of int8 weights; here is what int8 does to them. Write symmetric round-to-nearest int8
+# quantization with one scale per output row: `scale = max|w| / 127`, `q = round(w / scale)`, and return
+# the weight as the int8 model sees it, `q * scale`.
+
+# %%
+def int8_rtn(weight):
+    ...   # your code here
+
+
+exercises.check("09.int8_rtn", int8_rtn)
+
+# %% [markdown]
+# Then quantize **one layer at a time** and see which one hurts most: write
+# `layer_damage(model, ids, quantize)`, which, for each `nn.Linear` of the model
+# (`ernie_lab.modules.linear_names(model)`), swaps in `quantize(weight)`, measures the largest change of
+# the logits, puts the original weight back, and returns `{name: change}`. The check plants one outlier
+# weight in a small model (it should stand out); the cell below runs your function on a small random
+# ERNIE and draws the damage per layer. Which kind of layer suffers most, and why?
+
+# %%
+def layer_damage(model, ids, quantize):
+    ...   # your code here
+
+
+exercises.check("09.layer_damage", layer_damage)
+
+# %%
+from ernie_lab.modules import linear_names
+
+if exercises.check("09.int8_rtn", int8_rtn) and exercises.check("09.layer_damage", layer_damage):
+    torch.manual_seed(0)
+    probe = ernie_lab.ErnieForCausalLM(parse_config(dict(small, num_hidden_layers=2))).eval()
+    damage = layer_damage(probe, torch.randint(0, 512, (2, 24)), int8_rtn)
+    fig, ax = plt.subplots(figsize=(12, 4))
+    ax.bar(range(len(damage)), list(damage.values()))
+    ax.set_xticks(range(len(damage)), list(damage), rotation=60, ha="right", fontsize=11)
+    ax.set_ylabel("largest logit change", fontsize=12)
+    ax.set_title("int8 round-to-nearest, one layer at a time (random weights)", fontsize=13)
+    plt.tight_layout()
+    plt.show()
+    print("hurts most:", max(damage, key=damage.get))
+
+# %% [markdown]
+# ## Key takeaways
 #
 # * `ernie_lab.family.count_params` reproduces the `transformers` parameter counts of all five shapes
 #   exactly (tested on the meta device), split into embeddings, attention, dense MLP, routed / vision /
@@ -598,5 +651,13 @@ print(f"N = {my_degree}: de-duplication saves {library(my_degree):.0%} of the by
 # * Names round: 0.36 B is "0.3B", 299.5 B is "300B", 3.35 B active is "A3B"; the VL-28B's name counts its
 #   decoder and leaves out the 0.77 B ViT + adapter. The VL-424B table is a reconstruction.
 # * GQA keeps the 128K-token cache of the largest models at 27 GiB instead of 216 GiB.
-# * Expert parallelism sends every token's hidden state to its experts and back, in every MoE layer, which
-#   is why ERNIE 4.5 keeps it on NVLink inside a node.
+# * **Expert parallelism** (experts spread over GPUs) sends every token's hidden state to its experts and
+#   back, in every MoE layer; **tensor parallelism** splits each matrix over GPUs; **pipeline
+#   parallelism** gives each GPU a range of layers. ERNIE 4.5 keeps expert parallelism on **NVLink** (the
+#   fast GPU-to-GPU links inside one node).
+#
+# **What comes next:** the course ends here. Notebooks **07** (quantization) and **08** (LoRA fine-tuning,
+# [Hu et al. 2021](https://arxiv.org/abs/2106.09685)) make these models fit and adapt on smaller machines;
+# post-training (SFT: supervised fine-tuning on answers; DPO: learning from preferred vs rejected answers,
+# [Rafailov et al. 2023](https://arxiv.org/abs/2305.18290)) is described in the
+# [technical report](https://ernie.baidu.com/blog/publication/ERNIE_Technical_Report.pdf).

@@ -1,44 +1,274 @@
-"""Regenerate the pictures in figures/ that the README shows (`make figures`).
+"""Draw the pictures of the ideas into figures/ (`make figures`); the notebooks and the README show them.
 
-Notebooks draw their own figures when they run; this script only makes the README's overview.
+Static diagrams, one function each: the decoder layer, the MoE layer, the VL pipeline, 3-D positions,
+the KV cache, LoRA, weight-only quantization, the course map, and the family chart. Each is a few boxes
+and arrows drawn with matplotlib at a size that stays legible when projected (text >= 12 pt at 100 dpi
+on a 12-inch-wide figure). The family chart's numbers come from `ernie_lab.family`, the one source.
+
+    python scripts/make_figures.py            # all of them
+    python scripts/make_figures.py moe_layer  # one
 """
 
+from __future__ import annotations
+
+import sys
 from pathlib import Path
 
-import matplotlib.pyplot as plt
+import matplotlib
 
-FIGURES = Path(__file__).resolve().parent.parent / "figures"
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
-# Published totals and active parameters per token, in billions (model cards, technical report).
-FAMILY = [
-    ("0.3B", 0.36, 0.36, "dense text"),
-    ("21B-A3B", 21.8, 3.0, "text MoE"),
-    ("300B-A47B", 300.0, 47.0, "text MoE"),
-    ("VL-28B-A3B", 28.0, 3.0, "vision-language MoE"),
-    ("VL-424B-A47B", 424.0, 47.0, "vision-language MoE"),
-]
+ROOT = Path(__file__).resolve().parent.parent
+FIGURES = ROOT / "figures"
+sys.path.insert(0, str(ROOT))
+
+BLUE, ORANGE, GREEN, GREY, PURPLE, RED, YELLOW = "#c6dbef", "#fdd0a2", "#c7e9c0", "#eeeeee", "#dadaeb", "#fcbba1", "#fff7bc"
+FONT = 13
 
 
-def family_chart(path: Path) -> None:
-    names = [f[0] for f in FAMILY]
-    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=120)
-    x = range(len(FAMILY))
-    ax.bar([i - 0.2 for i in x], [f[1] for f in FAMILY], width=0.4, label="total parameters", color="#4C72B0")
-    ax.bar([i + 0.2 for i in x], [f[2] for f in FAMILY], width=0.4, label="active per token", color="#DD8452")
-    for i, f in enumerate(FAMILY):
-        ax.text(i, f[1] * 1.15, f[3], ha="center", fontsize=8)
-    ax.set_yscale("log")
-    ax.set_xticks(list(x), names)
-    ax.set_ylabel("parameters (billions, log scale)")
-    ax.set_title("The ERNIE 4.5 family: mixture-of-experts models touch a fraction of their weights")
-    ax.set_ylim(0.1, 2000)
-    ax.legend(loc="upper left")
+def canvas(width: float, height: float, title: str):
+    """A figure with data coordinates = inches, no axes."""
+    fig, ax = plt.subplots(figsize=(width, height), dpi=100)
+    ax.set_xlim(0, width)
+    ax.set_ylim(0, height)
+    ax.axis("off")
+    ax.set_title(title, fontsize=FONT + 3, fontweight="bold")
+    return fig, ax
+
+
+def box(ax, x, y, w, h, text, color=GREY, fontsize=FONT, style="round,pad=0.02", **kw):
+    """A box with its lower-left corner at (x, y) and centred text; returns its centre."""
+    ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle=style, fc=color, ec="black", lw=1.2, **kw))
+    ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=fontsize, wrap=True)
+    return x + w / 2, y + h / 2
+
+
+def arrow(ax, start, end, color="black", style="-|>", lw=1.6, **kw):
+    ax.add_patch(FancyArrowPatch(start, end, arrowstyle=style, mutation_scale=16, color=color, lw=lw, **kw))
+
+
+def note(ax, x, y, text, fontsize=FONT - 1, color="#444444", **kw):
+    ax.text(x, y, text, fontsize=fontsize, color=color, **kw)
+
+
+def save(fig, name: str) -> Path:
+    path = FIGURES / name
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ figures
+def decoder_layer():
+    fig, ax = canvas(9, 9.5, "One ERNIE 4.5 decoder layer (pre-norm, residual stream)")
+    x, w, h = 2.6, 4.6, 0.7
+    rows = [(8.0, "x: residual stream  (B, T, hidden)", GREY), (6.9, "RMSNorm", ORANGE),
+            (5.8, "GQA attention + interleaved RoPE\n16 query heads share 2 key/value heads", BLUE),
+            (4.7, "+  (add back to the stream)", GREY), (3.6, "RMSNorm", ORANGE),
+            (2.5, "SwiGLU MLP:  down( silu(gate x) * up x )\nMoE layers: router + experts instead", GREEN),
+            (1.4, "+  (add back to the stream)", GREY)]
+    centres = [box(ax, x, y, w, h, text, color) for y, text, color in rows]
+    for (cx, cy), (_, ny) in zip(centres, centres[1:]):
+        arrow(ax, (cx, cy - h / 2), (cx, ny + h / 2))
+    for top, bottom in ((0, 3), (3, 6)):                          # the skip connections
+        y0, y1 = centres[top][1], centres[bottom][1]
+        ax.plot([x, 1.6, 1.6], [y0, y0, y1], color="#555555", lw=1.6)
+        arrow(ax, (1.6, y1), (x, y1), color="#555555")
+        note(ax, 0.35, (y0 + y1) / 2, "residual", rotation=90, va="center")
+    arrow(ax, (centres[-1][0], 1.4), (centres[-1][0], 0.6))
+    note(ax, centres[-1][0] + 0.15, 0.75, "to the next layer (x 18 in the 0.3B)")
+    note(ax, x + w + 0.15, 5.9, "KV cache:\nkeys and values\nof past tokens", fontsize=FONT - 1)
+    return save(fig, "decoder_layer.png")
+
+
+def moe_layer():
+    fig, ax = canvas(12, 6.5, "The MoE layer: a router picks k experts per token; shared experts see every token")
+    box(ax, 0.3, 2.9, 1.6, 0.8, "token x", GREY)
+    box(ax, 2.6, 4.3, 2.6, 1.0, "router\nsoftmax(W x), float32", PURPLE)
+    box(ax, 2.6, 2.7, 2.6, 1.2, "top-k of p + b\n(bias b: choice only)\nweights renormalised", PURPLE, fontsize=FONT - 1)
+    arrow(ax, (1.9, 3.3), (2.6, 4.7))
+    arrow(ax, (3.9, 4.3), (3.9, 3.9))
+    experts = [(6.2 + 0.95 * i, i in (1, 4)) for i in range(6)]
+    for i, (ex, chosen) in enumerate(experts):
+        box(ax, ex, 4.0, 0.8, 1.2, f"E{i}", GREEN if chosen else "white", fontsize=FONT)
+        if chosen:
+            arrow(ax, (5.2, 3.3), (ex + 0.4, 4.0), color="#2ca02c")
+    note(ax, 6.2, 5.45, "routed experts (64 in 21B-A3B, k = 6 chosen; white = idle)", fontsize=FONT - 1)
+    box(ax, 5.6, 1.2, 4.3, 0.9, "shared experts (2): every token, unscaled", ORANGE, fontsize=FONT - 1)
+    arrow(ax, (1.9, 3.1), (5.6, 1.6))
+    box(ax, 10.2, 2.0, 1.7, 1.2, "y = sum w_i E_i(x)\n+ shared(x)", YELLOW, fontsize=FONT - 2)
+    for ex, chosen in experts:
+        if chosen:
+            arrow(ax, (ex + 0.4, 4.0), (11.05, 3.2), color="#2ca02c")
+    arrow(ax, (9.9, 1.65), (10.6, 2.0))
+    note(ax, 0.3, 0.4, "Memory holds every expert; compute uses k of them: 21.8 B stored, 3 B active per token.")
+    return save(fig, "moe_layer.png")
+
+
+def vl_pipeline():
+    fig, ax = canvas(13, 5.2, "The vision-language pipeline of ERNIE 4.5 VL")
+    steps = [("pixels\n(resized to\nmultiples of 28)", GREY), ("14 x 14\npatches\n(588 numbers)", BLUE),
+             ("ViT\n2-D RoPE,\nLayerNorm,\nper frame", BLUE), ("adapter\n2x2 spatial +\n2-frame\ntemporal merge", ORANGE),
+             ("picture tokens\nin the prompt\n(3-D positions)", YELLOW), ("decoder:\ntext experts +\nvision experts,\ntwo routers", GREEN)]
+    x = 0.2
+    centres = []
+    for text, color in steps:
+        centres.append(box(ax, x, 2.0, 1.85, 1.5, text, color, fontsize=FONT - 1))
+        x += 2.15
+    for (ax0, ay), (bx, _) in zip(centres, centres[1:]):
+        arrow(ax, (ax0 + 0.95, ay), (bx - 0.95, ay))
+    note(ax, 0.2, 1.2, "an image of h x w patches becomes h w / 4 tokens; a video of t frames t h w / 8", fontsize=FONT)
+    note(ax, 0.2, 0.6, "text tokens route only to text experts, picture tokens only to vision experts (modality isolation)",
+         fontsize=FONT)
+    note(ax, 0.2, 4.2, "<|IMAGE_START|>  placeholder x N  <|IMAGE_END|> in the token stream; the adapter's outputs replace "
+         "the placeholders", fontsize=FONT - 1)
+    return save(fig, "vl_pipeline.png")
+
+
+def positions_3d():
+    fig, ax = canvas(12, 5.6, "3-D positions (t, h, w): text counts up on all three, a picture spreads over h and w")
+    tokens = [("text", (0, 0, 0)), ("text", (1, 1, 1)), ("<start>", (2, 2, 2))]
+    grid = [(3, 3 + r, 3 + c) for r in range(2) for c in range(3)]   # t stays at the start position
+    x = 0.3
+    for label, (t, h, w) in tokens:
+        box(ax, x, 2.4, 1.2, 1.2, f"{label}\n({t}, {h}, {w})", BLUE, fontsize=FONT - 1)
+        x += 1.35
+    gx = x
+    for i, (t, h, w) in enumerate(grid):
+        r, c = divmod(i, 3)
+        box(ax, gx + c * 1.3, 3.3 - r * 1.25, 1.2, 1.1, f"({t}, {h}, {w})", ORANGE, fontsize=FONT - 1)
+    note(ax, gx, 4.6, "picture: 2 x 3 merged tokens, one time step", fontsize=FONT)
+    x = gx + 3 * 1.3 + 0.3
+    for label, (t, h, w) in (("<end>", (6, 6, 6)), ("text", (7, 7, 7))):
+        box(ax, x, 2.4, 1.2, 1.2, f"{label}\n({t}, {h}, {w})", BLUE, fontsize=FONT - 1)
+        x += 1.35
+    note(ax, 0.3, 1.1, "After the picture, text continues one past the largest position the picture used (5 -> 6).", fontsize=FONT)
+    note(ax, 0.3, 0.5, "Rotary pairs are shared out between the axes: ERNIE gives h and w alternate pairs, t the slowest.",
+         fontsize=FONT)
+    return save(fig, "positions_3d.png")
+
+
+def kv_cache():
+    fig, ax = canvas(12, 5.4, "The KV cache: prefill once, then one token per step")
+    note(ax, 0.3, 4.5, "prefill: the whole prompt in one pass", fontsize=FONT, color="black")
+    for i in range(5):
+        box(ax, 0.3 + i * 0.9, 3.4, 0.8, 0.8, f"t{i}", BLUE)
+    note(ax, 0.3, 2.7, "decode: only the new token runs", fontsize=FONT, color="black")
+    box(ax, 0.3 + 5 * 0.9, 1.7, 0.8, 0.8, "t5", ORANGE)
+    box(ax, 6.0, 2.8, 5.7, 1.6, "cache, per layer: keys and values of t0 ... t4\n2 x kv_heads x head_dim numbers per token\n(0.3B: 18,432 bytes per token in bf16)",
+        YELLOW, fontsize=FONT - 1)
+    arrow(ax, (4.7, 3.8), (6.0, 3.8))
+    arrow(ax, (5.1, 2.1), (6.6, 2.8), color="#d62728")
+    note(ax, 6.7, 2.2, "t5 attends to all cached keys,\nthen appends its own key and value", fontsize=FONT - 1)
+    note(ax, 0.3, 0.6, "Without the cache every step recomputes all t tokens: cost grows with t per step, t^2 in all.",
+         fontsize=FONT)
+    return save(fig, "kv_cache.png")
+
+
+def lora():
+    fig, ax = canvas(10, 5.6, "LoRA: a frozen weight plus a trainable low-rank update")
+    box(ax, 0.3, 2.3, 1.3, 1.0, "x\n(d_in)", GREY)
+    box(ax, 2.4, 3.4, 3.0, 1.3, "W  (d_out x d_in)\nfrozen", BLUE)
+    box(ax, 2.4, 1.2, 1.3, 1.3, "A\nr x d_in", ORANGE)
+    box(ax, 4.1, 1.2, 1.3, 1.3, "B\nd_out x r\n(starts at 0)", ORANGE, fontsize=FONT - 2)
+    box(ax, 6.6, 2.3, 3.0, 1.0, "y = W x + (alpha / r) B A x", YELLOW)
+    arrow(ax, (1.6, 2.9), (2.4, 4.0))
+    arrow(ax, (1.6, 2.7), (2.4, 1.9))
+    arrow(ax, (3.7, 1.85), (4.1, 1.85))
+    arrow(ax, (5.4, 4.0), (6.6, 3.0))
+    arrow(ax, (5.4, 1.85), (6.6, 2.6))
+    note(ax, 0.3, 0.4, "Train r (d_in + d_out) numbers instead of d_in d_out; after training, merge: W + (alpha/r) B A.",
+         fontsize=FONT - 1)
+    return save(fig, "lora.png")
+
+
+def quantization():
+    import numpy as np
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), dpi=100, gridspec_kw=dict(width_ratios=[1.1, 1]))
+    fig.suptitle("Weight-only quantization: store weights on a coarse grid, compute in bf16", fontsize=FONT + 3,
+                 fontweight="bold")
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 1, 24)
+    scale = np.abs(w).max() / 7                               # int4, symmetric: -7 .. 7
+    q = np.clip(np.round(w / scale), -7, 7)
+    left.stem(range(24), w, linefmt="C0-", markerfmt="C0o", basefmt=" ", label="bf16 weight")
+    left.plot(range(24), q * scale, "s", color="C3", label="int4: round(w / s) x s")
+    for level in range(-7, 8):
+        left.axhline(level * scale, color="gray", lw=0.4)
+    left.set_xlabel("weight index in one group", fontsize=FONT)
+    left.set_ylabel("value", fontsize=FONT)
+    left.legend(fontsize=FONT - 1, loc="lower right")
+    left.tick_params(labelsize=FONT - 2)
+    right.axis("off")
+    right.set_xlim(0, 6)
+    right.set_ylim(0, 4.6)
+    box(right, 0.1, 2.9, 2.6, 1.1, "int4 codes\n+ 1 scale / 128", ORANGE)
+    box(right, 3.3, 2.9, 2.6, 1.1, "dequantize\nW = q x s (bf16)", BLUE)
+    box(right, 1.7, 0.9, 2.6, 1.1, "y = W x\n(bf16 matmul)", GREEN)
+    arrow(right, (2.7, 3.45), (3.3, 3.45))
+    arrow(right, (4.6, 2.9), (3.6, 2.0))
+    right.text(0.1, 0.2, "4 bits + 2 bytes / 128 weights = 0.26 of bf16", fontsize=FONT - 1)
+    fig.tight_layout()
+    path = FIGURES / "quantization.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+
+
+def course_map():
+    fig, ax = canvas(13, 5.4, "The course: ten notebooks, two 90-minute tracks")
+    colors = {"both": GREY, "dense": BLUE, "moe": ORANGE}
+    from ernie_lab.notebook import COURSE
+
+    for i, (number, title, minutes, track) in enumerate(COURSE):
+        row, col = divmod(i, 5)
+        x, y = 0.3 + col * 2.55, 3.0 - row * 1.9
+        words = title.split()
+        title = " ".join(words[:len(words) // 2 + 1]) + "\n" + " ".join(words[len(words) // 2 + 1:])
+        box(ax, x, y, 2.3, 1.3, f"{number}  ({minutes} min)\n{title}", colors[track], fontsize=FONT - 1)
+        if col < 4:
+            arrow(ax, (x + 2.3, y + 0.65), (x + 2.55, y + 0.65))
+    arrow(ax, (0.3 + 4 * 2.55 + 1.15, 3.0), (1.45, 2.4), connectionstyle="arc3,rad=0.0", color="gray")
+    box(ax, 0.3, 0.15, 2.6, 0.55, "dense track", BLUE, fontsize=FONT - 1)
+    box(ax, 3.1, 0.15, 2.6, 0.55, "MoE / VL track", ORANGE, fontsize=FONT - 1)
+    box(ax, 5.9, 0.15, 2.6, 0.55, "both tracks", GREY, fontsize=FONT - 1)
+    return save(fig, "course_map.png")
+
+
+def family_chart():
+    from ernie_lab import family as F
+
+    names = ["0.3B", "21B-A3B", "300B-A47B", "VL-28B-A3B", "VL-424B-A47B"]
+    configs = [F.CONFIG_0_3B, F.CONFIG_21B_A3B, F.CONFIG_300B_A47B, F.CONFIG_VL_28B_A3B, F.CONFIG_VL_424B_A47B]
+    counts = [F.count_params(c) for c in configs]
+    fig, ax = plt.subplots(figsize=(10, 4.8), dpi=100)
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [c.total / 1e9 for c in counts], width=0.4, label="total parameters", color="#4C72B0")
+    ax.bar([i + 0.2 for i in x], [c.active / 1e9 for c in counts], width=0.4, label="active per token", color="#DD8452")
+    for i, c in enumerate(counts):
+        ax.text(i - 0.2, c.total / 1e9 * 1.15, f"{c.total / 1e9:.3g}", ha="center", fontsize=FONT - 2)
+        ax.text(i + 0.2, c.active / 1e9 * 1.15, f"{c.active / 1e9:.3g}", ha="center", fontsize=FONT - 2)
+    ax.set_yscale("log")
+    ax.set_xticks(list(x), names, fontsize=FONT - 1)
+    ax.set_ylabel("parameters (billions, log scale)", fontsize=FONT)
+    ax.set_title("The ERNIE 4.5 family (ernie_lab.family): MoE models touch a fraction of their weights", fontsize=FONT)
+    ax.set_ylim(0.1, 3000)
+    ax.legend(loc="upper left", fontsize=FONT - 1)
+    return save(fig, "ernie45_family.png")
+
+
+ALL = [decoder_layer, moe_layer, vl_pipeline, positions_3d, kv_cache, lora, quantization, course_map, family_chart]
 
 
 if __name__ == "__main__":
     FIGURES.mkdir(exist_ok=True)
-    family_chart(FIGURES / "ernie45_family.png")
-    print("wrote", FIGURES / "ernie45_family.png")
+    wanted = sys.argv[1:]
+    for draw in ALL:
+        if not wanted or draw.__name__ in wanted:
+            print("wrote", draw().relative_to(ROOT))

@@ -333,3 +333,23 @@ def test_bfloat16_load_streams_tensor_by_tensor(tmp_path):
     assert ratio <= 0.85
     fp32_ratio = measured_peak(tmp_path, "none") / fp32_bytes
     assert fp32_ratio <= 1.1, f"fp32 load peaked at {fp32_ratio:.2f}x the weight bytes"
+
+
+@pytest.mark.parametrize("make", [moe_model, vl_model], ids=["text-moe", "vl"])
+def test_logits_for_labels_only_gives_the_same_loss_and_gradients(make):
+    model = make()
+    if isinstance(model.config, VLConfig):
+        ids, extra = vl_inputs(model)
+    else:
+        ids, extra = torch.randint(0, 120, (2, 9)), {}
+    labels = ids.clone()
+    labels[:, :4] = -100
+    full = model(ids, labels=labels, **extra)
+    full.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    lean = model(ids, labels=labels, logits_for_labels_only=True, **extra)
+    lean.loss.backward()
+    assert torch.allclose(full.loss, lean.loss, atol=1e-6)
+    assert lean.logits.shape == (int((labels[:, 1:] != -100).sum()), full.logits.shape[-1])
+    assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, [p for p in model.parameters() if p.grad is not None]))

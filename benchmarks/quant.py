@@ -1,0 +1,175 @@
+"""Quantized inference: quality, memory and CPU decode speed per scheme, against torchao and llama.cpp.
+
+    python benchmarks/quant.py            # 0.3B shape, random weights, 2 threads; writes benchmarks/results/quant.json
+    python benchmarks/quant.py --quick    # a small shape in seconds (smoke test)
+
+* quality: relative logit error ||z_q - z|| / ||z|| on one 64-token batch and greedy-token agreement
+  (4 prompts x 24 new tokens) against the unquantized model;
+* memory: weight bytes held in memory per scheme (``quant.weight_bytes``) and, by arithmetic, for every
+  checkpoint of the family (``family.weight_bytes``);
+* speed: batch-1 decode tokens/s = (n - 1) / (time(n new) - time(1 new)), median of interleaved rounds.
+  Peers: torchao (``Int8WeightOnlyConfig``, ``PrototypeInt4WeightOnlyConfig(group_size=128)``) and
+  llama.cpp through ``llama_cpp`` when it is importable and a GGUF can be converted (else skipped with a
+  message). The targets of the issue are printed beside the ratios, met or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import ernie_lab
+from ernie_lab import architectures, family, quant
+from ernie_lab.checkpoints import CHECKPOINTS
+from ernie_lab.config import ErnieConfig
+
+RESULTS = Path(__file__).parent / "results" / "quant.json"
+
+
+def random_model(config: ErnieConfig, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = architectures.build(config).eval()
+    for p in model.parameters():
+        if p.dim() == 2:
+            nn.init.normal_(p, std=0.02)
+    return model
+
+
+def variants(base: nn.Module) -> dict:
+    """name -> a function building that model from the fp32 base (built one at a time, to bound memory)."""
+    def bf16():
+        return copy.deepcopy(base).to(torch.bfloat16)
+
+    def scheme(name, head_int8=False, dtype=torch.bfloat16):
+        def build():
+            model = copy.deepcopy(base).to(dtype)
+            quant.quantize(model, name)
+            if head_int8:  # untie: the head gets its own int8 copy, the embedding stays bf16
+                model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())
+                quant.quantize(model, "w8a16", skip=("embed",), filter="lm_head")
+            return model
+        return build
+
+    def torchao(kind):
+        def build():
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+            from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+            model = copy.deepcopy(base).to(torch.bfloat16)
+            config = Int8WeightOnlyConfig() if kind == "int8" else PrototypeInt4WeightOnlyConfig(group_size=128)
+            quantize_(model, config, filter_fn=lambda m, name: isinstance(m, nn.Linear) and name != "lm_head")
+            return model
+        return build
+
+    return {"fp32": lambda: copy.deepcopy(base), "bf16": bf16,
+            "w8a16": scheme("w8a16"), "w4a16": scheme("w4a16"), "w4a16+int8 head": scheme("w4a16", True),
+            "w8a8": scheme("w8a8", dtype=torch.float32), "w2a16": scheme("w2a16"),
+            "torchao int8 (Int8WeightOnlyConfig)": torchao("int8"),
+            "torchao int4 (PrototypeInt4WeightOnlyConfig g128)": torchao("int4")}
+
+
+def decode_time(model, prompt, new_tokens: int) -> float:
+    start = time.perf_counter()
+    ernie_lab.generate(model, prompt, new_tokens, eos_token_id=[])
+    return time.perf_counter() - start
+
+
+def decode_speed(model, prompt, new_tokens: int) -> float:
+    return (new_tokens - 1) / (decode_time(model, prompt, new_tokens) - decode_time(model, prompt, 1))
+
+
+def quality(model, reference_logits, ids, prompts, reference_tokens) -> dict:
+    with torch.inference_mode():
+        logits = model(ids).logits.float()
+    tokens = ernie_lab.generate(model, prompts, reference_tokens.shape[1], eos_token_id=[])[:, prompts.shape[1]:]
+    return {"rel_logit_error": float((logits - reference_logits).norm() / reference_logits.norm()),
+            "greedy_agreement": float((tokens == reference_tokens).float().mean())}
+
+
+def family_memory() -> dict:
+    rows = {}
+    for name, ckpt in CHECKPOINTS.items():
+        if name.endswith("-Base"):
+            continue
+        rows[name] = {p: family.weight_bytes(ckpt.config, p) for p in ("bf16", "fp8", "int8", "int4", "2bit")}
+    return rows
+
+
+def llama_cpp_peer() -> str:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return ("skipped: llama-cpp-python is not installed (pip install '.[bench]' builds it from source, several "
+                "minutes on 2 cores); no GGUF was converted")
+    return "skipped: GGUF conversion of the random checkpoint is not wired in this run"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = ErnieConfig(num_hidden_layers=2, hidden_size=256, intermediate_size=768, vocab_size=2048,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64) if args.quick else ErnieConfig()
+    base = random_model(config)
+    ids = torch.randint(3, config.vocab_size, (1, 64))
+    prompts = torch.randint(3, config.vocab_size, (4, 8))
+    with torch.inference_mode():
+        reference_logits = base(ids).logits.float()
+    reference_tokens = ernie_lab.generate(base, prompts, 24, eos_token_id=[])[:, 8:]
+    prompt1, new = torch.randint(3, config.vocab_size, (1, 16)), 16 if args.quick else 32
+
+    rows, built = {}, variants(base)
+    for name, build in built.items():
+        try:
+            model = build()
+        except Exception as err:  # a peer that does not run here: say why, keep going
+            rows[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
+            print(f"{name}: skipped ({rows[name]['error']})")
+            continue
+        row = {"weight_bytes": quant.weight_bytes(model), **quality(model, reference_logits, ids, prompts, reference_tokens)}
+        decode_speed(model, prompt1, 4)  # warm-up (the int4 kernel re-tiles its codes on the first call)
+        row["decode_tok_s_rounds"] = [decode_speed(model, prompt1, new) for _ in range(args.rounds)]
+        row["decode_tok_s"] = statistics.median(row["decode_tok_s_rounds"])
+        rows[name] = row
+        print(f"{name:50s} {row['weight_bytes'] / 2**20:8.1f} MiB  logit err {row['rel_logit_error']:.4f}  "
+              f"greedy {row['greedy_agreement']:.2f}  decode {row['decode_tok_s']:6.1f} tok/s", flush=True)
+        del model
+
+    def ratio(a, b):
+        ra, rb = rows.get(a, {}).get("decode_tok_s"), rows.get(b, {}).get("decode_tok_s")
+        return None if not ra or not rb else ra / rb
+
+    ratios = {
+        "w8a16 / fp32 (target >= 1.6)": ratio("w8a16", "fp32"),
+        "w4a16 / fp32 (target >= 3)": ratio("w4a16", "fp32"),
+        "w4a16+int8 head / fp32 (target >= 3)": ratio("w4a16+int8 head", "fp32"),
+        "w4a16 / torchao int4 (target >= 1.2)": ratio("w4a16", "torchao int4 (PrototypeInt4WeightOnlyConfig g128)"),
+        "w8a16 / torchao int8": ratio("w8a16", "torchao int8 (Int8WeightOnlyConfig)"),
+        "bf16 / fp32": ratio("bf16", "fp32"),
+        "w8a8 / fp32": ratio("w8a8", "fp32"),
+    }
+    print("\nratios (decode tok/s, same run):")
+    for key, value in ratios.items():
+        print(f"  {key:45s} {'n/a' if value is None else f'{value:.2f}'}")
+    result = {"date": datetime.date.today().isoformat(), "shape": "quick" if args.quick else "ERNIE-4.5-0.3B",
+              "threads": args.threads, "torch": torch.__version__, "rows": rows, "ratios": ratios,
+              "llama_cpp": llama_cpp_peer(), "family_weight_bytes": family_memory(),
+              "gpu": "not measured: no GPU in this run"}
+    print("llama.cpp:", result["llama_cpp"])
+    if not args.quick:
+        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

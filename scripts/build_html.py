@@ -1,0 +1,144 @@
+"""Execute every notebook once and write a static HTML site a lecturer can preview without running anything.
+
+    python scripts/build_html.py [--notebooks build/nbtest] [--out build/html] [--only 01_dense...]
+
+1. every `notebooks/NN_name.py` (or the fresh .ipynb copies in --notebooks, as `make test` builds them)
+   is executed with nbclient in fast mode (`ERNIE_LAB_FAST=1` comes from the caller's environment); an
+   error in any cell stops with that cell's traceback, as nbval does: this run *is* the notebook test;
+2. the executed notebook is kept next to the page (`build/html/NN_name.ipynb`, outputs included);
+3. each becomes `build/html/NN_name.html` with nbconvert's lab template: images inline (plots and the
+   diagrams of figures/, embedded as data: URLs), interactive widgets replaced by their static fallback
+   (the other outputs of the same bundle, e.g. a PNG), and no JavaScript from a CDN (nbconvert's page
+   links require.js and MathJax from the web: those tags are removed, formulas stay readable LaTeX);
+4. `index.html` lists the pages with their time estimates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+SCRIPT = re.compile(r"<script\b[^>]*>.*?</script>", re.IGNORECASE | re.DOTALL)
+REMOTE = re.compile(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", re.IGNORECASE)   # a URL to another host
+REMOTE_LINK = re.compile(r"""<link\b[^>]*\bhref\s*=\s*["']?(?:https?:)?//[^>]*>""", re.IGNORECASE)
+
+
+def read_notebook(path: Path):
+    """An .ipynb as it is, or a jupytext .py source as a fresh notebook."""
+    import jupytext
+    import nbformat
+
+    return nbformat.read(path, as_version=4) if path.suffix == ".ipynb" else jupytext.read(path)
+
+
+def execute(nb, workdir: Path, timeout: int = 900):
+    """Run every cell in a fresh kernel inside `workdir`; raises nbclient's CellExecutionError on an error."""
+    from nbclient import NotebookClient
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}).execute()
+    return nb
+
+
+def static_widgets(nb):
+    """Replace each widget view by the static outputs of its bundle; drop the widget state."""
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        kept = []
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if WIDGET_VIEW in data:
+                data.pop(WIDGET_VIEW)
+                if set(data) <= {"text/plain"}:      # nothing but "HBox(children=...)": a progress bar, drop it
+                    continue
+            kept.append(output)
+        if "outputs" in cell:
+            cell.outputs = kept
+    return nb
+
+
+def strip_remote(html: str) -> str:
+    """Remove every script that loads code from another host (a src, or an import inside it) and every
+    <link href=...> off the page: nbconvert's require.js, MathJax and mermaid come from CDNs."""
+    html = SCRIPT.sub(lambda m: "" if REMOTE.search(m.group(0)) else m.group(0), html)
+    return REMOTE_LINK.sub("", html)
+
+
+def to_html(nb, notebook_folder: Path) -> str:
+    """nbconvert's lab template with images embedded; markdown image paths are relative to `notebook_folder`.
+
+    nbconvert embeds only files below the folder it is given, so `../figures/x.png` (as the notebooks in
+    notebooks/ write it) is resolved against the folder above.
+    """
+    import copy
+
+    from nbconvert import HTMLExporter
+
+    nb = copy.deepcopy(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            cell.source = cell.source.replace("](../", "](")
+    exporter = HTMLExporter(template_name="lab", embed_images=True)
+    body, _ = exporter.from_notebook_node(static_widgets(nb), resources={"metadata": {"path": str(notebook_folder.parent)}})
+    return strip_remote(body)
+
+
+def title_and_time(nb) -> tuple[str, str]:
+    """The notebook's `# title` and its stated duration ("Time: ... min"), for the index."""
+    first = next((c.source for c in nb.cells if c.cell_type == "markdown"), "")
+    title = next((line.lstrip("# ").strip() for line in first.splitlines() if line.startswith("# ")), "notebook")
+    found = re.search(r"(\d+\s*(?:-\s*\d+\s*)?min)", first)
+    return title, found.group(1) if found else ""
+
+
+def index_page(entries: list[tuple[str, str, str]]) -> str:
+    rows = "\n".join(f'<li><a href="{page}">{title}</a> <small>{minutes}</small></li>' for page, title, minutes in entries)
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>ernie-lab: the course</title></head>"
+            f"<body><h1>ernie-lab: the course, rendered in fast mode</h1><ol start='0'>\n{rows}\n</ol></body></html>")
+
+
+def sources(folder: Path | None, only: list[str]) -> list[Path]:
+    paths = sorted(folder.glob("[0-9][0-9]_*.ipynb")) if folder else sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
+    return [p for p in paths if not only or any(p.stem.startswith(o) for o in only)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--notebooks", type=Path, help="folder of .ipynb to run (default: the notebooks/*.py sources)")
+    parser.add_argument("--out", type=Path, default=ROOT / "build" / "html")
+    parser.add_argument("--only", nargs="*", default=[], help="notebook name prefixes, e.g. 00 01")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per cell")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("ERNIE_LAB_FAST", "1")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    import nbformat
+
+    entries, failed = [], []
+    for path in sources(args.notebooks, args.only):
+        start = time.perf_counter()
+        nb = read_notebook(path)
+        try:
+            execute(nb, args.out / "run" / path.stem, args.timeout)
+        except Exception as err:                    # CellExecutionError: report, go on, fail at the end
+            failed.append(path.stem)
+            print(f"FAILED {path.stem}:\n{err}", file=sys.stderr)
+            continue
+        nbformat.write(nb, args.out / f"{path.stem}.ipynb")
+        (args.out / f"{path.stem}.html").write_text(to_html(nb, ROOT / "notebooks"), encoding="utf-8")
+        entries.append((f"{path.stem}.html", *title_and_time(nb)))
+        print(f"{path.stem}: ran and rendered in {time.perf_counter() - start:.0f} s", flush=True)
+    (args.out / "index.html").write_text(index_page(entries), encoding="utf-8")
+    print(f"wrote {len(entries)} pages to {args.out}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

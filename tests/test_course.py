@@ -1,0 +1,66 @@
+"""The course plumbing in ernie_lab.notebook: settings restored even on errors, hooks removed, the
+USE_REAL_WEIGHTS switch harmless offline, and the course table numbered without gaps."""
+
+import pytest
+import torch
+
+from ernie_lab import attention, notebook
+
+
+def test_cpu_settings_are_restored_even_when_the_block_fails():
+    threads = torch.get_num_threads()
+    with pytest.raises(RuntimeError):
+        with notebook.cpu_settings(threads=1, flush_denormal=True):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == threads
+    assert torch.tensor([1e-40]).mul(1.0).item() != 0.0      # denormals are numbers again
+
+
+def test_rope_layout_swaps_and_restores():
+    original = attention.apply_rope
+    with pytest.raises(KeyError):
+        with notebook.rope_layout(lambda x, cos, sin: x):
+            assert attention.apply_rope is not original
+            raise KeyError
+    assert attention.apply_rope is original
+
+
+def test_reference_routing_records_and_removes_its_hooks():
+    from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+
+    torch.manual_seed(0)
+    reference = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, moe_intermediate_size=8, moe_num_experts=4, moe_k=2,
+        moe_layer_start_index=1)).eval()
+    with torch.no_grad(), notebook.reference_routing(reference) as chosen:
+        reference(torch.randint(0, 64, (1, 5)))
+    assert list(chosen) == [(1, 0)] and chosen[1, 0][0].shape == (5, 2)
+    assert all(not m._forward_hooks for m in reference.modules())
+
+
+def test_use_real_weights_offline_says_so_and_returns_nothing(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("ERNIE_LAB_WEIGHTS_0_3B", raising=False)
+    assert notebook.cached_model("baidu/ERNIE-4.5-0.3B-PT") == (None, None)
+    assert "not cached on this machine" in capsys.readouterr().out
+
+
+def test_course_is_numbered_without_gaps_and_covers_the_notebooks():
+    numbers = [number for number, *_ in notebook.COURSE]
+    assert numbers == [f"{i:02d}" for i in range(len(numbers))]
+    present = {p.name[:2] for p in notebook.repo_path("notebooks").glob("[0-9][0-9]_*.py")}
+    assert present <= set(numbers)
+    assert all(track in ("dense", "moe", "both") and minutes > 0 for _, _, minutes, track in notebook.COURSE)
+
+
+def test_expert_columns_put_each_choice_in_its_groups_column():
+    from ernie_lab.routing import LayerRouting
+
+    entry = LayerRouting(layer_idx=1, num_experts=3)
+    entry.append(torch.tensor([[0, 2], [1, 0]]), torch.tensor([[0.7, 0.3], [0.6, 0.4]]), torch.zeros(2, 3),
+                 torch.tensor([0, 1]))
+    columns = notebook.expert_columns(entry, 3)              # (2 tokens, T0 T1 T2 V0 V1 V2)
+    assert torch.allclose(columns, torch.tensor([[0.7, 0.0, 0.3, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.4, 0.6, 0.0]]))

@@ -1,0 +1,338 @@
+"""ernie_lab.quant: number formats, packing, kernels against the dequantize reference, GPTQ, quantized
+models and checkpoints, quantize-on-read memory, the int8 KV cache."""
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import ernie_lab
+from ernie_lab import architectures, quant
+from ernie_lab.config import parse_config
+from ernie_lab.errors import CheckpointError, InputError
+from ernie_lab.kv_cache import Int8KVCache, KVCache
+from ernie_lab.quant import formats
+from ernie_lab.quant.gptq import gptq_quantize
+
+WEIGHT_ONLY = ["w8a16", "w4a16", "w2a16"]
+CPU_SCHEMES = ["w8a16", "w4a16", "w2a16", "w8a8"]
+
+
+def text_config(**overrides):
+    raw = {"model_type": "ernie4_5", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 384,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+           "max_position_embeddings": 256, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
+           "pad_token_id": 0, **overrides}
+    return parse_config(raw)
+
+
+def random_model(config, seed=0, std=0.05):
+    torch.manual_seed(seed)
+    model = architectures.build(config).eval()
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            nn.init.normal_(p, std=std)
+    return model
+
+
+def moe_model():
+    return random_model(text_config(model_type="ernie4_5_moe", moe_num_experts=4, moe_k=2, moe_intermediate_size=128,
+                                    moe_num_shared_experts=1, moe_layer_start_index=1))
+
+
+# ------------------------------------------------------------------------------ formats, packing
+@pytest.mark.parametrize("bits", [2, 4])
+def test_packing_round_trips_and_puts_the_first_column_high(bits):
+    codes = torch.randint(0, 2 ** bits, (5, 32), dtype=torch.uint8)
+    packed = formats.pack(codes, bits)
+    assert packed.shape == (5, 32 * bits // 8) and packed.dtype == torch.uint8
+    assert torch.equal(formats.unpack(packed, bits), codes)
+    byte = formats.pack(torch.tensor([[1, 2, 3, 0][: 8 // bits] if bits == 2 else [1, 2]], dtype=torch.uint8), bits)
+    assert byte.item() == (0b01101100 if bits == 2 else 0x12)
+
+
+@pytest.mark.parametrize("bits,symmetric", [(8, True), (4, True), (4, False), (2, False), (2, True)])
+def test_round_to_nearest_error_is_at_most_half_a_step(bits, symmetric):
+    torch.manual_seed(1)
+    w = torch.randn(16, 256) * torch.logspace(-2, 0, 16)[:, None]     # rows of very different sizes
+    q = formats.quantize_weight(w, bits, 64 if bits < 8 else 256, symmetric)
+    err = (formats.dequantize_weight(q, bits) - w).abs().reshape(16, q.scales.shape[1], -1)
+    assert bool((err <= q.scales[..., None] / 2 + 1e-6).all())
+    assert float((err.amax(-1) / q.scales).amax()) > 0.3               # the bound is nearly reached: not vacuous
+
+
+def test_known_values_land_on_the_grid():
+    w = torch.tensor([[-7.0, -3, 0, 2, 4, 7, 5, -2]]) / 7
+    q = formats.quantize_weight(w, 4, 8, symmetric=True)               # s = 1/7
+    assert torch.allclose(q.scales, torch.tensor([[1 / 7]]))
+    assert q.codes.tolist() == [[1, 5, 8, 10, 12, 15, 13, 6]]          # u = round(7 w) + 8
+    a = formats.quantize_weight(torch.tensor([[0.0, 1.0, 2.0, 3.0]]), 2, 4, symmetric=False)
+    assert a.zeros.item() == 0 and a.codes.tolist() == [[0, 1, 2, 3]]  # 2-bit grid {0, 1, 2, 3} * 1
+    assert torch.equal(formats.dequantize_weight(a, 2), torch.tensor([[0.0, 1.0, 2.0, 3.0]]))
+
+
+def test_fp8_format_has_three_mantissa_bits():
+    w = torch.randn(8, 64)
+    values, scale = formats.quantize_fp8(w)
+    rel = (formats.dequantize_fp8(values, scale) - w).abs() / w.abs().clamp(min=scale * 2 ** -6)
+    assert values.dtype == torch.float8_e4m3fn and float(rel.max()) <= 2 ** -4 + 1e-6
+
+
+# ------------------------------------------------------------------------------ kernels vs reference
+@pytest.mark.parametrize("scheme,symmetric", [("w8a16", True), ("w4a16", True), ("w4a16", False),
+                                              ("w2a16", False), ("w8a8", True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_kernel_equals_the_dequantize_reference(scheme, symmetric, dtype):
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 192, bias=True).to(dtype)
+    layer = quant.QuantLinear.from_linear(linear, scheme, group_size=64, symmetric=symmetric)
+    for rows in (1, 5):
+        x = torch.randn(rows, 3, 256, dtype=dtype)
+        with quant.reference_only():
+            expected = layer(x)
+        got = layer(x)
+        assert got.dtype == dtype and got.shape == (rows, 3, 192)
+        tol = 2e-2 * float(expected.float().abs().max())
+        assert float((got.float() - expected.float()).abs().max()) <= tol
+    assert layer._kernel_for(x) is not None or scheme == "w2a16"       # a kernel ran (none exists for 2 bits)
+
+
+def test_int4_cpu_tiling_is_undone_exactly():
+    layer = quant.QuantLinear.from_linear(nn.Linear(256, 64), "w4a16", group_size=128)
+    plain = layer.qweight.clone()
+    layer(torch.randn(1, 256))                                        # first kernel call re-tiles the codes
+    assert layer.layout == "cpu_int4" and not torch.equal(layer.qweight, plain)
+    assert torch.equal(layer.plain_qweight(), plain) and torch.equal(layer.state_dict()["qweight"], plain)
+
+
+def test_fp8_needs_cuda_and_says_so():
+    with pytest.raises(InputError, match="CUDA"):
+        quant.quantize(random_model(text_config()), "fp8")
+    with pytest.raises(InputError, match="unknown quantization scheme"):
+        quant.quantize(random_model(text_config()), "w3a16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a8", "fp8"])
+def test_cuda_kernels_equal_the_reference(scheme):  # pragma: no cover - no GPU on the course machines
+    layer = quant.QuantLinear.from_linear(nn.Linear(256, 256).cuda().bfloat16(), scheme, group_size=128)
+    x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
+    with quant.reference_only():
+        expected = layer(x)
+    assert torch.allclose(layer(x).float(), expected.float(), atol=5e-2 * float(expected.abs().max()))
+
+
+# ------------------------------------------------------------------------------ GPTQ
+@pytest.mark.parametrize("bits", [4, 2])
+def test_gptq_beats_round_to_nearest_on_correlated_inputs(bits):
+    torch.manual_seed(0)
+    X = torch.randn(1024, 128) @ (torch.randn(128, 128) * torch.logspace(0, -2, 128))  # correlated features
+    W = torch.randn(64, 128) * 0.05
+    H = X.t() @ X / len(X)
+
+    def output_error(q):
+        return float((X @ (W - formats.dequantize_weight(q, bits)).t()).norm() / (X @ W.t()).norm())
+
+    rtn, gptq = formats.quantize_weight(W, bits, 32, False), gptq_quantize(W, H, bits, 32, False)
+    assert output_error(gptq) < 0.8 * output_error(rtn)
+
+
+def test_quantize_with_calibration_runs_gptq_and_reduces_layer_error():
+    model = random_model(text_config())
+    calib = [torch.randint(3, 512, (4, 32)) for _ in range(2)]
+    inputs = {}
+    hook = model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: inputs.setdefault("x", a[0]))
+    model(calib[0])
+    hook.remove()
+    x, W = inputs["x"], model.layers[1].mlp.down_proj.weight
+    errors = {}
+    for name, kwargs in {"rtn": {}, "gptq": {"calibration": calib}}.items():
+        q = quant.quantize(copy.deepcopy(model), "w4a16", group_size=32, **kwargs).layers[1].mlp.down_proj
+        errors[name] = float((x @ (W - q.dequantize()).t()).norm() / (x @ W.t()).norm())
+    assert errors["gptq"] < 0.9 * errors["rtn"]
+    with pytest.raises(InputError, match="GPTQ"):
+        quant.quantize(copy.deepcopy(model), "w8a16", calibration=calib)
+
+
+# ------------------------------------------------------------------------------ quantized models
+@pytest.mark.parametrize("scheme", CPU_SCHEMES)
+def test_quantize_replaces_linears_keeps_routers_and_shrinks_memory(scheme):
+    model = moe_model()
+    before = quant.weight_bytes(model)
+    linear_bytes = sum(m.weight.numel() * 4 for n, m in model.named_modules()
+                       if type(m) is nn.Linear and "routers" not in n and n != "lm_head")
+    quant.quantize(model, scheme, group_size=64)
+    layers = quant.quantized_layers(model)
+    assert "layers.0.attn.q_proj" in layers and "layers.1.mlp.experts.3.down_proj" in layers
+    assert "layers.1.mlp.shared_experts.up_proj" in layers
+    assert type(model.layers[1].mlp.routers[0]).__name__ == "Router" and model.layers[1].mlp.routers[0].weight.dtype == torch.float32
+    bits = {"w8a16": 8, "w8a8": 8, "w4a16": 4, "w2a16": 2}[scheme]
+    saved = before - quant.weight_bytes(model)
+    assert saved >= linear_bytes * (1 - bits / 32) * 0.95                # the packed codes really are smaller
+
+
+def test_quantized_experts_keep_the_grouped_dispatch():
+    model = quant.quantize(moe_model(), "w4a16", group_size=64)
+    calls = []
+    for expert in model.layers[1].mlp.experts:
+        expert.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    model(torch.randint(3, 512, (2, 16)))
+    assert len(calls) <= 4 and sum(calls) == 2 * 16 * 2               # one call per active expert, k=2
+
+
+def test_vision_tower_and_adapter_are_quantized():
+    tokenizer = ernie_lab.load_tokenizer(ernie_lab.notebook.repo_path("data/tiny-tokenizer")) \
+        if hasattr(ernie_lab, "notebook") else None
+    from ernie_lab import tiny_models
+    config = parse_config(tiny_models.tiny_config(tiny_models.VL_CONFIG, tokenizer))
+    model = quant.quantize(random_model(config), "w8a16")
+    names = set(quant.quantized_layers(model))
+    assert any(n.startswith("vision.blocks.0.") for n in names) and any(n.startswith("adapter") for n in names)
+    assert not any("routers" in n for n in names)
+
+
+def agreement(a, b):
+    return float((a == b).float().mean())
+
+
+def test_greedy_generation_stays_close_to_the_unquantized_model(record_property):
+    model = random_model(text_config(num_hidden_layers=2), std=0.08)
+    prompts = torch.randint(3, 512, (4, 8))
+    base = ernie_lab.generate(model, prompts, 16, eos_token_id=[])[:, 8:]
+    rates = {}
+    for scheme in CPU_SCHEMES:
+        q = quant.quantize(copy.deepcopy(model), scheme, group_size=32)
+        rates[scheme] = agreement(ernie_lab.generate(q, prompts, 16, eos_token_id=[])[:, 8:], base)
+    record_property("greedy_agreement", json.dumps(rates))
+    print("greedy agreement with the unquantized model:", rates)
+    # a random model is chaotic (one changed token changes the rest): int8 stays on track, int4 drifts
+    assert rates["w8a16"] >= 0.9 and rates["w8a8"] >= 0.8 and rates["w4a16"] >= 0.2
+    assert rates["w2a16"] < rates["w4a16"] < rates["w8a16"] + 1e-9
+
+
+# ------------------------------------------------------------------------------ checkpoints
+@pytest.mark.parametrize("scheme", CPU_SCHEMES)
+def test_quantized_checkpoints_reload_bit_exactly(tmp_path, scheme):
+    model = quant.quantize(moe_model(), scheme, group_size=64)
+    ids = torch.randint(3, 512, (1, 12))
+    logits = model(ids).logits                                        # (int4: the kernel re-tiles first)
+    ernie_lab.save_model(model, tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert stored["model.layers.0.self_attn.q_proj.qweight"].dtype == (torch.int8 if "8" in scheme[:2] else torch.uint8)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["scheme"] == scheme
+    loaded = ernie_lab.load_model(tmp_path)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(loaded(ids).logits, logits)
+
+
+def test_quantize_on_read_equals_quantize_after_loading(tmp_path):
+    model = moe_model()
+    ernie_lab.save_model(model, tmp_path)
+    on_read = ernie_lab.load_model(tmp_path, quantize="w4a16", group_size=64)
+    after = quant.quantize(ernie_lab.load_model(tmp_path), "w4a16", group_size=64)
+    a, b = on_read.state_dict(), after.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(InputError, match="unknown quantization scheme"):
+        ernie_lab.load_model(tmp_path, quantize="int3")
+
+
+def broken_copy(tmp_path, edit):
+    model = quant.quantize(moe_model(), "w4a16", group_size=64)
+    folder = tmp_path / "q"
+    ernie_lab.save_model(model, folder)
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+def test_missing_scales_are_a_clear_error(tmp_path):
+    folder = broken_copy(tmp_path, lambda t: t.pop("model.layers.0.self_attn.q_proj.scales"))
+    with pytest.raises(CheckpointError, match="missing.*q_proj.scales"):
+        ernie_lab.load_model(folder)
+
+
+def test_wrong_packing_is_a_clear_error(tmp_path):
+    def unpacked(t):  # one code per byte instead of two
+        name = "model.layers.0.mlp.up_proj.qweight"
+        t[name] = formats.unpack(t[name], 4)
+    with pytest.raises(CheckpointError, match="wrong shapes.*up_proj.qweight"):
+        ernie_lab.load_model(broken_copy(tmp_path, unpacked))
+
+
+def test_wrong_code_dtype_is_a_clear_error(tmp_path):
+    def signed(t):
+        name = "model.layers.0.mlp.up_proj.qweight"
+        t[name] = t[name].view(torch.int8)
+    with pytest.raises(CheckpointError, match="packing does not match"):
+        ernie_lab.load_model(broken_copy(tmp_path, signed))
+
+
+def test_bad_quantization_config_is_a_clear_error(tmp_path):
+    folder = broken_copy(tmp_path, lambda t: None)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["modules"]["layers.0.attn.q_proj"]["scheme"] = "w5a16"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="known scheme"):
+        ernie_lab.load_model(folder)
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    import ernie_lab
+    from ernie_lab.config import ErnieConfig
+    from ernie_lab.loading import build_empty
+
+    def rss(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+
+    build_empty(ErnieConfig(num_hidden_layers=1))
+    torch.ones(1) @ torch.ones(1)
+    base = rss("VmRSS:")
+    model = ernie_lab.load_model(sys.argv[1], quantize="w4a16")
+    print(json.dumps({"peak": rss("VmHWM:") - base, "bytes": ernie_lab.quant.weight_bytes(model)}))
+""")
+
+
+def test_quantize_on_read_peaks_near_the_quantized_size(tmp_path):
+    config = text_config(vocab_size=256, hidden_size=1024, intermediate_size=3072, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=128)
+    with torch.device("meta"):
+        float_bytes = sum(p.numel() * 4 for p in architectures.build(config).parameters())
+    model = architectures.build(config)
+    ernie_lab.save_model(model, tmp_path)
+    del model
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         check=True, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    biggest = 3072 * 1024 * 4                                         # one fp32 MLP weight
+    print(f"quantize-on-read peak {result['peak'] / 2**20:.0f} MiB, quantized model {result['bytes'] / 2**20:.0f} MiB,"
+          f" fp32 model {float_bytes / 2**20:.0f} MiB")
+    assert result["bytes"] < 0.2 * float_bytes
+    # quantized size + the scratch tensor + quantization temporaries and allocator slack (a few tensors)
+    assert result["peak"] < result["bytes"] + 6 * biggest and result["peak"] < 0.75 * float_bytes
+
+
+# ------------------------------------------------------------------------------ int8 KV cache
+def test_int8_kv_cache_quarters_the_bytes_and_keeps_generation_close():
+    model = random_model(text_config(), std=0.08)
+    prompts = torch.randint(3, 512, (2, 8))
+    base = ernie_lab.generate(model, prompts, 12, eos_token_id=[])
+    int8 = ernie_lab.generate(model, prompts, 12, eos_token_id=[], kv_cache_dtype="int8")
+    assert agreement(int8[:, 8:], base[:, 8:]) >= 0.8
+    cache = KVCache.for_model(model, 1, 64, kv_cache_dtype="int8")
+    assert isinstance(cache, Int8KVCache) and cache.keys[0].dtype == torch.int8
+    k = torch.randn(1, 2, 5, 32)
+    keys, _ = cache.update(0, k, k)
+    assert float((keys - k).abs().max()) <= float(k.abs().amax(-1).max()) / 127 / 2 + 1e-6
+    with pytest.raises(InputError, match="kv_cache_dtype"):
+        ernie_lab.generate(model, prompts, 2, kv_cache_dtype="int4")

@@ -1,0 +1,126 @@
+"""The shipped tiny ERNIE models: complete checkpoints that load in both libraries and did learn.
+
+``data/tiny-ernie-text`` and ``data/tiny-ernie-vl`` are written by ``scripts/train_tiny.py`` together with
+``metrics.json``; these tests recompute the evidence from the shipped weights and compare.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import ernie_lab
+from ernie_lab import scenes, tiny_models
+from ernie_lab.config import VLConfig
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+TEXT, VL = DATA / "tiny-ernie-text", DATA / "tiny-ernie-vl"
+
+
+def metrics(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def text_model():
+    return ernie_lab.load_model(TEXT), ernie_lab.load_tokenizer(TEXT)
+
+
+@pytest.fixture(scope="module")
+def vl_model():
+    return ernie_lab.load_model(VL), ernie_lab.load_tokenizer(VL)
+
+
+@pytest.mark.parametrize("folder", [TEXT, VL], ids=["text", "vl"])
+def test_checkpoint_is_complete_and_small(folder):
+    for name in ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json", "TRAINING.md",
+                 "metrics.json", "figures/loss.png"):
+        assert (folder / name).is_file(), f"{folder.name} lacks {name}"
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size <= 25 * 2**20, f"{folder.name} is {size / 2**20:.1f} MB (budget 25 MB)"
+    assert sum(f.stat().st_size for f in DATA.rglob("*") if f.is_file()) <= 60 * 2**20
+
+
+def test_special_ids_come_from_the_checkpoint(vl_model):
+    model, tok = vl_model
+    config = model.config
+    assert isinstance(config, VLConfig) and config.text.vocab_size <= 16384
+    assert config.image_token_id == tok.special_tokens["<|IMAGE_PLACEHOLDER|>"] != 100295
+    assert config.image_start_token_id == tok.special_tokens["<|IMAGE_START|>"]
+    from ernie_lab.chat import render_prompt
+
+    image = scenes.render(tiny_models.held_out_scenes(1)[0])
+    prompt = render_prompt(model, tok, scenes.conversation(image, "What colour is the background?", "")[:1])
+    assert int((prompt["input_ids"] == config.image_token_id).sum()) == 16  # 112 px: 8 x 8 patches -> 4 x 4 tokens
+
+
+def test_text_model_equals_transformers(text_model):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = text_model
+    reference = AutoModelForCausalLM.from_pretrained(TEXT).eval()
+    ids = torch.tensor([tok.encode("The break statement terminates the nearest enclosing loop.")])
+    with torch.no_grad():
+        assert (model(ids).logits - reference(ids).logits).abs().max() < 1e-4
+
+
+def test_vl_model_equals_transformers(vl_model):
+    from transformers import Ernie4_5_VLMoeForConditionalGeneration
+
+    from ernie_lab.chat import render_prompt
+    from ernie_lab.vl_model import routing_groups
+
+    model, tok = vl_model
+    reference = Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(VL).eval()
+    image = scenes.render(tiny_models.held_out_scenes(2)[1])
+    prompt = render_prompt(model, tok, scenes.conversation(image, "How many shapes are there?", "")[:1])
+    ids = prompt["input_ids"]
+    types = routing_groups(ids, model.config)
+    mm = (ids == model.config.image_token_id).long()
+    with torch.no_grad():
+        ours = model(**prompt).logits
+        theirs = reference(input_ids=ids, pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"],
+                           mm_token_type_ids=mm, moe_mm_token_type_ids=types).logits
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_text_model_learned_far_more_than_a_unigram_model(text_model):
+    model, tok = text_model
+    recorded = metrics(TEXT)
+    now = tiny_models.evaluate_text(model, tok)
+    assert abs(now["val_loss"] - recorded["val_loss"]) < 1e-3
+    assert now["val_perplexity"] < 0.5 * now["unigram_perplexity"]
+    assert now["val_loss"] < now["shuffled_loss"] - 1.0
+
+
+def test_text_model_continues_python_prose(text_model):
+    model, tok = text_model
+    reply = ernie_lab.generate(model, [tok.encode("The for statement is used to")], 12)
+    text = tok.decode(reply[0].tolist())
+    assert len(set(reply[0, -12:].tolist())) > 4, text  # not one repeated token
+
+
+def test_vl_model_answers_held_out_scene_questions_at_its_recorded_accuracy(vl_model):
+    model, tok = vl_model
+    recorded = metrics(VL)
+    now = tiny_models.evaluate_vl(model, tok, count=20)
+    assert now == pytest.approx(recorded["accuracy_first_20"], abs=1e-9)
+    targets = {"background": 0.95, "colour": 0.95, "shape": 0.90, "count": 0.80, "position": 0.80}
+    for template, target in targets.items():
+        assert recorded["accuracy"][template] >= target, (template, recorded["accuracy"][template])
+
+
+def test_vl_model_reaches_its_recorded_validation_loss(vl_model):
+    model, tok = vl_model
+    assert abs(tiny_models.vl_val_loss(model, tok) - metrics(VL)["val_loss"]) < 1e-3
+
+
+def test_vl_model_answers_through_chat(vl_model):
+    model, tok = vl_model
+    scene = scenes.Scene("black", (scenes.Shape("circle", "red", "large", "left"),
+                                   scenes.Shape("square", "yellow", "small", "right")))
+    image = scenes.render(scene)
+    ask = lambda q: ernie_lab.chat(model, tok, scenes.conversation(image, q, "")[:1], max_new_tokens=8)  # noqa: E731
+    assert scenes.first_word(ask("What colour is the background?")) == "black"
+    assert scenes.first_word(ask("What colour is the circle?")) == "red"
