@@ -23,20 +23,33 @@ The reference is the *same* model with its LoRA adapters switched off (``lora.ad
 no second copy is held; for full-weight DPO the reference log-probabilities are computed once, before
 training, and carried in the batch (``add_reference_logps``). We log the reward margin and the
 accuracy (the share of pairs whose chosen answer has the higher reward).
+
+**Which loop.** SFT runs on the kit's training loop, ``ernie_lab.train.Trainer`` (so under torchrun too,
+with evaluation, gradient accumulation weighted by target tokens, and ``logits_for_labels_only``: the
+LM head only at the few labelled tokens). :func:`sft` is the entry point; :class:`FineTuner` is the
+Trainer whose checkpoints of a LoRA model are adapters (``step-N/adapter_model.safetensors`` +
+``trainer_state.pt``, a few hundred kB instead of the whole model). DPO keeps its own short loop
+(:func:`train_steps` with ``objective="dpo"``): the Trainer's objective is a token-weighted LM loss
+(micro-batch r, i weighs ``n_ri / N`` target *tokens*) with no hook for another loss, while DPO's loss is
+a mean over *pairs*, needs a pair's two sequences in one micro-batch and a second, gradient-free forward
+of the reference, and logs its own metrics (margin, accuracy). It runs in one process.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .errors import CheckpointError, InputError
 from .model import IGNORE_INDEX
 from .special_tokens import END_OF_SENTENCE
+from .train import STATE_FILE, TrainConfig, Trainer, _as_tuple
 
 
 # ======================================================================================== SFT data
@@ -117,6 +130,74 @@ def sft_batches(tokenizer, conversations: list[list[dict]], batch_size: int = 16
         return collate(picked, pad)
 
     return batches
+
+
+# ======================================================================================== SFT on the Trainer
+def sft_config(**overrides) -> TrainConfig:
+    """The Trainer's config with fine-tuning defaults: ERNIEKit's SFT-LoRA learning rate 3e-4, no weight
+    decay (a LoRA starts at B = 0; decay would pull the update back), the LM head only where a label is,
+    no progress bar. Any TrainConfig field can be overridden."""
+    settings = dict(lr=3e-4, weight_decay=0.0, warmup_steps=0, max_steps=100, logits_for_labels_only=True,
+                    progress=False)
+    return TrainConfig(**{**settings, **overrides})
+
+
+class FineTuner(Trainer):
+    """The kit's Trainer; a model with LoRA layers checkpoints its adapter (peft format) instead of
+    the whole model: ``out_dir/step-N/{adapter_config.json, adapter_model.safetensors, trainer_state.pt}``."""
+
+    def save_checkpoint(self) -> Path:
+        from .lora import lora_layers, save_adapter
+
+        if not lora_layers(self.model):
+            return super().save_checkpoint()
+        folder = Path(self.config.out_dir) / f"step-{self.step}"
+        if self.procs.is_main:
+            save_adapter(self.model, folder)                     # atomic; unfinished until the state lands
+            temporary = folder / f".{STATE_FILE}.tmp"
+            torch.save(self.state_dict(), temporary)
+            os.replace(temporary, folder / STATE_FILE)
+            self._prune(Path(self.config.out_dir))
+        if self.procs.world_size > 1:
+            torch.distributed.barrier()
+        return folder
+
+    def resume(self, folder) -> "FineTuner":
+        from .lora import ADAPTER_CONFIG, load_adapter
+
+        folder = Path(folder)
+        if not (folder / ADAPTER_CONFIG).is_file():
+            return super().resume(folder)
+        if not (folder / STATE_FILE).is_file():
+            raise CheckpointError(f"{folder} has no {STATE_FILE}: pass a step-N folder written by FineTuner.")
+        load_adapter(self.model, folder)
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.history = int(state["step"]), list(state["history"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(_as_tuple(state["rng"]["python"]))
+        return self
+
+
+def sft(model, tokenizer, conversations: list[list[dict]], config: TrainConfig | None = None, *,
+        batch_size: int = 16, processor=None, eval_conversations: list[list[dict]] | None = None,
+        seed: int = 0) -> list[dict]:
+    """Supervised fine-tuning of ``model`` (LoRA or full weights) on chat conversations, prompt-masked,
+    on the kit's Trainer. ``config``: :func:`sft_config` by default; with ``eval_conversations`` and
+    ``config.eval_every`` the held-out loss is logged too. Returns the Trainer's history."""
+    data = sft_batches(tokenizer, conversations, batch_size, processor, seed)
+    config = config or sft_config()
+    eval_data = None
+    if eval_conversations:
+        held_out = sft_batches(tokenizer, eval_conversations, batch_size, processor, seed)
+        eval_data = lambda i: held_out(i)  # noqa: E731  (i -> batch)
+        if not config.eval_every:
+            config = TrainConfig(**{**config.__dict__, "eval_every": config.max_steps,
+                                    "eval_batches": max(1, len(eval_conversations) // batch_size)})
+    model.train()
+    history = FineTuner(model, data, config, eval_data).fit()
+    model.eval()
+    return history
 
 
 # ======================================================================================== DPO
@@ -209,13 +290,17 @@ def dpo_batch_loss(model, batch: dict, beta: float = 0.1) -> tuple[torch.Tensor,
 def train_steps(model, batches, steps: int, lr: float = 3e-4, *, objective: str = "sft", beta: float = 0.1,
                 grad_accum: int = 1, weight_decay: float = 0.0, warmup: int = 0, log_every: int = 10,
                 progress: bool = False) -> list[dict]:
-    """A small AdamW loop for notebooks and tests (cosine decay after ``warmup``, gradient accumulation):
-    ``objective`` "sft" (the model's shifted cross-entropy on the labels) or "dpo". Returns the log."""
+    """Train for ``steps`` updates (cosine decay after ``warmup``, gradient accumulation): ``objective``
+    "sft" (the shifted cross-entropy on the labels, on the kit's Trainer) or "dpo" (a small AdamW loop
+    of its own, see the module docstring). Returns the log: ``{"step" (0-based), "loss", ...,
+    "seconds"}`` every ``log_every`` steps and at the last."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise InputError("nothing to train: every parameter is frozen (apply_lora, or unfreeze for full fine-tuning).")
     if objective not in ("sft", "dpo"):
         raise InputError(f"objective must be 'sft' or 'dpo', got {objective!r}.")
+    if objective == "sft":
+        return _sft_steps(model, batches, steps, lr, grad_accum, weight_decay, warmup, log_every, progress)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * (
         0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))) if warmup else 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -243,5 +328,29 @@ def train_steps(model, batches, steps: int, lr: float = 3e-4, *, objective: str 
         schedule.step()
         if step % log_every == 0 or step == steps - 1:
             log.append({"step": step, **totals, "seconds": time.perf_counter() - started})
+    model.eval()
+    return log
+
+
+def _sft_steps(model, batches, steps, lr, grad_accum, weight_decay, warmup, log_every, progress) -> list[dict]:
+    """train_steps' SFT: the Trainer, its history in train_steps' log format."""
+    config = sft_config(lr=lr, max_steps=steps, grad_accum_steps=grad_accum, weight_decay=weight_decay,
+                        warmup_steps=min(warmup, steps - 1), min_lr_ratio=0.0, log_every=1, progress=progress)
+    step_starts = []                                              # when each update asked for its data
+
+    def timed(index: int, rank: int = 0, world_size: int = 1) -> dict:
+        if index % grad_accum == 0:
+            step_starts.append(time.perf_counter())
+        return batches(index, rank, world_size)
+
+    started = time.perf_counter()
+    model.train()
+    history = FineTuner(model, timed, config).fit()
+    step_ends = step_starts[1:] + [time.perf_counter()]
+    log = []
+    for entry in history:
+        step = entry["step"] - 1                                  # the Trainer counts updates done
+        if step % log_every == 0 or step == steps - 1:
+            log.append({**entry, "step": step, "seconds": step_ends[step] - started})
     model.eval()
     return log

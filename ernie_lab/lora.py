@@ -11,7 +11,7 @@ numbers per layer instead of in * out. ``alpha / r`` keeps the update's size sta
 LoRA is an option of the existing linear layers, not a copy of the model: :func:`apply_lora` swaps the
 chosen linears for a :class:`LoRALinear` that wraps the original (any module mapping ``(..., in)`` to
 ``(..., out)`` with ``in_features`` / ``out_features``: an ``nn.Linear``, a quantized linear for QLoRA)
-through :func:`ernie_lab.modules.replace_linears`. Submodule and tensor names follow peft
+(:func:`wrap_layers`, by module name). Submodule and tensor names follow peft
 (``base_layer``, ``lora_A.weight``, ``lora_B.weight``), so a saved adapter is a peft adapter:
 
     adapter_config.json          {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": [...], ...}
@@ -38,6 +38,11 @@ What interoperates with peft 0.21.2 on transformers 5.23 (tests/test_lora.py che
 * vision-language models: saved and loaded by the kit (decoder, and the ViT with ``vision=True``);
   loading them into peft on transformers' VL model is not tested.
 
+QLoRA (Dettmers et al., 2023) is LoRA over a quantized base: ``quant.quantize(model, "w4a16")`` then
+``apply_lora(model)``. The int4 weights stay frozen and packed; the backward needs only the input
+gradient ``dL/dy W``, for which :class:`FrozenQuantized` dequantizes W on the fly. The adapters train
+in float32 and save like any other; merging into int4 codes is refused (dequantize first).
+
 ``merge_lora`` folds ``(alpha / r) B A`` into W (no extra cost at inference), ``unmerge_lora`` takes it
 out again, and ``with adapters_disabled(model):`` runs the base model (the frozen reference of DPO)
 without holding a second copy.
@@ -58,7 +63,6 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, InputError
-from .modules import replace_linears
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -95,7 +99,8 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        y = self.base_layer(x)
+        quantized = not isinstance(self.base_layer, nn.Linear) and hasattr(self.base_layer, "dequantize")
+        y = FrozenQuantized.apply(x, self.base_layer) if quantized and torch.is_grad_enabled() else self.base_layer(x)
         if self.merged or not self.enabled:
             return y
         return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
@@ -120,6 +125,28 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
+
+
+class FrozenQuantized(torch.autograd.Function):
+    """QLoRA's frozen base: ``y = base(x)`` through the quantized kernel, and the input gradient
+    ``dL/dx = dL/dy W`` with W dequantized on the fly in the backward (never stored). Integer kernels
+    have no derivative of their own; the base's weights get none (they are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:   # (..., in) -> (..., out)
+        ctx.layer = layer
+        with torch.no_grad():
+            return layer(x)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):                               # (..., out) -> (..., in)
+        weight = ctx.layer.dequantize().to(grad_y.dtype)                   # (out, in)
+        return grad_y @ weight, None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or a quantized linear (``ernie_lab.quant.QuantLinear``: codes + ``dequantize``)."""
+    return isinstance(module, nn.Linear) or (hasattr(module, "dequantize") and hasattr(module, "in_features"))
 
 
 def _features(module: nn.Module) -> tuple[int, int]:
@@ -154,7 +181,7 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def target_filter(target_modules, vision: bool = False):
-    """(name, module) -> bool for ``replace_linears``: a target is a module's last name component
+    """(name, module) -> bool choosing the layers to adapt: a target is a module's last name component
     (``"q_proj"``) or a regex matched against the whole name (``r"layers\\.0\\.attn\\..*"``)."""
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
 
@@ -187,18 +214,33 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
         target_modules = (target_modules,)
     targets = tuple(target_modules) + (tuple(t for t in VISION_TARGETS if t not in target_modules) if vision else ())
     keep, hit = target_filter(targets, vision)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and keep(n, m)]
+    tied = _tied_head(model)   # wrapping a tied head would untie it from the embedding
+    names = [n for n, m in model.named_modules() if is_linear_like(m) and keep(n, m) and n != tied]
     missing = [t for t in target_modules if not any(hit(t, n) for n in names)]
     if missing or not names:
         raise ConfigError(f"target modules {missing or list(target_modules)} match no linear layer of this "
                           f"{type(model).__name__}; its linear layers end in "
-                          f"{sorted({n.rsplit('.', 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})}"
+                          f"{sorted({n.rsplit('.', 1)[-1] for n, m in model.named_modules() if is_linear_like(m)})}"
                           + ("" if vision else " (the vision tower is left out unless vision=True)") + ".")
     for p in model.parameters():
         p.requires_grad_(False)
-    replace_linears(model, lambda name, linear: LoRALinear(linear, r, alpha, dropout), keep)
+    wrap_layers(model, names, lambda name, linear: LoRALinear(linear, r, alpha, dropout))
     model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, target_modules=list(targets), vision=vision)
     return model
+
+
+def wrap_layers(model: nn.Module, names: list[str], factory) -> None:
+    """Put ``factory(name, layer)`` in place of each named layer (linear or quantized linear)."""
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, leaf, factory(name, getattr(parent, leaf)))
+
+
+def _tied_head(model: nn.Module) -> str | None:
+    head, embed = getattr(model, "lm_head", None), getattr(model, "embed", None)
+    tied = isinstance(head, nn.Linear) and isinstance(embed, nn.Embedding) and head.weight is embed.weight
+    return "lm_head" if tied else None
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -527,15 +569,14 @@ def _split_fused_experts(model, hub, ab, full_config, table, folder) -> dict:
 
 def _wrap_exactly(model: nn.Module, per_module: dict, config: dict) -> None:
     """apply_lora on exactly the adapter's modules, with each module's rank."""
-    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {n for n, m in model.named_modules() if is_linear_like(m)}
     lacking = sorted(set(per_module) - linears)
     if lacking:
         raise ConfigError(f"the adapter targets {lacking[0]!r} (and {len(lacking) - 1} more), which this model lacks; "
                           f"was it made for another base model?")
     for p in model.parameters():
         p.requires_grad_(False)
-    replace_linears(model, lambda name, linear: LoRALinear(linear, per_module[name][2], per_module[name][3]),
-                    lambda name, module: name in per_module)
+    wrap_layers(model, sorted(per_module), lambda name, linear: LoRALinear(linear, per_module[name][2], per_module[name][3]))
     vision = any(n.startswith(VISION_PREFIXES) for n in per_module)
     model.lora_config = dict(r=config.get("r", 8), alpha=config.get("lora_alpha", 8),
                              dropout=config.get("lora_dropout", 0.0),

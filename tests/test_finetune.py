@@ -119,3 +119,51 @@ def test_sft_with_lora_learns(tokenizer):
     with pytest.raises(InputError, match="frozen"):
         frozen = tiny_model().requires_grad_(False)
         ft.train_steps(frozen, ft.sft_batches(tokenizer, convs), steps=1)
+
+
+def test_sft_runs_on_the_trainer_with_adapter_checkpoints_and_resumes(tokenizer, tmp_path):
+    from ernie_lab.train import checkpoints
+
+    convs = [x["messages"] for x in fd.instruction_set(24)]
+    held = [x["messages"] for x in fd.instruction_set(8, split="val")]
+    config = ft.sft_config(lr=1e-2, max_steps=6, checkpoint_every=3, out_dir=str(tmp_path), seed=2)
+    whole = lora.apply_lora(tiny_model(), r=4, alpha=8)
+    history = ft.sft(whole, tokenizer, convs, config, batch_size=4, eval_conversations=held)
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert "eval_loss" in history[-1] and math.isfinite(history[-1]["eval_loss"])
+    (step3, folder3), (step6, _) = checkpoints(tmp_path)
+    assert (step3, step6) == (3, 6) and (folder3 / "adapter_model.safetensors").stat().st_size < 100_000
+    assert not list(folder3.glob("model*.safetensors"))                  # the adapter, not the whole model
+    resumed = lora.apply_lora(tiny_model(), r=4, alpha=8)
+    again = ft.FineTuner(resumed, ft.sft_batches(tokenizer, convs, 4),
+                         ft.sft_config(lr=1e-2, max_steps=6, seed=2), eval_data=None).resume(folder3)
+    assert again.step == 3
+    again.fit()
+    for name, layer in lora.lora_layers(whole).items():
+        assert torch.allclose(layer.lora_B.weight, lora.lora_layers(resumed)[name].lora_B.weight, atol=1e-6), name
+
+
+def test_qlora_trains_adapters_on_a_frozen_int4_base(tokenizer, tmp_path):
+    from ernie_lab import quant
+
+    model = quant.quantize(tiny_model(), "w4a16")
+    layers = quant.quantized_layers(model)
+    fp32_bytes = sum(m.in_features * m.out_features * 4 for m in layers.values())   # the same layers in float32
+    int4_bytes = sum(quant.weight_bytes(m) for m in layers.values())                # codes + group scales
+    weights = {n: m.dequantize().clone() for n, m in quant.quantized_layers(model).items()}
+    lora.apply_lora(model, r=4, alpha=8)
+    assert lora.trainable_parameters(model) == lora.trainable_parameters(lora.apply_lora(tiny_model(), r=4, alpha=8))
+    convs = [x["messages"] for x in fd.instruction_set(16)]
+    log = ft.train_steps(model, ft.sft_batches(tokenizer, convs, batch_size=8), steps=20, lr=1e-2, log_every=1)
+    assert log[-1]["loss"] < 0.7 * log[0]["loss"]
+    for name, layer in quant.quantized_layers(model).items():          # the int4 base never moved
+        assert torch.equal(layer.dequantize(), weights[name.removesuffix(".base_layer")]), name
+    assert int4_bytes < 0.25 * fp32_bytes
+    lora.save_adapter(model, tmp_path / "qlora")
+    fresh = lora.load_adapter(quant.quantize(tiny_model(), "w4a16"), tmp_path / "qlora")
+    ids = torch.randint(0, 6000, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, fresh(ids).logits, atol=1e-5)
+    with pytest.raises(InputError, match="dequantize"):
+        lora.merge_lora(model)
