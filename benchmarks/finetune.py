@@ -5,7 +5,8 @@ transformers, on the same shape, data and batch.
     python benchmarks/finetune.py --shapes tiny   # quick
 
 A step is forward + backward + AdamW update of the trainable parameters (LoRA r=8, alpha 16 on
-q, k, v, o, gate, up, down; or every weight for full fine-tuning), float32, batch 1 x 256 tokens
+q, k, v, o, gate, up, down; or every weight for full fine-tuning; QLoRA: the same LoRA over a base
+quantized with ``quant.quantize(model, "w4a16")``), float32, batch 1 x 256 tokens
 (0.3B) or 8 x 128 (tiny). Each (shape, method) runs in its own subprocess, so its peak memory
 (the process's maximum resident set, minus the resident set after the model is built; CUDA: peak
 allocated) is its own. Times: median of the measured steps after warm-up steps.
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = Path(__file__).parent / "results" / "finetune.json"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = {"0.3b": dict(batch=1, seq=256, warmup=1, steps=3), "tiny": dict(batch=8, seq=128, warmup=2, steps=8)}
-METHODS = ("ernie-lab lora", "ernie-lab full", "peft lora")
+METHODS = ("ernie-lab lora", "ernie-lab full", "peft lora", "ernie-lab qlora")
 
 
 def raw_config(shape: str) -> dict:
@@ -59,6 +60,10 @@ def build(shape: str, method: str, device: str):
         from ernie_lab.model import ErnieForCausalLM
 
         model = ErnieForCausalLM(parse_config(raw))
+        if method.endswith("qlora"):
+            from ernie_lab import quant
+
+            quant.quantize(model, "w4a16")                               # frozen int4 base (QLoRA)
         if method.endswith("lora"):
             lora.apply_lora(model, r=8, alpha=16, target_modules=TARGETS)
     model.to(device).train()
@@ -97,7 +102,10 @@ def run_one(shape: str, method: str, device: str) -> dict:
         if step >= settings["warmup"]:
             times.append(time.perf_counter() - started)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda" else rss_bytes()) - baseline
+    from ernie_lab.quant import weight_bytes
+
     return {"shape": shape, "method": method, "device": device, "trainable_parameters": sum(p.numel() for p in params),
+            "weight_bytes": weight_bytes(model),
             "step_seconds_median": statistics.median(times), "step_seconds": times,
             "peak_memory_above_model_bytes": max(peak, 0), "batch": settings["batch"], "seq": settings["seq"]}
 
@@ -119,16 +127,19 @@ def main():
                                  capture_output=True, text=True, check=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             r = rows[-1]
-            print(f"{shape:>5} {method:<15} trainable {r['trainable_parameters']:>12,}  step "
+            print(f"{shape:>5} {method:<15} weights {r['weight_bytes'] / 2**20:8.1f} MiB trainable {r['trainable_parameters']:>12,}  step "
                   f"{r['step_seconds_median']:7.3f} s  peak +{r['peak_memory_above_model_bytes'] / 2**30:6.2f} GiB", flush=True)
     summary = {}
     for shape in args.shapes:
         by = {r["method"]: r for r in rows if r["shape"] == shape}
         summary[shape] = {"lora_vs_peft_step_time": by["ernie-lab lora"]["step_seconds_median"] / by["peft lora"]["step_seconds_median"],
                           "lora_vs_full_peak_memory": by["ernie-lab lora"]["peak_memory_above_model_bytes"]
-                          / max(by["ernie-lab full"]["peak_memory_above_model_bytes"], 1)}
+                          / max(by["ernie-lab full"]["peak_memory_above_model_bytes"], 1),
+                          "qlora_vs_lora_weight_bytes": by["ernie-lab qlora"]["weight_bytes"]
+                          / by["ernie-lab lora"]["weight_bytes"]}
         print(f"{shape}: ernie-lab LoRA step time / peft's = {summary[shape]['lora_vs_peft_step_time']:.2f}; "
-              f"LoRA peak / full peak = {summary[shape]['lora_vs_full_peak_memory']:.2f}")
+              f"LoRA peak / full peak = {summary[shape]['lora_vs_full_peak_memory']:.2f}; "
+              f"QLoRA weight bytes / LoRA's = {summary[shape]['qlora_vs_lora_weight_bytes']:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                                     "torch": torch.__version__, "rows": rows, "summary": summary}, indent=2) + "\n")

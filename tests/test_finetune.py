@@ -167,3 +167,16 @@ def test_qlora_trains_adapters_on_a_frozen_int4_base(tokenizer, tmp_path):
         assert torch.allclose(model(ids).logits, fresh(ids).logits, atol=1e-5)
     with pytest.raises(InputError, match="dequantize"):
         lora.merge_lora(model)
+
+
+def test_english_one_word_answers_and_one_shape_scenes():
+    items = fd.instruction_set(20, language="english", max_shapes=1)
+    assert all(len(x["scene"].shapes) == 1 for x in items)
+    item = items[0]
+    assert item["messages"][-1]["content"] == f"{item['qa'].answer_word}." and "one word" in item["messages"][0]["content"]
+    assert fd.is_correct(item["qa"], item["messages"][-1]["content"], "english")
+    assert not fd.is_correct(item["qa"], item["messages"][-1]["content"])          # not the Italian name
+    pair = fd.preference_pairs(2, language="english")[1]
+    assert pair["kind"] == "wrong" and pair["rejected"] != pair["chosen"] and pair["chosen"].rstrip(".") in fd.ENGLISH
+    with pytest.raises(InputError, match="language"):
+        fd.instruction_set(1, language="klingon")
