@@ -391,6 +391,7 @@ def save_adapter(model: nn.Module, folder: str | Path, *, base_model_name_or_pat
         (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         save_file(tensors, staging / ADAPTER_WEIGHTS,
                   metadata={"format": "pt", "ernie_lab_base": json.dumps(base_fingerprint(model))})
+        _ordinary_permissions(staging)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -402,6 +403,15 @@ def save_adapter(model: nn.Module, folder: str | Path, *, base_model_name_or_pat
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _ordinary_permissions(folder: Path) -> None:
+    """mkdtemp makes a private folder (0700); give the adapter the modes of any file the user writes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.iterdir():
+        os.chmod(path, 0o666 & ~umask)
 
 
 # ----------------------------------------------------------------------------------- load
