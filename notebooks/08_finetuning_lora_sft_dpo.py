@@ -1,0 +1,444 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 08 · Fine-tuning: LoRA, SFT with prompt masking, DPO, QLoRA
+#
+# The tiny text model of notebook 05 read English prose and scene captions; it has never answered a
+# question. Here we teach it to, without touching its weights: LoRA trains small low-rank updates beside
+# the frozen layers, supervised fine-tuning (SFT) shows it conversations and learns only from the
+# assistant's words, and DPO then learns from pairs of answers which one people prefer. The adapter we
+# train is a peft adapter: `peft` loads it onto the `transformers` model and gets the same logits.
+#
+# **You will learn** why a weight update can be low-rank and what LoRA trains, which layers of a MoE to
+# adapt (and what that costs at 21B-A3B), how prompt masking works, what the DPO loss optimises, how to
+# save, load, merge and share an adapter, and what QLoRA saves by freezing an int4 base.
+#
+# **Time**: about 35 minutes (core: sections 1-6, 25 min; optional: 7-8). **Memory**: under 1 GB.
+# **Fast mode** (`FAST = True` below, or `make lab FAST=1`) trains a few steps of each method to show the
+# loop, then loads the adapter shipped in `data/adapters/tiny-text-colours-sft` (trained by
+# `scripts/finetune_evidence.py`, 800 steps, about 2 minutes on one core) to show the trained result.
+
+# %%
+# %matplotlib inline
+import copy
+import json
+import os
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import matplotlib.pyplot as plt
+import torch
+
+import ernie_lab
+from ernie_lab import checkpoints, exercises, family, lora, notebook, quant
+from ernie_lab import finetune as ft
+from ernie_lab import finetune_data as fd
+
+FAST = notebook.setup()  # the fast-mode switch: True under ERNIE_LAB_FAST=1 (CI, `make lab FAST=1`)
+torch.set_num_threads(1)
+BASE = notebook.repo_path("data", "tiny-ernie-text")
+SHIPPED_SFT = notebook.repo_path("data", "adapters", "tiny-text-colours-sft")
+EVIDENCE = json.loads(notebook.repo_path("benchmarks", "results", "finetune_evidence.json").read_text())
+tokenizer = ernie_lab.load_tokenizer(BASE)
+base = ernie_lab.load_model(BASE).eval()
+print(f"{sum(p.numel() for p in base.parameters()):,} parameters; fast mode: {FAST}")
+
+# %% [markdown]
+# ## 1 · The low-rank idea (core, 6 min)
+#
+# A linear layer computes `y = W x`. Fine-tuning changes W by some `dW` of the same shape, out x in
+# numbers. LoRA (Hu et al., 2021) bets that a useful `dW` has low rank and learns it as a product of two
+# thin matrices, with W frozen:
+#
+#     y = W x + (alpha / r) * B (A x)        A: (r, in) random,   B: (out, r) zeros
+#
+# At the start B = 0, so the adapted model *is* the base model. Only A and B train: r (in + out) numbers
+# per layer instead of in x out. `alpha / r` keeps the update's size stable when r changes
+# (ERNIEKit's default: r = 8, alpha = 16).
+#
+# Is the bet reasonable? Below, full fine-tuning (every weight trains) and LoRA run the same SFT steps
+# from the same base; then we look at the singular values of the update each made to one layer. A
+# full update spreads over many directions, but its first few singular values carry most of it; LoRA's
+# update has at most r non-zero ones by construction.
+
+# %%
+train_set = fd.instruction_set(3000, language="english", max_shapes=1)
+conversations = [item["messages"] for item in train_set]
+STEPS = 30 if FAST else 150
+
+full = copy.deepcopy(base)
+full_history = ft.sft(full, tokenizer, conversations, ft.sft_config(lr=3e-4, max_steps=STEPS), batch_size=16)
+adapted = lora.apply_lora(copy.deepcopy(base), r=8, alpha=16)
+lora_history = ft.sft(adapted, tokenizer, conversations, ft.sft_config(lr=5e-3, max_steps=STEPS), batch_size=16)
+
+LAYER = "layers.2.mlp.down_proj"
+full_update = full.get_submodule(LAYER).weight - base.get_submodule(LAYER).weight       # (out, in)
+lora_update = lora.lora_layers(adapted)[LAYER].delta_weight()                          # (out, in), rank <= 8
+full_sv = torch.linalg.svdvals(full_update.detach())
+lora_sv = torch.linalg.svdvals(lora_update.detach())
+
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.6))
+ax1.semilogy(full_sv[:40] / full_sv[0], "o-", label="full fine-tuning")
+ax1.semilogy(lora_sv[:40] / lora_sv[0] + 1e-12, "s-", label="LoRA r = 8")
+ax1.set_ylim(1e-7, 2)
+ax1.set(xlabel="singular value index", ylabel="sigma_i / sigma_0", title=f"Singular values of dW ({LAYER})")
+ax1.legend()
+ax2.plot([h["loss"] for h in full_history], label="full fine-tuning, lr 3e-4")
+ax2.plot([h["loss"] for h in lora_history], label="LoRA r = 8, lr 5e-3")
+ax2.set(xlabel="step", ylabel="SFT loss (answer tokens)", title="The same steps, two ways")
+ax2.legend()
+plt.show()
+energy = (full_sv[:8] ** 2).sum() / (full_sv ** 2).sum()
+print(f"full update: the first 8 of {len(full_sv)} directions carry {energy:.0%} of its energy")
+print(f"trainable: full {sum(p.numel() for p in full.parameters()):,}, LoRA {lora.trainable_parameters(adapted):,}")
+
+# %%
+assert (lora_sv[8:] < 1e-5 * lora_sv[0]).all(), "a rank-8 LoRA update has at most 8 non-zero singular values"
+assert (full_sv[8:] > 1e-5 * full_sv[0]).any(), "full fine-tuning's update is not confined to 8 directions"
+assert lora.trainable_parameters(adapted) == sum(8 * (m.in_features + m.out_features)
+                                                 for m in lora.lora_layers(adapted).values())
+
+# %% [markdown]
+# ## 2 · Which layers to adapt in a MoE (core, 4 min)
+#
+# `apply_lora` adapts every linear layer whose name ends in a target (`q_proj`, ..., `down_proj`); in a
+# MoE those names also match every routed expert and the shared experts. Is that wise? At ERNIE 4.5
+# 21B-A3B, the parameter arithmetic from its config (`ernie_lab.checkpoints`, `ernie_lab.family`):
+
+# %%
+config = checkpoints.CONFIG_21B_A3B
+shape = family.model_shape(config)
+count = family.count_params(config)
+r, h = 8, shape.hidden_size
+q_out, kv_out = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+moe_layers = sum(shape.moe_layers)
+
+
+def lora_numbers(fan_in: int, fan_out: int) -> int:
+    return r * (fan_in + fan_out)
+
+
+def swiglu_lora(width: int) -> int:  # gate, up (h -> width) and down (width -> h)
+    return 2 * lora_numbers(h, width) + lora_numbers(width, h)
+
+
+parts = {
+    "attention (q, k, v, o), 28 layers": shape.num_layers * (2 * lora_numbers(h, q_out) + 2 * lora_numbers(h, kv_out)),
+    "dense MLP of layer 0": swiglu_lora(shape.intermediate_size),
+    "shared experts, 27 layers": moe_layers * swiglu_lora(shape.num_shared_experts * shape.expert_size),
+    "routed experts, 64 x 27": moe_layers * shape.num_experts * swiglu_lora(shape.expert_size),
+}
+for name, n in parts.items():
+    print(f"{name:38s} {n / 1e6:8.1f} M LoRA numbers at r = 8")
+print(f"{'the model':38s} {count.total / 1e9:8.2f} B parameters, {count.active / 1e9:.2f} B active per token")
+seen = shape.experts_per_token / shape.num_experts
+print(f"each routed expert sees {seen:.0%} of the tokens: its adapter gets about a tenth of the training signal")
+
+# %%
+assert parts["routed experts, 64 x 27"] > 10 * parts["attention (q, k, v, o), 28 layers"]
+assert 20e9 < count.total < 23e9 and 3e9 < count.active < 3.6e9
+
+# %% [markdown]
+# Adapting the routed experts multiplies the adapter by about 40 and gives each expert's adapter only the
+# tokens routed to it; attention and the shared experts see every token. A common choice for a MoE is
+# therefore attention (+ shared experts): `apply_lora(model, target_modules=("q_proj", "k_proj", "v_proj",
+# "o_proj", r"layers\.\d+\.mlp\.shared_experts\..*"))` (a target is a leaf name or a regex over the
+# module's full name). When the experts are adapted, the kit saves them per expert, a layout peft >= 0.21
+# turns into the fused `gate_up_proj` / `down_proj` parameters of transformers 5 when it loads them
+# (`ernie_lab/lora.py`'s docstring lists exactly what interoperates).
+
+# %% [markdown]
+# ## 3 · SFT with prompt masking (core, 6 min)
+#
+# A training conversation is rendered with ERNIE's chat format and trained with the next-token loss,
+# but only on the assistant's tokens: the question is given, not learnt. Every prompt token's label is
+# -100, which the loss skips. The task: a scene described in words, a colour question, a one-word answer.
+
+# %%
+example = ft.conversation_example(tokenizer, train_set[0]["messages"])
+pieces = [tokenizer.decode([i]) for i in example["ids"]]
+carries = [label != -100 for label in example["labels"]]
+fig, ax = plt.subplots(figsize=(14, 2.2))
+x, y = 0.0, 0.8
+for piece, counted in zip(pieces, carries):
+    text = piece.replace("\n", "\\n") or " "
+    width = 0.0075 * len(text) + 0.004
+    if x + width > 1.0:
+        x, y = 0.0, y - 0.3
+    ax.text(x, y, text, fontsize=9, family="monospace", va="center",
+            bbox=dict(facecolor="tab:orange" if counted else "whitesmoke", edgecolor="none", pad=1.5))
+    x += width + 0.002
+ax.axis("off")
+ax.set_title("One SFT example: only the orange tokens carry loss (the reply and its end token)")
+plt.show()
+print("labelled:", tokenizer.decode([i for i, c in zip(example["ids"], carries) if c]))
+
+# %%
+assert tokenizer.decode([i for i, c in zip(example["ids"], carries) if c]) == (
+    fd.answer(train_set[0]["qa"], "english") + "<|end_of_sentence|>")
+assert not carries[0] and len(example["ids"]) == len(example["labels"])
+
+# %% [markdown]
+# Conversations of different lengths are right-padded into one batch; the attention mask hides the
+# padding and its labels are -100 too. `ft.sft` runs on the kit's training loop (`ernie_lab.train.Trainer`,
+# so also under `torchrun`), with `logits_for_labels_only`: the LM head runs only at the few labelled
+# positions. Before training, the model answers like this:
+
+# %%
+held_out = fd.instruction_set(40 if FAST else 200, split="val", seed=7, language="english", max_shapes=1)
+
+
+def accuracy(model, items) -> float:
+    replies = [ernie_lab.chat(model, tokenizer, item["messages"][:-1], max_new_tokens=6) for item in items]
+    return sum(fd.is_correct(item["qa"], reply, "english") for item, reply in zip(items, replies)) / len(items)
+
+
+def show(model, items, n=3):
+    for item in items[:n]:
+        reply = ernie_lab.chat(model, tokenizer, item["messages"][:-1], max_new_tokens=6)
+        print(f"{item['messages'][0]['content'][16:]}\n    -> {reply!r}   (expected {fd.answer(item['qa'], 'english')!r})")
+
+
+show(base, held_out)
+before = accuracy(base, held_out)
+print(f"held-out accuracy before: {before:.0%}")
+
+# %% [markdown]
+# Now LoRA SFT. The full run (`scripts/finetune_evidence.py`) takes 800 steps of 16 conversations at
+# lr 5e-3, higher than ERNIEKit's 3e-4 for large models: the tiny model's update has to go far in few
+# steps. In fast mode we take a few steps to see the loop, then load the shipped adapter.
+
+# %%
+student = lora.apply_lora(copy.deepcopy(base), r=8, alpha=16)
+history = ft.sft(student, tokenizer, conversations,
+                 ft.sft_config(lr=5e-3, max_steps=20 if FAST else 800, warmup_steps=10, log_every=1), batch_size=16)
+if FAST:
+    student = lora.load_adapter(copy.deepcopy(base), SHIPPED_SFT)
+curve = [entry["loss"] for entry in EVIDENCE["sft"]["log"] if "loss" in entry]
+plt.figure(figsize=(6, 3))
+plt.plot(range(5, 5 * len(curve) + 1, 5), curve, label="shipped adapter's run (800 steps)")
+plt.plot(range(1, len(history) + 1), [h["loss"] for h in history], label="this run")
+plt.xlabel("step"), plt.ylabel("SFT loss"), plt.legend(), plt.title("SFT-LoRA on the tiny text model")
+plt.show()
+show(student, held_out)
+after = accuracy(student, held_out)
+print(f"held-out accuracy: before {before:.0%}, after SFT {after:.0%} "
+      f"(the full evidence run: {EVIDENCE['before']['accuracy']:.0%} -> {EVIDENCE['after_sft']['accuracy']:.0%})")
+
+# %%
+assert before < 0.1 and after >= 0.75, (before, after)
+
+# %% [markdown]
+# (The scenes here have one shape: the question is then "the shape's colour or the background's". With
+# two or three shapes the model must bind the colour to the named shape; the tiny model does not learn
+# that in a few minutes, about 25% after 300 steps. Try it: `max_shapes=None`.)
+#
+# ## 4 · DPO: learning from preferences (core, 6 min)
+#
+# DPO (Rafailov et al., 2023) learns from pairs of answers to one prompt, a chosen `y_w` and a rejected
+# `y_l`, without a reward model. With `log pi(y | x)` the summed log-probability of an answer's tokens
+# under the model being trained and `log pi_ref` under a frozen reference:
+#
+#     reward(y) = beta * (log pi(y | x) - log pi_ref(y | x))      how much more likely training made y
+#     loss      = -log sigmoid(reward(y_w) - reward(y_l))          push the margin up
+#
+# At the start pi = pi_ref, every margin is 0 and the loss is log 2. `beta` (ERNIEKit: 0.1) sets how far
+# the policy may drift from the reference. DPO usually follows SFT; the finished SFT model already
+# prefers the right answer in every held-out pair, so we start from the briefly trained LoRA model of
+# section 1, merged. The new LoRA adapter switched off *is* that reference, so no second copy is held
+# (`lora.adapters_disabled`). Half the pairs reject a verbose answer, half a wrong colour.
+
+# %%
+all_pairs = fd.preference_pairs(2000, language="english", max_shapes=1)
+for pair in all_pairs[:2]:
+    print(json.dumps({k: pair[k] for k in ("kind", "chosen", "rejected")}))
+pairs = [pair for pair in all_pairs if pair["kind"] == "wrong"]   # the verbose ones are already won (see below)
+held_pairs = fd.preference_pairs(40 if FAST else 200, split="val", seed=8, language="english", max_shapes=1)
+
+
+def pair_batch(pairs) -> dict:
+    """The B chosen sequences, then the B rejected ones, in order: (2B, T)."""
+    examples = [ft.pair_examples(tokenizer, p["prompt"], p["chosen"], p["rejected"]) for p in pairs]
+    return ft.collate([c for c, _ in examples] + [r for _, r in examples], tokenizer.pad_token_id or 0)
+
+
+def preferred_rate(model, pairs) -> float:
+    with torch.no_grad():
+        logps = ft.sequence_logps(model, pair_batch(pairs))        # (2B,) chosen rows first
+    return (logps[:len(pairs)] > logps[len(pairs):]).float().mean().item()
+
+
+policy = lora.apply_lora(lora.merge_lora(copy.deepcopy(adapted), unload=True), r=8, alpha=16)
+rate_before = preferred_rate(policy, held_pairs)
+dpo_log = ft.train_steps(policy, ft.dpo_batches(tokenizer, pairs, batch_size=8), 15 if FAST else 60, lr=5e-4,
+                         objective="dpo", beta=0.1, warmup=5, log_every=1)
+rate_after = preferred_rate(policy, held_pairs)
+with torch.no_grad():
+    _, held_metrics = ft.dpo_batch_loss(policy, pair_batch(held_pairs), beta=0.1)   # rewards on held-out pairs
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.2))
+ax1.plot([e["reward_margin"] for e in dpo_log], label="this run")
+ax1.plot([e["reward_margin"] for e in EVIDENCE["dpo"]["log"]], alpha=0.6, label="evidence run")
+ax1.set(xlabel="step", ylabel="reward margin", title="DPO: chosen minus rejected reward")
+ax1.legend()
+ax2.plot([e["loss"] for e in dpo_log])
+ax2.axhline(0.6931, color="gray", linestyle=":", label="log 2 (margin 0)")
+ax2.set(xlabel="step", ylabel="DPO loss")
+ax2.legend()
+plt.show()
+start = f"sft_step_{EVIDENCE['dpo']['from_sft_step']}"
+print(f"held-out preferred-answer rate: {rate_before:.0%} -> {rate_after:.0%}   (evidence run, from SFT step "
+      f"{EVIDENCE['dpo']['from_sft_step']}: {EVIDENCE[start]['preferred_rate']:.0%} -> "
+      f"{EVIDENCE['after_dpo']['preferred_rate']:.0%})")
+print(f"held-out pairs: reward margin {held_metrics['reward_margin']:.2f}, "
+      f"chosen reward above rejected in {held_metrics['accuracy']:.0%}")
+
+# %% [markdown]
+# We train on the pairs that reject a wrong colour. Pairs against the verbose answer are won from the
+# start (a long reply has a much lower summed log-probability), and DPO can widen their margin without
+# limit by making the verbose reply ever less likely: at a high learning rate those easy margins take
+# over the loss and the held-out rate on the hard pairs falls. Watching the held-out margin, not only
+# the training one, is the lesson.
+
+# %%
+assert abs(dpo_log[0]["loss"] - 0.6931) < 1e-3 and dpo_log[0]["reward_margin"] == 0.0  # B = 0: policy = reference
+assert max(e["reward_margin"] for e in dpo_log) > 0.1
+assert held_metrics["reward_margin"] > 0 and held_metrics["accuracy"] > 0.5, held_metrics  # it generalises
+
+# %% [markdown]
+# ## 5 · Saving an adapter, loading it in peft (core, 4 min)
+#
+# `lora.save_adapter` writes peft's two files: `adapter_config.json` (rank, alpha, targets) and
+# `adapter_model.safetensors` (each layer's A and B under the `transformers` module name). The adapter
+# is a few hundred kB; the base it needs is not copied. `peft` loads it onto the `transformers` model:
+
+# %%
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+folder = tempfile.mkdtemp()
+lora.save_adapter(student, folder)
+saved = json.loads(open(os.path.join(folder, "adapter_config.json")).read())
+print({k: saved[k] for k in ("peft_type", "r", "lora_alpha", "target_modules")},
+      f"{os.path.getsize(os.path.join(folder, 'adapter_model.safetensors')) / 1e3:.0f} kB")
+reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), folder).eval()
+prompt = tokenizer.apply_chat_template(held_out[0]["messages"][:-1], add_generation_prompt=True, tokenize=False)
+ids = torch.tensor([tokenizer.encode(prompt)])                                    # (1, T)
+with torch.no_grad():
+    ours, theirs = student(ids).logits, reference(input_ids=ids).logits
+notebook.compare("ernie-lab LoRA vs peft on transformers", ours, theirs, atol=1e-4)
+
+# %%
+reloaded = lora.load_adapter(copy.deepcopy(base), folder)
+with torch.no_grad():
+    assert torch.allclose(reloaded(ids).logits, ours, atol=1e-5)
+assert saved["r"] == 8 and saved["lora_alpha"] == 16 and "q_proj" in saved["target_modules"]
+
+# %% [markdown]
+# ## 6 · Merging (core, 2 min)
+#
+# For serving, fold the update into the weight: `W <- W + (alpha / r) B A`. The merged model has no extra
+# cost per token; `unmerge_lora` takes the update out again (up to rounding), and `merge_lora(model,
+# unload=True)` gives back plain linear layers that `ernie_lab.save_model` writes as an ordinary checkpoint.
+
+# %%
+with torch.no_grad():
+    lora.merge_lora(student)
+    merged = student(ids).logits
+    lora.unmerge_lora(student)
+    unmerged = student(ids).logits
+notebook.compare("merged vs adapter form", merged, ours, atol=1e-4)
+notebook.compare("unmerged vs adapter form", unmerged, ours, atol=1e-4)
+
+# %% [markdown]
+# ## 7 · QLoRA: LoRA on an int4 base (optional, 4 min)
+#
+# The frozen base does not need full precision: QLoRA (Dettmers et al., 2023) stores it in 4 bits and
+# trains float adapters beside it. `quant.quantize(model, "w4a16")` packs every linear layer into int4
+# codes with a scale per group; `apply_lora` wraps those quantized layers like any other. The backward
+# needs only the input gradient `dL/dy W`, computed from W dequantized on the fly; the codes never change.
+
+# %%
+qmodel = quant.quantize(copy.deepcopy(base), "w4a16")
+int4_bytes, fp32_bytes = quant.weight_bytes(qmodel), quant.weight_bytes(base)
+lora.apply_lora(qmodel, r=8, alpha=16)
+adapter_bytes = 4 * lora.trainable_parameters(qmodel)
+qlog = ft.train_steps(qmodel, ft.sft_batches(tokenizer, conversations, 16), 20 if FAST else 100, lr=5e-3, log_every=1)
+layers = [m for m in base.modules() if isinstance(m, torch.nn.Linear) and m is not base.lm_head]
+linear_fp32 = sum(m.weight.numel() * 4 for m in layers)
+linear_int4 = sum(quant.weight_bytes(m) for m in quant.quantized_layers(qmodel).values())
+plt.figure(figsize=(6, 3))
+plt.bar(["LoRA, fp32 base", "QLoRA, int4 base"], [fp32_bytes / 1e6, int4_bytes / 1e6], label="base weights")
+plt.bar(["LoRA, fp32 base", "QLoRA, int4 base"], [adapter_bytes / 1e6] * 2,
+        bottom=[fp32_bytes / 1e6, int4_bytes / 1e6], label="adapter")
+plt.ylabel("MB"), plt.legend(), plt.title("Weight memory while fine-tuning")
+plt.show()
+print(f"QLoRA loss {qlog[0]['loss']:.2f} -> {qlog[-1]['loss']:.2f}; base weights {fp32_bytes / 1e6:.1f} MB -> "
+      f"{int4_bytes / 1e6:.1f} MB; the linear layers alone {linear_fp32 / 1e6:.1f} -> {linear_int4 / 1e6:.2f} MB "
+      f"({linear_fp32 / linear_int4:.1f}x); the tied embedding stays float32")
+
+# %%
+assert qlog[-1]["loss"] < qlog[0]["loss"]
+assert linear_int4 < 0.2 * linear_fp32
+with tempfile.TemporaryDirectory() as qfolder:
+    lora.save_adapter(qmodel, qfolder)
+    assert os.path.getsize(os.path.join(qfolder, "adapter_model.safetensors")) < 2e6
+
+# %% [markdown]
+# At 21B-A3B the same arithmetic is what matters: bf16 weights take about 44 GB, int4 about 11 GB, and a
+# LoRA of attention at r = 8 adds a few tens of MB: fine-tuning fits on one consumer GPU.
+
+# %%
+for precision in ("bf16", "int4"):
+    print(f"21B-A3B weights in {precision}: {family.weight_bytes(config, precision) / 1e9:5.1f} GB")
+
+# %% [markdown]
+# ## 8 · Exercises
+#
+# **Exercise 1 (core).** How many numbers does LoRA train? Given the (out, in) shapes of the adapted
+# layers and the rank r, return the count.
+
+# %%
+def lora_parameters(shapes: list[tuple[int, int]], r: int) -> int:
+    ...  # your code here
+
+
+exercises.check("08.lora_parameters", lora_parameters)
+
+# %% [markdown]
+# **Exercise 2 (core).** Write the DPO loss of a batch from the four lists of summed log-probabilities
+# (policy and reference, chosen and rejected) and beta: the mean over pairs of -log sigmoid(margin).
+
+# %%
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    ...  # your code here
+
+
+exercises.check("08.dpo_loss", dpo_loss)
+
+# %% [markdown]
+# **Exercise 3 (optional, an experiment).** Train SFT-LoRA with `r=1`, `r=4` and `r=32` for 300 steps
+# each (same lr and alpha = 2r) and compare held-out accuracy: does rank matter for this task?
+#
+# ## Key takeaways
+#
+# * LoRA trains `(alpha / r) B A` beside each frozen linear layer: r (in + out) numbers instead of in x out,
+#   and the adapted model starts exactly at the base.
+# * SFT's loss sits on the assistant's tokens only (labels -100 elsewhere); the kit's Trainer runs it.
+# * DPO raises the chosen answer's likelihood relative to the rejected one, measured against a frozen
+#   reference: the same model with its adapters off.
+# * An adapter is two small files in peft's format; merging folds it into the weights for free inference.
+# * QLoRA keeps the frozen base in int4: the memory of fine-tuning is then mostly the int4 weights.
+#
+# **Next**: notebook 09 scales the arithmetic up: the whole ERNIE 4.5 family, memory and parallelism.
