@@ -300,8 +300,10 @@ MEMORY_SCRIPT = textwrap.dedent("""
     from ernie_lab.loading import build_empty
 
     build_empty(ErnieConfig(num_hidden_layers=1))  # one-time costs of building on the meta device
-    ernie_lab.load_model(sys.argv[3])              # ... and of a first load (lazy imports), on a tiny checkpoint
-    torch.ones(1) @ torch.ones(1)
+    warm = ernie_lab.load_model(sys.argv[3])       # ... and of a first load and forward (lazy imports, kernel
+    with torch.no_grad():                           # set-up), on a tiny checkpoint
+        warm(torch.tensor([[1, 2, 3]]))
+    del warm
     base = rss("VmRSS:")
     model = ernie_lab.load_model(sys.argv[1], dtype=None if sys.argv[2] == "none" else getattr(torch, sys.argv[2]))
     with torch.no_grad():
