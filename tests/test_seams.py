@@ -5,11 +5,8 @@ router logits, every matmul a swappable linear, one reading of config.json, one 
 an architecture registry, and loading that streams tensors through a list of transforms.
 """
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,6 +62,13 @@ def vl_inputs(model):
     return ids, batch
 
 
+def inputs_for(model):
+    """(input_ids, extra forward arguments): a picture prompt for the VL model, random ids for the text MoE."""
+    if isinstance(model.config, VLConfig):
+        return vl_inputs(model)
+    return torch.randint(0, 120, (2, 9)), {}
+
+
 # ------------------------------------------------------------------------------ one decoder
 def test_vl_model_is_the_text_decoder_with_vision_and_a_two_group_moe():
     model = vl_model()
@@ -85,10 +89,7 @@ def test_vl_model_is_the_text_decoder_with_vision_and_a_two_group_moe():
 @pytest.mark.parametrize("make", [moe_model, vl_model], ids=["text-moe", "vl"])
 def test_outputs_carry_loss_and_router_logits(make):
     model = make()
-    if isinstance(model.config, VLConfig):
-        ids, extra = vl_inputs(model)
-    else:
-        ids, extra = torch.randint(0, 120, (2, 9)), {}
+    ids, extra = inputs_for(model)
     labels = ids.clone()
     labels[:, :3] = -100
     out = model(ids, labels=labels, output_router_logits=True, **extra)
@@ -151,10 +152,7 @@ class CountingLinear(nn.Module):
 @pytest.mark.parametrize("make", [moe_model, vl_model], ids=["text-moe", "vl"])
 def test_replace_linears_swaps_every_matmul_without_changing_outputs(make):
     model = make()
-    if isinstance(model.config, VLConfig):
-        ids, extra = vl_inputs(model)
-    else:
-        ids, extra = torch.randint(0, 120, (2, 9)), {}
+    ids, extra = inputs_for(model)
     before = model(ids, **extra).logits
     wrappers = {}
     replaced = replace_linears(model, lambda name, lin: wrappers.setdefault(name, CountingLinear(lin)))
@@ -287,41 +285,13 @@ def test_user_transforms_see_every_tensor_after_the_builtin_ones(tmp_path):
     assert names["layers.1.mlp.routers.0.weight"] == torch.float32 and names["embed.weight"] == torch.bfloat16
 
 
-MEMORY_SCRIPT = textwrap.dedent("""
-    import json, sys, torch
-    import ernie_lab
-
-    def rss(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-
-    from ernie_lab.config import ErnieConfig
-    from ernie_lab.loading import build_empty
-
-    build_empty(ErnieConfig(num_hidden_layers=1))  # one-time costs of building on the meta device
-    warm = ernie_lab.load_model(sys.argv[3])       # ... and of a first load and forward (lazy imports, kernel
-    with torch.no_grad():                           # set-up), on a tiny checkpoint
-        warm(torch.tensor([[1, 2, 3]]))
-    del warm
-    base = rss("VmRSS:")
-    model = ernie_lab.load_model(sys.argv[1], dtype=None if sys.argv[2] == "none" else getattr(torch, sys.argv[2]))
-    with torch.no_grad():
-        model(torch.tensor([[1, 2, 3]]))
-    print(json.dumps({"peak": rss("VmHWM:") - base}))
-""")
-
-
 def measured_peak(folder, dtype: str) -> int:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    warm = folder.parent / "warm-up"
-    if not warm.exists():
-        ernie_lab.save_model(ErnieForCausalLM(ErnieConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                                          num_hidden_layers=1, num_attention_heads=2,
-                                                          num_key_value_heads=1, head_dim=8)), warm)
-    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(folder), dtype, str(warm)], capture_output=True,
-                         text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+    """Peak resident memory of loading ``folder`` in a fresh process: the benchmark's own measurement."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "load_memory.py"
+    spec = importlib.util.spec_from_file_location("load_memory_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    return benchmark.peak(Path(folder), dtype)
 
 
 def test_bfloat16_load_streams_tensor_by_tensor(tmp_path):
@@ -349,10 +319,7 @@ def test_bfloat16_load_streams_tensor_by_tensor(tmp_path):
 @pytest.mark.parametrize("make", [moe_model, vl_model], ids=["text-moe", "vl"])
 def test_logits_for_labels_only_gives_the_same_loss_and_gradients(make):
     model = make()
-    if isinstance(model.config, VLConfig):
-        ids, extra = vl_inputs(model)
-    else:
-        ids, extra = torch.randint(0, 120, (2, 9)), {}
+    ids, extra = inputs_for(model)
     labels = ids.clone()
     labels[:, :4] = -100
     full = model(ids, labels=labels, **extra)
