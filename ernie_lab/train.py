@@ -26,6 +26,15 @@ scales (they should stay near 1, decay pulls them to 0), biases, or embeddings (
 shares them): an embedding row of a rare token would shrink during every step that does not see it.
 The MoE correction bias is not trained here (it has no gradient; aux-free balancing would update it).
 
+Parts of the model can learn at their own pace: ``lr_scale={"vision": 0.1}`` multiplies the learning
+rate of every parameter whose name starts with ``vision.``, and ``frozen_steps={"vision": 200}`` holds
+those parameters fixed (learning rate 0) for the first 200 updates. A VL model trained from scratch
+needs both: in its first updates the fastest way to lower the loss is to turn every image token into the
+same vector (a constant the answers lean on), and once the adapter has collapsed the picture that way,
+nothing about the individual shapes reaches the decoder again. With the ViT and adapter held at their
+random initialisation (whose features do differ from patch to patch) the decoder first learns to read
+them, and then the whole model refines them, slowly.
+
 Data, deterministic by index. ``train_data(index, rank, world_size) -> batch`` is called for micro-batch
 ``index = step * grad_accum_steps + micro`` (step 0-based). A batch is a dict of tensors: ``input_ids``
 (B, T), ``labels`` (B, T, aligned with the inputs; -100 ignored; default: input_ids with padding ignored),
@@ -78,7 +87,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -132,6 +141,8 @@ class TrainConfig:
     logits_for_labels_only: bool = False    # run the LM head only where a label is (same loss, less work)
     find_unused_parameters: bool | None = None  # DDP; None: on for MoE models
     progress: bool = True                   # tqdm bar on rank 0
+    lr_scale: dict[str, float] = field(default_factory=dict)   # name prefix -> lr multiplier ("vision": 0.1)
+    frozen_steps: dict[str, int] = field(default_factory=dict)  # name prefix -> first updates it sits out
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -149,6 +160,10 @@ class TrainConfig:
             problems.append("loss weights and weight_decay must be >= 0")
         if self.eval_every and self.eval_batches < 1:
             problems.append("eval_every needs eval_batches >= 1")
+        self.lr_scale = {str(k): float(v) for k, v in self.lr_scale.items()}
+        self.frozen_steps = {str(k): int(v) for k, v in self.frozen_steps.items()}
+        if min([*self.lr_scale.values(), *self.frozen_steps.values(), 0]) < 0:
+            problems.append("lr_scale and frozen_steps values must be >= 0")
         if (self.checkpoint_every or self.keep_checkpoints_at or self.resume_from == "latest") and not self.out_dir:
             problems.append("checkpoints need out_dir")
         if problems:
@@ -168,18 +183,36 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return config.min_lr + (lr - config.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: linear weights (routers included) decay; norms, biases and embeddings do not."""
+def parameter_groups(model: nn.Module, weight_decay: float, parts: tuple[str, ...] = ()) -> list[dict]:
+    """AdamW groups: linear weights (routers included) decay; norms, biases and embeddings do not.
+
+    Without ``parts``: [decay, no_decay]. With name prefixes ``parts`` (e.g. ``("vision", "adapter")``),
+    each part gets its own pair of groups (key ``"part"``: the prefix, or "" for the rest), so that
+    :class:`TrainConfig`'s ``lr_scale`` and ``frozen_steps`` can give it its own learning rate.
+    """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # incl. a tied head
-    decay, no_decay, seen = [], [], set()
-    for module in model.modules():
+    groups = {(part, decays): [] for part in ("", *parts) for decays in (True, False)}
+    seen = set()
+    for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
+            full = f"{module_name}.{name}" if module_name else name
+            part = next((p for p in parts if full == p or full.startswith(p + ".")), "")
             is_matrix = isinstance(module, nn.Linear) and name == "weight" and id(param) not in embeddings
-            (decay if is_matrix else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups[part, is_matrix].append(param)
+    out = [{"params": params, "weight_decay": weight_decay if decays else 0.0, **({"part": part} if parts else {})}
+           for (part, decays), params in groups.items() if params or not parts]
+    return out
+
+
+def part_learning_rate(step: int, part: str, config: TrainConfig) -> float:
+    """The learning rate of a parameter group: the schedule's, times ``lr_scale[part]``, and 0 while
+    ``step < frozen_steps[part]`` (the part sits out the first updates; "" is the rest of the model)."""
+    if step < config.frozen_steps.get(part, 0):
+        return 0.0
+    return learning_rate(step, config) * config.lr_scale.get(part, 1.0)
 
 
 # ================================================================================ data
@@ -312,7 +345,8 @@ class Trainer:
             model = model.to(f"cuda:{self.procs.local_rank}")
         self.model = model                                   # the plain module: saved, evaluated, resumed
         self.device = next(model.parameters()).device
-        self.optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
+        parts = tuple(sorted({*config.lr_scale, *config.frozen_steps}, key=len, reverse=True))  # longest prefix wins
+        self.optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay, parts), lr=config.lr,
                                            betas=config.betas, eps=config.eps)
         self.step = 0                                        # updates done
         self.history: list[dict] = []
@@ -367,7 +401,7 @@ class Trainer:
             raise InputError(f"step {self.step}: no batch on any rank has a target (every label is -100).")
         lr = learning_rate(self.step, c)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = part_learning_rate(self.step, group.get("part", ""), c)
         record = self._accumulate_gradients(batches, counts, total)
         if c.orthogonal:
             record["orthogonal"] = self._add_orthogonal_gradient().item()

@@ -382,3 +382,39 @@ def test_training_resumes_after_a_kill(tmp_path):
                              capture_output=True, text=True, env=env, check=True).stdout
     assert resumed.split("final")[-1] == straight.split("final")[-1]  # the same last loss, to 6 digits
     assert [step for step, _ in checkpoints(tmp_path / "run")][-1] == 8
+
+
+# ------------------------------------------------------------------ parts of the model at their own pace
+def test_a_frozen_part_sits_out_its_first_updates_then_learns():
+    model = tiny_model()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = Trainer(model, counting_data(), quiet(max_steps=2, frozen_steps={"layers.0": 2}))
+    trainer.fit()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, start[n])}
+    assert not any(n.startswith("layers.0.") for n in moved), "a frozen part changed during its frozen updates"
+    assert any(n.startswith("layers.1.") for n in moved) and "embed.weight" in moved
+    trainer.config.max_steps = 3
+    trainer.fit()  # update 2 is past the frozen ones
+    assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters() if n.startswith("layers.0.")
+               and n.endswith("proj.weight"))
+
+
+def test_lr_scale_gives_a_part_its_own_learning_rate():
+    config = quiet(lr=1e-2, warmup_steps=1, max_steps=4, lr_scale={"layers.1.mlp": 0.25}, frozen_steps={"embed": 1})
+    trainer = Trainer(tiny_model(), counting_data(), config)
+    trainer.fit()
+    by_part = {}
+    for group in trainer.optimizer.param_groups:
+        by_part.setdefault(group["part"], set()).add(group["lr"])
+    last = learning_rate(3, config)  # the rate of the last update, the one the groups still hold
+    assert by_part[""] == {last} and by_part["embed"] == {last}
+    assert by_part["layers.1.mlp"] == {0.25 * last}
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    scaled = {names[id(p)] for g in trainer.optimizer.param_groups if g["part"] == "layers.1.mlp" for p in g["params"]}
+    assert scaled and all(n.startswith("layers.1.mlp.") for n in scaled)
+    assert sum(len(g["params"]) for g in trainer.optimizer.param_groups) == len(list(trainer.model.parameters()))
+
+
+def test_parts_config_is_checked():
+    with pytest.raises(ConfigError, match="lr_scale and frozen_steps"):
+        quiet(lr_scale={"vision": -1.0})
