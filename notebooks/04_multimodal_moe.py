@@ -175,6 +175,22 @@ for qa in scenes.questions(held_out)[:3]:
     print(f"{qa.question:<36} model: {reply!r:<16} truth: {qa.answer_word}")
 
 # %% [markdown]
+# The tiny model also saw a few real photographs during training, the ones scikit-image ships
+# (`scenes.photos()`), each with a hand-written caption. Ask it "Who is this?" about the astronaut
+# photograph: it answers with what it learned about that picture. That is memory, not understanding
+# (it has seen 15 photographs, each many times), but it is a real answer read from the pixels: the
+# prompt is the same for every photograph, only the picture tokens differ.
+
+# %%
+photos = {name: (image, caption) for name, image, caption in tiny_models.photo_images()}
+for name in ("astronaut", "coffee"):
+    image, caption = photos[name]
+    reply = ernie_lab.chat(tiny_vl, tiny_tokenizer, [{"role": "user", "content": [
+        {"type": "image", "image": image}, {"type": "text", "text": "Who is this?"}]}], max_new_tokens=24)
+    print(f"{name:<10} model: {reply}")
+    assert reply.split()[:3] == caption.split()[:3], f"the tiny model should recall the {name} photograph"
+
+# %% [markdown]
 # ## 3 · Modality-isolated routing, seen · core, 5 min
 #
 # `routing.record` keeps, for every MoE layer and token, the chosen experts **numbered inside their

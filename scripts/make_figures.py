@@ -348,9 +348,12 @@ def routing_saturation() -> Path:
     at_zero = copy.deepcopy(model).eval()
     keep = tuple(sorted({max(1, round(steps * f)) for f in (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)}))
     with tempfile.TemporaryDirectory(prefix="saturation-") as run_dir:
-        config = TrainConfig(lr=2e-3, min_lr_ratio=0.1, warmup_steps=max(steps // 15, 1), max_steps=steps,
+        config = TrainConfig(lr=1e-3, min_lr_ratio=0.1, warmup_steps=max(steps // 15, 1), max_steps=steps,
                              weight_decay=0.01, seed=0, keep_checkpoints_at=keep, out_dir=run_dir,
-                             log_every=max(steps // 10, 1), balance=0.01, z_loss=1e-3, orthogonal=1e-3)
+                             log_every=max(steps // 10, 1), balance=0.01, z_loss=1e-3, orthogonal=1e-3,
+                             # the shipped recipe's schedule (scripts/train_tiny.py): ViT and adapter wait, then go slowly
+                             frozen_steps={"vision": steps // 20, "adapter": steps // 20},
+                             lr_scale={"vision": 0.1, "adapter": 0.02})
         Trainer(model, tiny_models.vl_batches(tokenizer, shipped.config, 16), config).fit()
         probe = [render_prompt(at_zero, tokenizer, viz.messages_for(scenes.DESCRIBE, scenes.render(s)))
                  for s in tiny_models.held_out_scenes(8)]
