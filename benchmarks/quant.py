@@ -102,13 +102,95 @@ def family_memory() -> dict:
     return rows
 
 
-def llama_cpp_peer() -> str:
+LLAMA_CPP_VERSION = "0.3.36"                      # the llama-cpp-python of pyproject's `bench` extra
+LLAMA_CPP_FORMATS = ("F32", "BF16", "Q8_0", "Q4_0")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def llama_cpp_source() -> Path:
+    """llama.cpp's source tree (for convert_hf_to_gguf.py): $LLAMA_CPP_DIR, or the vendored copy inside the
+    llama-cpp-python sdist, fetched once with pip into build/ (from the configured index, offline-friendly)."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    if os.environ.get("LLAMA_CPP_DIR"):
+        return Path(os.environ["LLAMA_CPP_DIR"])
+    build = ROOT / "build" / "llama-cpp-src"
+    tree = build / f"llama_cpp_python-{LLAMA_CPP_VERSION}" / "vendor" / "llama.cpp"
+    if not (tree / "convert_hf_to_gguf.py").is_file():
+        build.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                        "-d", str(build), f"llama-cpp-python=={LLAMA_CPP_VERSION}"], check=True)
+        with tarfile.open(next(build.glob("llama_cpp_python-*.tar.gz"))) as archive:
+            archive.extractall(build, filter="data")
+    return tree
+
+
+def gguf_files(base: nn.Module, work: Path) -> dict[str, Path]:
+    """The random checkpoint -> GGUF at F32 (llama.cpp's converter), then BF16 / Q8_0 / Q4_0 (llama.cpp's
+    quantizer; Q4_0 keeps the output head at Q6_K, as llama.cpp does by default)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import llama_cpp
+
+    folder = work / "checkpoint"
+    ernie_lab.save_model(base, folder)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        shutil.copyfile(ROOT / "data" / "tiny-tokenizer" / name, folder / name)  # vocabulary padded to the config's
+    files = {"F32": work / "model-f32.gguf"}
+    subprocess.run([sys.executable, str(llama_cpp_source() / "convert_hf_to_gguf.py"), str(folder), "--outtype", "f32",
+                    "--outfile", str(files["F32"])], check=True, capture_output=True)
+    shutil.rmtree(folder)
+    for fmt in LLAMA_CPP_FORMATS[1:]:
+        files[fmt] = work / f"model-{fmt.lower()}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{fmt}")
+        params.nthread = 2
+        if llama_cpp.llama_model_quantize(str(files["F32"]).encode(), str(files[fmt]).encode(), params) != 0:
+            raise RuntimeError(f"llama.cpp could not quantize to {fmt}")
+    return files
+
+
+def llama_decode_time(llm, prompt: list[int], new_tokens: int) -> float:
+    llm.reset()  # no prefix reuse: every round evaluates the prompt again, as ernie_lab.generate does
+    start = time.perf_counter()
+    for count, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True), start=1):
+        if count == new_tokens:
+            break
+    return time.perf_counter() - start
+
+
+def llama_cpp_rows(base: nn.Module, prompt: list[int], new_tokens: int, rounds: int, threads: int):
+    """{"llama.cpp F32": row, ...} measured like the kit's rows, or a message saying why not."""
+    import tempfile
+
     try:
-        import llama_cpp  # noqa: F401
+        import llama_cpp
     except ImportError:
-        return ("skipped: llama-cpp-python is not installed (pip install '.[bench]' builds it from source, several "
-                "minutes on 2 cores); no GGUF was converted")
-    return "skipped: GGUF conversion of the random checkpoint is not wired in this run"
+        return ("skipped: llama-cpp-python is not installed (`make bench` installs the `bench` extra, which builds "
+                "it from source: several minutes on 2 cores)")
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="gguf-") as work:
+        try:
+            files = gguf_files(base, Path(work))
+        except Exception as err:  # no converter source, or a conversion error: say so, keep the run
+            return f"skipped: no GGUF ({type(err).__name__}: {str(err)[:200]})"
+        for fmt, path in files.items():
+            llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=256, verbose=False)
+            speed = lambda: (new_tokens - 1) / (llama_decode_time(llm, prompt, new_tokens)  # noqa: E731
+                                                - llama_decode_time(llm, prompt, 1))
+            speed()  # warm-up
+            row = {"file_bytes": path.stat().st_size, "decode_tok_s_rounds": [speed() for _ in range(rounds)]}
+            row["decode_tok_s"] = statistics.median(row["decode_tok_s_rounds"])
+            rows[f"llama.cpp {fmt}"] = row
+            print(f"{'llama.cpp ' + fmt:50s} {row['file_bytes'] / 2**20:8.1f} MiB (file)  "
+                  f"decode {row['decode_tok_s']:6.1f} tok/s", flush=True)
+            del llm
+    return rows
 
 
 def main():
@@ -145,6 +227,14 @@ def main():
               f"greedy {row['greedy_agreement']:.2f}  decode {row['decode_tok_s']:6.1f} tok/s", flush=True)
         del model
 
+    peer = llama_cpp_rows(base, prompt1[0].tolist(), new, args.rounds, args.threads)
+    llama_note = peer if isinstance(peer, str) else (
+        f"llama-cpp-python {LLAMA_CPP_VERSION}, GGUF converted from the same random checkpoint by llama.cpp's "
+        "convert_hf_to_gguf.py (F32) and quantized by llama.cpp (BF16, Q8_0, Q4_0 with its default Q6_K head)")
+    if not isinstance(peer, str):
+        rows.update(peer)
+    print("llama.cpp:", llama_note)
+
     def ratio(a, b):
         ra, rb = rows.get(a, {}).get("decode_tok_s"), rows.get(b, {}).get("decode_tok_s")
         return None if not ra or not rb else ra / rb
@@ -155,17 +245,24 @@ def main():
         "w4a16+int8 head / fp32 (target >= 3)": ratio("w4a16+int8 head", "fp32"),
         "w4a16 / torchao int4 (target >= 1.2)": ratio("w4a16", "torchao int4 (PrototypeInt4WeightOnlyConfig g128)"),
         "w8a16 / torchao int8": ratio("w8a16", "torchao int8 (Int8WeightOnlyConfig)"),
+        "w8a16 / llama.cpp Q8_0 (target >= 1.0)": ratio("w8a16", "llama.cpp Q8_0"),
+        "w4a16 / llama.cpp Q4_0 (target >= 1.0)": ratio("w4a16", "llama.cpp Q4_0"),
+        "w4a16+int8 head / llama.cpp Q4_0 (target >= 1.0)": ratio("w4a16+int8 head", "llama.cpp Q4_0"),
+        "w4a16+int8 head / torchao int4 (target >= 1.2)": ratio("w4a16+int8 head", "torchao int4 (PrototypeInt4WeightOnlyConfig g128)"),
+        "bf16 / llama.cpp BF16 (target >= 1.0)": ratio("bf16", "llama.cpp BF16"),
+        "fp32 / llama.cpp F32": ratio("fp32", "llama.cpp F32"),
         "bf16 / fp32": ratio("bf16", "fp32"),
         "w8a8 / fp32": ratio("w8a8", "fp32"),
     }
     print("\nratios (decode tok/s, same run):")
     for key, value in ratios.items():
         print(f"  {key:45s} {'n/a' if value is None else f'{value:.2f}'}")
-    result = {"date": datetime.date.today().isoformat(), "shape": "quick" if args.quick else "ERNIE-4.5-0.3B",
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    result = {"date": datetime.date.today().isoformat(), "cpu": cpu, "shape": "quick" if args.quick else "ERNIE-4.5-0.3B",
               "threads": args.threads, "torch": torch.__version__, "rows": rows, "ratios": ratios,
-              "llama_cpp": llama_cpp_peer(), "family_weight_bytes": family_memory(),
+              "llama_cpp": llama_note, "family_weight_bytes": family_memory(),
               "gpu": "not measured: no GPU in this run"}
-    print("llama.cpp:", result["llama_cpp"])
     if not args.quick:
         RESULTS.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {RESULTS}")
