@@ -794,6 +794,55 @@ for temperature in (0.0, 0.7, 1.5):
     out = ernie_lab.generate(tiny_text, start, 24, temperature=temperature, eos_token_id=[],
                              generator=torch.Generator().manual_seed(0))
     print(f"T = {temperature}:", repr(tiny_tokenizer.decode(out[0].tolist())))
+
+# %% [markdown]
+# **What its attention heads learned.** Random heads spread their attention almost evenly; trained
+# heads pick. Catch the input of the last layer's attention with a forward pre-hook, recompute its
+# softmax(q k^T / sqrt(d)) by hand (GQA: query head h reads key head h // 3) and draw every head:
+
+# %%
+from ernie_lab.rope import apply_rope
+
+sentence = "The return statement leaves the current function call with the expression list."
+ids = torch.tensor([tiny_tokenizer.encode(sentence)])                          # (1, T)
+attention = tiny_text.layers[-1].attn
+captured = {}
+hook = attention.register_forward_pre_hook(lambda module, args: captured.update(x=args[0], rope=args[1]))
+with torch.no_grad():
+    tiny_text(ids)
+hook.remove()
+x, T = captured["x"], ids.shape[1]
+with torch.no_grad():
+    q = attention.q_proj(x).view(1, T, attention.n_heads, -1).transpose(1, 2)     # (1, H, T, d)
+    k = attention.k_proj(x).view(1, T, attention.n_kv_heads, -1).transpose(1, 2)  # (1, Hkv, T, d)
+    q, k = apply_rope(q, *captured["rope"]), apply_rope(k, *captured["rope"])
+    k = k.repeat_interleave(attention.n_heads // attention.n_kv_heads, dim=1)     # (1, H, T, d)
+    scores = q @ k.transpose(-1, -2) / attention.head_dim ** 0.5
+    weights = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)[0]  # (H, T, T)
+
+words = [tiny_tokenizer.decode([i]) for i in ids[0].tolist()]
+fig, axes = plt.subplots(1, attention.n_heads, figsize=(3.2 * attention.n_heads, 3.6))
+for h, ax in enumerate(axes):
+    ax.imshow(weights[h], cmap="magma", vmin=0, vmax=1)
+    ax.set_title(f"head {h} (KV head {h // (attention.n_heads // attention.n_kv_heads)})", fontsize=10)
+    ax.set_xticks(range(T), words, rotation=90, fontsize=7)
+    ax.set_yticks(range(T), words if h == 0 else [], fontsize=7)
+fig.suptitle("Trained tiny text model, last layer: where each token (row) looks (columns)")
+plt.tight_layout()
+plt.show()
+
+# a trained head is selective: its rows put far more weight on their favourite key than a uniform row
+rows = torch.arange(4, T)                                                 # queries with at least 5 keys
+uniform = (1.0 / (rows + 1)).mean()
+peak = weights[:, rows].amax(-1).mean(-1)                                 # (H,) mean top weight per head
+print("mean top attention weight per head:", [round(v, 2) for v in peak.tolist()], f"(uniform: {uniform:.2f})")
+assert torch.allclose(weights.sum(-1), torch.ones(attention.n_heads, T))
+with torch.no_grad():  # the weights are the module's own: weights @ v, projected, is its output
+    v = attention.v_proj(x).view(1, T, attention.n_kv_heads, -1).transpose(1, 2)
+    v = v.repeat_interleave(attention.n_heads // attention.n_kv_heads, dim=1)    # (1, H, T, d)
+    by_hand = attention.o_proj((weights[None] @ v).transpose(1, 2).reshape(1, T, -1))
+    assert torch.allclose(by_hand, attention(x, captured["rope"]), atol=1e-5)
+assert peak.max() > 2 * uniform, "no head of the trained model is more selective than uniform attention"
 del tiny_text
 
 # %%
