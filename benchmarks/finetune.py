@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = Path(__file__).parent / "results" / "finetune.json"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SHAPES = {"0.3b": dict(batch=1, seq=256, warmup=1, steps=3), "tiny": dict(batch=8, seq=128, warmup=2, steps=8)}
+SHAPES = {"0.3b": dict(batch=1, seq=256, warmup=1, steps=3), "tiny": dict(batch=8, seq=128, warmup=3, steps=20)}
 METHODS = ("ernie-lab lora", "ernie-lab full", "peft lora", "ernie-lab qlora")
 
 
