@@ -208,3 +208,18 @@ def test_vl_sft_lora_teaches_the_tiny_vl_model_a_new_answer_about_pictures():
     assert before == 0.0 and after >= 0.8, (before, after, replies[:4])
     recorded = json.loads((ROOT / "benchmarks" / "results" / "finetune_vl_evidence.json").read_text())
     assert recorded["before"]["accuracy"] == 0.0 and recorded["after_sft"]["accuracy"] >= 0.9
+    assert recorded["dpo_after"]["preferred_rate"] >= recorded["dpo_before"]["preferred_rate"] + 0.2  # DPO-LoRA on VL
+
+
+def test_vl_preference_pairs_differ_in_one_word_of_the_reply():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vl_evidence", ROOT / "scripts" / "finetune_vl_evidence.py")
+    evidence = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evidence)
+    pairs = evidence.preference_pairs(20, "val", seed=1)
+    assert {p["kind"] for p in pairs} == {"count", "background"}
+    for p in pairs:
+        chosen, rejected = p["chosen"].split(), p["rejected"].split()
+        assert len(chosen) == len(rejected) and sum(a != b for a, b in zip(chosen, rejected)) == 1
+        assert evidence.is_right(evidence.conversations(20, "val", seed=1)[pairs.index(p)]["scene"], p["chosen"])
