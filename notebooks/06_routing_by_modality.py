@@ -51,7 +51,7 @@ import torch
 from IPython.display import Image, display
 
 import ernie_lab
-from ernie_lab import architectures, routing, scenes, tiny_models, viz
+from ernie_lab import architectures, exercises, routing, scenes, tiny_models, viz
 from ernie_lab.moe import moe_blocks
 from ernie_lab.notebook import repo_path, setup
 from ernie_lab.special_tokens import TEXT, VISION
@@ -222,6 +222,29 @@ for attribute in ("colour", "kind"):
     trained_best, initial_best = best[attribute]
     assert trained_best > initial_best + 0.1, f"after training, some layer's experts should track the {attribute} far more"
     print(f"best layer, NMI(expert; {attribute}): trained {trained_best} against {initial_best} at initialisation")
+
+# %% [markdown]
+# **Exercise · the NMI by hand (core, 5 min).** Write `nmi(experts, labels)` for two equally long lists:
+# $\mathrm{NMI} = 2\,I(A;B) / (H(A) + H(B))$, with $I(A;B) = \sum_{x,y} p(x,y)\log\frac{p(x,y)}{p(x)\,p(y)}$
+# and $H(A) = -\sum_x p(x)\log p(x)$, every probability a count over $n$ (`collections.Counter` helps).
+# The check tries it on small cases; the cell after it recomputes the first MoE layer's colour number above.
+
+# %%
+def nmi(experts, labels):
+    ...   # your code here
+
+
+exercises.check("06.nmi", nmi)
+
+# %%
+first_layer = rec.layers[0]
+top1 = first_layer.expert_ids[image_rows, 0].tolist()
+yours = nmi(top1, labels["colour"])
+if yours is None:
+    print("(write nmi above to recompute the trained model's first-layer colour NMI by hand)")
+else:
+    print(f"first MoE layer, colour: yours {yours:.3f}, "
+          f"routing.specialisation {routing.specialisation(rec, image_rows, labels['colour'])[0]['nmi']:.3f}")
 
 # %% [markdown]
 # The text group, by a simple word class (words, digits, punctuation, other):
