@@ -74,6 +74,17 @@ VL_CONFIG = {
 }
 
 
+# The VL model's eyes learn slower than its decoder: the ViT at a tenth of the decoder's learning rate, the
+# adapter at a fiftieth (TrainConfig.lr_scale), after sitting out the first updates (frozen_steps) — trained
+# at full speed from the start, the adapter turns every image token into one vector (train.py says why).
+VL_LR_SCALE = {"vision": 0.1, "adapter": 0.02}
+
+
+def vl_frozen_steps(steps: int) -> dict[str, int]:
+    """``frozen_steps`` for the VL recipe: the ViT and adapter sit out the first ``steps`` updates."""
+    return dict.fromkeys(VL_LR_SCALE, steps)
+
+
 def tiny_config(raw: dict, tokenizer) -> dict:
     """A config table with the tokenizer's picture token ids filled in (VL) — the model reads them from it."""
     config = {**raw}

@@ -72,7 +72,7 @@ continues the same curve (RNG states are rank 0's). ``keep_last`` prunes old one
 
 The public names: :class:`TrainConfig`, :class:`Trainer` (``fit``, ``evaluate``, ``save_checkpoint``,
 ``resume``), :func:`train` (``Trainer(...).fit()`` in one call), :func:`learning_rate`,
-:func:`parameter_groups`, :func:`from_batches`, :func:`checkpoints`, :func:`latest_checkpoint`,
+:func:`parameter_groups`, :func:`part_learning_rate`, :func:`from_batches`, :func:`checkpoints`, :func:`latest_checkpoint`,
 :func:`leave_processes`. History entries: ``step, loss, lm_loss, [balance, balance_text, balance_vision,
 z_loss, orthogonal,] lr, grad_norm`` (before clipping), ``tokens_per_s`` (input tokens of all ranks over
 the training time since the last entry); evaluation entries ``step, eval_loss``.
@@ -202,9 +202,8 @@ def parameter_groups(model: nn.Module, weight_decay: float, parts: tuple[str, ..
             part = next((p for p in parts if full == p or full.startswith(p + ".")), "")
             is_matrix = isinstance(module, nn.Linear) and name == "weight" and id(param) not in embeddings
             groups[part, is_matrix].append(param)
-    out = [{"params": params, "weight_decay": weight_decay if decays else 0.0, **({"part": part} if parts else {})}
-           for (part, decays), params in groups.items() if params or not parts]
-    return out
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0, **({"part": part} if parts else {})}
+            for (part, decays), params in groups.items() if params or not parts]
 
 
 def part_learning_rate(step: int, part: str, config: TrainConfig) -> float:

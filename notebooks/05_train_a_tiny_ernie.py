@@ -189,7 +189,7 @@ quick = dict(lr=1e-3, warmup_steps=0, max_steps=6 if FAST else 25, progress=Fals
 probe_data = tiny_models.vl_batches(tok, config, batch_size=8, text_every=0)
 eager, patient = copy.deepcopy(model), copy.deepcopy(model)
 train.Trainer(eager, probe_data, train.TrainConfig(**quick)).fit()
-train.Trainer(patient, probe_data, train.TrainConfig(**quick, frozen_steps={"vision": 100, "adapter": 100})).fit()
+train.Trainer(patient, probe_data, train.TrainConfig(**quick, frozen_steps=tiny_models.vl_frozen_steps(100))).fit()
 spreads = {"initialisation": token_spread(model, picture), "all parts at once": token_spread(eager, picture),
            "vision waits": token_spread(patient, picture)}
 for name, value in spreads.items():
@@ -206,8 +206,8 @@ steps = 8 if FAST else 300
 data = tiny_models.vl_batches(tok, config, batch_size=8 if FAST else 32)
 run = train.TrainConfig(lr=1e-3, warmup_steps=max(1, steps // 10), max_steps=steps, balance=0.01, z_loss=1e-3,
                         orthogonal=1e-3, log_every=1, progress=True,
-                        frozen_steps={"vision": steps // 3, "adapter": steps // 3},
-                        lr_scale={"vision": 0.1, "adapter": 0.02})
+                        frozen_steps=tiny_models.vl_frozen_steps(steps // 3),
+                        lr_scale=tiny_models.VL_LR_SCALE)        # {"vision": 0.1, "adapter": 0.02}
 before = tiny_models.vl_val_loss(model, tok, batches=2)
 history = train.Trainer(model, data, run).fit()
 after = tiny_models.vl_val_loss(model, tok, batches=2)
@@ -271,7 +271,7 @@ continued = ernie_lab.load_model(SHIPPED)
 start = tiny_models.vl_val_loss(continued, shipped_tok, batches=2)
 # the ViT and adapter keep their slow pace (without it, 4 steps at 2e-4 raise this loss from 0.18 to 0.64)
 more = train.TrainConfig(lr=1e-4, warmup_steps=2, max_steps=4 if FAST else 50, balance=0.01, progress=False,
-                         lr_scale={"vision": 0.1, "adapter": 0.02})
+                         lr_scale=tiny_models.VL_LR_SCALE)
 train.Trainer(continued, tiny_models.vl_batches(shipped_tok, continued.config, 8, seed=5), more).fit()
 end = tiny_models.vl_val_loss(continued, shipped_tok, batches=2)
 print(f"held-out loss of the shipped model {start:.3f}; after {more.max_steps} more steps {end:.3f}")

@@ -352,8 +352,8 @@ def routing_saturation() -> Path:
                              weight_decay=0.01, seed=0, keep_checkpoints_at=keep, out_dir=run_dir,
                              log_every=max(steps // 10, 1), balance=0.01, z_loss=1e-3, orthogonal=1e-3,
                              # the shipped recipe's schedule (scripts/train_tiny.py): ViT and adapter wait, then go slowly
-                             frozen_steps={"vision": steps // 20, "adapter": steps // 20},
-                             lr_scale={"vision": 0.1, "adapter": 0.02})
+                             frozen_steps=tiny_models.vl_frozen_steps(steps // 20),
+                             lr_scale=tiny_models.VL_LR_SCALE)
         Trainer(model, tiny_models.vl_batches(tokenizer, shipped.config, 16), config).fit()
         probe = [render_prompt(at_zero, tokenizer, viz.messages_for(scenes.DESCRIBE, scenes.render(s)))
                  for s in tiny_models.held_out_scenes(8)]

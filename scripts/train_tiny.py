@@ -35,16 +35,14 @@ TOKENIZER = ROOT / "data" / "tiny-tokenizer"
 TARGETS = {"background": 0.95, "colour": 0.95, "shape": 0.90, "count": 0.80, "position": 0.80}  # VL, held out
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
-VL_STEPS = 2000
 RECIPES = {
     "text": dict(folder="tiny-ernie-text", config=tiny_models.TEXT_CONFIG, steps=800, lr=3e-3, warmup=80,
                  batch=16, seq_len=128, options={}),
-    # VL: the ViT and adapter sit out the first updates and the adapter then learns slowly; trained at full
-    # speed from the start they turn every image token into one vector (train.py's docstring says why).
-    "vl": dict(folder="tiny-ernie-vl", config=tiny_models.VL_CONFIG, steps=VL_STEPS, lr=1e-3, warmup=100,
+    # VL: the ViT and adapter sit out the first 100 updates, then learn slowly (tiny_models.VL_LR_SCALE)
+    "vl": dict(folder="tiny-ernie-vl", config=tiny_models.VL_CONFIG, steps=2000, lr=1e-3, warmup=100,
                batch=32, photos=1, options=dict(balance=0.01, z_loss=1e-3, orthogonal=1e-3, logits_for_labels_only=True,
-                                      frozen_steps={"vision": 100, "adapter": 100},
-                                      lr_scale={"vision": 0.1, "adapter": 0.02})),
+                                      frozen_steps=tiny_models.vl_frozen_steps(100),
+                                      lr_scale=tiny_models.VL_LR_SCALE)),
 }
 
 
