@@ -110,6 +110,18 @@ def _reference_routers(reference):
             yield idx, 0, layer.mlp.gate
 
 
+@torch.no_grad()
+def spread_reference_routers(reference, std: float = 0.5, bias: float = 0.0):
+    """Redraw a random transformers model's router weights from N(0, std^2) (and its correction biases
+    from U(-bias, bias) when ``bias``), so that a tiny test model routes decisively, not by ties.
+    Text group then vision group, layer by layer; returns the model."""
+    for _, _, router in _reference_routers(reference):
+        router.weight.normal_(0.0, std)
+        if bias:
+            router.moe_statics.e_score_correction_bias.uniform_(-bias, bias)
+    return reference
+
+
 @contextmanager
 def reference_routing(reference):
     """Record the experts `transformers`' routers choose: yields {(layer, group): [(N, k) ids per call]}."""

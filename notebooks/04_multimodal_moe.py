@@ -88,12 +88,7 @@ ref_config = Ernie4_5_VLMoeConfig(
     vision_config=dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, initializer_range=0.08),
 )
 reference = Ernie4_5_VLMoeForConditionalGeneration(ref_config).eval()
-with torch.no_grad():
-    for layer in reference.model.language_model.layers:
-        if hasattr(layer.mlp, "text_moe"):
-            for group in (layer.mlp.text_moe, layer.mlp.vision_moe):
-                group.gate.weight.normal_(0.0, 0.5)
-                group.gate.moe_statics.e_score_correction_bias.uniform_(-0.05, 0.05)
+notebook.spread_reference_routers(reference, bias=0.05)  # decisive routing in a random model (no near-ties)
 folder = Path(tempfile.mkdtemp()) / "tiny-vl"
 reference.save_pretrained(folder)
 with safe_open(str(folder / "model.safetensors"), "pt") as f:

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 import ernie_lab
 from ernie_lab.rope3d import modality_types, routing_types
 from ernie_lab.saving import save_model
+from ernie_lab.notebook import spread_reference_routers
 from ernie_lab.image_processing import preprocess_images
 from ernie_lab.vision import tokens_per_item
 from ernie_lab.vl_model import TOKEN_IDS, VLConfig
@@ -87,12 +88,7 @@ def tiny_vl_reference():
         vision_config=dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, initializer_range=0.08),
     )
     ref = Ernie4_5_VLMoeForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for layer in ref.model.language_model.layers[1:]:
-            for group in (layer.mlp.text_moe, layer.mlp.vision_moe):
-                group.gate.weight.normal_(0.0, 0.5)
-                group.gate.moe_statics.e_score_correction_bias.uniform_(-0.05, 0.05)
-    return ref
+    return spread_reference_routers(ref, bias=0.05)
 
 
 def test_vl_config_round_trips_through_to_dict():

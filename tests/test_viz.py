@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 
 import ernie_lab  # noqa: E402
 from ernie_lab import InputError, routing, scenes, tiny_models, viz  # noqa: E402
+from ernie_lab.notebook import spread_reference_routers  # noqa: E402
 from ernie_lab.routing import LayerRouting, RoutingRecord  # noqa: E402
 from ernie_lab.special_tokens import TEXT, VISION  # noqa: E402
 
@@ -247,11 +248,7 @@ def hub_vl(tmp_path_factory):
                          moe_num_experts=64, moe_num_shared_experts=2, initializer_range=0.08),
         vision_config=dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, initializer_range=0.08))
     reference = Ernie4_5_VLMoeForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for layer in reference.model.language_model.layers:
-            if hasattr(layer.mlp, "text_moe"):
-                for group in (layer.mlp.text_moe, layer.mlp.vision_moe):
-                    group.gate.weight.normal_(0.0, 0.5)
+    spread_reference_routers(reference)
     folder = tmp_path_factory.mktemp("hub-vl-64")
     reference.save_pretrained(folder)
     return ernie_lab.load_model(folder)

@@ -19,6 +19,7 @@ import ernie_lab
 from ernie_lab import InputError, routing
 from ernie_lab.rope3d import modality_types, position_ids_3d, routing_types
 from ernie_lab.image_processing import preprocess_images, preprocess_video
+from ernie_lab.notebook import spread_reference_routers
 from ernie_lab.vision import tokens_per_item
 from ernie_lab.vl_model import ErnieVLForConditionalGeneration, VLConfig
 
@@ -54,12 +55,7 @@ def build_pair(folder, vocab_size=103424, **token_ids):
         **token_ids,
     )
     reference = Ernie4_5_VLMoeForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for layer in reference.model.language_model.layers:
-            if hasattr(layer.mlp, "text_moe"):
-                for group in (layer.mlp.text_moe, layer.mlp.vision_moe):
-                    group.gate.weight.normal_(0.0, 0.5)
-                    group.gate.moe_statics.e_score_correction_bias.uniform_(-0.05, 0.05)
+    spread_reference_routers(reference, bias=0.05)
     reference.save_pretrained(folder)
     return reference, ernie_lab.load_model(folder)
 
