@@ -51,7 +51,7 @@ def build(kind: str, tokenizer, seed: int = 0):
     config = parse_config(tiny_models.tiny_config(recipe["config"], tokenizer))
     torch.manual_seed(seed)
     model = ernie_lab.architectures.build(config)
-    model.init_weights(std=0.02, seed=seed)
+    model.init_weights(std=0.02, seed=seed, attention_std=recipe.get("attention_std"))
     return model
 
 

@@ -109,6 +109,45 @@ def test_init_weights_gives_a_loss_near_log_vocab():
     assert torch.equal(tiny_model(MOE, seed=3).embed.weight, tiny_model(MOE, seed=3).embed.weight)
 
 
+def test_attention_std_draws_sharper_queries_and_keys_and_leaves_the_rest_alone():
+    plain = tiny_vl()
+    sharp = ernie_lab.ErnieVLForConditionalGeneration(VLConfig.from_dict(VL)).init_weights(seed=0, attention_std=0.2)
+    weights = dict(plain.named_parameters())
+    changed = {name for name, p in sharp.named_parameters() if not torch.equal(p, weights[name])}
+    layers, blocks = len(plain.layers), len(plain.vision.blocks)
+    assert changed == {f"layers.{i}.attn.{w}_proj.weight" for i in range(layers) for w in "qk"} | \
+        {f"vision.blocks.{i}.attn.qkv.weight" for i in range(blocks)}
+    for i in range(layers):
+        for w in "qk":
+            name = f"layers.{i}.attn.{w}_proj.weight"
+            assert torch.allclose(dict(sharp.named_parameters())[name], 10 * weights[name])
+    qkv = sharp.vision.blocks[0].attn.qkv.weight
+    third = qkv.shape[0] // 3
+    assert torch.allclose(qkv[:2 * third], 10 * weights["vision.blocks.0.attn.qkv.weight"][:2 * third])
+    assert torch.equal(qkv[2 * third:], weights["vision.blocks.0.attn.qkv.weight"][2 * third:])  # values untouched
+    # what it is for: the first layer's attention starts further from uniform (lower entropy; this model is
+    # only 32 wide, so its logits are std^2 * 32: 0.01 at 0.02, 1.3 at 0.2)
+    ids = torch.randint(3, 60, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def first_layer_entropy(model):
+        seen = {}
+        hook = model.layers[0].attn.register_forward_hook(lambda m, args, out: seen.setdefault("x", args[0]))
+        model(ids)
+        hook.remove()
+        attn = model.layers[0].attn
+        x = seen["x"]
+        q = attn.q_proj(x).view(2, 24, attn.n_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(2, 24, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / attn.head_dim ** 0.5
+        scores = scores.masked_fill(torch.ones(24, 24, dtype=torch.bool).triu(1), float("-inf"))
+        p = scores.softmax(-1)
+        return -(p * p.clamp_min(1e-12).log()).sum(-1).mean().item()
+
+    with torch.no_grad():
+        assert first_layer_entropy(sharp) < first_layer_entropy(plain) - 0.05
+
+
 # ------------------------------------------------------------------------------ schedule and optimizer groups
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_min_lr():
     c = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=4, max_steps=13)
