@@ -193,10 +193,13 @@ def photo_images(size: int = scenes.IMAGE_SIZE) -> tuple:
 
 
 def vl_batches(tokenizer, config, batch_size: int = 16, split: str = "train", seed: int = 0, text_every: int = 4,
-               text_batch: int = 8, image_size: int = scenes.IMAGE_SIZE, max_turns: int = 4, photos: int = 0):
+               text_batch: int = 8, image_size: int = scenes.IMAGE_SIZE, max_turns: int = 4, photos: int = 0,
+               shape_schedule: dict[int, int] | None = None):
     """``batches(step, rank=0, world_size=1)``: fresh random scenes with question turns; every ``text_every``-th
     step a batch of plain text instead (0: never), so the decoder keeps its language. ``photos`` > 0 adds that
-    many of the bundled photographs to each scene batch, asked to be described (their captions are the answers)."""
+    many of the bundled photographs to each scene batch, asked to be described (their captions are the answers).
+    ``shape_schedule`` ``{from_step: most_shapes}`` is a curriculum: ``{0: 1, 500: 3}`` draws one-shape scenes
+    for the first 500 steps (nothing to tie together yet, so the eyes learn what a circle is), then 1-3."""
     from .processor import VLProcessor
 
     processor = VLProcessor(tokenizer, config=config)
@@ -207,9 +210,10 @@ def vl_batches(tokenizer, config, batch_size: int = 16, split: str = "train", se
             return text(step, rank, world_size)
         rng = random.Random(seed * 1_000_003 + step * world_size + rank)
         examples = []
+        most = most_shapes(shape_schedule, step)
         while len(examples) < batch_size:
             scene = scenes.random_scene(rng)
-            if scenes.split_of(scene) != split:
+            if scenes.split_of(scene) != split or len(scene.shapes) > most:
                 continue
             image = scenes.render(scene, image_size)
             examples.append(vl_example(processor, image, scene_turns(scene, rng, max_turns)))
@@ -219,6 +223,13 @@ def vl_batches(tokenizer, config, batch_size: int = 16, split: str = "train", se
         return collate(examples, tokenizer.pad_token_id or 0)
 
     return batch
+
+
+def most_shapes(schedule: dict[int, int] | None, step: int) -> int:
+    """The curriculum's largest shape count at ``step`` (3, every scene, without a schedule)."""
+    if not schedule:
+        return 3
+    return schedule[max((start for start in schedule if start <= step), default=min(schedule))]
 
 
 def held_out_scenes(count: int, seed: int = 12345) -> list[scenes.Scene]:

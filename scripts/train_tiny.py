@@ -60,7 +60,8 @@ def data_for(kind: str, tokenizer, config):
     if kind == "text":
         return (tiny_models.text_batches(tokenizer, recipe["batch"], recipe["seq_len"]),
                 tiny_models.text_batches(tokenizer, recipe["batch"], recipe["seq_len"], split="val", seed=99))
-    return (tiny_models.vl_batches(tokenizer, config, recipe["batch"], photos=recipe["photos"]),
+    return (tiny_models.vl_batches(tokenizer, config, recipe["batch"], photos=recipe["photos"],
+                                   shape_schedule=recipe.get("shape_schedule")),
             tiny_models.vl_batches(tokenizer, config, 16, split="val", seed=999, text_every=0))
 
 
@@ -131,6 +132,29 @@ def draw_curves(history: list[dict], folder: Path, kind: str) -> None:
     plt.close(fig)
 
 
+def schedule_notes(recipe: dict) -> list[str]:
+    """TRAINING.md lines on the parts of the VL recipe that decide whether the model learns its pictures."""
+    options, lines = recipe["options"], []
+    if "frozen_steps" in options:
+        lines += ["The ViT and the adapter sit out the first "
+                  f"{options['frozen_steps']['vision']} updates (`TrainConfig.frozen_steps`), then learn at "
+                  f"{options['lr_scale']['vision']:g}x and {options['lr_scale']['adapter']:g}x the",
+                  "decoder's rate (`lr_scale`). Trained at full speed from the first step, the adapter turns every image",
+                  "token of a picture into nearly the same vector within 25 updates (the spread of the tokens around their",
+                  "mean falls from 20% of their length to 0.3%): the picture's overall colour survives, its shapes do not,",
+                  "and the earlier checkpoint answered colour 18%, count 41%, position 18%, caption colours 3%."]
+    if recipe.get("attention_std"):
+        lines += ["", f"Query and key projections start at std {recipe['attention_std']:g} instead of 0.02 "
+                  "(`init_weights(attention_std=...)`): attention starts sharper, and the",
+                  "search \"which picture token is the circle?\" leaves its plateau sooner."]
+    if recipe.get("shape_schedule"):
+        steps = ", ".join(f"from step {start}: at most {most}" for start, most in sorted(recipe["shape_schedule"].items()))
+        lines += ["", f"A curriculum of shape counts (`vl_batches(shape_schedule=...)`; {steps} shapes): one-shape",
+                  "scenes first, where every question is answered without tying a colour to a shape, so the model",
+                  "first learns what a circle, a square and a triangle look like."]
+    return lines
+
+
 def training_notes(kind: str, recipe: dict, m: dict, history: list[dict]) -> str:
     lines = [f"# tiny-ernie-{kind}", "",
              "Trained from scratch by `python scripts/train_tiny.py " + kind + "` (`make train-tiny`), deterministic",
@@ -159,13 +183,7 @@ def training_notes(kind: str, recipe: dict, m: dict, history: list[dict]) -> str
                   "batch in four (help pages and captions), and in every scene batch one of the bundled photographs",
                   "(`scenes.photos()`) asked about, its hand-written caption as the answer (\"Who is this?\" in notebook 04).",
                   "Load balancing per modality group (0.01), router z-loss (0.001) and the router orthogonal loss (0.001) on.", "",
-                  "The ViT and the adapter sit out the first "
-                  f"{recipe['options']['frozen_steps']['vision']} updates (`TrainConfig.frozen_steps`), then learn at "
-                  f"{recipe['options']['lr_scale']['vision']:g}x and {recipe['options']['lr_scale']['adapter']:g}x the",
-                  "decoder's rate (`lr_scale`). Trained at full speed from the first step, the adapter turns every image",
-                  "token of a picture into nearly the same vector within 25 updates (the spread of the tokens around their",
-                  "mean falls from 20% of their length to 0.3%): the picture's overall colour survives, its shapes do not,",
-                  "and the earlier checkpoint answered colour 18%, count 41%, position 18%, caption colours 3%.", "",
+                  *schedule_notes(recipe), "",
                   "## Answers on 100 fresh held-out scenes, through `ernie_lab.chat`", "",
                   "| question | accuracy |", "|---|---|"]
         lines += [f"| {template} | {value:.1%} |" for template, value in acc.items()]

@@ -145,3 +145,23 @@ def test_vl_model_answers_through_chat(vl_model):
         reply = ernie_lab.chat(model, tok, scenes.conversation(scenes.render(scene), "What colour is the background?",
                                                                "")[:1], max_new_tokens=8)
         assert scenes.first_word(reply) == background, reply
+
+
+def test_shape_schedule_draws_one_shape_scenes_first_then_all_counts():
+    tok = ernie_lab.load_tokenizer(VL)
+    config = VLConfig.from_dict(json.loads((VL / "config.json").read_text()))
+    assert [tiny_models.most_shapes({0: 1, 500: 2, 1000: 3}, s) for s in (0, 499, 500, 999, 1000, 10**6)] == \
+        [1, 1, 2, 2, 3, 3]
+    assert tiny_models.most_shapes(None, 0) == 3
+
+    def answers(batch) -> str:
+        labels = batch["labels"]
+        return tok.decode(labels[labels != -100].tolist())
+
+    early = tiny_models.vl_batches(tok, config, 16, text_every=0, shape_schedule={0: 1, 3: 3})
+    plain = tiny_models.vl_batches(tok, config, 16, text_every=0)
+    for step in range(3):  # captions say "one shape on ..."; count answers are "one"
+        said = answers(early(step))
+        assert "two shapes" not in said and "three shapes" not in said and "one shape" in said, said
+    assert any("three shapes" in answers(plain(step)) for step in range(3))
+    assert any("three shapes" in answers(early(step)) for step in range(3, 6))  # the curriculum moves on
