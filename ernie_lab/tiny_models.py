@@ -131,11 +131,32 @@ def eval_windows(tokenizer, seq_len: int = 128, split: str = "val") -> torch.Ten
 
 
 # ====================================================================================== VL data
-def scene_turns(scene: scenes.Scene, rng: random.Random, max_turns: int = 4) -> list[tuple[str, str]]:
-    """Up to ``max_turns`` (question, answer) turns about one scene, in random order; the caption request is one."""
-    turns = [(q.question, q.answer) for q in scenes.questions(scene)]
-    turns.append((scenes.DESCRIBE, scenes.caption(scene) + "."))
-    rng.shuffle(turns)
+def scene_turns(scene: scenes.Scene, rng: random.Random, max_turns: int = 4,
+                hidden_answers: bool = False) -> list[tuple[str, str]]:
+    """Up to ``max_turns`` (question, answer) turns about one scene, in random order; the caption request is one.
+
+    With ``hidden_answers`` no turn gives away a later one's answer, so the model must look at the picture,
+    not copy from the conversation: the caption (which names every colour, kind and place) comes only last,
+    and of "What colour is the circle?" / "What shape is red?" about the same shape only one is asked.
+    """
+    if not hidden_answers:
+        turns = [(q.question, q.answer) for q in scenes.questions(scene)]
+        turns.append((scenes.DESCRIBE, scenes.caption(scene) + "."))
+        rng.shuffle(turns)
+        return turns[:max_turns]
+    asked = scenes.questions(scene)
+    rng.shuffle(asked)
+    kinds_asked, turns = set(), []
+    for q in asked:
+        if q.template in ("colour", "shape"):
+            kind = q.answer_word if q.template == "shape" else q.question.split()[-1].rstrip("?")
+            if kind in kinds_asked:
+                continue
+            kinds_asked.add(kind)
+        turns.append((q.question, q.answer))
+    caption = (scenes.DESCRIBE, scenes.caption(scene) + ".")
+    if rng.random() < 1 / (len(turns) + 1):  # about as often as one turn in the shuffle, but only ever last
+        return turns[:max_turns - 1] + [caption]
     return turns[:max_turns]
 
 
@@ -194,12 +215,13 @@ def photo_images(size: int = scenes.IMAGE_SIZE) -> tuple:
 
 def vl_batches(tokenizer, config, batch_size: int = 16, split: str = "train", seed: int = 0, text_every: int = 4,
                text_batch: int = 8, image_size: int = scenes.IMAGE_SIZE, max_turns: int = 4, photos: int = 0,
-               shape_schedule: dict[int, int] | None = None):
+               shape_schedule: dict[int, int] | None = None, hidden_answers: bool = False):
     """``batches(step, rank=0, world_size=1)``: fresh random scenes with question turns; every ``text_every``-th
     step a batch of plain text instead (0: never), so the decoder keeps its language. ``photos`` > 0 adds that
     many of the bundled photographs to each scene batch, asked to be described (their captions are the answers).
     ``shape_schedule`` ``{from_step: most_shapes}`` is a curriculum: ``{0: 1, 500: 3}`` draws one-shape scenes
-    for the first 500 steps (nothing to tie together yet, so the eyes learn what a circle is), then 1-3."""
+    for the first 500 steps (nothing to tie together yet, so the eyes learn what a circle is), then 1-3.
+    ``hidden_answers``: no turn gives away another's answer (``scene_turns``)."""
     from .processor import VLProcessor
 
     processor = VLProcessor(tokenizer, config=config)
@@ -216,7 +238,7 @@ def vl_batches(tokenizer, config, batch_size: int = 16, split: str = "train", se
             if scenes.split_of(scene) != split or len(scene.shapes) > most:
                 continue
             image = scenes.render(scene, image_size)
-            examples.append(vl_example(processor, image, scene_turns(scene, rng, max_turns)))
+            examples.append(vl_example(processor, image, scene_turns(scene, rng, max_turns, hidden_answers)))
         for _ in range(photos):
             name, image, words = rng.choice(photo_images(image_size))
             examples.append(vl_example(processor, image, [(rng.choice(PHOTO_QUESTIONS), words + ".")]))

@@ -61,7 +61,8 @@ def data_for(kind: str, tokenizer, config):
         return (tiny_models.text_batches(tokenizer, recipe["batch"], recipe["seq_len"]),
                 tiny_models.text_batches(tokenizer, recipe["batch"], recipe["seq_len"], split="val", seed=99))
     return (tiny_models.vl_batches(tokenizer, config, recipe["batch"], photos=recipe["photos"],
-                                   shape_schedule=recipe.get("shape_schedule")),
+                                   shape_schedule=recipe.get("shape_schedule"),
+                                   hidden_answers=recipe.get("hidden_answers", False)),
             tiny_models.vl_batches(tokenizer, config, 16, split="val", seed=999, text_every=0))
 
 
@@ -152,6 +153,10 @@ def schedule_notes(recipe: dict) -> list[str]:
         lines += ["", f"A curriculum of shape counts (`vl_batches(shape_schedule=...)`; {steps} shapes): one-shape",
                   "scenes first, where every question is answered without tying a colour to a shape, so the model",
                   "first learns what a circle, a square and a triangle look like."]
+    if recipe.get("hidden_answers"):
+        lines += ["", "No turn of a training conversation gives away another's answer (`vl_batches(hidden_answers=True)`):",
+                  "the caption comes only last, and \"What colour is the circle?\" and \"What shape is red?\" are never asked",
+                  "about the same shape, so the answers must come from the picture, not be copied from earlier turns."]
     return lines
 
 

@@ -5,6 +5,7 @@
 """
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,20 @@ def test_shape_schedule_draws_one_shape_scenes_first_then_all_counts():
         assert "two shapes" not in said and "three shapes" not in said and "one shape" in said, said
     assert any("three shapes" in answers(plain(step)) for step in range(3))
     assert any("three shapes" in answers(early(step)) for step in range(3, 6))  # the curriculum moves on
+
+
+def test_hidden_answers_keeps_the_caption_last_and_never_asks_both_ways_about_one_shape():
+    rng = random.Random(3)
+    captions_seen = 0
+    for _ in range(200):
+        scene = scenes.random_scene(rng)
+        turns = tiny_models.scene_turns(scene, rng, max_turns=12, hidden_answers=True)
+        questions = [q for q, _ in turns]
+        assert scenes.DESCRIBE not in questions[:-1], questions
+        captions_seen += questions[-1] == scenes.DESCRIBE
+        colour_of = {q.split()[-1].rstrip("?") for q in questions if q.startswith("What colour is the ")} - {"background"}
+        shape_of = {a.rstrip(".") for q, a in turns if q.startswith("What shape is ")}
+        assert not colour_of & shape_of, turns  # "What colour is the circle?" would give away "What shape is red?"
+    assert 10 < captions_seen < 60  # about one scene in seven, as when the caption is shuffled in
+    plain = [tiny_models.scene_turns(scenes.random_scene(rng), rng, max_turns=12) for _ in range(50)]
+    assert any(t[0][0] == scenes.DESCRIBE for t in plain)  # without the option the caption may come first
