@@ -139,22 +139,23 @@ def scene_turns(scene: scenes.Scene, rng: random.Random, max_turns: int = 4,
     not copy from the conversation: the caption (which names every colour, kind and place) comes only last,
     and of "What colour is the circle?" / "What shape is red?" about the same shape only one is asked.
     """
+    caption = (scenes.DESCRIBE, scenes.caption(scene) + ".")
     if not hidden_answers:
-        turns = [(q.question, q.answer) for q in scenes.questions(scene)]
-        turns.append((scenes.DESCRIBE, scenes.caption(scene) + "."))
+        turns = [(q.question, q.answer) for q in scenes.questions(scene)] + [caption]
         rng.shuffle(turns)
         return turns[:max_turns]
+    # a colour answer or a kind answer names one shape: every shape's colour and kind differ from the others'
+    shape_named_by = {word: n for n, s in enumerate(scene.shapes) for word in (s.colour, s.kind)}
     asked = scenes.questions(scene)
     rng.shuffle(asked)
-    kinds_asked, turns = set(), []
+    shapes_asked, turns = set(), []
     for q in asked:
         if q.template in ("colour", "shape"):
-            kind = q.answer_word if q.template == "shape" else q.question.split()[-1].rstrip("?")
-            if kind in kinds_asked:
+            shape = shape_named_by[q.answer_word]
+            if shape in shapes_asked:
                 continue
-            kinds_asked.add(kind)
+            shapes_asked.add(shape)
         turns.append((q.question, q.answer))
-    caption = (scenes.DESCRIBE, scenes.caption(scene) + ".")
     if rng.random() < 1 / (len(turns) + 1):  # about as often as one turn in the shuffle, but only ever last
         return turns[:max_turns - 1] + [caption]
     return turns[:max_turns]
