@@ -28,7 +28,8 @@ exactly those layers. Routers (``mlp.routers.N``, float32), norms, embeddings an
 full precision by default. MoE experts are ordinary linears inside each expert: quantized, they keep
 the grouped dispatch of ``moe.dispatch`` (one call per active expert, never a loop over tokens).
 
-``calibration=`` (a few (B, T) batches of token ids) enables GPTQ for w4a16 / w2a16 (``gptq.py``).
+``calibration=`` (a few (B, T) batches of token ids, or dicts of a model's inputs such as a VL batch with
+``pixel_values``) enables GPTQ for w4a16 / w2a16 (``gptq.py``); a layer no batch reaches is rounded (RTN).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def quantize(model: nn.Module, scheme: str, *, group_size: int = 128, skip=DEFAU
 
     ``skip``: substrings (or regexes, searched in the module name) of layers kept in full precision.
     ``filter``: optional regex / function choosing the layers (``modules.replace_linears``).
-    ``calibration``: an iterable of (B, T) token-id batches; enables GPTQ (w4a16 / w2a16 only).
+    ``calibration``: an iterable of (B, T) token-id batches or of input dicts; enables GPTQ (w4a16 / w2a16 only).
     ``symmetric``: None = the scheme's default (zero points for w2a16 only).
     """
     spec = check_scheme(scheme)
@@ -135,6 +136,9 @@ def collect_hessians(model: nn.Module, layers: dict[str, int], calibration) -> d
     try:
         with torch.no_grad():
             for batch in calibration:
+                if isinstance(batch, dict):  # a model's full inputs (a VL batch: ids, pixels, grids)
+                    model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+                    continue
                 ids = torch.as_tensor(batch, dtype=torch.long, device=device)
                 model(ids if ids.dim() == 2 else ids[None])
     finally:
