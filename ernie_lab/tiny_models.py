@@ -79,6 +79,13 @@ VL_CONFIG = {
 # at full speed from the start, the adapter turns every image token into one vector (train.py says why).
 VL_LR_SCALE = {"vision": 0.1, "adapter": 0.02}
 
+# Before that, the eyes learn to see on their own (vision_warmup.py): 1500 updates of a per-token task that
+# makes every picture token say which shapes it shows, so attention can find "the circle" among them.
+VL_VISION_WARMUP = {"steps": 1500, "lr": 1e-3, "batch_size": 32}
+# Queries and keys start 4x wider than the other weights (init_weights(attention_std=...)): sharper attention
+# from the first step, so the search for the asked-about shape leaves its plateau sooner.
+VL_ATTENTION_STD = 0.08
+
 
 def vl_frozen_steps(steps: int) -> dict[str, int]:
     """``frozen_steps`` for the VL recipe: the ViT and adapter sit out the first ``steps`` updates."""

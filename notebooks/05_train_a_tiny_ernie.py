@@ -42,7 +42,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import ernie_lab
-from ernie_lab import exercises, notebook, scenes, tiny_models, train
+from ernie_lab import exercises, notebook, scenes, tiny_models, train, vision_warmup
 from ernie_lab.config import parse_config
 
 FAST = notebook.setup()  # the fast-mode switch: True under ERNIE_LAB_FAST=1 (CI, `make lab FAST=1`)
@@ -128,10 +128,12 @@ assert config.image_token_id not in answer_tokens
 # The tiny VL model is the VL-28B-A3B design scaled down: 4 decoder layers of width 128 (the first dense,
 # the rest MoE with 8 text experts of width 128 and 8 vision experts of width 64, top-2, one shared expert),
 # a 3-block ViT of width 96. `ernie_lab.family` counts it from the config alone, like the real ones.
+# Weights start at N(0, 0.02), except the query and key projections (`attention_std`, 0.08): attention
+# starts sharper, which helps the decoder single out one picture token among sixteen.
 
 # %%
 torch.manual_seed(0)
-model = ernie_lab.architectures.build(config).init_weights(seed=0)
+model = ernie_lab.architectures.build(config).init_weights(seed=0, attention_std=tiny_models.VL_ATTENTION_STD)
 counted = ernie_lab.family.count_params(config)
 print(f"{model.num_parameters():,} parameters; family.count_params says {counted.total:,}")
 assert counted.total == model.num_parameters()
@@ -198,8 +200,55 @@ assert spreads["vision waits"] == spreads["initialisation"]          # frozen: t
 assert spreads["all parts at once"] < 0.5 * spreads["initialisation"], spreads  # the collapse, measured
 
 # %% [markdown]
-# Now train from scratch with the shipped recipe's options, with a live curve. Fast mode takes a few
-# steps; full mode 300 (about 5 minutes).
+# **Teach the eyes first.** Waiting keeps the picture tokens apart, but it does not make them *say* much.
+# To answer "What colour is the circle?" the decoder's attention must find the tokens whose keys say
+# *circle*, then read *red* from their values, and keys and values are linear maps of the tokens. Trained
+# end to end from random weights, the tokens never say *circle* clearly enough: a linear probe reads the kind
+# of the shape under a token 77% right (its colour 100%), and a model trained that way (2,000 steps) ties a
+# colour to its shape no better than a guess among the colours present (colour 47%, shape 34%, position 45%).
+# A real ERNIE 4.5-VL starts from a pretrained vision encoder. Ours gets a small stand-in: before the main
+# run, `ernie_lab.vision_warmup` trains the ViT and the adapter alone, for every picture token, to name the
+# shapes it shows (colour x kind, kind, colour, place, kind x place, size) through a linear probe that is
+# thrown away afterwards. The place matters twice: the ViT has no position embedding (2-D RoPE only turns
+# queries and keys), and the decoder's values carry none either, so "Where is the triangle?" can only be
+# answered if the token itself says *left*. The targets of one held-out scene, token by token:
+
+# %%
+scene = held_out[1]
+targets = vision_warmup.token_targets(scene, 4, 4)                       # (16 tokens, 49 labels)
+fig, ax = plt.subplots(figsize=(4.5, 4.5))
+ax.imshow(scenes.render(scene), extent=(0, 112, 112, 0))
+for token in range(16):
+    r, c = divmod(token, 4)
+    names = [label for (group, label), on in zip(vision_warmup.LABELS, targets[token]) if on and group == "kind place"]
+    ax.text(28 * c + 14, 28 * r + 14, "\n".join(names).replace(" ", "\n", 1) or "-", ha="center", va="center",
+            fontsize=6, color="black", bbox=dict(facecolor="white", alpha=0.7, lw=0))
+ax.set_xticks(range(0, 113, 28))
+ax.set_yticks(range(0, 113, 28))
+ax.grid(color="gray", lw=0.8)
+ax.set_title("Warm-up targets ('kind place' group) per picture token")
+plt.show()
+print(scenes.caption(scene))
+assert targets[:, [vision_warmup.LABEL_INDEX["kind", s.kind] for s in scene.shapes]].sum(0).min() >= 1
+
+# %% [markdown]
+# Warm up the eyes of our fresh model (the shipped one had 1,500 updates, `tiny_models.VL_VISION_WARMUP`;
+# here 30 in fast mode, 300 otherwise, about a minute) and read the held-out probe accuracy: the share of
+# tokens with every label of a group right (a token with no shape counts too, so chance is not zero).
+
+# %%
+warmed = vision_warmup.warm_up_vision(model, steps=30 if FAST else 300, batch_size=8 if FAST else 32, log_every=5)
+fig, ax = plt.subplots(figsize=(7, 3))
+ax.plot([h["step"] for h in warmed.history], [h["loss"] for h in warmed.history])
+ax.set(xlabel="warm-up step", ylabel="BCE per label", yscale="log", title="The eyes learn to name what they see")
+plt.show()
+print({group: f"{value:.0%}" for group, value in warmed.accuracy.items()})
+first_loss, last_loss = warmed.history[0]["loss"], warmed.history[-1]["loss"]
+assert last_loss < 0.5 * first_loss, (first_loss, last_loss)
+
+# %% [markdown]
+# Now train the whole model from there with the shipped recipe's options, with a live curve. Fast mode
+# takes a few steps; full mode 300 (about 5 minutes).
 
 # %%
 steps = 8 if FAST else 300
@@ -222,8 +271,8 @@ assert after < before
 # %% [markdown]
 # ## 5 · Answers before and after (core, 5 min)
 #
-# The model we just trained (a few steps) against the shipped one (2,000 steps), asked through
-# `ernie_lab.chat` about held-out pictures.
+# The model we just trained (a few steps) against the shipped one (1,500 warm-up updates of its eyes, then
+# 2,000 steps), asked through `ernie_lab.chat` about held-out pictures.
 
 # %%
 shipped = ernie_lab.load_model(SHIPPED)
@@ -246,19 +295,24 @@ for question, truth, fresh, trained in rows:
 # %%
 background = next(trained for question, _, _, trained in rows if "background" in question)
 assert scenes.first_word(background) == scene.background, background
+assert all(scenes.first_word(trained) == truth for _, truth, _, trained in rows), rows  # every question, right
 recorded = json.loads((SHIPPED / "metrics.json").read_text())["accuracy"]
 print(json.dumps(recorded, indent=1))
-assert recorded["background"] >= 0.95
+goals = {"background": 0.95, "colour": 0.95, "shape": 0.90, "count": 0.80, "position": 0.80}  # the kit's targets
+assert all(recorded[template] >= goal for template, goal in goals.items()), recorded
 
 # %% [markdown]
 # The shipped model's numbers on 100 held-out scenes are in `data/tiny-ernie-vl/TRAINING.md`, with its curves
-# and how much each MoE layer's vision experts specialised by colour, shape and background. Read them
-# critically: it answers the background and the count every time and its captions name the colours in the
-# picture, but it ties a colour to *its* shape only about half the time, and "What shape is red?" is near a
-# guess among three. With one shape in the picture it knows the colour; with three it must find the tokens
-# of the shape asked about, and the pieces of a shape lie in four different picture tokens (the shapes sit
-# where four 28-pixel cells meet). Finding out what would teach it that (data, schedule, size) is a good
-# experiment to run with this notebook.
+# and how much each MoE layer's vision experts specialised by colour, shape and background. It answers
+# every template right at least 99 times in 100. It was not always so: the same model trained the same way
+# but without the eyes' warm-up (section 4) answered the background and the count every time and named the
+# colours in its captions, yet tied a colour to *its* shape about half the time (colour 47%, shape 34%,
+# position 45%): with three shapes it must find the tokens of the shape asked about, and nothing in those
+# tokens said clearly which shape they showed. A warm-up without the place labels fixed colour and shape
+# (100%) but not "Where is the triangle?" (66%). `benchmarks/results/vl_recipe_trials.json` records every
+# recipe tried on the way (sharper attention, curricula of shape counts, hidden answers, a faster ViT),
+# measured the same way. Experiments worth running with this notebook: how few warm-up updates are enough?
+# Which label group of the warm-up matters most?
 #
 # ## 6 · Continue from a checkpoint (optional, 5 min)
 #
@@ -269,7 +323,7 @@ assert recorded["background"] >= 0.95
 # %%
 continued = ernie_lab.load_model(SHIPPED)
 start = tiny_models.vl_val_loss(continued, shipped_tok, batches=2)
-# the ViT and adapter keep their slow pace (without it, 4 steps at 2e-4 raise this loss from 0.18 to 0.64)
+# the ViT and adapter keep their slow pace (without it, 4 steps at 2e-4 raise this loss from 0.0007 to 0.069)
 more = train.TrainConfig(lr=1e-4, warmup_steps=2, max_steps=4 if FAST else 50, balance=0.01, progress=False,
                          lr_scale=tiny_models.VL_LR_SCALE)
 train.Trainer(continued, tiny_models.vl_batches(shipped_tok, continued.config, 8, seed=5), more).fit()

@@ -278,7 +278,7 @@ run_dir = tempfile.mkdtemp(prefix="routing-run-")
 data = tiny_models.vl_batches(tokenizer, start.config, batch_size=4 if FAST else 16)
 config = TrainConfig(lr=1e-3, max_steps=steps, warmup_steps=max(steps // 10, 1), out_dir=run_dir,
                      keep_checkpoints_at=keep, log_every=max(steps // 4, 1), balance=0.01, progress=False,
-                     frozen_steps=tiny_models.vl_frozen_steps(steps // 6),   # the shipped recipe's schedule
+                     frozen_steps=tiny_models.vl_frozen_steps(steps // 6),   # the shipped main run (no eye warm-up)
                      lr_scale=tiny_models.VL_LR_SCALE)
 Trainer(start, data, config).fit()
 kept = [(0, at_zero)] + checkpoints(run_dir)             # (step, model or step-N folder)

@@ -307,7 +307,7 @@ def routing() -> list[Path]:
 
     scene = next(s for s in held_out if len(s.shapes) == 3)  # a busy picture
     routed = viz.route(model, tokenizer, scenes.DESCRIBE, scenes.render(scene))
-    deepest = layers[-1]  # where the trained model's experts track the shapes' colour most (notebook 06)
+    by_colour = max(records.specialisation(rec, rows, labels["colour"]), key=lambda r: r["nmi"])["layer"]  # tracks colour most
     text_routed = viz.route(model, tokenizer, " ".join(scenes.caption(s) + "." for s in held_out[:8]))
     texts = [scenes.caption(s) + "." for s in held_out] + ["There are 3 shapes: 1 circle, 2 squares; 0 triangles!"]
     text_rec, text_rows, classes = viz.route_texts(model, tokenizer, texts)
@@ -320,9 +320,9 @@ def routing() -> list[Path]:
         "routing_co_selection.png": viz.co_selection(rec, best),
         "routing_confidence.png": viz.confidence_by_layer(rec),
         "routing_patches.png": viz.patch_overlay(routed.record, routed.image, routed.grid, routed.image_rows,
-                                                 layer=deepest),
+                                                 layer=by_colour),
         "routing_patches_second_choice.png": viz.patch_overlay(routed.record, routed.image, routed.grid,
-                                                               routed.image_rows, layer=deepest, rank=1,
+                                                               routed.image_rows, layer=by_colour, rank=1,
                                                                confidence=False),
         "routing_path.png": viz.routing_path(routed.record, int(routed.image_rows[5]), routed.tokens),
         "routing_tokens.png": viz.token_strip(text_routed.record, text_routed.tokens, text_routed.text_rows),
@@ -351,7 +351,7 @@ def routing_saturation() -> Path:
         config = TrainConfig(lr=1e-3, min_lr_ratio=0.1, warmup_steps=max(steps // 15, 1), max_steps=steps,
                              weight_decay=0.01, seed=0, keep_checkpoints_at=keep, out_dir=run_dir,
                              log_every=max(steps // 10, 1), balance=0.01, z_loss=1e-3, orthogonal=1e-3,
-                             # the shipped recipe's schedule (scripts/train_tiny.py): ViT and adapter wait, then go slowly
+                             # the shipped main run's schedule (scripts/train_tiny.py, without the vision warm-up)
                              frozen_steps=tiny_models.vl_frozen_steps(steps // 20),
                              lr_scale=tiny_models.VL_LR_SCALE)
         Trainer(model, tiny_models.vl_batches(tokenizer, shipped.config, 16), config).fit()

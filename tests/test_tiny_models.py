@@ -125,17 +125,17 @@ def test_vl_model_describes_the_bundled_photographs_it_was_shown(vl_model):
 TARGETS = {"background": 0.95, "colour": 0.95, "shape": 0.90, "count": 0.80, "position": 0.80}
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the shipped tiny VL model counts the shapes and names their colours, "
-                                       "but ties a colour to its shape or place only half the time "
-                                       "(see data/tiny-ernie-vl/TRAINING.md)")
 def test_vl_model_meets_every_accuracy_target():
-    recorded = metrics(VL)["accuracy"]
-    assert all(recorded[template] >= target for template, target in TARGETS.items()), recorded
+    """On 100 held-out scenes (TRAINING.md) and on the first 20, which the test above recomputes."""
+    for key in ("accuracy", "accuracy_first_20"):
+        recorded = metrics(VL)[key]
+        assert all(recorded[template] >= target for template, target in TARGETS.items()), (key, recorded)
+    assert metrics(VL)["accuracy"]["caption colours"] >= 0.95
 
 
 def test_vl_model_reaches_its_recorded_validation_loss(vl_model):
     model, tok = vl_model
-    assert abs(tiny_models.vl_val_loss(model, tok) - metrics(VL)["val_loss"]) < 1e-3
+    assert tiny_models.vl_val_loss(model, tok) == pytest.approx(metrics(VL)["val_loss"], rel=1e-2, abs=1e-5)
 
 
 def test_vl_model_answers_through_chat(vl_model):
