@@ -354,3 +354,18 @@ def test_int8_kv_cache_quarters_the_bytes_and_keeps_generation_close():
     assert float((keys - k).abs().max()) <= float(k.abs().amax(-1).max()) / 127 / 2 + 1e-6
     with pytest.raises(InputError, match="kv_cache_dtype"):
         ernie_lab.generate(model, prompts, 2, kv_cache_dtype="int4")
+
+
+def test_tiny_model_quality_table_belongs_to_the_shipped_models():
+    """benchmarks/results/quant_tiny.json was measured on the checkpoints in data/ (its fp32 rows equal their
+    TRAINING.md numbers), and it shows what the issue expects: w8a16 within 1% perplexity, GPTQ closing at
+    least half of round-to-nearest's gap at 2 bits."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    table = json.loads((root / "benchmarks" / "results" / "quant_tiny.json").read_text())
+    text = json.loads((root / "data" / "tiny-ernie-text" / "metrics.json").read_text())
+    assert table["text"]["fp32"]["val_perplexity"] == pytest.approx(text["val_perplexity"], rel=1e-4)
+    vl = json.loads((root / "data" / "tiny-ernie-vl" / "metrics.json").read_text())
+    assert table["vl"]["fp32"]["val_loss"] == pytest.approx(vl["val_loss"], rel=0.5)  # 4 batches against 8
+    assert table["text_perplexity_increase"]["w8a16"] < 0.01
+    assert table["gptq_gap_closed_text_perplexity"]["w2a16"] >= 0.5
