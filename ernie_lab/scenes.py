@@ -179,27 +179,34 @@ def owner_map(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
     return np.asarray(mask)
 
 
-def patch_owners(scene: Scene, grid_h: int, grid_w: int, size: int = IMAGE_SIZE) -> list[list[Shape | None]]:
-    """For each cell of a grid_h x grid_w grid over the image: the shape covering most of it, or None (background).
+def cell_pixel_counts(scene: Scene, grid_h: int, grid_w: int, size: int = IMAGE_SIZE) -> np.ndarray:
+    """(grid_h * grid_w, len(scene.shapes) + 1) pixels per grid cell (row-major) of the background (column 0)
+    and of each shape (column i + 1 for ``scene.shapes[i]``).
 
     Cells are the image cut into equal parts (row r spans rows ``r*size//grid_h`` up to ``(r+1)*size//grid_h``),
-    as a ViT's patches or merged tokens cut a picture that was only rescaled. Ties go to the background.
+    as a ViT's patches or merged tokens cut a picture that was only rescaled; a row sums to its cell's pixels.
     """
     if not all(isinstance(n, int) and 1 <= n <= size for n in (grid_h, grid_w)):
         raise InputError(f"grid_h and grid_w must be ints from 1 to the image size {size}, got {grid_h}, {grid_w}.")
     owners = owner_map(scene, size)
     rows = [size * r // grid_h for r in range(grid_h + 1)]
     cols = [size * c // grid_w for c in range(grid_w + 1)]
-    grid = []
+    counts = np.zeros((grid_h * grid_w, len(scene.shapes) + 1), dtype=np.int64)
     for r in range(grid_h):
-        line = []
         for c in range(grid_w):
             cell = owners[rows[r]:rows[r + 1], cols[c]:cols[c + 1]]   # (cell_h, cell_w)
-            counts = np.bincount(cell.ravel(), minlength=len(scene.shapes) + 1)
-            best = int(counts.argmax())                               # argmax picks the first: background wins ties
-            line.append(None if best == 0 else scene.shapes[best - 1])
-        grid.append(line)
-    return grid
+            counts[r * grid_w + c] = np.bincount(cell.ravel(), minlength=len(scene.shapes) + 1)
+    return counts
+
+
+def patch_owners(scene: Scene, grid_h: int, grid_w: int, size: int = IMAGE_SIZE) -> list[list[Shape | None]]:
+    """For each cell of a grid_h x grid_w grid over the image: the shape covering most of it, or None (background).
+
+    Cells as in :func:`cell_pixel_counts`. Ties go to the background.
+    """
+    best = cell_pixel_counts(scene, grid_h, grid_w, size).argmax(axis=1)  # argmax picks the first: background wins ties
+    owners = [None if b == 0 else scene.shapes[b - 1] for b in best.tolist()]
+    return [owners[r * grid_w:(r + 1) * grid_w] for r in range(grid_h)]
 
 
 def patch_labels(scene: Scene, grid_h: int, grid_w: int, attribute: str = "kind",

@@ -37,7 +37,6 @@ import random
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,16 +74,12 @@ def token_targets(scene: scenes.Scene, grid_h: int, grid_w: int, size: int = sce
     A shape counts for a token when it covers at least ``min_share`` of the token's pixels (a shape at a
     place sits where four tokens meet, so each of them sees a quarter of it; a token can see two shapes).
     """
-    owners = scenes.owner_map(scene, size)  # (size, size): 0 background, i shape i - 1
     targets = torch.zeros(grid_h * grid_w, len(LABELS))
-    for r in range(grid_h):
-        for c in range(grid_w):
-            cell = owners[size * r // grid_h:size * (r + 1) // grid_h, size * c // grid_w:size * (c + 1) // grid_w]
-            counts = np.bincount(cell.ravel(), minlength=len(scene.shapes) + 1)
-            for n, shape in enumerate(scene.shapes):
-                if counts[n + 1] >= min_share * cell.size:
-                    for group, name in GROUPS.items():
-                        targets[r * grid_w + c, LABEL_INDEX[group, name(shape)]] = 1.0
+    for token, counts in enumerate(scenes.cell_pixel_counts(scene, grid_h, grid_w, size)):  # (background, shape 1, ...)
+        for shape, pixels in zip(scene.shapes, counts[1:]):
+            if pixels >= min_share * counts.sum():
+                for group, name in GROUPS.items():
+                    targets[token, LABEL_INDEX[group, name(shape)]] = 1.0
     return targets
 
 
@@ -150,12 +145,12 @@ def warm_up_vision(model: nn.Module, steps: int = 1200, *, lr: float = 1e-3, bat
         else:
             probe.weight.normal_(0.0, probe_std, generator=generator)
             probe.bias.zero_()
-    probe.to(model.embed.weight.device)
+    device = model.embed.weight.device
+    probe.to(device)
     params = [*model.vision.parameters(), *model.adapter.parameters(), *probe.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     was_training, started, result = model.training, time.time(), WarmUpResult(steps=steps, seconds=0.0)
     model.train()
-    device = model.embed.weight.device
     for step in tqdm(range(steps), desc="vision warm-up", disable=not progress):
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / max(warmup_steps, 1))

@@ -33,7 +33,7 @@ from ernie_lab.config import parse_config  # noqa: E402
 from ernie_lab.train import TrainConfig, Trainer  # noqa: E402
 
 TOKENIZER = ROOT / "data" / "tiny-tokenizer"
-TARGETS = {"background": 0.95, "colour": 0.95, "shape": 0.90, "count": 0.80, "position": 0.80}  # VL, held out
+TARGETS = tiny_models.VL_TARGETS  # VL, held out
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 RECIPES = {

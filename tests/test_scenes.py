@@ -242,3 +242,17 @@ def test_photos_load_from_the_wheel_with_the_network_off(monkeypatch):
 def test_scikit_image_is_imported_only_for_photos():
     code = "import sys, ernie_lab.scenes, ernie_lab.corpus; assert 'skimage' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_cell_pixel_counts_split_every_pixel_between_background_and_shapes():
+    scene = scenes.Scene("white", (scenes.Shape("square", "red", "large", "centre"),))
+    counts = scenes.cell_pixel_counts(scene, 4, 4)                    # (16 cells, background + 1 shape)
+    assert counts.shape == (16, 2) and counts.sum() == 112 * 112
+    assert (counts.sum(axis=1) == 28 * 28).all()                     # 112 / 4 = 28 pixels a side per cell
+    side = scenes.shape_box(scene.shapes[0])[2] - scenes.shape_box(scene.shapes[0])[0] + 1
+    assert counts[:, 1].sum() == side * side                         # the square's every pixel, once
+    assert {int(i) for i in counts[:, 1].nonzero()[0]} == {5, 6, 9, 10}  # centre = where cells 5, 6, 9, 10 meet
+    uneven = scenes.cell_pixel_counts(scene, 3, 5)
+    assert uneven.sum() == 112 * 112 and len(set(uneven.sum(axis=1).tolist())) > 1
+    with pytest.raises(InputError, match="grid_h and grid_w"):
+        scenes.cell_pixel_counts(scene, 0, 4)

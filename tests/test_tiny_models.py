@@ -122,7 +122,7 @@ def test_vl_model_describes_the_bundled_photographs_it_was_shown(vl_model):
         assert reply.split()[:4] == caption.split()[:4], (name, reply)
 
 
-TARGETS = {"background": 0.95, "colour": 0.95, "shape": 0.90, "count": 0.80, "position": 0.80}
+TARGETS = tiny_models.VL_TARGETS
 
 
 def test_vl_model_meets_every_accuracy_target():
