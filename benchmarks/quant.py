@@ -7,7 +7,10 @@
   (4 prompts x 24 new tokens) against the unquantized model;
 * memory: weight bytes held in memory per scheme (``quant.weight_bytes``) and, by arithmetic, for every
   checkpoint of the family (``family.weight_bytes``);
-* speed: batch-1 decode tokens/s = (n - 1) / (time(n new) - time(1 new)), median of interleaved rounds.
+* speed: batch-1 decode tokens/s = (n - 1) / (time(n new) - time(1 new)), median of interleaved rounds
+  (every row once per round). The kit's rows run its streaming kernels (``quant.native``); the
+  "(PyTorch kernels)" rows are the same models on PyTorch's kernels only. Each row also gets its
+  bandwidth bound: the measured streaming-read bandwidth / the weight bytes one decode step reads.
   Peers: torchao (``Int8WeightOnlyConfig``, ``PrototypeInt4WeightOnlyConfig(group_size=128)``) and
   llama.cpp through ``llama_cpp`` when it is importable and a GGUF can be converted (else skipped with a
   message). The targets of the issue are printed beside the ratios, met or not.
@@ -16,10 +19,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,9 +49,18 @@ def random_model(config: ErnieConfig, seed: int = 0) -> nn.Module:
 
 
 def variants(base: nn.Module) -> dict:
-    """name -> a function building that model from the fp32 base (built one at a time, to bound memory)."""
-    def bf16():
-        return copy.deepcopy(base).to(torch.bfloat16)
+    """name -> (a function building that model from the fp32 base, whether the kit's own kernels run).
+
+    The kit's rows run its streaming decode kernels (``quant.native``): ``quantize`` uses them inside every
+    QuantLinear, and ``stream_linears`` puts the layers that stay in fp32 / bf16 (the LM head) on them.
+    The "(PyTorch kernels)" rows are the same models with ``native.off()``: PyTorch's own kernels only."""
+    def float_model(dtype, streaming):
+        def build():
+            model = copy.deepcopy(base).to(dtype)
+            if streaming:
+                quant.stream_linears(model)
+            return model
+        return build
 
     def scheme(name, head_int8=False, dtype=torch.bfloat16):
         def build():
@@ -55,6 +69,7 @@ def variants(base: nn.Module) -> dict:
             if head_int8:  # untie: the head gets its own int8 copy, the embedding stays bf16
                 model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())
                 quant.quantize(model, "w8a16", skip=("embed",), filter="lm_head")
+            quant.stream_linears(model)  # what stays in full precision (the head) streams too
             return model
         return build
 
@@ -68,17 +83,53 @@ def variants(base: nn.Module) -> dict:
             return model
         return build
 
-    return {"fp32": lambda: copy.deepcopy(base), "bf16": bf16,
-            "w8a16": scheme("w8a16"), "w4a16": scheme("w4a16"), "w4a16+int8 head": scheme("w4a16", True),
-            "w8a8": scheme("w8a8", dtype=torch.float32), "w2a16": scheme("w2a16"),
-            "torchao int8 (Int8WeightOnlyConfig)": torchao("int8"),
-            "torchao int4 (PrototypeInt4WeightOnlyConfig g128)": torchao("int4")}
+    return {"fp32": (float_model(torch.float32, True), True), "bf16": (float_model(torch.bfloat16, True), True),
+            "w8a16": (scheme("w8a16"), True), "w4a16": (scheme("w4a16"), True),
+            "w4a16+int8 head": (scheme("w4a16", True), True),
+            "w8a8": (scheme("w8a8", dtype=torch.float32), True), "w2a16": (scheme("w2a16"), True),
+            "fp32 (PyTorch kernels)": (float_model(torch.float32, False), False),
+            "bf16 (PyTorch kernels)": (float_model(torch.bfloat16, False), False),
+            "w8a16 (PyTorch kernels)": (scheme("w8a16"), False),
+            "w4a16 (PyTorch kernels)": (scheme("w4a16"), False),
+            "w4a16+int8 head (PyTorch kernels)": (scheme("w4a16", True), False),
+            "torchao int8 (Int8WeightOnlyConfig)": (torchao("int8"), False),
+            "torchao int4 (PrototypeInt4WeightOnlyConfig g128)": (torchao("int4"), False)}
+
+
+def bytes_per_token(model: nn.Module) -> int:
+    """Weight bytes one decode step reads: every linear layer's weight (quantized: codes, scales, zeros).
+    The embedding table is not read, only one row of it (a tied head is counted once, as the head)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, quant.QuantLinear):
+            total += sum(t.numel() * t.element_size() for t in (module.qweight, module.scales, module.zeros)
+                         if t is not None)
+        elif isinstance(module, nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+def read_bandwidth(threads: int) -> float:
+    """Bytes per second of summing a 512 MiB fp32 tensor (a streaming read), median of 5."""
+    data = torch.ones(128 * 2**20)
+    data.sum()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return data.numel() * 4 / statistics.median(times)
 
 
 def decode_time(model, prompt, new_tokens: int) -> float:
     start = time.perf_counter()
     ernie_lab.generate(model, prompt, new_tokens, eos_token_id=[])
     return time.perf_counter() - start
+
+
+def _kit_speed(model, streaming: bool, prompt, new_tokens: int) -> float:
+    with contextlib.nullcontext() if streaming else quant.native.off():
+        return decode_speed(model, prompt, new_tokens)
 
 
 def decode_speed(model, prompt, new_tokens: int) -> float:
@@ -164,39 +215,30 @@ def llama_decode_time(llm, prompt: list[int], new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def llama_cpp_rows(base: nn.Module, prompt: list[int], new_tokens: int, rounds: int, threads: int):
-    """{"llama.cpp F32": row, ...} measured like the kit's rows, or a message saying why not."""
-    import tempfile
-
+def llama_cpp_models(base: nn.Module, work: Path, threads: int):
+    """{"llama.cpp F32": (Llama, file bytes), ...} on GGUFs converted from ``base``, or a message saying why not."""
     try:
         import llama_cpp
     except ImportError:
         return ("skipped: llama-cpp-python is not installed (`make bench` installs the `bench` extra, which builds "
                 "it from source: several minutes on 2 cores)")
-    rows = {}
-    with tempfile.TemporaryDirectory(prefix="gguf-") as work:
-        try:
-            files = gguf_files(base, Path(work))
-        except Exception as err:  # no converter source, or a conversion error: say so, keep the run
-            return f"skipped: no GGUF ({type(err).__name__}: {str(err)[:200]})"
-        for fmt, path in files.items():
-            llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=256, verbose=False)
-            speed = lambda: (new_tokens - 1) / (llama_decode_time(llm, prompt, new_tokens)  # noqa: E731
-                                                - llama_decode_time(llm, prompt, 1))
-            speed()  # warm-up
-            row = {"file_bytes": path.stat().st_size, "decode_tok_s_rounds": [speed() for _ in range(rounds)]}
-            row["decode_tok_s"] = statistics.median(row["decode_tok_s_rounds"])
-            rows[f"llama.cpp {fmt}"] = row
-            print(f"{'llama.cpp ' + fmt:50s} {row['file_bytes'] / 2**20:8.1f} MiB (file)  "
-                  f"decode {row['decode_tok_s']:6.1f} tok/s", flush=True)
-            del llm
-    return rows
+    try:
+        files = gguf_files(base, work)
+    except Exception as err:  # no converter source, or a conversion error: say so, keep the run
+        return f"skipped: no GGUF ({type(err).__name__}: {str(err)[:200]})"
+    return {f"llama.cpp {fmt}": (llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=256,
+                                                 verbose=False), path.stat().st_size)
+            for fmt, path in files.items()}
+
+
+def llama_speed(llm, prompt: list[int], new_tokens: int) -> float:
+    return (new_tokens - 1) / (llama_decode_time(llm, prompt, new_tokens) - llama_decode_time(llm, prompt, 1))
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -210,30 +252,50 @@ def main():
     reference_tokens = ernie_lab.generate(base, prompts, 24, eos_token_id=[])[:, 8:]
     prompt1, new = torch.randint(3, config.vocab_size, (1, 16)), 16 if args.quick else 32
 
-    rows, built = {}, variants(base)
-    for name, build in built.items():
-        try:
-            model = build()
-        except Exception as err:  # a peer that does not run here: say why, keep going
-            rows[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
-            print(f"{name}: skipped ({rows[name]['error']})")
-            continue
-        row = {"weight_bytes": quant.weight_bytes(model), **quality(model, reference_logits, ids, prompts, reference_tokens)}
-        decode_speed(model, prompt1, 4)  # warm-up (the int4 kernel re-tiles its codes on the first call)
-        row["decode_tok_s_rounds"] = [decode_speed(model, prompt1, new) for _ in range(args.rounds)]
-        row["decode_tok_s"] = statistics.median(row["decode_tok_s_rounds"])
-        rows[name] = row
-        print(f"{name:50s} {row['weight_bytes'] / 2**20:8.1f} MiB  logit err {row['rel_logit_error']:.4f}  "
-              f"greedy {row['greedy_agreement']:.2f}  decode {row['decode_tok_s']:6.1f} tok/s", flush=True)
-        del model
-
-    peer = llama_cpp_rows(base, prompt1[0].tolist(), new, args.rounds, args.threads)
-    llama_note = peer if isinstance(peer, str) else (
+    bandwidth = read_bandwidth(args.threads)
+    print(f"streaming read bandwidth: {bandwidth / 1e9:.1f} GB/s; the kit's kernels: {quant.native.info()}")
+    rows, built, speeds = {}, variants(base), {}
+    for name, (build, streaming) in built.items():
+        with contextlib.nullcontext() if streaming else quant.native.off():
+            try:
+                model = build()
+            except Exception as err:  # a peer that does not run here: say why, keep going
+                rows[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
+                print(f"{name}: skipped ({rows[name]['error']})")
+                continue
+            rows[name] = {"weight_bytes": quant.weight_bytes(model), "bytes_per_token": bytes_per_token(model),
+                          **quality(model, reference_logits, ids, prompts, reference_tokens)}
+            decode_speed(model, prompt1, 4)  # warm-up (PyTorch's int4 kernel re-tiles its codes on the first call)
+        speeds[name] = (lambda m=model, s=streaming: _kit_speed(m, s, prompt1, new))
+    work = tempfile.TemporaryDirectory(prefix="gguf-")
+    peers = llama_cpp_models(base, Path(work.name), args.threads)
+    llama_note = peers if isinstance(peers, str) else (
         f"llama-cpp-python {LLAMA_CPP_VERSION}, GGUF converted from the same random checkpoint by llama.cpp's "
         "convert_hf_to_gguf.py (F32) and quantized by llama.cpp (BF16, Q8_0, Q4_0 with its default Q6_K head)")
-    if not isinstance(peer, str):
-        rows.update(peer)
+    if not isinstance(peers, str):
+        for name, (llm, size) in peers.items():
+            rows[name] = {"file_bytes": size}
+            llama_speed(llm, prompt1[0].tolist(), 4)  # warm-up
+            speeds[name] = (lambda m=llm: llama_speed(m, prompt1[0].tolist(), new))
     print("llama.cpp:", llama_note)
+
+    for name in speeds:
+        rows[name]["decode_tok_s_rounds"] = []
+    for round_ in range(args.rounds):  # interleaved: every row once per round, so drifts of the machine hit all
+        for name, speed in speeds.items():
+            rows[name]["decode_tok_s_rounds"].append(speed())
+        print(f"round {round_ + 1}/{args.rounds} done", flush=True)
+    for name in speeds:
+        row = rows[name]
+        row["decode_tok_s"] = statistics.median(row["decode_tok_s_rounds"])
+        if "bytes_per_token" in row:
+            row["bandwidth_bound_tok_s"] = bandwidth / row["bytes_per_token"]
+            print(f"{name:50s} {row['weight_bytes'] / 2**20:8.1f} MiB  logit err {row['rel_logit_error']:.4f}  "
+                  f"greedy {row['greedy_agreement']:.2f}  decode {row['decode_tok_s']:6.1f} tok/s "
+                  f"(bandwidth bound {row['bandwidth_bound_tok_s']:5.1f})")
+        else:
+            print(f"{name:50s} {row['file_bytes'] / 2**20:8.1f} MiB (file)  decode {row['decode_tok_s']:6.1f} tok/s")
+    work.cleanup()
 
     def ratio(a, b):
         ra, rb = rows.get(a, {}).get("decode_tok_s"), rows.get(b, {}).get("decode_tok_s")
@@ -253,6 +315,14 @@ def main():
         "fp32 / llama.cpp F32": ratio("fp32", "llama.cpp F32"),
         "bf16 / fp32": ratio("bf16", "fp32"),
         "w8a8 / fp32": ratio("w8a8", "fp32"),
+        "w2a16 / fp32": ratio("w2a16", "fp32"),
+        "fp32 / fp32 (PyTorch kernels)": ratio("fp32", "fp32 (PyTorch kernels)"),
+        "bf16 / bf16 (PyTorch kernels)": ratio("bf16", "bf16 (PyTorch kernels)"),
+        "w8a16 / w8a16 (PyTorch kernels)": ratio("w8a16", "w8a16 (PyTorch kernels)"),
+        "w4a16 / w4a16 (PyTorch kernels)": ratio("w4a16", "w4a16 (PyTorch kernels)"),
+        "w4a16+int8 head / w4a16+int8 head (PyTorch kernels)": ratio("w4a16+int8 head", "w4a16+int8 head (PyTorch kernels)"),
+        "w8a16 (PyTorch kernels) / fp32 (PyTorch kernels)": ratio("w8a16 (PyTorch kernels)", "fp32 (PyTorch kernels)"),
+        "w4a16 (PyTorch kernels) / fp32 (PyTorch kernels)": ratio("w4a16 (PyTorch kernels)", "fp32 (PyTorch kernels)"),
     }
     print("\nratios (decode tok/s, same run):")
     for key, value in ratios.items():
@@ -261,7 +331,8 @@ def main():
                 if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
     result = {"date": datetime.date.today().isoformat(), "cpu": cpu, "shape": "quick" if args.quick else "ERNIE-4.5-0.3B",
               "threads": args.threads, "torch": torch.__version__, "rows": rows, "ratios": ratios,
-              "llama_cpp": llama_note, "family_weight_bytes": family_memory(),
+              "llama_cpp": llama_note, "read_bandwidth_GB_s": bandwidth / 1e9,
+              "native_kernels": quant.native.info(), "family_weight_bytes": family_memory(),
               "gpu": "not measured: no GPU in this run"}
     if not args.quick:
         RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -78,7 +78,10 @@ def test_built_wheel_carries_the_stand_in_tokenizer(tmp_path):
         assert tok.is_stand_in and ids[0] == 100273 and tok.decode(ids).endswith("Hello from a wheel\\nAssistant: ")
         print(ernie_lab.__file__)
         print(tokenizer.STAND_IN_MODEL)
+        from ernie_lab.quant import native   # the quant package and the C source of its decode kernels
+        print(native.SOURCE, native.SOURCE.is_file())
     """, cwd=tmp_path, pythonpath=site)
-    package_file, model_file = out.split("\n")[:2]
+    package_file, model_file, kernel_source = out.split("\n")[:3]
+    assert kernel_source == f"{site / 'ernie_lab' / 'quant' / 'gemv.c'} True"
     assert package_file == str(site / "ernie_lab" / "__init__.py")
     assert model_file == str(site / "ernie_lab" / "data" / "tokenizer" / "stand_in.model")

@@ -1,12 +1,14 @@
 """ernie_lab.quant: number formats, packing, kernels against the dequantize reference, GPTQ, quantized
 models and checkpoints, quantize-on-read memory, the int8 KV cache."""
 
+import contextlib
 import copy
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,27 +91,117 @@ def test_fp8_format_has_three_mantissa_bits():
 @pytest.mark.parametrize("scheme,symmetric", [("w8a16", True), ("w4a16", True), ("w4a16", False),
                                               ("w2a16", False), ("w8a8", True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_kernel_equals_the_dequantize_reference(scheme, symmetric, dtype):
+@pytest.mark.parametrize("streaming", [True, False], ids=["native", "torch-kernels"])
+def test_every_kernel_equals_the_dequantize_reference(scheme, symmetric, dtype, streaming):
     torch.manual_seed(0)
     linear = nn.Linear(256, 192, bias=True).to(dtype)
     layer = quant.QuantLinear.from_linear(linear, scheme, group_size=64, symmetric=symmetric)
-    for rows in (1, 5):
-        x = torch.randn(rows, 3, 256, dtype=dtype)
-        with quant.reference_only():
-            expected = layer(x)
-        got = layer(x)
-        assert got.dtype == dtype and got.shape == (rows, 3, 192)
-        tol = 2e-2 * float(expected.float().abs().max())
-        assert float((got.float() - expected.float()).abs().max()) <= tol
-    assert layer._kernel_for(x) is not None or scheme == "w2a16"       # a kernel ran (none exists for 2 bits)
+    use = contextlib.nullcontext() if streaming else quant.native.off()
+    with use:
+        for rows in (1, 5):                                     # 3 rows (decode-sized) and 15 rows (prefill)
+            x = torch.randn(rows, 3, 256, dtype=dtype)
+            with quant.reference_only():
+                expected = layer(x)
+            got = layer(x)
+            assert got.dtype == dtype and got.shape == (rows, 3, 192)
+            tol = 2e-2 * float(expected.float().abs().max())
+            assert float((got.float() - expected.float()).abs().max()) <= tol
+            kernel = layer._kernel_for(x)
+            kernel = None if kernel is None else kernel.__name__
+            if rows == 1 and streaming and scheme != "w8a8":
+                assert kernel == "_streaming"                   # the kit's own decode kernel ran
+            elif scheme in ("w4a16", "w2a16") and streaming:
+                assert kernel == "_dequantized"                 # the kit's dequantizer, then one GEMM
+            elif scheme == "w2a16":
+                assert kernel is None                           # no PyTorch kernel: the reference path
+            else:
+                assert kernel in ("_int8_weight_only", "_int4_cpu", "_int8_int8")
+
+
+@pytest.mark.skipif(not quant.native.available(), reason="the streaming kernels could not be built here")
+@pytest.mark.parametrize("bits,symmetric,K,group", [(8, True, 200, 200), (4, True, 320, 64), (4, False, 96, 32),
+                                                    (2, False, 384, 128), (2, True, 160, 32)])
+def test_streaming_kernels_equal_the_dequantized_matmul_in_fp32(bits, symmetric, K, group):
+    torch.manual_seed(1)
+    weight = torch.randn(37, K) * 0.05                         # odd widths exercise the scalar tails
+    q = formats.quantize_packed(weight, bits, group, symmetric)
+    codes = q.codes if bits == 8 else formats.unpack(q.codes, bits)
+    dequantized = formats.dequantize_weight(formats.Quantized(codes, q.scales, q.zeros), bits)
+    for rows in (1, 2, quant.native.MAX_ROWS):
+        x = torch.randn(rows, K)
+        got = quant.native.gemv(x, q.codes, q.scales.float().contiguous(), q.zeros, bits, group)
+        expected = x.double() @ dequantized.double().t()
+        assert got.dtype == torch.float32 and got.shape == (rows, 37)
+        tol = 1e-6 if bits == 8 else 1e-4          # int4 / int2 meet x rounded to int16 per group (2^-16)
+        assert float((got.double() - expected).abs().max()) <= tol * float(expected.abs().max())
+    wrong = formats.dequantize_weight(formats.Quantized(codes.flip(-1), q.scales, q.zeros), bits)
+    assert float((got.double() - x.double() @ wrong.double().t()).abs().max()) > 1e-3   # the order matters
+
+
+@pytest.mark.skipif(not quant.native.available(), reason="the streaming kernels could not be built here")
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (2, False), (2, True)])
+def test_native_dequantize_equals_the_python_one_exactly(bits, symmetric):
+    weight = torch.randn(48, 256) * 0.05
+    q = formats.quantize_packed(weight, bits, 64, symmetric)
+    expected = formats.dequantize_weight(formats.Quantized(formats.unpack(q.codes, bits), q.scales, q.zeros), bits)
+    got = quant.native.dequantize(q.codes, q.scales.float().contiguous(), q.zeros, bits, 64)
+    assert torch.equal(got, expected)
+    assert torch.equal(quant.native.dequantize(q.codes, q.scales.float().contiguous(), q.zeros, bits, 64,
+                                               torch.bfloat16), expected.to(torch.bfloat16))
+
+
+@pytest.mark.skipif(not quant.native.available(), reason="the streaming kernels could not be built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streaming_linear_equals_nn_linear_and_keeps_the_model_the_same(dtype):
+    model = random_model(text_config()).to(dtype)
+    reference = copy.deepcopy(model)
+    names = quant.stream_linears(model)
+    assert "lm_head" in names and not any("router" in n for n in names)
+    assert model.lm_head.weight is model.embed.weight                               # still tied
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    prompt = torch.randint(3, 500, (1, 2 * quant.native.MAX_ROWS))
+    with torch.inference_mode():
+        got, expected = model(prompt).logits.float(), reference(prompt).logits.float()  # prefill: F.linear
+        assert torch.equal(got, expected)
+        step, ref_step = model(prompt[:, :1]).logits.float(), reference(prompt[:, :1]).logits.float()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert float((step - ref_step).abs().max()) <= tol * float(ref_step.abs().max())
+    assert torch.equal(ernie_lab.generate(model, prompt, 8, eos_token_id=[]),
+                       ernie_lab.generate(reference, prompt, 8, eos_token_id=[])) or dtype == torch.bfloat16
+    model.float().train()
+    loss = model(prompt, labels=prompt).loss                                        # gradients: F.linear
+    loss.backward()
+    assert model.layers[0].attn.q_proj.weight.grad is not None
+
+
+def test_without_a_compiler_the_kernels_say_why_and_the_model_still_runs(tmp_path):
+    script = textwrap.dedent("""
+        import torch, torch.nn as nn
+        from ernie_lab import quant
+        layer = quant.QuantLinear.from_linear(nn.Linear(128, 64), "w4a16", group_size=64)
+        y = layer(torch.randn(1, 128))
+        print(quant.native.available(), "|", quant.native.why_unavailable(), "|", layer.layout, tuple(y.shape))
+    """)
+    for env, reason in (({"ERNIE_LAB_NATIVE": "0"}, "ERNIE_LAB_NATIVE=0"),
+                        ({"PATH": os.path.dirname(sys.executable)}, "no C compiler"),
+                        ({"CC": "/bin/false"}, "could not build gemv.c")):
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             env={**{k: v for k, v in os.environ.items() if k != "CC"}, "ERNIE_LAB_CACHE": str(tmp_path), **env})
+        assert run.returncode == 0, run.stderr
+        available, why, rest = run.stdout.strip().split(" | ")
+        assert available == "False" and reason in why and rest == "cpu_int4 (1, 64)"
 
 
 def test_int4_cpu_tiling_is_undone_exactly():
     layer = quant.QuantLinear.from_linear(nn.Linear(256, 64), "w4a16", group_size=128)
     plain = layer.qweight.clone()
-    layer(torch.randn(1, 256))                                        # first kernel call re-tiles the codes
+    with quant.native.off():
+        layer(torch.randn(1, 256))                                    # PyTorch's int4 kernel re-tiles the codes
     assert layer.layout == "cpu_int4" and not torch.equal(layer.qweight, plain)
     assert torch.equal(layer.plain_qweight(), plain) and torch.equal(layer.state_dict()["qweight"], plain)
+    if quant.native.available():
+        layer(torch.randn(1, 256))                                    # the streaming kernel wants the plain order
+        assert layer.layout == "plain" and torch.equal(layer.qweight, plain)
 
 
 def test_fp8_needs_cuda_and_says_so():
@@ -220,19 +312,23 @@ def agreement(a, b):
     return float((a == b).float().mean())
 
 
-def test_greedy_generation_stays_close_to_the_unquantized_model(record_property):
-    model = random_model(text_config(num_hidden_layers=2), std=0.08)
-    prompts = torch.randint(3, 512, (4, 8))
-    base = ernie_lab.generate(model, prompts, 16, eos_token_id=[])[:, 8:]
+@pytest.mark.parametrize("streaming", [True, False], ids=["native", "torch-kernels"])
+def test_greedy_generation_stays_close_to_the_unquantized_model(record_property, streaming):
+    """On the shipped tiny text model (a random model is chaotic: one changed token changes the rest)."""
+    from ernie_lab import tiny_models
+    folder = Path(__file__).resolve().parents[1] / "data" / "tiny-ernie-text"
+    model, tok = ernie_lab.load_model(folder).eval(), ernie_lab.load_tokenizer(folder)
+    prompts = tiny_models.eval_windows(tok, 128)[:8, :16]                 # 8 held-out prompts of 16 tokens
+    base = ernie_lab.generate(model, prompts, 24, eos_token_id=[])[:, 16:]
     rates = {}
-    for scheme in CPU_SCHEMES:
-        q = quant.quantize(copy.deepcopy(model), scheme, group_size=32)
-        rates[scheme] = agreement(ernie_lab.generate(q, prompts, 16, eos_token_id=[])[:, 8:], base)
+    with contextlib.nullcontext() if streaming else quant.native.off():
+        for scheme in CPU_SCHEMES:
+            q = quant.quantize(copy.deepcopy(model), scheme)
+            rates[scheme] = agreement(ernie_lab.generate(q, prompts, 24, eos_token_id=[])[:, 16:], base)
     record_property("greedy_agreement", json.dumps(rates))
     print("greedy agreement with the unquantized model:", rates)
-    # a random model is chaotic (one changed token changes the rest): int8 stays on track, int4 drifts
-    assert rates["w8a16"] >= 0.9 and rates["w8a8"] >= 0.8 and rates["w4a16"] >= 0.2
-    assert rates["w2a16"] < rates["w4a16"] < rates["w8a16"] + 1e-9
+    assert rates["w8a16"] >= 0.95 and rates["w8a8"] >= 0.9 and rates["w4a16"] >= 0.8
+    assert rates["w2a16"] < rates["w4a16"] <= rates["w8a16"]
 
 
 # ------------------------------------------------------------------------------ checkpoints

@@ -43,10 +43,12 @@ from ..errors import InputError
 from ..modules import replace_linears
 from . import formats
 from .gptq import HessianCollector, gptq_quantize
+from . import native
 from .linear import SCHEMES, QuantLinear, check_scheme, reference_only
+from .streaming import StreamingLinear, stream_linears
 
 __all__ = ["quantize", "QuantLinear", "SCHEMES", "reference_only", "weight_bytes", "formats",
-           "quantized_layers", "plan_layers"]
+           "quantized_layers", "plan_layers", "native", "stream_linears", "StreamingLinear"]
 
 DEFAULT_SKIP = ("lm_head", "embed", "router")
 DEFAULT_SYMMETRIC = {"w8a16": True, "w4a16": True, "w2a16": False, "w8a8": True, "fp8": True}

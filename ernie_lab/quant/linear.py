@@ -7,12 +7,16 @@ The forward has two paths that must agree:
 
 Kernels (used when the device and shapes allow, else the reference runs):
 
-    scheme  CPU                                            CUDA (written, guarded; not run here)
-    w8a16   aten._weight_int8pack_mm, bf16 activations     reference
-    w4a16   aten._weight_int4pack_mm_for_cpu, bf16         aten._weight_int4pack_mm (tinygemm), bf16
-    w8a8    torch._int_mm on per-token int8 activations    torch._int_mm (rows padded past 16)
-    w2a16   reference (no 2-bit kernel in PyTorch)         reference
-    fp8     -                                              torch._scaled_mm, row-wise scales
+    scheme  CPU, decode (<= native.MAX_ROWS rows)   CPU, longer inputs                  CUDA (guarded; not run here)
+    w8a16   native.gemv (the kit's C kernel)        aten._weight_int8pack_mm, bf16      reference
+    w4a16   native.gemv                             native.dequantize + F.linear        aten._weight_int4pack_mm
+    w8a8    torch._int_mm, per-token int8 acts      torch._int_mm                       torch._int_mm (rows > 16)
+    w2a16   native.gemv                             native.dequantize + F.linear        reference
+    fp8     -                                       -                                   torch._scaled_mm
+
+``native`` is the kit's own C (``gemv.c``, compiled on first use; see ``native.py``). Where it cannot be
+built, PyTorch's kernels serve every length: aten._weight_int8pack_mm (w8a16),
+aten._weight_int4pack_mm_for_cpu (w4a16, on its own tiled copy of the codes) and the reference (w2a16).
 
 Weight-only kernels run in bf16 (an fp32 activation is rounded to bf16, then the output cast back): at
 batch 1 the cost is reading the weight, and bf16 halves the activations' share of it.
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from . import formats
+from . import formats, native
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,11 @@ class QuantLinear(nn.Module):
 
     def _kernel_for(self, x: torch.Tensor):
         on_cpu, on_cuda = x.device.type == "cpu", x.device.type == "cuda"
+        own = on_cpu and native.active() and (self.bits == 8 or self.group_size <= native.MAX_GROUP)
+        if own and self.scheme in ("w8a16", "w4a16", "w2a16") and native.usable(x):
+            return self._streaming
+        if own and self.scheme in ("w4a16", "w2a16") and x.dtype in (torch.float32, torch.bfloat16):
+            return self._dequantized   # longer inputs; the codes stay in the plain layout the kit reads
         if self.scheme == "w8a16" and on_cpu:
             return self._int8_weight_only
         if self.scheme == "w4a16" and (on_cpu or on_cuda) and self.group_size in (32, 64, 128, 256):
@@ -182,6 +191,21 @@ class QuantLinear(nn.Module):
         if self.scheme == "fp8" and on_cuda:
             return self._fp8_cuda
         return None
+
+    def _streaming(self, x):
+        """Decode-sized rows: the kit's own kernels (``native.py``) read the plain packed codes once."""
+        if self.layout != "plain":
+            self.to_plain_layout()
+        rows = x.reshape(-1, self.in_features)
+        y = native.gemv(rows, self.qweight, self.scales, self.zeros, self.bits, self.group_size)  # (M, N) fp32
+        return self._finish(y, x)
+
+    def _dequantized(self, x):
+        """Longer inputs (a prompt): the kit's C dequantizer writes the weight in x's dtype, then one GEMM."""
+        if self.layout != "plain":
+            self.to_plain_layout()
+        weight = native.dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size, x.dtype)
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
     def _int8_weight_only(self, x):
         if self._kernel_scales is None:
@@ -211,6 +235,11 @@ class QuantLinear(nn.Module):
         with torch.inference_mode(False), torch.no_grad():
             self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         self.layout, self._kernel_scales = "cpu_int4", self._int4_scales_and_zeros()
+
+    def to_plain_layout(self) -> None:
+        """Undo ``to_cpu_layout``, in place."""
+        if self.layout != "plain":
+            self.qweight, self.layout, self._kernel_scales = self.plain_qweight(), "plain", None
 
     def plain_qweight(self) -> torch.Tensor:
         """The packed codes in the documented plain order, whatever the in-memory layout."""

@@ -1,0 +1,266 @@
+/* Batch-1 decode matmuls that stream the weights once: y = x W^T for a few rows x.
+
+   At decode time each linear layer multiplies one token's activations x (K numbers) by a weight
+   matrix W (N x K). Every weight is used once per token, so the time is the time to read W from
+   memory: the fewer bytes per weight, the faster the token. These kernels read W in its stored
+   format (fp32, bf16, int8, packed int4, packed int2), widen each weight to fp32 in registers and
+   accumulate in fp32, so they give the dequantize-then-matmul reference's result up to rounding.
+
+   Layouts (those of ernie_lab/quant/formats.py; row n of W is contiguous, K inputs):
+     f32   float  [N][K]
+     bf16  uint16 [N][K]            the top 16 bits of an fp32: widen by a 16-bit shift
+     q8    int8   [N][K]            w = q * s[n]
+     q4    uint8  [N][K/2]          byte j = u[2j] << 4 | u[2j+1];  w = (u - z[n][g]) * s[n][g]
+     q2    uint8  [N][K/4]          byte j = u[4j] << 6 | u[4j+1] << 4 | u[4j+2] << 2 | u[4j+3]
+   with groups g of G consecutive inputs. The zero point is folded out of the inner loop:
+     sum_k (u_k - z) s x_k = s (sum_k u_k x_k - z sum_k x_k),
+   so the inner loop is only u * x; the group sums of x are computed once per token. For packed
+   codes, x is first split by phase (x[2j] and x[2j+1] for int4; x[4j+p] for int2) so that the
+   codes of one byte meet contiguous activations.
+
+   Rows n are shared among threads (OpenMP, the runtime PyTorch itself uses). Built on first use by
+   ernie_lab/quant/native.py with the machine's C compiler (-O3 -march=native -fopenmp); the AVX2
+   paths are used when the compiler targets AVX2 + FMA, portable C (which the compiler vectorises
+   as it can) otherwise. */
+
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_AVX2 1
+#endif
+
+/* below this many weights a matmul runs on the calling thread: waking the other threads costs more */
+#define PARALLEL_WORK 65536
+
+int ernie_gemv_has_avx2(void) {
+#ifdef HAVE_AVX2
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#ifdef HAVE_AVX2
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+/* eight bytes -> eight int32 lanes */
+static inline __m256i load8_u8(const uint8_t *p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+}
+#endif
+
+/* ------------------------------------------------------------------ fp32 and bf16 weights */
+
+static float dot_f32(const float *x, const float *w, int64_t K) {
+    int64_t k = 0;
+    float acc = 0.0f;
+#ifdef HAVE_AVX2
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (; k + 32 <= K; k += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+    }
+    acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+    for (; k < K; k++) acc += w[k] * x[k];
+    return acc;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static float dot_bf16(const float *x, const uint16_t *w, int64_t K) {
+    int64_t k = 0;
+    float acc = 0.0f;
+#ifdef HAVE_AVX2
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (; k + 16 <= K; k += 16) {
+        __m256i h0 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + k)));
+        __m256i h1 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + k + 8)));
+        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(h0, 16)), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(h1, 16)), _mm256_loadu_ps(x + k + 8), a1);
+    }
+    acc = hsum(_mm256_add_ps(a0, a1));
+#endif
+    for (; k < K; k++) acc += bf16_to_f32(w[k]) * x[k];
+    return acc;
+}
+
+/* x (M, K) fp32, w (N, K), y (M, N) fp32 */
+void ernie_gemv_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++) y[m * N + n] = dot_f32(x + m * K, w + n * K, K);
+}
+
+void ernie_gemv_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++) y[m * N + n] = dot_bf16(x + m * K, w + n * K, K);
+}
+
+/* ------------------------------------------------------------------ int8, one scale per row */
+
+static float dot_q8(const float *x, const int8_t *q, int64_t K) {
+    int64_t k = 0;
+    float acc = 0.0f;
+#ifdef HAVE_AVX2
+    /* eight independent sums, so the FMA units never wait on one another's result */
+    __m256 a[8];
+    for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+    for (; k + 64 <= K; k += 64)
+        for (int i = 0; i < 8; i++) {
+            __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + k + 8 * i)));
+            a[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(w), _mm256_loadu_ps(x + k + 8 * i), a[i]);
+        }
+    for (int i = 1; i < 8; i++) a[0] = _mm256_add_ps(a[0], a[i]);
+    acc = hsum(a[0]);
+#endif
+    for (; k < K; k++) acc += (float)q[k] * x[k];
+    return acc;
+}
+
+void ernie_gemv_q8(const float *x, const int8_t *q, const float *scales, float *y,
+                   int64_t M, int64_t N, int64_t K, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++) y[m * N + n] = scales[n] * dot_q8(x + m * K, q + n * K, K);
+}
+
+/* ------------------------------------------------------------------ packed int4 and int2, group-wise */
+
+/* Small codes meet int16 activations: x is rounded once per token to int16 with one scale per group
+   (xq = round(x / t_g), t_g = max|x_g| / 32767, an error below 2^-16 of the group's largest |x|), so the
+   inner loop is integer multiply-adds of 16 lanes (_mm256_madd_epi16) instead of 8 float lanes with a
+   conversion each. Per group the sum is exact in int32 (|u - z| <= 15, |xq| <= 32767, G <= 2048):
+
+       y_n = sum_g s_ng t_g (sum_k u_k xq_k - z_ng sum_k xq_k)
+
+   Prepared x, per row: R phase arrays of B = K/R int16 (xs[p B + j] = xq[R j + p]), then per group the
+   int32 sum of xq and the float scale t_g. */
+typedef struct { int16_t *xs; int32_t *sums; float *scales; } prepared_x;
+
+static prepared_x prepared_at(uint8_t *work, int64_t m, int64_t K, int64_t groups) {
+    uint8_t *base = work + m * (2 * K + 8 * groups);
+    prepared_x px = {(int16_t *)base, (int32_t *)(base + 2 * K), (float *)(base + 2 * K + 4 * groups)};
+    return px;
+}
+
+static void prepare(const float *x, prepared_x px, int64_t K, int64_t G, int R) {
+    const int64_t B = K / R;
+    for (int64_t g = 0; g < K / G; g++) {
+        float top = 0.0f;
+        for (int64_t k = g * G; k < (g + 1) * G; k++) top = x[k] > top ? x[k] : (-x[k] > top ? -x[k] : top);
+        float t = top > 0.0f ? top / 32767.0f : 1.0f;
+        int32_t sum = 0;
+        for (int64_t k = g * G; k < (g + 1) * G; k++) {
+            float v = x[k] / t;
+            int16_t q = (int16_t)(v >= 0.0f ? v + 0.5f : v - 0.5f);
+            px.xs[(k % R) * B + k / R] = q;
+            sum += q;
+        }
+        px.sums[g] = sum;
+        px.scales[g] = t;
+    }
+}
+
+
+/* sum_j u_j xq_j over bytes [j0, j1) of one row (the portable path); bits = 4 (R = 2) or 2 (R = 4) */
+static inline int32_t dot_codes(const uint8_t *row, const int16_t *xs, int64_t B, int64_t j0, int64_t j1, int bits) {
+    const int R = 8 / bits, mask = (1 << bits) - 1;
+    int32_t dot = 0;
+    for (int64_t j = j0; j < j1; j++)
+        for (int p = 0; p < R; p++) dot += ((row[j] >> ((R - 1 - p) * bits)) & mask) * (int32_t)xs[p * B + j];
+    return dot;
+}
+
+static inline __attribute__((always_inline)) float row_packed(const uint8_t *row, prepared_x px, const float *scales,
+                                                              const uint8_t *zeros, int64_t K, int64_t G, int bits) {
+    const int R = 8 / bits;
+    const int64_t B = K / R, Bg = G / R, groups = K / G;
+    const int32_t zdefault = 1 << (bits - 1);
+    float offset = 0.0f;                                    /* sum_g s_g t_g z_g sum_k xq_k */
+    for (int64_t g = 0; g < groups; g++)
+        offset += scales[g] * px.scales[g] * (float)((zeros ? (int32_t)zeros[g] : zdefault) * px.sums[g]);
+#ifdef HAVE_AVX2
+    if (Bg % 16 == 0) {                                     /* whole 16-byte steps: one hsum per row */
+        const __m256i m = _mm256_set1_epi16((short)((1 << bits) - 1));
+        __m256 total = _mm256_setzero_ps();
+        for (int64_t g = 0; g < groups; g++) {
+            __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+            for (int64_t j = g * Bg; j < (g + 1) * Bg; j += 16) {
+                __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(row + j)));  /* 16 bytes */
+                for (int p = 0; p < R; p++) {       /* phase p sits at bit (R - 1 - p) * bits of each byte */
+                    __m256i u = _mm256_and_si256(_mm256_srli_epi16(b, (R - 1 - p) * bits), m);
+                    __m256i prod = _mm256_madd_epi16(u, _mm256_loadu_si256((const __m256i *)(px.xs + p * B + j)));
+                    if (p % 2 == 0) a0 = _mm256_add_epi32(a0, prod); else a1 = _mm256_add_epi32(a1, prod);
+                }
+            }
+            __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(a0, a1));
+            total = _mm256_fmadd_ps(_mm256_set1_ps(scales[g] * px.scales[g]), dot, total);
+        }
+        return hsum(total) - offset;
+    }
+#endif
+    float acc = 0.0f;
+    for (int64_t g = 0; g < groups; g++)
+        acc += scales[g] * px.scales[g] * (float)dot_codes(row, px.xs, B, g * Bg, (g + 1) * Bg, bits);
+    return acc - offset;
+}
+
+/* x (M, K); packed (N, K*bits/8); scales (N, K/G) fp32; zeros (N, K/G) uint8 or NULL (symmetric:
+   z = 2^(bits-1)); work: M * (2K + 8 K/G) bytes of scratch, written here; y (M, N). */
+void ernie_gemv_packed(const float *x, const uint8_t *packed, const float *scales, const uint8_t *zeros, float *y,
+                       int64_t M, int64_t N, int64_t K, int64_t G, int bits, uint8_t *work, int threads) {
+    const int64_t groups = K / G, rowbytes = K * bits / 8;
+    for (int64_t m = 0; m < M; m++) prepare(x + m * K, prepared_at(work, m, K, groups), K, G, 8 / bits);
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++) {
+            const uint8_t *row = packed + n * rowbytes, *z = zeros ? zeros + n * groups : NULL;
+            prepared_x px = prepared_at(work, m, K, groups);
+            /* two call sites with constant bits, so each is compiled with its shifts unrolled */
+            y[m * N + n] = bits == 4 ? row_packed(row, px, scales + n * groups, z, K, G, 4)
+                                     : row_packed(row, px, scales + n * groups, z, K, G, 2);
+        }
+}
+
+/* ------------------------------------------------------------------ dequantize (longer inputs)
+
+   For a prompt of many tokens the matmul is compute-bound and PyTorch's GEMM does it well; what it
+   needs is the weight as floats. This writes w = (u - z) s for every code, as fp32 or as bf16
+   (round to nearest even, as PyTorch's .to(torch.bfloat16) does), in (N, K) row-major order. */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+void ernie_dequantize_packed(const uint8_t *packed, const float *scales, const uint8_t *zeros, void *out,
+                             int64_t N, int64_t K, int64_t G, int bits, int out_bf16, int threads) {
+    const int R = 8 / bits, mask = (1 << bits) - 1;
+    const int64_t groups = K / G, rowbytes = K / R;
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
+    for (int64_t n = 0; n < N; n++) {
+        float *of = (float *)out + n * K;
+        uint16_t *ob = (uint16_t *)out + n * K;
+        for (int64_t k = 0; k < K; k++) {
+            int64_t g = n * groups + k / G;
+            int u = (packed[n * rowbytes + k / R] >> ((R - 1 - k % R) * bits)) & mask;
+            float z = zeros ? (float)zeros[g] : (float)(1 << (bits - 1));
+            float w = ((float)u - z) * scales[g];
+            if (out_bf16) ob[k] = f32_to_bf16(w); else of[k] = w;
+        }
+    }
+}

@@ -1,0 +1,207 @@
+"""Streaming decode kernels (``gemv.c``), compiled on first use with the machine's C compiler.
+
+At batch-1 decode a linear layer costs the time to read its weight once. PyTorch's one-row kernels
+reach only part of the memory bandwidth on some machines (and its int4 CPU kernel is compute-bound
+without AVX-512), so the kit carries ~200 lines of C that read fp32, bf16, int8 and packed int4 /
+int2 weights in their stored layout and accumulate in fp32 (``gemv.c`` explains the arithmetic).
+
+    native.available()          True when the kernels are built and loaded
+    native.why_unavailable()    the reason when they are not (no compiler, ERNIE_LAB_NATIVE=0, ...)
+    native.gemv(x, layer)       (M, K) float32 rows @ a QuantLinear's codes -> (M, N) float32
+
+Built once per source / compiler / CPU into ``$ERNIE_LAB_CACHE`` (default ``~/.cache/ernie_lab``) with
+``cc -O3 -march=native -fopenmp`` and loaded with ctypes; the OpenMP runtime is the one PyTorch already
+loaded (same soname), so the kernels share its threads. Set ``ERNIE_LAB_NATIVE=0`` to use PyTorch's
+kernels only. Without a compiler everything still runs, on PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("gemv.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+MAX_GROUP = 2048    # int4 / int2 groups up to this size are summed exactly in int32
+MAX_ROWS = 8        # decode sizes; longer inputs (prefill) are compute-bound and go to PyTorch's kernels
+
+_lock = threading.Lock()
+_state: dict = {}
+_ENABLED = [True]
+
+
+@contextlib.contextmanager
+def off():
+    """Inside this block the streaming kernels are not used (PyTorch's kernels serve decode too)."""
+    _ENABLED.append(False)
+    try:
+        yield
+    finally:
+        _ENABLED.pop()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return flags
+
+
+def _library_path(compiler: str) -> Path:
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(),
+                                     _cpu_signature().encode(), platform.machine().encode()])).hexdigest()[:16]
+    cache = Path(os.environ.get("ERNIE_LAB_CACHE", Path.home() / ".cache" / "ernie_lab"))
+    return cache / "native" / f"gemv-{key}.so"
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile gemv.c into ``target`` atomically (a half-written library never sits at that path)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        out = Path(work) / target.name
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise OSError(f"{compiler} could not build {SOURCE.name} (exit {result.returncode}): "
+                          f"{result.stderr.strip()[:400]}")
+        os.replace(out, target)
+
+
+def _load():
+    if "lib" in _state or "error" in _state:
+        return _state.get("lib")
+    with _lock:
+        if "lib" in _state or "error" in _state:
+            return _state.get("lib")
+        try:
+            if os.environ.get("ERNIE_LAB_NATIVE", "1") == "0":
+                raise OSError("disabled by ERNIE_LAB_NATIVE=0")
+            if platform.system() != "Linux":
+                raise OSError(f"built only on Linux (this is {platform.system()})")
+            compiler = _compiler()
+            if compiler is None:
+                raise OSError("no C compiler (cc, gcc or clang) on PATH")
+            path = _library_path(compiler)
+            if not path.is_file():
+                _build(compiler, path)
+            lib = ctypes.CDLL(str(path))
+            _declare(lib)
+            _state["lib"], _state["path"] = lib, path
+        except OSError as err:
+            _state["error"] = str(err)
+    return _state.get("lib")
+
+
+def _declare(lib) -> None:
+    p, i64, i32, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, None
+    lib.ernie_gemv_f32.argtypes = [p, p, p, i64, i64, i64, i32]
+    lib.ernie_gemv_bf16.argtypes = [p, p, p, i64, i64, i64, i32]
+    lib.ernie_gemv_q8.argtypes = [p, p, p, p, i64, i64, i64, i32]
+    lib.ernie_gemv_packed.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i32, p, i32]
+    lib.ernie_dequantize_packed.argtypes = [p, p, p, p, i64, i64, i64, i32, i32, i32]
+    for fn in ("ernie_gemv_f32", "ernie_gemv_bf16", "ernie_gemv_q8", "ernie_gemv_packed", "ernie_dequantize_packed"):
+        getattr(lib, fn).restype = f
+    lib.ernie_gemv_has_avx2.restype = i32
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def active() -> bool:
+    """Loaded and not switched off by ``off()``."""
+    return _ENABLED[-1] and available()
+
+
+def why_unavailable() -> str | None:
+    _load()
+    return _state.get("error")
+
+
+def info() -> dict:
+    """What was loaded: the library's path and whether it uses the AVX2 paths (or why it is absent)."""
+    lib = _load()
+    if lib is None:
+        return {"available": False, "reason": _state.get("error")}
+    return {"available": True, "path": str(_state["path"]), "avx2": bool(lib.ernie_gemv_has_avx2())}
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Decode-sized fp32/bf16 CPU rows that need no gradient, and the kernels are loaded."""
+    return (_ENABLED[-1] and x.device.type == "cpu" and x.numel() // max(x.shape[-1], 1) <= MAX_ROWS
+            and not (torch.is_grad_enabled() and x.requires_grad) and available())
+
+
+def _library():
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the streaming kernels are not available: {_state.get('error')}")
+    return lib
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(M, K) rows @ an fp32 or bf16 (N, K) weight -> (M, N) float32."""
+    rows = x.float().contiguous()
+    M, K = rows.shape
+    N = weight.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    w = weight.contiguous()
+    lib = _library()
+    fn = lib.ernie_gemv_bf16 if w.dtype == torch.bfloat16 else lib.ernie_gemv_f32
+    if w.dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"native.linear takes fp32 or bf16 weights, not {w.dtype}")
+    fn(_ptr(rows), _ptr(w), _ptr(y), M, N, K, torch.get_num_threads())
+    return y
+
+
+def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+         bits: int, group_size: int) -> torch.Tensor:
+    """(M, K) rows @ plain-packed codes (``formats`` layout) with float32 scales -> (M, N) float32."""
+    lib = _library()
+    rows = x.float().contiguous()
+    M, K = rows.shape
+    N = qweight.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    if bits == 8:
+        lib.ernie_gemv_q8(_ptr(rows), _ptr(qweight), _ptr(scales), _ptr(y), M, N, K, threads)
+        return y
+    if group_size > MAX_GROUP:
+        raise ValueError(f"native.gemv sums a group exactly in int32 only up to {MAX_GROUP} inputs, not {group_size}")
+    work = torch.empty(M, 2 * K + 8 * (K // group_size), dtype=torch.uint8)
+    lib.ernie_gemv_packed(_ptr(rows), _ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(y), M, N, K, group_size, bits,
+                          _ptr(work), threads)
+    return y
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Plain-packed int4 / int2 codes -> the (N, K) fp32 or bf16 weight, (u - z) * s (for longer inputs)."""
+    if dtype not in (torch.float32, torch.bfloat16) or bits not in (4, 2):
+        raise TypeError(f"native.dequantize writes fp32 or bf16 from int4 / int2 codes, not {dtype} from {bits} bits")
+    N, K = qweight.shape[0], qweight.shape[1] * 8 // bits
+    out = torch.empty(N, K, dtype=dtype)
+    _library().ernie_dequantize_packed(_ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(out), N, K, group_size, bits,
+                                       int(dtype == torch.bfloat16), torch.get_num_threads())
+    return out
