@@ -88,7 +88,7 @@ def pick_next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float
                     top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, vocab) logits -> (B,) token ids: greedy at temperature 0, else filtered sampling."""
     if temperature == 0.0:
-        return logits.argmax(-1)
+        return logits.float().argmax(-1)  # same token; argmax over bf16 is several times slower on CPU
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit

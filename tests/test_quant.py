@@ -110,7 +110,7 @@ def test_every_kernel_equals_the_dequantize_reference(scheme, symmetric, dtype, 
             kernel = None if kernel is None else kernel.__name__
             if rows == 1 and streaming and scheme != "w8a8":
                 assert kernel == "_streaming"                   # the kit's own decode kernel ran
-            elif scheme in ("w4a16", "w2a16") and streaming:
+            elif scheme in ("w8a16", "w4a16", "w2a16") and streaming:
                 assert kernel == "_dequantized"                 # the kit's dequantizer, then one GEMM
             elif scheme == "w2a16":
                 assert kernel is None                           # no PyTorch kernel: the reference path
@@ -139,14 +139,16 @@ def test_streaming_kernels_equal_the_dequantized_matmul_in_fp32(bits, symmetric,
 
 
 @pytest.mark.skipif(not quant.native.available(), reason="the streaming kernels could not be built here")
-@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (2, False), (2, True)])
+@pytest.mark.parametrize("bits,symmetric", [(8, True), (4, True), (4, False), (2, False), (2, True)])
 def test_native_dequantize_equals_the_python_one_exactly(bits, symmetric):
     weight = torch.randn(48, 256) * 0.05
-    q = formats.quantize_packed(weight, bits, 64, symmetric)
-    expected = formats.dequantize_weight(formats.Quantized(formats.unpack(q.codes, bits), q.scales, q.zeros), bits)
-    got = quant.native.dequantize(q.codes, q.scales.float().contiguous(), q.zeros, bits, 64)
+    group = 256 if bits == 8 else 64
+    q = formats.quantize_packed(weight, bits, group, symmetric)
+    codes = q.codes if bits == 8 else formats.unpack(q.codes, bits)
+    expected = formats.dequantize_weight(formats.Quantized(codes, q.scales, q.zeros), bits)
+    got = quant.native.dequantize(q.codes, q.scales.float().contiguous(), q.zeros, bits, group)
     assert torch.equal(got, expected)
-    assert torch.equal(quant.native.dequantize(q.codes, q.scales.float().contiguous(), q.zeros, bits, 64,
+    assert torch.equal(quant.native.dequantize(q.codes, q.scales.float().contiguous(), q.zeros, bits, group,
                                                torch.bfloat16), expected.to(torch.bfloat16))
 
 

@@ -236,6 +236,47 @@ void ernie_gemv_packed(const float *x, const uint8_t *packed, const float *scale
         }
 }
 
+/* int8 codes meet the same int16 activations (groups of G inputs for x only; the weight keeps one scale
+   per row): y_n = s_n sum_g t_g sum_k q_k xq_k, 16 lanes per multiply-add. |q| <= 127, so a group's sum
+   is exact in int32 for G <= 2048 as well. */
+static inline float row_q8(const int8_t *row, prepared_x px, int64_t K, int64_t G) {
+    const int64_t groups = K / G;
+#ifdef HAVE_AVX2
+    if (G % 32 == 0) {
+        __m256 total = _mm256_setzero_ps();
+        for (int64_t g = 0; g < groups; g++) {
+            __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+            for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+                __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + k)));
+                __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + k + 16)));
+                a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)(px.xs + k))));
+                a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(px.xs + k + 16))));
+            }
+            total = _mm256_fmadd_ps(_mm256_set1_ps(px.scales[g]), _mm256_cvtepi32_ps(_mm256_add_epi32(a0, a1)), total);
+        }
+        return hsum(total);
+    }
+#endif
+    float acc = 0.0f;
+    for (int64_t g = 0; g < groups; g++) {
+        int32_t dot = 0;
+        for (int64_t k = g * G; k < (g + 1) * G; k++) dot += (int32_t)row[k] * px.xs[k];
+        acc += px.scales[g] * (float)dot;
+    }
+    return acc;
+}
+
+/* x (M, K); q (N, K) int8; scales (N,); x rounded to int16 in groups of G; work as for ernie_gemv_packed */
+void ernie_gemv_q8_int16(const float *x, const int8_t *q, const float *scales, float *y,
+                         int64_t M, int64_t N, int64_t K, int64_t G, uint8_t *work, int threads) {
+    const int64_t groups = K / G;
+    for (int64_t m = 0; m < M; m++) prepare(x + m * K, prepared_at(work, m, K, groups), K, G, 1);
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++)
+            y[m * N + n] = scales[n] * row_q8(q + n * K, prepared_at(work, m, K, groups), K, G);
+}
+
 /* ------------------------------------------------------------------ dequantize (longer inputs)
 
    For a prompt of many tokens the matmul is compute-bound and PyTorch's GEMM does it well; what it
@@ -247,6 +288,7 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
+/* bits 8: int8 codes q, w = q * s (G = K, no zero point); bits 4 / 2: packed u, w = (u - z) * s */
 void ernie_dequantize_packed(const uint8_t *packed, const float *scales, const uint8_t *zeros, void *out,
                              int64_t N, int64_t K, int64_t G, int bits, int out_bf16, int threads) {
     const int R = 8 / bits, mask = (1 << bits) - 1;
@@ -257,9 +299,14 @@ void ernie_dequantize_packed(const uint8_t *packed, const float *scales, const u
         uint16_t *ob = (uint16_t *)out + n * K;
         for (int64_t k = 0; k < K; k++) {
             int64_t g = n * groups + k / G;
-            int u = (packed[n * rowbytes + k / R] >> ((R - 1 - k % R) * bits)) & mask;
-            float z = zeros ? (float)zeros[g] : (float)(1 << (bits - 1));
-            float w = ((float)u - z) * scales[g];
+            float w;
+            if (bits == 8) {
+                w = (float)((const int8_t *)packed)[n * K + k] * scales[g];
+            } else {
+                int u = (packed[n * rowbytes + k / R] >> ((R - 1 - k % R) * bits)) & mask;
+                float z = zeros ? (float)zeros[g] : (float)(1 << (bits - 1));
+                w = ((float)u - z) * scales[g];
+            }
             if (out_bf16) ob[k] = f32_to_bf16(w); else of[k] = w;
         }
     }

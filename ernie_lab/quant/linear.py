@@ -8,14 +8,14 @@ The forward has two paths that must agree:
 Kernels (used when the device and shapes allow, else the reference runs):
 
     scheme  CPU, decode (<= native.MAX_ROWS rows)   CPU, longer inputs                  CUDA (guarded; not run here)
-    w8a16   native.gemv (the kit's C kernel)        aten._weight_int8pack_mm, bf16      reference
+    w8a16   native.gemv (the kit's C kernel)        native.dequantize + F.linear        reference
     w4a16   native.gemv                             native.dequantize + F.linear        aten._weight_int4pack_mm
     w8a8    torch._int_mm, per-token int8 acts      torch._int_mm                       torch._int_mm (rows > 16)
     w2a16   native.gemv                             native.dequantize + F.linear        reference
     fp8     -                                       -                                   torch._scaled_mm
 
 ``native`` is the kit's own C (``gemv.c``, compiled on first use; see ``native.py``). Where it cannot be
-built, PyTorch's kernels serve every length: aten._weight_int8pack_mm (w8a16),
+built, PyTorch's kernels serve every length: aten._weight_int8pack_mm (w8a16, bf16 activations),
 aten._weight_int4pack_mm_for_cpu (w4a16, on its own tiled copy of the codes) and the reference (w2a16).
 
 Weight-only kernels run in bf16 (an fp32 activation is rounded to bf16, then the output cast back): at
@@ -180,7 +180,7 @@ class QuantLinear(nn.Module):
         own = on_cpu and native.active() and (self.bits == 8 or self.group_size <= native.MAX_GROUP)
         if own and self.scheme in ("w8a16", "w4a16", "w2a16") and native.usable(x):
             return self._streaming
-        if own and self.scheme in ("w4a16", "w2a16") and x.dtype in (torch.float32, torch.bfloat16):
+        if own and self.scheme in ("w8a16", "w4a16", "w2a16") and x.dtype in (torch.float32, torch.bfloat16):
             return self._dequantized   # longer inputs; the codes stay in the plain layout the kit reads
         if self.scheme == "w8a16" and on_cpu:
             return self._int8_weight_only

@@ -33,6 +33,7 @@ import torch
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
 MAX_GROUP = 2048    # int4 / int2 groups up to this size are summed exactly in int32
+Q8_GROUP = 128      # int8 weights meet x rounded to int16 in groups of this many inputs
 MAX_ROWS = 8        # decode sizes; longer inputs (prefill) are compute-bound and go to PyTorch's kernels
 
 _lock = threading.Lock()
@@ -115,8 +116,10 @@ def _declare(lib) -> None:
     lib.ernie_gemv_bf16.argtypes = [p, p, p, i64, i64, i64, i32]
     lib.ernie_gemv_q8.argtypes = [p, p, p, p, i64, i64, i64, i32]
     lib.ernie_gemv_packed.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i32, p, i32]
+    lib.ernie_gemv_q8_int16.argtypes = [p, p, p, p, i64, i64, i64, i64, p, i32]
     lib.ernie_dequantize_packed.argtypes = [p, p, p, p, i64, i64, i64, i32, i32, i32]
-    for fn in ("ernie_gemv_f32", "ernie_gemv_bf16", "ernie_gemv_q8", "ernie_gemv_packed", "ernie_dequantize_packed"):
+    for fn in ("ernie_gemv_f32", "ernie_gemv_bf16", "ernie_gemv_q8", "ernie_gemv_packed", "ernie_gemv_q8_int16",
+               "ernie_dequantize_packed"):
         getattr(lib, fn).restype = f
     lib.ernie_gemv_has_avx2.restype = i32
 
@@ -185,7 +188,12 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
     y = torch.empty(M, N, dtype=torch.float32)
     threads = torch.get_num_threads()
     if bits == 8:
-        lib.ernie_gemv_q8(_ptr(rows), _ptr(qweight), _ptr(scales), _ptr(y), M, N, K, threads)
+        if K % Q8_GROUP:   # x cannot be cut into int16 groups: the fp32 path
+            lib.ernie_gemv_q8(_ptr(rows), _ptr(qweight), _ptr(scales), _ptr(y), M, N, K, threads)
+        else:
+            work = torch.empty(M, 2 * K + 8 * (K // Q8_GROUP), dtype=torch.uint8)
+            lib.ernie_gemv_q8_int16(_ptr(rows), _ptr(qweight), _ptr(scales), _ptr(y), M, N, K, Q8_GROUP, _ptr(work),
+                                    threads)
         return y
     if group_size > MAX_GROUP:
         raise ValueError(f"native.gemv sums a group exactly in int32 only up to {MAX_GROUP} inputs, not {group_size}")
@@ -197,9 +205,10 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Plain-packed int4 / int2 codes -> the (N, K) fp32 or bf16 weight, (u - z) * s (for longer inputs)."""
-    if dtype not in (torch.float32, torch.bfloat16) or bits not in (4, 2):
-        raise TypeError(f"native.dequantize writes fp32 or bf16 from int4 / int2 codes, not {dtype} from {bits} bits")
+    """int8 or plain-packed int4 / int2 codes -> the (N, K) fp32 or bf16 weight, q * s or (u - z) * s (for
+    longer inputs). int8 takes one scale per row (``group_size`` = K)."""
+    if dtype not in (torch.float32, torch.bfloat16) or bits not in (8, 4, 2):
+        raise TypeError(f"native.dequantize writes fp32 or bf16 from int8 / int4 / int2 codes, not {dtype} from {bits} bits")
     N, K = qweight.shape[0], qweight.shape[1] * 8 // bits
     out = torch.empty(N, K, dtype=dtype)
     _library().ernie_dequantize_packed(_ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(out), N, K, group_size, bits,
