@@ -5,6 +5,7 @@ import contextlib
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -108,9 +109,11 @@ def test_every_kernel_equals_the_dequantize_reference(scheme, symmetric, dtype, 
             assert float((got.float() - expected.float()).abs().max()) <= tol
             kernel = layer._kernel_for(x)
             kernel = None if kernel is None else kernel.__name__
-            if rows == 1 and streaming and scheme != "w8a8":
+            if rows == 1 and streaming and scheme != "w8a8" and quant.native.available():
                 assert kernel == "_streaming"                   # the kit's own decode kernel ran
-            elif scheme in ("w8a16", "w4a16", "w2a16") and streaming:
+            elif scheme == "w8a8":
+                assert kernel == "_int8_int8"                   # (native.int8_int8 inside for decode sizes)
+            elif scheme in ("w8a16", "w4a16", "w2a16") and streaming and quant.native.available():
                 assert kernel == "_dequantized"                 # the kit's dequantizer, then one GEMM
             elif scheme == "w2a16":
                 assert kernel is None                           # no PyTorch kernel: the reference path
@@ -136,6 +139,31 @@ def test_streaming_kernels_equal_the_dequantized_matmul_in_fp32(bits, symmetric,
         assert float((got.double() - expected).abs().max()) <= tol * float(expected.abs().max())
     wrong = formats.dequantize_weight(formats.Quantized(codes.flip(-1), q.scales, q.zeros), bits)
     assert float((got.double() - x.double() @ wrong.double().t()).abs().max()) > 1e-3   # the order matters
+
+
+@pytest.mark.skipif(not quant.native.available(), reason="the streaming kernels could not be built here")
+def test_native_w8a8_equals_torch_int_mm_exactly():
+    torch.manual_seed(2)
+    q = torch.randint(-127, 128, (40, 3072), dtype=torch.int8)          # K 127^2 > 2^24: fp32 would round
+    scales = torch.rand(40, 1) + 0.5
+    xq, xs = formats.quantize_activations_int8(torch.randn(3, 3072))
+    expected = torch._int_mm(torch.cat([xq, xq.new_zeros(14, 3072)]), q.t())[:3].double() * xs.double() * scales.t().double()
+    got = quant.native.int8_int8(xq, xs, q, scales)
+    assert float((got.double() - expected).abs().max()) <= 1e-6 * float(expected.abs().max())
+
+
+@pytest.mark.skipif(not quant.native.available(), reason="the streaming kernels could not be built here")
+def test_native_kernels_refuse_layouts_they_would_misread():
+    q = formats.quantize_packed(torch.randn(16, 128), 4, 64, True)
+    scales, x = q.scales.float().contiguous(), torch.randn(1, 128)
+    for codes, s, why in ((q.codes.t().contiguous().t(), scales, "strided codes"),
+                          (q.codes.view(torch.int8), scales, "signed codes"),
+                          (q.codes, scales.double(), "float64 scales"),
+                          (q.codes, scales[:, :1].contiguous(), "too few scales")):
+        with pytest.raises(ValueError, match="native kernels want"):
+            quant.native.gemv(x, codes, s, None, 4, 64)
+    with pytest.raises(ValueError, match="rows of width"):
+        quant.native.gemv(torch.randn(1, 96), q.codes, scales, None, 4, 64)
 
 
 @pytest.mark.skipif(not quant.native.available(), reason="the streaming kernels could not be built here")
@@ -174,6 +202,13 @@ def test_streaming_linear_equals_nn_linear_and_keeps_the_model_the_same(dtype):
     loss = model(prompt, labels=prompt).loss                                        # gradients: F.linear
     loss.backward()
     assert model.layers[0].attn.q_proj.weight.grad is not None
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not any(shutil.which(c) for c in ("cc", "gcc", "clang")),
+                    reason="the kit builds its kernels on Linux with a C compiler")
+def test_the_kernels_build_wherever_a_compiler_exists():
+    assert quant.native.available(), quant.native.why_unavailable()
+    assert quant.native.info()["avx2"] == ("avx2" in open("/proc/cpuinfo").read())
 
 
 def test_without_a_compiler_the_kernels_say_why_and_the_model_still_runs(tmp_path):

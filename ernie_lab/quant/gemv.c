@@ -277,6 +277,19 @@ void ernie_gemv_q8_int16(const float *x, const int8_t *q, const float *scales, f
             y[m * N + n] = scales[n] * row_q8(q + n * K, prepared_at(work, m, K, groups), K, G);
 }
 
+/* W8A8: int8 weights times activations already rounded to int8 per token (held as int16 here), summed
+   exactly in int32 (|sum| <= K 127^2 < 2^31 for K < 133000): y_mn = xs_m s_n sum_k q_nk xq_mk */
+void ernie_gemv_i8i8(const int16_t *xq, const float *xs, const int8_t *q, const float *scales, float *y,
+                     int64_t M, int64_t N, int64_t K, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++) {
+            float one = 1.0f;
+            prepared_x px = {(int16_t *)(xq + m * K), NULL, &one};   /* one group of K inputs, unit scale */
+            y[m * N + n] = xs[m] * scales[n] * row_q8(q + n * K, px, K, K);
+        }
+}
+
 /* ------------------------------------------------------------------ dequantize (longer inputs)
 
    For a prompt of many tokens the matmul is compute-bound and PyTorch's GEMM does it well; what it

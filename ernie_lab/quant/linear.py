@@ -10,7 +10,7 @@ Kernels (used when the device and shapes allow, else the reference runs):
     scheme  CPU, decode (<= native.MAX_ROWS rows)   CPU, longer inputs                  CUDA (guarded; not run here)
     w8a16   native.gemv (the kit's C kernel)        native.dequantize + F.linear        reference
     w4a16   native.gemv                             native.dequantize + F.linear        aten._weight_int4pack_mm
-    w8a8    torch._int_mm, per-token int8 acts      torch._int_mm                       torch._int_mm (rows > 16)
+    w8a8    native.int8_int8 (per-token int8 acts)  torch._int_mm                       torch._int_mm (rows > 16)
     w2a16   native.gemv                             native.dequantize + F.linear        reference
     fp8     -                                       -                                   torch._scaled_mm
 
@@ -259,6 +259,8 @@ class QuantLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         xq, xs = formats.quantize_activations_int8(rows)                                 # (M, K) int8, (M, 1)
         M = xq.shape[0]
+        if x.device.type == "cpu" and M <= native.MAX_ROWS and native.active():         # decode: the kit's kernel
+            return self._finish(native.int8_int8(xq, xs, self.qweight, self.scales), x)
         if x.device.type == "cuda" and M <= 16:  # pragma: no cover - cuBLAS int8 wants more than 16 rows
             xq = torch.cat([xq, xq.new_zeros(17 - M, xq.shape[1])])
         acc = torch._int_mm(xq, self.qweight.t())[:M]                                   # (M, N) int32

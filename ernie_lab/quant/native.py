@@ -1,18 +1,22 @@
-"""Streaming decode kernels (``gemv.c``), compiled on first use with the machine's C compiler.
+"""The kit's own decode kernels (``gemv.c``), compiled on first use with the machine's C compiler.
 
-At batch-1 decode a linear layer costs the time to read its weight once. PyTorch's one-row kernels
-reach only part of the memory bandwidth on some machines (and its int4 CPU kernel is compute-bound
-without AVX-512), so the kit carries ~200 lines of C that read fp32, bf16, int8 and packed int4 /
-int2 weights in their stored layout and accumulate in fp32 (``gemv.c`` explains the arithmetic).
+At batch-1 decode a linear layer costs the time to read its weight once, so a kernel should touch each
+stored byte once and do little work per weight. PyTorch's one-row kernels reach only part of the memory
+bandwidth on some machines, and its int4 CPU kernel is compute-bound without AVX-512. ``gemv.c`` (C with
+AVX2, portable C elsewhere) reads fp32, bf16, int8 and packed int4 / int2 weights in their stored layout;
+its header explains the arithmetic (zero points folded out, activations rounded once to int16 per group).
 
-    native.available()          True when the kernels are built and loaded
-    native.why_unavailable()    the reason when they are not (no compiler, ERNIE_LAB_NATIVE=0, ...)
-    native.gemv(x, layer)       (M, K) float32 rows @ a QuantLinear's codes -> (M, N) float32
+    native.available() / why_unavailable() / info()   built and loaded? if not, why; the library's path
+    native.linear(x, weight)              (M, K) rows @ an fp32 / bf16 (N, K) weight -> (M, N) fp32
+    native.gemv(x, qweight, scales, zeros, bits, group_size)     rows @ int8 / int4 / int2 codes
+    native.int8_int8(xq, xs, qweight, scales)     W8A8: int8 activations @ int8 codes, exact in int32
+    native.dequantize(qweight, scales, zeros, bits, group_size, dtype)     codes -> the float weight
+    native.off()                          a block in which the kit uses PyTorch's kernels only
 
 Built once per source / compiler / CPU into ``$ERNIE_LAB_CACHE`` (default ``~/.cache/ernie_lab``) with
 ``cc -O3 -march=native -fopenmp`` and loaded with ctypes; the OpenMP runtime is the one PyTorch already
-loaded (same soname), so the kernels share its threads. Set ``ERNIE_LAB_NATIVE=0`` to use PyTorch's
-kernels only. Without a compiler everything still runs, on PyTorch's kernels.
+loaded (same soname), so the kernels share its threads (``torch.set_num_threads``). ``ERNIE_LAB_NATIVE=0``
+turns them off. Without a C compiler (or off Linux) everything still runs, on PyTorch's kernels.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
 MAX_GROUP = 2048    # int4 / int2 groups up to this size are summed exactly in int32
 Q8_GROUP = 128      # int8 weights meet x rounded to int16 in groups of this many inputs
-MAX_ROWS = 8        # decode sizes; longer inputs (prefill) are compute-bound and go to PyTorch's kernels
+MAX_ROWS = 8        # decode sizes; longer inputs (prompts) are compute-bound: dequantize + PyTorch's GEMM
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -101,7 +105,12 @@ def _load():
                 raise OSError("no C compiler (cc, gcc or clang) on PATH")
             path = _library_path(compiler)
             if not path.is_file():
-                _build(compiler, path)
+                try:
+                    _build(compiler, path)
+                except PermissionError:  # a read-only home: build under the temporary folder instead
+                    path = Path(tempfile.gettempdir()) / f"ernie_lab-{os.getuid()}" / path.relative_to(path.parents[1])
+                    if not path.is_file():
+                        _build(compiler, path)
             lib = ctypes.CDLL(str(path))
             _declare(lib)
             _state["lib"], _state["path"] = lib, path
@@ -117,8 +126,9 @@ def _declare(lib) -> None:
     lib.ernie_gemv_q8.argtypes = [p, p, p, p, i64, i64, i64, i32]
     lib.ernie_gemv_packed.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i32, p, i32]
     lib.ernie_gemv_q8_int16.argtypes = [p, p, p, p, i64, i64, i64, i64, p, i32]
+    lib.ernie_gemv_i8i8.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
     lib.ernie_dequantize_packed.argtypes = [p, p, p, p, i64, i64, i64, i32, i32, i32]
-    for fn in ("ernie_gemv_f32", "ernie_gemv_bf16", "ernie_gemv_q8", "ernie_gemv_packed", "ernie_gemv_q8_int16",
+    for fn in ("ernie_gemv_f32", "ernie_gemv_bf16", "ernie_gemv_q8", "ernie_gemv_packed", "ernie_gemv_q8_int16", "ernie_gemv_i8i8",
                "ernie_dequantize_packed"):
         getattr(lib, fn).restype = f
     lib.ernie_gemv_has_avx2.restype = i32
@@ -163,17 +173,35 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
+def _check_codes(qweight, scales, zeros, bits: int, group_size: int) -> tuple[int, int]:
+    """The C code trusts its pointers: refuse anything but the documented CPU layout. Returns (N, K)."""
+    N, K = qweight.shape[0], qweight.shape[1] * 8 // bits
+    groups = 1 if bits == 8 else K // group_size
+    ok = (qweight.dim() == 2 and qweight.dtype == (torch.int8 if bits == 8 else torch.uint8)
+          and qweight.is_contiguous() and qweight.device.type == "cpu"
+          and scales.dtype == torch.float32 and scales.is_contiguous() and scales.numel() == N * groups
+          and (bits == 8 or K % group_size == 0)
+          and (zeros is None or (zeros.dtype == torch.uint8 and zeros.is_contiguous() and zeros.numel() == N * groups)))
+    if not ok:
+        raise ValueError(f"native kernels want contiguous CPU codes ({'int8' if bits == 8 else 'uint8'} (N, K*{bits}/8)), "
+                         f"float32 scales and uint8 zeros of (N, K/group); got {qweight.dtype} {tuple(qweight.shape)}, "
+                         f"{scales.dtype} {tuple(scales.shape)}, {None if zeros is None else (zeros.dtype, tuple(zeros.shape))}")
+    return N, K
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(M, K) rows @ an fp32 or bf16 (N, K) weight -> (M, N) float32."""
+    if weight.dtype not in (torch.bfloat16, torch.float32) or weight.device.type != "cpu":
+        raise TypeError(f"native.linear takes fp32 or bf16 CPU weights, not {weight.dtype} on {weight.device}")
     rows = x.float().contiguous()
     M, K = rows.shape
     N = weight.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"rows of width {K} for a weight of shape {tuple(weight.shape)}")
     y = torch.empty(M, N, dtype=torch.float32)
     w = weight.contiguous()
     lib = _library()
     fn = lib.ernie_gemv_bf16 if w.dtype == torch.bfloat16 else lib.ernie_gemv_f32
-    if w.dtype not in (torch.bfloat16, torch.float32):
-        raise TypeError(f"native.linear takes fp32 or bf16 weights, not {w.dtype}")
     fn(_ptr(rows), _ptr(w), _ptr(y), M, N, K, torch.get_num_threads())
     return y
 
@@ -182,9 +210,11 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
          bits: int, group_size: int) -> torch.Tensor:
     """(M, K) rows @ plain-packed codes (``formats`` layout) with float32 scales -> (M, N) float32."""
     lib = _library()
+    N, K = _check_codes(qweight, scales, zeros, bits, group_size)
     rows = x.float().contiguous()
-    M, K = rows.shape
-    N = qweight.shape[0]
+    M = rows.shape[0]
+    if rows.shape[1] != K:
+        raise ValueError(f"rows of width {rows.shape[1]} for codes of {K} inputs")
     y = torch.empty(M, N, dtype=torch.float32)
     threads = torch.get_num_threads()
     if bits == 8:
@@ -203,13 +233,27 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
     return y
 
 
+def int8_int8(xq: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """W8A8: (M, K) int8 activations with (M, 1) float scales @ int8 (N, K) codes with per-row scales -> (M, N)
+    float32, the integer dot products exact in int32."""
+    N, K = _check_codes(qweight, scales, None, 8, qweight.shape[1])
+    if xq.dtype != torch.int8 or xq.dim() != 2 or xq.shape[1] != K or xs.numel() != xq.shape[0]:
+        raise ValueError(f"int8 activations (M, {K}) and M scales, got {xq.dtype} {tuple(xq.shape)}, {tuple(xs.shape)}")
+    M = xq.shape[0]
+    wide, row_scales = xq.to(torch.int16).contiguous(), xs.float().contiguous()
+    y = torch.empty(M, N, dtype=torch.float32)
+    _library().ernie_gemv_i8i8(_ptr(wide), _ptr(row_scales), _ptr(qweight), _ptr(scales), _ptr(y), M, N, K,
+                               torch.get_num_threads())
+    return y
+
+
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """int8 or plain-packed int4 / int2 codes -> the (N, K) fp32 or bf16 weight, q * s or (u - z) * s (for
     longer inputs). int8 takes one scale per row (``group_size`` = K)."""
     if dtype not in (torch.float32, torch.bfloat16) or bits not in (8, 4, 2):
         raise TypeError(f"native.dequantize writes fp32 or bf16 from int8 / int4 / int2 codes, not {dtype} from {bits} bits")
-    N, K = qweight.shape[0], qweight.shape[1] * 8 // bits
+    N, K = _check_codes(qweight, scales, zeros, bits, group_size)
     out = torch.empty(N, K, dtype=dtype)
     _library().ernie_dequantize_packed(_ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(out), N, K, group_size, bits,
                                        int(dtype == torch.bfloat16), torch.get_num_threads())
