@@ -92,6 +92,8 @@ def variants(base: nn.Module) -> dict:
             "w8a16 (PyTorch kernels)": (scheme("w8a16"), False),
             "w4a16 (PyTorch kernels)": (scheme("w4a16"), False),
             "w4a16+int8 head (PyTorch kernels)": (scheme("w4a16", True), False),
+            "w8a8 (PyTorch kernels)": (scheme("w8a8", dtype=torch.float32), False),
+            "w2a16 (PyTorch kernels)": (scheme("w2a16"), False),
             "torchao int8 (Int8WeightOnlyConfig)": (torchao("int8"), False),
             "torchao int4 (PrototypeInt4WeightOnlyConfig g128)": (torchao("int4"), False)}
 
@@ -119,6 +121,18 @@ def read_bandwidth(threads: int) -> float:
         data.sum()
         times.append(time.perf_counter() - start)
     return data.numel() * 4 / statistics.median(times)
+
+
+def overhead_floor(config: ErnieConfig, prompt, new_tokens: int, rounds: int) -> float:
+    """Seconds per decode token of a model with the 0.3B's depth, heads and call pattern but tiny widths
+    (its weights are read in microseconds): the per-token cost of everything but reading the weights."""
+    narrow = ErnieConfig(num_hidden_layers=config.num_hidden_layers, hidden_size=128, intermediate_size=256,
+                         vocab_size=1024, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    model = random_model(narrow).to(torch.bfloat16)
+    quant.stream_linears(model)
+    small = prompt.clamp(max=narrow.vocab_size - 1)
+    decode_speed(model, small, 4)
+    return 1 / statistics.median(decode_speed(model, small, new_tokens) for _ in range(rounds))
 
 
 def decode_time(model, prompt, new_tokens: int) -> float:
@@ -296,6 +310,8 @@ def main():
         else:
             print(f"{name:50s} {row['file_bytes'] / 2**20:8.1f} MiB (file)  decode {row['decode_tok_s']:6.1f} tok/s")
     work.cleanup()
+    floor = overhead_floor(config, prompt1, new, args.rounds)
+    print(f"per-token cost of everything but reading the weights (same depth, tiny widths, bf16): {floor * 1e3:.1f} ms")
 
     def ratio(a, b):
         ra, rb = rows.get(a, {}).get("decode_tok_s"), rows.get(b, {}).get("decode_tok_s")
@@ -321,6 +337,8 @@ def main():
         "w8a16 / w8a16 (PyTorch kernels)": ratio("w8a16", "w8a16 (PyTorch kernels)"),
         "w4a16 / w4a16 (PyTorch kernels)": ratio("w4a16", "w4a16 (PyTorch kernels)"),
         "w4a16+int8 head / w4a16+int8 head (PyTorch kernels)": ratio("w4a16+int8 head", "w4a16+int8 head (PyTorch kernels)"),
+        "w8a8 / w8a8 (PyTorch kernels)": ratio("w8a8", "w8a8 (PyTorch kernels)"),
+        "w2a16 / w2a16 (PyTorch kernels)": ratio("w2a16", "w2a16 (PyTorch kernels)"),
         "w8a16 (PyTorch kernels) / fp32 (PyTorch kernels)": ratio("w8a16 (PyTorch kernels)", "fp32 (PyTorch kernels)"),
         "w4a16 (PyTorch kernels) / fp32 (PyTorch kernels)": ratio("w4a16 (PyTorch kernels)", "fp32 (PyTorch kernels)"),
     }
@@ -332,6 +350,7 @@ def main():
     result = {"date": datetime.date.today().isoformat(), "cpu": cpu, "shape": "quick" if args.quick else "ERNIE-4.5-0.3B",
               "threads": args.threads, "torch": torch.__version__, "rows": rows, "ratios": ratios,
               "llama_cpp": llama_note, "read_bandwidth_GB_s": bandwidth / 1e9,
+              "overhead_floor_ms_per_token": floor * 1e3,
               "native_kernels": quant.native.info(), "family_weight_bytes": family_memory(),
               "gpu": "not measured: no GPU in this run"}
     if not args.quick:

@@ -257,11 +257,19 @@ assert float(same.float().mean()) >= 0.75
 
 # %% [markdown]
 # ## 10 · The quality / memory / speed table
-# From `benchmarks/results/quant.json` (0.3B shape, random weights, CPU, 2 threads, batch-1 decode), with
-# llama.cpp on GGUF files converted from the same checkpoint. On the machine of the recorded run (an AMD
-# EPYC without AMX) the kit's own ratios hold (int8 and int4 weights are 2-5x faster than fp32, int4 with an
-# int8 head 1.8x torchao's int4), but llama.cpp decodes about twice as fast at every precision: its
-# matrix-vector kernels read the weights at about 35 GB/s where PyTorch's reach about 18.
+# From `benchmarks/results/quant.json`: the 0.3B shape with random weights, CPU, 2 threads, batch-1
+# decode. Every row is measured once per round, rounds interleaved. llama.cpp runs on GGUF files
+# converted from the same checkpoint. Each kit row also shows its bandwidth bound (measured read
+# bandwidth / weight bytes per token).
+#
+# The recorded run is on a 2-core AMD EPYC VM with AVX2 and no AVX-512. There the kit's C kernels make
+# decode 1.1-1.4x faster than PyTorch's kernels, W8A8 3.9x and 2-bit about 15x. Still, every quantized
+# row lands near 20-24 tok/s, far below its bound. A w4a16 token takes about 42 ms, of which reading its
+# weights is about 13 ms. The rest is eager PyTorch around the matmuls: about a thousand small ops
+# (norms, rotary, attention, dtype casts) plus 127 kernel calls per token, each costing microseconds on
+# this slow-clocked VM. The int4 kernel is also compute-bound here, at about 12 G weights/s per core.
+# llama.cpp runs its whole step as one C++ graph, so its rows scale with the bytes (Q4_0 about 56 tok/s).
+# Closing that gap means compiling the step (a CPU analogue of CUDA graphs), not faster matmuls.
 
 # %%
 results_file = repo_path("benchmarks/results/quant.json")

@@ -98,7 +98,7 @@ def test_every_kernel_equals_the_dequantize_reference(scheme, symmetric, dtype, 
     linear = nn.Linear(256, 192, bias=True).to(dtype)
     layer = quant.QuantLinear.from_linear(linear, scheme, group_size=64, symmetric=symmetric)
     use = contextlib.nullcontext() if streaming else quant.native.off()
-    with use:
+    with use, torch.no_grad():                                  # as in generation
         for rows in (1, 5):                                     # 3 rows (decode-sized) and 15 rows (prefill)
             x = torch.randn(rows, 3, 256, dtype=dtype)
             with quant.reference_only():
@@ -162,7 +162,7 @@ def test_native_kernels_refuse_layouts_they_would_misread():
                           (q.codes, scales[:, :1].contiguous(), "too few scales")):
         with pytest.raises(ValueError, match="native kernels want"):
             quant.native.gemv(x, codes, s, None, 4, 64)
-    with pytest.raises(ValueError, match="rows of width"):
+    with pytest.raises(ValueError, match="rows of shape"):
         quant.native.gemv(torch.randn(1, 96), q.codes, scales, None, 4, 64)
 
 
@@ -209,6 +209,15 @@ def test_streaming_linear_equals_nn_linear_and_keeps_the_model_the_same(dtype):
 def test_the_kernels_build_wherever_a_compiler_exists():
     assert quant.native.available(), quant.native.why_unavailable()
     assert quant.native.info()["avx2"] == ("avx2" in open("/proc/cpuinfo").read())
+
+
+def test_a_trainable_bias_still_gets_its_gradient_at_decode_sizes():
+    """The C kernels add the bias themselves, without autograd: a bias being trained keeps PyTorch's path."""
+    torch.manual_seed(3)
+    for layer in (quant.QuantLinear.from_linear(nn.Linear(128, 32), "w4a16", group_size=64),
+                  quant.StreamingLinear(128, 32)):
+        layer(torch.randn(1, 128)).sum().backward()
+        assert layer.bias.grad is not None and float(layer.bias.grad.abs().sum()) > 0
 
 
 def test_without_a_compiler_the_kernels_say_why_and_the_model_still_runs(tmp_path):

@@ -24,6 +24,7 @@
    as it can) otherwise. */
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -32,6 +33,8 @@
 
 /* below this many weights a matmul runs on the calling thread: waking the other threads costs more */
 #define PARALLEL_WORK 65536
+/* int8 weights meet x rounded to int16 in groups of this many inputs */
+#define Q8_GROUP 128
 
 int ernie_gemv_has_avx2(void) {
 #ifdef HAVE_AVX2
@@ -323,4 +326,36 @@ void ernie_dequantize_packed(const uint8_t *packed, const float *scales, const u
             if (out_bf16) ob[k] = f32_to_bf16(w); else of[k] = w;
         }
     }
+}
+
+/* ------------------------------------------------------------------ one entry point for a linear layer
+
+   kind 32 / 16: fp32 / bf16 weights; 8: int8 codes with one scale per row; 4 / 2: packed codes with
+   group-wise scales (and zeros, or NULL). x holds M rows of K values as fp32, or bf16 when x_bf16; y
+   receives (M, N) as fp32, or bf16 when y_bf16, with the bias (N floats, or NULL) added. Converting
+   here saves two framework ops per layer call, which at decode cost more than the conversion. */
+void ernie_linear(int kind, const void *x, int x_bf16, const void *w, const float *scales, const uint8_t *zeros,
+                  const float *bias, void *y, int y_bf16, int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
+    const int64_t groups = (kind == 4 || kind == 2) ? K / G : K / Q8_GROUP;
+    float *xf = (float *)x, *yf = (float *)y, *owned_x = NULL, *owned_y = NULL;
+    uint8_t *work = NULL;
+    if (x_bf16) {
+        owned_x = xf = (float *)malloc((size_t)(M * K) * sizeof(float));
+        for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+    }
+    if (y_bf16) owned_y = yf = (float *)malloc((size_t)(M * N) * sizeof(float));
+    if (kind == 8 || kind == 4 || kind == 2) work = (uint8_t *)malloc((size_t)(M * (2 * K + 8 * groups)));
+    if (kind == 32) ernie_gemv_f32(xf, (const float *)w, yf, M, N, K, threads);
+    else if (kind == 16) ernie_gemv_bf16(xf, (const uint16_t *)w, yf, M, N, K, threads);
+    else if (kind == 8 && K % Q8_GROUP == 0) ernie_gemv_q8_int16(xf, (const int8_t *)w, scales, yf, M, N, K, Q8_GROUP, work, threads);
+    else if (kind == 8) ernie_gemv_q8(xf, (const int8_t *)w, scales, yf, M, N, K, threads);
+    else ernie_gemv_packed(xf, (const uint8_t *)w, scales, zeros, yf, M, N, K, G, kind, work, threads);
+    for (int64_t m = 0; m < M && (bias || y_bf16); m++)
+        for (int64_t n = 0; n < N; n++) {
+            float v = yf[m * N + n] + (bias ? bias[n] : 0.0f);
+            if (y_bf16) ((uint16_t *)y)[m * N + n] = f32_to_bf16(v); else yf[m * N + n] = v;
+        }
+    free(owned_x);
+    free(owned_y);
+    free(work);
 }

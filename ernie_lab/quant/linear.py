@@ -178,7 +178,8 @@ class QuantLinear(nn.Module):
     def _kernel_for(self, x: torch.Tensor):
         on_cpu, on_cuda = x.device.type == "cpu", x.device.type == "cuda"
         own = on_cpu and native.active() and (self.bits == 8 or self.group_size <= native.MAX_GROUP)
-        if own and self.scheme in ("w8a16", "w4a16", "w2a16") and native.usable(x):
+        trains_bias = self.bias is not None and self.bias.requires_grad and torch.is_grad_enabled()
+        if own and self.scheme in ("w8a16", "w4a16", "w2a16") and native.usable(x) and not trains_bias:
             return self._streaming
         if own and self.scheme in ("w8a16", "w4a16", "w2a16") and x.dtype in (torch.float32, torch.bfloat16):
             return self._dequantized   # longer inputs; the codes stay in the plain layout the kit reads
@@ -197,8 +198,9 @@ class QuantLinear(nn.Module):
         if self.layout != "plain":
             self.to_plain_layout()
         rows = x.reshape(-1, self.in_features)
-        y = native.gemv(rows, self.qweight, self.scales, self.zeros, self.bits, self.group_size)  # (M, N) fp32
-        return self._finish(y, x)
+        y = native.gemv(rows, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                        bias=self.bias, out_dtype=x.dtype)                               # (M, N), bias added
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _dequantized(self, x):
         """Longer inputs (a prompt): the kit's C dequantizer writes the weight in x's dtype, then one GEMM."""

@@ -127,8 +127,9 @@ def _declare(lib) -> None:
     lib.ernie_gemv_packed.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i32, p, i32]
     lib.ernie_gemv_q8_int16.argtypes = [p, p, p, p, i64, i64, i64, i64, p, i32]
     lib.ernie_gemv_i8i8.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
+    lib.ernie_linear.argtypes = [i32, p, i32, p, p, p, p, p, i32, i64, i64, i64, i64, i32]
     lib.ernie_dequantize_packed.argtypes = [p, p, p, p, i64, i64, i64, i32, i32, i32]
-    for fn in ("ernie_gemv_f32", "ernie_gemv_bf16", "ernie_gemv_q8", "ernie_gemv_packed", "ernie_gemv_q8_int16", "ernie_gemv_i8i8",
+    for fn in ("ernie_gemv_f32", "ernie_gemv_bf16", "ernie_gemv_q8", "ernie_gemv_packed", "ernie_gemv_q8_int16", "ernie_gemv_i8i8", "ernie_linear",
                "ernie_dequantize_packed"):
         getattr(lib, fn).restype = f
     lib.ernie_gemv_has_avx2.restype = i32
@@ -189,48 +190,45 @@ def _check_codes(qweight, scales, zeros, bits: int, group_size: int) -> tuple[in
     return N, K
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(M, K) rows @ an fp32 or bf16 (N, K) weight -> (M, N) float32."""
-    if weight.dtype not in (torch.bfloat16, torch.float32) or weight.device.type != "cpu":
-        raise TypeError(f"native.linear takes fp32 or bf16 CPU weights, not {weight.dtype} on {weight.device}")
-    rows = x.float().contiguous()
-    M, K = rows.shape
-    N = weight.shape[0]
-    if weight.shape[1] != K:
-        raise ValueError(f"rows of width {K} for a weight of shape {tuple(weight.shape)}")
-    y = torch.empty(M, N, dtype=torch.float32)
-    w = weight.contiguous()
-    lib = _library()
-    fn = lib.ernie_gemv_bf16 if w.dtype == torch.bfloat16 else lib.ernie_gemv_f32
-    fn(_ptr(rows), _ptr(w), _ptr(y), M, N, K, torch.get_num_threads())
+def _rows(x: torch.Tensor, K: int) -> torch.Tensor:
+    """(M, K) contiguous fp32 or bf16 rows (the two dtypes the C reads)."""
+    if x.dim() != 2 or x.shape[1] != K:
+        raise ValueError(f"rows of shape {tuple(x.shape)} for a layer of {K} inputs")
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    return x.contiguous()
+
+
+def _run(kind: int, rows: torch.Tensor, weight, scales, zeros, bias, out_dtype, N: int, K: int, group: int):
+    out_dtype = torch.float32 if out_dtype not in (torch.float32, torch.bfloat16) else out_dtype
+    y = torch.empty(rows.shape[0], N, dtype=out_dtype)
+    if bias is not None:
+        bias = bias.detach().float().contiguous()
+    _library().ernie_linear(kind, _ptr(rows), int(rows.dtype == torch.bfloat16), _ptr(weight), _ptr(scales),
+                            _ptr(zeros), _ptr(bias), _ptr(y), int(out_dtype == torch.bfloat16), rows.shape[0], N, K,
+                            group, torch.get_num_threads())
     return y
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(M, K) fp32 / bf16 rows @ an fp32 or bf16 (N, K) weight (+ bias) -> (M, N) in ``out_dtype`` (fp32 or bf16)."""
+    if weight.dtype not in (torch.bfloat16, torch.float32) or weight.device.type != "cpu" or weight.dim() != 2:
+        raise TypeError(f"native.linear takes a 2-D fp32 or bf16 CPU weight, not {weight.dtype} on {weight.device}")
+    N, K = weight.shape
+    kind = 16 if weight.dtype == torch.bfloat16 else 32
+    return _run(kind, _rows(x, K), weight.contiguous(), None, None, bias, out_dtype, N, K, K)
 
 
 def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-         bits: int, group_size: int) -> torch.Tensor:
-    """(M, K) rows @ plain-packed codes (``formats`` layout) with float32 scales -> (M, N) float32."""
-    lib = _library()
+         bits: int, group_size: int, bias: torch.Tensor | None = None,
+         out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(M, K) rows @ int8 or plain-packed int4 / int2 codes (``formats`` layout) with float32 scales (+ bias)
+    -> (M, N) in ``out_dtype``. int8 and packed codes meet x rounded to int16 per group (``gemv.c``)."""
     N, K = _check_codes(qweight, scales, zeros, bits, group_size)
-    rows = x.float().contiguous()
-    M = rows.shape[0]
-    if rows.shape[1] != K:
-        raise ValueError(f"rows of width {rows.shape[1]} for codes of {K} inputs")
-    y = torch.empty(M, N, dtype=torch.float32)
-    threads = torch.get_num_threads()
-    if bits == 8:
-        if K % Q8_GROUP:   # x cannot be cut into int16 groups: the fp32 path
-            lib.ernie_gemv_q8(_ptr(rows), _ptr(qweight), _ptr(scales), _ptr(y), M, N, K, threads)
-        else:
-            work = torch.empty(M, 2 * K + 8 * (K // Q8_GROUP), dtype=torch.uint8)
-            lib.ernie_gemv_q8_int16(_ptr(rows), _ptr(qweight), _ptr(scales), _ptr(y), M, N, K, Q8_GROUP, _ptr(work),
-                                    threads)
-        return y
-    if group_size > MAX_GROUP:
+    if bits != 8 and group_size > MAX_GROUP:
         raise ValueError(f"native.gemv sums a group exactly in int32 only up to {MAX_GROUP} inputs, not {group_size}")
-    work = torch.empty(M, 2 * K + 8 * (K // group_size), dtype=torch.uint8)
-    lib.ernie_gemv_packed(_ptr(rows), _ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(y), M, N, K, group_size, bits,
-                          _ptr(work), threads)
-    return y
+    return _run(bits, _rows(x, K), qweight, scales, zeros, bias, out_dtype, N, K, group_size)
 
 
 def int8_int8(xq: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
