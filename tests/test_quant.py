@@ -211,6 +211,23 @@ def test_the_kernels_build_wherever_a_compiler_exists():
     assert quant.native.info()["avx2"] == ("avx2" in open("/proc/cpuinfo").read())
 
 
+@pytest.mark.parametrize("scheme", WEIGHT_ONLY + ["w8a8"])
+def test_casting_a_quantized_model_keeps_its_format(scheme):
+    """quantize first, then model.to(bfloat16): the scales stay float32, every path still runs."""
+    model = quant.quantize(random_model(text_config()), scheme, group_size=64)
+    expected = model.layers[0].mlp.up_proj.dequantize()
+    with quant.native.off():
+        model.float()(torch.randint(3, 500, (1, 4)))                  # PyTorch's int4 kernel tiles the codes
+    model.to(torch.bfloat16)
+    layer = model.layers[0].mlp.up_proj
+    assert layer.scales.dtype == torch.float32 and torch.equal(layer.dequantize(), expected)
+    with torch.inference_mode():
+        for use in (contextlib.nullcontext(), quant.native.off()):
+            with use:
+                for prompt in (torch.randint(3, 500, (1, 4)), torch.randint(3, 500, (1, 20))):
+                    assert torch.isfinite(model(prompt).logits).all()
+
+
 def test_a_trainable_bias_still_gets_its_gradient_at_decode_sizes():
     """The C kernels add the bias themselves, without autograd: a bias being trained keeps PyTorch's path."""
     torch.manual_seed(3)

@@ -275,6 +275,20 @@ class QuantLinear(nn.Module):
                              out_dtype=torch.bfloat16)
         return self._finish(y.float(), x)
 
+    # ------------------------------------------------------------------ casts and moves
+    def _apply(self, fn, recurse=True):
+        """``model.to(torch.bfloat16)`` casts every floating tensor; the format's own tensors keep their dtypes
+        (scales float32, fp8 codes e4m3: both casts back are exact), so a cast model still reads its codes."""
+        kept = self.scales
+        super()._apply(fn, recurse)
+        if self.scales.dtype != torch.float32:  # fn cast them, and rounded scales would change every weight
+            self.scales = self.scales.float() if kept.is_meta else kept.to(self.qweight.device)
+        if self.scheme == "fp8" and self.qweight.dtype != torch.float8_e4m3fn:
+            self.qweight = self.qweight.to(torch.float8_e4m3fn)
+        if self._kernel_scales is not None:  # cached on the old device / dtype: rebuild
+            self._kernel_scales = self._int4_scales_and_zeros() if self.layout == "cpu_int4" else None
+        return self
+
     # ------------------------------------------------------------------ saving
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
