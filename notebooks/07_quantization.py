@@ -140,7 +140,7 @@ assert family.weight_bytes(config, "int4") < family.weight_bytes(config, "bf16")
 # %% [markdown]
 # ## 5b · Reading the codes once: the kit's decode kernel
 # To reach that bound a kernel must touch each packed byte once and do little work per weight. The kit's
-# decode kernel (`ernie_lab/quant/gemv.c`, about 250 lines of C that the kit compiles on first use) does
+# decode kernel (`ernie_lab/quant/gemv.c`, about 350 lines of C that the kit compiles on first use) does
 # two things to keep the work small. First, it pulls the zero point out of the inner loop:
 #
 # $$y_n = \sum_g s_{ng} \sum_{k \in g} (u_k - z_{ng})\, x_k = \sum_g s_{ng} \Big(\sum_{k \in g} u_k x_k - z_{ng} \sum_{k \in g} x_k\Big)$$

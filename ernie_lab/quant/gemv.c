@@ -2,21 +2,24 @@
 
    At decode time each linear layer multiplies one token's activations x (K numbers) by a weight
    matrix W (N x K). Every weight is used once per token, so the time is the time to read W from
-   memory: the fewer bytes per weight, the faster the token. These kernels read W in its stored
-   format (fp32, bf16, int8, packed int4, packed int2), widen each weight to fp32 in registers and
-   accumulate in fp32, so they give the dequantize-then-matmul reference's result up to rounding.
+   memory: the fewer bytes per weight, the faster the token, as long as the work per weight stays
+   small. These kernels read W in its stored format:
 
-   Layouts (those of ernie_lab/quant/formats.py; row n of W is contiguous, K inputs):
      f32   float  [N][K]
-     bf16  uint16 [N][K]            the top 16 bits of an fp32: widen by a 16-bit shift
+     bf16  uint16 [N][K]            the top 16 bits of an fp32: widen by a 16-bit shift, fp32 sums
      q8    int8   [N][K]            w = q * s[n]
      q4    uint8  [N][K/2]          byte j = u[2j] << 4 | u[2j+1];  w = (u - z[n][g]) * s[n][g]
      q2    uint8  [N][K/4]          byte j = u[4j] << 6 | u[4j+1] << 4 | u[4j+2] << 2 | u[4j+3]
-   with groups g of G consecutive inputs. The zero point is folded out of the inner loop:
-     sum_k (u_k - z) s x_k = s (sum_k u_k x_k - z sum_k x_k),
-   so the inner loop is only u * x; the group sums of x are computed once per token. For packed
-   codes, x is first split by phase (x[2j] and x[2j+1] for int4; x[4j+p] for int2) so that the
-   codes of one byte meet contiguous activations.
+
+   (the layouts of ernie_lab/quant/formats.py; groups g of G consecutive inputs). For the integer
+   codes two things keep the work per weight small:
+     * the zero point leaves the inner loop:  sum_k (u_k - z) s x_k = s (sum_k u_k x_k - z sum_k x_k),
+       with the group sums of x computed once per token, not once per row;
+     * x is rounded once per token to int16, one scale per group (an error below 2^-16 of the group's
+       largest |x|; PyTorch's weight-only kernels round x to bf16, 2^-9), so the inner loop is integer
+       multiply-adds of 16 lanes (vpmaddwd) summed exactly in int32.
+   For packed codes x is also split by phase (x[2j] and x[2j+1] for int4, x[4j+p] for int2), so the
+   codes of one byte meet contiguous activations. W8A8 (int8 activations) sums exactly in int32 too.
 
    Rows n are shared among threads (OpenMP, the runtime PyTorch itself uses). Built on first use by
    ernie_lab/quant/native.py with the machine's C compiler (-O3 -march=native -fopenmp); the AVX2
@@ -101,13 +104,13 @@ static float dot_bf16(const float *x, const uint16_t *w, int64_t K) {
 }
 
 /* x (M, K) fp32, w (N, K), y (M, N) fp32 */
-void ernie_gemv_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
+static void ernie_gemv_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++) y[m * N + n] = dot_f32(x + m * K, w + n * K, K);
 }
 
-void ernie_gemv_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
+static void ernie_gemv_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++) y[m * N + n] = dot_bf16(x + m * K, w + n * K, K);
@@ -134,7 +137,7 @@ static float dot_q8(const float *x, const int8_t *q, int64_t K) {
     return acc;
 }
 
-void ernie_gemv_q8(const float *x, const int8_t *q, const float *scales, float *y,
+static void ernie_gemv_q8(const float *x, const int8_t *q, const float *scales, float *y,
                    int64_t M, int64_t N, int64_t K, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
     for (int64_t n = 0; n < N; n++)
@@ -224,7 +227,7 @@ static inline __attribute__((always_inline)) float row_packed(const uint8_t *row
 
 /* x (M, K); packed (N, K*bits/8); scales (N, K/G) fp32; zeros (N, K/G) uint8 or NULL (symmetric:
    z = 2^(bits-1)); work: M * (2K + 8 K/G) bytes of scratch, written here; y (M, N). */
-void ernie_gemv_packed(const float *x, const uint8_t *packed, const float *scales, const uint8_t *zeros, float *y,
+static void ernie_gemv_packed(const float *x, const uint8_t *packed, const float *scales, const uint8_t *zeros, float *y,
                        int64_t M, int64_t N, int64_t K, int64_t G, int bits, uint8_t *work, int threads) {
     const int64_t groups = K / G, rowbytes = K * bits / 8;
     for (int64_t m = 0; m < M; m++) prepare(x + m * K, prepared_at(work, m, K, groups), K, G, 8 / bits);
@@ -270,7 +273,7 @@ static inline float row_q8(const int8_t *row, prepared_x px, int64_t K, int64_t 
 }
 
 /* x (M, K); q (N, K) int8; scales (N,); x rounded to int16 in groups of G; work as for ernie_gemv_packed */
-void ernie_gemv_q8_int16(const float *x, const int8_t *q, const float *scales, float *y,
+static void ernie_gemv_q8_int16(const float *x, const int8_t *q, const float *scales, float *y,
                          int64_t M, int64_t N, int64_t K, int64_t G, uint8_t *work, int threads) {
     const int64_t groups = K / G;
     for (int64_t m = 0; m < M; m++) prepare(x + m * K, prepared_at(work, m, K, groups), K, G, 1);

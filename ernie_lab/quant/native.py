@@ -120,18 +120,12 @@ def _load():
 
 
 def _declare(lib) -> None:
-    p, i64, i32, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, None
-    lib.ernie_gemv_f32.argtypes = [p, p, p, i64, i64, i64, i32]
-    lib.ernie_gemv_bf16.argtypes = [p, p, p, i64, i64, i64, i32]
-    lib.ernie_gemv_q8.argtypes = [p, p, p, p, i64, i64, i64, i32]
-    lib.ernie_gemv_packed.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i32, p, i32]
-    lib.ernie_gemv_q8_int16.argtypes = [p, p, p, p, i64, i64, i64, i64, p, i32]
-    lib.ernie_gemv_i8i8.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.ernie_linear.argtypes = [i32, p, i32, p, p, p, p, p, i32, i64, i64, i64, i64, i32]
+    lib.ernie_gemv_i8i8.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
     lib.ernie_dequantize_packed.argtypes = [p, p, p, p, i64, i64, i64, i32, i32, i32]
-    for fn in ("ernie_gemv_f32", "ernie_gemv_bf16", "ernie_gemv_q8", "ernie_gemv_packed", "ernie_gemv_q8_int16", "ernie_gemv_i8i8", "ernie_linear",
-               "ernie_dequantize_packed"):
-        getattr(lib, fn).restype = f
+    for fn in ("ernie_linear", "ernie_gemv_i8i8", "ernie_dequantize_packed"):
+        getattr(lib, fn).restype = None
     lib.ernie_gemv_has_avx2.restype = i32
 
 
