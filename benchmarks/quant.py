@@ -106,8 +106,8 @@ def bytes_per_token(model: nn.Module) -> int:
         if isinstance(module, quant.QuantLinear):
             total += sum(t.numel() * t.element_size() for t in (module.qweight, module.scales, module.zeros)
                          if t is not None)
-        elif isinstance(module, nn.Linear):
-            total += module.weight.numel() * module.weight.element_size()
+        elif isinstance(module, nn.Linear):  # torchao's quantized weights are tensor subclasses: their real bytes
+            total += quant._tensor_bytes(module.weight)
     return total
 
 

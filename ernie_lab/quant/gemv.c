@@ -54,10 +54,6 @@ static inline float hsum(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-/* eight bytes -> eight int32 lanes */
-static inline __m256i load8_u8(const uint8_t *p) {
-    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-}
 #endif
 
 /* ------------------------------------------------------------------ fp32 and bf16 weights */

@@ -18,8 +18,8 @@ Kernels (used when the device and shapes allow, else the reference runs):
 built, PyTorch's kernels serve every length: aten._weight_int8pack_mm (w8a16, bf16 activations),
 aten._weight_int4pack_mm_for_cpu (w4a16, on its own tiled copy of the codes) and the reference (w2a16).
 
-Weight-only kernels run in bf16 (an fp32 activation is rounded to bf16, then the output cast back): at
-batch 1 the cost is reading the weight, and bf16 halves the activations' share of it.
+PyTorch's weight-only kernels run in bf16 (an fp32 activation is rounded to bf16, then the output cast
+back); the kit's kernels round activations to int16 per group instead (``gemv.c``).
 The int4 CPU kernel wants its own tiled nibble order; it is made once (``layout = "cpu_int4"``) and
 the documented plain packing is rebuilt from it, exactly, whenever the weights are saved.
 """
@@ -178,8 +178,7 @@ class QuantLinear(nn.Module):
     def _kernel_for(self, x: torch.Tensor):
         on_cpu, on_cuda = x.device.type == "cpu", x.device.type == "cuda"
         own = on_cpu and native.active() and (self.bits == 8 or self.group_size <= native.MAX_GROUP)
-        trains_bias = self.bias is not None and self.bias.requires_grad and torch.is_grad_enabled()
-        if own and self.scheme in ("w8a16", "w4a16", "w2a16") and native.usable(x) and not trains_bias:
+        if own and self.scheme in ("w8a16", "w4a16", "w2a16") and native.usable(x, self.bias):
             return self._streaming
         if own and self.scheme in ("w8a16", "w4a16", "w2a16") and x.dtype in (torch.float32, torch.bfloat16):
             return self._dequantized   # longer inputs; the codes stay in the plain layout the kit reads

@@ -7,8 +7,8 @@ AVX2, portable C elsewhere) reads fp32, bf16, int8 and packed int4 / int2 weight
 its header explains the arithmetic (zero points folded out, activations rounded once to int16 per group).
 
     native.available() / why_unavailable() / info()   built and loaded? if not, why; the library's path
-    native.linear(x, weight)              (M, K) rows @ an fp32 / bf16 (N, K) weight -> (M, N) fp32
-    native.gemv(x, qweight, scales, zeros, bits, group_size)     rows @ int8 / int4 / int2 codes
+    native.linear(x, weight, bias, out_dtype)     (M, K) rows @ an fp32 / bf16 (N, K) weight -> (M, N)
+    native.gemv(x, qweight, scales, zeros, bits, group_size, bias, out_dtype)   rows @ int8 / int4 / int2 codes
     native.int8_int8(xq, xs, qweight, scales)     W8A8: int8 activations @ int8 codes, exact in int32
     native.dequantize(qweight, scales, zeros, bits, group_size, dtype)     codes -> the float weight
     native.off()                          a block in which the kit uses PyTorch's kernels only
@@ -151,10 +151,12 @@ def info() -> dict:
     return {"available": True, "path": str(_state["path"]), "avx2": bool(lib.ernie_gemv_has_avx2())}
 
 
-def usable(x: torch.Tensor) -> bool:
-    """Decode-sized fp32/bf16 CPU rows that need no gradient, and the kernels are loaded."""
+def usable(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """Decode-sized CPU rows, the kernels loaded, and no gradient wanted for ``x`` or any of the layer's
+    ``params`` (weight, bias): the C computes without autograd, so training keeps PyTorch's path."""
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
     return (_ENABLED[-1] and x.device.type == "cpu" and x.numel() // max(x.shape[-1], 1) <= MAX_ROWS
-            and not (torch.is_grad_enabled() and x.requires_grad) and available())
+            and not wants_grad and available())
 
 
 def _library():

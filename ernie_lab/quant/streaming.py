@@ -25,9 +25,7 @@ class StreamingLinear(nn.Linear):
     """``nn.Linear`` whose decode-sized CPU forward runs the streaming kernel (fp32 accumulation)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        trains = torch.is_grad_enabled() and (self.weight.requires_grad or (
-            self.bias is not None and self.bias.requires_grad))
-        if self.weight.dtype in (torch.float32, torch.bfloat16) and native.usable(x) and not trains:
+        if self.weight.dtype in (torch.float32, torch.bfloat16) and native.usable(x, self.weight, self.bias):
             y = native.linear(x.reshape(-1, self.in_features), self.weight, self.bias, out_dtype=x.dtype)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)   # (M, N) -> (..., N)
         return F.linear(x, self.weight, self.bias)
