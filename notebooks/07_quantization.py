@@ -263,14 +263,14 @@ assert float(same.float().mean()) >= 0.75
 # bandwidth / weight bytes per token).
 #
 # The recorded run is on a 2-core AMD EPYC VM with AVX2 and no AVX-512. The kit's C kernels beat
-# PyTorch's kernels on the same models: 1.15-1.6x, W8A8 3.2x, 2-bit 16x. Even so, every quantized row
-# lands near 16-26 tok/s, far below its bandwidth bound. Take w4a16: a token costs about 42 ms, and
-# reading its weights at the measured bandwidth would take about 10. The same model with tiny widths,
-# where there is almost nothing to read, still costs 15 ms a token: that is eager PyTorch around the
-# matmuls, about a thousand small ops and 127 kernel calls per token on a slow-clocked VM. On top of
-# that, the int4 kernel is compute-bound here at about 12 G weights/s per core. llama.cpp runs its whole
-# step as one C++ graph, so its rows scale with the bytes (Q4_0 60 tok/s). To close that gap the step
-# must be compiled, as a CUDA graph does on a GPU; faster matmuls alone will not do it.
+# PyTorch's kernels on the same models: 1.2-1.7x, W8A8 4x, 2-bit 15x. Even so, every quantized row lands
+# near 20-34 tok/s, far below its bandwidth bound. Take w4a16: a token costs about 38 ms, and reading its
+# weights at the measured bandwidth would take about 12.5. The same model with tiny widths, where there
+# is almost nothing to read, still costs 14 ms a token: that is eager PyTorch around the matmuls, about
+# a thousand small ops and 127 kernel calls per token on a slow-clocked VM. On top of that, the int4
+# kernel is compute-bound here at about 12 G weights/s per core. llama.cpp runs its whole step as one
+# C++ graph, so its rows scale with the bytes (Q4_0 about 71 tok/s). To close that gap the step must be
+# compiled, as a CUDA graph does on a GPU; faster matmuls alone will not do it.
 
 # %%
 results_file = repo_path("benchmarks/results/quant.json")
