@@ -39,7 +39,7 @@ def raw_config(shape: str) -> dict:
 
     if shape == "0.3b":
         return json.loads(Ernie4_5Config().to_json_string())             # the published 0.3B shape
-    from ernie_lab.tiny_models import TEXT_CONFIG
+    from ernie_lab.tiny.models import TEXT_CONFIG
 
     return dict(TEXT_CONFIG)
 
@@ -56,8 +56,8 @@ def build(shape: str, method: str, device: str):
         model = get_peft_model(Ernie4_5ForCausalLM(Ernie4_5Config(**keep)), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
     else:
         from ernie_lab import lora
-        from ernie_lab.config import parse_config
-        from ernie_lab.model import ErnieForCausalLM
+        from ernie_lab.model.config import parse_config
+        from ernie_lab.model.decoder import ErnieForCausalLM
 
         model = ErnieForCausalLM(parse_config(raw))
         if method.endswith("qlora"):

@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 
 import ernie_lab
-from ernie_lab.config import ERNIE_0_3B, ErnieConfig
+from ernie_lab.model.config import ERNIE_0_3B, ErnieConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "load_memory.json"
 MEASURE = """
 import json, sys, torch
 import ernie_lab
-from ernie_lab.config import ErnieConfig
-from ernie_lab.loading import build_empty
+from ernie_lab.model.config import ErnieConfig
+from ernie_lab.io.loading import build_empty
 
 def rss(field):
     for line in open("/proc/self/status"):

@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ernie_lab.config import ErnieConfig  # noqa: E402
-from ernie_lab.moe import MoEBlock  # noqa: E402
+from ernie_lab.model.config import ErnieConfig  # noqa: E402
+from ernie_lab.model.moe import MoEBlock  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "moe.json"
 

@@ -33,8 +33,8 @@ from torch import nn
 
 import ernie_lab
 from ernie_lab import architectures, family, quant
-from ernie_lab.checkpoints import CHECKPOINTS
-from ernie_lab.config import ErnieConfig
+from ernie_lab.model.published import CHECKPOINTS
+from ernie_lab.model.config import ErnieConfig
 
 RESULTS = Path(__file__).parent / "results" / "quant.json"
 

@@ -6,46 +6,61 @@
     ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
     out = ernie_lab.generate(model, [ids], max_new_tokens=32)
 
-Modules reachable as attributes: ``ernie_lab.routing`` (routing records), ``ernie_lab.losses``
-(MoE training losses), ``ernie_lab.vision`` (the ViT and adapter), ``ernie_lab.family``
-(parameter / memory / compute arithmetic), ``ernie_lab.special_tokens`` (token ids, modality codes),
-``ernie_lab.chat_format`` (the chat text), ``ernie_lab.checkpoints`` (the family's published shapes),
-``ernie_lab.modules`` (``replace_linears``, the seam for quantized and LoRA linears),
-``ernie_lab.hub_names`` (Hub tensor names), ``ernie_lab.architectures`` (the model-type registry),
-and, imported on first use because they need PIL,
-``ernie_lab.image_processing`` (pictures -> patches) and ``ernie_lab.processor`` (chats with pictures).
+The package, one folder per audience; each may import only the folders above it in this list:
+
+    errors.py   ErnieLabError and its kinds, for every folder
+    model/      the networks: norm, rope, attention, MoE, KV cache, decoder, vision, VL model, the linear seam
+    quant/      quantized linears, packing, GPTQ, the kit's decode kernels
+    io/         checkpoints and inputs: config files, loading, saving, tokenizer, chat format, pictures, chat
+    train/      the training step and loop, MoE losses, LoRA, SFT and DPO
+    tiny/       the tiny models and their synthetic data (scenes, corpus, tokenizer, recipes)
+    analysis/   routing records, routing pictures and the explorer, the family calculator
+    course/     exercise checks and notebook helpers
+
+The modules are also reachable by their short names, imported on first use
+(``ernie_lab.quant``, ``ernie_lab.lora``, ``ernie_lab.routing``, ``ernie_lab.viz``, ...: see ``MODULES``).
 ``import ernie_lab`` itself loads torch, safetensors, sentencepiece and tqdm, nothing heavier.
 """
 
 import importlib
 
-from . import (architectures, chat_format, checkpoints, family, hub_names, losses, modules, moe,  # noqa: F401
-               routing, special_tokens, vision, vl_model)
-from .chat import chat
-from .config import ErnieConfig
 from .errors import CheckpointError, ConfigError, ErnieLabError, InputError, NotEnoughMemoryError
-from .generation import generate
-from .kv_cache import KVCache
-from .loading import load_model
-from .model import ErnieForCausalLM
-from .saving import save_model
-from .tokenizer import ErnieTokenizer, StandInTokenizerWarning, load_tokenizer
-from .vl_model import ErnieVLForConditionalGeneration
+from .io.chat import chat
+from .io.loading import load_model
+from .io.saving import save_model
+from .io.tokenizer import ErnieTokenizer, StandInTokenizerWarning, load_tokenizer
+from .model import ErnieConfig, ErnieForCausalLM, ErnieVLForConditionalGeneration, KVCache, generate
+
+# Short name -> module, for ``from ernie_lab import lora`` and ``ernie_lab.routing.record(...)``.
+MODULES = {
+    "config": "model.config", "checkpoints": "model.published", "published": "model.published",
+    "special_tokens": "model.special_tokens", "norm": "model.norm", "rope": "model.rope",
+    "attention": "model.attention", "mlp": "model.mlp", "moe": "model.moe", "kv_cache": "model.kv_cache",
+    "decoder": "model.decoder", "vision": "model.vision", "rope3d": "model.rope3d", "vl_model": "model.vl_model",
+    "modules": "model.linears", "linears": "model.linears", "generation": "model.generation",
+    "quant": "quant",
+    "hub_names": "io.hub_names", "architectures": "io.architectures", "loading": "io.loading",
+    "saving": "io.saving", "tokenizer": "io.tokenizer", "chat_format": "io.chat_format",
+    "image_processing": "io.image_processing", "processor": "io.processor",
+    "train": "train", "losses": "train.losses", "lora": "train.lora", "finetune": "train.finetune",
+    "scenes": "tiny.scenes", "corpus": "tiny.corpus", "tiny_tokenizer": "tiny.tokenizer",
+    "tiny_models": "tiny.models", "finetune_data": "tiny.finetune_data", "vision_warmup": "tiny.vision_warmup",
+    "routing": "analysis.routing", "viz": "analysis.viz", "widgets": "analysis.widgets", "family": "analysis.family",
+    "exercises": "course.exercises", "exercise_sets": "course.exercise_sets", "notebook": "course.notebook",
+}
 
 __all__ = ["ErnieConfig", "ErnieForCausalLM", "ErnieVLForConditionalGeneration", "KVCache", "ErnieLabError",
            "ConfigError", "CheckpointError", "InputError", "NotEnoughMemoryError", "load_model", "save_model", "generate",
-           "ErnieTokenizer", "StandInTokenizerWarning", "load_tokenizer", "chat",
-           "architectures", "checkpoints", "family", "hub_names", "losses", "modules", "moe", "processor", "routing",
-           "vision", "vl_model", "special_tokens", "chat_format", "image_processing"]
-
-LAZY_MODULES = ("image_processing", "processor")  # they import PIL: loaded when first named
+           "ErnieTokenizer", "StandInTokenizerWarning", "load_tokenizer", "chat", *MODULES]
 
 
 def __getattr__(name: str):
-    if name in LAZY_MODULES:
-        return importlib.import_module(f".{name}", __name__)  # also sets the attribute: called once per name
+    if name in MODULES:
+        module = importlib.import_module(f".{MODULES[name]}", __name__)
+        globals()[name] = module  # later lookups skip this function
+        return module
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *LAZY_MODULES})
+    return sorted({*globals(), *MODULES})

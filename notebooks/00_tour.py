@@ -136,7 +136,7 @@ assert checkpoints == set(F.CHECKPOINTS), sorted(checkpoints ^ set(F.CHECKPOINTS
 # only, no memory).
 
 # %%
-from ernie_lab.config import ERNIE_0_3B, ERNIE_21B_A3B
+from ernie_lab.model.config import ERNIE_0_3B, ERNIE_21B_A3B
 
 
 def attention_params(c) -> int:

@@ -65,9 +65,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import ernie_lab
-from ernie_lab.config import ERNIE_0_3B, ErnieConfig
+from ernie_lab.model.config import ERNIE_0_3B, ErnieConfig
 from ernie_lab import exercises, notebook
-from ernie_lab.notebook import compare, setup
+from ernie_lab.course.notebook import compare, setup
 
 torch.set_grad_enabled(False)  # this notebook only runs models forward
 FAST = setup()  # fast mode: from ERNIE_LAB_FAST (make lab FAST=1); write FAST = True here to force it
@@ -236,7 +236,7 @@ q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
 compare("RoPE on q: by hand vs transformers", rope_by_hand(q, positions, cfg.rope_theta), q_ref)
 compare("RoPE on k: by hand vs transformers", rope_by_hand(k, positions, cfg.rope_theta), k_ref)
 
-from ernie_lab.rope import apply_rope, inverse_frequencies, rope_angles
+from ernie_lab.model.rope import apply_rope, inverse_frequencies, rope_angles
 
 lab_cos, lab_sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)  # (B, T, d/2) each
 compare("frequencies: by hand vs ernie_lab.rope", rope_frequencies(cfg.head_dim, cfg.rope_theta),
@@ -371,7 +371,7 @@ theirs, their_weights = ref_layer.self_attn(x, position_embeddings=(cos, sin), a
 compare("attention output: by hand vs transformers", ours, theirs)
 compare("attention probabilities: by hand vs transformers", our_weights, their_weights)
 
-from ernie_lab.attention import Attention, causal_mask
+from ernie_lab.model.attention import Attention, causal_mask
 
 lab_attn = Attention(cfg, layer_idx=0)
 lab_attn.load_state_dict(ref_layer.self_attn.state_dict())
@@ -514,8 +514,8 @@ compare("decoder layer: by hand vs transformers", hand_layer(x, positions), thei
 # `hub_to_lab` applies it. We use it here to move the reference layer's weights across.
 
 # %%
-from ernie_lab.loading import NAME_MAP, hub_to_lab
-from ernie_lab.model import DecoderLayer
+from ernie_lab.io.loading import NAME_MAP, hub_to_lab
+from ernie_lab.model.decoder import DecoderLayer
 
 for hub_name, lab_name in NAME_MAP:
     print(f"  {hub_name:52s} -> {lab_name}")
@@ -766,7 +766,7 @@ assert len(set(ours[0, 6:].tolist())) > 2  # a varied continuation, so the match
 # the same as for a trained one.
 
 # %%
-from ernie_lab.generation import pick_next_token
+from ernie_lab.model.generation import pick_next_token
 
 logits = loaded(torch.tensor([prompts[0]])).logits[:, -1]          # (1, V): the next-token logits
 fig, ax = plt.subplots(figsize=(7, 4))
@@ -801,7 +801,7 @@ for temperature in (0.0, 0.7, 1.5):
 # softmax(q k^T / sqrt(d)) by hand (GQA: query head h reads key head h // 3) and draw every head:
 
 # %%
-from ernie_lab.rope import apply_rope
+from ernie_lab.model.rope import apply_rope
 
 sentence = "The return statement leaves the current function call with the expression list."
 ids = torch.tensor([tiny_tokenizer.encode(sentence)])                          # (1, T)

@@ -60,10 +60,10 @@ from tqdm.auto import tqdm
 
 import ernie_lab
 from ernie_lab import exercises, losses, notebook, routing
-from ernie_lab.config import ERNIE_21B_A3B, ErnieConfig
-from ernie_lab.mlp import SwiGLU
-from ernie_lab.moe import MoEBlock, dispatch, moe_blocks, route
-from ernie_lab.notebook import compare, draw_dispatch, load_heatmap, setup
+from ernie_lab.model.config import ERNIE_21B_A3B, ErnieConfig
+from ernie_lab.model.mlp import SwiGLU
+from ernie_lab.model.moe import MoEBlock, dispatch, moe_blocks, route
+from ernie_lab.course.notebook import compare, draw_dispatch, load_heatmap, setup
 
 FAST = setup()  # fast mode: from ERNIE_LAB_FAST (make lab FAST=1); write FAST = True here to force it
 USE_REAL_WEIGHTS = False  # True: also use a real checkpoint a lecturer has cached (never downloads)

@@ -50,8 +50,8 @@ from PIL import Image
 
 from ernie_lab import exercises, rope3d, vision
 from ernie_lab import notebook
-from ernie_lab.notebook import setup
-from ernie_lab.rope import apply_rope
+from ernie_lab.course.notebook import setup
+from ernie_lab.model.rope import apply_rope
 
 FAST = setup()  # fast mode: from ERNIE_LAB_FAST (make lab FAST=1); write FAST = True here to force it
 MAX_PIXELS = 28 * 28 * (60 if FAST else 300)   # bounds for our demo picture: ~60 or ~300 tokens

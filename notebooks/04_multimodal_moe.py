@@ -53,13 +53,13 @@ from tqdm.auto import tqdm
 
 import ernie_lab
 from ernie_lab import exercises, notebook, routing
-from ernie_lab.moe import moe_blocks
+from ernie_lab.model.moe import moe_blocks
 from ernie_lab import family as F
-from ernie_lab.losses import load_balancing_loss, modality_balancing_losses
-from ernie_lab.notebook import draw_expert_choices, setup
-from ernie_lab.processor import VLProcessor
-from ernie_lab.rope3d import modality_types, routing_types
-from ernie_lab.vision import tokens_per_item
+from ernie_lab.train.losses import load_balancing_loss, modality_balancing_losses
+from ernie_lab.course.notebook import draw_expert_choices, setup
+from ernie_lab.io.processor import VLProcessor
+from ernie_lab.model.rope3d import modality_types, routing_types
+from ernie_lab.model.vision import tokens_per_item
 
 FAST = setup()  # fast mode: from ERNIE_LAB_FAST (make lab FAST=1); write FAST = True here to force it
 USE_REAL_WEIGHTS = False  # True: also use a real checkpoint a lecturer has cached (never downloads)
@@ -373,7 +373,7 @@ print(f"            active per text token {counts_28.active / 1e9:.2f} B, "
 
 # %%
 # check: the same count from transformers' reference class, and from ernie_lab's model, both on the meta device
-from ernie_lab.vl_model import ErnieVLForConditionalGeneration, VLConfig
+from ernie_lab.model.vl_model import ErnieVLForConditionalGeneration, VLConfig
 
 with torch.device("meta"):
     hf_count = sum(p.numel() for p in Ernie4_5_VLMoeForConditionalGeneration(Ernie4_5_VLMoeConfig()).parameters())

@@ -43,7 +43,7 @@ import torch
 
 import ernie_lab
 from ernie_lab import exercises, notebook, scenes, tiny_models, train, vision_warmup
-from ernie_lab.config import parse_config
+from ernie_lab.model.config import parse_config
 
 FAST = notebook.setup()  # the fast-mode switch: True under ERNIE_LAB_FAST=1 (CI, `make lab FAST=1`)
 SHIPPED = notebook.repo_path("data", "tiny-ernie-vl")
@@ -101,7 +101,7 @@ tok = ernie_lab.load_tokenizer(notebook.repo_path("data", "tiny-tokenizer"))
 config = parse_config(tiny_models.tiny_config(tiny_models.VL_CONFIG, tok))
 print({name: tok.special_tokens[name] for name in ("<|IMAGE_PLACEHOLDER|>", "<|IMAGE_START|>", "<|end_of_sentence|>")})
 
-from ernie_lab.processor import VLProcessor  # noqa: E402
+from ernie_lab.io.processor import VLProcessor  # noqa: E402
 
 processor = VLProcessor(tok, config=config)
 example = tiny_models.vl_example(processor, scenes.render(first), tiny_models.scene_turns(first, scenes.as_rng(0), 3))
@@ -346,7 +346,7 @@ assert end < start + 0.1  # a small learning rate keeps what was learnt
 script = textwrap.dedent("""
     import torch, ernie_lab
     from ernie_lab import train
-    from ernie_lab.config import ErnieConfig
+    from ernie_lab.model.config import ErnieConfig
     torch.manual_seed(0)
     model = ernie_lab.ErnieForCausalLM(ErnieConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8)).init_weights(seed=0)

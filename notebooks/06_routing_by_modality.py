@@ -52,9 +52,9 @@ from IPython.display import Image, display
 
 import ernie_lab
 from ernie_lab import architectures, exercises, routing, scenes, tiny_models, viz
-from ernie_lab.moe import moe_blocks
-from ernie_lab.notebook import repo_path, setup
-from ernie_lab.special_tokens import TEXT, VISION
+from ernie_lab.model.moe import moe_blocks
+from ernie_lab.course.notebook import repo_path, setup
+from ernie_lab.model.special_tokens import TEXT, VISION
 
 FAST = setup()
 FOLDER = repo_path("data", "tiny-ernie-vl")
@@ -101,7 +101,7 @@ viz.patch_overlay(routed.record, routed.image, routed.grid, routed.image_rows, l
 # the loads of each group must add up to its tokens times k.
 
 # %%
-from ernie_lab.chat import render_prompt
+from ernie_lab.io.chat import render_prompt
 
 seen = {}  # (layer, group, expert) -> rows the expert module received
 
@@ -303,7 +303,7 @@ print(agreement)
 # comes first, so the notebook shows the routing where widgets do not render (GitHub, nbviewer).
 
 # %%
-from ernie_lab.widgets import RoutingExplorer
+from ernie_lab.analysis.widgets import RoutingExplorer
 
 explorer = RoutingExplorer(model, tokenizer)
 display(Image(explorer.snapshot()))  # static picture: what the explorer shows now

@@ -33,8 +33,8 @@ from torch import nn
 
 import ernie_lab
 from ernie_lab import architectures, exercises, family, quant
-from ernie_lab.config import ErnieConfig
-from ernie_lab.notebook import repo_path, setup
+from ernie_lab.model.config import ErnieConfig
+from ernie_lab.course.notebook import repo_path, setup
 from ernie_lab.quant import formats
 
 FAST = setup()

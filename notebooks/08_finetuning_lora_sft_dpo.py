@@ -416,7 +416,7 @@ for precision in ("bf16", "int4"):
 
 # %%
 from ernie_lab import scenes
-from ernie_lab.processor import VLProcessor
+from ernie_lab.io.processor import VLProcessor
 
 VL_FOLDER = notebook.repo_path("data", "tiny-ernie-vl")
 vl_model, vl_tokenizer = ernie_lab.load_model(VL_FOLDER).eval(), ernie_lab.load_tokenizer(VL_FOLDER)

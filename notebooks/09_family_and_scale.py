@@ -44,7 +44,7 @@ from IPython.display import Markdown, display
 
 from ernie_lab import exercises
 from ernie_lab import family as F
-from ernie_lab.notebook import setup
+from ernie_lab.course.notebook import setup
 
 FAST = setup()   # fast mode (fewer samples): from ERNIE_LAB_FAST (make lab FAST=1); FAST = True forces it
 plt.rcParams.update({"figure.dpi": 110, "font.size": 11, "axes.grid": True, "grid.alpha": 0.3})
@@ -250,7 +250,7 @@ table(["model"] + PRECISIONS, [[SHORT[n]] + [f"{v:,.1f} GiB" for v in gib[n]] fo
 # %%
 # Check: the bf16 bytes of a real (small) model, measured from its tensors, are what the formula says.
 import ernie_lab
-from ernie_lab.config import parse_config
+from ernie_lab.model.config import parse_config
 
 small = dict(model_type="ernie4_5_moe", vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
              num_attention_heads=4, num_key_value_heads=2, head_dim=16, moe_num_experts=4, moe_k=2,
@@ -627,7 +627,7 @@ def layer_damage(model, ids, quantize):
 exercises.check("09.layer_damage", layer_damage)
 
 # %%
-from ernie_lab.modules import linear_names
+from ernie_lab.model.linears import linear_names
 
 if exercises.check("09.int8_rtn", int8_rtn) and exercises.check("09.layer_damage", layer_damage):
     torch.manual_seed(0)

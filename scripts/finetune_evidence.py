@@ -48,7 +48,7 @@ import ernie_lab  # noqa: E402
 from ernie_lab import finetune as ft  # noqa: E402
 from ernie_lab import finetune_data as fd  # noqa: E402
 from ernie_lab import lora  # noqa: E402
-from ernie_lab.tiny_tokenizer import TINY_TOKENIZER_DIR  # noqa: E402
+from ernie_lab.tiny.tokenizer import TINY_TOKENIZER_DIR  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "finetune_evidence.json"
 SFT_ADAPTER = "tiny-text-colours-sft"
@@ -57,9 +57,9 @@ SFT_ADAPTER = "tiny-text-colours-sft"
 def load(model_source: str):
     tokenizer = ernie_lab.load_tokenizer(TINY_TOKENIZER_DIR if model_source == "random" else model_source)
     if model_source == "random":
-        from ernie_lab.config import parse_config
-        from ernie_lab.model import ErnieForCausalLM
-        from ernie_lab.tiny_models import TEXT_CONFIG, tiny_config
+        from ernie_lab.model.config import parse_config
+        from ernie_lab.model.decoder import ErnieForCausalLM
+        from ernie_lab.tiny.models import TEXT_CONFIG, tiny_config
 
         torch.manual_seed(0)
         return ErnieForCausalLM(parse_config(tiny_config(TEXT_CONFIG, tokenizer))).eval(), tokenizer

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import ernie_lab  # noqa: E402
 from ernie_lab import finetune as ft  # noqa: E402
 from ernie_lab import lora, scenes  # noqa: E402
-from ernie_lab.processor import VLProcessor  # noqa: E402
+from ernie_lab.io.processor import VLProcessor  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "finetune_vl_evidence.json"
 QUESTION = "How many shapes, on what background? Answer briefly."

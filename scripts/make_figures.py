@@ -231,7 +231,7 @@ def quantization():
 def course_map():
     fig, ax = canvas(13, 5.4, "The course: ten notebooks, two 90-minute tracks")
     colors = {"both": GREY, "dense": BLUE, "moe": ORANGE}
-    from ernie_lab.notebook import COURSE
+    from ernie_lab.course.notebook import COURSE
 
     for i, (number, title, minutes, track) in enumerate(COURSE):
         row, col = divmod(i, 5)
@@ -293,7 +293,7 @@ def routing() -> list[Path]:
     import torch
 
     from ernie_lab import architectures, routing as records, scenes, tiny_models, viz
-    from ernie_lab.special_tokens import TEXT
+    from ernie_lab.model.special_tokens import TEXT
 
     torch.manual_seed(0)
     model, tokenizer = tiny_vl()
@@ -339,7 +339,7 @@ def routing_saturation() -> Path:
     import tempfile
 
     from ernie_lab import architectures, scenes, tiny_models, viz
-    from ernie_lab.chat import render_prompt
+    from ernie_lab.io.chat import render_prompt
     from ernie_lab.train import TrainConfig, Trainer, checkpoints
 
     steps = SATURATION_STEPS

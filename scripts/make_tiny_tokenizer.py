@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's ernie_lab
 
-from ernie_lab.tiny_tokenizer import TINY_TOKENIZER_DIR, write_tiny_tokenizer  # noqa: E402
+from ernie_lab.tiny.tokenizer import TINY_TOKENIZER_DIR, write_tiny_tokenizer  # noqa: E402
 
 
 def same_folders(a: Path, b: Path) -> list[str]:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 import ernie_lab  # noqa: E402
 from ernie_lab import tiny_models, vision_warmup  # noqa: E402
-from ernie_lab.config import parse_config  # noqa: E402
+from ernie_lab.model.config import parse_config  # noqa: E402
 from ernie_lab.train import TrainConfig, Trainer  # noqa: E402
 
 TOKENIZER = ROOT / "data" / "tiny-tokenizer"

@@ -3,7 +3,7 @@
 import torch
 
 from ernie_lab import routing
-from ernie_lab.moe import moe_blocks
+from ernie_lab.model.moe import moe_blocks
 
 hidden, experts, width, k = 8192, 64, 3584, 8
 active_per_layer = experts * hidden + experts + k * 3 * hidden * width   # router + bias + k SwiGLU experts

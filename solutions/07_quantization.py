@@ -5,7 +5,7 @@ import copy
 import torch
 
 from ernie_lab import quant
-from ernie_lab.modules import linear_names
+from ernie_lab.model.linears import linear_names
 
 
 def most_sensitive_layer(model, ids):

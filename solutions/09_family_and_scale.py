@@ -5,7 +5,7 @@ import math
 import torch
 
 from ernie_lab import family as F
-from ernie_lab.modules import linear_names
+from ernie_lab.model.linears import linear_names
 
 hidden, width, moe_layers = 8192, 3584, 51
 extra_experts = 64 * moe_layers * 3 * hidden * width          # gate, up, down of 64 more experts per layer

@@ -52,8 +52,8 @@ def compact_tokenizer_folder(tmp_path_factory):
     import json
     import shutil
 
-    from ernie_lab.special_tokens import SPECIAL_TOKENS
-    from ernie_lab.tokenizer import STAND_IN_MODEL
+    from ernie_lab.model.special_tokens import SPECIAL_TOKENS
+    from ernie_lab.io.tokenizer import STAND_IN_MODEL
 
     folder = tmp_path_factory.mktemp("compact-tokenizer")
     shutil.copyfile(STAND_IN_MODEL, folder / "tokenizer.model")

@@ -27,8 +27,8 @@ from PIL import Image
 
 import ernie_lab
 from ernie_lab import CheckpointError, ConfigError, ErnieConfig, InputError, NotEnoughMemoryError
-from ernie_lab.model import ErnieForCausalLM
-from ernie_lab.saving import save_model
+from ernie_lab.model.decoder import ErnieForCausalLM
+from ernie_lab.io.saving import save_model
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(model_type="ernie4_5", vocab_size=6016, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -304,8 +304,8 @@ def test_model_larger_than_free_memory(single, monkeypatch):
 
 def test_memory_estimate_fits_a_real_shape():
     """The estimate is family.weight_bytes at the load dtype: the 0.3B in fp32 needs ~1.4 GB, in bf16 half."""
-    from ernie_lab.config import ERNIE_0_3B
-    from ernie_lab.family import weight_bytes
+    from ernie_lab.model.config import ERNIE_0_3B
+    from ernie_lab.analysis.family import weight_bytes
 
     assert 1.3e9 < weight_bytes(ERNIE_0_3B, "bf16") * 2 < 1.6e9
 
@@ -398,7 +398,7 @@ VL = {"model_type": "ernie4_5_vl_moe",
     ({"depth": 10**6}, ["vision_config", "depth"]),
 ])
 def test_impossible_vision_configs(change, words):
-    from ernie_lab.config import parse_config
+    from ernie_lab.model.config import parse_config
 
     raw = {**VL, "vision_config": {**VL["vision_config"], **change}}
     parse_config({**VL})  # the unchanged one is fine
@@ -486,7 +486,7 @@ def test_bad_chat_messages(model, tokenizer, messages, words):
     ({"type": "text", "text": "Hi"}, ["content must be a str or a list"]),
 ])
 def test_bad_vl_message_items(content, words):
-    from ernie_lab.chat_format import check_messages
+    from ernie_lab.io.chat_format import check_messages
 
     refused(lambda: check_messages([{"role": "user", "content": content}]), InputError, "message 0", *words)
 
@@ -533,14 +533,14 @@ def picture(mode: str) -> Image.Image:
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA", "CMYK", "1", "I;16"])
 def test_any_picture_mode_works(mode):
-    from ernie_lab.image_processing import preprocess_images
+    from ernie_lab.io.image_processing import preprocess_images
 
     out = preprocess_images([picture(mode)])
     assert out["pixel_values"].shape[1] == 588 and torch.isfinite(out["pixel_values"]).all()
 
 
 def test_transparent_pixels_become_white():
-    from ernie_lab.image_processing import to_rgb
+    from ernie_lab.io.image_processing import to_rgb
 
     clear = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     assert np.array(to_rgb(clear)).min() == 255
@@ -561,7 +561,7 @@ def png_bytes() -> bytes:
     ([], ["no images"]),
 ])
 def test_bad_pictures(source, words):
-    from ernie_lab.image_processing import preprocess_images
+    from ernie_lab.io.image_processing import preprocess_images
 
     refused(lambda: preprocess_images(source), InputError, *words)
 
@@ -573,20 +573,20 @@ def test_bad_pictures(source, words):
     ([], ["no frames"]),
 ])
 def test_bad_videos(frames, words):
-    from ernie_lab.image_processing import preprocess_video
+    from ernie_lab.io.image_processing import preprocess_video
 
     refused(lambda: preprocess_video(frames), InputError, *words)
 
 
 def test_odd_frame_count_works():
-    from ernie_lab.image_processing import preprocess_video
+    from ernie_lab.io.image_processing import preprocess_video
 
     out = preprocess_video(np.zeros((3, 56, 56, 3), dtype=np.uint8), min_pixels=56 * 56)
     assert out["video_grid_thw"][0, 0] == 4  # the last frame repeated: frames merge in pairs
 
 
 def test_more_pictures_than_placeholders(tokenizer):
-    from ernie_lab.processor import VLProcessor
+    from ernie_lab.io.processor import VLProcessor
 
     processor = VLProcessor(tokenizer)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]}]
@@ -668,8 +668,8 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
 KILLED_SAVE = """
 import sys, torch, ernie_lab
-from ernie_lab.config import ERNIE_0_3B
-from ernie_lab.model import ErnieForCausalLM
+from ernie_lab.model.config import ERNIE_0_3B
+from ernie_lab.model.decoder import ErnieForCausalLM
 with torch.device("meta"):
     model = ErnieForCausalLM(ERNIE_0_3B)
 model = model.to_empty(device="cpu")  # uninitialised 0.3B-shape weights: their values do not matter here

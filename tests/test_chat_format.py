@@ -8,9 +8,9 @@ InputError that names the message and what is wrong with it.
 import pytest
 
 from ernie_lab import InputError
-from ernie_lab.chat_format import IMAGE_MARKER, NO_THINKING, THINKING, VIDEO_MARKER, check_messages, render_chat
-from ernie_lab.processor import format_vl_chat
-from ernie_lab.tokenizer import format_ernie_chat
+from ernie_lab.io.chat_format import IMAGE_MARKER, NO_THINKING, THINKING, VIDEO_MARKER, check_messages, render_chat
+from ernie_lab.io.processor import format_vl_chat
+from ernie_lab.io.tokenizer import format_ernie_chat
 
 TEXT_CHAT = [
     {"role": "system", "content": "Be brief."},

@@ -3,12 +3,12 @@
 import torch
 from transformers.models.ernie4_5 import modeling_ernie4_5 as ref_mod
 
-from ernie_lab.attention import Attention
-from ernie_lab.config import ErnieConfig
-from ernie_lab.mlp import SwiGLU
-from ernie_lab.model import DecoderLayer
-from ernie_lab.norm import RMSNorm
-from ernie_lab.rope import apply_rope, rope_angles
+from ernie_lab.model.attention import Attention
+from ernie_lab.model.config import ErnieConfig
+from ernie_lab.model.mlp import SwiGLU
+from ernie_lab.model.decoder import DecoderLayer
+from ernie_lab.model.norm import RMSNorm
+from ernie_lab.model.rope import apply_rope, rope_angles
 
 from conftest import reference_dense
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ernie_lab.config import ERNIE_0_3B, ERNIE_21B_A3B, ErnieConfig
+from ernie_lab.model.config import ERNIE_0_3B, ERNIE_21B_A3B, ErnieConfig
 from ernie_lab.errors import ConfigError
 
 # The Hub's config.json of ERNIE-4.5-0.3B-PT (flat rope_theta, remote-code architecture name).

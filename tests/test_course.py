@@ -57,7 +57,7 @@ def test_course_is_numbered_without_gaps_and_covers_the_notebooks():
 
 
 def test_expert_columns_put_each_choice_in_its_groups_column():
-    from ernie_lab.routing import LayerRouting
+    from ernie_lab.analysis.routing import LayerRouting
 
     entry = LayerRouting(layer_idx=1, num_experts=3)
     entry.append(torch.tensor([[0, 2], [1, 0]]), torch.tensor([[0.7, 0.3], [0.6, 0.4]]), torch.zeros(2, 3),

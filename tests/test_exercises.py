@@ -11,7 +11,7 @@ import pytest
 
 from ernie_lab import exercises
 from ernie_lab.errors import InputError
-from ernie_lab.exercises import ExerciseFailed
+from ernie_lab.course.exercises import ExerciseFailed
 
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTION_FILES = sorted((ROOT / "solutions").glob("[0-9][0-9]_*.py"))

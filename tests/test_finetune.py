@@ -11,9 +11,9 @@ import ernie_lab
 from ernie_lab import finetune as ft
 from ernie_lab import finetune_data as fd
 from ernie_lab import lora
-from ernie_lab.config import ErnieConfig
+from ernie_lab.model.config import ErnieConfig
 from ernie_lab.errors import InputError
-from ernie_lab.model import ErnieForCausalLM
+from ernie_lab.model.decoder import ErnieForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ TINY_TEXT = dict(model_type="ernie4_5", vocab_size=6016, hidden_size=32, interme
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from ernie_lab.tiny_tokenizer import TINY_TOKENIZER_DIR
+    from ernie_lab.tiny.tokenizer import TINY_TOKENIZER_DIR
 
     return ernie_lab.load_tokenizer(TINY_TOKENIZER_DIR)
 
@@ -50,9 +50,9 @@ def test_only_assistant_tokens_carry_loss(tokenizer):
 
 
 def test_vl_conversation_masks_the_picture_and_question(tokenizer):
-    from ernie_lab.processor import VLProcessor
-    from ernie_lab.tiny_models import VL_CONFIG, tiny_config
-    from ernie_lab.config import VLConfig
+    from ernie_lab.io.processor import VLProcessor
+    from ernie_lab.tiny.models import VL_CONFIG, tiny_config
+    from ernie_lab.model.config import VLConfig
 
     config = VLConfig.from_dict(tiny_config(VL_CONFIG, tokenizer))
     processor = VLProcessor(tokenizer, config=config)
@@ -194,7 +194,7 @@ def test_vl_sft_lora_teaches_the_tiny_vl_model_a_new_answer_about_pictures():
     spec = importlib.util.spec_from_file_location("vl_evidence", ROOT / "scripts" / "finetune_vl_evidence.py")
     evidence = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(evidence)
-    from ernie_lab.processor import VLProcessor
+    from ernie_lab.io.processor import VLProcessor
 
     folder = ROOT / "data" / "tiny-ernie-vl"
     model, tokenizer = ernie_lab.load_model(folder).eval(), ernie_lab.load_tokenizer(folder)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ernie_lab
-from ernie_lab.generation import pick_next_token
+from ernie_lab.model.generation import pick_next_token
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 
 import ernie_lab
 from ernie_lab import CheckpointError, ConfigError, InputError
-from ernie_lab.loading import hub_to_lab, lab_to_hub
+from ernie_lab.io.loading import hub_to_lab, lab_to_hub
 
 HUB_ID = "baidu/ERNIE-4.5-0.3B-PT"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ernie_lab.errors import InputError
-from ernie_lab.losses import load_balancing_loss, router_orthogonal_loss, router_z_loss
+from ernie_lab.train.losses import load_balancing_loss, router_orthogonal_loss, router_z_loss
 
 LN3 = math.log(3.0)
 

@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 import ernie_lab
 from ernie_lab import routing
-from ernie_lab.config import ERNIE_21B_A3B, ErnieConfig
+from ernie_lab.model.config import ERNIE_21B_A3B, ErnieConfig
 from ernie_lab.errors import CheckpointError, ConfigError
-from ernie_lab.moe import MoEBlock, dispatch, moe_blocks, route
+from ernie_lab.model.moe import MoEBlock, dispatch, moe_blocks, route
 
 transformers = pytest.importorskip("transformers")
 

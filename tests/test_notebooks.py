@@ -158,7 +158,7 @@ def test_setup_reads_fast_mode_and_seeds(monkeypatch, capsys):
 def test_compare_fails_above_the_tolerance_relative_to_large_values():
     import torch
 
-    from ernie_lab.notebook import compare
+    from ernie_lab.course.notebook import compare
 
     assert compare("equal", torch.ones(3), torch.ones(3)) == 0.0
     compare("round-off on values near 100", torch.tensor([100.0 + 5e-4]), torch.tensor([100.0]), atol=1e-5)

@@ -26,11 +26,11 @@ def run_python(code: str, *, cwd: Path, pythonpath: Path, timeout: int = 120) ->
 def test_import_ernie_lab_loads_no_heavy_modules(tmp_path):
     out = run_python(f"""
         import sys
-        import ernie_lab, ernie_lab.vision
+        import ernie_lab, ernie_lab.model.vision
         print(sorted(name for name in {HEAVY!r} if name in sys.modules))
         print(ernie_lab.__file__)
         # the PIL modules arrive on first use, and the old vision names still reach the moved functions
-        from ernie_lab.vision import preprocess_images
+        from ernie_lab.model.vision import preprocess_images
         assert preprocess_images is ernie_lab.image_processing.preprocess_images
         assert ernie_lab.vision.fit_to_grid(100, 100) == (112, 112)
         assert "fit_to_grid" in dir(ernie_lab.vision) and "processor" in dir(ernie_lab)
@@ -44,7 +44,7 @@ def test_import_ernie_lab_loads_no_heavy_modules(tmp_path):
 
 
 def test_vision_network_module_does_not_import_pil_or_numpy():
-    source = (REPO / "ernie_lab" / "vision.py").read_text()
+    source = (REPO / "ernie_lab" / "model" / "vision.py").read_text()
     imports = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
     assert not [line for line in imports if "PIL" in line or "numpy" in line], imports
 

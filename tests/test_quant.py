@@ -18,9 +18,9 @@ from torch import nn
 
 import ernie_lab
 from ernie_lab import architectures, quant
-from ernie_lab.config import parse_config
+from ernie_lab.model.config import parse_config
 from ernie_lab.errors import CheckpointError, InputError
-from ernie_lab.kv_cache import Int8KVCache, KVCache
+from ernie_lab.model.kv_cache import Int8KVCache, KVCache
 from ernie_lab.quant import formats
 from ernie_lab.quant.gptq import gptq_quantize
 
@@ -465,8 +465,8 @@ def test_bad_quantization_config_is_a_clear_error(tmp_path):
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     import ernie_lab
-    from ernie_lab.config import ErnieConfig
-    from ernie_lab.loading import build_empty
+    from ernie_lab.model.config import ErnieConfig
+    from ernie_lab.io.loading import build_empty
 
     def rss(field):
         for line in open("/proc/self/status"):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ernie_lab import ConfigError, InputError
-from ernie_lab.rope import apply_rope, rope_angles
-from ernie_lab.rope3d import (modality_types, position_ids_3d, rope_angles_3d, routing_types,
+from ernie_lab.model.rope import apply_rope, rope_angles
+from ernie_lab.model.rope3d import (modality_types, position_ids_3d, rope_angles_3d, routing_types,
                               vision_block_positions)
 
 IMG, VID = 100295, 103367

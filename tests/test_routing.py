@@ -5,8 +5,8 @@ import torch
 
 import ernie_lab
 from ernie_lab import routing
-from ernie_lab.config import ErnieConfig
-from ernie_lab.moe import moe_blocks, route
+from ernie_lab.model.config import ErnieConfig
+from ernie_lab.model.moe import moe_blocks, route
 
 TINY_MOE = dict(model_type="ernie4_5_moe", vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=4,
                 num_attention_heads=2, num_key_value_heads=1, head_dim=8, moe_num_experts=6, moe_k=2,

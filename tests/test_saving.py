@@ -12,12 +12,12 @@ from PIL import Image
 from transformers import AutoModelForCausalLM
 
 import ernie_lab
-from ernie_lab.rope3d import modality_types, routing_types
-from ernie_lab.saving import save_model
-from ernie_lab.notebook import spread_reference_routers
-from ernie_lab.image_processing import preprocess_images
-from ernie_lab.vision import tokens_per_item
-from ernie_lab.vl_model import TOKEN_IDS, VLConfig
+from ernie_lab.model.rope3d import modality_types, routing_types
+from ernie_lab.io.saving import save_model
+from ernie_lab.course.notebook import spread_reference_routers
+from ernie_lab.io.image_processing import preprocess_images
+from ernie_lab.model.vision import tokens_per_item
+from ernie_lab.model.vl_model import TOKEN_IDS, VLConfig
 
 IMG, IMG_START, IMG_END = (TOKEN_IDS[k] for k in ("image_token_id", "image_start_token_id", "image_end_token_id"))
 

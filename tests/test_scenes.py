@@ -13,7 +13,7 @@ from PIL import Image, ImageColor
 
 from ernie_lab import scenes
 from ernie_lab.errors import InputError
-from ernie_lab.scenes import Scene, Shape
+from ernie_lab.tiny.scenes import Scene, Shape
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = Scene("white", (Shape("triangle", "blue", "small", "top"), Shape("circle", "red", "large", "left")))
@@ -240,7 +240,7 @@ def test_photos_load_from_the_wheel_with_the_network_off(monkeypatch):
 
 
 def test_scikit_image_is_imported_only_for_photos():
-    code = "import sys, ernie_lab.scenes, ernie_lab.corpus; assert 'skimage' not in sys.modules"
+    code = "import sys, ernie_lab.tiny.scenes, ernie_lab.tiny.corpus; assert 'skimage' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 

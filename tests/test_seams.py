@@ -14,11 +14,11 @@ from torch import nn
 
 import ernie_lab
 from ernie_lab import architectures, family, hub_names, losses, routing
-from ernie_lab.config import ErnieConfig, VLConfig, is_vision_language, parse_config
+from ernie_lab.model.config import ErnieConfig, VLConfig, is_vision_language, parse_config
 from ernie_lab.errors import ConfigError, InputError
-from ernie_lab.model import DecoderLayer, ErnieForCausalLM
-from ernie_lab.modules import linear_names, replace_linears
-from ernie_lab.moe import MoEBlock, Router, moe_blocks
+from ernie_lab.model.decoder import DecoderLayer, ErnieForCausalLM
+from ernie_lab.model.linears import linear_names, replace_linears
+from ernie_lab.model.moe import MoEBlock, Router, moe_blocks
 
 TINY_MOE = dict(model_type="ernie4_5_moe", vocab_size=120, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, moe_num_experts=4, moe_k=2,
@@ -53,7 +53,7 @@ def vl_model(seed=0):
 
 
 def vl_inputs(model):
-    from ernie_lab.vision import preprocess_images
+    from ernie_lab.model.vision import preprocess_images
     from PIL import Image
 
     batch = preprocess_images([Image.new("RGB", (56, 56), (200, 30, 30))])

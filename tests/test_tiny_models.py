@@ -13,7 +13,7 @@ import torch
 
 import ernie_lab
 from ernie_lab import scenes, tiny_models
-from ernie_lab.config import VLConfig
+from ernie_lab.model.config import VLConfig
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 TEXT, VL = DATA / "tiny-ernie-text", DATA / "tiny-ernie-vl"
@@ -49,7 +49,7 @@ def test_special_ids_come_from_the_checkpoint(vl_model):
     assert isinstance(config, VLConfig) and config.text.vocab_size <= 16384
     assert config.image_token_id == tok.special_tokens["<|IMAGE_PLACEHOLDER|>"] != 100295
     assert config.image_start_token_id == tok.special_tokens["<|IMAGE_START|>"]
-    from ernie_lab.chat import render_prompt
+    from ernie_lab.io.chat import render_prompt
 
     image = scenes.render(tiny_models.held_out_scenes(1)[0])
     prompt = render_prompt(model, tok, scenes.conversation(image, "What colour is the background?", "")[:1])
@@ -69,8 +69,8 @@ def test_text_model_equals_transformers(text_model):
 def test_vl_model_equals_transformers(vl_model):
     from transformers import Ernie4_5_VLMoeForConditionalGeneration
 
-    from ernie_lab.chat import render_prompt
-    from ernie_lab.vl_model import routing_groups
+    from ernie_lab.io.chat import render_prompt
+    from ernie_lab.model.vl_model import routing_groups
 
     model, tok = vl_model
     reference = Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(VL).eval()

@@ -8,9 +8,9 @@ import pytest
 
 import ernie_lab
 from ernie_lab import scenes, tiny_tokenizer
-from ernie_lab.processor import VLProcessor
-from ernie_lab.tiny_tokenizer import ADDED_TOKENS, NUM_PIECES, TINY_SPECIAL_TOKENS, TINY_TOKENIZER_DIR, TINY_VOCAB_SIZE
-from ernie_lab.tokenizer import StandInTokenizerWarning, format_ernie_chat
+from ernie_lab.io.processor import VLProcessor
+from ernie_lab.tiny.tokenizer import ADDED_TOKENS, NUM_PIECES, TINY_SPECIAL_TOKENS, TINY_TOKENIZER_DIR, TINY_VOCAB_SIZE
+from ernie_lab.io.tokenizer import StandInTokenizerWarning, format_ernie_chat
 
 SCENE = scenes.Scene("gray", (scenes.Shape("triangle", "orange", "large", "bottom"),
                               scenes.Shape("circle", "green", "small", "centre")))

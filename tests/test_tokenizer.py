@@ -18,7 +18,7 @@ import sentencepiece as spm
 import torch
 
 from ernie_lab.errors import CheckpointError, InputError
-from ernie_lab.tokenizer import (
+from ernie_lab.io.tokenizer import (
     ERNIE_SPECIAL_TOKENS,
     MODEL_VOCAB_SIZE,
     STAND_IN_MODEL,

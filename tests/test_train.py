@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import ernie_lab
-from ernie_lab.config import ErnieConfig, VLConfig
+from ernie_lab.model.config import ErnieConfig, VLConfig
 from ernie_lab.errors import CheckpointError, ConfigError, InputError
-from ernie_lab.moe import moe_blocks
+from ernie_lab.model.moe import moe_blocks
 from ernie_lab.train import (STATE_FILE, TrainConfig, Trainer, checkpoints, from_batches, learning_rate,
                              parameter_groups, train)
 
@@ -335,7 +335,7 @@ def test_bf16_autocast_trains_on_cpu_with_a_progress_bar(capsys):
 def vl_batch(index, rank, world_size):
     """Two samples, each a red or blue picture (4 vision tokens) then a short text; labels skip the picture."""
     from PIL import Image
-    from ernie_lab.image_processing import preprocess_images
+    from ernie_lab.io.image_processing import preprocess_images
 
     colors = [(200, 30, 30), (30, 30, 200)]
     pictures = preprocess_images([Image.new("RGB", (56, 56), colors[(index + row) % 2]) for row in range(2)])
@@ -378,7 +378,7 @@ def test_vl_model_trains_with_modality_balancing_and_token_balanced_loss():
 KILL_SCRIPT = """
 import sys, time, torch, ernie_lab
 from ernie_lab import train
-from ernie_lab.config import ErnieConfig
+from ernie_lab.model.config import ErnieConfig
 torch.set_num_threads(1)
 torch.manual_seed(0)
 model = ernie_lab.ErnieForCausalLM(ErnieConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -17,8 +17,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ernie_lab import InputError, image_processing, vision
-from ernie_lab.image_processing import fit_to_grid, preprocess_images, preprocess_video
-from ernie_lab.vision import VisionAdapter, VisionConfig, VisionEncoder, tokens_per_item, vision_state_from_hub
+from ernie_lab.io.image_processing import fit_to_grid, preprocess_images, preprocess_video
+from ernie_lab.model.vision import VisionAdapter, VisionConfig, VisionEncoder, tokens_per_item, vision_state_from_hub
 
 RNG = np.random.default_rng(1234)
 

@@ -17,9 +17,9 @@ matplotlib.use("Agg")
 
 import ernie_lab  # noqa: E402
 from ernie_lab import InputError, routing, scenes, tiny_models, viz  # noqa: E402
-from ernie_lab.notebook import spread_reference_routers  # noqa: E402
-from ernie_lab.routing import LayerRouting, RoutingRecord  # noqa: E402
-from ernie_lab.special_tokens import TEXT, VISION  # noqa: E402
+from ernie_lab.course.notebook import spread_reference_routers  # noqa: E402
+from ernie_lab.analysis.routing import LayerRouting, RoutingRecord  # noqa: E402
+from ernie_lab.model.special_tokens import TEXT, VISION  # noqa: E402
 
 
 def hand_record(ids_per_layer, modality, num_experts=4, probs=None):
@@ -40,7 +40,7 @@ def test_import_ernie_lab_does_not_import_matplotlib_or_ipywidgets():
     import subprocess
     import sys
 
-    code = "import sys, ernie_lab, ernie_lab.routing; print(sorted({'matplotlib', 'ipywidgets'} & set(sys.modules)))"
+    code = "import sys, ernie_lab, ernie_lab.analysis.routing; print(sorted({'matplotlib', 'ipywidgets'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 
@@ -140,8 +140,8 @@ def test_load_heatmap_keeps_the_groups_on_separate_axes():
 @pytest.fixture(scope="module")
 def tiny_vl():
     """The tiny VL model's architecture at initialisation, with the tiny tokenizer."""
-    from ernie_lab.config import parse_config
-    from ernie_lab.notebook import repo_path
+    from ernie_lab.model.config import parse_config
+    from ernie_lab.course.notebook import repo_path
 
     tokenizer = ernie_lab.load_tokenizer(repo_path("data", "tiny-tokenizer"))
     config = parse_config(tiny_models.tiny_config(tiny_models.VL_CONFIG, tokenizer))
@@ -275,7 +275,7 @@ def test_every_picture_on_a_hub_vl_checkpoint_with_64_experts(hub_vl):
 
 def test_pictures_of_a_28_layer_text_moe_record():
     """A record of the 21B-A3B's shape (28 layers, 64 experts, k = 6) from a model with cheap widths."""
-    from ernie_lab.config import ErnieConfig
+    from ernie_lab.model.config import ErnieConfig
 
     config = ErnieConfig.from_dict(dict(model_type="ernie4_5_moe", vocab_size=512, hidden_size=16, intermediate_size=24,
                                         num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
@@ -303,7 +303,7 @@ def test_pictures_of_a_28_layer_text_moe_record():
 # ------------------------------------------------------------------------------------------ explorer
 def test_explorer_redraws_on_every_control_and_lists_the_selected_token(tiny_vl):
     pytest.importorskip("ipywidgets")
-    from ernie_lab.widgets import RoutingExplorer
+    from ernie_lab.analysis.widgets import RoutingExplorer
 
     model, tokenizer = tiny_vl
     images = {f"scene {s}": scenes.render(scenes.random_scene(s)) for s in range(2)}
@@ -329,7 +329,7 @@ def test_explorer_takes_an_uploaded_picture(tiny_vl):
     pytest.importorskip("ipywidgets")
     import io
 
-    from ernie_lab.widgets import RoutingExplorer
+    from ernie_lab.analysis.widgets import RoutingExplorer
 
     model, tokenizer = tiny_vl
     explorer = RoutingExplorer(model, tokenizer, images={"one": scenes.render(scenes.random_scene(0))},
@@ -355,8 +355,8 @@ def test_draw_explains_views_that_do_not_apply(tiny_vl):
 
 def test_explorer_on_a_text_moe_model():
     pytest.importorskip("ipywidgets")
-    from ernie_lab.config import ErnieConfig
-    from ernie_lab.widgets import RoutingExplorer
+    from ernie_lab.model.config import ErnieConfig
+    from ernie_lab.analysis.widgets import RoutingExplorer
 
     config = ErnieConfig.from_dict(dict(model_type="ernie4_5_moe", vocab_size=103424, hidden_size=16,
                                         intermediate_size=24, num_hidden_layers=3, num_attention_heads=2,

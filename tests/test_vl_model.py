@@ -17,11 +17,11 @@ from PIL import Image
 
 import ernie_lab
 from ernie_lab import InputError, routing
-from ernie_lab.rope3d import modality_types, position_ids_3d, routing_types
-from ernie_lab.image_processing import preprocess_images, preprocess_video
-from ernie_lab.notebook import spread_reference_routers
-from ernie_lab.vision import tokens_per_item
-from ernie_lab.vl_model import ErnieVLForConditionalGeneration, VLConfig
+from ernie_lab.model.rope3d import modality_types, position_ids_3d, routing_types
+from ernie_lab.io.image_processing import preprocess_images, preprocess_video
+from ernie_lab.course.notebook import spread_reference_routers
+from ernie_lab.model.vision import tokens_per_item
+from ernie_lab.model.vl_model import ErnieVLForConditionalGeneration, VLConfig
 
 IMG, VID = 100295, 103367
 IMG_START, IMG_END, VID_START, VID_END = 101304, 101305, 101306, 101307
@@ -218,7 +218,7 @@ def test_config_reads_baidu_flat_layout():
 
 
 # ----------------------------------------------------------------------------------------- processor
-from ernie_lab.processor import IMAGE_MARKER, VIDEO_MARKER, VLProcessor, format_vl_chat  # noqa: E402
+from ernie_lab.io.processor import IMAGE_MARKER, VIDEO_MARKER, VLProcessor, format_vl_chat  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +310,7 @@ def test_processor_uses_a_checkpoint_template(processor):
 
 # ------------------------------------------------------------------------- a compact vocabulary
 from ernie_lab import special_tokens  # noqa: E402
-from ernie_lab.processor import IDS, picture_token_ids  # noqa: E402
+from ernie_lab.io.processor import IDS, picture_token_ids  # noqa: E402
 
 
 def compact_picture_ids(ids: dict) -> dict:
@@ -391,7 +391,7 @@ def test_compact_vocabulary_model_reads_its_ids_from_its_config(tmp_path, compac
 # ----------------------------------------------------------------------------------------- losses
 import math  # noqa: E402
 
-from ernie_lab.losses import modality_balancing_losses, token_balanced_loss  # noqa: E402
+from ernie_lab.train.losses import modality_balancing_losses, token_balanced_loss  # noqa: E402
 
 
 def test_token_balanced_loss_by_hand():
@@ -419,7 +419,7 @@ def test_modality_balancing_losses_by_hand():
     losses = modality_balancing_losses([logits], modality, k=1)
     assert math.isclose(losses["text"].item(), 2 * (1.0 * 0.8 + 0.0 * 0.2), rel_tol=1e-6)    # 1.6
     assert math.isclose(losses["vision"].item(), 2 * (0.5 * 0.5 + 0.5 * 0.5), rel_tol=1e-6)  # 1.0: balanced
-    from ernie_lab.losses import load_balancing_loss
+    from ernie_lab.train.losses import load_balancing_loss
 
     pooled = load_balancing_loss(logits, k=1)  # f = (3/4, 1/4), P = (0.65, 0.35)
     assert math.isclose(pooled.item(), 2 * (0.75 * 0.65 + 0.25 * 0.35), rel_tol=1e-6)      # 1.15 hides it

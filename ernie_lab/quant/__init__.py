@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..modules import replace_linears
+from ..model.linears import replace_linears
 from . import formats
 from .gptq import HessianCollector, gptq_quantize
 from . import native
@@ -98,7 +98,7 @@ def plan_layers(model: nn.Module, scheme: str, *, group_size: int = 128, skip=DE
     32), else one group per row; one that cannot be
     packed at all (width not a multiple of 4 for 2-bit) stays in full precision. Routers never change.
     """
-    from ..moe import Router
+    from ..model.moe import Router
     spec = check_scheme(scheme)
     dropped = _skipper(skip)
     chosen = _chooser(filter)

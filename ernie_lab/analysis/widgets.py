@@ -1,0 +1,250 @@
+"""An interactive routing explorer for notebooks: pick a picture and a prompt, watch the experts.
+
+    from ernie_lab.widgets import RoutingExplorer
+    explorer = RoutingExplorer(model, tokenizer)     # any ERNIE 4.5 VL (or text MoE) model
+    display(Image(explorer.snapshot()))              # a static picture, for viewers without widgets
+    explorer                                         # the live widget
+
+A thin layer over ``ernie_lab.viz``: every control changes a :class:`View` (which picture, layer,
+modality, rank, position), :func:`draw` turns a routed prompt and a view into a Figure, and the
+widget puts that figure's PNG into one ``ipywidgets.Image``, replaced in place (no flicker, no
+JavaScript beyond ipywidgets' own). A new picture or prompt runs the model once (``viz.route``)
+and asks it for an answer (``ernie_lab.chat``); moving a slider only redraws. The position slider
+selects one image token or text token; its experts and weights in every layer are listed beside
+the picture.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, replace
+
+from . import viz
+from ..errors import InputError
+from ..model.special_tokens import TEXT, VISION
+
+VIEWS = ("patch overlay", "token strip", "load heatmap", "specialisation")
+
+
+@dataclass(frozen=True)
+class View:
+    """What the explorer shows: one of VIEWS, a decoder layer, a group, a top-k rank, a selected position."""
+
+    name: str = "patch overlay"
+    layer: int | None = None      # decoder layer of an MoE block (None: the first)
+    modality: int = VISION        # the group the position slider walks: VISION (patches) or TEXT (tokens)
+    rank: int = 0                 # 0: the top-1 expert, 1: the second choice, ...
+    position: int = 0             # index among the image tokens (VISION) or text tokens (TEXT)
+
+
+def selected_row(routed: viz.Routed, view: View) -> int | None:
+    """The record row of the selected image or text token (None when there is none of that kind)."""
+    rows = routed.image_rows if view.modality == VISION else routed.text_rows
+    if len(rows) == 0:
+        return None
+    return int(rows[min(max(view.position, 0), len(rows) - 1)])
+
+
+def draw(routed: viz.Routed, view: View, specialisation=None):
+    """The Figure of ``view`` for one routed prompt; ``specialisation`` is (record, rows, labels, group)."""
+    if view.name not in VIEWS:
+        raise InputError(f"view must be one of {VIEWS}, got {view.name!r}.")
+    if view.name == "patch overlay":
+        if routed.image is None:
+            raise InputError("this prompt has no picture: choose the token strip, or give the model an image.")
+        cell = min(view.position, len(routed.image_rows) - 1) if view.modality == VISION else None
+        return viz.patch_overlay(routed.record, routed.image, routed.grid, routed.image_rows, layer=view.layer,
+                                 rank=view.rank, selected=cell)
+    if view.name == "token strip":
+        chosen = min(view.position, len(routed.text_rows) - 1) if view.modality == TEXT else None
+        return viz.token_strip(routed.record, routed.tokens, routed.text_rows, rank=view.rank, selected=chosen,
+                               highlight=view.layer)
+    if view.name == "load heatmap":
+        return viz.load_heatmap(routed.record, title="Expert load of this prompt, per MoE layer")
+    if specialisation is None:
+        raise InputError("the specialisation view needs routed examples: pass specialisation=(record, rows, labels, group).")
+    record, rows, labels, group = specialisation
+    return viz.specialisation(record, rows, labels, group=group, rank=view.rank, layer=view.layer)
+
+
+def bundled_images(count: int = 6) -> dict[str, object]:
+    """Pictures to choose from: ``count`` held-out scenes (named by their caption) and the bundled photographs."""
+    from ..tiny import scenes
+    from ..tiny.models import held_out_scenes
+
+    images = {}
+    for n, scene in enumerate(held_out_scenes(count), 1):
+        images[f"scene {n}: {scenes.caption(scene).split(': ', 1)[1][:48]}"] = scenes.render(scene)
+    try:
+        images.update({f"photo: {p.name}": p.image for p in scenes.photos()})
+    except InputError:  # scikit-image missing: the scenes are enough
+        pass
+    return images
+
+
+def shrink(image, longest: int = 224):
+    """The picture scaled down (never up) so its longer side is at most ``longest`` pixels: fast to route."""
+    scale = longest / max(image.size)
+    if scale >= 1:
+        return image.convert("RGB")
+    return image.convert("RGB").resize((max(28, round(image.width * scale)), max(28, round(image.height * scale))))
+
+
+class RoutingExplorer:
+    """Choose a picture (bundled or uploaded) and a prompt, a layer, a group, a rank and a view; the
+    picture redraws in place, the selected token's experts per layer are listed, the model answers."""
+
+    def __init__(self, model, tokenizer, images: dict | None = None, prompt: str | None = None,
+                 max_new_tokens: int = 16, image_size: int = 224, dpi: int = 90, spec_scenes: int = 16):
+        import ipywidgets as w
+
+        from ..tiny import scenes
+
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.image_size, self.dpi, self.spec_scenes = max_new_tokens, image_size, dpi, spec_scenes
+        self.is_vl = hasattr(model.config, "vision")
+        self.images = (images or bundled_images()) if self.is_vl else {}
+        self._specialisation: dict[int, tuple] = {}
+        self._quiet = False  # True while the explorer itself moves a slider
+        self.view = View(modality=VISION if self.is_vl else TEXT, name="patch overlay" if self.is_vl else "token strip")
+
+        self.picture = w.Image(format="png", layout=w.Layout(width="100%", object_fit="contain"))
+        self.answer = w.HTML()
+        self.experts = w.HTML(layout=w.Layout(min_width="240px"))
+        self.image_pick = w.Dropdown(options=list(self.images), description="picture", layout=w.Layout(width="420px"))
+        self.upload = w.FileUpload(accept="image/*", multiple=False, description="upload")
+        self.prompt = w.Text(value=prompt or scenes.DESCRIBE, description="prompt", continuous_update=False,
+                             layout=w.Layout(width="420px"))
+        self.view_pick = w.ToggleButtons(options=VIEWS if self.is_vl else VIEWS[1:3], value=self.view.name,
+                                         description="view")
+        layers = [(str(tap.layer_idx), tap.layer_idx) for tap in self._probe_layers()]
+        self.layer = w.SelectionSlider(options=layers, value=layers[0][1], description="layer")
+        groups = [("vision (patches)", VISION), ("text (tokens)", TEXT)] if self.is_vl else [("text (tokens)", TEXT)]
+        self.modality = w.ToggleButtons(options=groups, value=self.view.modality, description="modality")
+        self.rank = w.IntSlider(min=0, max=model.config.get_text_config().moe_k - 1, value=0, description="top-k rank")
+        self.position = w.IntSlider(min=0, max=0, value=0, description="position")
+        for control in (self.view_pick, self.layer, self.modality, self.rank, self.position):
+            control.observe(self._on_view, names="value")
+        for control in (self.image_pick, self.prompt):
+            control.observe(self._on_input, names="value")
+        self.upload.observe(self._on_upload, names="value")
+        controls = [self.image_pick, self.upload] if self.is_vl else []
+        controls += [self.prompt, self.view_pick, self.layer, self.modality, self.rank, self.position]
+        left = w.VBox([*controls, self.experts], layout=w.Layout(flex="0 0 auto"))
+        right = w.VBox([self.answer, self.picture], layout=w.Layout(flex="1 1 auto", min_width="0"))
+        self.widget = w.HBox([left, right])  # controls and the selected token's experts | answer and picture
+        self._route(self.images[self.image_pick.value] if self.is_vl else None)
+
+    # ---------------------------------------------------------------------------- state -> picture
+    def _probe_layers(self):
+        """The model's MoE layers (their routing taps), in depth order."""
+        from . import routing
+
+        taps = routing.taps(self.model)
+        if not taps:
+            raise InputError("this model has no MoE layers; the explorer needs an ERNIE 4.5 MoE or VL model.")
+        return taps
+
+    def _route(self, image) -> None:
+        """Run the model on the current picture and prompt, answer, and redraw."""
+        import html
+
+        from ..io.chat import chat
+
+        self.image = shrink(image, self.image_size) if image is not None else None
+        self.routed = viz.route(self.model, self.tokenizer, self.prompt.value, self.image)
+        reply = chat(self.model, self.tokenizer, viz.messages_for(self.prompt.value, self.image),
+                     max_new_tokens=self.max_new_tokens)
+        self.answer.value = f"<b>model's answer:</b> {html.escape(reply) or '(nothing)'}"
+        self._sync_position()
+        self.refresh()
+
+    def _sync_position(self) -> None:
+        """Fit the position slider to the tokens of the chosen group (without a redraw of its own)."""
+        rows = self.routed.image_rows if self.view.modality == VISION else self.routed.text_rows
+        self._quiet = True
+        try:
+            self.position.max = max(len(rows) - 1, 0)
+        finally:
+            self._quiet = False
+        self.view = replace(self.view, position=self.position.value)
+
+    def figure(self):
+        """The current view's Figure (``draw`` of the routed prompt)."""
+        spec = self.specialisation_data(self.view.modality) if self.view.name == "specialisation" else None
+        return draw(self.routed, self.view, spec)
+
+    def refresh(self) -> None:
+        """Redraw the picture and the selected token's experts in place."""
+        try:
+            self.picture.value = viz.png(self.figure(), dpi=self.dpi)
+        except InputError as error:
+            self.picture.value = message_png(str(error))
+        row = selected_row(self.routed, self.view)
+        if row is None:
+            self.experts.value = "<i>no token of this kind</i>"
+            return
+        kind = "image token" if self.view.modality == VISION else f"text token {self.routed.tokens[row]!r}"
+        self.experts.value = (f"<b>{kind}</b> (position {self.view.position}, row {row})<br>experts and weights:"
+                              f"<pre class='ernie-path'>{viz.path_table(self.routed.record, row)}</pre>")
+
+    def snapshot(self) -> bytes:
+        """PNG of what the widget shows now: the static picture for notebooks opened without widgets."""
+        return bytes(self.picture.value)
+
+    def specialisation_data(self, group: int):
+        """(record, rows, labels, group), routed once: held-out scenes for the vision group, word classes
+        of the scenes' captions and the prompt for the text group."""
+        if group not in self._specialisation:
+            from ..tiny import scenes
+            from ..tiny.models import held_out_scenes
+
+            chosen = held_out_scenes(self.spec_scenes)
+            if group == VISION:
+                record, rows, labels = viz.route_scenes(self.model, self.tokenizer, chosen)
+            else:
+                texts = [scenes.caption(s) + "." for s in chosen] + [self.prompt.value]
+                record, rows, classes = viz.route_texts(self.model, self.tokenizer, texts)
+                labels = {"word class": classes}
+            self._specialisation[group] = (record, rows, labels, group)
+        return self._specialisation[group]
+
+    # ---------------------------------------------------------------------------- events
+    def _on_view(self, change) -> None:
+        if self._quiet:
+            return
+        self.view = replace(self.view, name=self.view_pick.value, layer=self.layer.value, modality=self.modality.value,
+                            rank=self.rank.value, position=self.position.value)
+        if change["owner"] is self.modality:
+            self._sync_position()
+        self.refresh()
+
+    def _on_input(self, change) -> None:
+        self._route(self.images[self.image_pick.value] if self.is_vl else None)
+
+    def _on_upload(self, change) -> None:
+        from PIL import Image
+
+        files = change["new"]
+        if not files:
+            return
+        item = files[0]
+        image = Image.open(io.BytesIO(bytes(item["content"]))).convert("RGB")
+        name = f"upload: {item['name']}"
+        self.images[name] = image
+        self.image_pick.options = list(self.images)
+        self.image_pick.value = name  # routes the new picture
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+
+def message_png(text: str) -> bytes:
+    """A small PNG that says ``text`` (shown where a view does not apply)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 1.2))
+    fig.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
+    return viz.png(fig, dpi=90)

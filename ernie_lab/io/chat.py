@@ -1,0 +1,76 @@
+"""Asking a model: a conversation in, the reply text out.
+
+    reply = ernie_lab.chat(model, tokenizer, [{"role": "user", "content": "What is a mixture of experts?"}])
+    reply = ernie_lab.chat(vl_model, tokenizer, [{"role": "user", "content": [
+        {"type": "image", "image": picture}, {"type": "text", "text": "What colour is the circle?"}]}])
+
+Three steps: render the conversation with ERNIE's chat format (``tokenizer.apply_chat_template`` for
+text; ``processor.VLProcessor`` for a vision-language model, which also turns pictures into pixels and
+one placeholder id per vision token), generate with the KV cache until an end-of-sentence token, and
+decode only the new tokens. The special ids come from the checkpoint's own tokenizer and config.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .chat_format import check_messages
+from ..model.config import VLConfig
+from ..errors import InputError
+from ..model.generation import generate
+
+
+def chat(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 64, temperature: float = 0.0,
+         enable_thinking: bool = False, top_p: float = 1.0, top_k: int | None = None,
+         generator: torch.Generator | None = None) -> str:
+    """The model's reply to ``messages`` (a list of {"role", "content"} dicts), as text.
+
+    Content is a string, or for a VL model a list of ``{"type": "text", "text": ...}`` and
+    ``{"type": "image", "image": PIL.Image}`` items. ``temperature`` 0 is greedy decoding.
+    """
+    check_chat_arguments(model, tokenizer, messages, enable_thinking)
+    prompt = render_prompt(model, tokenizer, messages, enable_thinking=enable_thinking)
+    input_ids = prompt.pop("input_ids")
+    stop = list(getattr(tokenizer, "stop_token_ids", None) or [])
+    out = generate(model, input_ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                   eos_token_id=stop or None, generator=generator, **prompt)
+    new = out[0, input_ids.shape[1]:].tolist()
+    if stop:
+        new = new[:next((i for i, t in enumerate(new) if t in stop), len(new))]  # up to the first stop token
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def check_chat_arguments(model, tokenizer, messages, enable_thinking) -> None:
+    """chat's own arguments (generate checks the sampling ones), each an InputError naming it."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise InputError(f"chat's first argument must be an ernie-lab model (ernie_lab.load_model(...)), "
+                         f"got {type(model).__name__}.")
+    if not all(callable(getattr(tokenizer, name, None)) for name in ("encode", "decode", "apply_chat_template")):
+        raise InputError(f"chat's tokenizer must be a tokenizer (ernie_lab.load_tokenizer(...)), got "
+                         f"{type(tokenizer).__name__}; the order is chat(model, tokenizer, messages).")
+    check_messages(messages, pictures=isinstance(model.config, VLConfig) or _has_pictures(messages))
+    if len(messages) == 0:
+        raise InputError("chat got no messages; give at least one, e.g. [{'role': 'user', 'content': 'Hi'}].")
+    if not isinstance(enable_thinking, bool):
+        raise InputError(f"enable_thinking must be True or False, got {enable_thinking!r}.")
+
+
+def render_prompt(model, tokenizer, messages: list[dict], *, enable_thinking: bool = False) -> dict:
+    """``input_ids`` (1, T) of the conversation plus a generation prompt, and pixels if it has pictures."""
+    if isinstance(model.config, VLConfig):
+        from .processor import VLProcessor  # PIL is imported only when pictures are involved
+
+        processor = VLProcessor(tokenizer, config=model.config)
+        return processor(messages, enable_thinking=enable_thinking)
+    if _has_pictures(messages):
+        raise InputError("these messages hold pictures, but the model is a text-only ERNIE 4.5; "
+                         "load a vision-language checkpoint (ERNIE-4.5-VL-...) or send text only.")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=enable_thinking)
+    return {"input_ids": torch.tensor([ids])}
+
+
+def _has_pictures(messages) -> bool:
+    return isinstance(messages, (list, tuple)) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), (list, tuple))
+        and any(isinstance(item, dict) and item.get("type") in ("image", "video", "image_url", "video_url")
+                for item in m["content"]) for m in messages)

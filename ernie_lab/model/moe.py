@@ -1,0 +1,201 @@
+"""Mixture of experts: a router sends each token to k of E small SwiGLU experts; shared experts see all.
+
+    p   = softmax(W_r x)                          router probabilities over the E experts (float32)
+    S   = top-k of (p + b)                        the k experts chosen for this token
+    w_e = p_e / max(sum_{j in S} p_j, norm_min)   mixing weights for e in S (they sum to 1)
+    y   = sum_{e in S} w_e Expert_e(x) + Shared(x)
+
+ERNIE 4.5's twists: the router runs in float32 and its softmax covers *all* E experts (not just the
+chosen k); the correction bias b (``moe_statics.e_score_correction_bias``, learnt without gradients
+to even out the load) is added only to *choose* the experts, never to the weights; the weights are
+renormalised with a sum clamped below at ``moe_norm_min``; the shared experts are added unscaled.
+
+One :class:`MoEBlock` serves the text MoE models and the vision-language ones. Its experts come in
+*groups*, each with its own router and correction bias: a text model has one group; ERNIE 4.5 VL has
+two (modality-isolated routing), text experts then vision experts, of different widths, and a token is
+routed only inside the group of its modality. Each group is :func:`route` (logits -> chosen experts and
+weights) then :func:`dispatch` (tokens -> experts -> mixed outputs). Dispatch sorts the N * k
+(token, expert) pairs by expert, so each expert runs once, on all of its tokens together; the outputs
+are put back in token order and mixed with the weights: a loop over experts, never over tokens.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ErnieConfig
+from ..errors import InputError
+from .mlp import SwiGLU
+from ..analysis.routing import RoutingTap
+
+
+class Routing(NamedTuple):
+    probs: torch.Tensor       # (N, E) float32 softmax over all experts
+    expert_ids: torch.Tensor  # (N, k) long, chosen experts (best first)
+    weights: torch.Tensor     # (N, k) float32 mixing weights, each row sums to 1
+
+
+class RouterLogits(NamedTuple):
+    """What one MoE layer's routers said, for the training losses (``output_router_logits=True``)."""
+
+    logits: torch.Tensor    # (N, E) float32, N = B * T tokens batch-major; each row from its own group's router
+    modality: torch.Tensor  # (N,) long: the group (0 = text, 1 = vision) that routed each token
+
+    def group(self, code: int) -> torch.Tensor:
+        """(n, E) the logits of the tokens routed in group ``code``."""
+        return self.logits[self.modality.to(self.logits.device) == code]
+
+
+class Router(nn.Linear):
+    """The router of one expert group: (N, H) tokens -> (N, E) logits, always in float32 (even under
+    autocast or in a bf16 model), since tiny rounding here changes which experts run."""
+
+    def __init__(self, hidden: int, num_experts: int):
+        super().__init__(hidden, num_experts, bias=False, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float())
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(N, H) tokens, (E, H) router weight -> (N, E) logits, always in float32 (even under autocast)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float())
+
+
+def route(logits: torch.Tensor, k: int, norm_min: float = 1e-12,
+          correction_bias: torch.Tensor | None = None) -> Routing:
+    """Choose k experts per token from (N, E) router logits; the (E,) bias only affects the choice."""
+    probs = logits.float().softmax(dim=-1)                         # (N, E)
+    scores = probs if correction_bias is None else probs + correction_bias.float()
+    expert_ids = scores.topk(k, dim=-1).indices                    # (N, k)
+    chosen = probs.gather(-1, expert_ids)                          # (N, k) unbiased probabilities
+    weights = chosen / chosen.sum(dim=-1, keepdim=True).clamp(min=norm_min)
+    return Routing(probs, expert_ids, weights)
+
+
+def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+             experts: Sequence[nn.Module]) -> torch.Tensor:
+    """sum_j weights[t, j] * experts[expert_ids[t, j]](x[t]) for every token t, grouped by expert.
+
+    x (N, H); expert_ids, weights (N, k); experts: E modules mapping (n, H) -> (n, H). Returns (N, H).
+    The N * k (token, slot) pairs are sorted by expert, so expert e's tokens form one slice of the
+    sorted list: each active expert runs once, as batched matmuls over all of its tokens.
+    """
+    N, k = expert_ids.shape
+    pair_expert = expert_ids.reshape(-1)                            # (N*k,) pair p = (token p // k, slot p % k)
+    order = pair_expert.argsort(stable=True)                        # sorted position -> pair
+    counts = torch.bincount(pair_expert, minlength=len(experts)).tolist()  # tokens per expert
+    x_sorted = x.index_select(0, order // k)                        # (N*k, H) token rows, grouped by expert
+    y_sorted = torch.cat([experts[e](rows)                          # (N*k, H) one call per active expert
+                          for e, rows in enumerate(x_sorted.split(counts)) if counts[e]])
+    y_pairs = y_sorted.index_select(0, order.argsort())             # (N*k, H) back in pair order
+    return (y_pairs.view(N, k, -1) * weights[..., None]).sum(dim=1)  # (N, H) weighted sum over the k slots
+
+
+class MoEStatics(nn.Module):
+    """Holds the correction bias, one row of E per expert group (1 for text models, 2 for VL)."""
+
+    def __init__(self, groups: int, num_experts: int):
+        super().__init__()
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(groups, num_experts), requires_grad=False)
+
+
+class MoEBlock(nn.Module):
+    """The feed-forward block of an ERNIE 4.5 MoE layer (replaces the SwiGLU of dense layers).
+
+    ``group_widths`` gives one expert width per group: ``(1536,)`` for the 21B text model,
+    ``(1536, 512)`` for the VL-28B's text and vision experts. Every group has E experts, its own
+    router (``routers[g]``) and its own correction-bias row. Submodule names follow the Hub:
+    ``experts.{n}.{gate,up,down}_proj`` (group 0's experts first), ``shared_experts.*``, ``moe_statics``.
+    """
+
+    def __init__(self, config: ErnieConfig, layer_idx: int, group_widths: Sequence[int] | None = None):
+        super().__init__()
+        hidden, num_experts = config.hidden_size, config.moe_num_experts
+        widths = tuple(group_widths or (config.moe_intermediate_size,))
+        self.num_experts, self.num_groups = num_experts, len(widths)
+        self.k, self.norm_min = config.moe_k, config.moe_norm_min
+        self.routers = nn.ModuleList(Router(hidden, num_experts) for _ in widths)
+        use_bias = config.extra.get("moe_use_aux_free", True)
+        self.moe_statics = MoEStatics(len(widths), num_experts) if use_bias else None
+        self.experts = nn.ModuleList(SwiGLU(hidden, width, config.use_bias) for width in widths
+                                     for _ in range(num_experts))
+        shared = config.moe_num_shared_experts
+        # n shared experts of width I act as one SwiGLU of width n * I (I: the first group's width)
+        self.shared_experts = SwiGLU(hidden, widths[0] * shared, config.use_bias) if shared else None
+        self.routing_tap = RoutingTap(layer_idx, num_experts)
+        self.router_logits: torch.Tensor | None = None  # the last (N, E) logits while training
+
+    @property
+    def gate(self) -> Router:
+        """The (first group's) router, under the Hub's name for it."""
+        return self.routers[0]
+
+    def group_experts(self, group: int) -> nn.ModuleList:
+        """The E experts of one group."""
+        return self.experts[group * self.num_experts:(group + 1) * self.num_experts]
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None, return_router_logits: bool = False):
+        """x (B, T, H); modality (B, T) group of each token (None: all in group 0). Returns (B, T, H),
+        and the layer's :class:`RouterLogits` when ``return_router_logits``."""
+        tokens = x.reshape(-1, x.shape[-1])                         # (N, H), N = B * T, batch-major
+        if modality is not None:
+            modality = self._checked_modality(modality.reshape(-1).to(tokens.device))  # (N,) or None
+        if modality is None:
+            y, logits, (ids, weights, probs) = self._route_group(tokens, 0)
+        else:
+            y, logits, (ids, weights, probs) = self._route_groups(tokens, modality)
+        self.routing_tap(ids, weights, probs, modality)
+        self.router_logits = logits if self.training else None
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(tokens)
+        y = y.view(x.shape)
+        if not return_router_logits:
+            return y
+        if modality is None:
+            modality = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        return y, RouterLogits(logits, modality)
+
+    def _checked_modality(self, modality: torch.Tensor) -> torch.Tensor | None:
+        """Codes outside the groups are an error; a single-group block routes every token in group 0 (None)."""
+        if bool((modality < 0).any() | (modality >= self.num_groups).any()):
+            raise InputError(f"modality codes must be in [0, {self.num_groups}) for this MoE layer, "
+                             f"got {sorted(set(modality.tolist()))}.")
+        return None if self.num_groups == 1 else modality
+
+    def _route_group(self, tokens: torch.Tensor, group: int):
+        """Route ``tokens`` (n, H) inside one group: outputs (n, H), logits (n, E), (ids, weights, probs)."""
+        logits = self.routers[group](tokens)                        # (n, E) float32
+        bias = self.moe_statics.e_score_correction_bias[group] if self.moe_statics is not None else None
+        probs, expert_ids, weights = route(logits, self.k, self.norm_min, bias)
+        y = dispatch(tokens, expert_ids, weights.to(tokens.dtype), self.group_experts(group))
+        return y, logits, (expert_ids, weights, probs)
+
+    def _route_groups(self, tokens: torch.Tensor, modality: torch.Tensor):
+        """Modality-isolated routing: each token routed only inside its own group; results in token order."""
+        N, E = tokens.shape[0], self.num_experts
+        y = torch.zeros_like(tokens)
+        logits = tokens.new_zeros(N, E, dtype=torch.float32)
+        ids = torch.zeros(N, self.k, dtype=torch.long, device=tokens.device)
+        weights = tokens.new_zeros(N, self.k, dtype=torch.float32)
+        probs = tokens.new_zeros(N, E, dtype=torch.float32)
+        for group in range(self.num_groups):
+            rows = (modality == group).nonzero().squeeze(1)          # the tokens of this group
+            if rows.numel() == 0:
+                continue
+            y_g, logits_g, (ids_g, weights_g, probs_g) = self._route_group(tokens[rows], group)
+            y = y.index_put((rows,), y_g)
+            logits = logits.index_put((rows,), logits_g)
+            ids[rows], weights[rows], probs[rows] = ids_g, weights_g, probs_g
+        return y, logits, (ids, weights, probs)
+
+
+def moe_blocks(model: nn.Module) -> list[MoEBlock]:
+    """The MoE blocks of a model (text or vision-language), in depth order."""
+    return [m for m in model.modules() if isinstance(m, MoEBlock)]

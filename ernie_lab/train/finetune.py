@@ -1,0 +1,356 @@
+"""Fine-tuning on conversations: supervised fine-tuning with prompt masking, and DPO.
+
+**SFT.** A conversation is rendered with ERNIE's chat format and trained with the ordinary next-token
+loss, but only on the assistant's tokens: the prompt is given, not learnt. Each label of a prompt
+token is -100 (``IGNORE_INDEX``), which the loss skips::
+
+    <|begin_of_sentence|>User: What colour is the circle?\\nAssistant: rosso.<|end_of_sentence|>
+    -100 ...................................................... rosso .  <|end_of_sentence|>
+
+Conversations of different lengths are right-padded into one batch; the attention mask hides the
+padding and its labels are -100 too. Batches are functions of the step, ``batches(step, rank,
+world_size) -> dict`` (input_ids, labels, attention_mask, and pixel_values / image_grid_thw for the VL
+model), the data protocol of the kit's training loop.
+
+**DPO** (Rafailov et al., 2023) learns from pairs of answers to one prompt, a chosen one y_w and a
+rejected one y_l, without a reward model. With log pi(y | x) the summed log-probability of an answer's
+tokens under the model being trained and log pi_ref under the frozen starting model::
+
+    reward(y)  = beta * (log pi(y | x) - log pi_ref(y | x))       how much more likely training made y
+    loss       = -log sigmoid(reward(y_w) - reward(y_l))           push the margin up
+
+The reference is the *same* model with its LoRA adapters switched off (``lora.adapters_disabled``), so
+no second copy is held; for full-weight DPO the reference log-probabilities are computed once, before
+training, and carried in the batch (``add_reference_logps``). We log the reward margin and the
+accuracy (the share of pairs whose chosen answer has the higher reward).
+
+**Which loop.** SFT runs on the kit's training loop, ``ernie_lab.train.Trainer`` (so under torchrun too,
+with evaluation, gradient accumulation weighted by target tokens, and ``logits_for_labels_only``: the
+LM head only at the few labelled tokens). :func:`sft` is the entry point; :class:`FineTuner` is the
+Trainer whose checkpoints of a LoRA model are adapters (``step-N/adapter_model.safetensors`` +
+``trainer_state.pt``, a few hundred kB instead of the whole model). DPO keeps its own short loop
+(:func:`train_steps` with ``objective="dpo"``): the Trainer's objective is a token-weighted LM loss
+(micro-batch r, i weighs ``n_ri / N`` target *tokens*) with no hook for another loss, while DPO's loss is
+a mean over *pairs*, needs a pair's two sequences in one micro-batch and a second, gradient-free forward
+of the reference, and logs its own metrics (margin, accuracy). It runs in one process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CheckpointError, InputError
+from ..model.decoder import IGNORE_INDEX
+from ..model.special_tokens import END_OF_SENTENCE
+from .trainer import STATE_FILE, TrainConfig, Trainer, _as_tuple
+
+
+# ======================================================================================== SFT data
+def conversation_example(tokenizer, messages: list[dict], processor=None) -> dict:
+    """``{"ids", "labels"}`` of one conversation; labels only on assistant replies (and their end token).
+
+    Text models render with ``tokenizer.apply_chat_template``. With a ``processor`` (``VLProcessor``) the
+    first user message may hold pictures: it is rendered by the processor (pixels and one placeholder id
+    per vision token), later turns in the same text format.
+    """
+    if not messages or messages[-1].get("role") != "assistant":
+        raise InputError("a training conversation must end with an assistant message (the reply to learn).")
+    end = tokenizer.special_tokens[END_OF_SENTENCE]
+    ids: list[int] = []
+    labels: list[int] = []
+    example: dict = {}
+    rendered = ""  # the text of the turns already tokenized
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if processor is not None and not ids:
+            prompt = processor(messages[:k])
+            ids += prompt["input_ids"][0].tolist()
+            example.update({key: v for key, v in prompt.items() if key != "input_ids"})
+        else:
+            text = _render(tokenizer, processor, messages[:k], add_generation_prompt=True)
+            if not text.startswith(rendered):
+                raise InputError("the chat format does not render this conversation turn by turn; "
+                                 "check the messages' roles.")
+            ids += tokenizer.encode(text[len(rendered):])
+        labels += [IGNORE_INDEX] * (len(ids) - len(labels))
+        reply = tokenizer.encode(message["content"]) + [end]
+        ids += reply
+        labels += reply
+        rendered = _render(tokenizer, processor, messages[:k + 1], add_generation_prompt=False)
+    return {"ids": ids, "labels": labels, **example}
+
+
+def _render(tokenizer, processor, messages, add_generation_prompt: bool) -> str:
+    if processor is not None:
+        return processor.render(messages, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    """Right-pad examples into one batch: padding masked out of attention and loss; pixels concatenated."""
+    width = max(len(e["ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id)                       # (B, T)
+    labels = torch.full((len(examples), width), IGNORE_INDEX)                    # (B, T)
+    attention_mask = torch.zeros(len(examples), width, dtype=torch.long)         # (B, T) 1 = real token
+    for row, e in enumerate(examples):
+        n = len(e["ids"])
+        input_ids[row, :n] = torch.tensor(e["ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        attention_mask[row, :n] = 1
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if "pixel_values" in examples[0]:
+        batch["pixel_values"] = torch.cat([e["pixel_values"] for e in examples])
+        batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in examples])
+    return batch
+
+
+def sft_batches(tokenizer, conversations: list[list[dict]], batch_size: int = 16, processor=None, seed: int = 0):
+    """``batches(step, rank=0, world_size=1)`` over ``conversations``, reshuffled each epoch (by seed and
+    epoch), each rank taking its own slice of the step's examples."""
+    examples = [conversation_example(tokenizer, c, processor) for c in conversations]
+    pad = tokenizer.pad_token_id or 0
+
+    def batches(step: int, rank: int = 0, world_size: int = 1) -> dict:
+        per_step = batch_size * world_size
+        start = step * per_step
+        picked = []
+        for i in range(start + rank * batch_size, start + (rank + 1) * batch_size):
+            epoch, offset = divmod(i, len(examples))
+            order = list(range(len(examples)))
+            random.Random(seed * 7919 + epoch).shuffle(order)
+            picked.append(examples[order[offset]])
+        return collate(picked, pad)
+
+    return batches
+
+
+# ======================================================================================== SFT on the Trainer
+def sft_config(**overrides) -> TrainConfig:
+    """The Trainer's config with fine-tuning defaults: ERNIEKit's SFT-LoRA learning rate 3e-4, no weight
+    decay (a LoRA starts at B = 0; decay would pull the update back), the LM head only where a label is,
+    no progress bar. Any TrainConfig field can be overridden."""
+    settings = dict(lr=3e-4, weight_decay=0.0, warmup_steps=0, max_steps=100, logits_for_labels_only=True,
+                    progress=False)
+    return TrainConfig(**{**settings, **overrides})
+
+
+class FineTuner(Trainer):
+    """The kit's Trainer; a model with LoRA layers checkpoints its adapter (peft format) instead of
+    the whole model: ``out_dir/step-N/{adapter_config.json, adapter_model.safetensors, trainer_state.pt}``."""
+
+    def save_checkpoint(self) -> Path:
+        from .lora import lora_layers, save_adapter
+
+        if not lora_layers(self.model):
+            return super().save_checkpoint()
+        folder = Path(self.config.out_dir) / f"step-{self.step}"
+        if self.procs.is_main:
+            save_adapter(self.model, folder)                     # atomic; unfinished until the state lands
+            temporary = folder / f".{STATE_FILE}.tmp"
+            torch.save(self.state_dict(), temporary)
+            os.replace(temporary, folder / STATE_FILE)
+            self._prune(Path(self.config.out_dir))
+        if self.procs.world_size > 1:
+            torch.distributed.barrier()
+        return folder
+
+    def resume(self, folder) -> "FineTuner":
+        from .lora import ADAPTER_CONFIG, load_adapter
+
+        folder = Path(folder)
+        if not (folder / ADAPTER_CONFIG).is_file():
+            return super().resume(folder)
+        if not (folder / STATE_FILE).is_file():
+            raise CheckpointError(f"{folder} has no {STATE_FILE}: pass a step-N folder written by FineTuner.")
+        load_adapter(self.model, folder)
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.history = int(state["step"]), list(state["history"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(_as_tuple(state["rng"]["python"]))
+        return self
+
+
+def sft(model, tokenizer, conversations: list[list[dict]], config: TrainConfig | None = None, *,
+        batch_size: int = 16, processor=None, eval_conversations: list[list[dict]] | None = None,
+        seed: int = 0) -> list[dict]:
+    """Supervised fine-tuning of ``model`` (LoRA or full weights) on chat conversations, prompt-masked,
+    on the kit's Trainer. ``config``: :func:`sft_config` by default; with ``eval_conversations`` and
+    ``config.eval_every`` the held-out loss is logged too. Returns the Trainer's history."""
+    data = sft_batches(tokenizer, conversations, batch_size, processor, seed)
+    config = config or sft_config()
+    eval_data = None
+    if eval_conversations:
+        held_out = sft_batches(tokenizer, eval_conversations, batch_size, processor, seed)
+        eval_data = lambda i: held_out(i)  # noqa: E731  (i -> batch)
+        if not config.eval_every:
+            config = TrainConfig(**{**config.__dict__, "eval_every": config.max_steps,
+                                    "eval_batches": max(1, len(eval_conversations) // batch_size)})
+    model.train()
+    history = FineTuner(model, data, config, eval_data).fit()
+    model.eval()
+    return history
+
+
+# ======================================================================================== DPO
+def pair_examples(tokenizer, prompt: list[dict], chosen: str, rejected: str, processor=None) -> tuple[dict, dict]:
+    """(chosen, rejected) examples of one preference pair: the same prompt, two replies."""
+    return (conversation_example(tokenizer, prompt + [{"role": "assistant", "content": chosen}], processor),
+            conversation_example(tokenizer, prompt + [{"role": "assistant", "content": rejected}], processor))
+
+
+def dpo_batches(tokenizer, pairs: list[dict], batch_size: int = 8, processor=None, seed: int = 0):
+    """``batches(step, rank, world_size)`` of preference pairs (dicts with ``prompt`` messages, ``chosen``
+    and ``rejected`` replies). A batch stacks the B chosen sequences, then the B rejected ones: (2B, T)."""
+    examples = [pair_examples(tokenizer, p["prompt"], p["chosen"], p["rejected"], processor) for p in pairs]
+    pad = tokenizer.pad_token_id or 0
+
+    def batches(step: int, rank: int = 0, world_size: int = 1) -> dict:
+        start = step * batch_size * world_size + rank * batch_size
+        picked = []
+        for i in range(start, start + batch_size):
+            epoch, offset = divmod(i, len(examples))
+            order = list(range(len(examples)))
+            random.Random(seed * 7919 + epoch).shuffle(order)
+            picked.append(examples[order[offset]])
+        return collate([c for c, _ in picked] + [r for _, r in picked], pad)
+
+    return batches
+
+
+def sequence_logps(model, batch: dict) -> torch.Tensor:
+    """(B,) summed log-probability of each row's labelled tokens (the reply), next-token aligned."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "reference_logps")}
+    logits = model(**inputs).logits[:, :-1].float()                        # (B, T-1, V) predicts token t+1
+    targets = batch["labels"][:, 1:]                                       # (B, T-1)
+    mask = targets != IGNORE_INDEX
+    token_logps = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1)                                    # (B,)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1) -> tuple[torch.Tensor, dict]:
+    """The DPO loss of (B,) summed log-probs, and its metrics: rewards, margin, accuracy."""
+    chosen_reward = beta * (policy_chosen - ref_chosen)                   # (B,)
+    rejected_reward = beta * (policy_rejected - ref_rejected)             # (B,)
+    margin = chosen_reward - rejected_reward
+    loss = -F.logsigmoid(margin).mean()
+    metrics = {"reward_margin": margin.mean().item(), "accuracy": (margin > 0).float().mean().item(),
+               "chosen_reward": chosen_reward.mean().item(), "rejected_reward": rejected_reward.mean().item()}
+    return loss, metrics
+
+
+def reference_logps(model, batch: dict) -> torch.Tensor:
+    """(2B,) log-probs under the frozen reference: carried in the batch, else the model with adapters off."""
+    if "reference_logps" in batch:
+        return batch["reference_logps"]
+    from .lora import adapters_disabled, lora_layers
+
+    if not lora_layers(model):
+        raise InputError("full-weight DPO needs the reference log-probs in the batch: wrap the batches with "
+                         "add_reference_logps(model, batches) before training (or train LoRA adapters).")
+    with torch.no_grad(), adapters_disabled(model):
+        return sequence_logps(model, batch)
+
+
+def add_reference_logps(model, batches, steps: int):
+    """Full-weight DPO: compute the reference log-probs of the first ``steps`` batches now, with the
+    untrained model, and return ``batches`` that carry them (the data must repeat after ``steps``)."""
+    cache = {}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for step in range(steps):
+            cache[step] = sequence_logps(model, batches(step))
+    model.train(was_training)
+
+    def with_reference(step: int, rank: int = 0, world_size: int = 1) -> dict:
+        return {**batches(step, rank, world_size), "reference_logps": cache[step % steps]}
+
+    return with_reference
+
+
+def dpo_batch_loss(model, batch: dict, beta: float = 0.1) -> tuple[torch.Tensor, dict]:
+    """The DPO loss of one (2B, T) batch: chosen rows first, rejected after."""
+    half = batch["input_ids"].shape[0] // 2
+    ref = reference_logps(model, batch)
+    policy = sequence_logps(model, batch)
+    return dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], beta)
+
+
+# ======================================================================================== a short loop
+def train_steps(model, batches, steps: int, lr: float = 3e-4, *, objective: str = "sft", beta: float = 0.1,
+                grad_accum: int = 1, weight_decay: float = 0.0, warmup: int = 0, log_every: int = 10,
+                progress: bool = False) -> list[dict]:
+    """Train for ``steps`` updates (cosine decay after ``warmup``, gradient accumulation): ``objective``
+    "sft" (the shifted cross-entropy on the labels, on the kit's Trainer) or "dpo" (a small AdamW loop
+    of its own, see the module docstring). Returns the log: ``{"step" (0-based), "loss", ...,
+    "seconds"}`` every ``log_every`` steps and at the last."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise InputError("nothing to train: every parameter is frozen (apply_lora, or unfreeze for full fine-tuning).")
+    if objective not in ("sft", "dpo"):
+        raise InputError(f"objective must be 'sft' or 'dpo', got {objective!r}.")
+    if objective == "sft":
+        return _sft_steps(model, batches, steps, lr, grad_accum, weight_decay, warmup, log_every, progress)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * (
+        0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))) if warmup else 0.5 * (1 + math.cos(math.pi * s / steps)))
+    model.train()
+    log, started = [], time.perf_counter()
+    steps_iter = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps_iter = tqdm(steps_iter, desc=objective)
+    for step in steps_iter:
+        totals: dict = {}
+        for micro in range(grad_accum):
+            batch = batches(step * grad_accum + micro)
+            if objective == "sft":
+                loss, metrics = model(**batch).loss, {}
+            else:
+                loss, metrics = dpo_batch_loss(model, batch, beta)
+            (loss / grad_accum).backward()
+            for key, value in {"loss": loss.item(), **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + value / grad_accum
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        if step % log_every == 0 or step == steps - 1:
+            log.append({"step": step, **totals, "seconds": time.perf_counter() - started})
+    model.eval()
+    return log
+
+
+def _sft_steps(model, batches, steps, lr, grad_accum, weight_decay, warmup, log_every, progress) -> list[dict]:
+    """train_steps' SFT: the Trainer, its history in train_steps' log format."""
+    config = sft_config(lr=lr, max_steps=steps, grad_accum_steps=grad_accum, weight_decay=weight_decay,
+                        warmup_steps=min(warmup, steps - 1), min_lr_ratio=0.0, log_every=1, progress=progress)
+    step_starts = []                                              # when each update asked for its data
+
+    def timed(index: int, rank: int = 0, world_size: int = 1) -> dict:
+        if index % grad_accum == 0:
+            step_starts.append(time.perf_counter())
+        return batches(index, rank, world_size)
+
+    started = time.perf_counter()
+    model.train()
+    history = FineTuner(model, timed, config).fit()
+    step_ends = step_starts[1:] + [time.perf_counter()]
+    log = []
+    for entry in history:
+        step = entry["step"] - 1                                  # the Trainer counts updates done
+        if step % log_every == 0 or step == steps - 1:
+            log.append({**entry, "step": step, "seconds": step_ends[step] - started})
+    model.eval()
+    return log

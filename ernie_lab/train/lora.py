@@ -1,0 +1,593 @@
+"""LoRA: fine-tune a frozen model through small low-rank updates of its linear layers.
+
+A linear layer computes ``y = W x``. Fine-tuning changes W by some ``dW``; LoRA (Hu et al., 2021) bets
+that a useful ``dW`` has low rank and learns it as a product of two thin matrices::
+
+    y = W x + (alpha / r) * B (A x)        A: (r, in) random,  B: (out, r) zeros,  W frozen
+
+At the start ``B = 0``, so the adapted model *is* the base model; only A and B train, r * (in + out)
+numbers per layer instead of in * out. ``alpha / r`` keeps the update's size stable when r changes.
+
+LoRA is an option of the existing linear layers, not a copy of the model: :func:`apply_lora` swaps the
+chosen linears for a :class:`LoRALinear` that wraps the original (any module mapping ``(..., in)`` to
+``(..., out)`` with ``in_features`` / ``out_features``: an ``nn.Linear``, a quantized linear for QLoRA)
+(:func:`wrap_layers`, by module name). Submodule and tensor names follow peft
+(``base_layer``, ``lora_A.weight``, ``lora_B.weight``), so a saved adapter is a peft adapter:
+
+    adapter_config.json          {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": [...], ...}
+    adapter_model.safetensors    base_model.model.<Hub module path>.lora_A.weight  (r, in)
+                                 base_model.model.<Hub module path>.lora_B.weight  (out, r)
+
+The Hub module path comes from the kit's name table (``layers.0.attn.q_proj`` is
+``model.layers.0.self_attn.q_proj``). MoE experts are saved per expert
+(``model.layers.1.mlp.experts.3.gate_proj``), the layout of the checkpoint files; peft >= 0.21 converts
+such an adapter itself when it loads it into a transformers 5 model, whose experts are fused 3-D
+parameters (``mlp.experts.gate_up_proj``): gate and up LoRAs of rank r become one rank-2r LoRA of the
+fused weight. :func:`load_adapter` reads both forms (per-expert and peft's fused one).
+
+What interoperates with peft 0.21.2 on transformers 5.23 (tests/test_lora.py checks each, logits within 1e-4):
+
+* dense models: everything (attention and MLP), both directions; trainable counts equal peft's.
+* text MoE models: attention, dense-layer MLPs, shared experts and routed experts, both directions. peft
+  rewrites every ``gate_proj`` / ``up_proj`` / ``down_proj`` target of a transformers 5 MoE model into
+  the fused expert parameters and would silently skip the dense layers' and shared experts' MLPs, so the
+  kit names those in ``target_parameters`` (same tensors, same layout). peft's fused experts need
+  ``lora_dropout`` 0, and its fused gate/up LoRA (rank 2r, block-diagonal B stored dense) has more
+  trainable numbers than the kit's per-expert gate and up LoRAs: counts match peft's for attention,
+  dense and shared-expert targets, not for routed experts.
+* vision-language models: saved and loaded by the kit (decoder, and the ViT with ``vision=True``);
+  loading them into peft on transformers' VL model is not tested.
+
+QLoRA (Dettmers et al., 2023) is LoRA over a quantized base: ``quant.quantize(model, "w4a16")`` then
+``apply_lora(model)``. The int4 weights stay frozen and packed; the backward needs only the input
+gradient ``dL/dy W``, for which :class:`FrozenQuantized` dequantizes W on the fly. The adapters train
+in float32 and save like any other; merging into int4 codes is refused (dequantize first).
+
+``merge_lora`` folds ``(alpha / r) B A`` into W (no extra cost at inference), ``unmerge_lora`` takes it
+out again, and ``with adapters_disabled(model):`` runs the base model (the frozen reference of DPO)
+without holding a second copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError, InputError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VISION_TARGETS = ("qkv", "proj", "fc1", "fc2")   # the ViT's attention and MLP linears
+VISION_PREFIXES = ("vision.", "adapter.")         # the vision tower and its adapter in the VL model
+
+
+# ----------------------------------------------------------------------------------- the layer
+class LoRALinear(nn.Module):
+    """``base_layer(x) + (alpha / r) * lora_B(lora_A(dropout(x)))``, with the base frozen."""
+
+    def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0):
+        super().__init__()
+        if not (isinstance(r, int) and r > 0):
+            raise InputError(f"LoRA rank r must be a positive integer, got {r!r}.")
+        in_features, out_features = _features(base_layer)
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        self.lora_A = nn.Linear(in_features, r, bias=False)     # weight (r, in)
+        self.lora_B = nn.Linear(r, out_features, bias=False)    # weight (out, r)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.merged, self.enabled = False, True
+        self.reset_lora()
+        dtype, device = _weight_dtype_device(base_layer)
+        self.lora_A.to(device=device, dtype=dtype)
+        self.lora_B.to(device=device, dtype=dtype)
+
+    def reset_lora(self) -> None:
+        """peft's default start: A kaiming-uniform (as nn.Linear initialises), B zero, so dW = 0."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        quantized = not isinstance(self.base_layer, nn.Linear) and hasattr(self.base_layer, "dequantize")
+        y = FrozenQuantized.apply(x, self.base_layer) if quantized and torch.is_grad_enabled() else self.base_layer(x)
+        if self.merged or not self.enabled:
+            return y
+        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """(out, in) the update this adapter adds to the base weight: (alpha / r) B A."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scale
+
+    def merge(self) -> None:
+        if not self.merged:
+            weight = _float_weight(self.base_layer)
+            with torch.no_grad():
+                weight += self.delta_weight().to(weight.dtype)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            weight = _float_weight(self.base_layer)
+            with torch.no_grad():
+                weight -= self.delta_weight().to(weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
+
+
+class FrozenQuantized(torch.autograd.Function):
+    """QLoRA's frozen base: ``y = base(x)`` through the quantized kernel, and the input gradient
+    ``dL/dx = dL/dy W`` with W dequantized on the fly in the backward (never stored). Integer kernels
+    have no derivative of their own; the base's weights get none (they are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:   # (..., in) -> (..., out)
+        ctx.layer = layer
+        with torch.no_grad():
+            return layer(x)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):                               # (..., out) -> (..., in)
+        weight = ctx.layer.dequantize().to(grad_y.dtype)                   # (out, in)
+        return grad_y @ weight, None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or a quantized linear (``ernie_lab.quant.QuantLinear``: codes + ``dequantize``)."""
+    return isinstance(module, nn.Linear) or (hasattr(module, "dequantize") and hasattr(module, "in_features"))
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a linear-like module."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features)
+    raise InputError(f"LoRA wraps linear-like modules with in_features and out_features; "
+                     f"{type(module).__name__} has neither.")
+
+
+def _weight_dtype_device(module: nn.Module):
+    """The dtype / device the adapter should live in: the base's floating parameters (float32 if none)."""
+    floats = [p for p in module.parameters() if p.is_floating_point()]
+    floats += [b for b in module.buffers() if b.is_floating_point()]
+    dtype = getattr(module, "compute_dtype", None) or (floats[0].dtype if floats else torch.float32)
+    device = floats[0].device if floats else (next(module.buffers()).device if list(module.buffers()) else "cpu")
+    return dtype, device
+
+
+def _float_weight(module: nn.Module) -> torch.Tensor:
+    weight = getattr(module, "weight", None)
+    if not (isinstance(weight, torch.Tensor) and weight.is_floating_point()):
+        raise InputError(f"cannot merge a LoRA into a {type(module).__name__}: it has no floating-point weight "
+                         f"(a quantized base keeps its adapter unmerged; dequantize it first).")
+    return weight.data
+
+
+# ----------------------------------------------------------------------------------- apply / find
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's LoRA layers by module name (names of the wrapped linears)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def target_filter(target_modules, vision: bool = False):
+    """(name, module) -> bool choosing the layers to adapt: a target is a module's last name component
+    (``"q_proj"``) or a regex matched against the whole name (``r"layers\\.0\\.attn\\..*"``)."""
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+
+    def hit(target: str, name: str) -> bool:
+        return name.rsplit(".", 1)[-1] == target or re.fullmatch(target, name) is not None
+
+    def keep(name: str, module: nn.Module) -> bool:
+        if not vision and name.startswith(VISION_PREFIXES):
+            return False
+        if ".routers." in name or name == "lm_head":   # routers and the head only by full name
+            return name in targets
+        return any(hit(t, name) for t in targets)
+
+    return keep, hit
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+               target_modules=DEFAULT_TARGETS, *, vision: bool = False) -> nn.Module:
+    """Wrap the targeted linear layers of ``model`` in :class:`LoRALinear` and freeze everything else.
+
+    ``target_modules``: leaf names (``"q_proj"``, ...; MoE experts and shared experts use the same
+    names) or regexes over full module names. ``vision=True`` also adapts the ViT and its adapter
+    (adding their leaf names ``qkv``, ``proj``, ``fc1``, ``fc2`` to the targets). Every target must match
+    at least one layer. Returns the model (changed in place).
+    """
+    if lora_layers(model):
+        raise InputError("this model already has LoRA layers; merge_lora(model, unload=True) first, or load "
+                         "a second adapter into a fresh model.")
+    if isinstance(target_modules, str):
+        target_modules = (target_modules,)
+    targets = tuple(target_modules) + (tuple(t for t in VISION_TARGETS if t not in target_modules) if vision else ())
+    keep, hit = target_filter(targets, vision)
+    tied = _tied_head(model)   # wrapping a tied head would untie it from the embedding
+    names = [n for n, m in model.named_modules() if is_linear_like(m) and keep(n, m) and n != tied]
+    missing = [t for t in target_modules if not any(hit(t, n) for n in names)]
+    if missing or not names:
+        raise ConfigError(f"target modules {missing or list(target_modules)} match no linear layer of this "
+                          f"{type(model).__name__}; its linear layers end in "
+                          f"{sorted({n.rsplit('.', 1)[-1] for n, m in model.named_modules() if is_linear_like(m)})}"
+                          + ("" if vision else " (the vision tower is left out unless vision=True)") + ".")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrap_layers(model, names, lambda name, linear: LoRALinear(linear, r, alpha, dropout))
+    model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, target_modules=list(targets), vision=vision)
+    return model
+
+
+def wrap_layers(model: nn.Module, names: list[str], factory) -> None:
+    """Put ``factory(name, layer)`` in place of each named layer (linear or quantized linear)."""
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, leaf, factory(name, getattr(parent, leaf)))
+
+
+def _tied_head(model: nn.Module) -> str | None:
+    head, embed = getattr(model, "lm_head", None), getattr(model, "embed", None)
+    tied = isinstance(head, nn.Linear) and isinstance(embed, nn.Embedding) and head.weight is embed.weight
+    return "lm_head" if tied else None
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """How many numbers an optimiser updates."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
+    """Fold every adapter into its base weight. ``unload=True`` also puts the plain base layers back
+    (a model that ``save_model`` writes and that no longer knows it was adapted)."""
+    layers = lora_layers(model)
+    for layer in layers.values():
+        layer.merge()
+    if unload:
+        replace_linears_back(model, layers)
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Take the adapters out of the base weights again (exactly, up to rounding)."""
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+def replace_linears_back(model: nn.Module, layers: dict[str, LoRALinear]) -> None:
+    for name, layer in layers.items():
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, layer.base_layer)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run the base model inside the block: adapters off (merged ones taken out), back on afterwards."""
+    layers = list(lora_layers(model).values())
+    merged = [layer for layer in layers if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
+        for layer in merged:
+            layer.merge()
+
+
+# ----------------------------------------------------------------------------------- names
+def _name_table(model: nn.Module) -> list:
+    from ..io.architectures import name_table
+
+    return name_table(model.config)
+
+
+def hub_module_path(lab_module: str, table: list) -> str:
+    """``layers.0.attn.q_proj`` -> ``model.layers.0.self_attn.q_proj`` (through the parameter name)."""
+    from ..io.hub_names import lab_to_hub
+
+    hub = lab_to_hub(lab_module + ".weight", table)
+    if hub is None or not hub.endswith(".weight"):
+        raise ConfigError(f"{lab_module!r} has no Hub name in the kit's name table; it cannot be saved as a peft adapter.")
+    return hub.removesuffix(".weight")
+
+
+def lab_module_path(hub_module: str, table: list) -> str | None:
+    from ..io.hub_names import hub_to_lab
+
+    lab = hub_to_lab(hub_module + ".weight", table)
+    return lab.removesuffix(".weight") if lab else None
+
+
+# ----------------------------------------------------------------------------------- save
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors under peft's names (per-expert layout for MoE experts)."""
+    table = _name_table(model)
+    tensors = {}
+    for name, layer in lora_layers(model).items():
+        hub = PEFT_PREFIX + hub_module_path(name, table)
+        tensors[f"{hub}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
+        tensors[f"{hub}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
+    return tensors
+
+
+def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
+    """peft's LoraConfig fields for this model's adapters."""
+    layers = lora_layers(model)
+    if not layers:
+        raise InputError("this model has no LoRA layers; call apply_lora(model, ...) or load_adapter first.")
+    first = next(iter(layers.values()))
+    settings = getattr(model, "lora_config", {})
+    ranks = {n: (l.r, l.alpha) for n, l in layers.items() if (l.r, l.alpha) != (first.r, first.alpha)}
+    if ranks:
+        raise InputError(f"saving adapters of mixed ranks is not supported (e.g. {next(iter(ranks))}).")
+    targets, parameters = _peft_targets(model, list(layers))
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": first.r, "lora_alpha": first.alpha, "lora_dropout": settings.get("dropout", 0.0),
+        "target_modules": targets, "target_parameters": parameters,
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
+        "rank_pattern": {}, "alpha_pattern": {},
+    }
+
+
+def _peft_targets(model: nn.Module, names: list[str]) -> tuple[list[str], list[str] | None]:
+    """(target_modules, target_parameters) that make peft adapt exactly the kit's layers.
+
+    Dense models: the leaf names. MoE models: peft >= 0.21 rewrites every ``gate_proj`` / ``up_proj`` /
+    ``down_proj`` target of a transformers 5 MoE model into the fused expert parameters, and would drop
+    the dense layers' and shared experts' MLPs; those are named as parameters (``mlp.gate_proj.weight``,
+    ``shared_experts.up_proj.weight``), which peft adapts with the same LoRA layout.
+    """
+    from ..model.moe import moe_blocks
+
+    leafs = sorted({n.rsplit(".", 1)[-1] for n in names})
+    if not moe_blocks(model):
+        return leafs, None
+    mlp_leafs = {"gate_proj", "up_proj", "down_proj"}
+    experts = sorted({n.rsplit(".", 1)[-1] for n in names if ".experts." in n})
+    modules = sorted({leaf for leaf in leafs if leaf not in mlp_leafs} | set(experts))
+    parameters = sorted({(".".join(n.split(".")[-2:]) if ".shared_experts." in n else f"mlp.{n.rsplit('.', 1)[-1]}")
+                         + ".weight" for n in names if n.rsplit(".", 1)[-1] in mlp_leafs and ".experts." not in n})
+    return modules, parameters or None
+
+
+def base_fingerprint(model: nn.Module) -> dict:
+    """What an adapter remembers of its base (in the safetensors metadata, which peft ignores)."""
+    text = model.config.get_text_config()
+    return {"model_type": model.config.model_type, "hidden_size": text.hidden_size,
+            "num_hidden_layers": text.num_hidden_layers, "vocab_size": text.vocab_size}
+
+
+def save_adapter(model: nn.Module, folder: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's format) into ``folder``,
+    atomically: into a temporary folder beside it, then renamed into place."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    config = adapter_config(model, base_model_name_or_path)
+    tensors = adapter_state_dict(model)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        save_file(tensors, staging / ADAPTER_WEIGHTS,
+                  metadata={"format": "pt", "ernie_lab_base": json.dumps(base_fingerprint(model))})
+        _ordinary_permissions(staging)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(staging, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _ordinary_permissions(folder: Path) -> None:
+    """mkdtemp makes a private folder (0700); give the adapter the modes of any file the user writes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.iterdir():
+        os.chmod(path, 0o666 & ~umask)
+
+
+# ----------------------------------------------------------------------------------- load
+def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of a peft LoRA adapter folder, with clear errors for what is missing or broken."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config_file, weights_file = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing: a peft adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}.")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config_file} is not valid JSON ({err}); re-save the adapter.") from None
+    try:
+        tensors = load_file(weights_file)
+        with safe_open(weights_file, "pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights_file} is corrupt or not a safetensors file ({err}); re-save the adapter.") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"{config_file}: peft_type {config.get('peft_type')!r}; the kit loads LoRA adapters only.")
+    for flag in ("use_dora", "use_rslora", "fan_in_fan_out"):
+        if config.get(flag):
+            raise ConfigError(f"{config_file}: {flag}=true is not supported by ernie_lab.lora (plain LoRA only).")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        raise ConfigError(f"{config_file}: LoRA biases are not supported (bias must be 'none').")
+    if "ernie_lab_base" in metadata:
+        config = {**config, "ernie_lab_base": json.loads(metadata["ernie_lab_base"])}
+    return config, tensors
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Load a peft LoRA adapter (saved by :func:`save_adapter` or by peft) into an ernie-lab model.
+
+    A model without LoRA layers gets them on exactly the modules the adapter names; a model that has
+    them must have the same ones. Fused MoE expert adapters (peft on transformers 5:
+    ``mlp.experts.base_layer.lora_A.weight`` for ``gate_up_proj``) are split per expert. Errors name
+    the tensor and what does not match.
+    """
+    config, tensors = read_adapter(folder)
+    _check_base(model, config, folder)
+    table = _name_table(model)
+    per_module = _per_module_tensors(model, tensors, config, table, folder)   # lab name -> (A, B, r, alpha)
+    if not lora_layers(model):
+        _wrap_exactly(model, per_module, config)
+    layers = lora_layers(model)
+    missing = sorted(set(layers) - set(per_module))
+    if missing:
+        raise CheckpointError(f"{folder}: the adapter has no tensors for {len(missing)} LoRA layer(s) of the model, "
+                              f"e.g. {missing[0]!r}; the adapter is incomplete or was made for other target modules.")
+    for name, (A, B, r, alpha) in per_module.items():
+        layer = layers.get(name)
+        if layer is None:
+            raise ConfigError(f"{folder}: the adapter adapts {name!r}, which this model has no LoRA layer for.")
+        if A.shape != (layer.r, layer.in_features) or B.shape != (layer.out_features, layer.r):
+            raise CheckpointError(f"{folder}: {name!r} lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit the "
+                                  f"layer: expected ({layer.r}, {layer.in_features}) / ({layer.out_features}, {layer.r}).")
+        with torch.no_grad():
+            was_merged = layer.merged
+            layer.unmerge()
+            layer.lora_A.weight.copy_(A)
+            layer.lora_B.weight.copy_(B)
+            layer.alpha, layer.scale = alpha, alpha / r
+            if was_merged:
+                layer.merge()
+    return model
+
+
+def _check_base(model: nn.Module, config: dict, folder) -> None:
+    base = config.get("ernie_lab_base")
+    if not base:
+        return
+    ours = base_fingerprint(model)
+    wrong = {k: (v, ours.get(k)) for k, v in base.items() if k in ours and ours[k] != v}
+    if wrong:
+        raise ConfigError(f"{folder}: the adapter was made for another base model: "
+                          + ", ".join(f"{k} {a} (this model: {b})" for k, (a, b) in wrong.items())
+                          + ". Load it into the model it was trained on.")
+
+
+def _rank_alpha(hub_module: str, config: dict) -> tuple[int, float]:
+    """peft's rank / alpha for one module: rank_pattern / alpha_pattern (regex, suffix match) over r / lora_alpha."""
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    for key, value in (config.get("rank_pattern") or {}).items():
+        if re.search(rf"(^|\.){key}$", hub_module) or re.fullmatch(key, hub_module):
+            r = value
+    for key, value in (config.get("alpha_pattern") or {}).items():
+        if re.search(rf"(^|\.){key}$", hub_module) or re.fullmatch(key, hub_module):
+            alpha = value
+    return int(r), float(alpha)
+
+
+def _per_module_tensors(model, tensors, config, table, folder) -> dict:
+    """lab module name -> (A (r, in), B (out, r), r, alpha), fused expert adapters split per expert."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+        if match is None:
+            raise CheckpointError(f"{folder}: tensor {key!r} is not a LoRA A or B weight (modules_to_save, biases and "
+                                  f"other peft methods are not supported).")
+        pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
+    result = {}
+    for hub, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise CheckpointError(f"{folder}: {hub!r} has lora_{'A' if 'A' in ab else 'B'} but no "
+                                  f"lora_{'B' if 'A' in ab else 'A'}; the adapter file is incomplete.")
+        if re.search(r"\.mlp\.experts(\.base_layer)*$", hub):
+            result.update(_split_fused_experts(model, hub, ab, config, table, folder))
+            continue
+        lab = lab_module_path(hub, table)
+        if lab is None:
+            raise ConfigError(f"{folder}: the adapter targets {hub!r}, which this model does not have.")
+        r, alpha = _rank_alpha(hub, config)
+        if ab["A"].shape[0] != r or ab["B"].shape[1] != r:
+            raise CheckpointError(f"{folder}: {hub!r} has rank {ab['A'].shape[0]} in the file but r={r} in "
+                                  f"{ADAPTER_CONFIG}.")
+        result[lab] = (ab["A"], ab["B"], r, alpha)
+    return result
+
+
+def _split_fused_experts(model, hub, ab, full_config, table, folder) -> dict:
+    """peft's LoRA of transformers 5's fused experts -> per-expert LoRAs of our gate / up / down projections.
+
+    A fused adapter of the (E, out, in) parameter has A (E * r, in) (expert e's rows e*r .. e*r+r-1) and
+    B (out, r * E) (expert e's columns e, e + E, ...). For ``gate_up_proj`` (out = 2I) the top I rows of
+    B_e update gate_proj and the bottom I rows up_proj, both with the same A_e.
+    """
+    from ..model.moe import MoEBlock
+
+    lab_block = lab_module_path(hub.split(".experts")[0] + ".experts.0.down_proj", table).removesuffix(".experts.0.down_proj")
+    block = model.get_submodule(lab_block)
+    if not isinstance(block, MoEBlock):
+        raise ConfigError(f"{folder}: {hub!r} adapts experts, but {lab_block!r} is not an MoE block of this model.")
+    E, expert = block.num_experts, block.experts[0]
+    H, I = expert.gate_proj.in_features, expert.gate_proj.out_features
+    fan_in, fan_out = ab["A"].shape[-1], ab["B"].shape[0]
+    if (fan_in, fan_out) == (H, 2 * I):
+        param = "gate_up_proj"
+    elif (fan_in, fan_out) == (I, H):
+        param = "down_proj"
+    else:
+        raise CheckpointError(f"{folder}: {hub!r} lora_A {tuple(ab['A'].shape)} / lora_B {tuple(ab['B'].shape)} fit neither "
+                              f"the fused gate_up_proj ({H} -> {2 * I}) nor down_proj ({I} -> {H}) of these experts.")
+    if ab["A"].shape[0] % E or ab["B"].shape[1] != ab["A"].shape[0]:
+        raise CheckpointError(f"{folder}: {hub!r} has {ab['A'].shape[0]} LoRA rows, not a multiple of the {E} experts.")
+    _, alpha = _rank_alpha(hub.split(".experts")[0] + f".experts.{param}", full_config)
+    r = ab["A"].shape[0] // E                                            # peft: rank_pattern (2r for gate_up)
+    A = ab["A"].reshape(E, -1, ab["A"].shape[-1])                       # (E, r, in)
+    B = ab["B"].reshape(ab["B"].shape[0], -1, E).permute(2, 0, 1)        # (E, out, r)
+    out = {}
+    for e in range(E):
+        base = f"{lab_block}.experts.{e}"
+        if param == "down_proj":
+            out[f"{base}.down_proj"] = (A[e], B[e].contiguous(), r, alpha)
+        else:
+            half = B.shape[1] // 2
+            out[f"{base}.gate_proj"] = (A[e].clone(), B[e, :half].contiguous(), r, alpha)
+            out[f"{base}.up_proj"] = (A[e].clone(), B[e, half:].contiguous(), r, alpha)
+    return out
+
+
+def _wrap_exactly(model: nn.Module, per_module: dict, config: dict) -> None:
+    """apply_lora on exactly the adapter's modules, with each module's rank."""
+    linears = {n for n, m in model.named_modules() if is_linear_like(m)}
+    lacking = sorted(set(per_module) - linears)
+    if lacking:
+        raise ConfigError(f"the adapter targets {lacking[0]!r} (and {len(lacking) - 1} more), which this model lacks; "
+                          f"was it made for another base model?")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrap_layers(model, sorted(per_module), lambda name, linear: LoRALinear(linear, per_module[name][2], per_module[name][3]))
+    vision = any(n.startswith(VISION_PREFIXES) for n in per_module)
+    model.lora_config = dict(r=config.get("r", 8), alpha=config.get("lora_alpha", 8),
+                             dropout=config.get("lora_dropout", 0.0),
+                             target_modules=sorted({n.rsplit(".", 1)[-1] for n in per_module}), vision=vision)

@@ -1,0 +1,575 @@
+"""Training from scratch: one loop for dense, MoE and vision-language models, in one process or many.
+
+    trainer = Trainer(model.init_weights(seed=0), train_data, TrainConfig(lr=1e-3, max_steps=200))
+    history = trainer.fit()        # list of dicts, one per logged step (and one per evaluation)
+
+The objective of one optimizer step (``c_*`` are the config's loss weights, 0 = off):
+
+    loss = LM + c_bal L_bal + c_z L_z + c_orth sum_routers L_orth              (losses.py has each term)
+    LM   = sum_tokens CE / #targets       (mean next-token cross-entropy, ``out.loss``), or, with
+           ``token_balanced``, the mean over samples of each sample's mean (``losses.token_balanced_loss``)
+    L_bal = load balancing: per modality group for VL (text + vision), over all tokens for a text MoE
+
+Learning rate at update t = 0 .. T-1 (T = ``max_steps``, W = ``warmup_steps``): linear warm-up, cosine decay
+
+    lr_t = lr (t + 1) / W                                                     t < W
+    lr_t = min_lr + (lr - min_lr) (1 + cos(pi p)) / 2,  p = (t - W) / (T - 1 - W)    t >= W   (lr_{T-1} = min_lr)
+
+AdamW (Adam with *decoupled* weight decay, Loshchilov & Hutter): with the averaged gradient g,
+
+    m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2,   m^ = m / (1 - b1^t),   v^ = v / (1 - b2^t)
+    theta <- theta - lr_t ( m^ / (sqrt(v^) + eps) + wd theta )
+
+The decay shrinks the weight directly instead of entering g (where Adam's scaling would undo it). It
+applies to the matrices of linear layers (attention, MLPs, experts, routers, the ViT), not to norm
+scales (they should stay near 1, decay pulls them to 0), biases, or embeddings (nor the tied LM head that
+shares them): an embedding row of a rare token would shrink during every step that does not see it.
+The MoE correction bias is not trained here (it has no gradient; aux-free balancing would update it).
+
+Parts of the model can learn at their own pace: ``lr_scale={"vision": 0.1}`` multiplies the learning
+rate of every parameter whose name starts with ``vision.``, and ``frozen_steps={"vision": 200}`` holds
+those parameters fixed (learning rate 0) for the first 200 updates. A VL model trained from scratch
+needs both: in its first updates the fastest way to lower the loss is to turn every image token into the
+same vector (a constant the answers lean on), and once the adapter has collapsed the picture that way,
+nothing about the individual shapes reaches the decoder again. With the ViT and adapter held at their
+random initialisation (whose features do differ from patch to patch) the decoder first learns to read
+them, and then the whole model refines them, slowly.
+
+Data, deterministic by index. ``train_data(index, rank, world_size) -> batch`` is called for micro-batch
+``index = step * grad_accum_steps + micro`` (step 0-based). A batch is a dict of tensors: ``input_ids``
+(B, T), ``labels`` (B, T, aligned with the inputs; -100 ignored; default: input_ids with padding ignored),
+optional ``attention_mask`` and whatever else the model's forward takes (``pixel_values``,
+``image_grid_thw``). Because a batch depends only on (index, rank, world_size), a resumed run sees
+exactly the batches the uninterrupted one would have. ``eval_data(i) -> batch`` for i < ``eval_batches``.
+:func:`from_batches` turns a list of text batches into such a callable (rows split over ranks).
+
+One step over micro-batches i < A on ranks r < R. The step's gradient is that of the *combined* batch:
+
+    LM = sum_{r,i} n_ri LM_ri / N,   N = sum_{r,i} n_ri    (n = target tokens; samples with a target
+                                                           when token_balanced)
+    micro-batch (r, i) backpropagates   (R n_ri / N) LM_ri + (c_bal L_bal,ri + c_z L_z,ri) / A
+
+and DDP averages gradients over ranks (divides by R), which leaves exactly d LM / d theta plus the mean
+of the routing losses over micro-batches. (Plain mean losses per rank with DDP's average are exact only
+when every micro-batch has the same n; the weights n_ri / N make uneven padding exact too.) L_bal is
+computed per micro-batch (f and P over its tokens), so it is not the combined batch's; L_z is a token
+mean and equals the combined batch's when every micro-batch has as many tokens. L_orth
+depends on the router weights alone, identical on every rank: its gradient is added once per step, after
+DDP's reduction, with torch.autograd.grad (a second backward through DDP's hooks would mark a router
+that saw no token on this rank as used, and DDP then fails the next step).
+
+Scale-out: under ``torchrun --nproc_per_node=R script.py`` (env WORLD_SIZE > 1) the Trainer joins the
+process group (nccl with CUDA, gloo on CPU), puts rank r's model on ``cuda:LOCAL_RANK`` when CUDA exists,
+wraps it in DistributedDataParallel (``find_unused_parameters`` on for MoE models: an expert that gets no
+token has no gradient) and rank r reads ``train_data(index, r, R)``. Only rank 0 shows the bar and writes.
+
+Checkpoints: ``out_dir/step-N/`` (N updates done) holds the model in the Hub layout (``save_model``: loads
+with ``ernie_lab.load_model`` and, for text models, with transformers) and ``trainer_state.pt`` (optimizer
+state, step, RNG states, history: plain tensors and lists, read back with ``torch.load(weights_only=True)``).
+Each is written to a temporary folder and renamed. ``Trainer.resume(folder)`` (or ``resume_from``)
+continues the same curve (RNG states are rank 0's). ``keep_last`` prunes old ones, except the steps in
+``keep_checkpoints_at`` (written even off the ``checkpoint_every`` grid: routing over training wants a few early ones).
+
+The public names: :class:`TrainConfig`, :class:`Trainer` (``fit``, ``evaluate``, ``save_checkpoint``,
+``resume``), :func:`train` (``Trainer(...).fit()`` in one call), :func:`learning_rate`,
+:func:`parameter_groups`, :func:`part_learning_rate`, :func:`from_batches`, :func:`checkpoints`, :func:`latest_checkpoint`,
+:func:`leave_processes`. History entries: ``step, loss, lm_loss, [balance, balance_text, balance_vision,
+z_loss, orthogonal,] lr, grad_norm`` (before clipping), ``tokens_per_s`` (input tokens of all ranks over
+the training time since the last entry); evaluation entries ``step, eval_loss``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import losses
+from ..errors import CheckpointError, ConfigError, InputError
+from ..io.loading import load_model
+from ..model.decoder import IGNORE_INDEX
+from ..model.moe import moe_blocks
+from ..io.saving import save_model
+
+Batch = dict[str, torch.Tensor]
+TrainData = Callable[[int, int, int], Batch]   # (index, rank, world_size) -> batch
+EvalData = Callable[[int], Batch]              # i -> batch
+STATE_FILE = "trainer_state.pt"
+WEIGHTED = ("balance", "z_loss", "orthogonal")  # the loss terms with a weight of the same name in TrainConfig
+CHECKPOINT_PREFIX = "step-"
+
+
+# ================================================================================ the config
+@dataclass
+class TrainConfig:
+    """Everything the loop needs; the batch size per rank is the data's business."""
+
+    lr: float = 3e-4                        # peak learning rate, reached at the end of the warm-up
+    min_lr_ratio: float = 0.1               # the cosine ends at min_lr = min_lr_ratio * lr
+    weight_decay: float = 0.1               # decoupled, on linear weights only (see the module docstring)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    max_steps: int = 100                    # optimizer updates
+    grad_accum_steps: int = 1               # micro-batches per update (per rank)
+    max_grad_norm: float | None = 1.0       # clip the global gradient norm; None or 0: no clipping
+    autocast: str | None = None             # "bf16": bfloat16 autocast (CPU or CUDA); None: full precision
+    seed: int = 0                           # torch's RNG is seeded with seed + rank
+    log_every: int = 1                      # a history entry every n steps (and at the last)
+    eval_every: int = 0                     # evaluate every n steps (and at the last); 0: never
+    eval_batches: int = 0
+    checkpoint_every: int = 0               # write out_dir/step-N every n steps (and at the last); 0: never
+    keep_last: int = 0                      # delete older periodic checkpoints beyond the newest n; 0: keep all
+    keep_checkpoints_at: tuple[int, ...] = ()  # also write these steps, and never delete them
+    out_dir: str | None = None
+    resume_from: str | None = None          # a step-N folder, or "latest" (newest in out_dir, if any)
+    balance: float = 0.0                    # load-balancing loss weight
+    z_loss: float = 0.0                     # router z-loss weight
+    orthogonal: float = 0.0                 # router orthogonal loss weight (summed over every router)
+    token_balanced: bool = False            # LM = token-balanced loss instead of the token mean
+    logits_for_labels_only: bool = False    # run the LM head only where a label is (same loss, less work)
+    find_unused_parameters: bool | None = None  # DDP; None: on for MoE models
+    progress: bool = True                   # tqdm bar on rank 0
+    lr_scale: dict[str, float] = field(default_factory=dict)   # name prefix -> lr multiplier ("vision": 0.1)
+    frozen_steps: dict[str, int] = field(default_factory=dict)  # name prefix -> first updates it sits out
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        self.keep_checkpoints_at = tuple(int(s) for s in self.keep_checkpoints_at)
+        problems = []
+        if self.max_steps < 1 or self.grad_accum_steps < 1 or self.log_every < 1:
+            problems.append("max_steps, grad_accum_steps and log_every must be >= 1")
+        if not 0 <= self.warmup_steps < self.max_steps:
+            problems.append(f"warmup_steps ({self.warmup_steps}) must be in [0, max_steps={self.max_steps})")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            problems.append("lr must be > 0 and min_lr_ratio in [0, 1]")
+        if self.autocast not in (None, "bf16"):
+            problems.append(f"autocast must be 'bf16' or None, got {self.autocast!r}")
+        if min(self.balance, self.z_loss, self.orthogonal, self.weight_decay) < 0:
+            problems.append("loss weights and weight_decay must be >= 0")
+        if self.eval_every and self.eval_batches < 1:
+            problems.append("eval_every needs eval_batches >= 1")
+        self.lr_scale = {str(k): float(v) for k, v in self.lr_scale.items()}
+        self.frozen_steps = {str(k): int(v) for k, v in self.frozen_steps.items()}
+        if min([*self.lr_scale.values(), *self.frozen_steps.values(), 0]) < 0:
+            problems.append("lr_scale and frozen_steps values must be >= 0")
+        if (self.checkpoint_every or self.keep_checkpoints_at or self.resume_from == "latest") and not self.out_dir:
+            problems.append("checkpoints need out_dir")
+        if problems:
+            raise ConfigError("TrainConfig: " + "; ".join(problems) + ".")
+
+    @property
+    def min_lr(self) -> float:
+        return self.min_lr_ratio * self.lr
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """The learning rate of update ``step`` (0-based): linear warm-up, then cosine down to min_lr."""
+    lr, warmup = config.lr, config.warmup_steps
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, config.max_steps - 1 - warmup))
+    return config.min_lr + (lr - config.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, parts: tuple[str, ...] = ()) -> list[dict]:
+    """AdamW groups: linear weights (routers included) decay; norms, biases and embeddings do not.
+
+    Without ``parts``: [decay, no_decay]. With name prefixes ``parts`` (e.g. ``("vision", "adapter")``),
+    each part gets its own pair of groups (key ``"part"``: the prefix, or "" for the rest), so that
+    :class:`TrainConfig`'s ``lr_scale`` and ``frozen_steps`` can give it its own learning rate.
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # incl. a tied head
+    groups = {(part, decays): [] for part in ("", *parts) for decays in (True, False)}
+    seen = set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            full = f"{module_name}.{name}" if module_name else name
+            part = next((p for p in parts if full == p or full.startswith(p + ".")), "")
+            is_matrix = isinstance(module, nn.Linear) and name == "weight" and id(param) not in embeddings
+            groups[part, is_matrix].append(param)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0, **({"part": part} if parts else {})}
+            for (part, decays), params in groups.items() if params or not parts]
+
+
+def part_learning_rate(step: int, part: str, config: TrainConfig) -> float:
+    """The learning rate of a parameter group: the schedule's, times ``lr_scale[part]``, and 0 while
+    ``step < frozen_steps[part]`` (the part sits out the first updates; "" is the rest of the model)."""
+    if step < config.frozen_steps.get(part, 0):
+        return 0.0
+    return learning_rate(step, config) * config.lr_scale.get(part, 1.0)
+
+
+# ================================================================================ data
+def from_batches(batches: list[Batch]) -> TrainData:
+    """A ``train_data`` callable over a list of text batches: index i takes batch i mod len, and rank r
+    of R its r-th slice of rows (B must divide by R). Pictures need a callable of their own."""
+    if not batches:
+        raise InputError("from_batches needs at least one batch.")
+
+    def train_data(index: int, rank: int, world_size: int) -> Batch:
+        batch = batches[index % len(batches)]
+        if world_size == 1:
+            return batch
+        extra = set(batch) - {"input_ids", "labels", "attention_mask", "position_ids"}
+        rows = batch["input_ids"].shape[0]
+        if extra or rows % world_size:
+            raise InputError(f"from_batches splits text batches by rows: {rows} rows over {world_size} ranks"
+                             f"{', keys ' + str(sorted(extra)) if extra else ''}. Write a train_data callable.")
+        per = rows // world_size
+        return {key: value[rank * per:(rank + 1) * per] for key, value in batch.items()}
+
+    return train_data
+
+
+def with_labels(batch: Batch) -> Batch:
+    """Check a batch and give it labels (input_ids, padding ignored) when it has none."""
+    if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), torch.Tensor):
+        raise InputError(f"a batch must be a dict with an 'input_ids' tensor (B, T), got {type(batch).__name__}"
+                         f"{' with keys ' + str(sorted(batch)) if isinstance(batch, dict) else ''}.")
+    if "labels" in batch:
+        return batch
+    labels = batch["input_ids"].clone()
+    if batch.get("attention_mask") is not None:
+        labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+    return {**batch, "labels": labels}
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+def target_count(labels: torch.Tensor, token_balanced: bool) -> int:
+    """n of a batch: target tokens (labels[:, 1:] not ignored) or, token-balanced, samples with a target."""
+    has_target = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
+    return int(has_target.any(dim=1).sum() if token_balanced else has_target.sum())
+
+
+def input_tokens(batch: Batch) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+# ================================================================================ losses of one forward
+def lm_loss(out, labels: torch.Tensor, token_balanced: bool) -> torch.Tensor:
+    """The language-model loss of one micro-batch: ``out.loss`` or the token-balanced loss."""
+    if token_balanced:
+        return losses.token_balanced_loss(out.logits[:, :-1], labels[:, 1:].to(out.logits.device))
+    return out.loss
+
+
+def routing_losses(model: nn.Module, out, batch: Batch, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """Balance (split per modality group for VL) and z-loss of one forward, as weighted terms are named."""
+    terms = {}
+    if config.balance:
+        k = moe_blocks(model)[0].k
+        if any(block.num_groups > 1 for block in moe_blocks(model)):
+            groups = losses.modality_balancing_losses(out.router_logits, None, k)
+            terms.update(balance_text=groups["text"], balance_vision=groups["vision"])
+            terms["balance"] = groups["text"] + groups["vision"]
+        else:
+            terms["balance"] = losses.load_balancing_loss(out.router_logits, k, batch.get("attention_mask"))
+    if config.z_loss:
+        terms["z_loss"] = losses.router_z_loss(out.router_logits, batch.get("attention_mask"))
+    return terms
+
+
+# ================================================================================ processes
+@dataclass(frozen=True)
+class Processes:
+    """Where this process stands among the ``torchrun`` workers (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def join_processes() -> Processes:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1), else stay alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Processes()
+    if not dist.is_available():
+        raise ConfigError("WORLD_SIZE > 1 but this torch has no torch.distributed.")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():  # joined once per process; later Trainers share the group, left at exit
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)  # before NCCL starts, so each rank talks from its own GPU
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(leave_processes)
+    return Processes(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def leave_processes() -> None:
+    """Leave the process group (the end of a torchrun script; also done at exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ================================================================================ the trainer
+class Trainer:
+    """Trains ``model`` on ``train_data`` (see the module docstring for the protocol); ``fit()`` runs it."""
+
+    def __init__(self, model: nn.Module, train_data: TrainData, config: TrainConfig | None = None,
+                 eval_data: EvalData | None = None):
+        self.config = config = config or TrainConfig()
+        if not callable(train_data):
+            raise InputError("train_data must be a callable (index, rank, world_size) -> batch dict; "
+                             "wrap a list of batches with ernie_lab.train.from_batches(batches).")
+        if config.eval_every and not callable(eval_data):
+            raise InputError("eval_every is set: pass eval_data, a callable i -> batch dict.")
+        if (config.balance or config.z_loss or config.orthogonal) and not moe_blocks(model):
+            raise ConfigError("balance, z_loss and orthogonal weigh router losses: this model has no MoE layer.")
+        self.train_data, self.eval_data = train_data, eval_data
+        self.procs = join_processes()
+        if self.procs.world_size > 1 and torch.cuda.is_available():
+            model = model.to(f"cuda:{self.procs.local_rank}")
+        self.model = model                                   # the plain module: saved, evaluated, resumed
+        self.device = next(model.parameters()).device
+        parts = tuple(sorted({*config.lr_scale, *config.frozen_steps}, key=len, reverse=True))  # longest prefix wins
+        self.optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay, parts), lr=config.lr,
+                                           betas=config.betas, eps=config.eps)
+        self.step = 0                                        # updates done
+        self.history: list[dict] = []
+        self.ddp = self._wrap(model) if self.procs.world_size > 1 else None
+        torch.manual_seed(config.seed + self.procs.rank)
+        if config.resume_from:
+            found = latest_checkpoint(config.out_dir) if config.resume_from == "latest" else config.resume_from
+            if found is not None:
+                self.resume(found)
+
+    def _wrap(self, model: nn.Module) -> nn.parallel.DistributedDataParallel:
+        unused = self.config.find_unused_parameters
+        unused = bool(moe_blocks(model)) if unused is None else unused
+        device_ids = [self.procs.local_rank] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
+
+    # ---------------------------------------------------------------------------- the loop
+    def fit(self) -> list[dict]:
+        """Train until ``max_steps`` updates are done; returns the history (also ``self.history``)."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        bar = tqdm(total=c.max_steps, initial=self.step, desc="train", disable=not (c.progress and self.procs.is_main))
+        window_tokens, window_seconds = 0, 0.0  # since the last history entry
+        self.model.train()
+        while self.step < c.max_steps:
+            started = time.perf_counter()
+            record, tokens = self._train_step()
+            window_tokens, window_seconds = window_tokens + tokens, window_seconds + time.perf_counter() - started
+            self.step += 1
+            bar.update(1)
+            last = self.step == c.max_steps
+            if self.step % c.log_every == 0 or last:
+                record.update(step=self.step, tokens_per_s=window_tokens / max(window_seconds, 1e-9))
+                self.history.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                window_tokens, window_seconds = 0, 0.0
+            if c.eval_every and (self.step % c.eval_every == 0 or last):
+                self.history.append({"step": self.step, "eval_loss": self.evaluate()})
+            if self._checkpoint_due(last):
+                self.save_checkpoint()
+        bar.close()
+        return self.history
+
+    def _train_step(self) -> tuple[dict, int]:
+        """One update over grad_accum_steps micro-batches; returns its history entry and input tokens."""
+        c, A = self.config, self.config.grad_accum_steps
+        batches = [self._batch(self.step * A + i) for i in range(A)]
+        counts = [target_count(b["labels"], c.token_balanced) for b in batches]
+        total, tokens = self._sum([sum(counts), sum(input_tokens(b) for b in batches)])
+        if total == 0:
+            raise InputError(f"step {self.step}: no batch on any rank has a target (every label is -100).")
+        lr = learning_rate(self.step, c)
+        for group in self.optimizer.param_groups:
+            group["lr"] = part_learning_rate(self.step, group.get("part", ""), c)
+        record = self._accumulate_gradients(batches, counts, total)
+        if c.orthogonal:
+            record["orthogonal"] = self._add_orthogonal_gradient().item()
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        record["loss"] = record["lm_loss"] + sum(getattr(c, name) * record[name] for name in WEIGHTED if name in record)
+        record.update(lr=lr, grad_norm=float(grad_norm))
+        return record, int(tokens)
+
+    def _accumulate_gradients(self, batches: list[Batch], counts: list[int], total: float) -> dict[str, float]:
+        """Backpropagate every micro-batch with the weights of the module docstring; returns the combined
+        batch's LM loss and the mean routing losses (over micro-batches and ranks)."""
+        c, world, A = self.config, self.procs.world_size, self.config.grad_accum_steps
+        sums: dict[str, float] = {}
+        for i, (batch, n) in enumerate(zip(batches, counts)):
+            with self._sync_gradients(i == A - 1):
+                lm, terms = self._forward(batch, n)
+                routing = sum(getattr(c, name) * value for name, value in terms.items() if name in WEIGHTED)
+                (lm * (world * n / total) + routing / A).backward()
+            sums["lm_loss"] = sums.get("lm_loss", 0.0) + lm.item() * n / total  # this rank's share
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.item() / (A * world)
+        return dict(zip(sums, self._sum(list(sums.values()))))  # summed over ranks
+
+    def _add_orthogonal_gradient(self) -> torch.Tensor:
+        """Add c_orth d L_orth / d W to every router's gradient, by hand: L_orth depends on the weights
+        alone (the same on every rank), and autograd.grad leaves DDP's gradient hooks out of it."""
+        weights = [router.weight for block in moe_blocks(self.model) for router in block.routers
+                   if router.weight.requires_grad]
+        orth = sum(losses.router_orthogonal_loss(w) for w in weights)
+        for weight, grad in zip(weights, torch.autograd.grad(self.config.orthogonal * orth, weights)):
+            weight.grad = grad if weight.grad is None else weight.grad + grad
+        return orth.detach()
+
+    def _forward(self, batch: Batch, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """LM loss and routing-loss terms of one micro-batch (n: its target count; 0 gives an LM of 0)."""
+        c = self.config
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        want_router = bool(c.balance or c.z_loss)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.autocast == "bf16"):
+            only = c.logits_for_labels_only and not c.token_balanced and n > 0
+            extra = {"logits_for_labels_only": True} if only else {}
+            out = (self.ddp or self.model)(**inputs, labels=batch["labels"] if n else None,
+                                           output_router_logits=want_router, **extra)
+            lm = lm_loss(out, batch["labels"], c.token_balanced) if n else out.logits.sum() * 0.0
+            terms = routing_losses(self.model, out, batch, c) if want_router else {}
+        return lm, terms
+
+    def _sync_gradients(self, sync: bool):
+        """DDP reduces gradients only on the last micro-batch of a step (no_sync on the others)."""
+        return self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()
+
+    def _batch(self, index: int) -> Batch:
+        return to_device(with_labels(self.train_data(index, self.procs.rank, self.procs.world_size)), self.device)
+
+    def _sum(self, values: list[float]) -> list[float]:
+        """Sum numbers over ranks (the numbers themselves in one process)."""
+        if self.procs.world_size == 1:
+            return [float(v) for v in values]
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    # ---------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """The LM loss (as in training) over eval_data(0 .. eval_batches-1), split over ranks, weighted
+        by target counts: the loss of all evaluation batches taken as one."""
+        c, procs = self.config, self.procs
+        weighted, total = 0.0, 0
+        self.model.eval()
+        for i in range(procs.rank, c.eval_batches, procs.world_size):
+            batch = to_device(with_labels(self.eval_data(i)), self.device)
+            n = target_count(batch["labels"], c.token_balanced)
+            if n == 0:
+                continue
+            inputs = {key: value for key, value in batch.items() if key != "labels"}
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.autocast == "bf16"):
+                out = self.model(**inputs, labels=batch["labels"])
+                weighted, total = weighted + float(lm_loss(out, batch["labels"], c.token_balanced)) * n, total + n
+        self.model.train()
+        weighted, total = self._sum([weighted, total])
+        return weighted / total if total else float("nan")
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def _checkpoint_due(self, last: bool) -> bool:
+        c = self.config
+        periodic = c.checkpoint_every and (self.step % c.checkpoint_every == 0 or last)
+        return bool(periodic or self.step in c.keep_checkpoints_at)
+
+    def state_dict(self) -> dict:
+        """What resuming needs besides the weights: plain tensors, numbers, strings, lists and dicts."""
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        config = {key: (list(v) if isinstance(v, tuple) else v) for key, v in asdict(self.config).items()}
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "history": self.history,
+                "rng": rng, "config": config}
+
+    def save_checkpoint(self) -> Path:
+        """Write out_dir/step-N (model in the Hub layout + trainer_state.pt) atomically; rank 0 only."""
+        out_dir = Path(self.config.out_dir)
+        folder = out_dir / f"{CHECKPOINT_PREFIX}{self.step}"
+        if self.procs.is_main:
+            temporary = out_dir / f".{folder.name}.tmp"
+            shutil.rmtree(temporary, ignore_errors=True)
+            save_model(self.model, temporary)
+            torch.save(self.state_dict(), temporary / STATE_FILE)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(temporary, folder)  # readers see the old folder or the whole new one
+            self._prune(out_dir)
+        if self.procs.world_size > 1:
+            dist.barrier()
+        return folder
+
+    def _prune(self, out_dir: Path) -> None:
+        """Keep the newest keep_last periodic checkpoints and every one in keep_checkpoints_at."""
+        if not self.config.keep_last:
+            return
+        periodic = [p for step, p in checkpoints(out_dir) if step not in self.config.keep_checkpoints_at]
+        for old in periodic[:-self.config.keep_last]:
+            shutil.rmtree(old)
+
+    def resume(self, folder: str | os.PathLike) -> "Trainer":
+        """Continue from a checkpoint folder: weights, optimizer state, step, history and RNG states."""
+        folder = Path(folder)
+        if not (folder / STATE_FILE).is_file():
+            raise CheckpointError(f"{folder} has no {STATE_FILE}: pass a step-N folder written by Trainer "
+                                  "(a plain model folder loads with ernie_lab.load_model instead).")
+        saved = load_model(folder)
+        try:
+            self.model.load_state_dict(saved.state_dict())
+        except RuntimeError as error:
+            raise CheckpointError(f"{folder} holds a different model than this Trainer's: {error}") from None
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.history = int(state["step"]), list(state["history"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(_as_tuple(state["rng"]["python"]))
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        return self
+
+
+def _as_tuple(value):
+    """random.getstate() comes back from torch.load with lists where tuples were."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, folder) of the finished checkpoints in out_dir, oldest first."""
+    out_dir = Path(out_dir)
+    found = []
+    for path in out_dir.glob(f"{CHECKPOINT_PREFIX}*") if out_dir.is_dir() else []:
+        suffix = path.name[len(CHECKPOINT_PREFIX):]
+        if suffix.isdigit() and (path / STATE_FILE).is_file():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The newest step-N folder in out_dir, or None."""
+    found = checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def train(model: nn.Module, train_data: TrainData, config: TrainConfig | None = None,
+          eval_data: EvalData | None = None) -> list[dict]:
+    """``Trainer(model, train_data, config, eval_data).fit()`` in one call; returns the history."""
+    return Trainer(model, train_data, config, eval_data).fit()
