@@ -10,6 +10,10 @@ import torch
 TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 
+# A small ernie-lab text config (the tiny models' vocabulary), for tests that need no reference model.
+SMALL_TEXT = dict(model_type="ernie4_5", vocab_size=6016, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+
 
 def reference_dense(seed: int = 0, **overrides):
     """A random-weight transformers Ernie4_5ForCausalLM (the reference), fp32, eval mode."""
@@ -18,6 +22,26 @@ def reference_dense(seed: int = 0, **overrides):
     torch.manual_seed(seed)
     config = Ernie4_5Config(**{**TINY, **overrides})
     return Ernie4_5ForCausalLM(config).eval()
+
+
+def reference_vl(seed: int = 0, vocab_size: int = 103424, num_experts: int = 4, **token_ids):
+    """A random transformers VL model (head_dim 128 keeps the real rotary split) with live routers, fp32, eval.
+
+    ``token_ids``: image_token_id=... and the other special ids, passed to the config."""
+    from transformers import Ernie4_5_VLMoeConfig, Ernie4_5_VLMoeForConditionalGeneration
+
+    from ernie_lab.course.notebook import spread_reference_routers
+
+    torch.manual_seed(seed)
+    config = Ernie4_5_VLMoeConfig(
+        text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=128, moe_intermediate_size=[32, 16], moe_k=2,
+                         moe_num_experts=num_experts, moe_num_shared_experts=1, vocab_size=vocab_size,
+                         initializer_range=0.08),
+        vision_config=dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, initializer_range=0.08),
+        **token_ids,
+    )
+    return spread_reference_routers(Ernie4_5_VLMoeForConditionalGeneration(config).eval(), bias=0.05)
 
 
 @pytest.fixture(scope="session")

@@ -26,14 +26,13 @@ import torch
 from PIL import Image
 
 import ernie_lab
+from conftest import SMALL_TEXT
 from ernie_lab import CheckpointError, ConfigError, ErnieConfig, InputError, NotEnoughMemoryError
 from ernie_lab.model.decoder import ErnieForCausalLM
 from ernie_lab.io.saving import save_model
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(model_type="ernie4_5", vocab_size=6016, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-             rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+SMALL = dict(SMALL_TEXT, max_position_embeddings=256, rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 IDS = torch.tensor([[1, 17, 99, 5]])
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ernie_lab
+from conftest import SMALL_TEXT
 from ernie_lab import finetune as ft
 from ernie_lab import finetune_data as fd
 from ernie_lab import lora
@@ -17,8 +18,7 @@ from ernie_lab.model.decoder import ErnieForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY_TEXT = dict(model_type="ernie4_5", vocab_size=6016, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+TINY_TEXT = SMALL_TEXT
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,10 @@ from PIL import Image
 from transformers import AutoModelForCausalLM
 
 import ernie_lab
+
+from conftest import reference_vl
 from ernie_lab.model.rope3d import modality_types, routing_types
 from ernie_lab.io.saving import save_model
-from ernie_lab.course.notebook import spread_reference_routers
 from ernie_lab.io.image_processing import preprocess_images
 from ernie_lab.model.vision import tokens_per_item
 from ernie_lab.model.vl_model import TOKEN_IDS, VLConfig
@@ -76,23 +77,8 @@ def test_moe_export_loads_in_transformers(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- vision-language
-def tiny_vl_reference():
-    """A random transformers VL model (head_dim 128 keeps the real rotary split) with live routers."""
-    from transformers import Ernie4_5_VLMoeConfig, Ernie4_5_VLMoeForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = Ernie4_5_VLMoeConfig(
-        text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=128, moe_intermediate_size=[32, 16], moe_k=2,
-                         moe_num_experts=4, moe_num_shared_experts=1, vocab_size=103424, initializer_range=0.08),
-        vision_config=dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, initializer_range=0.08),
-    )
-    ref = Ernie4_5_VLMoeForConditionalGeneration(config).eval()
-    return spread_reference_routers(ref, bias=0.05)
-
-
 def test_vl_config_round_trips_through_to_dict():
-    ref = tiny_vl_reference()
+    ref = reference_vl()
     config = VLConfig.from_dict(json.loads(ref.config.to_json_string()))  # the config.json transformers writes
     written = config.to_dict()
     assert VLConfig.from_dict(json.loads(json.dumps(written))) == config
@@ -120,7 +106,7 @@ def test_vl_config_round_trips_through_to_dict():
 def test_vl_export_loads_in_transformers(tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    ref = tiny_vl_reference()
+    ref = reference_vl()
     ref.save_pretrained(tmp_path / "reference")
     model = ernie_lab.load_model(tmp_path / "reference")
     with torch.no_grad():  # a ViT weight: the export must carry the vision tower under its Hub name

@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 
 import ernie_lab
+
+from conftest import reference_vl
 from ernie_lab import InputError, routing
 from ernie_lab.model.rope3d import modality_types, position_ids_3d, routing_types
 from ernie_lab.io.image_processing import preprocess_images, preprocess_video
-from ernie_lab.course.notebook import spread_reference_routers
 from ernie_lab.model.vision import tokens_per_item
 from ernie_lab.model.vl_model import ErnieVLForConditionalGeneration, VLConfig
 
@@ -43,19 +44,7 @@ def pair(tmp_path_factory):
 
 def build_pair(folder, vocab_size=103424, **token_ids):
     """A random reference saved to ``folder`` and our model loaded from there; ``token_ids``: image_token_id=..."""
-    from transformers import Ernie4_5_VLMoeConfig, Ernie4_5_VLMoeForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = Ernie4_5_VLMoeConfig(
-        text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=128, moe_intermediate_size=[32, 16], moe_k=2,
-                         moe_num_experts=NUM_EXPERTS, moe_num_shared_experts=1, vocab_size=vocab_size,
-                         initializer_range=0.08),
-        vision_config=dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, initializer_range=0.08),
-        **token_ids,
-    )
-    reference = Ernie4_5_VLMoeForConditionalGeneration(config).eval()
-    spread_reference_routers(reference, bias=0.05)
+    reference = reference_vl(vocab_size=vocab_size, num_experts=NUM_EXPERTS, **token_ids)
     reference.save_pretrained(folder)
     return reference, ernie_lab.load_model(folder)
 
