@@ -159,7 +159,8 @@ def cached_model(hub_id: str):
     """
     from huggingface_hub import try_to_load_from_cache
 
-    from .. import load_model, load_tokenizer
+    from ..io.loading import load_model
+    from ..io.tokenizer import load_tokenizer
 
     size = hub_id.split("ERNIE-4.5-")[-1].removesuffix("-PT").removesuffix("-Paddle").replace(".", "_").replace("-", "_")
     folder = os.environ.get(f"ERNIE_LAB_WEIGHTS_{size.upper()}")

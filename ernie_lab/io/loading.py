@@ -70,7 +70,7 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype | str | None = N
     check_tied_head(config, hub_shapes, paddle=paddle)
     plan = plan_loading(config, hub_shapes, paddle=paddle)  # lab name -> hub name, all checked
     if check_memory and quantize is None:  # a quantize-on-read model is smaller than the estimate
-        check_memory_fits(config, hub_shapes, dtype=dtype, device=device)
+        check_memory_fits(hub_shapes, dtype=dtype, device=device)
     model = build_empty(config)
     if raw.get("quantization_config") is not None:
         quant_checkpoint.rebuild_layers(model, raw["quantization_config"])
@@ -169,13 +169,6 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
             f"{repo_id} --local-dir <folder>` and pass that folder to load_model; or set HF_ENDPOINT to a "
             "reachable mirror (and unset HF_HUB_OFFLINE); or copy a filled HF_HOME cache here."
         ) from None
-
-
-def is_paddle_checkpoint(source, raw_config: dict) -> bool:
-    """Kept for older callers: the layout is now decided from the tensors (``hub_names.is_paddle_layout``)."""
-    if str(source).rstrip("/").endswith("-Paddle"):
-        return True
-    return str(raw_config.get("framework", "")).lower() == "paddle"
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -340,17 +333,19 @@ def read_one(hub_shapes: dict, hub: str) -> torch.Tensor:
 MEMORY_ENV = "ERNIE_LAB_AVAILABLE_MEMORY"  # bytes; overrides what the machine reports (tests, containers)
 
 
-def check_memory_fits(config, hub_shapes: dict, *, dtype: torch.dtype | None, device: torch.device) -> None:
-    """Refuse, before anything is allocated, a model that cannot fit the free memory of ``device``."""
-    from ..analysis.family import weight_bytes
+def check_memory_fits(hub_shapes: dict, *, dtype: torch.dtype | None, device: torch.device) -> None:
+    """Refuse, before anything is allocated, a model that cannot fit the free memory of ``device``.
 
+    needed = (values of the tensors that load) x bytes per value + the largest tensor in flight
+    """
     free = available_memory(device)
     if free is None:
         return
-    entries = [(file, shape) for file, shape in hub_shapes.values()]
+    shapes = {name: shape for name, (_, shape) in hub_shapes.items()}
+    values = sum(math.prod(shape) for name, shape in shapes.items() if skip_reason(name) is None)
     stored = stored_itemsize(hub_shapes)
     itemsize = dtype.itemsize if dtype is not None else stored
-    needed = weight_bytes(config, "bf16") // 2 * itemsize + max(math.prod(s) for _, s in entries) * stored
+    needed = values * itemsize + max(math.prod(s) for s in shapes.values()) * stored
     if needed <= free:
         return
     gib = 1024**3
@@ -359,6 +354,11 @@ def check_memory_fits(config, hub_shapes: dict, *, dtype: torch.dtype | None, de
         f"tensor in flight), but only {free / gib:.1f} GiB are free. Load it with dtype=torch.bfloat16 (half of "
         "fp32), quantize it on read, use a smaller model, or free memory; check_memory=False tries anyway."
     )
+
+
+def skip_reason(name: str) -> str | None:
+    """Why a Hub tensor is not loaded (multi-token prediction, ...), or None for a tensor that loads."""
+    return next((why for pattern, why in SKIPPED if re.fullmatch(pattern, name)), None)
 
 
 def stored_itemsize(hub_shapes: dict) -> int:
@@ -402,7 +402,7 @@ def plan_loading(config: ErnieConfig, hub_shapes: dict, *, paddle: bool = False)
     hub_names_ = {hub_names.unprefix_paddle(n) if paddle else n: n for n in hub_shapes}
     plan, unknown, skipped = {}, [], {}
     for name, original in hub_names_.items():
-        reason = next((why for pattern, why in SKIPPED if re.fullmatch(pattern, name)), None)
+        reason = skip_reason(name)
         if reason:
             skipped.setdefault(reason, 0)
             skipped[reason] += 1
