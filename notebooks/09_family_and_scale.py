@@ -73,7 +73,7 @@ def billions(n):
 # share every shape, so five config tables describe all ten. The three small ones are exactly the default
 # configs of the `transformers` classes; the 300B table holds the published `config.json` values; the
 # **VL-424B table is reconstructed** from the model card and the technical report (sources and caveats
-# in `ernie_lab/checkpoints.py`), so its numbers are consistency checks, not measurements.
+# in `ernie_lab/model/published.py`), so its numbers are consistency checks, not measurements.
 
 # %%
 rows = []

@@ -2,7 +2,7 @@
 
 The tokenizer is a 6,000-piece SentencePiece model trained on text that ships with Python and with the
 kit (``ernie_lab.corpus``, ``ernie_lab.scenes``), with ERNIE 4.5's special tokens at the ids right after
-the pieces; ``ernie_lab/tiny_tokenizer.py`` explains the layout. Training is deterministic, so running
+the pieces; ``ernie_lab/tiny/tokenizer.py`` explains the layout. Training is deterministic, so running
 this twice writes the same bytes. Run from the repository root:
 
     python scripts/make_tiny_tokenizer.py                  # writes data/tiny-tokenizer/

@@ -2,7 +2,7 @@
 
 The real ERNIE tokenizer is not reachable offline, so "real" folders are built in tmp_path in the
 Hub's layout around the stand-in's SentencePiece model; the ids they must produce come from the
-special-token table, whose sources are cited in ernie_lab/tokenizer.py.
+special-token table, whose sources are cited in ernie_lab/io/tokenizer.py.
 """
 
 import hashlib

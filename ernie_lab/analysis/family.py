@@ -1,7 +1,7 @@
 """The ERNIE 4.5 family at scale: parameters, memory, compute and scale-out, from a config alone.
 
 Nothing here builds a model; every number follows from the integers of a parsed config (``config.py``
-reads every config.json dialect; the family's published shapes are tables in ``checkpoints.py``)::
+reads every config.json dialect; the family's published shapes are tables in ``model/published.py``)::
 
     total params    = embeddings (+ untied lm_head) + L x (attention + norms) + dense MLPs + MoE layers
                       (+ vision encoder + adapter for the VL models)

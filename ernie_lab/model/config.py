@@ -12,7 +12,7 @@ module is the only place that reads any of them:
 :func:`parse_config` turns any of them into an :class:`ErnieConfig` (the decoder) or a :class:`VLConfig`
 (decoder + :class:`VisionConfig` + what ties them together). Keys the kit does not use are kept in
 ``extra`` so that nothing is silently lost. ``family.py`` computes its arithmetic from these parsed
-configs, and ``checkpoints.py`` holds the family's published shapes as literal tables.
+configs, and ``published.py`` holds the family's published shapes as literal tables.
 
 The MoE layer rule, in one place (:func:`moe_layer_pattern`): layer ``l`` is MoE when
 ``start <= l <= end`` and ``(l + 1) % interval == 0``, with transformers' defaults start 1, end -1
@@ -543,7 +543,7 @@ _model_type_from_architectures = model_type_from_architectures  # the earlier pr
 
 
 # --------------------------------------------------------------------------------------------
-# The published shapes, as configs. The literal tables, a comment on every field, live in checkpoints.py.
+# The published shapes, as configs. The literal tables, a comment on every field, live in published.py.
 # --------------------------------------------------------------------------------------------
 from .published import CONFIG_0_3B, CONFIG_21B_A3B, CONFIG_300B_A47B  # noqa: E402
 
