@@ -157,7 +157,7 @@ assert 20e9 < count.total < 23e9 and 3e9 < count.active < 3.6e9
 # "o_proj", r"layers\.\d+\.mlp\.shared_experts\..*"))` (a target is a leaf name or a regex over the
 # module's full name). When the experts are adapted, the kit saves them per expert, a layout peft >= 0.21
 # turns into the fused `gate_up_proj` / `down_proj` parameters of transformers 5 when it loads them
-# (`ernie_lab/lora.py`'s docstring lists exactly what interoperates).
+# (`ernie_lab/train/lora/peft_format.py`'s docstring lists exactly what interoperates).
 
 # %% [markdown]
 # ## 3 · SFT with prompt masking (core, 6 min)

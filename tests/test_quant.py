@@ -107,18 +107,82 @@ def test_every_kernel_equals_the_dequantize_reference(scheme, symmetric, dtype, 
             assert got.dtype == dtype and got.shape == (rows, 3, 192)
             tol = 2e-2 * float(expected.float().abs().max())
             assert float((got.float() - expected.float()).abs().max()) <= tol
-            kernel = layer._kernel_for(x)
-            kernel = None if kernel is None else kernel.__name__
-            if rows == 1 and streaming and scheme != "w8a8" and quant.native.available():
-                assert kernel == "_streaming"                   # the kit's own decode kernel ran
+            kernel = quant.kernels.choose(layer, x).name
+            native = streaming and quant.native.available()
+            if rows == 1 and native and scheme != "w8a8":
+                assert kernel == "native_gemv"                  # the kit's own decode kernel ran
             elif scheme == "w8a8":
-                assert kernel == "_int8_int8"                   # (native.int8_int8 inside for decode sizes)
-            elif scheme in ("w8a16", "w4a16", "w2a16") and streaming and quant.native.available():
-                assert kernel == "_dequantized"                 # the kit's dequantizer, then one GEMM
+                assert kernel == ("native_int8_int8" if rows == 1 and native else "int_mm")
+            elif scheme in ("w8a16", "w4a16", "w2a16") and native:
+                assert kernel == "native_dequantize"            # the kit's dequantizer, then one GEMM
             elif scheme == "w2a16":
-                assert kernel is None                           # no PyTorch kernel: the reference path
+                assert kernel == "reference"                    # no PyTorch kernel: the reference path
             else:
-                assert kernel in ("_int8_weight_only", "_int4_cpu", "_int8_int8")
+                assert kernel == {"w8a16": "int8_weight_only", "w4a16": "int4_cpu"}[scheme]
+
+
+@pytest.mark.parametrize("scheme,symmetric", [("w8a16", True), ("w4a16", True), ("w4a16", False),
+                                              ("w2a16", False), ("w8a8", True), ("fp8", True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_backend_here_agrees_with_the_reference(scheme, symmetric, dtype):
+    """Every entry of the kernel table that applies on this machine, run directly (whatever the table's
+    order would pick), at a decode shape (1 row) and a prompt shape (14 rows)."""
+    devices = [d for d in ("cpu", "cuda") if d == "cpu" or torch.cuda.is_available()]
+    if scheme == "fp8" and "cuda" not in devices:
+        pytest.skip("fp8 runs on CUDA only")
+    ran = set()
+    for device in devices if scheme != "fp8" else ["cuda"]:
+        torch.manual_seed(0)
+        linear = nn.Linear(256, 192, bias=True).to(device, dtype)
+        layer = quant.QuantLinear.from_linear(linear, scheme, group_size=64, symmetric=symmetric)
+        with torch.no_grad():
+            for shape in ((1, 256), (2, 7, 256)):
+                x = torch.randn(*shape, dtype=dtype, device=device)
+                expected = layer.reference(x)
+                tol = 2e-2 * float(expected.float().abs().max())
+                for kernel in quant.kernels.KERNELS:
+                    if kernel.applies(layer, x):
+                        got = kernel.run(layer, x)
+                        assert got.dtype == dtype and got.shape == expected.shape, kernel.name
+                        assert float((got.float() - expected.float()).abs().max()) <= tol, (kernel.name, shape)
+                        ran.add(kernel.name)
+    if scheme != "fp8":
+        native = {"w8a8": {"native_int8_int8"}}.get(scheme, {"native_gemv", "native_dequantize"})
+        torch_kernels = {"w8a16": {"int8_weight_only"}, "w4a16": {"int4_cpu"}, "w2a16": set(), "w8a8": {"int_mm"}}
+        assert ran >= {"reference"} | torch_kernels[scheme] | (native if quant.native.available() else set()), ran
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_backend_here_agrees_with_f_linear_for_streaming_linears(dtype):
+    torch.manual_seed(0)
+    layer = quant.StreamingLinear(256, 192).to(dtype)
+    ran = set()
+    with torch.no_grad():
+        for shape in ((1, 256), (2, 7, 256)):
+            x = torch.randn(*shape, dtype=dtype)
+            expected = layer.reference(x)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2          # as test_streaming_linear_equals_nn_linear...
+            for kernel in quant.kernels.KERNELS:
+                if kernel.applies(layer, x):
+                    got = kernel.run(layer, x)
+                    assert got.dtype == dtype and got.shape == expected.shape, kernel.name
+                    assert float((got.float() - expected.float()).abs().max()) <= tol * float(expected.float().abs().max())
+                    ran.add(kernel.name)
+    assert ran == {"reference"} | ({"native_linear"} if quant.native.available() else set())
+
+
+def test_the_switches_are_filters_on_the_kernel_table():
+    layer = quant.QuantLinear.from_linear(nn.Linear(256, 64), "w4a16", group_size=64)
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        with quant.reference_only():
+            assert quant.kernels.choose(layer, x).name == "reference"
+        with quant.native.off():
+            assert quant.kernels.choose(layer, x).name == "int4_cpu"
+        with quant.kernels.only("int4_cpu"):
+            assert quant.kernels.choose(layer, x).name == "int4_cpu"
+        if quant.native.available():
+            assert quant.kernels.choose(layer, x).name == "native_gemv"
 
 
 @pytest.mark.skipif(not quant.native.available(), reason="the streaming kernels could not be built here")
@@ -243,7 +307,8 @@ def test_without_a_compiler_the_kernels_say_why_and_the_model_still_runs(tmp_pat
         from ernie_lab import quant
         layer = quant.QuantLinear.from_linear(nn.Linear(128, 64), "w4a16", group_size=64)
         y = layer(torch.randn(1, 128))
-        print(quant.native.available(), "|", quant.native.why_unavailable(), "|", layer.layout, tuple(y.shape))
+        kernel = quant.kernels.choose(layer, torch.randn(1, 128)).name
+        print(quant.native.available(), "|", quant.native.why_unavailable(), "|", kernel, tuple(y.shape))
     """)
     for env, reason in (({"ERNIE_LAB_NATIVE": "0"}, "ERNIE_LAB_NATIVE=0"),
                         ({"PATH": os.path.dirname(sys.executable)}, "no C compiler"),
@@ -252,19 +317,27 @@ def test_without_a_compiler_the_kernels_say_why_and_the_model_still_runs(tmp_pat
                              env={**{k: v for k, v in os.environ.items() if k != "CC"}, "ERNIE_LAB_CACHE": str(tmp_path), **env})
         assert run.returncode == 0, run.stderr
         available, why, rest = run.stdout.strip().split(" | ")
-        assert available == "False" and reason in why and rest == "cpu_int4 (1, 64)"
+        assert available == "False" and reason in why and rest == "int4_cpu (1, 64)"
 
 
-def test_int4_cpu_tiling_is_undone_exactly():
+def test_int4_cpu_tiling_is_the_kernels_own_copy():
+    """PyTorch's int4 CPU kernel wants the codes re-tiled: it keeps its own tiled copy, so the layer's qweight,
+    its state_dict and every other kernel see the documented plain packing; the copy follows the codes."""
     layer = quant.QuantLinear.from_linear(nn.Linear(256, 64), "w4a16", group_size=128)
     plain = layer.qweight.clone()
     with quant.native.off():
-        layer(torch.randn(1, 256))                                    # PyTorch's int4 kernel re-tiles the codes
-    assert layer.layout == "cpu_int4" and not torch.equal(layer.qweight, plain)
-    assert torch.equal(layer.plain_qweight(), plain) and torch.equal(layer.state_dict()["qweight"], plain)
-    if quant.native.available():
-        layer(torch.randn(1, 256))                                    # the streaming kernel wants the plain order
-        assert layer.layout == "plain" and torch.equal(layer.qweight, plain)
+        layer(torch.randn(1, 256))                                    # PyTorch's int4 kernel tiles a copy
+    tiled, _ = quant.kernels.cached(layer, "int4_cpu", lambda: pytest.fail("the tiled copy was not kept"))
+    assert tiled.dtype == torch.uint8 and not torch.equal(tiled, plain)
+    assert torch.equal(layer.qweight, plain) and torch.equal(layer.state_dict()["qweight"], plain)
+    layer.to(torch.bfloat16)                                          # the codes and scales keep their tensors
+    assert quant.kernels.cached(layer, "int4_cpu", lambda: pytest.fail("rebuilt"))[0] is tiled
+    layer.load_state_dict(quant.QuantLinear.from_linear(nn.Linear(256, 64), "w4a16", group_size=128).state_dict())
+    x = torch.randn(1, 256)
+    with quant.native.off(), torch.no_grad():
+        got, expected = layer(x), layer.reference(x)                  # new codes, written in place: tiled again
+    assert quant.kernels.cached(layer, "int4_cpu", lambda: pytest.fail("not kept"))[0] is not tiled
+    assert float((got.float() - expected.float()).abs().max()) <= 2e-2 * float(expected.float().abs().max())
 
 
 def test_fp8_needs_cuda_and_says_so():

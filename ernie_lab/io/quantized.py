@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..model.linears import replace_linears
 from .hub_names import hub_to_lab, lab_to_hub
 from ..quant.linear import SCHEMES, QuantLinear
 
@@ -45,7 +46,12 @@ def rebuild_layers(model: nn.Module, record: dict) -> None:
         if not isinstance(linear, nn.Linear) or spec.get("scheme") not in SCHEMES:
             raise CheckpointError(f"quantization_config for {name!r} is not a linear layer with a known scheme "
                                   f"({spec}); schemes are {sorted(SCHEMES)}.")
-        _swap(model, name, _meta_layer(linear, spec["scheme"], spec.get("group_size", 128), spec.get("symmetric", True)))
+
+    def meta_layer(name: str, linear: nn.Linear) -> QuantLinear:
+        spec = modules[name]
+        return _meta_layer(linear, spec["scheme"], spec.get("group_size", 128), spec.get("symmetric", True))
+
+    replace_linears(model, meta_layer, filter=lambda name, module: name in modules, tied_head=True)
     model.quantization_config = record
 
 
@@ -55,8 +61,8 @@ def quantize_on_read(model: nn.Module, scheme: str, *, group_size: int = 128, sy
     from ..quant import DEFAULT_SYMMETRIC, plan_layers
     symmetric = DEFAULT_SYMMETRIC[scheme] if symmetric is None else symmetric
     layers = plan_layers(model, scheme, group_size=group_size)
-    for name, group in layers.items():
-        _swap(model, name, _meta_layer(model.get_submodule(name), scheme, group, symmetric))
+    replace_linears(model, lambda name, linear: _meta_layer(linear, scheme, layers[name], symmetric),
+                    filter=lambda name, module: name in layers)
     model.quantization_config = {"quant_method": "ernie-lab", "scheme": scheme, "group_size": group_size,
                                  "symmetric": symmetric,
                                  "modules": {n: {"scheme": scheme, "group_size": g, "symmetric": symmetric}
@@ -80,7 +86,3 @@ def _meta_layer(linear: nn.Linear, scheme: str, group: int, symmetric: bool) -> 
         return QuantLinear(linear.in_features, linear.out_features, scheme, group_size=group, symmetric=symmetric,
                            bias=linear.bias is not None, dtype=linear.weight.dtype)
 
-
-def _swap(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, layer)

@@ -12,6 +12,11 @@ linear is one module swap away::
 ``filter`` is a regular expression matched against the full module name (``re.fullmatch``) or a
 function ``(name, module) -> bool``; ``skip`` names patterns that are never swapped. Tied weights stay
 tied only if the factory keeps them so: by default the LM head of a tied model is skipped.
+
+This is the kit's only module swap. ``kind`` widens it beyond ``nn.Linear``: LoRA wraps quantized linears
+too (``kind=nn.Module``, chosen by name) and unwraps its own ``LoRALinear`` again (``kind=LoRALinear``);
+``tied_head=True`` offers a tied LM head to a factory that keeps its weight shared (LoRA's wrapper,
+``quant.stream_linears``).
 """
 
 from __future__ import annotations
@@ -46,16 +51,19 @@ def _matcher(pattern) -> Callable[[str, nn.Module], bool]:
                      f"got {type(pattern).__name__}.")
 
 
-def replace_linears(model: nn.Module, factory: LinearFactory, filter=None, *, skip=None) -> list[str]:
-    """Replace the linear layers of ``model`` whose names match ``filter`` (and not ``skip``) in place.
+def replace_linears(model: nn.Module, factory: LinearFactory, filter=None, *, skip=None,
+                    kind: type | tuple = nn.Linear, tied_head: bool = False) -> list[str]:
+    """Replace the modules of ``model`` of class ``kind`` (``nn.Linear``) whose names match ``filter``
+    (and not ``skip``) in place.
 
-    ``factory(name, linear)`` returns the new module. The LM head of a model with tied embeddings is
-    always skipped (replacing it would untie it). Returns the names that were replaced, in order.
+    ``factory(name, module)`` returns the new module. The LM head of a model with tied embeddings is
+    skipped (replacing it would untie it) unless ``tied_head`` says the factory keeps it tied. Returns the
+    names that were replaced, in module order.
     """
     keep, drop = _matcher(filter), _matcher(skip) if skip is not None else (lambda name, module: False)
-    tied = _tied_head(model)
+    tied = None if tied_head else tied_head_name(model)
     chosen = [(name, module) for name, module in model.named_modules()
-              if isinstance(module, nn.Linear) and name != tied and keep(name, module) and not drop(name, module)]
+              if isinstance(module, kind) and name and name != tied and keep(name, module) and not drop(name, module)]
     for name, module in chosen:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -66,7 +74,7 @@ def replace_linears(model: nn.Module, factory: LinearFactory, filter=None, *, sk
     return [name for name, _ in chosen]
 
 
-def _tied_head(model: nn.Module) -> str | None:
+def tied_head_name(model: nn.Module) -> str | None:
     """'lm_head' when the model's head shares the embedding's weight, else None."""
     head, embed = getattr(model, "lm_head", None), getattr(model, "embed", None)
     if isinstance(head, nn.Linear) and isinstance(embed, nn.Embedding) and head.weight is embed.weight:

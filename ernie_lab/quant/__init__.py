@@ -28,6 +28,10 @@ exactly those layers. Routers (``mlp.routers.N``, float32), norms, embeddings an
 full precision by default. MoE experts are ordinary linears inside each expert: quantized, they keep
 the grouped dispatch of ``moe.dispatch`` (one call per active expert, never a loop over tokens).
 
+The modules: ``formats`` (rounding, packing), ``linear`` (``QuantLinear``: the codes and the plain
+dequantize-then-matmul forward), ``kernels`` (the table of faster kernels that must agree with it),
+``native`` (the kit's C decode kernels), ``streaming`` (full-precision linears on them), ``gptq``.
+
 ``calibration=`` (a few (B, T) batches of token ids, or dicts of a model's inputs such as a VL batch with
 ``pixel_values``) enables GPTQ for w4a16 / w2a16 (``gptq.py``); a layer no batch reaches is rounded (RTN).
 """
@@ -43,12 +47,13 @@ from ..errors import InputError
 from ..model.linears import replace_linears
 from . import formats
 from .gptq import HessianCollector, gptq_quantize
-from . import native
-from .linear import SCHEMES, QuantLinear, check_scheme, reference_only
+from . import kernels, native
+from .kernels import reference_only
+from .linear import SCHEMES, QuantLinear, check_scheme
 from .streaming import StreamingLinear, stream_linears
 
 __all__ = ["quantize", "QuantLinear", "SCHEMES", "reference_only", "weight_bytes", "formats",
-           "quantized_layers", "plan_layers", "native", "stream_linears", "StreamingLinear"]
+           "quantized_layers", "plan_layers", "native", "kernels", "stream_linears", "StreamingLinear"]
 
 DEFAULT_SKIP = ("lm_head", "embed", "router")
 DEFAULT_SYMMETRIC = {"w8a16": True, "w4a16": True, "w2a16": False, "w8a8": True, "fp8": True}

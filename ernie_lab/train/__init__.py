@@ -2,7 +2,7 @@
 
     trainer     Trainer / TrainConfig: one training step, warm-up + cosine, checkpoints and resume, DDP
     losses      load balancing (per modality group), router z-loss, orthogonal loss, token-balanced LM loss
-    lora        LoRA linears (the math, merge, unmerge) and peft-format adapters
+    lora/       layer.py: LoRA linears (the math, apply, merge, unmerge); peft_format.py: peft-format adapters
     finetune    SFT with prompt masking, DPO, through the same step
 
 May import: ``ernie_lab.errors``, ``ernie_lab.model``, ``ernie_lab.quant``, ``ernie_lab.io``.

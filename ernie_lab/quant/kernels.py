@@ -1,0 +1,214 @@
+"""The kernel table: which code computes a quantized (or streaming) linear layer's ``y = x W^T + b``.
+
+A layer's ``forward`` is one line, ``kernels.run(self, x)``: the first entry of ``KERNELS`` whose
+``applies(layer, x)`` is true computes it. Every entry must agree with the layer's ``reference``
+(dequantize, then matmul); tests/test_quant.py runs each entry available on the machine against it.
+The reference is the last entry and always applies.
+
+    name               layer                 when                                    how
+    native_gemv        w8a16, w4a16, w2a16   CPU, decode rows (<= native.MAX_ROWS)    the kit's C kernel reads the packed codes
+    native_dequantize  w8a16, w4a16, w2a16   CPU, longer fp32 / bf16 inputs           the kit's C dequantizer, then one F.linear
+    native_int8_int8   w8a8                  CPU, decode rows                        native.int8_int8 on per-token int8 inputs
+    native_linear      StreamingLinear       CPU, decode rows, no gradient           native.linear on the fp32 / bf16 weight
+    int8_weight_only   w8a16                 CPU                                     aten._weight_int8pack_mm (in bf16)
+    int4_cpu           w4a16, group 32-256   CPU                                     aten._weight_int4pack_mm_for_cpu (in bf16)
+    int4_cuda          w4a16, group 32-256   CUDA                                    aten._weight_int4pack_mm (in bf16)
+    int_mm             w8a8                  CPU, CUDA                               torch._int_mm on per-token int8 inputs
+    scaled_mm_fp8      fp8                   CUDA                                    torch._scaled_mm on e4m3 inputs
+    reference          every layer           always                                  layer.reference(x)
+
+``native`` is the kit's own C (``gemv.c``; see ``native.py``): it rounds activations to int16 per group,
+PyTorch's weight-only kernels round them to bf16. Where the C cannot be built, PyTorch's kernels serve
+every length. The switches are filters on this table: ``native.off()`` and ``ERNIE_LAB_NATIVE=0`` turn
+the native entries off (they ask ``native.active()``), ``reference_only()`` keeps only the reference,
+``only(*names)`` any few entries.
+
+A backend that wants its own copy of the codes (the int4 kernels tile them) builds it with ``cached``:
+once per layer, rebuilt when the layer's codes, scales or zero points change (a move, new weights). The
+layer itself always holds the documented plain packing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import formats, native
+
+WEIGHT_ONLY = ("w8a16", "w4a16", "w2a16")
+FLOATS = (torch.float32, torch.bfloat16)   # what the C reads
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    applies: Callable[[nn.Module, torch.Tensor], bool]    # (layer, x) -> can this kernel compute it?
+    run: Callable[[nn.Module, torch.Tensor], torch.Tensor]   # (layer, x (..., K)) -> y (..., N)
+
+
+def run(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` by the first kernel of the table that applies."""
+    return choose(layer, x).run(layer, x)
+
+
+def choose(layer: nn.Module, x: torch.Tensor) -> Kernel:
+    allowed = _ALLOWED[-1]
+    return next(k for k in KERNELS if (allowed is None or k.name in allowed) and k.applies(layer, x))
+
+
+_ALLOWED: list[frozenset | None] = [None]   # the innermost filter; None lets every kernel through
+
+
+@contextlib.contextmanager
+def only(*names: str):
+    """Inside this block only the named kernels (and the reference) run."""
+    _ALLOWED.append(frozenset(names) | {"reference"})
+    try:
+        yield
+    finally:
+        _ALLOWED.pop()
+
+
+def reference_only():
+    """Inside this block every layer runs its plain reference (dequantize, then matmul)."""
+    return only()
+
+
+# ------------------------------------------------------------------ when each kernel applies
+def _scheme(layer) -> str | None:
+    return getattr(layer, "scheme", None)      # None: a full-precision linear
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // max(x.shape[-1], 1)
+
+
+def _kit_reads_codes(layer, x) -> bool:
+    """CPU, the kit's kernels on, a weight-only scheme and groups the C sums exactly in int32."""
+    return (x.device.type == "cpu" and _scheme(layer) in WEIGHT_ONLY and native.active()
+            and (layer.bits == 8 or layer.group_size <= native.MAX_GROUP))
+
+
+def _int4_group(layer) -> bool:
+    return _scheme(layer) == "w4a16" and layer.group_size in (32, 64, 128, 256)
+
+
+# ------------------------------------------------------------------ the kit's C kernels (native.py)
+def _native_gemv(layer, x):
+    """Decode-sized rows: the C reads the plain packed codes once, adds the bias."""
+    rows = x.reshape(-1, layer.in_features)                                                # (M, K)
+    y = native.gemv(rows, layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size,
+                    bias=layer.bias, out_dtype=x.dtype)                                    # (M, N)
+    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
+def _native_dequantize(layer, x):
+    """Longer inputs (a prompt): the C writes the weight in x's dtype, then one GEMM."""
+    weight = native.dequantize(layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size, x.dtype)
+    return F.linear(x, weight, None if layer.bias is None else layer.bias.to(x.dtype))
+
+
+def _native_int8_int8(layer, x):
+    xq, xs = formats.quantize_activations_int8(x.reshape(-1, layer.in_features))          # (M, K) int8, (M, 1)
+    return layer._finish(native.int8_int8(xq, xs, layer.qweight, layer.scales), x)
+
+
+def _native_linear(layer, x):
+    y = native.linear(x.reshape(-1, layer.in_features), layer.weight, layer.bias, out_dtype=x.dtype)
+    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)                       # (M, N) -> (..., N)
+
+
+# ------------------------------------------------------------------ PyTorch's packed kernels
+def _int8_weight_only(layer, x):
+    scales = cached(layer, "int8_weight_only", lambda: layer.scales[:, 0].to(torch.bfloat16))   # (N,)
+    rows = x.reshape(-1, layer.in_features).to(torch.bfloat16)                             # (M, K)
+    return layer._finish(torch.ops.aten._weight_int8pack_mm(rows, layer.qweight, scales), x)
+
+
+def _int4_scales_and_zeros(layer) -> torch.Tensor:
+    """(G, N, 2) bf16 for tinygemm-style kernels, which compute w = (u - 8) * s + m."""
+    offset = 8.0 if layer.zeros is None else layer.zeros.float()
+    shift = (8.0 - offset) * layer.scales                                                  # (N, G)
+    return torch.stack([layer.scales, shift], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
+def _int4_cpu(layer, x):
+    """The CPU int4 kernel wants its own tiled nibble order: a copy of the codes, made once."""
+    def tile():
+        codes = formats.unpack(layer.qweight, 4).to(torch.int32)                            # (N, K)
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), _int4_scales_and_zeros(layer)
+    tiled, scales_and_zeros = cached(layer, "int4_cpu", tile)
+    rows = x.reshape(-1, layer.in_features).to(torch.bfloat16)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, tiled, layer.group_size, scales_and_zeros)
+    return layer._finish(y, x)
+
+
+def _int4_cuda(layer, x):  # pragma: no cover - needs a GPU
+    def tile():
+        return torch.ops.aten._convert_weight_to_int4pack(layer.qweight, 8), _int4_scales_and_zeros(layer)
+    tiled, scales_and_zeros = cached(layer, "int4_cuda", tile)
+    rows = x.reshape(-1, layer.in_features).to(torch.bfloat16)
+    y = torch.ops.aten._weight_int4pack_mm(rows, tiled, layer.group_size, scales_and_zeros)
+    return layer._finish(y, x)
+
+
+def _int_mm(layer, x):
+    rows = x.reshape(-1, layer.in_features)
+    xq, xs = formats.quantize_activations_int8(rows)                                       # (M, K) int8, (M, 1)
+    M = xq.shape[0]
+    if x.device.type == "cuda" and M <= 16:  # pragma: no cover - cuBLAS int8 wants more than 16 rows
+        xq = torch.cat([xq, xq.new_zeros(17 - M, xq.shape[1])])
+    acc = torch._int_mm(xq, layer.qweight.t())[:M]                                          # (M, N) int32
+    return layer._finish(acc.float() * xs * layer.scales.t(), x)
+
+
+def _scaled_mm_fp8(layer, x):  # pragma: no cover - needs a GPU
+    rows = x.reshape(-1, layer.in_features)
+    xq, xs = formats.quantize_fp8(rows)                                                     # (M, K) fp8, (M, 1)
+    y = torch._scaled_mm(xq, layer.qweight.t(), scale_a=xs, scale_b=layer.scales.t().contiguous(),
+                         out_dtype=torch.bfloat16)
+    return layer._finish(y.float(), x)
+
+
+KERNELS: list[Kernel] = [
+    Kernel("native_gemv", lambda layer, x: _kit_reads_codes(layer, x) and native.usable(x, layer.bias), _native_gemv),
+    Kernel("native_dequantize", lambda layer, x: _kit_reads_codes(layer, x) and x.dtype in FLOATS, _native_dequantize),
+    Kernel("native_int8_int8", lambda layer, x: (_scheme(layer) == "w8a8" and x.device.type == "cpu"
+                                                 and _rows(x) <= native.MAX_ROWS and native.active()), _native_int8_int8),
+    Kernel("native_linear", lambda layer, x: (isinstance(layer, nn.Linear) and layer.weight.dtype in FLOATS
+                                              and native.usable(x, layer.weight, layer.bias)), _native_linear),
+    Kernel("int8_weight_only", lambda layer, x: _scheme(layer) == "w8a16" and x.device.type == "cpu", _int8_weight_only),
+    Kernel("int4_cpu", lambda layer, x: _int4_group(layer) and x.device.type == "cpu", _int4_cpu),
+    Kernel("int4_cuda", lambda layer, x: _int4_group(layer) and x.device.type == "cuda", _int4_cuda),
+    Kernel("int_mm", lambda layer, x: _scheme(layer) == "w8a8" and x.device.type in ("cpu", "cuda"), _int_mm),
+    Kernel("scaled_mm_fp8", lambda layer, x: _scheme(layer) == "fp8" and x.device.type == "cuda", _scaled_mm_fp8),
+    Kernel("reference", lambda layer, x: True, lambda layer, x: layer.reference(x)),
+]
+
+
+# ------------------------------------------------------------------ a backend's own copy of the codes
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # layer -> (kernel name, sources, value)
+
+
+def cached(layer: nn.Module, name: str, build: Callable[[], object]):
+    """``build()`` once for this layer (one kernel's copy per layer); again when its qweight, scales or zeros
+    are other tensors (moved, cast, newly quantized) or were written in place (``load_state_dict``)."""
+    sources = tuple(None if t is None else (weakref.ref(t), None if t.is_inference() else t._version)
+                    for t in (layer.qweight, layer.scales, layer.zeros))
+    entry = _CACHE.get(layer)
+    if entry is None or entry[0] != name or not _same(entry[1], sources):
+        with torch.inference_mode(False), torch.no_grad():
+            entry = _CACHE[layer] = (name, sources, build())
+    return entry[2]
+
+
+def _same(old, new) -> bool:
+    """The same tensors (alive, identical objects) at the same version counters."""
+    return all((a is None and b is None) or (a is not None and b is not None and a[0]() is not None
+                                             and a[0]() is b[0]() and a[1] == b[1]) for a, b in zip(old, new))
