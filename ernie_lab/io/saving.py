@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import InputError
+from ..model.linears import tied_head_name
 from .architectures import name_table
 from .hub_names import INDEX_FILE, WEIGHTS_FILE, is_transposed, lab_to_hub
 from .quantized import quant_lab_to_hub
@@ -74,7 +75,7 @@ def checkpoint_config(model, tensors: dict) -> dict:
     config["dtype"] = str((floats or list(tensors.values()))[0].dtype).removeprefix("torch.")
     if getattr(model, "quantization_config", None):
         config["quantization_config"] = model.quantization_config  # ernie_lab.quant: layers, formats
-    if not is_tied(model):
+    if not tied_head_name(model) is not None:
         if model.config.get_text_config().tie_word_embeddings:
             warnings.warn("the model's lm_head is not its embedding (untied after loading?) although its config says "
                           "tie_word_embeddings: true; saving the head and tie_word_embeddings: false.", stacklevel=3)
@@ -82,12 +83,6 @@ def checkpoint_config(model, tensors: dict) -> dict:
         if isinstance(config.get("text_config"), dict):
             config["text_config"]["tie_word_embeddings"] = False
     return config
-
-
-def is_tied(model) -> bool:
-    """True when the head's weight is the embedding's very tensor (not merely equal to it)."""
-    head, embed = getattr(model, "lm_head", None), getattr(model, "embed", None)
-    return head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", 0)
 
 
 def write_checkpoint(folder: Path, config: dict, tensors: dict, max_shard_bytes: int) -> None:
@@ -229,7 +224,7 @@ def whole_config(model):
 def hub_state_dict(model) -> dict[str, torch.Tensor]:
     """The model's tensors under their Hub names (contiguous, on CPU); the head left out only when really tied."""
     table = name_table(model.config)
-    skip_head = is_tied(model) and model.config.get_text_config().tie_word_embeddings
+    skip_head = tied_head_name(model) is not None and model.config.get_text_config().tie_word_embeddings
     out = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and skip_head:
@@ -239,7 +234,7 @@ def hub_state_dict(model) -> dict[str, torch.Tensor]:
             raise InputError(f"parameter {name!r} has no Hub name; was a module added that the export does not "
                              "know (e.g. un-merged LoRA adapters)? Merge or remove it before saving.")
         tensor = tensor.detach().to("cpu")
-        if name == "lm_head.weight" and is_tied(model):
+        if name == "lm_head.weight" and tied_head_name(model) is not None:
             tensor = tensor.clone()  # tied in memory but written as its own tensor: safetensors wants no sharing
         out[hub] = (tensor.t() if is_transposed(name, table) else tensor).contiguous()
     return out

@@ -36,16 +36,21 @@ def linear_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
-def _matcher(pattern) -> Callable[[str, nn.Module], bool]:
+def name_matcher(pattern, *, whole: bool = True) -> Callable[[str, nn.Module], bool]:
+    """``(name, module) -> bool`` from None (every module), a function, a regex or a list of regexes.
+
+    ``whole``: a regex must match the whole name (``re.fullmatch``); otherwise anywhere in it (``re.search``).
+    """
     if pattern is None:
         return lambda name, module: True
     if callable(pattern):
         return pattern
     if isinstance(pattern, str):
         regex = re.compile(pattern)
-        return lambda name, module: regex.fullmatch(name) is not None
+        find = regex.fullmatch if whole else regex.search
+        return lambda name, module: find(name) is not None
     if isinstance(pattern, (list, tuple)):
-        matchers = [_matcher(p) for p in pattern]
+        matchers = [name_matcher(p, whole=whole) for p in pattern]
         return lambda name, module: any(m(name, module) for m in matchers)
     raise InputError(f"filter / skip must be a regex string, a list of them or a function (name, module) -> bool, "
                      f"got {type(pattern).__name__}.")
@@ -60,7 +65,7 @@ def replace_linears(model: nn.Module, factory: LinearFactory, filter=None, *, sk
     skipped (replacing it would untie it) unless ``tied_head`` says the factory keeps it tied. Returns the
     names that were replaced, in module order.
     """
-    keep, drop = _matcher(filter), _matcher(skip) if skip is not None else (lambda name, module: False)
+    keep, drop = name_matcher(filter), name_matcher(skip) if skip is not None else (lambda name, module: False)
     tied = None if tied_head else tied_head_name(model)
     chosen = [(name, module) for name, module in model.named_modules()
               if isinstance(module, kind) and name and name != tied and keep(name, module) and not drop(name, module)]
@@ -75,8 +80,8 @@ def replace_linears(model: nn.Module, factory: LinearFactory, filter=None, *, sk
 
 
 def tied_head_name(model: nn.Module) -> str | None:
-    """'lm_head' when the model's head shares the embedding's weight, else None."""
+    """'lm_head' when the model's head holds the embedding's very weight tensor (not merely an equal one), else None."""
     head, embed = getattr(model, "lm_head", None), getattr(model, "embed", None)
-    if isinstance(head, nn.Linear) and isinstance(embed, nn.Embedding) and head.weight is embed.weight:
+    if head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", 0):
         return "lm_head"
     return None

@@ -38,13 +38,12 @@ dequantize-then-matmul forward), ``kernels`` (the table of faster kernels that m
 
 from __future__ import annotations
 
-import re
 
 import torch
 from torch import nn
 
 from ..errors import InputError
-from ..model.linears import replace_linears
+from ..model.linears import name_matcher, replace_linears, tied_head_name
 from . import formats
 from .gptq import HessianCollector, gptq_quantize
 from . import kernels, native
@@ -64,7 +63,7 @@ def quantize(model: nn.Module, scheme: str, *, group_size: int = 128, skip=DEFAU
     """Replace the model's linear layers by :class:`QuantLinear` of ``scheme``, in place; returns the model.
 
     ``skip``: substrings (or regexes, searched in the module name) of layers kept in full precision.
-    ``filter``: optional regex / function choosing the layers (``modules.replace_linears``).
+    ``filter``: optional regex / function choosing the layers (``model.linears.name_matcher``).
     ``calibration``: an iterable of (B, T) token-id batches or of input dicts; enables GPTQ (w4a16 / w2a16 only).
     ``symmetric``: None = the scheme's default (zero points for w2a16 only).
     """
@@ -105,14 +104,14 @@ def plan_layers(model: nn.Module, scheme: str, *, group_size: int = 128, skip=DE
     """
     from ..model.moe import Router
     spec = check_scheme(scheme)
-    dropped = _skipper(skip)
-    chosen = _chooser(filter)
-    tied = "lm_head" if _tied(model) else None
+    dropped = name_matcher(skip, whole=False) if skip is not None else (lambda name, module: False)
+    chosen = name_matcher(filter)
+    tied = tied_head_name(model)
     layers = {}
     for name, module in model.named_modules():
         if type(module) is not nn.Linear or isinstance(module, Router) or name == tied:
             continue
-        if dropped(name) or not chosen(name, module):
+        if dropped(name, module) or not chosen(name, module):
             continue
         K = module.in_features
         group = _group_for(K, group_size) if spec.grouped else K
@@ -176,28 +175,6 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
         names, _ = tensor.__tensor_flatten__()
         return sum(_tensor_bytes(getattr(tensor, n)) for n in names)
     return tensor.numel() * tensor.element_size()
-
-
-def _skipper(skip):
-    if skip is None:
-        return lambda name: False
-    if callable(skip):
-        return lambda name: bool(skip(name))
-    patterns = [skip] if isinstance(skip, str) else list(skip)
-    return lambda name: any(re.search(p, name) for p in patterns)
-
-
-def _chooser(filter):
-    if filter is None:
-        return lambda name, module: True
-    if callable(filter):
-        return filter
-    return lambda name, module: re.fullmatch(filter, name) is not None
-
-
-def _tied(model) -> bool:
-    head, embed = getattr(model, "lm_head", None), getattr(model, "embed", None)
-    return isinstance(head, nn.Linear) and isinstance(embed, nn.Embedding) and head.weight is embed.weight
 
 
 def _device(model) -> torch.device:
