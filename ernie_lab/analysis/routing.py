@@ -219,15 +219,32 @@ def load_by_label(picks: torch.Tensor, labels: list, num_experts: int) -> tuple[
     return names, table
 
 
-def mutual_information(table: torch.Tensor) -> float:
-    """NMI = 2 I(A; B) / (H(A) + H(B)) of a (labels, experts) count table: 0 independent, 1 one decides the other."""
+def contingency(a: list, b: list) -> torch.Tensor:
+    """(values of a, values of b) counts of the pairs (a[i], b[i]) of two equally long label lists."""
+    if len(a) != len(b):
+        raise InputError(f"give two equally long lists: {len(a)} and {len(b)} labels.")
+    rows, cols = sorted(set(a)), sorted(set(b))
+    index_a, index_b = {x: i for i, x in enumerate(rows)}, {y: j for j, y in enumerate(cols)}
+    table = torch.zeros(len(rows), len(cols), dtype=torch.long)
+    for x, y in zip(a, b):
+        table[index_a[x], index_b[y]] += 1
+    return table
+
+
+def information(table: torch.Tensor) -> tuple[float, float, float]:
+    """I(A; B), H(A) and H(B) in nats of an (A values, B values) count table, probabilities as counts / n."""
     joint = table.double() / table.sum().clamp(min=1)
     pa, pb = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
     nonzero = joint > 0
     mi = (joint[nonzero] * (joint[nonzero] / (pa @ pb)[nonzero]).log()).sum()
     h = lambda p: -(p[p > 0] * p[p > 0].log()).sum()  # noqa: E731
-    denominator = h(pa) + h(pb)
-    return float(2 * mi / denominator) if denominator > 0 else 0.0
+    return float(mi), float(h(pa)), float(h(pb))
+
+
+def mutual_information(table: torch.Tensor) -> float:
+    """NMI = 2 I(A; B) / (H(A) + H(B)) of a (labels, experts) count table: 0 independent, 1 one decides the other."""
+    mi, ha, hb = information(table)
+    return 2 * mi / (ha + hb) if ha + hb > 0 else 0.0
 
 
 def specialisation(record: RoutingRecord, rows: torch.Tensor, labels: list, rank: int = 0) -> list[dict]:
