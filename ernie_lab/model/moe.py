@@ -38,6 +38,8 @@ from .mlp import SwiGLU
 
 
 class Routing(NamedTuple):
+    """What :func:`route` decides for one group's tokens."""
+
     probs: torch.Tensor       # (N, E) float32 softmax over all experts
     expert_ids: torch.Tensor  # (N, k) long, chosen experts (best first)
     weights: torch.Tensor     # (N, k) float32 mixing weights, each row sums to 1
