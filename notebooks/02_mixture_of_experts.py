@@ -355,7 +355,7 @@ with safe_open(str(folder / "model.safetensors"), "pt") as f:
         if name.startswith("model.layers.1.mlp.") and ".experts." not in name or name.startswith("model.layers.1.mlp.experts.0."):
             print(f"{name:52s} {list(f.get_slice(name).get_shape())}")    # experts 1..7 look like expert 0
 model = ernie_lab.load_model(folder)
-print(f"ernie_lab model: {model.num_parameters():,} parameters; MoE layers", [b.routing_tap.layer_idx for b in moe_blocks(model)])
+print(f"ernie_lab model: {model.num_parameters():,} parameters; MoE layers", [b.layer_idx for b in moe_blocks(model)])
 
 # %% [markdown]
 # ### The MoE block from scratch
@@ -363,7 +363,9 @@ print(f"ernie_lab model: {model.num_parameters():,} parameters; MoE layers", [b.
 # Everything of sections 2-4 in one function, written with nothing but the block's weight tensors:
 # float32 router softmax, bias-only choice, renormalised weights, each token through its $k$ experts,
 # the shared experts added unscaled. It must equal `ernie_lab`'s `MoEBlock` and `transformers`' block
-# on the same weights (layer 1 of the checkpoint just loaded).
+# on the same weights (layer 1 of the checkpoint just loaded). `MoEBlock` returns two things, its output
+# and `routing`, each token's router logits, chosen experts, weights and group (`moe.RouterOutput`):
+# the one way its decisions leave the block, for the training losses and for `routing.record`.
 
 # %%
 def swiglu_by_hand(x, expert):                               # x: (H,) -> (H,)
@@ -388,7 +390,7 @@ ours_block, ref_block = model.layers[1].mlp, reference.model.layers[1].mlp
 hidden_in = torch.randn(1, 10, TINY["hidden_size"])                            # (B, T, H)
 with torch.no_grad():
     by_hand = moe_block_by_hand(hidden_in[0], ours_block)
-    compare("MoE block: by hand vs ernie_lab.moe.MoEBlock", by_hand, ours_block(hidden_in)[0])
+    compare("MoE block: by hand vs ernie_lab.moe.MoEBlock", by_hand, ours_block(hidden_in).hidden[0])
     compare("MoE block: by hand vs transformers", by_hand, ref_block(hidden_in)[0])
 
 # %%
@@ -493,10 +495,8 @@ assert losses.router_orthogonal_loss(orthonormal_router) < 1e-10 < losses.router
 tokens = torch.randint(3, TINY["vocab_size"], (2, 12))
 with torch.no_grad():
     ref_aux = reference(tokens, output_router_logits=True).aux_loss
-    model.train()                                   # MoE blocks keep their router logits while training
-    model(tokens)
-    model.eval()
-ours = losses.load_balancing_loss([block.router_logits for block in moe_blocks(model)], k=TINY["moe_k"])
+    out = model(tokens, output_router_logits=True)  # out.router_logits: one RouterOutput per MoE layer
+ours = losses.load_balancing_loss(out.router_logits, k=TINY["moe_k"])
 print(f"transformers aux_loss {ref_aux.item():.6f}   ernie_lab {ours.item():.6f}")
 assert torch.allclose(ours, ref_aux, atol=1e-5)
 
@@ -543,12 +543,12 @@ def train(balance: bool, seed: int = 0, config=toy):
     for step in tqdm(range(STEPS), desc="with balancing losses" if balance else "language model only"):
         x, y = batch(generator)
         with routing.record(net) as rec:
-            logits = net(x).logits
-        loss = lm = F.cross_entropy(logits.reshape(-1, config.vocab_size), y.reshape(-1))
+            out = net(x, output_router_logits=balance)
+        loss = lm = F.cross_entropy(out.logits.reshape(-1, config.vocab_size), y.reshape(-1))
         if balance:
-            for block in moe_blocks(net):
-                loss = loss + 0.1 * losses.load_balancing_loss(block.router_logits, config.moe_k) \
-                            + 1e-3 * losses.router_z_loss(block.router_logits) \
+            for block, routed in zip(moe_blocks(net), out.router_logits):
+                loss = loss + 0.1 * losses.load_balancing_loss(routed.logits, config.moe_k) \
+                            + 1e-3 * losses.router_z_loss(routed.logits) \
                             + 1e-2 * losses.router_orthogonal_loss(block.gate.weight)
         opt.zero_grad()
         loss.backward()

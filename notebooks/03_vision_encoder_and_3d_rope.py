@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ernie_lab import exercises, rope3d, vision
+from ernie_lab import exercises, hub_names, image_processing, rope3d, vision
 from ernie_lab import notebook
 from ernie_lab.course.notebook import setup
 from ernie_lab.model.rope import apply_rope
@@ -68,8 +68,8 @@ print("picture:", picture.size)
 # The defaults allow 56x56 up to about 4.8 megapixels (6177 merged tokens).
 
 # %%
-height, width = vision.fit_to_grid(picture.height, picture.width, max_pixels=MAX_PIXELS)
-batch = vision.preprocess_images([picture], max_pixels=MAX_PIXELS)
+height, width = image_processing.fit_to_grid(picture.height, picture.width, max_pixels=MAX_PIXELS)
+batch = image_processing.preprocess_images([picture], max_pixels=MAX_PIXELS)
 pixels, grid = batch["pixel_values"], batch["image_grid_thw"]
 print(f"{picture.width}x{picture.height} -> {width}x{height} pixels")
 print("pixel_values", tuple(pixels.shape), "image_grid_thw", grid.tolist())
@@ -125,7 +125,7 @@ assert where[0, :2].tolist() == [0, 1] and where[1, :2].tolist() == [2, 3]   # f
 assert where[0, 2] == 4                                                     # the next window starts at row 4
 patch_5 = pixels[5].reshape(3, 14, 14)                                      # a patch is channel-major 3x14x14
 r, c = positions[5].tolist()
-expected = vision.normalize(torch.from_numpy(np.array(resized)).permute(2, 0, 1))[:, r * 14:(r + 1) * 14, c * 14:(c + 1) * 14]
+expected = image_processing.normalize(torch.from_numpy(np.array(resized)).permute(2, 0, 1))[:, r * 14:(r + 1) * 14, c * 14:(c + 1) * 14]
 assert torch.allclose(patch_5, expected, atol=1e-6)
 
 # %% [markdown]
@@ -176,11 +176,11 @@ print("frequencies per axis:", head_dim // 4)
 #
 # We build a small random `transformers` ERNIE 4.5 VL model, save it with `save_pretrained` (the
 # Hub's tensor names: `vision_model.*`, `resampler_model.*`) and load its vision tensors into
-# `ernie_lab.vision.VisionEncoder` and `VisionAdapter` through `VISION_NAME_MAP`, the whole name
-# translation:
+# `ernie_lab.vision.VisionEncoder` and `VisionAdapter` through `hub_names.VISION_NAME_MAP`, the whole name
+# translation (checkpoint names live with the other Hub names in `ernie_lab.hub_names`):
 
 # %%
-for hub, lab in vision.VISION_NAME_MAP:
+for hub, lab in hub_names.VISION_NAME_MAP:
     print(f"{hub:50s} -> {lab}")
 
 # %%
@@ -207,7 +207,7 @@ hub_tensors = load_file(folder / "model.safetensors")
 
 config = vision.VisionConfig.from_dict(ref_config.vision_config.to_dict(), ref_config.text_config.hidden_size)
 encoder, adapter = vision.VisionEncoder(config).eval(), vision.VisionAdapter(config).eval()
-encoder_state, adapter_state = vision.vision_state_from_hub(hub_tensors)
+encoder_state, adapter_state = hub_names.vision_state_from_hub(hub_tensors)
 encoder.load_state_dict(encoder_state, strict=True)
 adapter.load_state_dict(adapter_state, strict=True)
 print(encoder.__class__.__name__, sum(p.numel() for p in encoder.parameters()), "parameters;",
@@ -340,7 +340,7 @@ plt.tight_layout(); plt.show()
 # %%
 side = 112 if FAST else 224
 frames = np.stack([np.array(picture.crop((40 * i, 100, 40 * i + 300, 400)).resize((side, side))) for i in range(4)])
-video = vision.preprocess_video(frames, min_pixels=side * side, max_pixels=side * side)
+video = image_processing.preprocess_video(frames, min_pixels=side * side, max_pixels=side * side)
 video_pixels, video_grid = video["pixel_values_videos"], video["video_grid_thw"]
 with torch.no_grad():
     video_tokens = adapter(encoder(video_pixels, video_grid), video_grid)
@@ -460,7 +460,7 @@ exercises.check("03.last_position", last_position)
 #
 # ## What we built
 #
-# * `vision.preprocess_images` / `preprocess_video`, `vision.VisionEncoder`, `vision.VisionAdapter`
+# * `image_processing.preprocess_images` / `preprocess_video`, `vision.VisionEncoder`, `vision.VisionAdapter`
 #   (equal to a ViT block and an adapter written by hand, and to `transformers`);
 # * `rope3d.position_ids_3d` and `rope3d.rope_angles_3d`: the decoder's 3-D positions.
 #

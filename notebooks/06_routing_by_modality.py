@@ -112,7 +112,7 @@ def count_rows(key):
     return hook
 
 
-hooks = [expert.register_forward_hook(count_rows((block.routing_tap.layer_idx, *divmod(n, block.num_experts))))
+hooks = [expert.register_forward_hook(count_rows((block.layer_idx, *divmod(n, block.num_experts))))
          for block in moe_blocks(model) for n, expert in enumerate(block.experts)]  # group 0's experts first
 inputs = render_prompt(model, tokenizer, viz.messages_for(scenes.DESCRIBE, picture))
 with torch.no_grad(), routing.record(model) as rec:

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 import ernie_lab  # noqa: E402
 from ernie_lab import tiny_models, vision_warmup  # noqa: E402
+from ernie_lab.analysis.specialisation import scene_specialisation  # noqa: E402
 from ernie_lab.model.config import parse_config  # noqa: E402
 from ernie_lab.train import TrainConfig, Trainer  # noqa: E402
 
@@ -114,7 +115,7 @@ def evidence(kind: str, model, tokenizer) -> dict:
     model.eval()
     if kind == "text":
         return tiny_models.evaluate_text(model, tokenizer)
-    spec = tiny_models.specialisation(model, tokenizer, count=60)
+    spec = scene_specialisation(model, tokenizer, count=60)
     nmi = {str(layer): {a: round(v["nmi"], 4) for a, v in attrs.items()} for layer, attrs in spec.items()}
     return {"val_loss": tiny_models.vl_val_loss(model, tokenizer), "accuracy": tiny_models.evaluate_vl(model, tokenizer, 100),
             "accuracy_first_20": tiny_models.evaluate_vl(model, tokenizer, 20),  # what the tests recompute

@@ -103,7 +103,7 @@ def test_moe_block_matches_transformers_block(tmp_path):
     x = torch.randn(3, 5, TINY["hidden_size"])
     with torch.no_grad():
         expected = ref.model.layers[1].mlp(x)
-        got = model.layers[1].mlp(x)
+        got = model.layers[1].mlp(x).hidden
     assert isinstance(model.layers[1].mlp, MoEBlock)
     assert torch.allclose(got, expected, atol=1e-6)
 

@@ -29,11 +29,12 @@ def test_import_ernie_lab_loads_no_heavy_modules(tmp_path):
         import ernie_lab, ernie_lab.model.vision
         print(sorted(name for name in {HEAVY!r} if name in sys.modules))
         print(ernie_lab.__file__)
-        # the PIL modules arrive on first use, and the old vision names still reach the moved functions
-        from ernie_lab.model.vision import preprocess_images
+        # the PIL modules arrive on first use, through ernie_lab.image_processing (the network module has none)
+        from ernie_lab.io.image_processing import preprocess_images
         assert preprocess_images is ernie_lab.image_processing.preprocess_images
-        assert ernie_lab.vision.fit_to_grid(100, 100) == (112, 112)
-        assert "fit_to_grid" in dir(ernie_lab.vision) and "processor" in dir(ernie_lab)
+        assert ernie_lab.image_processing.fit_to_grid(100, 100) == (112, 112)
+        assert not hasattr(ernie_lab.model.vision, "fit_to_grid") and "fit_to_grid" not in dir(ernie_lab.vision)
+        assert "processor" in dir(ernie_lab)
         assert ernie_lab.processor.IDS["image"] == 100295
         print("PIL" in sys.modules)
     """, cwd=tmp_path, pythonpath=REPO)

@@ -66,7 +66,7 @@ def test_nothing_is_recorded_outside_the_context(model):
     with torch.no_grad():
         model(torch.randint(0, 64, (1, 7)))
     assert rec.layers[0].num_tokens == 3
-    assert all(not tap.listeners for tap in routing.taps(model))
+    assert all(not block._forward_hooks for block in routing.taps(model))  # the record's hooks are gone
 
 
 def test_nested_records_both_listen(model):
@@ -89,17 +89,23 @@ def test_load_helpers(model):
     assert rec.load(modality=routing.VISION).sum() == 0
 
 
-def test_a_tap_records_modality_for_two_group_blocks():
-    """The vision-language block reports each group's tokens with their modality."""
-    tap = routing.RoutingTap(layer_idx=5, num_experts=4)
-    model = torch.nn.Module()
-    model.routing_tap = tap
+def test_a_record_keeps_the_modality_of_two_group_blocks():
+    """The vision-language block reports each group's tokens with their modality, read from its output."""
+    from ernie_lab.model.moe import MoEBlock, MoEOutput, RouterOutput
+
+    class Block(MoEBlock):  # a block that returns a fixed routing, to check what the record makes of it
+        def forward(self, x, modality=None):
+            ids = torch.tensor([[3, 2], [0, 1], [2, 0]])
+            return MoEOutput(x, RouterOutput(self.logits, ids, torch.full((3, 2), 0.5), torch.tensor([0, 1, 1])))
+
+    block = Block(ErnieConfig.from_dict({**TINY_MOE, "moe_num_experts": 4}), layer_idx=5, group_widths=(8, 4))
+    block.logits = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.4, 0.1]]).log()
+    model = torch.nn.Sequential(block)
     with routing.record(model) as rec:
-        probs = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.4, 0.1]])
-        ids = torch.tensor([[3, 2], [0, 1], [2, 0]])
-        tap(ids, torch.full((3, 2), 0.5), probs, modality=torch.tensor([0, 1, 1]))
+        model(torch.zeros(3, 16))
     entry = rec.layers[0]
     assert entry.layer_idx == 5 and entry.modality.tolist() == [0, 1, 1]
+    assert torch.allclose(entry.probs, block.logits.exp())  # probs: the softmax of the logits
     assert entry.load(modality=routing.TEXT).tolist() == [0, 0, 1, 1]
     assert entry.load(modality=routing.VISION).tolist() == [2, 1, 1, 0]
 

@@ -53,7 +53,7 @@ def vl_model(seed=0):
 
 
 def vl_inputs(model):
-    from ernie_lab.model.vision import preprocess_images
+    from ernie_lab.io.image_processing import preprocess_images
     from PIL import Image
 
     batch = preprocess_images([Image.new("RGB", (56, 56), (200, 30, 30))])
@@ -222,9 +222,7 @@ def test_name_tables_round_trip_every_parameter():
     assert hub_names.lab_to_hub("layers.1.mlp.routers.1.weight", hub_names.VL_NAME_MAP) == "model.layers.1.mlp.gate.weight_1"
     assert hub_names.is_transposed("layers.1.mlp.routers.0.weight", hub_names.VL_NAME_MAP)
     assert not hub_names.is_transposed("layers.1.mlp.routers.0.weight", hub_names.NAME_MAP)
-    from ernie_lab import vision
-
-    assert vision.hub_to_lab_vision("model.resampler_model.mlp.bias") == "adapter.proj.bias"
+    assert hub_names.hub_to_lab_vision("model.resampler_model.mlp.bias") == "adapter.proj.bias"
 
 
 def test_a_new_architecture_is_one_registry_entry(tmp_path, monkeypatch):

@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ernie_lab import InputError, image_processing, vision
+from ernie_lab import InputError, hub_names, image_processing, vision
 from ernie_lab.io.image_processing import fit_to_grid, preprocess_images, preprocess_video
-from ernie_lab.model.vision import VisionAdapter, VisionConfig, VisionEncoder, tokens_per_item, vision_state_from_hub
+from ernie_lab.io.hub_names import vision_state_from_hub
+from ernie_lab.model.vision import VisionAdapter, VisionConfig, VisionEncoder, tokens_per_item
 
 RNG = np.random.default_rng(1234)
 
@@ -273,8 +274,8 @@ def test_name_map_covers_every_vision_tensor(reference_vl):
     _, tensors = reference_vl
     vision_names = [n for n in tensors if n.startswith(("model.vision_model.", "model.resampler_model."))]
     assert vision_names, "save_pretrained wrote no vision tensors?"
-    assert all(vision.hub_to_lab_vision(n) is not None for n in vision_names)
-    assert vision.hub_to_lab_vision("model.layers.0.mlp.gate.weight") is None
+    assert all(hub_names.hub_to_lab_vision(n) is not None for n in vision_names)
+    assert hub_names.hub_to_lab_vision("model.layers.0.mlp.gate.weight") is None
     encoder, adapter = lab_vision(reference_vl)  # strict loading: nothing missing, nothing extra
     expected = len(encoder.state_dict()) + len(adapter.state_dict())
     assert len(vision_names) == expected

@@ -8,6 +8,7 @@ VL and text-MoE checkpoints that transformers saves, with the real 64 experts pe
 import math
 import random
 import warnings
+from collections import Counter
 
 import matplotlib
 import pytest
@@ -76,18 +77,29 @@ def test_choices_path_and_rank_errors():
     assert "layer  2: T1 0.90, T2 0.10" in viz.path_table(rec, 1)
 
 
+def list_nmi(a: list, b: list) -> float:
+    """2 I(A; B) / (H(A) + H(B)) of two label sequences, from counts (the exercise of notebook 06)."""
+    n = len(a)
+    joint, pa, pb = Counter(zip(a, b)), Counter(a), Counter(b)
+    mi = sum(c / n * math.log(c * n / (pa[x] * pb[y])) for (x, y), c in joint.items())
+    h = lambda counts: -sum(c / n * math.log(c / n) for c in counts.values())  # noqa: E731
+    return 2 * mi / (h(pa) + h(pb))
+
+
 def test_load_by_label_and_mutual_information():
     picks = torch.tensor([0, 0, 1, 1, 2, 2])
     names, table = routing.load_by_label(picks, ["red", "red", "blue", "blue", "red", "blue"], 3)
     assert names == ["blue", "red"] and table.tolist() == [[0, 2, 1], [2, 0, 1]]
     assert math.isclose(routing.mutual_information(torch.tensor([[5, 0], [0, 5]])), 1.0)
     assert routing.mutual_information(torch.tensor([[5, 5], [5, 5]])) == pytest.approx(0.0, abs=1e-12)
-    rng = random.Random(0)  # the same number as tiny_models' list-based NMI
+    rng = random.Random(0)  # the same number as the NMI written out over two label lists
     labels = [rng.choice("abc") for _ in range(300)]
     experts = [("abc".index(x) + rng.choice([0, 0, 1])) % 4 for x in labels]
     _, table = routing.load_by_label(torch.tensor(experts), labels, 4)
-    assert routing.mutual_information(table) == pytest.approx(
-        tiny_models.normalised_mutual_information(labels, experts), abs=1e-9)
+    assert routing.mutual_information(table) == pytest.approx(list_nmi(labels, experts), abs=1e-9)
+    assert routing.mutual_information(routing.contingency(experts, labels)) == pytest.approx(
+        list_nmi(labels, experts), abs=1e-9)
+    assert routing.contingency(["x", "y", "x"], [2, 2, 1]).tolist() == [[1, 1], [0, 1]]
     with pytest.raises(InputError, match="one label per"):
         routing.load_by_label(picks, ["red"], 3)
 

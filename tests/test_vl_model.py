@@ -415,15 +415,16 @@ def test_modality_balancing_losses_by_hand():
     assert modality_balancing_losses([logits[:2]], modality[:2], k=1)["vision"].item() == 0.0
 
 
-def test_vl_block_keeps_router_logits_for_the_losses_while_training(pair):
+def test_vl_router_logits_reach_the_losses_while_training(pair):
     _, model = pair
     batch = preprocess_images([picture(56, 56)])
     ids = image_prompt(batch["image_grid_thw"].tolist())
-    block = model.layers[1].mlp
+    block = model.layers[1].mlp  # the first MoE layer: out.router_logits[0]
     model.train()
     try:
-        logits = model(ids, **batch).logits
-        losses = modality_balancing_losses([block.router_logits], (routing_types(ids) > 0).long(), k=2)
+        out = model(ids, **batch, output_router_logits=True)
+        logits = out.logits
+        losses = modality_balancing_losses([out.router_logits[0]], (routing_types(ids) > 0).long(), k=2)
         (losses["text"] + losses["vision"] + token_balanced_loss(logits[:, :-1], ids[:, 1:])).backward()
         assert block.routers[0].weight.grad is not None and block.routers[1].weight.grad is not None
         assert block.routers[1].weight.grad.abs().sum() > 0

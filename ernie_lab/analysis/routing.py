@@ -5,8 +5,9 @@
     rec.layers[0].expert_ids                        # (N, k) experts chosen by the first MoE layer
     rec.load()                                      # (num MoE layers, E) tokens per expert
 
-Each MoE block owns a :class:`RoutingTap`. Outside a ``record`` context the tap does nothing;
-inside it, every forward pass appends one chunk per MoE layer: the N = B * T tokens of that pass,
+Every MoE block returns its routing with its output (``moe.MoEOutput(hidden, routing)``); ``record``
+puts a forward hook on each block for the length of the ``with``, so the model holds no recording code.
+Inside it, every forward pass appends one chunk per MoE layer: the N = B * T tokens of that pass,
 batch-major (row b's tokens, then row b+1's). A generation therefore records the prompt (prefill)
 first, then B tokens per decoding step. Left-padding positions are routed like any token and are
 recorded too. Expert ids are numbered inside their group (0..E-1); ``modality`` says which group
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError
+from ..model.moe import MoEBlock, MoEOutput, moe_blocks
 from ..model.special_tokens import TEXT, VISION  # modality codes: the two expert groups
 
 
@@ -99,30 +101,21 @@ class RoutingRecord:
         return f"RoutingRecord({len(self.layers)} MoE layers, {tokens} tokens)"
 
 
-class RoutingTap:
-    """The hook an MoE block calls after routing; a no-op unless a ``record`` context listens."""
+def listen(block: MoEBlock, entry: LayerRouting):
+    """Hook ``block`` so that each of its forward passes appends its routing to ``entry``; returns the handle."""
 
-    def __init__(self, layer_idx: int, num_experts: int):
-        self.layer_idx = layer_idx
-        self.num_experts = num_experts
-        self.listeners: list[LayerRouting] = []
+    def hook(module, args, output: MoEOutput) -> None:
+        routing = output.routing
+        probs = routing.logits.softmax(dim=-1)                     # (N, E) over the token's group
+        entry.append(*(t.detach().to("cpu") for t in (routing.expert_ids.long(), routing.weights.float(),
+                                                     probs, routing.modality.long())))
 
-    def __call__(self, expert_ids: torch.Tensor, weights: torch.Tensor, probs: torch.Tensor,
-                 modality: torch.Tensor | None = None) -> None:
-        """Report N routed tokens: expert_ids/weights (N, k), probs (N, E), modality (N,) or None = text."""
-        if not self.listeners:
-            return
-        if modality is None:
-            modality = torch.full((expert_ids.shape[0],), TEXT, dtype=torch.long)
-        chunk = tuple(t.detach().to("cpu") for t in (expert_ids.long(), weights.float(), probs.float(), modality.long()))
-        for entry in self.listeners:
-            entry.append(*chunk)
+    return block.register_forward_hook(hook)
 
 
-def taps(model: torch.nn.Module) -> list[RoutingTap]:
-    """Every RoutingTap in ``model``, sorted by decoder layer."""
-    found = [m.routing_tap for m in model.modules() if isinstance(getattr(m, "routing_tap", None), RoutingTap)]
-    return sorted(found, key=lambda tap: tap.layer_idx)
+def taps(model: torch.nn.Module) -> list[MoEBlock]:
+    """The MoE blocks a record listens to (each knows its ``layer_idx``), sorted by decoder layer."""
+    return sorted(moe_blocks(model), key=lambda block: block.layer_idx)
 
 
 @contextlib.contextmanager
@@ -131,15 +124,14 @@ def record(model: torch.nn.Module):
 
     A dense model yields a record with no layers. Records may be nested or run side by side.
     """
-    model_taps = taps(model)
-    rec = RoutingRecord([LayerRouting(tap.layer_idx, tap.num_experts) for tap in model_taps])
-    for tap, entry in zip(model_taps, rec.layers):
-        tap.listeners.append(entry)
+    blocks = taps(model)
+    rec = RoutingRecord([LayerRouting(block.layer_idx, block.num_experts) for block in blocks])
+    handles = [listen(block, entry) for block, entry in zip(blocks, rec.layers)]
     try:
         yield rec
     finally:
-        for tap, entry in zip(model_taps, rec.layers):
-            tap.listeners[:] = [listener for listener in tap.listeners if listener is not entry]
+        for handle in handles:
+            handle.remove()
 
 
 # ================================================================ the numbers behind the pictures
@@ -227,15 +219,32 @@ def load_by_label(picks: torch.Tensor, labels: list, num_experts: int) -> tuple[
     return names, table
 
 
-def mutual_information(table: torch.Tensor) -> float:
-    """NMI = 2 I(A; B) / (H(A) + H(B)) of a (labels, experts) count table: 0 independent, 1 one decides the other."""
+def contingency(a: list, b: list) -> torch.Tensor:
+    """(values of a, values of b) counts of the pairs (a[i], b[i]) of two equally long label lists."""
+    if len(a) != len(b):
+        raise InputError(f"give two equally long lists: {len(a)} and {len(b)} labels.")
+    rows, cols = sorted(set(a)), sorted(set(b))
+    index_a, index_b = {x: i for i, x in enumerate(rows)}, {y: j for j, y in enumerate(cols)}
+    table = torch.zeros(len(rows), len(cols), dtype=torch.long)
+    for x, y in zip(a, b):
+        table[index_a[x], index_b[y]] += 1
+    return table
+
+
+def information(table: torch.Tensor) -> tuple[float, float, float]:
+    """I(A; B), H(A) and H(B) in nats of an (A values, B values) count table, probabilities as counts / n."""
     joint = table.double() / table.sum().clamp(min=1)
     pa, pb = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
     nonzero = joint > 0
     mi = (joint[nonzero] * (joint[nonzero] / (pa @ pb)[nonzero]).log()).sum()
     h = lambda p: -(p[p > 0] * p[p > 0].log()).sum()  # noqa: E731
-    denominator = h(pa) + h(pb)
-    return float(2 * mi / denominator) if denominator > 0 else 0.0
+    return float(mi), float(h(pa)), float(h(pb))
+
+
+def mutual_information(table: torch.Tensor) -> float:
+    """NMI = 2 I(A; B) / (H(A) + H(B)) of a (labels, experts) count table: 0 independent, 1 one decides the other."""
+    mi, ha, hb = information(table)
+    return 2 * mi / (ha + hb) if ha + hb > 0 else 0.0
 
 
 def specialisation(record: RoutingRecord, rows: torch.Tensor, labels: list, rank: int = 0) -> list[dict]:

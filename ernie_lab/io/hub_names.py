@@ -86,6 +86,22 @@ def lab_to_hub(name: str, table: list = NAME_MAP) -> str | None:
     return rule[0] if rule else None
 
 
+def hub_to_lab_vision(name: str) -> str | None:
+    """Translate one Hub tensor name of the ViT or adapter (``VISION_NAME_MAP``); None for any other."""
+    return hub_to_lab(name, VISION_NAME_MAP)
+
+
+def vision_state_from_hub(tensors: dict) -> tuple[dict, dict]:
+    """Split a Hub state dict's vision tensors into (ViT state, adapter state) under ernie-lab names."""
+    encoder, adapter = {}, {}
+    for name, tensor in tensors.items():
+        lab = hub_to_lab_vision(name)
+        if lab is not None:
+            part, rest = lab.split(".", 1)
+            (encoder if part == "vision" else adapter)[rest] = tensor
+    return encoder, adapter
+
+
 def is_transposed(lab_name: str, table: list) -> bool:
     """Whether the Hub stores the transpose of this ernie-lab parameter."""
     rule = _match(lab_name, table, hub_side=False)

@@ -22,10 +22,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from ..errors import InputError
-from ..model.vision import MERGE_SIZE, PATCH_SIZE, TEMPORAL_MERGE
+from ..model.config import VisionConfig
 
 # ------------------------------------------------------------------------------------ constants
-GRID_FACTOR = PATCH_SIZE * MERGE_SIZE  # the adapter merges 2 x 2 patches, so image sides are multiples of 28
+# The ViT's sizes are VisionConfig's defaults: 14-pixel patches, merged 2 x 2 and in pairs of frames.
+PATCH, MERGE, FRAMES = VisionConfig.patch_size, VisionConfig.spatial_merge_size, VisionConfig.temporal_merge_size
+GRID_FACTOR = PATCH * MERGE  # the adapter merges 2 x 2 patches, so image sides are multiples of 28
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation, per RGB channel
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_MIN_PIXELS = 56 * 56                 # an image is scaled to at least 4 patches ...
@@ -109,7 +111,7 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def patchify(frames: torch.Tensor, patch: int = PATCH_SIZE, merge: int = MERGE_SIZE) -> torch.Tensor:
+def patchify(frames: torch.Tensor, patch: int = PATCH, merge: int = MERGE) -> torch.Tensor:
     """(T, C, H, W) -> (T * H/p * W/p, C * p * p) patches, ordered frame by frame, then by 2x2 merge window.
 
     Within a frame the order is: merge-window row, merge-window column, row inside the window, column
@@ -157,7 +159,7 @@ def preprocess_images(images, *, min_pixels: int = IMAGE_MIN_PIXELS, max_pixels:
         h, w = fit_to_grid(image.height, image.width, min_pixels, max_pixels)
         pixels = normalize(resize(image, h, w))[None]  # (1, 3, h, w)
         patches.append(patchify(pixels))
-        grids.append((1, h // PATCH_SIZE, w // PATCH_SIZE))
+        grids.append((1, h // PATCH, w // PATCH))
     return {"pixel_values": torch.cat(patches), "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
 
 
@@ -181,7 +183,7 @@ def preprocess_video(frames, *, min_pixels: int = VIDEO_MIN_PIXELS, max_pixels: 
     video = _frames_to_tensor(frames)  # (T, 3, H, W) uint8
     if font is not None:
         video = draw_timestamps(video, fps if fps is not None else 24.0, font)
-    if video.shape[0] % TEMPORAL_MERGE:
+    if video.shape[0] % FRAMES:
         video = torch.cat([video, video[-1:]])  # repeat the last frame
     T, _, H, W = video.shape
     _check_input_size(W, H)
@@ -189,7 +191,7 @@ def preprocess_video(frames, *, min_pixels: int = VIDEO_MIN_PIXELS, max_pixels: 
     video = _resize_torch(video, h, w)
     pixels = normalize(video)
     return {"pixel_values_videos": patchify(pixels),
-            "video_grid_thw": torch.tensor([[T, h // PATCH_SIZE, w // PATCH_SIZE]], dtype=torch.long)}
+            "video_grid_thw": torch.tensor([[T, h // PATCH, w // PATCH]], dtype=torch.long)}
 
 
 def _frames_to_tensor(frames) -> torch.Tensor:

@@ -9,7 +9,7 @@ One decoder serves every ERNIE 4.5 model. Its layers' MLPs come from an *MLP fac
 where ``config.is_moe_layer(i)``, a mixture of experts (``moe.MoEBlock``); the vision-language model
 (``vl_model.py``) is this decoder with a factory whose MoE blocks hold a text and a vision expert group,
 a 3-D rotary function, and a vision encoder whose tokens enter as ``inputs_embeds``. The KV cache, the
-training loss (``labels``) and the routers' logits (``output_router_logits``) are options of the same
+training loss (``labels``) and the routers' decisions (``output_router_logits``) are options of the same
 forward, so no second copy of the model exists for any of them.
 
     loss = cross_entropy(logits[:, :-1], labels[:, 1:])     # next-token prediction; label -100 is ignored
@@ -29,7 +29,7 @@ from .config import ErnieConfig
 from ..errors import InputError
 from .kv_cache import KVCache
 from .mlp import SwiGLU
-from .moe import MoEBlock, RouterLogits
+from .moe import MoEBlock, RouterOutput
 from .norm import RMSNorm
 from .rope import rope_angles
 
@@ -54,7 +54,7 @@ class CausalLMOutput:
     logits: torch.Tensor                     # (B, T, vocab)
     cache: KVCache | None = None             # the cache passed in, now holding these T tokens too
     loss: torch.Tensor | None = None         # () mean next-token cross-entropy, when labels were given
-    router_logits: list[RouterLogits] | None = None  # one per MoE layer, when output_router_logits=True
+    router_logits: list[RouterOutput] | None = None  # one per MoE layer, when output_router_logits=True
 
 
 MLPFactory = Callable[[ErnieConfig, int], nn.Module]  # (decoder config, layer index) -> the layer's MLP
@@ -76,16 +76,15 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp_factory(config, layer_idx)
 
     def forward(self, x, rope, mask=None, cache=None, modality=None, router_logits: list | None = None):
-        """(B, T, hidden) -> (B, T, hidden). An MoE layer appends its RouterLogits to ``router_logits``
+        """(B, T, hidden) -> (B, T, hidden). An MoE layer appends its RouterOutput to ``router_logits``
         when that is a list; ``modality`` (B, T) tells an MoE layer each token's expert group."""
         x = x + self.attn(self.attn_norm(x), rope, mask, cache)
         h = self.mlp_norm(x)
         if not isinstance(self.mlp, MoEBlock):
             return x + self.mlp(h)
-        if router_logits is None:
-            return x + self.mlp(h, modality)
-        y, logits = self.mlp(h, modality, return_router_logits=True)
-        router_logits.append(logits)
+        y, routing = self.mlp(h, modality)
+        if router_logits is not None:
+            router_logits.append(routing)
         return x + y
 
 

@@ -17,6 +17,11 @@ routed only inside the group of its modality. Each group is :func:`route` (logit
 weights) then :func:`dispatch` (tokens -> experts -> mixed outputs). Dispatch sorts the N * k
 (token, expert) pairs by expert, so each expert runs once, on all of its tokens together; the outputs
 are put back in token order and mixed with the weights: a loop over experts, never over tokens.
+
+The router's decisions leave the block one way: its output, ``MoEOutput(hidden, routing)``, whose
+:class:`RouterOutput` holds each token's router logits, chosen experts, weights and group. The decoder
+collects them per layer when asked (``output_router_logits=True``, for the training losses), and
+``ernie_lab.routing.record`` reads them with forward hooks: the block itself keeps nothing.
 """
 
 from __future__ import annotations
@@ -30,24 +35,32 @@ from torch import nn
 from .config import ErnieConfig
 from ..errors import InputError
 from .mlp import SwiGLU
-from ..analysis.routing import RoutingTap
 
 
 class Routing(NamedTuple):
+    """What :func:`route` decides for one group's tokens."""
+
     probs: torch.Tensor       # (N, E) float32 softmax over all experts
     expert_ids: torch.Tensor  # (N, k) long, chosen experts (best first)
     weights: torch.Tensor     # (N, k) float32 mixing weights, each row sums to 1
 
 
-class RouterLogits(NamedTuple):
-    """What one MoE layer's routers said, for the training losses (``output_router_logits=True``)."""
+class RouterOutput(NamedTuple):
+    """What one MoE layer's routers decided, for every token: read by the losses and the routing record."""
 
-    logits: torch.Tensor    # (N, E) float32, N = B * T tokens batch-major; each row from its own group's router
-    modality: torch.Tensor  # (N,) long: the group (0 = text, 1 = vision) that routed each token
+    logits: torch.Tensor      # (N, E) float32, N = B * T tokens batch-major; each row from its own group's router
+    expert_ids: torch.Tensor  # (N, k) long, chosen experts (best first), numbered inside the token's group
+    weights: torch.Tensor     # (N, k) float32 mixing weights, each row sums to 1
+    modality: torch.Tensor    # (N,) long: the group (0 = text, 1 = vision) that routed each token
 
     def group(self, code: int) -> torch.Tensor:
         """(n, E) the logits of the tokens routed in group ``code``."""
         return self.logits[self.modality.to(self.logits.device) == code]
+
+
+class MoEOutput(NamedTuple):
+    hidden: torch.Tensor      # (B, T, H) the block's output
+    routing: RouterOutput     # how its N = B * T tokens were routed
 
 
 class Router(nn.Linear):
@@ -60,12 +73,6 @@ class Router(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x.float(), self.weight.float())
-
-
-def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(N, H) tokens, (E, H) router weight -> (N, E) logits, always in float32 (even under autocast)."""
-    with torch.autocast(x.device.type, enabled=False):
-        return F.linear(x.float(), weight.float())
 
 
 def route(logits: torch.Tensor, k: int, norm_min: float = 1e-12,
@@ -119,6 +126,7 @@ class MoEBlock(nn.Module):
         super().__init__()
         hidden, num_experts = config.hidden_size, config.moe_num_experts
         widths = tuple(group_widths or (config.moe_intermediate_size,))
+        self.layer_idx = layer_idx                                  # the decoder layer this block sits in
         self.num_experts, self.num_groups = num_experts, len(widths)
         self.k, self.norm_min = config.moe_k, config.moe_norm_min
         self.routers = nn.ModuleList(Router(hidden, num_experts) for _ in widths)
@@ -129,8 +137,6 @@ class MoEBlock(nn.Module):
         shared = config.moe_num_shared_experts
         # n shared experts of width I act as one SwiGLU of width n * I (I: the first group's width)
         self.shared_experts = SwiGLU(hidden, widths[0] * shared, config.use_bias) if shared else None
-        self.routing_tap = RoutingTap(layer_idx, num_experts)
-        self.router_logits: torch.Tensor | None = None  # the last (N, E) logits while training
 
     @property
     def gate(self) -> Router:
@@ -141,26 +147,20 @@ class MoEBlock(nn.Module):
         """The E experts of one group."""
         return self.experts[group * self.num_experts:(group + 1) * self.num_experts]
 
-    def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None, return_router_logits: bool = False):
-        """x (B, T, H); modality (B, T) group of each token (None: all in group 0). Returns (B, T, H),
-        and the layer's :class:`RouterLogits` when ``return_router_logits``."""
+    def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None) -> MoEOutput:
+        """x (B, T, H); modality (B, T) group of each token (None: all in group 0).
+        Returns the (B, T, H) output and the layer's :class:`RouterOutput`."""
         tokens = x.reshape(-1, x.shape[-1])                         # (N, H), N = B * T, batch-major
         if modality is not None:
             modality = self._checked_modality(modality.reshape(-1).to(tokens.device))  # (N,) or None
         if modality is None:
-            y, logits, (ids, weights, probs) = self._route_group(tokens, 0)
+            y, routing = self._route_group(tokens, 0)
+            routing = routing._replace(modality=torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device))
         else:
-            y, logits, (ids, weights, probs) = self._route_groups(tokens, modality)
-        self.routing_tap(ids, weights, probs, modality)
-        self.router_logits = logits if self.training else None
+            y, routing = self._route_groups(tokens, modality)
         if self.shared_experts is not None:
             y = y + self.shared_experts(tokens)
-        y = y.view(x.shape)
-        if not return_router_logits:
-            return y
-        if modality is None:
-            modality = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
-        return y, RouterLogits(logits, modality)
+        return MoEOutput(y.view(x.shape), routing)
 
     def _checked_modality(self, modality: torch.Tensor) -> torch.Tensor | None:
         """Codes outside the groups are an error; a single-group block routes every token in group 0 (None)."""
@@ -169,31 +169,30 @@ class MoEBlock(nn.Module):
                              f"got {sorted(set(modality.tolist()))}.")
         return None if self.num_groups == 1 else modality
 
-    def _route_group(self, tokens: torch.Tensor, group: int):
-        """Route ``tokens`` (n, H) inside one group: outputs (n, H), logits (n, E), (ids, weights, probs)."""
+    def _route_group(self, tokens: torch.Tensor, group: int) -> tuple[torch.Tensor, RouterOutput]:
+        """Route ``tokens`` (n, H) inside one group: outputs (n, H) and their routing (modality left None)."""
         logits = self.routers[group](tokens)                        # (n, E) float32
         bias = self.moe_statics.e_score_correction_bias[group] if self.moe_statics is not None else None
-        probs, expert_ids, weights = route(logits, self.k, self.norm_min, bias)
+        _, expert_ids, weights = route(logits, self.k, self.norm_min, bias)
         y = dispatch(tokens, expert_ids, weights.to(tokens.dtype), self.group_experts(group))
-        return y, logits, (expert_ids, weights, probs)
+        return y, RouterOutput(logits, expert_ids, weights, None)
 
-    def _route_groups(self, tokens: torch.Tensor, modality: torch.Tensor):
+    def _route_groups(self, tokens: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         """Modality-isolated routing: each token routed only inside its own group; results in token order."""
         N, E = tokens.shape[0], self.num_experts
         y = torch.zeros_like(tokens)
         logits = tokens.new_zeros(N, E, dtype=torch.float32)
         ids = torch.zeros(N, self.k, dtype=torch.long, device=tokens.device)
         weights = tokens.new_zeros(N, self.k, dtype=torch.float32)
-        probs = tokens.new_zeros(N, E, dtype=torch.float32)
         for group in range(self.num_groups):
             rows = (modality == group).nonzero().squeeze(1)          # the tokens of this group
             if rows.numel() == 0:
                 continue
-            y_g, logits_g, (ids_g, weights_g, probs_g) = self._route_group(tokens[rows], group)
+            y_g, routed = self._route_group(tokens[rows], group)
             y = y.index_put((rows,), y_g)
-            logits = logits.index_put((rows,), logits_g)
-            ids[rows], weights[rows], probs[rows] = ids_g, weights_g, probs_g
-        return y, logits, (ids, weights, probs)
+            logits = logits.index_put((rows,), routed.logits)
+            ids[rows], weights[rows] = routed.expert_ids, routed.weights
+        return y, RouterOutput(logits, ids, weights, modality)
 
 
 def moe_blocks(model: nn.Module) -> list[MoEBlock]:

@@ -9,51 +9,22 @@ rotate-half style (first half / second half of each head), unlike the text decod
 pairs; (2) patches are stored already grouped by 2x2 merge window, so the adapter's spatial merge is a
 plain reshape; (3) a still image is one frame duplicated in time, so images and videos share one
 temporal merge. The module names follow the Hub's ``vision_model.*`` / ``resampler_model.*`` tensors;
-``hub_names.VISION_NAME_MAP`` is the whole translation.
+``io.hub_names.VISION_NAME_MAP`` is the whole translation (``hub_names.vision_state_from_hub`` applies it).
 """
 
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VisionConfig  # noqa: F401  (re-exported: it was defined here)
+from .config import VisionConfig  # its defaults are the published sizes: 14-pixel patches, 2x2 and 2-frame merges
 from ..errors import ConfigError, InputError
-from ..io.hub_names import VISION_NAME_MAP, hub_to_lab
 from .norm import RMSNorm
-
-# ------------------------------------------------------------------------------------ constants
-PATCH_SIZE = 14                  # a patch is 14 x 14 pixels
-MERGE_SIZE = 2                   # the adapter merges 2 x 2 patches ...
-TEMPORAL_MERGE = 2               # ... and 2 frames
-
-# Preprocessing (PIL, numpy) lives in image_processing.py; these names still answer here, imported on first use.
-MOVED_TO_IMAGE_PROCESSING = frozenset({
-    "GRID_FACTOR", "CLIP_MEAN", "CLIP_STD", "IMAGE_MIN_PIXELS", "IMAGE_MAX_PIXELS", "VIDEO_MIN_PIXELS",
-    "VIDEO_MAX_PIXELS", "MAX_ASPECT_RATIO", "MAX_INPUT_PIXELS", "fit_to_grid", "open_image", "to_rgb", "normalize",
-    "patchify", "preprocess_images", "preprocess_video", "timestamp_text", "draw_timestamps",
-})
-
-
-def __getattr__(name: str):
-    if name in MOVED_TO_IMAGE_PROCESSING:
-        from ..io import image_processing
-
-        return getattr(image_processing, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *MOVED_TO_IMAGE_PROCESSING})
-
-
-# The ViT's config (VisionConfig) is read with every other config in config.py.
 
 
 # ================================================================================ 2-D rotary
-def vision_positions(grid_thw: torch.Tensor, merge: int = MERGE_SIZE) -> torch.Tensor:
+def vision_positions(grid_thw: torch.Tensor, merge: int = VisionConfig.spatial_merge_size) -> torch.Tensor:
     """(row, column) of every patch, in the patchify order (merge windows).  Returns (N, 2) long."""
     out = []
     for t, h, w in grid_thw.tolist():
@@ -235,7 +206,7 @@ class VisionAdapter(nn.Module):
         return self.norm(self.proj(self.temporal_merge(x)))
 
 
-def frame_pairs(grid_thw: torch.Tensor, merge: int = MERGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def frame_pairs(grid_thw: torch.Tensor, merge: int = VisionConfig.spatial_merge_size) -> tuple[torch.Tensor, torch.Tensor]:
     """Row indices (into the merged windows) of the first and second frame of every temporal pair.
 
     An image (t = 1) is paired with itself; a video of t frames gives t/2 pairs (frame 0 with 1, 2 with 3 ...).
@@ -254,23 +225,7 @@ def frame_pairs(grid_thw: torch.Tensor, merge: int = MERGE_SIZE) -> tuple[torch.
     return torch.cat(first), torch.cat(second)
 
 
-def tokens_per_item(grid_thw: torch.Tensor, merge: int = MERGE_SIZE, temporal: int = TEMPORAL_MERGE) -> list[int]:
+def tokens_per_item(grid_thw: torch.Tensor, merge: int = VisionConfig.spatial_merge_size,
+                    temporal: int = VisionConfig.temporal_merge_size) -> list[int]:
     """How many decoder tokens (placeholders) each image or video becomes."""
     return [t * h * w // merge ** 2 // (temporal if t > 1 else 1) for t, h, w in torch.as_tensor(grid_thw).tolist()]
-
-
-# ================================================================================ Hub names
-def hub_to_lab_vision(name: str) -> str | None:
-    """Translate one Hub tensor name of the ViT or adapter (``hub_names.VISION_NAME_MAP``); None for any other."""
-    return hub_to_lab(name, VISION_NAME_MAP)
-
-
-def vision_state_from_hub(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    """Split a Hub state dict's vision tensors into (ViT state, adapter state) under ernie-lab names."""
-    encoder, adapter = {}, {}
-    for name, tensor in tensors.items():
-        lab = hub_to_lab_vision(name)
-        if lab is not None:
-            part, rest = lab.split(".", 1)
-            (encoder if part == "vision" else adapter)[rest] = tensor
-    return encoder, adapter

@@ -12,8 +12,8 @@ Two models of the real architectures, small enough to train from scratch on 2 CP
 Both use the compact tokenizer of ``tiny_tokenizer.py`` (6,012 ids), so their special ids differ from
 the big checkpoints' and are read from the checkpoint's files. Batches are *functions of the step*
 (``batches(step, rank, world_size) -> dict``), so training is deterministic, resumable and splits across
-ranks for ``torchrun``. :func:`evaluate_text`, :func:`evaluate_vl` and :func:`specialisation` compute the
-numbers that ``TRAINING.md`` records and the tests check.
+ranks for ``torchrun``. :func:`evaluate_text` and :func:`evaluate_vl` compute the numbers that ``TRAINING.md``
+records and the tests check (its routing specialisation comes from ``ernie_lab.analysis.specialisation``).
 """
 
 from __future__ import annotations
@@ -316,68 +316,3 @@ def evaluate_vl(model, tokenizer, count: int = 60, seed: int = 12345) -> dict:
         asked["caption colours"] += 1
         right["caption colours"] += all(s.colour in described for s in scene.shapes)
     return {template: right[template] / asked[template] for template in asked}
-
-
-def normalised_mutual_information(a: list, b: list) -> float:
-    """NMI = 2 I(A; B) / (H(A) + H(B)) of two label sequences (0: independent, 1: one determines the other)."""
-    n = len(a)
-    joint, pa, pb = Counter(zip(a, b)), Counter(a), Counter(b)
-    mi = sum(c / n * math.log(c * n / (pa[x] * pb[y])) for (x, y), c in joint.items())
-    h = lambda counts: -sum(c / n * math.log(c / n) for c in counts.values())  # noqa: E731
-    denominator = h(pa) + h(pb)
-    return 2 * mi / denominator if denominator > 0 else 0.0
-
-
-def token_labels(scene: scenes.Scene, grid_h: int, grid_w: int, attribute: str, min_share: float = 0.04,
-                 size: int = scenes.IMAGE_SIZE) -> list[str]:
-    """The ``attribute`` of the shape under each merged image token (row-major), or "background".
-
-    A token covers size/grid pixels on a side; a small shape fills only part of one, so a token takes the
-    shape that covers the most of it when that is at least ``min_share`` of its pixels.
-    """
-    labels = []
-    for counts in scenes.cell_pixel_counts(scene, grid_h, grid_w, size):   # (background, shape 1, ...)
-        best = int(counts[1:].argmax()) + 1
-        covered = counts[best] >= min_share * counts.sum()
-        labels.append(getattr(scene.shapes[best - 1], attribute) if covered else "background")
-    return labels
-
-
-@torch.no_grad()
-def specialisation(model, tokenizer, count: int = 60, seed: int = 12345,
-                   attributes=("colour", "kind", "background")) -> dict:
-    """Per MoE layer: the top-1 vision expert of every image token against the scene attribute under it.
-
-    Returns {layer: {attribute: {"nmi": float, "load": {label: [tokens per expert]}}}}.
-    """
-    from ..analysis import routing
-    from ..io.chat import render_prompt
-
-    model.eval()
-    labels = {a: [] for a in attributes}
-    picks: dict[int, list[int]] = {}
-    merge = model.config.vision.spatial_merge_size * model.config.vision.patch_size
-    for scene in held_out_scenes(count, seed):
-        image = scenes.render(scene)
-        grid = image.height // merge, image.width // merge
-        prompt = render_prompt(model, tokenizer, scenes.conversation(image, scenes.DESCRIBE, "")[:1])
-        with routing.record(model) as rec:
-            model(**prompt)
-        image_rows = (prompt["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(1)
-        for entry in rec.layers:
-            picks.setdefault(entry.layer_idx, []).extend(entry.expert_ids[image_rows, 0].tolist())
-        for attribute in attributes:
-            if attribute == "background":
-                labels[attribute] += [scene.background] * len(image_rows)
-            else:
-                labels[attribute] += token_labels(scene, *grid, attribute)
-    E = model.config.text.moe_num_experts
-    out = {}
-    for layer, experts in picks.items():
-        out[layer] = {}
-        for attribute, values in labels.items():
-            load = {label: [0] * E for label in sorted(set(values))}
-            for label, expert in zip(values, experts):
-                load[label][expert] += 1
-            out[layer][attribute] = {"nmi": normalised_mutual_information(values, experts), "load": load}
-    return out

@@ -23,7 +23,7 @@ from ..errors import InputError
 
 def _layers(router_logits) -> list[torch.Tensor]:
     """A list of per-layer (N, E) logits from one tensor, a list of tensors, or a model output's list of
-    ``moe.RouterLogits`` (``out.router_logits`` with ``output_router_logits=True``)."""
+    ``moe.RouterOutput`` (``out.router_logits`` with ``output_router_logits=True``)."""
     layers = [router_logits] if isinstance(router_logits, torch.Tensor) else list(router_logits)
     return [getattr(z, "logits", z) for z in layers]
 
@@ -134,13 +134,13 @@ def modality_balancing_losses(router_logits: torch.Tensor | Sequence[torch.Tenso
     own tokens. Pooling them would let a balanced group hide a collapsed one: two text tokens both on
     expert 0 next to two vision tokens split 0/1 look half-balanced pooled.
     ``router_logits``: (N, E) per MoE layer (each row from its own group's router); ``modality`` (N,) 0/1.
-    ``modality`` None takes it from ``moe.RouterLogits`` entries (a model output's ``router_logits``).
+    ``modality`` None takes it from ``moe.RouterOutput`` entries (a model output's ``router_logits``).
     Returns {"text": ..., "vision": ...}; a group without tokens gives 0.
     """
     if modality is None:
         first = router_logits[0] if not isinstance(router_logits, torch.Tensor) else None
         if getattr(first, "modality", None) is None:
-            raise InputError("modality is None: pass the (N,) modality codes, or the RouterLogits of a model output.")
+            raise InputError("modality is None: pass the (N,) modality codes, or the RouterOutput list of a model output.")
         modality = first.modality
     layers = _layers(router_logits)
     modality = modality.reshape(-1)

@@ -1,19 +1,9 @@
 """Exercises of notebook 06 (routing by modality): the normalised mutual information behind specialisation."""
 
 import math
-from collections import Counter
 
+from ...analysis.routing import contingency, information
 from ..exercises import Mismatch, call, exercise, expect_close
-
-
-def _entropy(values) -> float:
-    n = len(values)
-    return -sum(c / n * math.log(c / n) for c in Counter(values).values())
-
-
-def _mutual_information(a, b) -> float:
-    n, joint, pa, pb = len(a), Counter(zip(a, b)), Counter(a), Counter(b)
-    return sum(c / n * math.log(c * n / (pa[x] * pb[y])) for (x, y), c in joint.items())
 
 
 CASES = [
@@ -28,7 +18,7 @@ CASES = [
                          "(p(x) p(y))) and H(A) = -sum_x p(x) log p(x), probabilities as counts / n.")
 def nmi(function) -> str:
     for experts, labels in CASES:
-        mi, ha, hb = _mutual_information(experts, labels), _entropy(experts), _entropy(labels)
+        mi, ha, hb = information(contingency(experts, labels))  # I(A; B), H(A), H(B) in nats
         expected = 2 * mi / (ha + hb)
         got = float(call(function, list(experts), list(labels)))
         if math.isclose(got, expected, rel_tol=1e-6, abs_tol=1e-9):
