@@ -258,16 +258,45 @@ def test_diagrams_show_and_a_saved_session_leaves_git_clean(lab, browser):
         page.close()
 
 
-def test_notebook_runs_and_the_explorer_responds(lab):
+def explorer_reloads_without_dead_widgets(page, base: str, token: str, folder: Path, browser) -> None:
+    """Save, shut the kernel down (as closing the lab does), reopen: the widgets come back from the state
+    saved in the .ipynb (scripts/lab_settings: saveState), no "Error displaying widget: model not found"."""
+    import json
+
+    ipynb = folder / "notebooks" / f"{NOTEBOOK}.ipynb"
+    before = ipynb.stat().st_mtime_ns
+    page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+    deadline = time.time() + 30
+    while ipynb.stat().st_mtime_ns == before:
+        assert time.time() < deadline, "saving did not write the notebook"
+        time.sleep(0.5)
+    time.sleep(1)
+    page.close()
+    sessions = json.load(urllib.request.urlopen(f"{base}/api/sessions?token={token}", timeout=10))
+    for session in sessions:
+        urllib.request.urlopen(urllib.request.Request(f"{base}/api/sessions/{session['id']}?token={token}",
+                                                      method="DELETE"), timeout=30)
+    reopened = open_notebook(browser, base, token, NOTEBOOK, width=1400, height=1000)
+    try:
+        reopened.wait_for_function("() => { const i = document.querySelectorAll('.widget-image');"
+                                   " return i.length && i[i.length - 1].naturalWidth > 0; }", timeout=60_000)
+        reopened.wait_for_timeout(2000)
+        dead = reopened.locator(".jp-OutputArea-output", has_text="Error displaying widget").count()
+        reopened.locator(".widget-image").last.scroll_into_view_if_needed()
+        reopened.screenshot(path=str(SHOTS / "explorer-reopened.png"))
+        assert dead == 0, f"{dead} dead widget views after reopening the saved notebook"
+    finally:
+        reopened.close()
+
+
+def test_notebook_runs_and_the_explorer_responds(lab, browser):
     base, token, folder = lab
     SHOTS.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1100})
-            page.goto(f"{base}/lab/tree/{NOTEBOOK}.ipynb?token={token}", wait_until="domcontentloaded")
-            page.wait_for_selector(".jp-Notebook", timeout=60_000)
+    page = open_notebook(browser, base, token, NOTEBOOK, width=1400, height=1000)
+    page.evaluate("() => window.jupyterapp.shell.activateById('filebrowser')")  # a student's lab: file browser open
+    try:
+        if True:
             cells = run_all_cells(page)
             page.screenshot(path=str(SHOTS / "notebook.png"))
             failures = [(i, c["errors"]) for i, c in enumerate(cells) if c["errors"]]
@@ -279,6 +308,18 @@ def test_notebook_runs_and_the_explorer_responds(lab):
             page.wait_for_timeout(500)
             first = image.screenshot(path=str(SHOTS / "explorer-start.png"))
             src = image.get_attribute("src")
+            legible = page.evaluate("""() => { const imgs = document.querySelectorAll('.widget-image');
+              const img = imgs[imgs.length - 1], area = img.closest('.jp-OutputArea');
+              const out = img.closest('.jp-OutputArea-child');
+              return {shown: img.getBoundingClientRect().width, natural: img.naturalWidth,
+                      area: area.getBoundingClientRect().width,
+                      static: out.querySelectorAll('img:not(.widget-image)').length,
+                      before: out.previousElementSibling ? out.previousElementSibling.querySelectorAll('img').length : 0}; }""")
+            # the figure is drawn at 100 dpi (10 pt text: 14 px): shown at three quarters of that or more, it reads
+            # (the old layout, controls beside it, showed it at a third: 360 px wide, titles illegible)
+            assert legible["shown"] >= 0.8 * legible["area"] and legible["shown"] >= 0.75 * legible["natural"], \
+                f"the explorer's picture is too small to read at a 1400 px window: {legible}"
+            assert legible["static"] == 0 and legible["before"] == 0, f"a static picture is shown beside the live one: {legible}"
 
             press_right(page, widget_control(page, "widget-slider", "layer"), 2)  # the last MoE layer
             wait_for_new_picture(page, src)
@@ -305,6 +346,7 @@ def test_notebook_runs_and_the_explorer_responds(lab):
             strip = image.screenshot(path=str(SHOTS / "explorer-token-strip.png"))
             assert changed_share(moved, strip) > 0.05, "changing the view did not change the picture"
             page.screenshot(path=str(SHOTS / "explorer.png"), full_page=False)
-        finally:
-            browser.close()
+        explorer_reloads_without_dead_widgets(page, base, token, folder, browser)
+    finally:
+        page.close()
     print(f"browser test: {time.time() - started:.0f} s")
