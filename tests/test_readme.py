@@ -1,0 +1,33 @@
+"""The README's promises, checked: its command list counts right, and its first library example runs
+offline (HF_HUB_OFFLINE=1) on the tiny models shipped in data/, including a question about a picture."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+NUMBERS = {"One": 1, "Two": 2, "Three": 3, "Four": 4, "Five": 5}
+
+
+def test_the_commands_heading_counts_its_commands():
+    heading, block = re.search(r"^## (\w+) commands\n+```bash\n(.*?)```", README, re.M | re.S).groups()
+    commands = [line for line in block.splitlines() if line.startswith("make ")]
+    assert NUMBERS[heading] == len(commands), f"'## {heading} commands' lists {len(commands)}: {commands}"
+
+
+def test_the_library_example_runs_offline_on_the_shipped_tiny_models():
+    section = README.split("## The library", 1)[1]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "baidu/" not in example, "the first library example must not need a Hub download"
+    assert '"type": "image"' in example, "the first library example asks nothing about a picture"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", example], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) >= 2 and lines[0].strip(), done.stdout
+    assert lines[-1].startswith("a woman astronaut in an orange space suit"), lines[-1]
