@@ -31,3 +31,14 @@ def test_the_library_example_runs_offline_on_the_shipped_tiny_models():
     lines = done.stdout.strip().splitlines()
     assert len(lines) >= 2 and lines[0].strip(), done.stdout
     assert lines[-1].startswith("a woman astronaut in an orange space suit"), lines[-1]
+
+
+def test_notebook_05_says_what_the_tiny_models_cannot_do():
+    """Students read the limits before they find them: 112 x 112 pictures, off-distribution inventions,
+    miscounting, yes/no answered with a place."""
+    source = (ROOT / "notebooks" / "05_train_a_tiny_ernie.py").read_text(encoding="utf-8")
+    section = source.split("### What the tiny models cannot do", 1)
+    assert len(section) == 2, "notebook 05 has no 'What the tiny models cannot do' section"
+    text = section[1].split("# ## ", 1)[0]
+    for words in ("112 x 112", "invents", "miscounts", "yes/no"):
+        assert words in text, f"the limits section does not mention {words!r}"
