@@ -22,9 +22,11 @@ $(STAMP): pyproject.toml requirements.lock
 
 # Missing notebooks/*.ipynb are made from their .py; existing ones (a student's work) are never overwritten.
 # JupyterLab pairs each .ipynb with its .py (notebooks/jupytext.toml): saving writes both, outputs only to the .ipynb.
+# scripts/lab.py holds the lab's configuration (serves the checkout so ../figures/ loads, opens on notebooks/,
+# no news pop-up, widget state saved); tests/test_browser.py starts the lab through it too.
 # `make lab FAST=1` runs the notebooks in fast mode.
 lab: notebooks
-	$(if $(FAST),ERNIE_LAB_FAST=$(FAST)) $(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root,)
+	$(if $(FAST),ERNIE_LAB_FAST=$(FAST)) $(PY) scripts/lab.py
 
 notebooks: $(STAMP)
 	$(PY) scripts/build_notebooks.py --missing

@@ -7,7 +7,7 @@
 #       format_version: '1.3'
 #       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -235,6 +235,9 @@ assert targets[:, [vision_warmup.LABEL_INDEX["kind", s.kind] for s in scene.shap
 # Warm up the eyes of our fresh model (the shipped one had 1,500 updates, `tiny_models.VL_VISION_WARMUP`;
 # here 30 in fast mode, 300 otherwise, about a minute) and read the held-out probe accuracy: the share of
 # tokens with every label of a group right (a token with no shape counts too, so chance is not zero).
+# After only 30 updates (fast mode) every group tends to read the same number, about 63%: that is the share
+# of tokens that show no shape at all, whose labels are all "off". The eyes have learned "nothing here" and
+# nothing else yet; with 300 updates the groups part ways.
 
 # %%
 warmed = vision_warmup.warm_up_vision(model, steps=30 if FAST else 300, batch_size=8 if FAST else 32, log_every=5)
@@ -313,6 +316,20 @@ assert all(recorded[template] >= goal for template, goal in tiny_models.VL_TARGE
 # measured the same way. Experiments worth running with this notebook: how few warm-up updates are enough?
 # Which label group of the warm-up matters most?
 #
+# ### What the tiny models cannot do
+#
+# They are small models trained on a narrow world; read this before you ask them anything else.
+# * **Pictures are 112 x 112.** The VL model saw every scene and photograph squeezed to 112 x 112 pixels
+#   (`tiny_models.photo_images`); give it a picture any other size and its answers fall apart (a full-size
+#   photograph gives "three three three ..."). Resize first: `image.resize((112, 112))`.
+# * **Only its own scenes and photographs.** Off that distribution it invents: a picture it has not seen
+#   is described as one of the scenes it knows (shapes that are not there) or as one of the 15 photographs.
+# * **It miscounts and misplaces** shapes in scenes unlike its training ones (more shapes, overlapping,
+#   other colours), and a question phrased unlike its templates gets a template's answer: a yes/no question
+#   is answered with a place ("on the left").
+# * **The text model knows a few paragraphs**, not the world: it continues the kit's help pages and captions
+#   and makes up the rest. Neither model reasons, follows instructions beyond its templates, or refuses.
+#
 # ## 6 · Continue from a checkpoint (optional, 5 min)
 #
 # A checkpoint is a folder in the Hub layout: `ernie_lab.load_model` reads it, and so does `transformers`.
@@ -327,7 +344,7 @@ more = train.TrainConfig(lr=1e-4, warmup_steps=2, max_steps=4 if FAST else 50, b
                          lr_scale=tiny_models.VL_LR_SCALE)
 train.Trainer(continued, tiny_models.vl_batches(shipped_tok, continued.config, 8, seed=5), more).fit()
 end = tiny_models.vl_val_loss(continued, shipped_tok, batches=2)
-print(f"held-out loss of the shipped model {start:.3f}; after {more.max_steps} more steps {end:.3f}")
+print(f"held-out loss of the shipped model {start:.2g}; after {more.max_steps} more steps {end:.2g}")
 assert end < start + 0.1  # a small learning rate keeps what was learnt
 
 # %% [markdown]

@@ -7,7 +7,7 @@
 #       format_version: '1.3'
 #       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -299,15 +299,15 @@ print(agreement)
 # `ernie_lab.widgets.RoutingExplorer` puts the pictures above behind controls: a bundled scene or
 # photograph (or an upload), a prompt, the layer, the group, the top-k rank and the view; the position
 # slider selects one image token (modality "vision") or text token ("text") and lists its experts and
-# weights in every layer; the model's answer to the prompt is shown above the picture. A static picture
-# comes first, so the notebook shows the routing where widgets do not render (GitHub, nbviewer).
+# weights in every layer; the model's answer to the prompt is shown above the picture. Pictures reach
+# the model squeezed to 112 x 112, as it was trained. Where widgets do not render (GitHub, nbviewer, the
+# HTML site) the same output shows a static picture of the explorer's first view instead.
 
 # %%
 from ernie_lab.analysis.widgets import RoutingExplorer
 
 explorer = RoutingExplorer(model, tokenizer)
-display(Image(explorer.snapshot()))  # static picture: what the explorer shows now
-explorer
+explorer  # the live widget (a static picture of it where widgets do not render)
 
 # %% [markdown]
 # ## Key takeaways
@@ -331,7 +331,7 @@ explorer
 # routed = viz.route(model, tokenizer, "Describe the picture.", scenes.photos(["astronaut"])[0].image)
 # viz.load_heatmap(routed.record)          # 64 text + 64 vision experts, 28 layers
 # viz.patch_overlay(routed.record, routed.image, routed.grid, routed.image_rows, layer=10)
-# RoutingExplorer(model, tokenizer, image_size=448)
+# RoutingExplorer(model, tokenizer, image_size=None)   # pictures keep their shape (at most 448 px)
 # ```
 #
 # With 64 experts per group the pictures switch to sparser tick labels and write the expert only where

@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,8 +43,19 @@ def execute(nb, workdir: Path, timeout: int = 900):
     """Run every cell in a fresh kernel inside `workdir`; raises nbclient's CellExecutionError on an error."""
     from nbclient import NotebookClient
 
+    from jupyter_client.manager import KernelManager
+
     workdir.mkdir(parents=True, exist_ok=True)
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}).execute()
+    # IPC sockets (local files) instead of TCP ports: no "Kernel is running over TCP without encryption" per notebook
+    # (an absolute, short socket path: the kernel starts in workdir, and a socket path holds at most 107 bytes)
+    sockets = tempfile.mkdtemp(prefix="ernie-nb-") if os.name == "posix" else None
+    km = KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "k")) if sockets else None
+    try:
+        NotebookClient(nb, km=km, timeout=timeout, kernel_name="python3",
+                       resources={"metadata": {"path": str(workdir)}}).execute()
+    finally:
+        if sockets:
+            shutil.rmtree(sockets, ignore_errors=True)
     return nb
 
 

@@ -466,7 +466,6 @@ def tokenizer():
 
 
 @pytest.mark.parametrize("messages, words", [
-    ("Hi", ["messages must be a list"]),
     ([], ["no messages"]),
     (["Hi"], ["message 0", "dict"]),
     ([{"role": "user"}], ["message 0", "'content'"]),
@@ -500,6 +499,11 @@ def test_chat_arguments_in_the_wrong_order(model, tokenizer):
 
 def test_chat_works_with_one_short_message(model, tokenizer):
     assert isinstance(ernie_lab.chat(model, tokenizer, [{"role": "user", "content": "a"}], max_new_tokens=3), str)
+
+
+def test_chat_takes_a_plain_string_as_one_user_turn(model, tokenizer):
+    as_list = ernie_lab.chat(model, tokenizer, [{"role": "user", "content": "a b"}], max_new_tokens=3)
+    assert ernie_lab.chat(model, tokenizer, "a b", max_new_tokens=3) == as_list
 
 
 @pytest.mark.parametrize("call, words", [

@@ -11,8 +11,10 @@ Needs `/usr/bin/chromium` (`apt-get update && apt-get install -y chromium`; `.ci
 pinned `playwright` of the dev extra (no browser download: Playwright drives the system Chromium).
 """
 
+import importlib.util
 import io
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -46,28 +48,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """(base url, token, folder): a JupyterLab server on a fresh copy of notebook 06, stopped by its PID."""
+def checkout_copy(folder: Path) -> Path:
+    """A git repository in ``folder`` laid out like the checkout for a lab session: notebooks/*.py and
+    jupytext.toml, figures/*.png and .gitignore, committed; the .ipynb made from their .py (as `make lab`)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     from build_notebooks import write_notebook
 
-    folder = tmp_path_factory.mktemp("lab")
-    write_notebook(ROOT / "notebooks" / f"{NOTEBOOK}.py", folder / f"{NOTEBOOK}.ipynb")
+    (folder / "notebooks").mkdir(parents=True)
+    (folder / "figures").mkdir()
+    for source in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py")) + [ROOT / "notebooks" / "jupytext.toml"]:
+        shutil.copy2(source, folder / "notebooks" / source.name)
+    for figure in (ROOT / "figures").glob("*.png"):
+        shutil.copy2(figure, folder / "figures" / figure.name)
+    shutil.copy2(ROOT / ".gitignore", folder / ".gitignore")
+    git = ["git", "-C", str(folder), "-c", "user.name=student", "-c", "user.email=student@example.invalid"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "the course as cloned"], check=True)
+    for source in sorted((folder / "notebooks").glob("[0-9][0-9]_*.py")):
+        write_notebook(source, source.with_suffix(".ipynb"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """(base url, token, folder): JupyterLab started as `make lab` starts it (scripts/lab.py: same root,
+    settings and arguments), on a fresh git copy of the course in ``folder``; stopped by its PID."""
+    spec = importlib.util.spec_from_file_location("lab_script", ROOT / "scripts" / "lab.py")
+    lab_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lab_script)
+    folder = checkout_copy(tmp_path_factory.mktemp("lab") / "course")
+    private = folder.parent
     port, token = free_port(), secrets.token_hex(16)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "ERNIE_LAB_FAST": "1", "HF_HUB_OFFLINE": "1", "JUPYTER_CONFIG_DIR": str(folder / ".jupyter"),
-           "JUPYTERLAB_SETTINGS_DIR": str(folder / ".lab-settings"), "JUPYTERLAB_WORKSPACES_DIR": str(folder / ".ws")}
+           "ERNIE_LAB_FAST": "1", "HF_HUB_OFFLINE": "1", "JUPYTER_CONFIG_DIR": str(private / ".jupyter"),
+           "JUPYTERLAB_SETTINGS_DIR": str(private / ".lab-settings"), "JUPYTERLAB_WORKSPACES_DIR": str(private / ".ws"),
+           "JUPYTER_RUNTIME_DIR": str(private / ".runtime")}
     env.pop("MPLBACKEND", None)  # the notebook's %matplotlib inline decides
-    command = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-               f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False",
-               f"--ServerApp.root_dir={folder}", "--LabApp.expose_app_in_browser=True"]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        command.append("--allow-root")
-    quiet = folder / ".lab-settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
-    quiet.parent.mkdir(parents=True)
-    quiet.write_text('{"fetchNews": "false", "checkForUpdates": false}')  # no news pop-up over the widget
-    log = open(folder / "server.log", "wb")
+    command = lab_script.lab_command(folder, "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+                         f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False",
+                         "--LabApp.expose_app_in_browser=True")
+    log = open(private / "server.log", "wb")
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -78,7 +99,7 @@ def lab(tmp_path_factory):
                 break
             except OSError:
                 if server.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("JupyterLab did not start:\n" + (folder / "server.log").read_text()[-3000:])
+                    raise RuntimeError("JupyterLab did not start:\n" + (private / "server.log").read_text()[-3000:])
                 time.sleep(0.5)
         yield base, token, folder
     finally:
@@ -89,6 +110,27 @@ def lab(tmp_path_factory):
             os.kill(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
+
+
+def server_log(folder: Path) -> str:
+    return (folder.parent / "server.log").read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def open_notebook(browser, base: str, token: str, name: str, width: int = 1500, height: int = 1100):
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.goto(f"{base}/lab/tree/notebooks/{name}.ipynb?token={token}", wait_until="domcontentloaded")
+    page.wait_for_selector(".jp-Notebook", timeout=60_000)
+    return page
 
 
 NOTEBOOK_STATE = """() => {
@@ -171,16 +213,90 @@ def press_right(page, slider, times: int = 1) -> None:
         handle.press("ArrowRight")
 
 
-def test_notebook_runs_and_the_explorer_responds(lab):
+DIAGRAMS = """() => Array.from(document.querySelectorAll('.jp-MarkdownCell .jp-RenderedMarkdown img')).map(
+  img => ({alt: img.alt, src: img.getAttribute('src'), complete: img.complete, width: img.naturalWidth}))"""
+
+
+def test_diagrams_show_and_a_saved_session_leaves_git_clean(lab, browser):
+    """Notebook 00 in `make lab`'s configuration: every diagram loads (no 404, a real picture, not its alt
+    text); Run All with a real kernel and a save leave `git status` clean (the .py is rewritten, unchanged)."""
+    base, token, folder = lab
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    expected = len(re.findall(r"!\[[^\]]*\]\(\.\./figures/", (folder / "notebooks" / "00_tour.py").read_text()))
+    page = open_notebook(browser, base, token, "00_tour", width=1400, height=1000)
+    try:
+        page.wait_for_function(f"() => document.querySelectorAll('.jp-MarkdownCell .jp-RenderedMarkdown img').length >= {expected}",
+                               timeout=60_000)
+        for n in range(expected):  # bring each into view (the notebook renders lazily), let it load
+            page.locator(".jp-MarkdownCell .jp-RenderedMarkdown img").nth(n).scroll_into_view_if_needed()
+        page.wait_for_function(DIAGRAMS.replace("() =>", "() => (") + ").every(i => i.complete)", timeout=30_000)
+        diagrams = page.evaluate(DIAGRAMS)
+        page.locator(".jp-MarkdownCell .jp-RenderedMarkdown img").first.scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / "00-diagrams.png"))
+        missing = [d["alt"] for d in diagrams if d["width"] < 50]
+        assert len(diagrams) == expected and not missing, f"diagrams not shown (alt text instead): {missing} of {diagrams}"
+        assert " 404 GET /files/" not in server_log(folder), "the lab answered 404 for a file the notebook shows"
+        assert not page.locator(".jp-toast-container, .Toastify__toast").filter(has_text="news").count(), \
+            "JupyterLab's news pop-up covers the notebook"
+
+        py = folder / "notebooks" / "00_tour.py"
+        before = py.stat().st_mtime_ns
+        cells = run_all_cells(page)
+        failures = [(i, c["errors"]) for i, c in enumerate(cells) if c["errors"]]
+        assert not failures, f"cells failed in the browser: {failures}"
+        page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+        deadline = time.time() + 30
+        while py.stat().st_mtime_ns == before:  # jupytext writes the .py beside the .ipynb
+            assert time.time() < deadline, "saving in JupyterLab did not write notebooks/00_tour.py"
+            time.sleep(0.5)
+        time.sleep(1)
+        status = subprocess.run(["git", "-C", str(folder), "status", "--porcelain"], capture_output=True, text=True,
+                                check=True).stdout
+        diff = subprocess.run(["git", "-C", str(folder), "diff"], capture_output=True, text=True).stdout
+        assert status == "", f"a lab session with no edits changed tracked files:\n{status}\n{diff[:2000]}"
+    finally:
+        page.close()
+
+
+def explorer_reloads_without_dead_widgets(page, base: str, token: str, folder: Path, browser) -> None:
+    """Save, shut the kernel down (as closing the lab does), reopen: the widgets come back from the state
+    saved in the .ipynb (scripts/lab_settings: saveState), no "Error displaying widget: model not found"."""
+    import json
+
+    ipynb = folder / "notebooks" / f"{NOTEBOOK}.ipynb"
+    before = ipynb.stat().st_mtime_ns
+    page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+    deadline = time.time() + 30
+    while ipynb.stat().st_mtime_ns == before:
+        assert time.time() < deadline, "saving did not write the notebook"
+        time.sleep(0.5)
+    time.sleep(1)
+    page.close()
+    sessions = json.load(urllib.request.urlopen(f"{base}/api/sessions?token={token}", timeout=10))
+    for session in sessions:
+        urllib.request.urlopen(urllib.request.Request(f"{base}/api/sessions/{session['id']}?token={token}",
+                                                      method="DELETE"), timeout=30)
+    reopened = open_notebook(browser, base, token, NOTEBOOK, width=1400, height=1000)
+    try:
+        reopened.wait_for_function("() => { const i = document.querySelectorAll('.widget-image');"
+                                   " return i.length && i[i.length - 1].naturalWidth > 0; }", timeout=60_000)
+        reopened.wait_for_timeout(2000)
+        dead = reopened.locator(".jp-OutputArea-output", has_text="Error displaying widget").count()
+        reopened.locator(".widget-image").last.scroll_into_view_if_needed()
+        reopened.screenshot(path=str(SHOTS / "explorer-reopened.png"))
+        assert dead == 0, f"{dead} dead widget views after reopening the saved notebook"
+    finally:
+        reopened.close()
+
+
+def test_notebook_runs_and_the_explorer_responds(lab, browser):
     base, token, folder = lab
     SHOTS.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1100})
-            page.goto(f"{base}/lab/tree/{NOTEBOOK}.ipynb?token={token}", wait_until="domcontentloaded")
-            page.wait_for_selector(".jp-Notebook", timeout=60_000)
+    page = open_notebook(browser, base, token, NOTEBOOK, width=1400, height=1000)
+    page.evaluate("() => window.jupyterapp.shell.activateById('filebrowser')")  # a student's lab: file browser open
+    try:
+        if True:
             cells = run_all_cells(page)
             page.screenshot(path=str(SHOTS / "notebook.png"))
             failures = [(i, c["errors"]) for i, c in enumerate(cells) if c["errors"]]
@@ -192,6 +308,18 @@ def test_notebook_runs_and_the_explorer_responds(lab):
             page.wait_for_timeout(500)
             first = image.screenshot(path=str(SHOTS / "explorer-start.png"))
             src = image.get_attribute("src")
+            legible = page.evaluate("""() => { const imgs = document.querySelectorAll('.widget-image');
+              const img = imgs[imgs.length - 1], area = img.closest('.jp-OutputArea');
+              const out = img.closest('.jp-OutputArea-child');
+              return {shown: img.getBoundingClientRect().width, natural: img.naturalWidth,
+                      area: area.getBoundingClientRect().width,
+                      static: out.querySelectorAll('img:not(.widget-image)').length,
+                      before: out.previousElementSibling ? out.previousElementSibling.querySelectorAll('img').length : 0}; }""")
+            # the figure is drawn at 100 dpi (10 pt text: 14 px): shown at three quarters of that or more, it reads
+            # (the old layout, controls beside it, showed it at a third: 360 px wide, titles illegible)
+            assert legible["shown"] >= 0.8 * legible["area"] and legible["shown"] >= 0.75 * legible["natural"], \
+                f"the explorer's picture is too small to read at a 1400 px window: {legible}"
+            assert legible["static"] == 0 and legible["before"] == 0, f"a static picture is shown beside the live one: {legible}"
 
             press_right(page, widget_control(page, "widget-slider", "layer"), 2)  # the last MoE layer
             wait_for_new_picture(page, src)
@@ -218,6 +346,7 @@ def test_notebook_runs_and_the_explorer_responds(lab):
             strip = image.screenshot(path=str(SHOTS / "explorer-token-strip.png"))
             assert changed_share(moved, strip) > 0.05, "changing the view did not change the picture"
             page.screenshot(path=str(SHOTS / "explorer.png"), full_page=False)
-        finally:
-            browser.close()
+        explorer_reloads_without_dead_widgets(page, base, token, folder, browser)
+    finally:
+        page.close()
     print(f"browser test: {time.time() - started:.0f} s")

@@ -36,6 +36,22 @@ def test_remote_scripts_and_links_are_removed_local_ones_kept():
     assert "init_mathjax" in out and "<p>kept</p>" in out
 
 
+def test_executing_a_notebook_prints_no_kernel_warning(tmp_path):
+    """`make html` runs ten kernels: none may print "Kernel is running over TCP without encryption"."""
+    import subprocess
+    import sys
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(nbformat.v4.new_code_cell("print(6 * 7)"))
+    nbformat.write(nb, tmp_path / "00_x.ipynb")
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_html.py"), "--notebooks", str(tmp_path),
+                           "--out", str(tmp_path / "html")], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "without encryption" not in done.stdout + done.stderr, done.stderr[-2000:]
+    executed = nbformat.read(tmp_path / "html" / "00_x.ipynb", as_version=4)
+    assert executed.cells[0].outputs[0]["text"] == "42\n"
+
+
 def test_widgets_become_their_static_fallback():
     nb = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell("w")

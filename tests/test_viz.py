@@ -349,7 +349,38 @@ def test_explorer_takes_an_uploaded_picture(tiny_vl):
     buffer = io.BytesIO()
     scenes.render(scenes.random_scene(9), 168).save(buffer, format="PNG")
     explorer._on_upload({"new": ({"name": "mine.png", "content": memoryview(buffer.getvalue())},)})
-    assert explorer.image_pick.value == "upload: mine.png" and explorer.routed.grid == (6, 6)
+    # squeezed to 112 x 112 as the tiny model was trained: a 4 x 4 grid of merged tokens
+    assert explorer.image_pick.value == "upload: mine.png" and explorer.routed.grid == (4, 4)
+    kept = RoutingExplorer(model, tokenizer, images={"wide": scenes.render(scenes.random_scene(9), 168)},
+                           max_new_tokens=1, image_size=None)  # a real checkpoint's way: the shape kept
+    assert kept.routed.grid == (6, 6)
+
+
+def test_the_explorer_gives_the_model_pictures_as_it_was_trained_and_it_names_every_bundled_photo():
+    """Every bundled photograph, through the explorer's own path (picked in its dropdown, squeezed by
+    model_picture, routed, answered by ernie_lab.chat), gets its caption from the shipped tiny VL model;
+    and the answer is not cut short (the captions run to 30 tokens)."""
+    pytest.importorskip("ipywidgets")
+    pytest.importorskip("skimage")
+    import html
+
+    from ernie_lab.analysis.widgets import RoutingExplorer, bundled_images, model_picture
+    from ernie_lab.course.notebook import repo_path
+
+    assert model_picture(scenes.render(scenes.random_scene(1), 300)).size == (scenes.IMAGE_SIZE,) * 2
+    folder = repo_path("data", "tiny-ernie-vl")
+    model, tokenizer = ernie_lab.load_model(folder).eval(), ernie_lab.load_tokenizer(folder)
+    photos = {f"photo: {p.name}": p.caption for p in scenes.photos()}
+    images = {name: image for name, image in bundled_images(1).items() if name in photos}
+    explorer = RoutingExplorer(model, tokenizer, images=images, spec_scenes=2)
+    wrong = []
+    for name, caption in photos.items():
+        if explorer.image_pick.value != name:
+            explorer.image_pick.value = name  # routes the picture and asks the model, as a click does
+        answer = html.unescape(explorer.answer.value.split("</b>", 1)[1].strip())
+        if answer != caption + ".":
+            wrong.append((name, answer))
+    assert not wrong, f"{len(wrong)} of {len(photos)} photos described wrongly through the explorer: {wrong}"
 
 
 def test_draw_explains_views_that_do_not_apply(tiny_vl):

@@ -2,16 +2,20 @@
 
     from ernie_lab.widgets import RoutingExplorer
     explorer = RoutingExplorer(model, tokenizer)     # any ERNIE 4.5 VL (or text MoE) model
-    display(Image(explorer.snapshot()))              # a static picture, for viewers without widgets
-    explorer                                         # the live widget
+    explorer      # the live widget; where widgets do not render, a static picture of its first view
 
 A thin layer over ``ernie_lab.viz``: every control changes a :class:`View` (which picture, layer,
 modality, rank, position), :func:`draw` turns a routed prompt and a view into a Figure, and the
 widget puts that figure's PNG into one ``ipywidgets.Image``, replaced in place (no flicker, no
 JavaScript beyond ipywidgets' own). A new picture or prompt runs the model once (``viz.route``)
 and asks it for an answer (``ernie_lab.chat``); moving a slider only redraws. The position slider
-selects one image token or text token; its experts and weights in every layer are listed beside
-the picture.
+selects one image token or text token; its experts and weights in every layer are listed above
+the picture, which takes the notebook's full width.
+
+Pictures reach the model as it was trained on them: the tiny VL model saw every scene and photograph
+squeezed to 112 x 112 (``scenes.IMAGE_SIZE``; ``tiny.models.photo_images``), so the explorer squeezes
+each picture the same way (``model_picture``). For a real checkpoint pass ``image_size=None``: the
+picture keeps its shape, shrunk to at most 448 pixels a side.
 """
 
 from __future__ import annotations
@@ -82,6 +86,15 @@ def bundled_images(count: int = 6) -> dict[str, object]:
     return images
 
 
+def model_picture(image, size: int | None = 112):  # 112 = tiny.scenes.IMAGE_SIZE
+    """The picture the model is given: squeezed to ``size`` x ``size`` as the tiny VL model was trained
+    (every picture it saw was resized so, whatever its shape); ``size=None`` keeps the shape, shrunk to
+    at most 448 pixels a side (for a real checkpoint, whose processor takes any shape)."""
+    if size is None:
+        return shrink(image, 448)
+    return image.convert("RGB").resize((size, size))
+
+
 def shrink(image, longest: int = 224):
     """The picture scaled down (never up) so its longer side is at most ``longest`` pixels: fast to route."""
     scale = longest / max(image.size)
@@ -95,13 +108,14 @@ class RoutingExplorer:
     picture redraws in place, the selected token's experts per layer are listed, the model answers."""
 
     def __init__(self, model, tokenizer, images: dict | None = None, prompt: str | None = None,
-                 max_new_tokens: int = 16, image_size: int = 224, dpi: int = 90, spec_scenes: int = 16):
+                 max_new_tokens: int = 64, image_size: int | None = 112, dpi: int = 100, spec_scenes: int = 16):
         import ipywidgets as w
 
         from ..tiny import scenes
 
         self.model, self.tokenizer = model, tokenizer
-        self.max_new_tokens, self.image_size, self.dpi, self.spec_scenes = max_new_tokens, image_size, dpi, spec_scenes
+        self.image_size = image_size  # 112 = scenes.IMAGE_SIZE, what the tiny VL model was trained on
+        self.max_new_tokens, self.dpi, self.spec_scenes = max_new_tokens, dpi, spec_scenes
         self.is_vl = hasattr(model.config, "vision")
         self.images = (images or bundled_images()) if self.is_vl else {}
         self._specialisation: dict[int, tuple] = {}
@@ -110,7 +124,7 @@ class RoutingExplorer:
 
         self.picture = w.Image(format="png", layout=w.Layout(width="100%", object_fit="contain"))
         self.answer = w.HTML()
-        self.experts = w.HTML(layout=w.Layout(min_width="240px"))
+        self.experts = w.HTML(layout=w.Layout(min_width="260px"))
         self.image_pick = w.Dropdown(options=list(self.images), description="picture", layout=w.Layout(width="420px"))
         self.upload = w.FileUpload(accept="image/*", multiple=False, description="upload")
         self.prompt = w.Text(value=prompt or scenes.DESCRIBE, description="prompt", continuous_update=False,
@@ -128,11 +142,14 @@ class RoutingExplorer:
         for control in (self.image_pick, self.prompt):
             control.observe(self._on_input, names="value")
         self.upload.observe(self._on_upload, names="value")
-        controls = [self.image_pick, self.upload] if self.is_vl else []
-        controls += [self.prompt, self.view_pick, self.layer, self.modality, self.rank, self.position]
-        left = w.VBox([*controls, self.experts], layout=w.Layout(flex="0 0 auto"))
-        right = w.VBox([self.answer, self.picture], layout=w.Layout(flex="1 1 auto", min_width="0"))
-        self.widget = w.HBox([left, right])  # controls and the selected token's experts | answer and picture
+        inputs = [self.image_pick, self.upload] if self.is_vl else []
+        controls = w.VBox([*inputs, self.prompt, self.view_pick, self.modality],
+                          layout=w.Layout(flex="0 0 auto"))
+        sliders = w.VBox([self.layer, self.rank, self.position], layout=w.Layout(flex="0 0 auto"))
+        wrap = w.Layout(flex_flow="row wrap", align_items="flex-start", gap="4px 24px")
+        top = w.HBox([controls, sliders, self.experts], layout=wrap)
+        # controls, sliders and the selected token's experts on top; the answer; the picture at full width
+        self.widget = w.VBox([top, self.answer, self.picture], layout=w.Layout(width="100%"))
         self._route(self.images[self.image_pick.value] if self.is_vl else None)
 
     # ---------------------------------------------------------------------------- state -> picture
@@ -151,7 +168,7 @@ class RoutingExplorer:
 
         from ..io.chat import chat
 
-        self.image = shrink(image, self.image_size) if image is not None else None
+        self.image = model_picture(image, self.image_size) if image is not None else None
         self.routed = viz.route(self.model, self.tokenizer, self.prompt.value, self.image)
         reply = chat(self.model, self.tokenizer, viz.messages_for(self.prompt.value, self.image),
                      max_new_tokens=self.max_new_tokens)
@@ -235,10 +252,15 @@ class RoutingExplorer:
         self.image_pick.options = list(self.images)
         self.image_pick.value = name  # routes the new picture
 
-    def _ipython_display_(self):
-        from IPython.display import display
+    def _repr_mimebundle_(self, **kwargs):
+        """The live widget, with a PNG of what it shows now as the fallback in the same output: JupyterLab
+        shows the widget alone; GitHub, nbviewer and the HTML site (no widgets) show the PNG."""
+        import base64
 
-        display(self.widget)
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        data = dict(bundle[0] if isinstance(bundle, tuple) else bundle)
+        data["image/png"] = base64.b64encode(self.snapshot()).decode("ascii")
+        return data
 
 
 def message_png(text: str) -> bytes:

@@ -1,5 +1,6 @@
 """Asking a model: a conversation in, the reply text out.
 
+    reply = ernie_lab.chat(model, tokenizer, "What is a mixture of experts?")   # one user turn
     reply = ernie_lab.chat(model, tokenizer, [{"role": "user", "content": "What is a mixture of experts?"}])
     reply = ernie_lab.chat(vl_model, tokenizer, [{"role": "user", "content": [
         {"type": "image", "image": picture}, {"type": "text", "text": "What colour is the circle?"}]}])
@@ -20,14 +21,17 @@ from ..errors import InputError
 from ..model.generation import generate
 
 
-def chat(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 64, temperature: float = 0.0,
+def chat(model, tokenizer, messages: list[dict] | str, *, max_new_tokens: int = 64, temperature: float = 0.0,
          enable_thinking: bool = False, top_p: float = 1.0, top_k: int | None = None,
          generator: torch.Generator | None = None) -> str:
-    """The model's reply to ``messages`` (a list of {"role", "content"} dicts), as text.
+    """The model's reply to ``messages`` (a list of {"role", "content"} dicts, or one string: a single
+    user turn), as text.
 
     Content is a string, or for a VL model a list of ``{"type": "text", "text": ...}`` and
     ``{"type": "image", "image": PIL.Image}`` items. ``temperature`` 0 is greedy decoding.
     """
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
     check_chat_arguments(model, tokenizer, messages, enable_thinking)
     prompt = render_prompt(model, tokenizer, messages, enable_thinking=enable_thinking)
     input_ids = prompt.pop("input_ids")
