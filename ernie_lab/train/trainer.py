@@ -76,8 +76,9 @@ mean over ``count(batch)`` units (target tokens, preference pairs), weighted acr
 like LM above, plus terms to log.
 
 The public names: :class:`TrainConfig`, :class:`Trainer` (``fit``, ``train_step``, ``evaluate``,
-``save_checkpoint``, ``resume``), :class:`Objective`, :func:`train` (``Trainer(...).fit()`` in one call), :func:`learning_rate`,
-:func:`parameter_groups`, :func:`part_learning_rate`, :func:`from_batches`, :func:`checkpoints`, :func:`latest_checkpoint`,
+``save_checkpoint``, ``resume``), :class:`Objective`, :func:`train` (``Trainer(...).fit()`` in one call),
+:func:`learning_rate`, :func:`parameter_groups`, :func:`part_learning_rate`, :func:`from_batches`,
+:func:`checkpoints`, :func:`latest_checkpoint`, :func:`rng_state` / :func:`restore_rng`,
 :func:`leave_processes`. History entries: ``step, loss, lm_loss, [balance, balance_text, balance_vision,
 z_loss, orthogonal,] lr, grad_norm`` (before clipping), ``tokens_per_s`` (input tokens of all ranks over
 the training time since the last entry); evaluation entries ``step, eval_loss``.
