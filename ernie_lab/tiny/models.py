@@ -27,6 +27,7 @@ import torch
 
 from . import corpus, scenes
 from ..model.decoder import IGNORE_INDEX
+from ..train.finetune import collate
 
 TEXT_CONFIG = {
     "model_type": "ernie4_5",
@@ -196,22 +197,6 @@ def vl_example(processor, image, turns: list[tuple[str, str]]) -> dict:
         labels += said
     return {"ids": ids, "labels": labels, "pixel_values": prompt["pixel_values"],
             "image_grid_thw": prompt["image_grid_thw"]}
-
-
-def collate(examples: list[dict], pad_id: int) -> dict:
-    """Right-pad a list of examples into a batch (padding masked out and unlabelled); pixels concatenated."""
-    width = max(len(e["ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id)
-    labels = torch.full((len(examples), width), IGNORE_INDEX)
-    mask = torch.zeros(len(examples), width, dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e["ids"])
-        ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e["ids"]), torch.tensor(e["labels"]), 1
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-    if "pixel_values" in examples[0]:
-        batch["pixel_values"] = torch.cat([e["pixel_values"] for e in examples])
-        batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in examples])
-    return batch
 
 
 PHOTO_QUESTIONS = ("Describe the picture.", "Who is this?", "What is in the picture?")

@@ -3,15 +3,15 @@
     trainer     Trainer / TrainConfig: one training step, warm-up + cosine, checkpoints and resume, DDP
     losses      load balancing (per modality group), router z-loss, orthogonal loss, token-balanced LM loss
     lora/       layer.py: LoRA linears (the math, apply, merge, unmerge); peft_format.py: peft-format adapters
-    finetune    SFT with prompt masking, DPO, through the same step
+    finetune    SFT with prompt masking, DPO (another Objective), through the same step; the one collate
 
 May import: ``ernie_lab.errors``, ``ernie_lab.model``, ``ernie_lab.quant``, ``ernie_lab.io``.
 
 ``ernie_lab.train`` also answers with the trainer's names (``train.Trainer``, ``train.TrainConfig``, ...).
 """
 
-from .trainer import (STATE_FILE, TrainConfig, Trainer, checkpoints, from_batches, latest_checkpoint,  # noqa: F401
-                      learning_rate, leave_processes, parameter_groups, part_learning_rate, train)
+from .trainer import (STATE_FILE, Objective, TrainConfig, Trainer, checkpoints, from_batches,  # noqa: F401
+                      latest_checkpoint, learning_rate, leave_processes, parameter_groups, part_learning_rate, train)
 
-__all__ = ["TrainConfig", "Trainer", "train", "learning_rate", "parameter_groups", "part_learning_rate",
+__all__ = ["TrainConfig", "Trainer", "Objective", "train", "learning_rate", "parameter_groups", "part_learning_rate",
            "from_batches", "checkpoints", "latest_checkpoint", "leave_processes", "STATE_FILE"]

@@ -24,21 +24,20 @@ no second copy is held; for full-weight DPO the reference log-probabilities are 
 training, and carried in the batch (``add_reference_logps``). We log the reward margin and the
 accuracy (the share of pairs whose chosen answer has the higher reward).
 
-**Which loop.** SFT runs on the kit's training loop, ``ernie_lab.train.Trainer`` (so under torchrun too,
-with evaluation, gradient accumulation weighted by target tokens, and ``logits_for_labels_only``: the
-LM head only at the few labelled tokens). :func:`sft` is the entry point; :class:`FineTuner` is the
-Trainer whose checkpoints of a LoRA model are adapters (``step-N/adapter_model.safetensors`` +
-``trainer_state.pt``, a few hundred kB instead of the whole model). DPO keeps its own short loop
-(:func:`train_steps` with ``objective="dpo"``): the Trainer's objective is a token-weighted LM loss
-(micro-batch r, i weighs ``n_ri / N`` target *tokens*) with no hook for another loss, while DPO's loss is
-a mean over *pairs*, needs a pair's two sequences in one micro-batch and a second, gradient-free forward
-of the reference, and logs its own metrics (margin, accuracy). It runs in one process.
+**One loop.** Both run on the kit's training step, ``ernie_lab.train.Trainer``, with its schedule
+(``train.learning_rate``: warm-up, then cosine), gradient accumulation and clipping. SFT uses the Trainer's
+own objective, the LM loss (under torchrun too, with evaluation and ``logits_for_labels_only``: the LM head
+only at the few labelled tokens). DPO plugs in another :class:`~ernie_lab.train.trainer.Objective`
+(:func:`dpo_objective`): a mean over *pairs* rather than target tokens (so micro-batches weigh by their
+pairs), a pair's two sequences in one micro-batch, a second, gradient-free forward of the reference, and
+its own logged metrics (margin, accuracy); it runs in one process. :func:`sft` and :func:`dpo` are the
+entry points from conversations and pairs, :func:`train_steps` the same from a ``batches`` callable;
+:class:`FineTuner` is the Trainer whose checkpoints of a LoRA model are adapters
+(``step-N/adapter_model.safetensors`` + ``trainer_state.pt``, a few hundred kB instead of the whole model).
 """
 
 from __future__ import annotations
 
-import math
-import os
 import random
 import time
 from pathlib import Path
@@ -49,7 +48,7 @@ import torch.nn.functional as F
 from ..errors import CheckpointError, InputError
 from ..model.decoder import IGNORE_INDEX
 from ..model.special_tokens import END_OF_SENTENCE
-from .trainer import STATE_FILE, TrainConfig, Trainer, _as_tuple
+from .trainer import STATE_FILE, Objective, TrainConfig, Trainer
 
 
 # ======================================================================================== SFT data
@@ -146,21 +145,12 @@ class FineTuner(Trainer):
     """The kit's Trainer; a model with LoRA layers checkpoints its adapter (peft format) instead of
     the whole model: ``out_dir/step-N/{adapter_config.json, adapter_model.safetensors, trainer_state.pt}``."""
 
-    def save_checkpoint(self) -> Path:
+    def write_weights(self, folder: Path) -> None:
         from .lora import lora_layers, save_adapter
 
         if not lora_layers(self.model):
-            return super().save_checkpoint()
-        folder = Path(self.config.out_dir) / f"step-{self.step}"
-        if self.procs.is_main:
-            save_adapter(self.model, folder)                     # atomic; unfinished until the state lands
-            temporary = folder / f".{STATE_FILE}.tmp"
-            torch.save(self.state_dict(), temporary)
-            os.replace(temporary, folder / STATE_FILE)
-            self._prune(Path(self.config.out_dir))
-        if self.procs.world_size > 1:
-            torch.distributed.barrier()
-        return folder
+            return super().write_weights(folder)
+        save_adapter(self.model, folder)                 # into the Trainer's atomic folder, beside the state
 
     def resume(self, folder) -> "FineTuner":
         from .lora import ADAPTER_CONFIG, load_adapter
@@ -171,11 +161,7 @@ class FineTuner(Trainer):
         if not (folder / STATE_FILE).is_file():
             raise CheckpointError(f"{folder} has no {STATE_FILE}: pass a step-N folder written by FineTuner.")
         load_adapter(self.model, folder)
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.history = int(state["step"]), list(state["history"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(_as_tuple(state["rng"]["python"]))
+        self.load_state_dict(torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True))
         return self
 
 
@@ -286,54 +272,37 @@ def dpo_batch_loss(model, batch: dict, beta: float = 0.1) -> tuple[torch.Tensor,
     return dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], beta)
 
 
-# ======================================================================================== a short loop
+def dpo_objective(beta: float = 0.1) -> Objective:
+    """DPO as the training step's objective: a mean over the batch's pairs (half its rows), logging the
+    rewards, their margin and the accuracy."""
+    return Objective("dpo_loss", count=lambda batch: batch["input_ids"].shape[0] // 2,
+                     loss=lambda model, batch, n: dpo_batch_loss(model, batch, beta))
+
+
+def dpo(model, tokenizer, pairs: list[dict], config: TrainConfig | None = None, *, beta: float = 0.1,
+        batch_size: int = 8, processor=None, seed: int = 0) -> list[dict]:
+    """DPO of ``model`` (LoRA: the reference is the model with its adapters off) on preference ``pairs``
+    (:func:`dpo_batches`), on the kit's Trainer. ``config``: :func:`sft_config` by default. Returns the
+    Trainer's history (``dpo_loss``, ``reward_margin``, ``accuracy``, ... per logged step)."""
+    data = dpo_batches(tokenizer, pairs, batch_size, processor, seed)
+    model.train()
+    history = FineTuner(model, data, config or sft_config(), objective=dpo_objective(beta)).fit()
+    model.eval()
+    return history
+
+
+# ======================================================================================== from a batches callable
 def train_steps(model, batches, steps: int, lr: float = 3e-4, *, objective: str = "sft", beta: float = 0.1,
                 grad_accum: int = 1, weight_decay: float = 0.0, warmup: int = 0, log_every: int = 10,
                 progress: bool = False) -> list[dict]:
-    """Train for ``steps`` updates (cosine decay after ``warmup``, gradient accumulation): ``objective``
-    "sft" (the shifted cross-entropy on the labels, on the kit's Trainer) or "dpo" (a small AdamW loop
-    of its own, see the module docstring). Returns the log: ``{"step" (0-based), "loss", ...,
-    "seconds"}`` every ``log_every`` steps and at the last."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    """Train for ``steps`` updates of the kit's training step on ``batches(index)`` (warm-up, then cosine
+    to 0; gradient accumulation): ``objective`` "sft" (the LM loss on the labels) or "dpo"
+    (:func:`dpo_objective`). Returns the log: the Trainer's history entries, ``"step"`` 0-based, with
+    ``"seconds"`` since the start, every ``log_every`` steps and at the last."""
+    if not any(p.requires_grad for p in model.parameters()):
         raise InputError("nothing to train: every parameter is frozen (apply_lora, or unfreeze for full fine-tuning).")
     if objective not in ("sft", "dpo"):
         raise InputError(f"objective must be 'sft' or 'dpo', got {objective!r}.")
-    if objective == "sft":
-        return _sft_steps(model, batches, steps, lr, grad_accum, weight_decay, warmup, log_every, progress)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * (
-        0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))) if warmup else 0.5 * (1 + math.cos(math.pi * s / steps)))
-    model.train()
-    log, started = [], time.perf_counter()
-    steps_iter = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps_iter = tqdm(steps_iter, desc=objective)
-    for step in steps_iter:
-        totals: dict = {}
-        for micro in range(grad_accum):
-            batch = batches(step * grad_accum + micro)
-            if objective == "sft":
-                loss, metrics = model(**batch).loss, {}
-            else:
-                loss, metrics = dpo_batch_loss(model, batch, beta)
-            (loss / grad_accum).backward()
-            for key, value in {"loss": loss.item(), **metrics}.items():
-                totals[key] = totals.get(key, 0.0) + value / grad_accum
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        if step % log_every == 0 or step == steps - 1:
-            log.append({"step": step, **totals, "seconds": time.perf_counter() - started})
-    model.eval()
-    return log
-
-
-def _sft_steps(model, batches, steps, lr, grad_accum, weight_decay, warmup, log_every, progress) -> list[dict]:
-    """train_steps' SFT: the Trainer, its history in train_steps' log format."""
     config = sft_config(lr=lr, max_steps=steps, grad_accum_steps=grad_accum, weight_decay=weight_decay,
                         warmup_steps=min(warmup, steps - 1), min_lr_ratio=0.0, log_every=1, progress=progress)
     step_starts = []                                              # when each update asked for its data
@@ -345,7 +314,7 @@ def _sft_steps(model, batches, steps, lr, grad_accum, weight_decay, warmup, log_
 
     started = time.perf_counter()
     model.train()
-    history = FineTuner(model, timed, config).fit()
+    history = FineTuner(model, timed, config, objective=dpo_objective(beta) if objective == "dpo" else None).fit()
     step_ends = step_starts[1:] + [time.perf_counter()]
     log = []
     for entry in history:

@@ -66,13 +66,19 @@ token has no gradient) and rank r reads ``train_data(index, r, R)``. Only rank 0
 Checkpoints: ``out_dir/step-N/`` (N updates done) holds the model in the Hub layout (``save_model``: loads
 with ``ernie_lab.load_model`` and, for text models, with transformers) and ``trainer_state.pt`` (optimizer
 state, step, RNG states, history: plain tensors and lists, read back with ``torch.load(weights_only=True)``).
-Each is written to a temporary folder and renamed. ``Trainer.resume(folder)`` (or ``resume_from``)
+Both are written into one ``io.atomic.atomic_folder``: a kill mid-write leaves the previous step-N (and
+every other checkpoint) as it was. ``Trainer.resume(folder)`` (or ``resume_from``)
 continues the same curve (RNG states are rank 0's). ``keep_last`` prunes old ones, except the steps in
 ``keep_checkpoints_at`` (written even off the ``checkpoint_every`` grid: routing over training wants a few early ones).
 
-The public names: :class:`TrainConfig`, :class:`Trainer` (``fit``, ``evaluate``, ``save_checkpoint``,
-``resume``), :func:`train` (``Trainer(...).fit()`` in one call), :func:`learning_rate`,
-:func:`parameter_groups`, :func:`part_learning_rate`, :func:`from_batches`, :func:`checkpoints`, :func:`latest_checkpoint`,
+Other objectives (DPO, in ``finetune``) plug into the same step as an :class:`Objective`: a loss that is a
+mean over ``count(batch)`` units (target tokens, preference pairs), weighted across micro-batches and ranks
+like LM above, plus terms to log.
+
+The public names: :class:`TrainConfig`, :class:`Trainer` (``fit``, ``train_step``, ``evaluate``,
+``save_checkpoint``, ``resume``), :class:`Objective`, :func:`train` (``Trainer(...).fit()`` in one call),
+:func:`learning_rate`, :func:`parameter_groups`, :func:`part_learning_rate`, :func:`from_batches`,
+:func:`checkpoints`, :func:`latest_checkpoint`, :func:`rng_state` / :func:`restore_rng`,
 :func:`leave_processes`. History entries: ``step, loss, lm_loss, [balance, balance_text, balance_vision,
 z_loss, orthogonal,] lr, grad_norm`` (before clipping), ``tokens_per_s`` (input tokens of all ranks over
 the training time since the last entry); evaluation entries ``step, eval_loss``.
@@ -97,10 +103,11 @@ from torch import nn
 
 from . import losses
 from ..errors import CheckpointError, ConfigError, InputError
+from ..io.atomic import atomic_folder
 from ..io.loading import load_model
+from ..io.saving import write_model
 from ..model.decoder import IGNORE_INDEX
 from ..model.moe import moe_blocks
-from ..io.saving import save_model
 
 Batch = dict[str, torch.Tensor]
 TrainData = Callable[[int, int, int], Batch]   # (index, rank, world_size) -> batch
@@ -288,6 +295,20 @@ def routing_losses(model: nn.Module, out, batch: Batch, config: TrainConfig) -> 
     return terms
 
 
+# ================================================================================ objectives
+@dataclass(frozen=True)
+class Objective:
+    """What the training step minimises. ``loss(model, batch, n)`` -> (the micro-batch's loss, terms) is a
+    mean over ``n = count(batch)`` units (target tokens, preference pairs); the step weighs micro-batch
+    (r, i) by n_ri / N, so the gradient is that of the combined batch's mean. Terms named like a
+    TrainConfig loss weight (``WEIGHTED``: balance, z_loss) join the loss with that weight; the others
+    (DPO's reward margin, ...) are only logged. Both are averaged over micro-batches and ranks."""
+
+    name: str                                            # the loss's key in the history: "lm_loss", "dpo_loss"
+    count: Callable[[Batch], int]
+    loss: Callable[[nn.Module, Batch, int], tuple[torch.Tensor, dict]]
+
+
 # ================================================================================ processes
 @dataclass(frozen=True)
 class Processes:
@@ -329,7 +350,7 @@ class Trainer:
     """Trains ``model`` on ``train_data`` (see the module docstring for the protocol); ``fit()`` runs it."""
 
     def __init__(self, model: nn.Module, train_data: TrainData, config: TrainConfig | None = None,
-                 eval_data: EvalData | None = None):
+                 eval_data: EvalData | None = None, objective: Objective | None = None):
         self.config = config = config or TrainConfig()
         if not callable(train_data):
             raise InputError("train_data must be a callable (index, rank, world_size) -> batch dict; "
@@ -339,6 +360,8 @@ class Trainer:
         if (config.balance or config.z_loss or config.orthogonal) and not moe_blocks(model):
             raise ConfigError("balance, z_loss and orthogonal weigh router losses: this model has no MoE layer.")
         self.train_data, self.eval_data = train_data, eval_data
+        self.objective = objective or Objective("lm_loss", lambda batch: target_count(batch["labels"],
+                                                config.token_balanced), self.language_modelling)
         self.procs = join_processes()
         if self.procs.world_size > 1 and torch.cuda.is_available():
             model = model.to(f"cuda:{self.procs.local_rank}")
@@ -373,7 +396,7 @@ class Trainer:
         self.model.train()
         while self.step < c.max_steps:
             started = time.perf_counter()
-            record, tokens = self._train_step()
+            record, tokens = self.train_step()
             window_tokens, window_seconds = window_tokens + tokens, window_seconds + time.perf_counter() - started
             self.step += 1
             bar.update(1)
@@ -390,41 +413,51 @@ class Trainer:
         bar.close()
         return self.history
 
-    def _train_step(self) -> tuple[dict, int]:
-        """One update over grad_accum_steps micro-batches; returns its history entry and input tokens."""
-        c, A = self.config, self.config.grad_accum_steps
+    def train_step(self) -> tuple[dict, int]:
+        """One update over grad_accum_steps micro-batches (weighted as in the module docstring): forward,
+        loss, backward, clip, AdamW at this update's learning rate. Returns its history entry and the
+        input tokens of all ranks."""
+        c, A, world, objective = self.config, self.config.grad_accum_steps, self.procs.world_size, self.objective
         batches = [self._batch(self.step * A + i) for i in range(A)]
-        counts = [target_count(b["labels"], c.token_balanced) for b in batches]
+        counts = [objective.count(b) for b in batches]
         total, tokens = self._sum([sum(counts), sum(input_tokens(b) for b in batches)])
         if total == 0:
             raise InputError(f"step {self.step}: no batch on any rank has a target (every label is -100).")
-        lr = learning_rate(self.step, c)
-        for group in self.optimizer.param_groups:
+        for group in self.optimizer.param_groups:                                  # the schedule
             group["lr"] = part_learning_rate(self.step, group.get("part", ""), c)
-        record = self._accumulate_gradients(batches, counts, total)
+        sums: dict[str, float] = {}
+        for i, (batch, n) in enumerate(zip(batches, counts)):
+            with self._sync_gradients(i == A - 1):                                 # DDP reduces on the last
+                with self._autocast():
+                    loss, terms = objective.loss(self.ddp or self.model, batch, n)  # forward
+                routing = sum(getattr(c, name) * value for name, value in terms.items() if name in WEIGHTED)
+                (loss * (world * n / total) + routing / A).backward()              # backward
+            sums[objective.name] = sums.get(objective.name, 0.0) + loss.item() * n / total  # this rank's share
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + torch.as_tensor(value).item() / (A * world)
+        record = dict(zip(sums, self._sum(list(sums.values()))))                  # summed over ranks
         if c.orthogonal:
             record["orthogonal"] = self._add_orthogonal_gradient().item()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        record["loss"] = record["lm_loss"] + sum(getattr(c, name) * record[name] for name in WEIGHTED if name in record)
-        record.update(lr=lr, grad_norm=float(grad_norm))
+        record["loss"] = record[objective.name] + sum(getattr(c, name) * record[name] for name in WEIGHTED
+                                                      if name in record)
+        record.update(lr=learning_rate(self.step, c), grad_norm=float(grad_norm))
         return record, int(tokens)
 
-    def _accumulate_gradients(self, batches: list[Batch], counts: list[int], total: float) -> dict[str, float]:
-        """Backpropagate every micro-batch with the weights of the module docstring; returns the combined
-        batch's LM loss and the mean routing losses (over micro-batches and ranks)."""
-        c, world, A = self.config, self.procs.world_size, self.config.grad_accum_steps
-        sums: dict[str, float] = {}
-        for i, (batch, n) in enumerate(zip(batches, counts)):
-            with self._sync_gradients(i == A - 1):
-                lm, terms = self._forward(batch, n)
-                routing = sum(getattr(c, name) * value for name, value in terms.items() if name in WEIGHTED)
-                (lm * (world * n / total) + routing / A).backward()
-            sums["lm_loss"] = sums.get("lm_loss", 0.0) + lm.item() * n / total  # this rank's share
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.item() / (A * world)
-        return dict(zip(sums, self._sum(list(sums.values()))))  # summed over ranks
+    def language_modelling(self, model: nn.Module, batch: Batch, n: int) -> tuple[torch.Tensor, dict]:
+        """The default objective's loss: LM loss and routing-loss terms of one micro-batch (n: its target
+        count; 0 gives an LM of 0, with the graph DDP expects)."""
+        c = self.config
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        want_router = bool(c.balance or c.z_loss)
+        only = c.logits_for_labels_only and not c.token_balanced and n > 0
+        extra = {"logits_for_labels_only": True} if only else {}
+        out = model(**inputs, labels=batch["labels"] if n else None, output_router_logits=want_router, **extra)
+        lm = lm_loss(out, batch["labels"], c.token_balanced) if n else out.logits.sum() * 0.0
+        terms = routing_losses(self.model, out, batch, c) if want_router else {}
+        return lm, terms
 
     def _add_orthogonal_gradient(self) -> torch.Tensor:
         """Add c_orth d L_orth / d W to every router's gradient, by hand: L_orth depends on the weights
@@ -436,19 +469,8 @@ class Trainer:
             weight.grad = grad if weight.grad is None else weight.grad + grad
         return orth.detach()
 
-    def _forward(self, batch: Batch, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """LM loss and routing-loss terms of one micro-batch (n: its target count; 0 gives an LM of 0)."""
-        c = self.config
-        inputs = {key: value for key, value in batch.items() if key != "labels"}
-        want_router = bool(c.balance or c.z_loss)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.autocast == "bf16"):
-            only = c.logits_for_labels_only and not c.token_balanced and n > 0
-            extra = {"logits_for_labels_only": True} if only else {}
-            out = (self.ddp or self.model)(**inputs, labels=batch["labels"] if n else None,
-                                           output_router_logits=want_router, **extra)
-            lm = lm_loss(out, batch["labels"], c.token_balanced) if n else out.logits.sum() * 0.0
-            terms = routing_losses(self.model, out, batch, c) if want_router else {}
-        return lm, terms
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.autocast == "bf16")
 
     def _sync_gradients(self, sync: bool):
         """DDP reduces gradients only on the last micro-batch of a step (no_sync on the others)."""
@@ -479,7 +501,7 @@ class Trainer:
             if n == 0:
                 continue
             inputs = {key: value for key, value in batch.items() if key != "labels"}
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.autocast == "bf16"):
+            with self._autocast():
                 out = self.model(**inputs, labels=batch["labels"])
                 weighted, total = weighted + float(lm_loss(out, batch["labels"], c.token_balanced)) * n, total + n
         self.model.train()
@@ -494,29 +516,32 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """What resuming needs besides the weights: plain tensors, numbers, strings, lists and dicts."""
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         config = {key: (list(v) if isinstance(v, tuple) else v) for key, v in asdict(self.config).items()}
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "history": self.history,
-                "rng": rng, "config": config}
+                "rng": rng_state(), "config": config}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The inverse of :meth:`state_dict` (the weights are the caller's)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.history = int(state["step"]), list(state["history"])
+        restore_rng(state["rng"])
 
     def save_checkpoint(self) -> Path:
-        """Write out_dir/step-N (model in the Hub layout + trainer_state.pt) atomically; rank 0 only."""
+        """Write out_dir/step-N (the weights + trainer_state.pt) in one atomic folder write; rank 0 only."""
         out_dir = Path(self.config.out_dir)
         folder = out_dir / f"{CHECKPOINT_PREFIX}{self.step}"
         if self.procs.is_main:
-            temporary = out_dir / f".{folder.name}.tmp"
-            shutil.rmtree(temporary, ignore_errors=True)
-            save_model(self.model, temporary)
-            torch.save(self.state_dict(), temporary / STATE_FILE)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(temporary, folder)  # readers see the old folder or the whole new one
+            with atomic_folder(folder) as staging:  # a kill leaves the previous step-N, if any, as it was
+                self.write_weights(staging)
+                torch.save(self.state_dict(), staging / STATE_FILE)
             self._prune(out_dir)
         if self.procs.world_size > 1:
             dist.barrier()
         return folder
+
+    def write_weights(self, folder: Path) -> None:
+        """The weights of a checkpoint: the model in the Hub layout (FineTuner: a LoRA model's adapter)."""
+        write_model(self.model, folder)
 
     def _prune(self, out_dir: Path) -> None:
         """Keep the newest keep_last periodic checkpoints and every one in keep_checkpoints_at."""
@@ -537,14 +562,24 @@ class Trainer:
             self.model.load_state_dict(saved.state_dict())
         except RuntimeError as error:
             raise CheckpointError(f"{folder} holds a different model than this Trainer's: {error}") from None
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.history = int(state["step"]), list(state["history"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(_as_tuple(state["rng"]["python"]))
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.load_state_dict(torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True))
         return self
+
+
+def rng_state() -> dict:
+    """The random number generators' states (torch, Python's, CUDA's), for a resume to continue them."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Put back what :func:`rng_state` captured (CUDA's where this machine has CUDA)."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _as_tuple(value):
