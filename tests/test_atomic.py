@@ -1,4 +1,4 @@
-"""One atomic write (ernie_lab.io.atomic): a write stopped at any step leaves the previous version loadable.
+"""One atomic write (ernie_lab.atomic): a write stopped at any step leaves the previous version loadable.
 
 A kill is simulated by making one step of the write fail: the block itself (files half-written), linking
 the old folder's other files, flushing, the swap. Each time the previous model still loads, and a trainer
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import ernie_lab
-from ernie_lab.io import atomic
-from ernie_lab.io.atomic import atomic_file, atomic_folder
+from ernie_lab import atomic
+from ernie_lab.atomic import atomic_file, atomic_folder
 from ernie_lab.io.saving import save_model
 from ernie_lab.model.config import ErnieConfig
 from ernie_lab.train import STATE_FILE, TrainConfig, Trainer, checkpoints

@@ -5,7 +5,6 @@
     loading         load_model: streamed, checked loading (single or sharded safetensors, -PT and -Paddle)
     saving          save_model: the Hub layout, written atomically
     quantized       quantized checkpoints: the tensors a QuantLinear stores, under Hub names
-    atomic          one atomic write for files and folders (a killed process leaves the old version)
     tokenizer       the SentencePiece tokenizer (real, or the stand-in that ships with the kit)
     chat_format     ERNIE's chat text
     image_processing, processor   pictures -> patches; a chat with pictures -> model inputs (PIL, on use)

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from ..errors import InputError
 from ..model.linears import tied_head_name
 from .architectures import name_table
-from .atomic import atomic_folder
+from ..atomic import atomic_folder
 from .hub_names import INDEX_FILE, WEIGHTS_FILE, is_transposed, lab_to_hub
 from .quantized import quant_lab_to_hub
 

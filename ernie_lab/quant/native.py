@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_file
+
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
 MAX_GROUP = 2048    # int4 / int2 groups up to this size are summed exactly in int32
@@ -79,14 +81,11 @@ def _library_path(compiler: str) -> Path:
 
 def _build(compiler: str, target: Path) -> None:
     """Compile gemv.c into ``target`` atomically (a half-written library never sits at that path)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        out = Path(work) / target.name
+    with atomic_file(target) as out:
         result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
         if result.returncode != 0:
             raise OSError(f"{compiler} could not build {SOURCE.name} (exit {result.returncode}): "
                           f"{result.stderr.strip()[:400]}")
-        os.replace(out, target)
 
 
 def _load():

@@ -146,11 +146,11 @@ class FineTuner(Trainer):
     the whole model: ``out_dir/step-N/{adapter_config.json, adapter_model.safetensors, trainer_state.pt}``."""
 
     def write_weights(self, folder: Path) -> None:
-        from .lora import lora_layers, save_adapter
+        from .lora import lora_layers, write_adapter
 
         if not lora_layers(self.model):
             return super().write_weights(folder)
-        save_adapter(self.model, folder)                 # into the Trainer's atomic folder, beside the state
+        write_adapter(self.model, folder)                # into the Trainer's atomic folder, beside the state
 
     def resume(self, folder) -> "FineTuner":
         from .lora import ADAPTER_CONFIG, load_adapter

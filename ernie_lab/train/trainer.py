@@ -66,7 +66,7 @@ token has no gradient) and rank r reads ``train_data(index, r, R)``. Only rank 0
 Checkpoints: ``out_dir/step-N/`` (N updates done) holds the model in the Hub layout (``save_model``: loads
 with ``ernie_lab.load_model`` and, for text models, with transformers) and ``trainer_state.pt`` (optimizer
 state, step, RNG states, history: plain tensors and lists, read back with ``torch.load(weights_only=True)``).
-Both are written into one ``io.atomic.atomic_folder``: a kill mid-write leaves the previous step-N (and
+Both are written into one ``ernie_lab.atomic.atomic_folder``: a kill mid-write leaves the previous step-N (and
 every other checkpoint) as it was. ``Trainer.resume(folder)`` (or ``resume_from``)
 continues the same curve (RNG states are rank 0's). ``keep_last`` prunes old ones, except the steps in
 ``keep_checkpoints_at`` (written even off the ``checkpoint_every`` grid: routing over training wants a few early ones).
@@ -103,7 +103,7 @@ from torch import nn
 
 from . import losses
 from ..errors import CheckpointError, ConfigError, InputError
-from ..io.atomic import atomic_folder
+from ..atomic import atomic_folder
 from ..io.loading import load_model
 from ..io.saving import write_model
 from ..model.decoder import IGNORE_INDEX

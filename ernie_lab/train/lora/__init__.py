@@ -13,10 +13,10 @@ from .layer import (DEFAULT_TARGETS, VISION_PREFIXES, VISION_TARGETS, FrozenQuan
                     trainable_parameters, unmerge_lora, wrap_layers)
 from .peft_format import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, adapter_config, adapter_state_dict,
                           base_fingerprint, hub_module_path, lab_module_path, load_adapter, read_adapter,
-                          save_adapter)
+                          save_adapter, write_adapter)
 
 __all__ = ["DEFAULT_TARGETS", "VISION_PREFIXES", "VISION_TARGETS", "FrozenQuantized", "LoRALinear",
            "adapters_disabled", "apply_lora", "is_linear_like", "lora_layers", "merge_lora", "replace_linears_back",
            "target_filter", "trainable_parameters", "unmerge_lora", "wrap_layers", "ADAPTER_CONFIG",
            "ADAPTER_WEIGHTS", "PEFT_PREFIX", "adapter_config", "adapter_state_dict", "base_fingerprint",
-           "hub_module_path", "lab_module_path", "load_adapter", "read_adapter", "save_adapter"]
+           "hub_module_path", "lab_module_path", "load_adapter", "read_adapter", "save_adapter", "write_adapter"]

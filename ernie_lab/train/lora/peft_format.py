@@ -33,16 +33,14 @@ A QLoRA adapter (over a quantized base) trains in float32 and saves like any oth
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ...errors import CheckpointError, ConfigError, InputError
+from ...atomic import atomic_folder
 from .layer import VISION_PREFIXES, LoRALinear, is_linear_like, lora_layers, wrap_layers
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -137,42 +135,24 @@ def base_fingerprint(model: nn.Module) -> dict:
 
 def save_adapter(model: nn.Module, folder: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's format) into ``folder``,
-    atomically: into a temporary folder beside it, then renamed into place."""
-    from safetensors.torch import save_file
-
+    atomically (``ernie_lab.atomic.atomic_folder``: written beside it, then swapped into place in one step)."""
     folder = Path(folder)
-    config = adapter_config(model, base_model_name_or_path)
-    tensors = adapter_state_dict(model)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        save_file(tensors, staging / ADAPTER_WEIGHTS,
-                  metadata={"format": "pt", "ernie_lab_base": json.dumps(base_fingerprint(model))})
-        _ordinary_permissions(staging)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(staging, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with atomic_folder(folder) as staging:  # a kill leaves the previous adapter in place
+        write_adapter(model, staging, base_model_name_or_path=base_model_name_or_path)
     return folder
 
 
-def _ordinary_permissions(folder: Path) -> None:
-    """mkdtemp makes a private folder (0700); give the adapter the modes of any file the user writes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for path in folder.iterdir():
-        os.chmod(path, 0o666 & ~umask)
+def write_adapter(model: nn.Module, folder: Path, *, base_model_name_or_path: str | None = None) -> None:
+    """The adapter's two files, straight into ``folder`` (a folder the caller is writing atomically)."""
+    from safetensors.torch import save_file
+
+    config = adapter_config(model, base_model_name_or_path)
+    tensors = adapter_state_dict(model)
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    save_file(tensors, folder / ADAPTER_WEIGHTS,
+              metadata={"format": "pt", "ernie_lab_base": json.dumps(base_fingerprint(model))})
 
 
-# ----------------------------------------------------------------------------------- load
 def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, tensors) of a peft LoRA adapter folder, with clear errors for what is missing or broken."""
     from safetensors import SafetensorError, safe_open

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..errors import InputError
+from .errors import InputError
 
 PARTIAL_MARK = ".partial-"  # hidden staging names: .<name>.partial-<pid>-<random>
 RENAME_EXCHANGE = 2         # renameat2 flag (Linux): swap two paths in one atomic step
