@@ -36,6 +36,7 @@ import copy
 import json
 import os
 import tempfile
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import matplotlib.pyplot as plt
@@ -332,7 +333,9 @@ lora.save_adapter(student, folder)
 saved = json.loads(open(os.path.join(folder, "adapter_config.json")).read())
 print({k: saved[k] for k in ("peft_type", "r", "lora_alpha", "target_modules")},
       f"{os.path.getsize(os.path.join(folder, 'adapter_model.safetensors')) / 1e3:.0f} kB")
-reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), folder).eval()
+with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing: not ours
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), folder).eval()
 prompt = tokenizer.apply_chat_template(held_out[0]["messages"][:-1], add_generation_prompt=True, tokenize=False)
 ids = torch.tensor([tokenizer.encode(prompt)])                                    # (1, T)
 with torch.no_grad():

@@ -9,7 +9,8 @@
 3. each becomes `build/html/NN_name.html` with nbconvert's lab template: images inline (plots and the
    diagrams of figures/, embedded as data: URLs), interactive widgets replaced by their static fallback
    (the other outputs of the same bundle, e.g. a PNG), and no JavaScript from a CDN (nbconvert's page
-   links require.js and MathJax from the web: those tags are removed, formulas stay readable LaTeX);
+   links require.js and MathJax from the web: those tags are removed); formulas are typeset by a local
+   copy of MathJax 2.7 (`build/html/mathjax/`, from the pinned `jupyter-server-mathjax` package);
 4. `index.html` lists the pages with their time estimates.
 """
 
@@ -28,6 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 SCRIPT = re.compile(r"<script\b[^>]*>.*?</script>", re.IGNORECASE | re.DOTALL)
 REMOTE = re.compile(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", re.IGNORECASE)   # a URL to another host
+# MathJax 2.7 served from the site itself (copied from the jupyter-server-mathjax package by copy_mathjax)
+MATHJAX_FOLDER = "mathjax"
+MATHJAX_URL = f"{MATHJAX_FOLDER}/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe"
+# That package ships the STIX-Web fonts only (no TeX fonts): MathJax must be told, before it starts
+MATHJAX_FONTS = ('<script type="text/x-mathjax-config">MathJax.Hub.Config({"HTML-CSS": {availableFonts: '
+                 '["STIX-Web"], preferredFont: "STIX-Web", webFont: "STIX-Web", imageFont: null}});</script>')
 REMOTE_LINK = re.compile(r"""<link\b[^>]*\bhref\s*=\s*["']?(?:https?:)?//[^>]*>""", re.IGNORECASE)
 
 
@@ -97,9 +104,22 @@ def to_html(nb, notebook_folder: Path) -> str:
     for cell in nb.cells:
         if cell.cell_type == "markdown":
             cell.source = cell.source.replace("](../", "](")
-    exporter = HTMLExporter(template_name="lab", embed_images=True)
+    exporter = HTMLExporter(template_name="lab", embed_images=True, mathjax_url=MATHJAX_URL)
     body, _ = exporter.from_notebook_node(static_widgets(nb), resources={"metadata": {"path": str(notebook_folder.parent)}})
+    body = body.replace(f'<script src="{MATHJAX_URL}">', f'{MATHJAX_FONTS}\n<script src="{MATHJAX_URL}">', 1)
     return strip_remote(body)
+
+
+def copy_mathjax(out: Path) -> bool:
+    """Put MathJax 2.7 (from the pinned jupyter-server-mathjax package) at ``out/mathjax``; False without it."""
+    try:
+        import jupyter_server_mathjax
+    except ImportError:
+        print("jupyter-server-mathjax is missing: formulas stay LaTeX (make venv installs it)", file=sys.stderr)
+        return False
+    source = Path(jupyter_server_mathjax.__file__).parent / "static"
+    shutil.copytree(source, out / MATHJAX_FOLDER, dirs_exist_ok=True)
+    return True
 
 
 def title_and_time(nb) -> tuple[str, str]:
@@ -149,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         entries.append((f"{path.stem}.html", *title_and_time(nb)))
         print(f"{path.stem}: ran and rendered in {time.perf_counter() - start:.0f} s", flush=True)
     (args.out / "index.html").write_text(index_page(entries), encoding="utf-8")
+    copy_mathjax(args.out)
     print(f"wrote {len(entries)} pages to {args.out}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

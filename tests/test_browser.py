@@ -13,6 +13,7 @@ pinned `playwright` of the dev extra (no browser download: Playwright drives the
 
 import importlib.util
 import io
+import json
 import os
 import re
 import secrets
@@ -238,6 +239,12 @@ def test_diagrams_show_and_a_saved_session_leaves_git_clean(lab, browser):
         assert " 404 GET /files/" not in server_log(folder), "the lab answered 404 for a file the notebook shows"
         assert not page.locator(".jp-toast-container, .Toastify__toast").filter(has_text="news").count(), \
             "JupyterLab's news pop-up covers the notebook"
+        # the pop-up comes late and only online, so also ask the running lab for the setting that decides it
+        notification = json.load(urllib.request.urlopen(
+            f"{base}/lab/api/settings/@jupyterlab/apputils-extension:notification?token={token}", timeout=10))
+        fetch_news = notification["settings"].get(  # the user's choice, else the default make lab's overrides set
+            "fetchNews", notification["schema"]["properties"]["fetchNews"]["default"])
+        assert fetch_news == "false", f"make lab's settings leave JupyterLab's news pop-up on (fetchNews {fetch_news!r})"
 
         py = folder / "notebooks" / "00_tour.py"
         before = py.stat().st_mtime_ns
@@ -261,7 +268,6 @@ def test_diagrams_show_and_a_saved_session_leaves_git_clean(lab, browser):
 def explorer_reloads_without_dead_widgets(page, base: str, token: str, folder: Path, browser) -> None:
     """Save, shut the kernel down (as closing the lab does), reopen: the widgets come back from the state
     saved in the .ipynb (scripts/lab_settings: saveState), no "Error displaying widget: model not found"."""
-    import json
 
     ipynb = folder / "notebooks" / f"{NOTEBOOK}.ipynb"
     before = ipynb.stat().st_mtime_ns
@@ -350,3 +356,27 @@ def test_notebook_runs_and_the_explorer_responds(lab, browser):
     finally:
         page.close()
     print(f"browser test: {time.time() - started:.0f} s")
+
+
+SITE = os.environ.get("ERNIE_LAB_HTML")
+
+
+@pytest.mark.skipif(not SITE, reason="the rendered site is opened after `make html` (make test sets ERNIE_LAB_HTML)")
+def test_rendered_page_typesets_its_formulas_offline():
+    """Open 01's page from disk with the network off: MathJax (served from the site) turns the LaTeX into math."""
+    page = Path(SITE) / "01_dense_decoder_from_scratch.html"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(offline=True)
+            tab = context.new_page()
+            tab.goto(page.as_uri())
+            tab.wait_for_function("() => window.MathJax && MathJax.Hub && MathJax.Hub.queue.pending === 0 "
+                                  "&& document.querySelectorAll('.MathJax, .MathJax_Display').length > 0",
+                                  timeout=60_000)
+            typeset = tab.evaluate("() => document.querySelectorAll('.MathJax, .MathJax_Display').length")
+            errors = tab.evaluate("() => document.querySelectorAll('.MathJax_Error, merror').length")
+        finally:
+            browser.close()
+    assert typeset >= 10, f"only {typeset} formulas typeset on {page.name}"
+    assert errors == 0, f"{errors} formulas failed to typeset on {page.name}"

@@ -114,3 +114,32 @@ def test_no_stray_outputs(source):
             if output.get("output_type") == "execute_result":
                 assert set(output["data"]) != {"text/plain"}, \
                     f"{source.name}: stray output {output['data']['text/plain'][:60]!r} of {cell.source.splitlines()[-1]!r}"
+
+
+@pytest.mark.skipif(not SITE, reason="the site is checked after `make html` (make test sets ERNIE_LAB_HTML)")
+def test_formulas_are_typeset_by_a_local_mathjax():
+    """Every page with a formula loads MathJax from the site's own mathjax/ folder, which holds it."""
+    site = Path(SITE)
+    assert (site / build_html.MATHJAX_FOLDER / "MathJax.js").is_file(), "build/html/mathjax/MathJax.js is missing"
+    config = build_html.MATHJAX_URL.split("config=")[1].split(",")[0]
+    assert (site / build_html.MATHJAX_FOLDER / "config" / f"{config}.js").is_file(), f"MathJax config {config} missing"
+    with_formulas = [s for s in SOURCES if re.search(r"\$[^$\n]+\$", s.read_text())]
+    assert with_formulas, "no notebook has a $...$ formula: the check would prove nothing"
+    for source in with_formulas:
+        html = (site / f"{source.stem}.html").read_text(encoding="utf-8")
+        assert f'src="{build_html.MATHJAX_URL}"' in html.replace("&amp;", "&"), f"{source.stem}.html loads no local MathJax"
+        assert build_html.MATHJAX_FONTS in html, f"{source.stem}.html does not point MathJax at the fonts it ships"
+
+
+@pytest.mark.skipif(not SITE, reason="the executed notebooks are checked after `make html`")
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_no_library_deprecation_warnings_in_outputs(source):
+    """A red FutureWarning / DeprecationWarning box in a notebook is noise a student cannot act on."""
+    executed = Path(SITE) / f"{source.stem}.ipynb"
+    if not executed.exists():
+        pytest.fail(f"{executed} was not executed")
+    for cell in nbformat.read(executed, as_version=4).cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream" and output.get("name") == "stderr":
+                found = re.search(r"\w*(?:FutureWarning|DeprecationWarning)[^\n]*", output["text"])
+                assert not found, f"{source.name}: {found.group(0)[:200]!r} in the cell {cell.source.splitlines()[0]!r}"
