@@ -38,6 +38,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from ..atomic import atomic_folder
 from . import corpus, scenes
 
 NUM_PIECES = 6000
@@ -126,14 +127,14 @@ def folder_files(model: bytes, lines: list[str]) -> dict[str, str | bytes]:
 def write_tiny_tokenizer(folder: str | Path = TINY_TOKENIZER_DIR) -> Path:
     """Train the compact tokenizer and write its folder; returns the folder. The same files on every run."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     lines = training_lines()
-    for name, content in folder_files(train_model(lines), lines).items():
-        path = folder / name
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content, encoding="utf-8", newline="\n")
+    files = folder_files(train_model(lines), lines)
+    with atomic_folder(folder) as staging:  # a kill mid-write leaves the previous tokenizer whole
+        for name, content in files.items():
+            if isinstance(content, bytes):
+                (staging / name).write_bytes(content)
+            else:
+                (staging / name).write_text(content, encoding="utf-8", newline="\n")
     return folder
 
 
