@@ -106,14 +106,20 @@ def test_every_page_exists_with_its_figures_inline_and_no_remote_script(source):
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
 def test_no_stray_outputs(source):
     """A cell's last expression echoed as bare text (a `True`, a float, a context object) is noise."""
+    for cell, output in executed_outputs(source):
+        if output.get("output_type") == "execute_result":
+            assert set(output["data"]) != {"text/plain"}, \
+                f"{source.name}: stray output {output['data']['text/plain'][:60]!r} of {cell.source.splitlines()[-1]!r}"
+
+
+def executed_outputs(source):
+    """(cell, output) for every output of the notebook as `make html` executed it."""
     executed = Path(SITE) / f"{source.stem}.ipynb"
     if not executed.exists():
         pytest.fail(f"{executed} was not executed")
     for cell in nbformat.read(executed, as_version=4).cells:
         for output in cell.get("outputs", []):
-            if output.get("output_type") == "execute_result":
-                assert set(output["data"]) != {"text/plain"}, \
-                    f"{source.name}: stray output {output['data']['text/plain'][:60]!r} of {cell.source.splitlines()[-1]!r}"
+            yield cell, output
 
 
 @pytest.mark.skipif(not SITE, reason="the site is checked after `make html` (make test sets ERNIE_LAB_HTML)")
@@ -135,11 +141,7 @@ def test_formulas_are_typeset_by_a_local_mathjax():
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
 def test_no_library_deprecation_warnings_in_outputs(source):
     """A red FutureWarning / DeprecationWarning box in a notebook is noise a student cannot act on."""
-    executed = Path(SITE) / f"{source.stem}.ipynb"
-    if not executed.exists():
-        pytest.fail(f"{executed} was not executed")
-    for cell in nbformat.read(executed, as_version=4).cells:
-        for output in cell.get("outputs", []):
-            if output.get("output_type") == "stream" and output.get("name") == "stderr":
-                found = re.search(r"\w*(?:FutureWarning|DeprecationWarning)[^\n]*", output["text"])
-                assert not found, f"{source.name}: {found.group(0)[:200]!r} in the cell {cell.source.splitlines()[0]!r}"
+    for cell, output in executed_outputs(source):
+        if output.get("output_type") == "stream" and output.get("name") == "stderr":
+            found = re.search(r"\w*(?:FutureWarning|DeprecationWarning)[^\n]*", output["text"])
+            assert not found, f"{source.name}: {found.group(0)[:200]!r} in the cell {cell.source.splitlines()[0]!r}"

@@ -30,12 +30,17 @@ def more_experts(total) -> str:
           hint="memory left = 4 x 80 GiB x 0.9 - weight_bytes(CONFIG_300B_A47B, 'int4'); one 32K conversation "
                "needs 2 (K, V) x 54 layers x 8 KV heads x 128 x 2 bytes per token; round down.")
 def conversations(count) -> str:
-    fits = lambda n: F.gpus_needed(F.CONFIG_300B_A47B, "int4", 80, 32768, batch=n) <= 4   # noqa: E731
-    expected = max(n for n in range(1, 2000) if fits(n))
+    expected = conversations_that_fit(gpus=4, gpu_gib=80, context=32768)
     if count == expected + 1:
         raise Mismatch("one too many: round the number of conversations down")
     expect_equal("32K-token conversations on 4 H100s", count, expected)
     return f"{expected} conversations; each 32K-token cache is {F.kv_cache_bytes(F.CONFIG_300B_A47B, 32768) / 2**30:.1f} GiB."
+
+
+def conversations_that_fit(gpus: int, gpu_gib: int, context: int) -> int:
+    """The most ``context``-token conversations that the int4 300B model serves on ``gpus`` cards."""
+    return max(n for n in range(1, 2000)
+               if F.gpus_needed(F.CONFIG_300B_A47B, "int4", gpu_gib, context, batch=n) <= gpus)
 
 
 @exercise("09.dedup_degree",
