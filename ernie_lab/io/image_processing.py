@@ -95,6 +95,9 @@ def _open_header(source, name: str | None) -> tuple[Image.Image, str, bool]:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         name = name or str(source)
+        if str(source).startswith(("http://", "https://")):
+            raise InputError(f"{name} is a web address; the kit downloads no pictures: download it and give the "
+                             "file's path (or its bytes, or a PIL.Image).")
         if path.is_dir():
             raise InputError(f"{name} is a folder, not an image file; give the path of one picture in it.")
         if not path.is_file():
