@@ -282,11 +282,11 @@ def _picture_list(images) -> list:
     return list(images)
 
 
-def _picture_name(source, index: int, count: int, kind: str = "image") -> str:
-    """How errors call picture ``index``: its path, else 'image N' (in a list of several)."""
+def _picture_name(source, index: int, count: int, kind: str = "image") -> str | None:
+    """How errors call picture ``index``: its path, 'image N' in a list of several, else open_image's default."""
     if isinstance(source, (str, os.PathLike)):
         return str(source)
-    return f"{kind} {index}" if count > 1 else f"the {kind}"
+    return f"{kind} {index}" if count > 1 else None
 
 
 def check_pixel_bounds(min_pixels, max_pixels) -> None:
