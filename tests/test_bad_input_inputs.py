@@ -326,8 +326,9 @@ def test_chat_with_a_picture(vl, tokenizer):
 
 
 def test_picture_for_a_text_only_model(text_model, text_tokenizer):
-    refused(lambda: ernie_lab.chat(text_model, text_tokenizer, asking({"type": "image", "image": RED}), max_new_tokens=2),
-            InputError, "message 0", "text-only")
+    messages = asking({"type": "image", "image": RED})
+    refused(lambda: ernie_lab.chat(text_model, text_tokenizer, messages, max_new_tokens=2), InputError, "message 0",
+            "text-only")
 
 
 @pytest.mark.parametrize("messages, words", [
@@ -345,7 +346,8 @@ def test_bad_vl_chat_messages(vl, tokenizer, messages, words):
                                            (dict(max_new_tokens="8"), ["max_new_tokens"]),
                                            (dict(top_p=2.0), ["top_p"]), (dict(temperature=-1.0), ["temperature"])])
 def test_bad_vl_chat_sampling(vl, tokenizer, kwargs, words):
-    refused(lambda: ernie_lab.chat(vl, tokenizer, asking({"type": "image", "image": RED}), **kwargs), InputError, *words)
+    messages = asking({"type": "image", "image": RED})
+    refused(lambda: ernie_lab.chat(vl, tokenizer, messages, **kwargs), InputError, *words)
 
 
 def test_chat_with_something_that_is_not_a_tokenizer(vl):

@@ -255,7 +255,8 @@ def as_ints(label: str, values: Any) -> list[int]:
 
 def _plain(value: Any) -> Any:
     """Tensors and numpy values/arrays as Python numbers and lists; anything else as it is."""
-    if hasattr(value, "tolist") and callable(value.tolist) and type(value).__module__.split(".")[0] in ("torch", "numpy"):
+    library = type(value).__module__.split(".")[0]
+    if library in ("torch", "numpy") and callable(getattr(value, "tolist", None)):
         return value.tolist()
     return value
 

@@ -195,7 +195,8 @@ class VLProcessor:
             inputs = {key: torch.cat([b[key] for b in batches]) for key in ("pixel_values", "image_grid_thw")}
             image_counts = tokens_per_item(inputs["image_grid_thw"])
         if videos:
-            clips = [_named(preprocess_video, place, v, min_pixels=self.video_bounds[0], max_pixels=self.video_bounds[1])
+            low, high = self.video_bounds
+            clips = [_named(preprocess_video, place, v, min_pixels=low, max_pixels=high)
                      for v, place in zip(videos, video_places)]
             inputs["pixel_values_videos"] = torch.cat([c["pixel_values_videos"] for c in clips])
             inputs["video_grid_thw"] = torch.cat([c["video_grid_thw"] for c in clips])
