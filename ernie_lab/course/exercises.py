@@ -29,6 +29,7 @@ answer fails, so that no check can pass by accident.
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -71,16 +72,52 @@ def is_stub(answer: Any) -> bool:
 
 
 def call(function: Callable, *args, **kwargs) -> Any:
-    """Run a student's function inside a judge; a stub (returns None, raises NotImplementedError) is not attempted."""
+    """Run a student's function inside a judge.
+
+    A stub (its body only ``...`` or ``pass``, or raising NotImplementedError) is not attempted. A
+    function that raises, or that has a body and still returns None (a forgotten ``return``), is a
+    wrong answer whose message says so.
+    """
     if not callable(function):
-        raise Mismatch(f"expected a function, got {type(function).__name__}: {function!r:.80}")
+        raise Mismatch(f"expected a function, got {describe(function)}")
     try:
         result = function(*args, **kwargs)
     except NotImplementedError as err:
         raise NotAttempted from err
+    except Exception as err:  # noqa: BLE001  (the student's code may raise anything)
+        raise Mismatch(f"your function raised {type(err).__name__}: {err}") from err
     if result is None:
-        raise NotAttempted
+        if is_stub_function(function):
+            raise NotAttempted
+        raise Mismatch("your function returned None: it has a body but no `return` of its result")
     return result
+
+
+def is_stub_function(function: Callable) -> bool:
+    """A function whose body does nothing but return None (``...``, ``pass``, a docstring): a fresh stub.
+
+    Anything that cannot be inspected (a builtin, a partial, a callable object) counts as a stub, so a
+    None from it stays "not attempted" as before.
+    """
+    import dis
+
+    code = getattr(getattr(function, "__func__", function), "__code__", None)
+    if code is None:
+        return True
+    meaningful = [i for i in dis.get_instructions(code) if i.opname not in ("RESUME", "NOP", "CACHE")]
+    return [(i.opname, i.argval) for i in meaningful] in (
+        [("LOAD_CONST", None), ("RETURN_VALUE", None)], [("RETURN_CONST", None)])
+
+
+def describe(value: Any) -> str:
+    """'str 'abc'', 'tensor of shape (2, 3) float32', 'list of 3 items': what an answer is, in a few words."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {str(value.dtype).replace('torch.', '')}"
+    if isinstance(value, (list, tuple, dict, set)):
+        return f"a {type(value).__name__} of {len(value)} item(s): {value!r:.80}"
+    return f"{type(value).__name__} {value!r:.80}"
 
 
 def get(name: str) -> Exercise:
@@ -116,8 +153,21 @@ def check(name: str, *answers: Any) -> bool | None:
         return _not_attempted(item)
     except Mismatch as err:
         raise ExerciseFailed(f"{name}: not yet right. {err}\nHint: {item.hint}") from None
+    except Exception as err:  # noqa: BLE001  (an answer of a kind the judge cannot even compare)
+        given = "; ".join(describe(a) for a in answers)
+        raise ExerciseFailed(f"{name}: not yet right. Your answer ({given}) is not of the kind this exercise "
+                             f"expects ({_expected(item)}); checking it raised {type(err).__name__}: {err}\n"
+                             f"Hint: {item.hint}") from err
     print(f"{name}: correct." + (f" {remark}" if remark else ""))
     return True
+
+
+def _expected(item: Exercise) -> str:
+    """What the exercise takes, from its judge's parameters: 'a function' or the value's name."""
+    import inspect
+
+    names = list(inspect.signature(item.judge).parameters)
+    return ", ".join("a function" if n == "function" else f"the value asked for ({n})" for n in names)
 
 
 def _not_attempted(item: Exercise) -> None:
@@ -130,30 +180,110 @@ def _not_attempted(item: Exercise) -> None:
 # ------------------------------------------------------------------------------------------------
 
 def expect_equal(label: str, got: Any, expected: Any) -> None:
-    """Exact comparison of numbers or lists; the message shows both."""
+    """Exact comparison of numbers, strings or lists; the message shows both.
+
+    A tensor or array answer is compared by its values (``tolist()``); an answer of another kind than
+    the expected one (a str for a number, a number for a list) fails saying which kind was expected.
+    """
+    got = _plain(got)
+    if not _same_kind(got, expected):
+        raise Mismatch(f"{label}: expected {_kind(expected)} like {expected!r:.80}, got {describe(got)}.")
+    if isinstance(got, (float, list, tuple)) and _has_non_finite(got):
+        raise Mismatch(f"{label}: your answer {got!r:.80} holds NaN or Inf; expected {expected!r:.80}.")
     if got != expected:
         raise Mismatch(f"{label}: you have {got!r}, expected {expected!r}.")
 
 
 def expect_close(label: str, got: float, expected: float, rel: float = 1e-6, abs_: float = 0.0) -> None:
-    """Numbers equal up to a relative (or absolute) tolerance; the message shows both and the ratio."""
-    try:
-        got = float(got)
-    except (TypeError, ValueError):
-        raise Mismatch(f"{label}: expected a number, got {type(got).__name__}.") from None
-    if abs(got - expected) > max(rel * abs(expected), abs_):
-        ratio = f" (ratio {got / expected:.4g})" if expected else ""
+    """Numbers equal up to a relative (or absolute) tolerance; the message shows both and the ratio.
+
+    NaN and Inf are never close to anything; a str, a list or a tensor of several numbers is not a number.
+    """
+    got = as_number(label, got)
+    if not abs(got - expected) <= max(rel * abs(expected), abs_):  # `not <=`: False for NaN as well
+        ratio = f" (ratio {got / expected:.4g})" if expected and math.isfinite(got) else ""
         raise Mismatch(f"{label}: you have {got:,.6g}, expected {expected:,.6g}{ratio}.")
 
 
 def expect_tensor(label: str, got: Any, expected, atol: float = 1e-5) -> None:
-    """Tensors of the same shape and values; the message gives the shape or the largest difference."""
+    """Tensors of the same shape and values; the message gives the shape, the dtype or the largest difference.
+
+    A floating-point answer is expected where the expected tensor is floating point (an integer or
+    bool tensor has lost the fractions), and NaN / Inf entries fail even where the expected ones are.
+    """
     import torch
 
     if not isinstance(got, torch.Tensor):
-        raise Mismatch(f"{label}: expected a tensor, got {type(got).__name__}.")
+        raise Mismatch(f"{label}: expected a tensor of shape {tuple(expected.shape)}, got {describe(got)}.")
     if got.shape != expected.shape:
         raise Mismatch(f"{label}: shape {tuple(got.shape)}, expected {tuple(expected.shape)}.")
-    diff = (got.float() - expected.float()).abs().max().item()
+    if got.is_complex() or (expected.is_floating_point() and not got.is_floating_point()):
+        raise Mismatch(f"{label}: dtype {got.dtype}, expected a floating-point tensor ({expected.dtype}).")
+    got = got.detach().to("cpu", torch.float64)
+    if not torch.isfinite(got).all():
+        raise Mismatch(f"{label}: your tensor holds NaN or Inf ({int((~torch.isfinite(got)).sum())} entries).")
+    diff = (got - expected.detach().to("cpu", torch.float64)).abs().max().item() if got.numel() else 0.0
     if not diff <= atol:
         raise Mismatch(f"{label}: largest difference from the expected values is {diff:.3g} (tolerance {atol:g}).")
+
+
+def as_number(label: str, value: Any) -> float:
+    """A finite real number from an answer (int, float, numpy or one-element tensor); else Mismatch saying so."""
+    value = _plain(value)
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (int, float)):
+        value = value[0]  # a one-element tensor's tolist() of a (1,) shape
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Mismatch(f"{label}: expected a number, got {describe(value)}.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise Mismatch(f"{label}: your answer is {value}; expected a finite number.")
+    return value
+
+
+def as_ints(label: str, values: Any) -> list[int]:
+    """A list of whole numbers from an answer (a list, tuple, tensor or array of them); else Mismatch saying so."""
+    values = _plain(values)
+    if not isinstance(values, (list, tuple)):
+        raise Mismatch(f"{label}: expected a list of whole numbers, got {describe(values)}.")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer():
+            raise Mismatch(f"{label}: expected a list of whole numbers, but it holds {describe(v)}.")
+        out.append(int(v))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """Tensors and numpy values/arrays as Python numbers and lists; anything else as it is."""
+    library = type(value).__module__.split(".")[0]
+    if library in ("torch", "numpy") and callable(getattr(value, "tolist", None)):
+        return value.tolist()
+    return value
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "True or False"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a str"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _same_kind(got: Any, expected: Any) -> bool:
+    """Whether an answer can be compared with the expected value at all (a list with a tuple, an int with a float)."""
+    for kinds in ((int, float), (str,), (list, tuple), (dict,)):
+        if isinstance(expected, kinds):
+            return isinstance(got, kinds)
+    return True
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_has_non_finite(v) for v in value)
+    return False

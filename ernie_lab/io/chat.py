@@ -67,7 +67,8 @@ def render_prompt(model, tokenizer, messages: list[dict], *, enable_thinking: bo
         processor = VLProcessor(tokenizer, config=model.config)
         return processor(messages, enable_thinking=enable_thinking)
     if _has_pictures(messages):
-        raise InputError("these messages hold pictures, but the model is a text-only ERNIE 4.5; "
+        n = next(n for n, message in enumerate(messages) if _has_pictures([message]))
+        raise InputError(f"message {n} holds a picture, but the model is a text-only ERNIE 4.5; "
                          "load a vision-language checkpoint (ERNIE-4.5-VL-...) or send text only.")
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=enable_thinking)
     return {"input_ids": torch.tensor([ids])}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,38 +70,140 @@ def fit_to_grid(height: int, width: int, min_pixels: int = IMAGE_MIN_PIXELS, max
     return h, w
 
 
-def open_image(source) -> Image.Image:
-    """A PIL image from a PIL image, a file path or the bytes of an image file (fully decoded)."""
-    if isinstance(source, Image.Image):
-        return source
-    if isinstance(source, (str, os.PathLike)):
-        name, opener = str(source), lambda: Image.open(Path(source))
-        if not Path(source).is_file():
-            raise InputError(f"no image file at {name}.")
-    elif isinstance(source, (bytes, bytearray)):
-        name, opener = f"<{len(source)} bytes>", lambda: Image.open(io.BytesIO(bytes(source)))
-    else:
-        raise InputError(f"an image must be a PIL.Image, a file path or bytes, got {type(source).__name__}. "
-                         "For arrays use PIL.Image.fromarray(array).")
+def open_image(source, name: str | None = None) -> Image.Image:
+    """A PIL image from a PIL image, a file path or the bytes of an image file (fully decoded).
+
+    The size is checked from the header, before a pixel is decoded: an image over ``MAX_INPUT_PIXELS``
+    (PIL's decompression-bomb limit, ~89 M pixels) or with no pixels is refused. A file with several
+    frames (GIF, APNG, TIFF pages) gives its first. ``name`` is how errors call the picture.
+    """
+    image, name, ours = _open_header(source, name)
     try:
-        image = opener()
-        image.load()  # decode now: a truncated file fails here, not later in the middle of a batch
+        check_picture_size(image.width, image.height, name)
+        _decode(image, name)
+    except BaseException:
+        if ours:
+            image.close()
+        raise
+    return image
+
+
+def _open_header(source, name: str | None) -> tuple[Image.Image, str, bool]:
+    """(image with only its header read, its name for errors, whether this function opened it)."""
+    if isinstance(source, Image.Image):
+        return source, name or "the image", False
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        name = name or str(source)
+        if str(source).startswith(("http://", "https://")):
+            raise InputError(f"{name} is a web address; the kit downloads no pictures: download it and give the "
+                             "file's path (or its bytes, or a PIL.Image).")
+        if path.is_dir():
+            raise InputError(f"{name} is a folder, not an image file; give the path of one picture in it.")
+        if not path.is_file():
+            raise InputError(f"no image file at {name}; check the path (it is read relative to {Path.cwd()}).")
+        opener = lambda: Image.open(path)  # noqa: E731
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        name = name or f"<{len(data)} bytes>"
+        opener = lambda: Image.open(io.BytesIO(data))  # noqa: E731
+    else:
+        hint = ("a tensor (3, H, W) of uint8: PIL.Image.fromarray(t.permute(1, 2, 0).numpy())"
+                if isinstance(source, torch.Tensor) else "an array (H, W, 3) of uint8: PIL.Image.fromarray(array)")
+        raise InputError(f"{name or 'an image'} must be a PIL.Image, a file path or bytes (of an image file), got "
+                         f"{type(source).__name__}. For {hint}.")
+    try:
+        with warnings.catch_warnings():  # the size is checked below, with the kit's own message
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return opener(), name, True
     except Image.DecompressionBombError as err:
         raise InputError(f"{name} is too large to decode safely ({err}). Downscale it first.") from None
     except UnidentifiedImageError:
         raise InputError(f"{name} is not an image file PIL can read (PNG, JPEG, WebP, ...).") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise InputError(f"{name} could not be decoded ({err}); the file is probably truncated or corrupt.") from None
-    return image
+    except PermissionError:
+        raise InputError(f"{name} cannot be read: permission denied.") from None
+    except Exception as err:  # noqa: BLE001  (a damaged header raises whatever the format plugin meets)
+        raise InputError(f"{name} could not be read ({type(err).__name__}: {err}); the file is probably "
+                         "truncated or corrupt.") from None
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with any transparency composited onto white (RGBA, LA, PA, P with a transparent colour)."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+def _decode(image: Image.Image, name: str) -> None:
+    """Decode now: a truncated file fails here, not later in the middle of a batch."""
+    try:
+        image.load()
+    except Exception as err:  # noqa: BLE001  (OSError, SyntaxError, struct.error, EOFError, ...)
+        raise InputError(f"{name} could not be decoded ({type(err).__name__}: {err}); the file is probably "
+                         "truncated or corrupt.") from None
+
+
+def check_picture_size(width: int, height: int, name: str = "the image") -> None:
+    """An InputError for a picture with no pixels or more than ``MAX_INPUT_PIXELS`` (a decompression bomb)."""
+    if min(width, height) < 1:
+        raise InputError(f"{name} of {width}x{height} pixels is empty; give a picture with at least one pixel.")
+    if width * height > MAX_INPUT_PIXELS:
+        raise InputError(f"{name} of {width}x{height} pixels exceeds the {MAX_INPUT_PIXELS} pixels this kit accepts; "
+                         "downscale it first (it would be shrunk to at most ~4.8 megapixels anyway).")
+
+
+def to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
+    """RGB (8 bits per channel) from any PIL mode, each read with its real range.
+
+    * 16-bit greyscale ('I;16', 'I;16B', ...): 0 .. 65535 scaled to 0 .. 255 (x / 257, rounded);
+      PIL's own conversion would clip every value above 255 to white.
+    * 32-bit integers ('I'): 0 .. 255 when every value fits, else 0 .. 65535 (a 16-bit picture);
+      negative values or values over 65535 are refused (the range is unknown: scale it yourself).
+    * floats ('F'): 0 .. 1 when every value fits (the float-picture convention), else 0 .. 255
+      (PIL's); NaN / Inf or values outside 0 .. 255 are refused.
+    * transparency (RGBA, LA, PA, P or L with a transparent colour, premultiplied RGBa): composited
+      onto white, so a transparent pixel becomes white.
+    * CMYK, YCbCr, LAB, HSV, 1-bit, palette: PIL's conversion (CMYK as (1 - C)(1 - K), LAB via D65).
+    """
+    image = _high_bit_to_8_bit(image, name)
+    try:
+        if image.has_transparency_data:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return image.convert("RGB")
+    except ValueError as err:
+        raise InputError(f"{name} has mode {image.mode!r}, which PIL cannot turn into RGB ({err}); convert it to "
+                         "'RGB' or 'RGBA' yourself first.") from None
+
+
+def _high_bit_to_8_bit(image: Image.Image, name: str) -> Image.Image:
+    """'I;16*', 'I', 'F' -> 'L' (or 'LA' when one value is marked transparent) with the range of ``to_rgb``."""
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    values = np.asarray(image)
+    scale = _value_scale(values, image.mode, name)
+    grey = Image.fromarray(np.clip(np.rint(values.astype(np.float64) * scale), 0, 255).astype(np.uint8), "L")
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, (int, float)) and not isinstance(transparent, bool):
+        alpha = Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8), "L")
+        grey = Image.merge("LA", (grey, alpha))
+    return grey
+
+
+def _value_scale(values: np.ndarray, mode: str, name: str) -> float:
+    """The factor that takes a high-bit picture's values to 0 .. 255."""
+    if mode.startswith("I;16"):
+        return 255 / 65535
+    if mode == "F" and not np.isfinite(values).all():
+        raise InputError(f"{name} (mode 'F', floats) holds NaN or Inf values; replace them before passing it.")
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode == "F":
+        if low >= 0 and high <= 1:
+            return 255.0
+        if low >= 0 and high <= 255:
+            return 1.0
+        raise InputError(f"{name} (mode 'F', floats) has values {low:g} .. {high:g}; the kit reads float pictures "
+                         "as 0 .. 1 (or 0 .. 255): scale it into one of these ranges first.")
+    if low >= 0 and high <= 255:
+        return 1.0
+    if low >= 0 and high <= 65535:
+        return 255 / 65535
+    raise InputError(f"{name} (mode 'I', 32-bit integers) has values {low:g} .. {high:g}; the kit reads them as "
+                     "0 .. 255 or 0 .. 65535 (16 bits): scale it into one of these ranges first.")
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
@@ -148,14 +251,11 @@ def preprocess_images(images, *, min_pixels: int = IMAGE_MIN_PIXELS, max_pixels:
     if resize_with not in ("pil", "torch"):
         raise InputError(f"resize_with must be 'pil' or 'torch', got {resize_with!r}.")
     resize = _resize_pil if resize_with == "pil" else _resize_pil_via_torch
-    if isinstance(images, (Image.Image, str, os.PathLike, bytes, bytearray)):
-        images = [images]
-    if len(images) == 0:
-        raise InputError("preprocess_images got no images.")
+    check_pixel_bounds(min_pixels, max_pixels)
+    images = _picture_list(images)
     patches, grids = [], []
-    for source in images:
-        image = to_rgb(open_image(source))
-        _check_input_size(image.width, image.height)
+    for i, source in enumerate(images):
+        image = load_rgb(source, _picture_name(source, i, len(images)))
         h, w = fit_to_grid(image.height, image.width, min_pixels, max_pixels)
         pixels = normalize(resize(image, h, w))[None]  # (1, 3, h, w)
         patches.append(patchify(pixels))
@@ -163,10 +263,41 @@ def preprocess_images(images, *, min_pixels: int = IMAGE_MIN_PIXELS, max_pixels:
     return {"pixel_values": torch.cat(patches), "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
 
 
+def load_rgb(source, name: str | None = None) -> Image.Image:
+    """``open_image`` then ``to_rgb``: a decoded RGB picture, size checked before decoding."""
+    image = open_image(source, name)
+    try:
+        return to_rgb(image, name or "the image")
+    finally:
+        if image is not source:  # opened here from a path or bytes: let go of the file now
+            image.close()
+
+
+def _picture_list(images) -> list:
+    """One picture or a list of them -> a non-empty list (open_image judges each picture)."""
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    if len(images) == 0:
+        raise InputError("preprocess_images got no images; give at least one picture.")
+    return list(images)
+
+
+def _picture_name(source, index: int, count: int, kind: str = "image") -> str | None:
+    """How errors call picture ``index``: its path, 'image N' in a list of several, else open_image's default."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return f"{kind} {index}" if count > 1 else None
+
+
+def check_pixel_bounds(min_pixels, max_pixels) -> None:
+    """min_pixels / max_pixels: positive whole numbers (their order is fit_to_grid's to judge)."""
+    for label, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise InputError(f"{label} must be a positive whole number of pixels, got {value!r}.")
+
+
 def _check_input_size(width: int, height: int) -> None:
-    if width * height > MAX_INPUT_PIXELS:
-        raise InputError(f"image of {width}x{height} pixels exceeds the {MAX_INPUT_PIXELS} pixels this kit accepts; "
-                         "downscale it first (it would be shrunk to at most ~4.8 megapixels anyway).")
+    check_picture_size(width, height, "the video's frames")
 
 
 # ------------------------------------------------------------------------------------- video
@@ -180,6 +311,7 @@ def preprocess_video(frames, *, min_pixels: int = VIDEO_MIN_PIXELS, max_pixels: 
     training. Frames are resized with torch's antialiased bicubic filter, like the reference video
     processor (which differs slightly from PIL's filter used for still images).
     """
+    check_pixel_bounds(min_pixels, max_pixels)
     video = _frames_to_tensor(frames)  # (T, 3, H, W) uint8
     if font is not None:
         video = draw_timestamps(video, fps if fps is not None else 24.0, font)
@@ -198,17 +330,28 @@ def _frames_to_tensor(frames) -> torch.Tensor:
     if isinstance(frames, (list, tuple)):
         if not frames:
             raise InputError("preprocess_video got no frames.")
-        images = [to_rgb(open_image(f)) for f in frames]
+        images = [load_rgb(f, _picture_name(f, i, 2, "frame")) for i, f in enumerate(frames)]
         if len({im.size for im in images}) > 1:
             raise InputError(f"all frames of a video must have one size, got {sorted({im.size for im in images})}.")
         return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
-    video = torch.as_tensor(np.asarray(frames)) if not isinstance(frames, torch.Tensor) else frames
+    video = frames if isinstance(frames, torch.Tensor) else _array_or_none(frames)
+    if video is None:
+        raise InputError(f"video frames must be a list of pictures or a uint8 array (frames, height, width, 3), "
+                         f"got {type(frames).__name__}.")
     if video.dim() != 4 or video.shape[-1] != 3 or video.dtype != torch.uint8:
         raise InputError(f"video frames must be uint8 of shape (frames, height, width, 3), got {video.dtype} "
                          f"{tuple(video.shape)}.")
     if video.shape[0] == 0:
         raise InputError("preprocess_video got no frames.")
     return video.permute(0, 3, 1, 2).contiguous()
+
+
+def _array_or_none(frames) -> torch.Tensor | None:
+    """A numeric array as a tensor; None for what is not one (a path, None, a dict, ...)."""
+    if isinstance(frames, (str, bytes, os.PathLike, dict, type(None))):
+        return None
+    array = np.asarray(frames)
+    return torch.as_tensor(array) if array.dtype.kind in "biuf" else None
 
 
 def _resize_torch(video: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -18,15 +18,17 @@ that carries its checkpoint's own chat template renders the conversation with it
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
+from PIL import Image
 
 from .chat_format import NO_THINKING, THINKING  # noqa: F401  (their old home; chat_format.py writes them)
 from .chat_format import IMAGE_MARKER, VIDEO_MARKER, check_messages, render_chat
 from ..errors import ConfigError, InputError
 from .image_processing import (IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS,
-                               preprocess_images, preprocess_video)
+                               check_pixel_bounds, preprocess_images, preprocess_video)
 from ..model.special_tokens import BEGIN_OF_SENTENCE, END_OF_SENTENCE, PICTURE_TOKEN_IDS, PICTURE_TOKENS
 from ..model.vision import tokens_per_item
 
@@ -92,14 +94,42 @@ def _as_url_items(messages) -> list[dict]:
 
 def _media_in(messages, kind: str) -> list:
     """The pictures named inside the messages (None where an item only marks a place)."""
+    return [picture for picture, _ in _media_with_places(messages, kind)]
+
+
+def _media_with_places(messages, kind: str) -> list[tuple]:
+    """(picture or None, "message N, item J") for each ``kind`` item of the messages, in order."""
     found = []
-    for message in messages:
+    for n, message in enumerate(messages):
         if isinstance(message["content"], str):
             continue
-        for item in message["content"]:
+        for j, item in enumerate(message["content"]):
             if item.get("type") in (kind, f"{kind}_url"):
-                found.append(item.get(kind))
+                found.append((_picture_of(item, kind, f"message {n}, item {j}"), f"message {n}, item {j}"))
     return found
+
+
+def _picture_of(item: dict, kind: str, where: str):
+    """The picture an item holds: ``item[kind]``, or the url of an ``{kind}_url`` item (a path, file:// or data:)."""
+    if item.get(kind) is not None or item.get("type") != f"{kind}_url":
+        return item.get(kind)
+    url = item.get(f"{kind}_url")
+    url = url.get("url") if isinstance(url, dict) else url
+    if url in (None, ""):
+        return None  # a place to fill from images= / videos=
+    if not isinstance(url, str):
+        raise InputError(f"{where}: the {kind}_url must be a str (a file path, file:// or data: url), got "
+                         f"{type(url).__name__}.")
+    if url.startswith("data:"):
+        import base64
+        import binascii
+
+        header, _, payload = url.partition(",")
+        try:
+            return base64.b64decode(payload, validate=True) if header.endswith(";base64") else payload.encode()
+        except (binascii.Error, ValueError):
+            raise InputError(f"{where}: the data: url of the {kind} is not valid base64.") from None
+    return url[len("file://"):] if url.startswith("file://") else url
 
 
 class VLProcessor:
@@ -115,6 +145,9 @@ class VLProcessor:
                  token_ids: dict | None = None, config=None):
         """``token_ids`` / ``config`` (the model's VLConfig or config.json dict) name the picture token ids
         where the tokenizer does not know them; see :func:`picture_token_ids`."""
+        check_tokenizer(tokenizer, "VLProcessor(tokenizer)")
+        check_pixel_bounds(image_min_pixels, image_max_pixels)
+        check_pixel_bounds(video_min_pixels, video_max_pixels)
         self.tokenizer = tokenizer
         self.image_bounds = (image_min_pixels, image_max_pixels)
         self.video_bounds = (video_min_pixels, video_max_pixels)
@@ -137,13 +170,19 @@ class VLProcessor:
         Returns ``input_ids`` (1, T) and, when there are pictures, ``pixel_values`` / ``image_grid_thw``
         and ``pixel_values_videos`` / ``video_grid_thw``.
         """
+        _check_flags(add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking)
+        images, videos = _picture_arguments(images, "image"), _picture_arguments(videos, "video")
         if isinstance(messages, str):
             text = messages
-            images, videos = list(images or []), list(videos or [])
+            image_places = [f"image {i} of images=" for i in range(len(images))]
+            video_places = [f"video {i} of videos=" for i in range(len(videos))]
         else:
+            if isinstance(messages, (list, tuple)) and len(messages) == 0:
+                raise InputError("the processor got no messages; give at least one, e.g. "
+                                 "[{'role': 'user', 'content': 'Hi'}].")
             text = self.render(messages, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking)
-            images = self._fill(_media_in(messages, "image"), images, "image")
-            videos = self._fill(_media_in(messages, "video"), videos, "video")
+            images, image_places = self._fill(_media_with_places(messages, "image"), images, "image")
+            videos, video_places = self._fill(_media_with_places(messages, "video"), videos, "video")
         for kind, marker, given in (("image", IMAGE_MARKER, images), ("video", VIDEO_MARKER, videos)):
             if text.count(marker) != len(given):
                 raise InputError(f"the prompt has {text.count(marker)} {kind} placeholder(s) but {len(given)} "
@@ -151,26 +190,29 @@ class VLProcessor:
         inputs = {}
         image_counts, video_counts = [], []
         if images:
-            batch = preprocess_images(images, min_pixels=self.image_bounds[0], max_pixels=self.image_bounds[1])
-            inputs.update(batch)
-            image_counts = tokens_per_item(batch["image_grid_thw"])
+            batches = [_named(preprocess_images, place, [image], min_pixels=self.image_bounds[0],
+                              max_pixels=self.image_bounds[1]) for image, place in zip(images, image_places)]
+            inputs = {key: torch.cat([b[key] for b in batches]) for key in ("pixel_values", "image_grid_thw")}
+            image_counts = tokens_per_item(inputs["image_grid_thw"])
         if videos:
-            clips = [preprocess_video(v, min_pixels=self.video_bounds[0], max_pixels=self.video_bounds[1]) for v in videos]
+            low, high = self.video_bounds
+            clips = [_named(preprocess_video, place, v, min_pixels=low, max_pixels=high)
+                     for v, place in zip(videos, video_places)]
             inputs["pixel_values_videos"] = torch.cat([c["pixel_values_videos"] for c in clips])
             inputs["video_grid_thw"] = torch.cat([c["video_grid_thw"] for c in clips])
             video_counts = tokens_per_item(inputs["video_grid_thw"])
         ids = self._encode(text, iter(image_counts), iter(video_counts))
         return {"input_ids": torch.tensor([ids]), **inputs}
 
-    def _fill(self, inline: list, given, kind: str) -> list:
-        """Pictures from the messages, with places left empty filled from ``given`` in order."""
-        given = list(given or [])
-        missing = sum(item is None for item in inline)
+    def _fill(self, inline: list[tuple], given: list, kind: str) -> tuple[list, list[str]]:
+        """Pictures from the messages, with places left empty filled from ``given`` in order; and their places."""
+        missing = sum(picture is None for picture, _ in inline)
         if missing != len(given):
             raise InputError(f"the messages have {missing} {kind} item(s) without a picture but {len(given)} "
                              f"{kind}(s) were passed; give one per item (or put them inside the items).")
         supply = iter(given)
-        return [item if item is not None else next(supply) for item in inline]
+        pictures = [picture if picture is not None else next(supply) for picture, _ in inline]
+        return pictures, [place for _, place in inline]
 
     def _encode(self, text: str, image_counts, video_counts) -> list[int]:
         """Encode the text between markers; each marker becomes start + n placeholders + end."""
@@ -183,3 +225,38 @@ class VLProcessor:
             elif piece:
                 ids += self.tokenizer.encode(piece)
         return ids
+
+
+# ------------------------------------------------------------------------------------------ entry checks
+def check_tokenizer(tokenizer, where: str) -> None:
+    """An InputError unless ``tokenizer`` can encode and decode (ernie_lab.load_tokenizer(...) makes one)."""
+    if not all(callable(getattr(tokenizer, name, None)) for name in ("encode", "decode")):
+        raise InputError(f"{where}: expected a tokenizer (ernie_lab.load_tokenizer(folder)), got "
+                         f"{type(tokenizer).__name__}.")
+
+
+def _check_flags(**flags) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise InputError(f"{name} must be True or False, got {value!r}.")
+
+
+def _picture_arguments(given, kind: str) -> list:
+    """``images=`` / ``videos=`` as a list: None is none, one picture (or one video array) is a list of one."""
+    if given is None:
+        return []
+    one_video = kind == "video" and getattr(given, "ndim", None) == 4  # a (T, H, W, 3) array or tensor
+    one_image = kind == "image" and isinstance(given, (Image.Image, str, bytes, bytearray, os.PathLike))
+    if one_video or one_image:
+        return [given]
+    if not isinstance(given, (list, tuple)):
+        raise InputError(f"{kind}s= must be a list of {kind}s, got {type(given).__name__}.")
+    return list(given)
+
+
+def _named(preprocess, place: str, source, **bounds) -> dict:
+    """``preprocess(source)``, its InputError prefixed with where the picture came from."""
+    try:
+        return preprocess(source, **bounds)
+    except InputError as err:
+        raise InputError(f"{place}: {err}") from None

@@ -1,7 +1,7 @@
 """Exercises of notebook 00 (the tour): what a long context costs."""
 
 from ...analysis import family as F
-from ..exercises import Mismatch, exercise, expect_close
+from ..exercises import Mismatch, as_number, exercise, expect_close
 
 
 @exercise("00.kv_crossover",
@@ -11,6 +11,7 @@ def kv_crossover(tokens) -> str:
     weights = F.count_params(F.CONFIG_0_3B).total * 2
     per_token = F.kv_cache_bytes_per_token(F.CONFIG_0_3B)
     expected = weights / per_token
+    tokens = as_number("tokens", tokens)
     if abs(float(tokens) - expected * 8) < 8:
         raise Mismatch("that is 8x too many: the cache stores only the 2 key/value heads, not all 16 query heads")
     if abs(float(tokens) - expected / 8) < 1:

@@ -2,7 +2,7 @@
 
 import torch
 
-from ..exercises import Mismatch, call, exercise, expect_equal, expect_tensor
+from ..exercises import Mismatch, as_ints, call, exercise, expect_equal, expect_tensor
 from ...model.rope import apply_rope, rope_angles
 
 
@@ -28,7 +28,7 @@ def rope_rotate_half(function) -> str:
     x, cos, sin = _rope_case()
     got = call(function, x, cos, sin)
     expected = rotate_half_reference(x, cos, sin)
-    if isinstance(got, torch.Tensor) and got.shape == x.shape:
+    if isinstance(got, torch.Tensor) and got.shape == x.shape and got.dtype == x.dtype and torch.isfinite(got).all():
         if torch.allclose(got, apply_rope(x, cos, sin), atol=1e-5):
             raise Mismatch("this is ERNIE's interleaved layout (pairs 2i, 2i+1); rotate-half pairs i with i + d/2")
         if not torch.allclose(got.norm(dim=-1), x.norm(dim=-1), atol=1e-4):
@@ -47,7 +47,7 @@ def nucleus(function) -> str:
     probs = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15])
     for p, expected in ((0.5, [1, 3]), (0.4, [1]), (0.75, [1, 3, 4]), (0.99, [0, 1, 2, 3, 4]), (1e-9, [1])):
         got = call(function, probs, p)
-        got = sorted(int(i) for i in (got.tolist() if isinstance(got, torch.Tensor) else got))
+        got = sorted(as_ints(f"nucleus at p = {p}", got))
         if p == 0.5 and got == [1]:
             raise Mismatch("at p = 0.5 you keep only token 1 (0.4): the token that crosses p (token 3) belongs "
                            "to the nucleus too, or the kept mass would be below p")
@@ -76,7 +76,7 @@ def causal_mask_reference(length: int = 16, edited: int = 10) -> list[int]:
                "cannot see position 10?")
 def causal_mask(positions) -> str:
     expected = causal_mask_reference()
-    got = sorted(int(p) for p in positions)
+    got = sorted(as_ints("positions", positions))
     if got == list(range(11)):
         raise Mismatch("position 10 itself reads the changed token (its own input), so its logits change too")
     expect_equal("positions whose logits stay the same", got, expected)

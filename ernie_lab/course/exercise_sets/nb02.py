@@ -2,7 +2,7 @@
 
 import torch
 
-from ..exercises import Mismatch, call, exercise, expect_close, expect_equal
+from ..exercises import Mismatch, as_number, call, exercise, expect_close, expect_equal
 
 
 @exercise("02.active_per_layer",
@@ -44,7 +44,7 @@ def switch_loss(function) -> str:
     logits, probs, ids = _routing_case()
     got = call(function, probs, ids)
     expected = load_balancing_loss(logits, k=ids.shape[1]).item()
-    got = float(got)
+    got = as_number("balancing loss", got)
     if abs(got * ids.shape[1] - expected) < 1e-4:
         raise Mismatch(f"yours is {got:.4f}, k = {ids.shape[1]} times too small: f_e counts tokens, divide by N "
                        "(not by the N k choices)")

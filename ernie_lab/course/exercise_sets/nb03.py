@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from ..exercises import Mismatch, exercise, expect_equal
+from ..exercises import Mismatch, as_ints, exercise, expect_equal
 
 PHOTO = (3024, 4032)        # a phone photo, height x width
 IMAGE, START, END = 100295, 101304, 101305   # <|IMAGE_PLACEHOLDER|>, <|IMAGE_START|>, <|IMAGE_END|>
@@ -38,7 +38,7 @@ def last_position(position) -> str:
                         + [END, 6, 7, 8]])
     positions, _ = position_ids_3d(modality_types(ids), torch.tensor([[1, 8, 12]]))
     expected = positions[:, 0, -1].tolist()
-    got = [int(p) for p in position]
+    got = as_ints("(t, h, w) position", position)
     if got == [ids.shape[1] - 1] * 3:
         raise Mismatch("that counts every token one position; the picture's 24 tokens share a 2-D grid of "
                        "positions that spans only max(4, 6) = 6")

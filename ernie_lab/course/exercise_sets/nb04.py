@@ -5,7 +5,7 @@ import math
 import torch
 
 from ...analysis import family as F
-from ..exercises import Mismatch, exercise, expect_close, expect_equal
+from ..exercises import Mismatch, as_number, exercise, expect_close, expect_equal
 
 
 @exercise("04.vision_experts",
@@ -39,6 +39,7 @@ def text_balance_loss(loss) -> str:
     modality = torch.tensor([0, 0, 0, 1, 1, 1])
     expected = modality_balancing_losses([table], modality, k=1)
     pooled = load_balancing_loss(table, k=1).item()
+    loss = as_number("text group's balancing loss", loss)
     if math.isclose(float(loss), pooled, rel_tol=1e-4):
         raise Mismatch("that pools text and vision tokens; the text group's loss uses the text tokens only")
     if math.isclose(float(loss), expected["text"].item() / 2, rel_tol=1e-4):

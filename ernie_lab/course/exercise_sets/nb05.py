@@ -1,6 +1,6 @@
 """Exercises of notebook 05 (training): the labels of answers-only training."""
 
-from ..exercises import Mismatch, call, exercise, expect_equal
+from ..exercises import Mismatch, as_ints, call, exercise, expect_equal
 
 IGNORE = -100   # the label cross-entropy skips (ernie_lab.losses and transformers agree)
 
@@ -12,7 +12,7 @@ def answer_labels(function) -> str:
     for ids, is_answer in cases:
         expected = [i if a else IGNORE for i, a in zip(ids, is_answer)]
         got = call(function, list(ids), list(is_answer))
-        got = [int(x) for x in (got.tolist() if hasattr(got, "tolist") else got)]
+        got = as_ints(f"labels of ids {ids}", got)
         if got == expected:
             continue
         if got == [IGNORE if a else i for i, a in zip(ids, is_answer)]:

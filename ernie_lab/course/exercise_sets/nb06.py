@@ -3,7 +3,7 @@
 import math
 
 from ...analysis.routing import contingency, information
-from ..exercises import Mismatch, call, exercise, expect_close
+from ..exercises import Mismatch, as_number, call, exercise, expect_close
 
 
 CASES = [
@@ -20,7 +20,7 @@ def nmi(function) -> str:
     for experts, labels in CASES:
         mi, ha, hb = information(contingency(experts, labels))  # I(A; B), H(A), H(B) in nats
         expected = 2 * mi / (ha + hb)
-        got = float(call(function, list(experts), list(labels)))
+        got = as_number(f"NMI of experts {experts} and labels {labels}", call(function, list(experts), list(labels)))
         if math.isclose(got, expected, rel_tol=1e-6, abs_tol=1e-9):
             continue
         if math.isclose(got, mi, rel_tol=1e-6) and not math.isclose(mi, expected, rel_tol=1e-6):

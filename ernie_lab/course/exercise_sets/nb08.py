@@ -2,7 +2,7 @@
 
 import math
 
-from ..exercises import Mismatch, call, exercise, expect_close, expect_equal
+from ..exercises import Mismatch, as_number, call, exercise, expect_close, expect_equal
 
 
 @exercise("08.lora_parameters",
@@ -34,7 +34,7 @@ def dpo_loss(function) -> str:
              ([-4.0], [-4.0], [-5.0], [-3.0], 0.1), ([-10.0, -1.0, -3.0], [-2.0, -2.0, -9.0], [-6.0, -1.5, -3.0],
                                                    [-2.5, -2.0, -8.0], 1.0)]
     for pc, pr, rc, rr, beta in cases:
-        got = float(call(function, list(pc), list(pr), list(rc), list(rr), beta))
+        got = as_number(f"DPO loss of case beta={beta}", call(function, list(pc), list(pr), list(rc), list(rr), beta))
         expected = _dpo(pc, pr, rc, rr, beta)
         if abs(got - _dpo(pc, pr, [0.0] * len(rc), [0.0] * len(rr), beta)) < 1e-6 and abs(got - expected) > 1e-6:
             raise Mismatch("the reference is missing: the reward is beta (log pi - log pi_ref), "

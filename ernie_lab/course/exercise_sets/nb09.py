@@ -71,8 +71,11 @@ def int8_rtn(function) -> str:
     weight = torch.randn(6, 40, generator=g) * torch.tensor([0.01, 0.1, 1, 3, 0.5, 0.05])[:, None]
     got = call(function, weight.clone())
     expected = int8_reference(weight)
-    if not isinstance(got, torch.Tensor) or got.shape != weight.shape:
-        raise Mismatch(f"return the dequantized weight, shape {tuple(weight.shape)}")
+    if not isinstance(got, torch.Tensor) or got.shape != weight.shape or not got.is_floating_point():
+        raise Mismatch(f"return the dequantized weight, a float tensor of shape {tuple(weight.shape)}")
+    if not torch.isfinite(got).all():
+        raise Mismatch("your weight holds NaN or Inf")
+    got = got.to(weight.dtype)
     per_tensor_scale = weight.abs().max() / 127
     if torch.allclose(got, (weight / per_tensor_scale).round() * per_tensor_scale, atol=1e-7):
         raise Mismatch("one scale for the whole matrix: the small rows lose almost all their digits; use one "
