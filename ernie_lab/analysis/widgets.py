@@ -388,10 +388,11 @@ class RoutingExplorer:
         files = uploaded_files(change["new"])
         if not files:
             return
-        if not self.is_vl:
-            raise InputError("this model is text-only: it cannot see an uploaded picture; load an ERNIE 4.5 VL model.")
         filename, content = files[0]
         image = upload_picture(filename, content)  # refused here leaves the dropdown as it was
+        if not self.is_vl:
+            raise InputError(f"the upload {filename!r}: this model is text-only and cannot see pictures; load an "
+                             "ERNIE 4.5 VL model.")
         name = f"upload: {filename}"
         self._route(image)  # the model sees it before it joins the list: a failure adds nothing
         self.images[name] = image
