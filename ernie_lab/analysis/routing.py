@@ -445,6 +445,8 @@ def specialisation(record: RoutingRecord, rows: torch.Tensor, labels: list, rank
     labels = as_label_list(labels, "labels")
     if len(labels) != len(rows):
         raise InputError(f"labels: give one label per row: {len(labels)} labels for {len(rows)} rows.")
+    if record.layers and not len(rows):
+        raise InputError("rows is empty: give the record rows of the tokens whose experts are to be measured.")
     out = []
     for entry, picks in zip(record.layers, choices(record, rows, rank)):
         names, table = load_by_label(picks, labels, entry.num_experts)

@@ -209,7 +209,7 @@ def records_over_training(checkpoints, inputs: list[dict]) -> list[tuple[int, ro
     checkpoints = list(checkpoints)
     for i, pair in enumerate(checkpoints):
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-            raise InputError(f"checkpoints[{i}] must be a (step, model or folder) pair, got {pair!r:.60}.")
+            raise InputError(f"checkpoints[{i}] must be a (step, model or folder) pair, got {type(pair).__name__}.")
         try:
             int(pair[0])
         except (TypeError, ValueError):
@@ -441,6 +441,8 @@ def mark(ax, cell: int | None, gw: int) -> None:
 # ====================================================================================== text
 def default_layers(record: routing.RoutingRecord, most: int = 8) -> list[int]:
     """All MoE layers when there are at most ``most``, else ``most`` of them evenly spread (first and last kept)."""
+    routing.check_record(record)
+    routing.check_count("most", most)
     indices = [e.layer_idx for e in record.layers]
     if len(indices) <= most:
         return indices
