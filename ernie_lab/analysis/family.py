@@ -92,6 +92,13 @@ def parsed(config: Any) -> ErnieConfig | VLConfig:
 
 
 def _as_dict(config: Any) -> dict:
+    if isinstance(config, str):
+        try:  # a published checkpoint's name or Hub id: its config
+            return dict(checkpoint(config).config)
+        except InputError:
+            pass
+        raise ConfigError(f"config {config!r} is not a published checkpoint name (known: {', '.join(CHECKPOINTS)}); "
+                          "for a folder, pass the dict that json.load reads from its config.json.")
     if isinstance(config, Checkpoint):
         return dict(config.config)
     if isinstance(config, dict):
@@ -124,6 +131,36 @@ def shape_of(config: ErnieConfig | VLConfig) -> ModelShape:
                          temporal_merge=v.temporal_merge_size)
     return ModelShape(kind="vl_moe", num_vision_experts=text.moe_num_experts, vision_experts_per_token=text.moe_k,
                       vision_expert_size=config.vision_moe_intermediate_size, vision=vision, **experts, **fields)
+
+
+def _number(name: str, value, *, minimum: float | None = None, above: float | None = None,
+            maximum: float | None = None, below: float | None = None, integer: bool = False) -> float:
+    """``value`` checked as a finite real number (an int where ``integer``) in range, or an InputError naming it."""
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise InputError(f"{name} must be {kind}, got {value!r} ({type(value).__name__}).")
+    if not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value!r}.")
+    bounds = [(minimum, lambda v, b: v >= b, ">="), (above, lambda v, b: v > b, ">"),
+              (maximum, lambda v, b: v <= b, "<="), (below, lambda v, b: v < b, "<")]
+    for bound, ok, sign in bounds:
+        if bound is not None and not ok(value, bound):
+            raise InputError(f"{name} must be {sign} {bound:g}, got {value!r}.")
+    return value
+
+
+def _precision(precision) -> str:
+    """A precision name of PRECISION_BITS (any case, surrounding spaces ignored), or an InputError."""
+    name = precision.strip().lower() if isinstance(precision, str) else None
+    if name not in PRECISION_BITS:
+        raise InputError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISION_BITS)}.")
+    return name
+
+
+def _modality(modality) -> str:
+    if modality not in ("text", "vision"):
+        raise InputError(f"modality must be 'text' or 'vision', got {modality!r}.")
+    return modality
 
 
 # ================================================================================================
@@ -211,8 +248,7 @@ def count_params(config: Any, modality: str = "text") -> ParamCount:
 
     A tied embedding counts once in ``active``: its matrix is the output projection.
     """
-    if modality not in ("text", "vision"):
-        raise InputError(f"modality must be 'text' or 'vision', got {modality!r}.")
+    _modality(modality)
     s = model_shape(config)
     if modality == "vision" and s.vision is None:
         raise InputError(f"A {s.kind} model has no vision tokens; count a VL config or use modality='text'.")
@@ -267,9 +303,8 @@ def weight_bytes(config: Any, precision: str = "bf16", group_size: int | None = 
 
         bytes = matrices x bits / 8 + matrices / group_size x 2 + (norms + routers) x 2
     """
-    if precision not in PRECISION_BITS:
-        raise InputError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISION_BITS)}.")
-    if group_size is not None and group_size < 1:
+    precision = _precision(precision)
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
         raise InputError(f"group_size must be a positive integer or None, got {group_size!r}.")
     counts = count_params(config)
     small = counts.by_component["norms"] + counts.by_component["router"]
@@ -281,6 +316,9 @@ def weight_bytes(config: Any, precision: str = "bf16", group_size: int | None = 
 
 def kv_cache_bytes_per_token(config: Any, bytes_per_value: float = 2, gqa: bool = True) -> float:
     """2 (K and V) x layers x kv_heads x head_dim x bytes. ``gqa=False``: as if every head kept its K/V."""
+    _number("bytes_per_value", bytes_per_value, above=0)
+    if not isinstance(gqa, bool):
+        raise InputError(f"gqa must be True or False, got {gqa!r}.")
     s = model_shape(config)
     heads = s.num_kv_heads if gqa else s.num_heads
     return 2 * s.num_layers * heads * s.head_dim * bytes_per_value
@@ -289,8 +327,8 @@ def kv_cache_bytes_per_token(config: Any, bytes_per_value: float = 2, gqa: bool 
 def kv_cache_bytes(config: Any, context_tokens: int, batch: int = 1, bytes_per_value: float = 2,
                    gqa: bool = True) -> float:
     """KV cache of ``batch`` sequences of ``context_tokens`` tokens each."""
-    if context_tokens < 0 or batch < 1:
-        raise InputError(f"Need context_tokens >= 0 and batch >= 1, got {context_tokens} and {batch}.")
+    _number("context_tokens", context_tokens, minimum=0, integer=True)
+    _number("batch", batch, minimum=1, integer=True)
     return kv_cache_bytes_per_token(config, bytes_per_value, gqa) * context_tokens * batch
 
 
@@ -316,8 +354,7 @@ def flops_per_token(config: Any, context_tokens: int, phase: str = "decode") -> 
     """
     if phase not in ("decode", "prefill"):
         raise InputError(f"phase must be 'decode' or 'prefill', got {phase!r}.")
-    if context_tokens < 0:
-        raise InputError(f"context_tokens must be >= 0, got {context_tokens}.")
+    _number("context_tokens", context_tokens, minimum=0, integer=True)
     s = model_shape(config)
     active = count_params(config).active_by_component
     matrices = sum(active.values()) - active["norms"] - s.num_moe_layers * s.num_experts  # minus correction biases
@@ -327,20 +364,23 @@ def flops_per_token(config: Any, context_tokens: int, phase: str = "decode") -> 
 
 def training_flops_per_token(config: Any, seq_len: int) -> float:
     """Forward + backward = 3 x forward (the backward pass costs two forwards): 6 x active + attention."""
+    _number("seq_len", seq_len, minimum=1, integer=True)
     return 3 * flops_per_token(config, seq_len, phase="prefill")
 
 
 def mfu(tokens_per_second: float, flops_per_token_: float, peak_flops: float) -> float:
     """Model FLOPs utilisation = useful FLOP/s / peak FLOP/s, all per GPU (or all for the cluster)."""
-    if min(tokens_per_second, flops_per_token_, peak_flops) <= 0:
-        raise InputError("mfu needs positive tokens_per_second, flops_per_token and peak_flops.")
+    _number("tokens_per_second", tokens_per_second, above=0)
+    _number("flops_per_token", flops_per_token_, above=0)
+    _number("peak_flops", peak_flops, above=0)
     return tokens_per_second * flops_per_token_ / peak_flops
 
 
 def tokens_per_second_at_mfu(mfu_: float, flops_per_token_: float, peak_flops: float) -> float:
     """The inverse: the throughput that a given MFU means on given hardware."""
-    if not 0 < mfu_ <= 1 or flops_per_token_ <= 0 or peak_flops <= 0:
-        raise InputError("Need 0 < mfu <= 1 and positive flops_per_token and peak_flops.")
+    _number("mfu", mfu_, above=0, maximum=1)
+    _number("flops_per_token", flops_per_token_, above=0)
+    _number("peak_flops", peak_flops, above=0)
     return mfu_ * peak_flops / flops_per_token_
 
 
@@ -384,8 +424,15 @@ def gpus_needed(config: Any, precision: str, gpu_memory_gib: float, context_toke
     ``reserve_fraction`` keeps room for activations, CUDA context and fragmentation. Real deployments
     round up to a parallel degree the layout allows (usually a power of two).
     """
-    if gpu_memory_gib <= 0 or not 0 <= reserve_fraction < 1:
-        raise InputError("Need gpu_memory_gib > 0 and 0 <= reserve_fraction < 1.")
+    if isinstance(gpu_memory_gib, str) and gpu_memory_gib in ACCELERATORS:
+        raise InputError(f"gpu_memory_gib must be a number of GiB, got {gpu_memory_gib!r}; for that card pass "
+                         f"ACCELERATORS[{gpu_memory_gib!r}].memory_gib ({ACCELERATORS[gpu_memory_gib].memory_gib}).")
+    _number("gpu_memory_gib", gpu_memory_gib, above=0)
+    _number("reserve_fraction", reserve_fraction, minimum=0, below=1)
+    precision = _precision(precision)
+    _number("context_tokens", context_tokens, minimum=0, integer=True)
+    _number("batch", batch, minimum=1, integer=True)
+    _number("kv_bytes_per_value", kv_bytes_per_value, above=0)
     need = weight_bytes(config, precision) + kv_cache_bytes(config, context_tokens, batch, kv_bytes_per_value)
     return max(1, math.ceil(need / (gpu_memory_gib * GIB * (1 - reserve_fraction))))
 
@@ -413,12 +460,18 @@ def ep_all_to_all_bytes(config: Any, ep_degree: int, bytes_per_value: float = 2,
 
     (bytes_per_value 1 for an FP8 dispatch). Shared experts and attention are replicated, not dispatched.
     """
+    _modality(modality)
+    _number("bytes_per_value", bytes_per_value, above=0)
+    if not isinstance(dedup, bool):
+        raise InputError(f"dedup must be True or False, got {dedup!r}.")
     s = model_shape(config)
+    if modality == "vision" and s.vision is None:
+        raise InputError(f"A {s.kind} model has no vision experts; use a VL config or modality='text'.")
     experts, k = ((s.num_vision_experts, s.vision_experts_per_token) if modality == "vision"
                   else (s.num_experts, s.experts_per_token))
     if not experts:
         raise InputError("A dense model has no experts to spread: expert parallelism needs a MoE config.")
-    if ep_degree < 1 or experts % ep_degree:
+    if isinstance(ep_degree, bool) or not isinstance(ep_degree, int) or ep_degree < 1 or experts % ep_degree:
         raise InputError(f"ep_degree must divide the {experts} experts evenly, got {ep_degree}.")
     return 2 * _remote_copies(experts, k, ep_degree, dedup) * s.hidden_size * bytes_per_value
 
@@ -431,8 +484,8 @@ def tp_all_reduce_bytes(config: Any, tp_degree: int, bytes_per_value: float = 2)
 
         2 all-reduces x 2 (t - 1) / t x hidden x bytes_per_value
     """
-    if tp_degree < 1:
-        raise InputError(f"tp_degree must be >= 1, got {tp_degree}.")
+    _number("tp_degree", tp_degree, minimum=1, integer=True)
+    _number("bytes_per_value", bytes_per_value, above=0)
     s = model_shape(config)
     return 2 * 2 * (tp_degree - 1) / tp_degree * s.hidden_size * bytes_per_value
 
@@ -449,9 +502,12 @@ def ep_all_to_all_seconds(config: Any, ep_degree: int, tokens_per_gpu: int, acce
     No latency, no overlap with compute: a lower bound that shows why ERNIE 4.5 keeps its expert
     parallelism inside one node.
     """
-    if accelerator not in ACCELERATORS or ACCELERATORS[accelerator].inter_node_gb_s is None:
+    if not isinstance(accelerator, str) or accelerator not in ACCELERATORS \
+            or ACCELERATORS[accelerator].inter_node_gb_s is None:
         known = [k for k, a in ACCELERATORS.items() if a.inter_node_gb_s]
         raise InputError(f"accelerator must be one of {known}, got {accelerator!r}.")
+    _number("tokens_per_gpu", tokens_per_gpu, minimum=0)
+    _number("gpus_per_node", gpus_per_node, minimum=1, integer=True)
     hw = ACCELERATORS[accelerator]
     per_token = ep_all_to_all_bytes(config, ep_degree, bytes_per_value, dedup)
     if ep_degree == 1:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import routing
+from ..errors import InputError
 from ..io.chat import render_prompt
 from ..tiny import scenes
 from ..tiny.models import held_out_scenes
@@ -27,6 +28,14 @@ def token_labels(scene: scenes.Scene, grid_h: int, grid_w: int, attribute: str, 
     A token covers size/grid pixels on a side; a small shape fills only part of one, so a token takes the
     shape that covers the most of it when that is at least ``min_share`` of its pixels.
     """
+    if not isinstance(scene, scenes.Scene):
+        raise InputError(f"scene must be a scenes.Scene, got {type(scene).__name__}.")
+    for name, value in (("grid_h", grid_h), ("grid_w", grid_w), ("size", size)):
+        routing.check_count(name, value)
+    if attribute not in ("colour", "kind", "size", "place"):
+        raise InputError(f"attribute must be 'colour', 'kind', 'size' or 'place', got {attribute!r}.")
+    if isinstance(min_share, bool) or not isinstance(min_share, (int, float)) or not 0 <= min_share <= 1:
+        raise InputError(f"min_share must be a number from 0 to 1, got {min_share!r}.")
     labels = []
     for counts in scenes.cell_pixel_counts(scene, grid_h, grid_w, size):   # (background, shape 1, ...)
         best = int(counts[1:].argmax()) + 1
@@ -42,6 +51,19 @@ def scene_specialisation(model, tokenizer, count: int = 60, seed: int = 12345,
 
     Returns {layer: {attribute: {"nmi": float, "load": {label: [tokens per expert]}}}}.
     """
+    if not isinstance(model, torch.nn.Module) or not hasattr(getattr(model, "config", None), "vision"):
+        raise InputError(f"model must be an ernie-lab ERNIE 4.5 VL model (it routes pictures), got "
+                         f"{type(model).__name__}; load the tiny one with ernie_lab.load_model(folder).")
+    if not routing.taps(model):
+        raise InputError("model: this model has no MoE layers, so its experts cannot specialise.")
+    routing.check_count("count", count)
+    if isinstance(attributes, str):
+        attributes = (attributes,)
+    attributes = tuple(attributes)
+    bad = [a for a in attributes if a not in ("colour", "kind", "size", "place", "background")]
+    if not attributes or bad:
+        raise InputError(f"attributes must be some of 'colour', 'kind', 'size', 'place', 'background', got "
+                         f"{attributes!r}.")
     model.eval()
     labels = {a: [] for a in attributes}
     picks: dict[int, list[torch.Tensor]] = {}                  # layer -> top-1 experts of each scene's image tokens

@@ -48,8 +48,28 @@ class Routed:
     text_rows: torch.Tensor        # record rows routed by the text group
 
 
+def check_tokenizer(tokenizer, *needs: str) -> None:
+    """Refuse an object that lacks the tokenizer methods ``needs`` (and can name no token), naming ``tokenizer``."""
+    names = ("convert_ids_to_tokens", "decode")
+    missing = [n for n in needs if not callable(getattr(tokenizer, n, None))]
+    if missing or not any(callable(getattr(tokenizer, n, None)) for n in names):
+        raise InputError(f"tokenizer must be an ERNIE 4.5 tokenizer (with {', '.join(needs + ('decode',))}), got "
+                         f"{type(tokenizer).__name__}; load it with ernie_lab.load_tokenizer(folder).")
+
+
+def check_model(model) -> None:
+    """Refuse what is not a model with MoE layers, before anything runs."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise InputError(f"model must be an ernie-lab model, got {type(model).__name__}; load one with "
+                         "ernie_lab.load_model(folder).")
+    if not routing.taps(model):
+        raise InputError("this model has no MoE layers, so there is no routing to draw; load an ERNIE 4.5 MoE "
+                         "or VL checkpoint (a dense 0.3B model routes nothing).")
+
+
 def token_texts(tokenizer, ids) -> list[str]:
     """The text of every token id (SentencePiece pieces, markers as written)."""
+    check_tokenizer(tokenizer)
     ids = [int(i) for i in ids]
     if hasattr(tokenizer, "convert_ids_to_tokens"):
         return [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
@@ -68,13 +88,17 @@ def route(model, tokenizer, prompt: str, image=None) -> Routed:
     """Run ``model`` once on a chat prompt (with a picture for a VL model) and keep its routing."""
     from ..io.chat import render_prompt
 
+    check_model(model)
+    check_tokenizer(tokenizer, "apply_chat_template")
+    if not isinstance(prompt, str):
+        raise InputError(f"prompt must be a str, got {type(prompt).__name__}.")
+    if image is not None and not hasattr(model.config, "vision"):
+        raise InputError("image: this is a text-only model, it cannot see pictures; pass image=None or load an "
+                         "ERNIE 4.5 VL model.")
     model.eval()
     inputs = render_prompt(model, tokenizer, messages_for(prompt, image))
     with routing.record(model) as rec:
         model(**inputs)
-    if not rec.layers:
-        raise InputError("this model has no MoE layers, so there is no routing to draw; load an ERNIE 4.5 MoE "
-                         "or VL checkpoint (a dense 0.3B model routes nothing).")
     ids = inputs["input_ids"][0]
     grid, image_rows = None, torch.zeros(0, dtype=torch.long)
     if image is not None:
@@ -97,6 +121,10 @@ def route_scenes(model, tokenizer, scene_list, question: str | None = None,
     from ..tiny import scenes
 
     question = question or scenes.DESCRIBE
+    scene_list = list(scene_list) if not isinstance(scene_list, (str, bytes)) and hasattr(scene_list, "__iter__") else None
+    if not scene_list or not all(isinstance(s, scenes.Scene) for s in scene_list):
+        raise InputError("scene_list must be a non-empty list of scenes.Scene (e.g. tiny.models.held_out_scenes(8)).")
+    attributes = check_attributes(attributes)
     rows, labels, offset = [], {a: [] for a in attributes}, 0
     with routing.record(model) as rec:
         for scene in scene_list:
@@ -135,9 +163,28 @@ def cell_labels(scene, grid: tuple[int, int], attribute: str, min_share: float =
     return out
 
 
+def check_attributes(attributes) -> tuple:
+    """Scene attributes to label tokens by: some of 'colour', 'kind', 'size', 'place' and 'background'."""
+    known = ("colour", "kind", "size", "place", "background")
+    if isinstance(attributes, str):
+        attributes = (attributes,)
+    attributes = tuple(attributes)
+    bad = [a for a in attributes if a not in known]
+    if not attributes or bad:
+        raise InputError(f"attributes must be some of {known}, got {attributes!r}.")
+    return attributes
+
+
 @torch.no_grad()
 def route_texts(model, tokenizer, texts: list[str]):
     """Route plain texts (no chat markers) in one record: (record, rows (n,), word class of each row)."""
+    check_model(model)
+    check_tokenizer(tokenizer, "encode")
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or not texts:
+        raise InputError(f"texts must be a non-empty list of strings (one text per entry), got {texts!r:.60}.")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text:
+            raise InputError(f"texts[{i}] must be a non-empty str, got {text!r:.60}.")
     rows, tokens = [], []
     with routing.record(model) as rec:
         for text in texts:
@@ -155,6 +202,18 @@ def records_over_training(checkpoints, inputs: list[dict]) -> list[tuple[int, ro
     """
     from ..io.loading import load_model
 
+    if isinstance(inputs, dict) or not isinstance(inputs, (list, tuple)) or not inputs \
+            or not all(isinstance(batch, dict) for batch in inputs):
+        raise InputError("inputs must be a non-empty list of forward kwargs dicts, e.g. [{'input_ids': ids}], "
+                         f"got {type(inputs).__name__}.")
+    checkpoints = list(checkpoints)
+    for i, pair in enumerate(checkpoints):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise InputError(f"checkpoints[{i}] must be a (step, model or folder) pair, got {type(pair).__name__}.")
+        try:
+            int(pair[0])
+        except (TypeError, ValueError):
+            raise InputError(f"checkpoints[{i}]: the step must be an integer, got {pair[0]!r}.") from None
     out = []
     for step, source in checkpoints:
         model = source if isinstance(source, torch.nn.Module) else load_model(source)
@@ -164,6 +223,44 @@ def records_over_training(checkpoints, inputs: list[dict]) -> list[tuple[int, ro
                 model(**batch)
         out.append((int(step), rec))
     return out
+
+
+def check_tokens(record: routing.RoutingRecord, tokens) -> list:
+    """``tokens``: the text of every record row (as viz.route gives them), or an InputError naming ``tokens``."""
+    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (list, tuple)):
+        raise InputError(f"tokens must be a list with the text of every record row (routed.tokens), got "
+                         f"{type(tokens).__name__}.")
+    if len(tokens) != record.num_tokens:
+        raise InputError(f"tokens holds {len(tokens)} texts but the record has {record.num_tokens} tokens: give the "
+                         "text of every recorded token, from the same prompt (routed.tokens).")
+    return tokens
+
+
+def check_position(name: str, value, count: int) -> None:
+    """``value`` is None or an index 0 .. count - 1."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < count:
+        raise InputError(f"{name} must be None or a position from 0 to {count - 1}, got {value!r}.")
+
+
+def check_title(title) -> None:
+    if title is not None and not isinstance(title, str):
+        raise InputError(f"title must be a str or None, got {type(title).__name__}.")
+
+
+def check_image(image):
+    """A PIL picture (a path or the bytes of an image file are opened); anything else an InputError."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image
+    if image is None:
+        raise InputError("image is None: patch_overlay draws a picture's tokens; give the picture that was routed "
+                         "(routed.image).")
+    from ..io.image_processing import open_image
+
+    return open_image(image)  # a path or bytes; anything else is refused there, naming what it got
 
 
 # ====================================================================================== colours
@@ -193,17 +290,28 @@ def ordinal(rank: int) -> str:
 
 def layer_entry(record: routing.RoutingRecord, layer: int | None) -> routing.LayerRouting:
     """The entry of decoder layer ``layer`` (None: the first MoE layer)."""
-    if not record.layers:
-        raise InputError("the routing record is empty: record a forward pass of an MoE model first.")
+    check_nonempty(record)
     if layer is None:
         return record.layers[0]
-    try:
-        return record.layer(layer)
-    except KeyError as error:
-        raise InputError(str(error.args[0])) from None
+    return record.layer(layer)  # routing.NotAnMoELayer, an InputError naming the layers there are
+
+
+EMPTY = ("the routing record is empty ({why}): record a forward pass of an ERNIE 4.5 MoE or VL model first, "
+         "`with routing.record(model) as rec: model(ids)`.")
+
+
+def check_nonempty(record) -> routing.RoutingRecord:
+    """``record`` if it is a RoutingRecord with MoE layers and tokens; else an InputError that says why not."""
+    routing.check_record(record)
+    if not record.layers:
+        raise InputError(EMPTY.format(why="no MoE layers: a dense model routes nothing"))
+    if not record.num_tokens:
+        raise InputError(EMPTY.format(why="no tokens: nothing ran inside the `with`"))
+    return record
 
 
 def groups_of(record: routing.RoutingRecord) -> list[int]:
+    check_nonempty(record)
     groups = routing.routed_modalities(record)
     if not groups:
         raise InputError("the routing record is empty: record a forward pass of an MoE model first.")
@@ -215,6 +323,7 @@ def load_heatmap(record: routing.RoutingRecord, title: str | None = None) -> Fig
     """Tokens per expert in every MoE layer: one heatmap per expert group (text | vision), side by side,
     each with its colour bar and, below it, every expert's total over the layers."""
     groups = groups_of(record)
+    check_title(title)
     E, L = record.layers[0].num_experts, len(record.layers)
     annotate = E <= 16 and L <= 12
     width = max(5.0, 1.6 + 0.13 * E) if E > 16 else 5.5
@@ -258,9 +367,20 @@ def patch_overlay(record: routing.RoutingRecord, image, grid: tuple[int, int], r
     token (its index in the grid) with a frame.
     """
     entry = layer_entry(record, layer)
+    image = check_image(image)
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)):
+        raise InputError(f"grid must be (rows, cols) of the picture's merged tokens, two positive ints (viz.route "
+                         f"gives it as routed.grid), got {grid!r}.")
     gh, gw = grid
+    rows = routing.check_rows(record, rows)
     if len(rows) != gh * gw:
-        raise InputError(f"the grid {gh} x {gw} has {gh * gw} cells but {len(rows)} image rows were given.")
+        raise InputError(f"rows: the grid {gh} x {gw} has {gh * gw} cells but {len(rows)} image rows were given.")
+    rank = routing.check_rank(record, rank)
+    if not (entry.modality[rows] == VISION).all():
+        raise InputError("rows: some of these rows were routed by the text experts; give the picture's token rows "
+                         "(routed.image_rows), not text rows.")
+    check_position("selected", selected, gh * gw)
     experts = entry.expert_ids[rows, rank].view(gh, gw).numpy()           # (gh, gw)
     weights = entry.weights[rows, 0].view(gh, gw).numpy()                 # (gh, gw) top-1 weight
     colours = expert_colours(entry.num_experts)
@@ -321,6 +441,8 @@ def mark(ax, cell: int | None, gw: int) -> None:
 # ====================================================================================== text
 def default_layers(record: routing.RoutingRecord, most: int = 8) -> list[int]:
     """All MoE layers when there are at most ``most``, else ``most`` of them evenly spread (first and last kept)."""
+    routing.check_record(record)
+    routing.check_count("most", most)
     indices = [e.layer_idx for e in record.layers]
     if len(indices) <= most:
         return indices
@@ -345,10 +467,25 @@ def token_strip(record: routing.RoutingRecord, tokens: list[str], rows: torch.Te
     """
     from matplotlib.patches import Rectangle
 
+    check_nonempty(record)
     first = record.layers[0]
-    rows = routing.modality_rows(first, TEXT) if rows is None else rows
+    check_tokens(record, tokens)
+    rows = routing.modality_rows(first, TEXT) if rows is None else routing.check_rows(record, rows)
     if len(rows) == 0:
-        raise InputError("there are no text tokens in this record to draw.")
+        raise InputError("rows: there are no text tokens in this record to draw.")
+    if not (first.modality[rows] == TEXT).all():
+        raise InputError("rows: some of these rows were routed by the vision experts; give text rows "
+                         "(routed.text_rows), or draw the picture's tokens with patch_overlay.")
+    rank = routing.check_rank(record, rank)
+    routing.check_count("per_line", per_line)
+    check_position("selected", selected, len(rows))
+    if layers is not None:
+        if isinstance(layers, (int, str)) or not hasattr(layers, "__iter__"):
+            raise InputError(f"layers must be a list of decoder layer indices, got {layers!r}.")
+        layers = [layer_entry(record, l).layer_idx for l in layers]
+        if not layers:
+            raise InputError(f"layers is empty: give some of the MoE layers {[e.layer_idx for e in record.layers]}, "
+                             "or None for the default.")
     layers = default_layers(record) if layers is None else list(layers)
     if highlight is not None and highlight not in layers:
         layers = sorted([*layers, layer_entry(record, highlight).layer_idx])
@@ -455,6 +592,22 @@ def specialisation(record: routing.RoutingRecord, rows: torch.Tensor, labels: di
 
     ``rows``: record rows (all routed in ``group``); ``labels``: {attribute: one label per row}.
     """
+    check_nonempty(record)
+    routing.check_modality(group, allow_none=False)
+    check_title(title)
+    rows = routing.check_rows(record, rows)
+    if len(rows) == 0:
+        raise InputError("rows is empty: give the record rows of the tokens to measure.")
+    if not isinstance(labels, dict) or not labels:
+        raise InputError("labels must be a non-empty dict {attribute name: one label per row}, e.g. "
+                         f"{{'colour': [...]}}, got {type(labels).__name__}.")
+    for name, values in labels.items():
+        values = routing.as_label_list(values, f"labels[{name!r}]")
+        if len(values) != len(rows):
+            raise InputError(f"labels[{name!r}] holds {len(values)} labels for {len(rows)} rows: give one per row.")
+    if not (record.layers[0].modality[rows] == group).all():
+        raise InputError(f"rows: some of these rows were not routed by the {GROUP_NAME[group]} experts; pass "
+                         f"group={GROUP_NAME[1 - group].upper()} or rows of the {GROUP_NAME[group]} tokens only.")
     results = {name: routing.specialisation(record, rows, values, rank) for name, values in labels.items()}
     depth = [e.layer_idx for e in record.layers]
     if layer is not None and layer not in depth:
@@ -501,7 +654,11 @@ def specialisation(record: routing.RoutingRecord, rows: torch.Tensor, labels: di
 # ====================================================================================== paths
 def routing_path(record: routing.RoutingRecord, row: int, tokens: list[str] | None = None) -> Figure:
     """One token's experts layer by layer: its k choices per layer, sized by weight, the top-1 joined up."""
+    check_nonempty(record)
+    if tokens is not None:
+        check_tokens(record, tokens)
     ids, weights, group = routing.path(record, row)                     # (L, k), (L, k)
+    row = routing.check_row(record, row)
     depth = [e.layer_idx for e in record.layers]
     E = record.layers[0].num_experts
     colours = expert_colours(E)
@@ -531,6 +688,7 @@ def routing_path(record: routing.RoutingRecord, row: int, tokens: list[str] | No
 
 def path_table(record: routing.RoutingRecord, row: int) -> str:
     """One token's experts and weights in every layer, as text: 'layer 1: V3 0.61, V5 0.39'."""
+    check_nonempty(record)
     ids, weights, group = routing.path(record, row)
     letter = routing.GROUP_LETTER[group]
     return "\n".join(f"layer {entry.layer_idx:2d}: " + ", ".join(f"{letter}{e} {w:.2f}" for e, w in zip(i, w_))
@@ -542,6 +700,11 @@ def saturation(step_records: list[tuple[int, routing.RoutingRecord]], final: rou
     """Router saturation over training: the share of each layer's top-k choices that already agree with the
     final model's on the same tokens, step by step, one panel per group (chance: k / E)."""
     groups = groups_of(final)
+    if not isinstance(step_records, (str, bytes, dict)) and hasattr(step_records, "__iter__"):
+        step_records = list(step_records)  # read a generator once
+    routing.saturation(step_records, final)  # validates the pairs and their layers before anything is drawn
+    if not step_records:
+        raise InputError("step_records is empty: give (step, record) pairs, as viz.records_over_training returns.")
     E, k = final.layers[0].num_experts, final.layers[0].expert_ids.shape[1]
     colours = expert_colours(max(len(final.layers), 1))
     fig = Figure(figsize=(5.2 * len(groups) + 0.6, 3.9), layout="constrained")
@@ -570,6 +733,14 @@ def saturation(step_records: list[tuple[int, routing.RoutingRecord]], final: rou
 def png(fig: Figure, dpi: int = 100) -> bytes:
     """The figure as PNG bytes (for ipywidgets.Image, IPython.display.Image, files)."""
     import io
+
+    from matplotlib.figure import FigureBase
+
+    if not isinstance(fig, FigureBase) or not hasattr(fig, "savefig"):
+        hint = " (an Axes: pass ax.figure)" if hasattr(fig, "figure") and hasattr(fig, "plot") else ""
+        raise InputError(f"fig must be a matplotlib Figure{hint}, got {type(fig).__name__}.")
+    if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or not 1 <= dpi <= 1200:
+        raise InputError(f"dpi must be a number from 1 to 1200 (100 is a screen), got {dpi!r}.")
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)

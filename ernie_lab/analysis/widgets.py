@@ -24,7 +24,7 @@ import io
 from dataclasses import dataclass, replace
 
 from . import viz
-from ..errors import InputError
+from ..errors import ErnieLabError, InputError
 from ..model.special_tokens import TEXT, VISION
 
 VIEWS = ("patch overlay", "token strip", "load heatmap", "specialisation")
@@ -51,22 +51,31 @@ def selected_row(routed: viz.Routed, view: View) -> int | None:
 
 def draw(routed: viz.Routed, view: View, specialisation=None):
     """The Figure of ``view`` for one routed prompt; ``specialisation`` is (record, rows, labels, group)."""
+    if not isinstance(routed, viz.Routed):
+        raise InputError(f"routed must be a viz.Routed (what viz.route returns), got {type(routed).__name__}.")
+    if not isinstance(view, View):
+        raise InputError(f"view must be a widgets.View, got {type(view).__name__}; e.g. View(name='token strip').")
     if view.name not in VIEWS:
         raise InputError(f"view must be one of {VIEWS}, got {view.name!r}.")
+    if isinstance(view.position, bool) or not isinstance(view.position, int):
+        raise InputError(f"view.position must be an int, got {view.position!r}.")
     if view.name == "patch overlay":
         if routed.image is None:
             raise InputError("this prompt has no picture: choose the token strip, or give the model an image.")
-        cell = min(view.position, len(routed.image_rows) - 1) if view.modality == VISION else None
+        cell = max(0, min(view.position, len(routed.image_rows) - 1)) if view.modality == VISION else None
         return viz.patch_overlay(routed.record, routed.image, routed.grid, routed.image_rows, layer=view.layer,
                                  rank=view.rank, selected=cell)
     if view.name == "token strip":
-        chosen = min(view.position, len(routed.text_rows) - 1) if view.modality == TEXT else None
+        chosen = max(0, min(view.position, len(routed.text_rows) - 1)) if view.modality == TEXT else None
         return viz.token_strip(routed.record, routed.tokens, routed.text_rows, rank=view.rank, selected=chosen,
                                highlight=view.layer)
     if view.name == "load heatmap":
         return viz.load_heatmap(routed.record, title="Expert load of this prompt, per MoE layer")
     if specialisation is None:
         raise InputError("the specialisation view needs routed examples: pass specialisation=(record, rows, labels, group).")
+    if not isinstance(specialisation, (tuple, list)) or len(specialisation) != 4:
+        raise InputError("specialisation must be (record, rows, labels, group), as "
+                         "RoutingExplorer.specialisation_data returns.")
     record, rows, labels, group = specialisation
     return viz.specialisation(record, rows, labels, group=group, rank=view.rank, layer=view.layer)
 
@@ -90,17 +99,123 @@ def model_picture(image, size: int | None = 112):  # 112 = tiny.scenes.IMAGE_SIZ
     """The picture the model is given: squeezed to ``size`` x ``size`` as the tiny VL model was trained
     (every picture it saw was resized so, whatever its shape); ``size=None`` keeps the shape, shrunk to
     at most 448 pixels a side (for a real checkpoint, whose processor takes any shape)."""
+    check_image_size(size)
     if size is None:
         return shrink(image, 448)
-    return image.convert("RGB").resize((size, size))
+    return rgb(image).resize((size, size))
 
 
 def shrink(image, longest: int = 224):
     """The picture scaled down (never up) so its longer side is at most ``longest`` pixels: fast to route."""
+    if isinstance(longest, bool) or not isinstance(longest, int) or longest < 28:
+        raise InputError(f"longest must be an integer number of pixels >= 28, got {longest!r}.")
+    image = rgb(image)
     scale = longest / max(image.size)
     if scale >= 1:
-        return image.convert("RGB")
-    return image.convert("RGB").resize((max(28, round(image.width * scale)), max(28, round(image.height * scale))))
+        return image
+    return image.resize((max(28, round(image.width * scale)), max(28, round(image.height * scale))))
+
+
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 28, 2048  # one merged token a side .. far beyond what routing needs
+
+
+def check_image_size(size) -> None:
+    if size is None:
+        return
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise InputError(f"image_size must be None (keep the shape) or an integer number of pixels from "
+                         f"{MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (112 for the tiny VL model), got {size!r}.")
+
+
+def rgb(image):
+    """An RGB copy of a PIL picture, transparency on white (as the processor reads it); else an InputError."""
+    from PIL import Image
+
+    from ..io.image_processing import to_rgb
+
+    if not isinstance(image, Image.Image):
+        raise InputError(f"image must be a PIL picture, got {type(image).__name__}; open a file with "
+                         "PIL.Image.open(path), an array with PIL.Image.fromarray(array).")
+    if min(image.size) < 1:
+        raise InputError(f"image of {image.width}x{image.height} pixels is empty; give a picture with pixels.")
+    return to_rgb(image)
+
+
+def upload_picture(name: str, content) -> object:
+    """The picture in an uploaded file's bytes, checked from its header before it is decoded."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    from ..io.image_processing import MAX_INPUT_PIXELS
+
+    data = bytes(content) if content is not None else b""
+    if not data:
+        raise InputError(f"the upload {name!r} is empty (0 bytes); choose the picture file again.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # reads the header only
+        if image.width * image.height > MAX_INPUT_PIXELS:
+            raise InputError(f"the upload {name!r} is {image.width}x{image.height} pixels, more than "
+                             f"{MAX_INPUT_PIXELS:,} (too large to decode safely); scale it down first.")
+        image.load()
+    except Image.DecompressionBombError:
+        raise InputError(f"the upload {name!r} is too large to decode safely; scale it down first.") from None
+    except UnidentifiedImageError:
+        raise InputError(f"the upload {name!r} is not a picture PIL can read (PNG, JPEG, WebP, ...).") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"the upload {name!r} could not be decoded ({err}); the file is probably truncated.") from None
+    return rgb(image)
+
+
+def uploaded_files(value) -> list[tuple[str, object]]:
+    """(name, content) of each file of a FileUpload value: ipywidgets 8 (a tuple of dicts) or 7 (a dict by name)."""
+    if not value:
+        return []
+    if isinstance(value, dict):  # ipywidgets 7: {name: {"metadata": ..., "content": bytes}}
+        return [(str(name), item.get("content") if isinstance(item, dict) else None) for name, item in value.items()]
+    files = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise InputError(f"an upload must be a file entry with a name and content, got {type(item).__name__}.")
+        files.append((str(item.get("name", "picture")), item.get("content")))
+    return files
+
+
+def check_explorer_args(model, tokenizer, images, prompt, max_new_tokens, image_size, dpi, spec_scenes) -> None:
+    """Refuse bad explorer arguments before any widget is built or the model runs."""
+    import torch
+
+    from . import routing
+
+    if not isinstance(model, torch.nn.Module) or not callable(getattr(getattr(model, "config", None),
+                                                                      "get_text_config", None)):
+        raise InputError(f"model must be an ernie-lab ERNIE 4.5 MoE or VL model, got {type(model).__name__}; load one "
+                         "with ernie_lab.load_model(folder) (a transformers model: load its folder with the kit).")
+    if not routing.taps(model):
+        raise InputError("model: this model has no MoE layers; the explorer needs an ERNIE 4.5 MoE or VL model.")
+    viz.check_tokenizer(tokenizer, "apply_chat_template", "encode")
+    if prompt is not None and not isinstance(prompt, str):
+        raise InputError(f"prompt must be a str or None, got {type(prompt).__name__}.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 4096:
+        raise InputError(f"max_new_tokens must be an integer from 1 to 4096, got {max_new_tokens!r}.")
+    check_image_size(image_size)
+    if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or not 10 <= dpi <= 600:
+        raise InputError(f"dpi must be a number from 10 to 600 (100 suits a screen), got {dpi!r}.")
+    if isinstance(spec_scenes, bool) or not isinstance(spec_scenes, int) or not 1 <= spec_scenes <= 1000:
+        raise InputError(f"spec_scenes must be an integer from 1 to 1000, got {spec_scenes!r}.")
+    if images is not None:
+        if not isinstance(images, dict) or not images:
+            raise InputError("images must be a non-empty dict {name: PIL picture}, or None for the bundled ones, "
+                             f"got {type(images).__name__}.")
+        for name, image in images.items():
+            if not isinstance(name, str):
+                raise InputError(f"images: every name must be a str, got {name!r}.")
+            try:
+                rgb(image)
+            except InputError as error:
+                raise InputError(f"images[{name!r}]: {error}") from None
 
 
 class RoutingExplorer:
@@ -109,6 +224,7 @@ class RoutingExplorer:
 
     def __init__(self, model, tokenizer, images: dict | None = None, prompt: str | None = None,
                  max_new_tokens: int = 64, image_size: int | None = 112, dpi: int = 100, spec_scenes: int = 16):
+        check_explorer_args(model, tokenizer, images, prompt, max_new_tokens, image_size, dpi, spec_scenes)
         import ipywidgets as w
 
         from ..tiny import scenes
@@ -124,6 +240,7 @@ class RoutingExplorer:
 
         self.picture = w.Image(format="png", layout=w.Layout(width="100%", object_fit="contain"))
         self.answer = w.HTML()
+        self.status = w.HTML()  # what went wrong in the last action (an unreadable upload, ...); empty when all is well
         self.experts = w.HTML(layout=w.Layout(min_width="260px"))
         self.image_pick = w.Dropdown(options=list(self.images), description="picture", layout=w.Layout(width="420px"))
         self.upload = w.FileUpload(accept="image/*", multiple=False, description="upload")
@@ -149,7 +266,7 @@ class RoutingExplorer:
         wrap = w.Layout(flex_flow="row wrap", align_items="flex-start", gap="4px 24px")
         top = w.HBox([controls, sliders, self.experts], layout=wrap)
         # controls, sliders and the selected token's experts on top; the answer; the picture at full width
-        self.widget = w.VBox([top, self.answer, self.picture], layout=w.Layout(width="100%"))
+        self.widget = w.VBox([top, self.status, self.answer, self.picture], layout=w.Layout(width="100%"))
         self._route(self.images[self.image_pick.value] if self.is_vl else None)
 
     # ---------------------------------------------------------------------------- state -> picture
@@ -168,10 +285,11 @@ class RoutingExplorer:
 
         from ..io.chat import chat
 
-        self.image = model_picture(image, self.image_size) if image is not None else None
-        self.routed = viz.route(self.model, self.tokenizer, self.prompt.value, self.image)
-        reply = chat(self.model, self.tokenizer, viz.messages_for(self.prompt.value, self.image),
+        picture = model_picture(image, self.image_size) if image is not None else None
+        routed = viz.route(self.model, self.tokenizer, self.prompt.value, picture)
+        reply = chat(self.model, self.tokenizer, viz.messages_for(self.prompt.value, picture),
                      max_new_tokens=self.max_new_tokens)
+        self.image, self.routed = picture, routed  # only once both succeeded: a failure leaves the last view
         self.answer.value = f"<b>model's answer:</b> {html.escape(reply) or '(nothing)'}"
         self._sync_position()
         self.refresh()
@@ -227,7 +345,34 @@ class RoutingExplorer:
         return self._specialisation[group]
 
     # ---------------------------------------------------------------------------- events
+    def show_error(self, text: str) -> None:
+        """Say what went wrong in the widget itself (a callback's exception would be lost in the log)."""
+        import html
+
+        self.status.value = f"<span style='color:#b00020'><b>ernie-lab:</b> {html.escape(text)}</span>"
+
+    def _guarded(self, action, change) -> None:
+        """Run an event handler; a kit error is shown in the widget, any other also shown, then raised."""
+        try:
+            action(change)
+        except ErnieLabError as error:
+            self.show_error(str(error))
+        except Exception as error:
+            self.show_error(f"unexpected {type(error).__name__}: {error}")
+            raise
+        else:
+            self.status.value = ""
+
     def _on_view(self, change) -> None:
+        self._guarded(self._view_changed, change)
+
+    def _on_input(self, change) -> None:
+        self._guarded(self._input_changed, change)
+
+    def _on_upload(self, change) -> None:
+        self._guarded(self._uploaded, change)
+
+    def _view_changed(self, change) -> None:
         if self._quiet:
             return
         self.view = replace(self.view, name=self.view_pick.value, layer=self.layer.value, modality=self.modality.value,
@@ -236,21 +381,31 @@ class RoutingExplorer:
             self._sync_position()
         self.refresh()
 
-    def _on_input(self, change) -> None:
+    def _input_changed(self, change) -> None:
         self._route(self.images[self.image_pick.value] if self.is_vl else None)
 
-    def _on_upload(self, change) -> None:
-        from PIL import Image
-
-        files = change["new"]
+    def _uploaded(self, change) -> None:
+        files = uploaded_files(change["new"])
         if not files:
             return
-        item = files[0]
-        image = Image.open(io.BytesIO(bytes(item["content"]))).convert("RGB")
-        name = f"upload: {item['name']}"
+        filename, content = files[0]
+        image = upload_picture(filename, content)  # refused here leaves the dropdown as it was
+        if not self.is_vl:
+            raise InputError(f"the upload {filename!r}: this model is text-only and cannot see pictures; load an "
+                             "ERNIE 4.5 VL model.")
+        name = f"upload: {filename}"
+        self._route(image)  # the model sees it before it joins the list: a failure adds nothing
         self.images[name] = image
-        self.image_pick.options = list(self.images)
-        self.image_pick.value = name  # routes the new picture
+        self._quiet_pick(name)
+
+    def _quiet_pick(self, name: str) -> None:
+        """Put ``name`` in the picture dropdown and select it without routing it again."""
+        self.image_pick.unobserve(self._on_input, names="value")
+        try:
+            self.image_pick.options = list(self.images)
+            self.image_pick.value = name
+        finally:
+            self.image_pick.observe(self._on_input, names="value")
 
     def _repr_mimebundle_(self, **kwargs):
         """The live widget, with a PNG of what it shows now as the fallback in the same output: JupyterLab
