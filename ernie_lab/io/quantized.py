@@ -42,9 +42,12 @@ def check_arguments(quantize, group_size, device) -> int | None:
             raise InputError(f"load_model: group_size={group_size!r} applies only with quantize= (e.g. "
                              "quantize='w4a16'); a checkpoint saved quantized keeps its own groups.")
         return None
-    check_scheme(quantize)
     group_size = 128 if group_size is None else group_size
-    check_group_size(group_size)
+    try:
+        check_scheme(quantize)
+        check_group_size(group_size)
+    except InputError as err:
+        raise InputError(f"load_model(quantize={quantize!r}, group_size={group_size!r}): {err}") from None
     if quantize == "fp8" and torch.device(device).type != "cuda":
         raise InputError("load_model: quantize='fp8' needs a CUDA GPU (torch._scaled_mm on e4m3): pass "
                          "device='cuda', or use w8a16 / w8a8 on CPU.")
