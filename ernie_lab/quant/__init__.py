@@ -33,7 +33,14 @@ dequantize-then-matmul forward), ``kernels`` (the table of faster kernels that m
 ``native`` (the kit's C decode kernels), ``streaming`` (full-precision linears on them), ``gptq``.
 
 ``calibration=`` (a few (B, T) batches of token ids, or dicts of a model's inputs such as a VL batch with
-``pixel_values``) enables GPTQ for w4a16 / w2a16 (``gptq.py``); a layer no batch reaches is rounded (RTN).
+``pixel_values``) enables GPTQ for w4a16 / w2a16 (``gptq.py``); a layer no batch reaches is rounded (RTN),
+with a warning naming it.
+
+Bad input is refused before anything changes (``check_options``, ``check_model``, ``check_calibration``,
+``check_not_requantized`` next to ``quantize``; ``check_layout`` / ``check_input`` / ``check_state`` next to
+``QuantLinear``): an ``InputError`` (a ``CheckpointError`` for stored codes) naming the argument, batch,
+layer or tensor. A model is quantized once from full-precision weights: quantizing already-quantized
+layers with another scheme is refused, not silently skipped.
 """
 
 from __future__ import annotations
