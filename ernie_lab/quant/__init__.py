@@ -74,8 +74,9 @@ def quantize(model: nn.Module, scheme: str, *, group_size: int = 128, skip=DEFAU
     """Replace the model's linear layers by :class:`QuantLinear` of ``scheme``, in place; returns the model.
 
     ``skip``: substrings (or regexes, searched in the module name) of layers kept in full precision.
-    ``filter``: optional regex / function choosing the layers (``model.linears.name_matcher``); it must
-    choose at least one linear layer.
+    ``filter``: optional regex / function choosing the layers (``model.linears.name_matcher``); choosing
+    no linear layer is refused; choosing only layers kept by rule (routers, a tied head) warns and
+    changes nothing.
     ``calibration``: a non-empty iterable of (B, T) integer token-id batches or of input dicts; enables
     GPTQ (w4a16 / w2a16 only). NaN / Inf activations are refused; layers no batch reaches are rounded
     to nearest, with a warning naming them.
@@ -102,6 +103,10 @@ def quantize(model: nn.Module, scheme: str, *, group_size: int = 128, skip=DEFAU
     done = check_not_requantized(model, scheme, group_size, symmetric, skip, filter)
     if not layers:
         if done:   # every chosen layer already is exactly this: the same call again
+            return model
+        if _chooses_a_linear(model, skip, filter):   # only layers kept by rule: routers, a tied head, odd widths
+            warnings.warn("quantize: the chosen layers stay in full precision by rule (routers, the tied LM head, "
+                          "widths that cannot be packed); the model is unchanged.", stacklevel=2)
             return model
         raise InputError(f"quantize chose no linear layer (filter={filter!r}, skip={skip!r}): nothing to quantize. "
                          f"The model's linear layers are {_some(_linear_names(model))}; filter is matched against "
@@ -238,6 +243,13 @@ def _matcher(pattern, argument: str, whole: bool = True):
         return name_matcher(pattern, whole=whole)
     except re.error as err:
         raise InputError(f"{argument}={pattern!r} is not a valid regular expression ({err}).") from None
+
+
+def _chooses_a_linear(model, skip, filter) -> bool:
+    dropped = _matcher(skip, "skip", whole=False) if skip is not None else (lambda name, module: False)
+    chosen = _matcher(filter, "filter")
+    return any(isinstance(m, nn.Linear) and chosen(name, m) and not dropped(name, m)
+               for name, m in model.named_modules())
 
 
 def _linear_names(model) -> list[str]:
