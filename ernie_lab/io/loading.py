@@ -50,7 +50,7 @@ Transform = Callable[[str, torch.Tensor], torch.Tensor]  # (ernie-lab name, tens
 # ----------------------------------------------------------------------------------------- public
 def load_model(source: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                device: str | torch.device = "cpu", transforms: Iterable[Transform] = (), check_memory: bool = True,
-               quantize: str | None = None, group_size: int = 128):
+               quantize: str | None = None, group_size: int | None = None):
     """Load an ERNIE 4.5 checkpoint from a Hub id (``baidu/ERNIE-4.5-0.3B-PT``) or a local folder.
 
     ``dtype`` None keeps the checkpoint's dtype (also "float32", "bf16", ...); the model comes back in
@@ -59,8 +59,10 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype | str | None = N
     (``ERNIE_LAB_AVAILABLE_MEMORY``, in bytes, overrides what the machine reports).
     ``quantize`` (e.g. ``"w4a16"``) quantizes each linear weight as it is read (``ernie_lab.quant``);
     a checkpoint saved quantized (``quantization_config`` in config.json) comes back quantized, bit-exact.
+    ``group_size`` (default 128) goes with ``quantize`` only.
     """
     dtype, device, transforms = check_load_arguments(source, dtype, device, transforms)
+    group_size = quant_checkpoint.check_arguments(quantize, group_size, device)
     folder = resolve_checkpoint(source)
     raw, config_path = read_config_json(folder)
     config = config_from_dict(raw, source=str(config_path))
@@ -68,6 +70,7 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype | str | None = N
     hub_shapes = read_headers(files, weight_map=read_index(folder))  # hub name -> (file, shape); headers only
     paddle = hub_names.is_paddle_layout(hub_shapes)
     check_tied_head(config, hub_shapes, paddle=paddle)
+    quant_checkpoint.check_record(folder, raw, hub_shapes, quantize)
     plan = plan_loading(config, hub_shapes, paddle=paddle)  # lab name -> hub name, all checked
     if check_memory and quantize is None:  # a quantize-on-read model is smaller than the estimate
         check_memory_fits(hub_shapes, dtype=dtype, device=device)
@@ -76,9 +79,6 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype | str | None = N
         quant_checkpoint.rebuild_layers(model, raw["quantization_config"])
     check_shapes(model, plan, hub_shapes, paddle=paddle)
     if quantize is not None:
-        if raw.get("quantization_config") is not None:
-            raise CheckpointError(f"{folder} is already quantized; load it without quantize=.")
-        quant.check_scheme(quantize)
         quant_checkpoint.quantize_on_read(model, quantize, group_size=group_size)
     steps = tensor_transforms(config, paddle=paddle, dtype=dtype) + list(transforms)
     stream_tensors(model, plan, hub_shapes, steps, device=device, dtype=dtype)
@@ -618,7 +618,10 @@ def assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     module = model.get_submodule(module_name)
     if isinstance(module, quant.QuantLinear):
         if leaf == "weight":  # quantize-on-read: the float weight becomes codes here
-            module.set_weight(tensor)
+            try:
+                module.set_weight(tensor)
+            except InputError as err:
+                raise CheckpointError(f"{name}: {err}") from None
             return
         quant_checkpoint.check_stored(model, name, tensor)
     if leaf in module._parameters:

@@ -33,11 +33,22 @@ dequantize-then-matmul forward), ``kernels`` (the table of faster kernels that m
 ``native`` (the kit's C decode kernels), ``streaming`` (full-precision linears on them), ``gptq``.
 
 ``calibration=`` (a few (B, T) batches of token ids, or dicts of a model's inputs such as a VL batch with
-``pixel_values``) enables GPTQ for w4a16 / w2a16 (``gptq.py``); a layer no batch reaches is rounded (RTN).
+``pixel_values``) enables GPTQ for w4a16 / w2a16 (``gptq.py``); a layer no batch reaches is rounded (RTN),
+with a warning naming it.
+
+Bad input is refused before anything changes (``check_options``, ``check_model``, ``check_calibration``,
+``check_not_requantized`` next to ``quantize``; ``check_layout`` / ``check_input`` / ``check_state`` next to
+``QuantLinear``): an ``InputError`` (a ``CheckpointError`` for stored codes) naming the argument, batch,
+layer or tensor. A model is quantized once from full-precision weights: quantizing already-quantized
+layers with another scheme is refused, not silently skipped.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import re
+import warnings
 
 import torch
 from torch import nn
@@ -63,53 +74,213 @@ def quantize(model: nn.Module, scheme: str, *, group_size: int = 128, skip=DEFAU
     """Replace the model's linear layers by :class:`QuantLinear` of ``scheme``, in place; returns the model.
 
     ``skip``: substrings (or regexes, searched in the module name) of layers kept in full precision.
-    ``filter``: optional regex / function choosing the layers (``model.linears.name_matcher``).
-    ``calibration``: an iterable of (B, T) token-id batches or of input dicts; enables GPTQ (w4a16 / w2a16 only).
-    ``symmetric``: None = the scheme's default (zero points for w2a16 only).
+    ``filter``: optional regex / function choosing the layers (``model.linears.name_matcher``); choosing
+    no linear layer is refused; choosing only layers kept by rule (routers, a tied head) warns and
+    changes nothing.
+    ``calibration``: a non-empty iterable of (B, T) integer token-id batches or of input dicts; enables
+    GPTQ (w4a16 / w2a16 only). NaN / Inf activations are refused; layers no batch reaches are rounded
+    to nearest, with a warning naming them.
+    ``symmetric``: None = the scheme's default (zero points for w2a16 only); False only for w4a16 / w2a16.
+    ``group_size``: a positive int; a layer whose input width it does not divide uses the largest halving
+    of it that does (down to 32), else one group per row (``plan_layers``).
+
+    Quantizing works from full-precision weights and never rounds codes twice. Layers that are already
+    quantized are left as they are: a second call may quantize *other* layers (mixed precision, e.g.
+    ``filter=r".*attn.*"`` in w8a16, then ``filter=r".*mlp.*"`` in w4a16), and repeating a call is a no-op.
+    Choosing layers that are already quantized with another scheme, group size or symmetry is refused:
+    reload the full-precision model and quantize it once. Every argument (and GPTQ for every layer) is
+    checked before the first layer is swapped: a refused call (an ``InputError`` naming the argument,
+    batch or layer) leaves the model exactly as it was.
     """
-    spec = check_scheme(scheme)
-    symmetric = DEFAULT_SYMMETRIC[scheme] if symmetric is None else bool(symmetric)
-    device = _device(model)
+    spec, symmetric = check_options(scheme, group_size, symmetric, damp)
+    device = check_model(model)
     if scheme == "fp8" and device.type != "cuda":
         raise InputError("fp8 needs a CUDA GPU (torch._scaled_mm on e4m3): move the model to cuda first, "
                          "or use w8a16 / w8a8 on CPU.")
     if calibration is not None and scheme not in ("w4a16", "w2a16"):
         raise InputError(f"calibration (GPTQ) is for w4a16 and w2a16, not {scheme}; drop calibration= for RTN.")
     layers = plan_layers(model, scheme, group_size=group_size, skip=skip, filter=filter)
-    hessians = collect_hessians(model, layers, calibration) if calibration is not None else {}
-
-    def factory(name: str, linear: nn.Linear) -> QuantLinear:
-        group = layers[name]
-        codes = None
-        if name in hessians:
-            codes = gptq_quantize(linear.weight, hessians[name], spec.bits, group, symmetric, damp=damp)
-        return QuantLinear.from_linear(linear, scheme, group_size=group, symmetric=symmetric, quantized=codes)
-
-    replace_linears(model, factory, filter=lambda name, module: name in layers)
-    record = getattr(model, "quantization_config", None) or {"quant_method": "ernie-lab", "modules": {}}
-    record.update(scheme=scheme, group_size=group_size, symmetric=symmetric)
-    record["modules"].update({name: {"scheme": scheme, "group_size": layers[name], "symmetric": symmetric}
-                              for name in layers})
-    model.quantization_config = record
+    done = check_not_requantized(model, scheme, group_size, symmetric, skip, filter)
+    if not layers:
+        if done:   # every chosen layer already is exactly this: the same call again
+            return model
+        if _chooses_a_linear(model, skip, filter):   # only layers kept by rule: routers, a tied head, odd widths
+            warnings.warn("quantize: the chosen layers stay in full precision by rule (routers, the tied LM head, "
+                          "widths that cannot be packed); the model is unchanged.", stacklevel=2)
+            return model
+        raise InputError(f"quantize chose no linear layer (filter={filter!r}, skip={skip!r}): nothing to quantize. "
+                         f"The model's linear layers are {_some(_linear_names(model))}; filter is matched against "
+                         "the whole name (re.fullmatch), skip anywhere in it.")
+    hessians = collect_hessians(model, layers, check_calibration(calibration)) if calibration is not None else {}
+    replacements = {name: _quantized_layer(model.get_submodule(name), name, scheme, layers[name], symmetric,
+                                           hessians.get(name), damp) for name in layers}  # all built, then swapped
+    replace_linears(model, lambda name, linear: replacements[name], filter=lambda name, module: name in layers)
+    model.quantization_config = _record(getattr(model, "quantization_config", None), layers, scheme, group_size,
+                                        symmetric)
     return model
+
+
+# ------------------------------------------------------------------ quantize's checks (before anything changes)
+def check_options(scheme, group_size, symmetric, damp) -> tuple:
+    """(the Scheme, the symmetric flag to use), or an InputError naming the argument."""
+    spec = check_scheme(scheme)
+    check_group_size(group_size)
+    if symmetric is not None and not isinstance(symmetric, bool):
+        raise InputError(f"symmetric must be True, False or None (the scheme's default), got {symmetric!r}.")
+    symmetric = DEFAULT_SYMMETRIC[scheme] if symmetric is None else symmetric
+    if not symmetric and spec.bits == 8:
+        raise InputError(f"{scheme} is symmetric (int8 / fp8 codes around 0, no zero points): symmetric=False is "
+                         "for w4a16 and w2a16. Drop symmetric= or pass True.")
+    if (not isinstance(damp, (int, float)) or isinstance(damp, bool) or not math.isfinite(damp) or damp < 0):
+        raise InputError(f"damp must be a number >= 0 (GPTQ adds damp * mean(diag H) to the Hessian's "
+                         f"diagonal; 0.01 is usual), got {damp!r}.")
+    return spec, symmetric
+
+
+def check_group_size(group_size) -> None:
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+        raise InputError(f"group_size must be a positive int (inputs per scale, e.g. 32, 64 or 128), got "
+                         f"{group_size!r}.")
+
+
+def check_model(model) -> torch.device:
+    """The device of a model whose weights hold values; an InputError for anything else."""
+    if not isinstance(model, nn.Module):
+        hint = " Pass the model, not its folder: ernie_lab.load_model(folder, quantize=...)." \
+            if isinstance(model, (str, os.PathLike)) else ""
+        raise InputError(f"quantize needs a model (an nn.Module), got {type(model).__name__}.{hint}")
+    params = list(model.parameters())
+    if not params:
+        raise InputError(f"quantize: the {type(model).__name__} has no parameters, so no linear layer to quantize.")
+    if any(p.is_meta for p in params):
+        raise InputError("quantize: the model is on the meta device: its weights hold no values to round. Load "
+                         "the weights first, or quantize while loading: ernie_lab.load_model(folder, quantize=...).")
+    return params[0].device
+
+
+def check_not_requantized(model, scheme: str, group_size: int, symmetric: bool, skip, filter) -> bool:
+    """True when ``filter`` / ``skip`` choose layers that are already quantized exactly so (a repeated call);
+    an InputError when any of them is quantized otherwise (re-rounding codes would lose precision twice)."""
+    dropped = _matcher(skip, "skip", whole=False) if skip is not None else (lambda name, module: False)
+    chosen = _matcher(filter, "filter")
+    already = {name: m for name, m in model.named_modules()
+               if isinstance(m, QuantLinear) and chosen(name, m) and not dropped(name, m)}
+    grouped = SCHEMES[scheme].grouped
+    other = [name for name, m in already.items()
+             if (m.scheme, m.symmetric) != (scheme, symmetric)
+             or (grouped and m.group_size != _group_for(m.in_features, group_size))]
+    if other:
+        layer = already[other[0]]
+        raise InputError(f"{_some(other)} already quantized ({layer.scheme}, group {layer.group_size}, "
+                         f"symmetric={layer.symmetric}); quantize works from full-precision weights and does not "
+                         f"re-round codes to {scheme}. To change the scheme, reload the model and quantize it once; "
+                         "to quantize only the layers still in full precision, choose them with filter=.")
+    return bool(already)
+
+
+def check_calibration(calibration):
+    """The calibration batches, each checked as it is reached (an iterable is read once): integer token ids
+    of shape (T,) or (B, T), or a dict of a model's inputs. An InputError names the batch."""
+    if isinstance(calibration, (str, bytes, dict)) or not hasattr(calibration, "__iter__"):
+        raise InputError(f"calibration must be a list (or other iterable) of batches of token ids, got "
+                         f"{type(calibration).__name__}; one batch is calibration=[ids].")
+    count = 0
+    for i, batch in enumerate(calibration):
+        count += 1
+        if isinstance(batch, dict):
+            if not batch or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in batch.items()):
+                raise InputError(f"calibration batch {i}: a dict of inputs maps names (input_ids, pixel_values, ...) "
+                                 "to tensors, and holds at least one.")
+            yield i, batch
+            continue
+        try:
+            ids = torch.as_tensor(batch)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError(f"calibration batch {i} is a {type(batch).__name__}, not token ids: give (B, T) "
+                             "integer tensors (tokenizer output).") from None
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise InputError(f"calibration batch {i} is {ids.dtype}: token ids must be integers (torch.long); "
+                             "calibration runs the model on token ids, not on activations.")
+        if ids.dim() not in (1, 2) or ids.numel() == 0:
+            raise InputError(f"calibration batch {i} has shape {tuple(ids.shape)}: give token ids of shape (T,) or "
+                             "(B, T), with at least one token.")
+        yield i, ids
+    if count == 0:
+        raise InputError("calibration is empty: GPTQ needs at least one batch of token ids. Drop calibration= "
+                         "for round-to-nearest.")
+
+
+def _quantized_layer(linear: nn.Linear, name: str, scheme: str, group: int, symmetric: bool, hessian, damp: float):
+    """The QuantLinear for one layer (GPTQ when a Hessian was collected); a failed GPTQ names the layer."""
+    if not bool(torch.isfinite(linear.weight).all()):
+        raise InputError(f"{name}.weight holds NaN or Inf: its scales (and every weight of its groups) would be "
+                         "NaN. Repair or reload the model's weights, or keep the layer out with skip=.")
+    codes = None
+    if hessian is not None:
+        try:
+            codes = gptq_quantize(linear.weight, hessian, SCHEMES[scheme].bits, group, symmetric, damp=damp)
+        except torch.linalg.LinAlgError as err:
+            raise InputError(f"GPTQ for {name}: the input Hessian could not be inverted ({err.args[0][:80]}...); "
+                             f"raise damp= (now {damp}) or give more calibration tokens.") from None
+    return QuantLinear.from_linear(linear, scheme, group_size=group, symmetric=symmetric, quantized=codes)
+
+
+def _record(old, layers: dict, scheme: str, group_size: int, symmetric: bool) -> dict:
+    """The model's new quantization_config: every quantized layer in ``modules``; the top-level scheme,
+    group_size and symmetric say this call's, or "mixed" when earlier calls quantized layers otherwise."""
+    old = old if isinstance(old, dict) and isinstance(old.get("modules"), dict) else {"modules": {}}
+    modules = {**old["modules"], **{name: {"scheme": scheme, "group_size": layers[name], "symmetric": symmetric}
+                                    for name in layers}}
+    uniform = len({(spec.get("scheme"), spec.get("symmetric")) for spec in modules.values()}) == 1
+    same_group = not old["modules"] or old.get("group_size") == group_size
+    return {**old, "quant_method": "ernie-lab", "modules": modules, "scheme": scheme if uniform else "mixed",
+            "group_size": group_size if uniform and same_group else "mixed",
+            "symmetric": symmetric if uniform else "mixed"}
+
+
+def _matcher(pattern, argument: str, whole: bool = True):
+    try:
+        return name_matcher(pattern, whole=whole)
+    except re.error as err:
+        raise InputError(f"{argument}={pattern!r} is not a valid regular expression ({err}).") from None
+
+
+def _chooses_a_linear(model, skip, filter) -> bool:
+    dropped = _matcher(skip, "skip", whole=False) if skip is not None else (lambda name, module: False)
+    chosen = _matcher(filter, "filter")
+    return any(isinstance(m, nn.Linear) and chosen(name, m) and not dropped(name, m)
+               for name, m in model.named_modules())
+
+
+def _linear_names(model) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    if not names:
+        return "(none)"
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def plan_layers(model: nn.Module, scheme: str, *, group_size: int = 128, skip=DEFAULT_SKIP,
                 filter=None) -> dict[str, int]:
-    """{linear name: its group size} for the layers ``quantize`` would replace.
+    """{linear name: its group size} for the full-precision layers ``quantize`` would replace.
 
     A layer whose input width the group does not divide uses the largest halving of it that does (down to
     32), else one group per row; one that cannot be
     packed at all (width not a multiple of 4 for 2-bit) stays in full precision. Routers never change.
+    Full-precision linears are ``nn.Linear`` and ``StreamingLinear`` (the same weights); layers already
+    quantized are not planned again.
     """
     from ..model.moe import Router
     spec = check_scheme(scheme)
-    dropped = name_matcher(skip, whole=False) if skip is not None else (lambda name, module: False)
-    chosen = name_matcher(filter)
+    check_group_size(group_size)
+    dropped = _matcher(skip, "skip", whole=False) if skip is not None else (lambda name, module: False)
+    chosen = _matcher(filter, "filter")
     tied = tied_head_name(model)
     layers = {}
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear or isinstance(module, Router) or name == tied:
+        if type(module) not in (nn.Linear, StreamingLinear) or isinstance(module, Router) or name == tied:
             continue
         if dropped(name, module) or not chosen(name, module):
             continue
@@ -123,6 +294,8 @@ def plan_layers(model: nn.Module, scheme: str, *, group_size: int = 128, skip=DE
 
 def _group_for(K: int, group_size: int) -> int:
     """``group_size`` if it divides K, else the largest of its halves (down to 32) that does, else K."""
+    if K % group_size == 0:
+        return group_size
     group = group_size
     while group >= 32:
         if K % group == 0:
@@ -132,7 +305,11 @@ def _group_for(K: int, group_size: int) -> int:
 
 
 def collect_hessians(model: nn.Module, layers: dict[str, int], calibration) -> dict[str, torch.Tensor]:
-    """Run the calibration batches once through the full-precision model; (K, K) input Hessian per layer."""
+    """Run the calibration batches once through the full-precision model; (K, K) input Hessian per layer.
+
+    ``calibration`` yields (index, batch) pairs (``check_calibration``). A batch the model refuses, or one
+    whose activations reach a layer as NaN / Inf, is an InputError naming the batch (and the layer); layers
+    no batch reaches are named in a warning (they are rounded to nearest)."""
     collectors, hooks = {}, []
     for name in layers:
         linear = model.get_submodule(name)
@@ -141,16 +318,40 @@ def collect_hessians(model: nn.Module, layers: dict[str, int], calibration) -> d
     device = _device(model)
     try:
         with torch.no_grad():
-            for batch in calibration:
-                if isinstance(batch, dict):  # a model's full inputs (a VL batch: ids, pixels, grids)
-                    model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
-                    continue
-                ids = torch.as_tensor(batch, dtype=torch.long, device=device)
-                model(ids if ids.dim() == 2 else ids[None])
+            for i, batch in calibration:
+                _run_calibration_batch(model, i, batch, device)
+                bad = next((name for name, c in collectors.items() if not c.finite), None)
+                if bad is not None:
+                    raise InputError(f"calibration batch {i} reaches {bad} with NaN or Inf activations, so its "
+                                     "GPTQ Hessian is meaningless. Check the model's weights (torch.isfinite) and "
+                                     "its dtype (float16 overflows; use bfloat16 or float32), or drop the batch.")
     finally:
         for hook in hooks:
             hook.remove()
+    overflow = next((name for name, c in collectors.items() if not bool(torch.isfinite(c.H).all())), None)
+    if overflow is not None:
+        raise InputError(f"the calibration inputs of {overflow} are too large: their Hessian overflows float32. "
+                         "Check the model's weights, or calibrate with fewer / shorter batches.")
+    unreached = [name for name, c in collectors.items() if not c.rows]
+    if unreached:
+        warnings.warn(f"GPTQ: no calibration token reached {len(unreached)} of {len(layers)} layers "
+                      f"({_some(unreached)}): they are rounded to nearest (RTN).", stacklevel=3)
     return {name: c.hessian() for name, c in collectors.items() if c.rows}
+
+
+def _run_calibration_batch(model: nn.Module, i: int, batch, device) -> None:
+    """One forward pass; the model's own refusals (ids outside the vocabulary, unknown inputs) name the batch."""
+    try:
+        if isinstance(batch, dict):  # a model's full inputs (a VL batch: ids, pixels, grids)
+            model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+        else:
+            ids = batch.to(device=device, dtype=torch.long)
+            model(ids if ids.dim() == 2 else ids[None])
+    except InputError as err:
+        raise InputError(f"calibration batch {i}: {err}") from None
+    except TypeError as err:
+        raise InputError(f"calibration batch {i} does not fit the model's inputs ({err}); give token ids or a "
+                         "dict of the model's keyword inputs (input_ids, pixel_values, ...).") from None
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:

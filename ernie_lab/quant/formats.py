@@ -84,6 +84,8 @@ def dequantize_weight(q: Quantized, bits: int) -> torch.Tensor:
 
 
 def check_group(in_features: int, group: int) -> None:
+    if not isinstance(group, int) or isinstance(group, bool):
+        raise InputError(f"group_size must be a positive int (e.g. 128), got {group!r}.")
     if group < 1 or in_features % group:
         raise InputError(f"group_size {group} must divide the layer's {in_features} input features.")
 

@@ -26,9 +26,11 @@ class HessianCollector:
     def __init__(self, in_features: int, device=None):
         self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.rows = 0
+        self.finite = True   # False once an input held NaN / Inf (the Hessian is then meaningless)
 
     def __call__(self, module, args):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (n, K)
+        self.finite = self.finite and bool(torch.isfinite(x).all())
         self.H.addmm_(x.t(), x)
         self.rows += x.shape[0]
 

@@ -18,13 +18,14 @@ kit's own C kernels, PyTorch's packed kernels, CUDA's; the reference where none 
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 from . import formats, kernels
 from .kernels import reference_only  # noqa: F401  (quant.linear.reference_only, as before)
 
@@ -46,9 +47,41 @@ SCHEMES = {
 
 
 def check_scheme(scheme: str) -> Scheme:
-    if scheme not in SCHEMES:
-        raise InputError(f"unknown quantization scheme {scheme!r}; choose one of {sorted(SCHEMES)}.")
+    """The :class:`Scheme` named ``scheme``, or an InputError listing the schemes (and the likeliest one meant)."""
+    if not isinstance(scheme, str) or scheme not in SCHEMES:
+        close = difflib.get_close_matches(scheme.lower(), SCHEMES, n=1) if isinstance(scheme, str) else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InputError(f"unknown quantization scheme {scheme!r}{hint}; choose one of {sorted(SCHEMES)}.")
     return SCHEMES[scheme]
+
+
+def check_layout(in_features, out_features, scheme: str, symmetric) -> None:
+    """A QuantLinear's shape and options: positive int widths, packable codes, zero points only below 8 bits."""
+    for what, n in (("in_features", in_features), ("out_features", out_features)):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise InputError(f"QuantLinear {what} must be a positive int, got {n!r}.")
+    bits = SCHEMES[scheme].bits
+    if bits < 8 and in_features % (8 // bits):
+        raise InputError(f"{scheme} packs {8 // bits} codes to a byte along the input: in_features {in_features} "
+                         f"is not a multiple of {8 // bits}. Keep this layer in full precision or use w8a16.")
+    if not isinstance(symmetric, bool):
+        raise InputError(f"symmetric must be True or False, got {symmetric!r}.")
+    if not symmetric and bits == 8:
+        raise InputError(f"{scheme} is symmetric (int8 / fp8 codes around 0, no zero points): symmetric=False is "
+                         "for w4a16 and w2a16. Drop symmetric= or pass True.")
+
+
+def check_input(layer: nn.Module, x) -> None:
+    """A linear layer's input: a floating tensor (..., in_features) on the layer's device, else an InputError."""
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{type(layer).__name__} expects a tensor of shape (..., {layer.in_features}), "
+                         f"got {type(x).__name__}.")
+    device = layer.qweight.device if isinstance(layer, QuantLinear) else layer.weight.device
+    if x.dim() == 0 or x.shape[-1] != layer.in_features or not x.is_floating_point() or x.device != device:
+        raise InputError(f"{type(layer).__name__} ({layer.in_features} -> {layer.out_features}, on {device}) got an "
+                         f"input of shape {tuple(x.shape)}, {x.dtype}, on {x.device}: it needs floating-point "
+                         f"activations (..., {layer.in_features}) on {device}. Token ids go through the model, "
+                         "not a single layer; move the input (or the layer) with .to().")
 
 
 class QuantLinear(nn.Module):
@@ -59,9 +92,10 @@ class QuantLinear(nn.Module):
                  symmetric: bool = True, bias: bool = False, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         spec = check_scheme(scheme)
+        check_layout(in_features, out_features, scheme, symmetric)
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         self.bits, self.symmetric = spec.bits, symmetric
-        self.group_size = group_size if spec.grouped else in_features
+        self.group_size = (128 if group_size is None else group_size) if spec.grouped else in_features
         formats.check_group(in_features, self.group_size)
         groups = in_features // self.group_size
         storage = {8: torch.int8, 4: torch.uint8, 2: torch.uint8}[self.bits]
@@ -84,6 +118,8 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, scheme: str, *, group_size: int = 128, symmetric: bool = True,
                     quantized: formats.Quantized | None = None) -> "QuantLinear":
         """Quantize an ``nn.Linear`` (round-to-nearest unless ``quantized`` codes are given, e.g. by GPTQ)."""
+        if not isinstance(linear, nn.Linear):
+            raise InputError(f"QuantLinear.from_linear quantizes an nn.Linear, got {type(linear).__name__}.")
         out_f, in_f = linear.weight.shape
         layer = cls(in_f, out_f, scheme, group_size=group_size, symmetric=symmetric,
                     bias=linear.bias is not None, dtype=linear.weight.dtype, device=linear.weight.device)
@@ -98,6 +134,9 @@ class QuantLinear(nn.Module):
             raise InputError(f"weight of shape {tuple(weight.shape)} for a {self.out_features}x{self.in_features} layer.")
         if self.scales.device.type != "meta":
             weight = weight.to(self.scales.device)
+        if not weight.is_meta and not bool(torch.isfinite(weight).all()):
+            raise InputError(f"the weight for this {self.scheme} layer ({self.in_features} -> {self.out_features}) "
+                             "holds NaN or Inf: its scales would be NaN. Repair the weights before quantizing.")
         if self.scheme == "fp8":
             values, scale = formats.quantize_fp8(weight)
             self._set_buffers(values, scale, None)
@@ -147,7 +186,20 @@ class QuantLinear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # (..., K) -> (..., N)
+        check_input(self, x)
         return kernels.run(self, x)
+
+    # ------------------------------------------------------------------ loading a state_dict
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """``load_state_dict`` checks the stored codes against this layer's format before copying anything:
+        a wrong shape, a wrong dtype (an int8 copy into uint8 codes would silently change every code),
+        zero points for a symmetric layer, NaN / Inf scales or out-of-range zero points are a CheckpointError
+        naming the tensor."""
+        check_state(self, {leaf: state_dict[prefix + leaf] for leaf in ("qweight", "scales", "zeros")
+                           if prefix + leaf in state_dict}, prefix, strict=strict)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # ------------------------------------------------------------------ casts and moves
     def _apply(self, fn, recurse=True):
@@ -160,3 +212,32 @@ class QuantLinear(nn.Module):
         if self.scheme == "fp8" and self.qweight.dtype != torch.float8_e4m3fn:
             self.qweight = self.qweight.to(torch.float8_e4m3fn)
         return self
+
+
+def check_state(layer: QuantLinear, stored: dict, prefix: str = "", *, strict: bool = True) -> None:
+    """Stored ``qweight`` / ``scales`` / ``zeros`` fit ``layer``'s format, or a CheckpointError naming the tensor."""
+    where = f"{layer.scheme} layer {prefix.rstrip('.') or 'QuantLinear'} ({layer.in_features} -> {layer.out_features})"
+    fix = "The tensors were written for another scheme, group size or layer; load the checkpoint they came with."
+    if layer.zeros is None and "zeros" in stored:
+        raise CheckpointError(f"{prefix}zeros: zero points given for the symmetric {where}. {fix}")
+    if layer.zeros is not None and "zeros" not in stored and strict and stored:
+        raise CheckpointError(f"{prefix}zeros missing: the {where} has zero points (symmetric=False). {fix}")
+    for leaf, tensor in stored.items():
+        expected = getattr(layer, leaf)
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{prefix}{leaf} is a {type(tensor).__name__}, not a tensor. {fix}")
+        if tuple(tensor.shape) != tuple(expected.shape) or tensor.dtype != expected.dtype:
+            raise CheckpointError(f"{prefix}{leaf}: stored {tuple(tensor.shape)} {tensor.dtype}, the {where} needs "
+                                  f"{tuple(expected.shape)} {expected.dtype}. {fix}")
+    check_values(layer, stored, prefix)
+
+
+def check_values(layer: QuantLinear, stored: dict, prefix: str = "") -> None:
+    """Scales finite, zero points on the code grid: NaN scales would turn every output of the layer into NaN."""
+    scales, zeros = stored.get("scales"), stored.get("zeros")
+    if scales is not None and not scales.is_meta and not bool(torch.isfinite(scales).all()):
+        raise CheckpointError(f"{prefix}scales holds NaN or Inf: the {layer.scheme} layer's weights would be "
+                              "NaN. The checkpoint is corrupt (or was quantized from NaN weights): re-save it.")
+    if zeros is not None and not zeros.is_meta and zeros.numel() and int(zeros.max()) > 2 ** layer.bits - 1:
+        raise CheckpointError(f"{prefix}zeros holds {int(zeros.max())}, off the {layer.bits}-bit grid "
+                              f"[0, {2 ** layer.bits - 1}]. The checkpoint is corrupt: re-save it.")

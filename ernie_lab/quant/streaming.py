@@ -21,6 +21,7 @@ from torch import nn
 
 from ..model.linears import replace_linears
 from . import kernels
+from .linear import check_input
 
 
 class StreamingLinear(nn.Linear):
@@ -38,6 +39,7 @@ class StreamingLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # (..., in) -> (..., out)
+        check_input(self, x)
         return kernels.run(self, x)
 
 
