@@ -6,5 +6,5 @@
     widgets         the routing explorer (ipywidgets)
     family          parameter, memory and compute arithmetic for the whole family
 
-May import: ``ernie_lab.errors``, ``model``, ``quant``, ``io``, ``train``, ``tiny``.
+May import: ``ernie_lab.errors``, ``ernie_lab.atomic``, ``model``, ``quant``, ``io``, ``train``, ``tiny``.
 """

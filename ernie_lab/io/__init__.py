@@ -10,5 +10,5 @@
     image_processing, processor   pictures -> patches; a chat with pictures -> model inputs (PIL, on use)
     chat            ernie_lab.chat: a conversation in, the reply out
 
-May import: ``ernie_lab.errors``, ``ernie_lab.model``, ``ernie_lab.quant``.
+May import: ``ernie_lab.errors``, ``ernie_lab.atomic``, ``ernie_lab.model``, ``ernie_lab.quant``.
 """

@@ -13,7 +13,7 @@
     linears         replace_linears: the one module swap that quantized, streaming and LoRA linears use
     generation      greedy / top-k / top-p decoding with the KV cache
 
-May import: ``ernie_lab.errors`` only. Nothing here knows about checkpoints on disk, training,
+May import: ``ernie_lab.errors`` and ``ernie_lab.atomic`` only. Nothing here knows about checkpoints on disk, training,
 quantization, analysis, the tiny models or the course.
 """
 

@@ -31,6 +31,8 @@ the grouped dispatch of ``moe.dispatch`` (one call per active expert, never a lo
 The modules: ``formats`` (rounding, packing), ``linear`` (``QuantLinear``: the codes and the plain
 dequantize-then-matmul forward), ``kernels`` (the table of faster kernels that must agree with it),
 ``native`` (the kit's C decode kernels), ``streaming`` (full-precision linears on them), ``gptq``.
+May import: ``ernie_lab.errors``, ``ernie_lab.atomic``, ``ernie_lab.model`` (quantized checkpoints on disk
+are ``ernie_lab.io.quantized``'s business).
 
 ``calibration=`` (a few (B, T) batches of token ids, or dicts of a model's inputs such as a VL batch with
 ``pixel_values``) enables GPTQ for w4a16 / w2a16 (``gptq.py``); a layer no batch reaches is rounded (RTN),

@@ -7,5 +7,5 @@
     finetune_data   instruction and preference data for SFT / DPO
     vision_warmup   a warm-up that teaches the ViT and adapter to see the shapes
 
-May import: ``ernie_lab.errors``, ``ernie_lab.model``, ``ernie_lab.io``, ``ernie_lab.train``.
+May import: ``ernie_lab.errors``, ``ernie_lab.atomic``, ``model``, ``quant``, ``io``, ``train``.
 """

@@ -5,7 +5,7 @@
     lora/       layer.py: LoRA linears (the math, apply, merge, unmerge); peft_format.py: peft-format adapters
     finetune    SFT with prompt masking, DPO (another Objective), through the same step; the one collate
 
-May import: ``ernie_lab.errors``, ``ernie_lab.model``, ``ernie_lab.quant``, ``ernie_lab.io``.
+May import: ``ernie_lab.errors``, ``ernie_lab.atomic``, ``ernie_lab.model``, ``ernie_lab.quant``, ``ernie_lab.io``.
 
 ``ernie_lab.train`` also answers with the trainer's names (``train.Trainer``, ``train.TrainConfig``, ...).
 """
