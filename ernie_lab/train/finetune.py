@@ -153,15 +153,16 @@ class FineTuner(Trainer):
         write_adapter(self.model, folder)                # into the Trainer's atomic folder, beside the state
 
     def resume(self, folder) -> "FineTuner":
+        """Continue from ``step-N``: the adapter (or, for a model without LoRA layers, the whole model),
+        optimizer, step, history and RNG; all read and checked before anything changes."""
         from .lora import ADAPTER_CONFIG, load_adapter
 
         folder = Path(folder)
         if not (folder / ADAPTER_CONFIG).is_file():
             return super().resume(folder)
-        if not (folder / STATE_FILE).is_file():
-            raise CheckpointError(f"{folder} has no {STATE_FILE}: pass a step-N folder written by FineTuner.")
-        load_adapter(self.model, folder)
-        self.load_state_dict(torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True))
+        state = self.read_state(folder)                  # checked against this Trainer before the adapter loads
+        load_adapter(self.model, folder)                 # all or nothing
+        self.load_state_dict(state, str(folder / STATE_FILE))
         return self
 
 
