@@ -694,3 +694,16 @@ def test_checkpoint_save_killed_midway_keeps_the_previous_one_and_it_resumes(tmp
     resumed.fit()
     assert [s for s, _ in checkpoints(out)] == [1, 2, 3, 4]
     assert all(p.name.startswith(f".step-{step}.partial-") for p in out.iterdir() if not p.name.startswith("step-"))
+
+
+def test_save_checkpoint_without_out_dir():
+    trainer = Trainer(tiny_model(), counting_data, quiet())
+    refused(trainer.save_checkpoint, ConfigError, "out_dir", "save_checkpoint")
+
+
+def test_sft_batches_given_to_dpo_with_an_odd_row_count(tokenizer):
+    model = lora.apply_lora(text_model(), r=2, alpha=4)
+    before = snapshot(model)
+    refused(lambda: ft.train_steps(model, ft.sft_batches(tokenizer, [GOOD], batch_size=3), steps=1, objective="dpo"),
+            InputError, "3 rows", "dpo_batches")
+    unchanged(model, before)

@@ -34,6 +34,13 @@ its own logged metrics (margin, accuracy); it runs in one process. :func:`sft` a
 entry points from conversations and pairs, :func:`train_steps` the same from a ``batches`` callable;
 :class:`FineTuner` is the Trainer whose checkpoints of a LoRA model are adapters
 (``step-N/adapter_model.safetensors`` + ``trainer_state.pt``, a few hundred kB instead of the whole model).
+
+**Data is checked before training**, each problem named by its index (``conversations[3]: message 1 has no
+'content'``, ``pairs[5] has no 'rejected'``): a conversation is a list of messages or a record with a
+``"messages"`` list (the records ``finetune_data.instruction_set()`` returns are taken as they are); it ends
+with an assistant reply, and no reply is empty (an empty answer would only teach the model to stop). A
+preference pair whose chosen and rejected replies are the same tokens is refused (it teaches nothing);
+its prompt may be one str (a user turn). Empty datasets, batch sizes < 1 and beta <= 0 are refused.
 """
 
 from __future__ import annotations
@@ -361,7 +368,11 @@ def add_reference_logps(model, batches, steps: int):
 
 def dpo_batch_loss(model, batch: dict, beta: float = 0.1) -> tuple[torch.Tensor, dict]:
     """The DPO loss of one (2B, T) batch: chosen rows first, rejected after."""
-    half = batch["input_ids"].shape[0] // 2
+    rows = batch["input_ids"].shape[0]
+    if rows % 2:
+        raise InputError(f"a DPO batch stacks B chosen rows, then B rejected ones; this batch has {rows} rows. "
+                         "Make the batches with dpo_batches.")
+    half = rows // 2
     ref = reference_logps(model, batch)
     policy = sequence_logps(model, batch)
     return dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], beta)

@@ -71,6 +71,17 @@ every other checkpoint) as it was. ``Trainer.resume(folder)`` (or ``resume_from`
 continues the same curve (RNG states are rank 0's). ``keep_last`` prunes old ones, except the steps in
 ``keep_checkpoints_at`` (written even off the ``checkpoint_every`` grid: routing over training wants a few early ones).
 
+Bad input is refused before anything changes, naming the culprit: every TrainConfig field (a numeric
+string such as ``lr="3e-4"``, which is how YAML reads it, is accepted for a float setting; an unknown key
+is named with the closest setting), every batch (``train_data(index, rank, world_size)`` named: empty,
+mis-shaped, float ids, ids outside the vocabulary). A NaN / Inf loss or gradient norm stops the run
+*before* the update with :class:`TrainingDiverged` (an InputError and a FloatingPointError) naming the
+step and what to try; the weights, the optimizer and the checkpoints stay those of the last good step.
+``resume`` reads and checks everything first (a truncated or garbled ``trainer_state.pt``, a checkpoint of
+another model, and a change of a setting in ``RESUME_MUST_MATCH`` -- lr, lr_scale, frozen_steps, warm-up,
+weight decay, ... -- are refused, naming the file and the setting, with the Trainer as it was); ``max_steps``,
+logging, evaluation and checkpointing may change on resume (the cosine follows the new ``max_steps``).
+
 Other objectives (DPO, in ``finetune``) plug into the same step as an :class:`Objective`: a loss that is a
 mean over ``count(batch)`` units (target tokens, preference pairs), weighted across micro-batches and ranks
 like LM above, plus terms to log.
@@ -775,6 +786,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write out_dir/step-N (the weights + trainer_state.pt) in one atomic folder write; rank 0 only."""
+        if not self.config.out_dir:
+            raise ConfigError("save_checkpoint needs a folder: set TrainConfig(out_dir=...).")
         out_dir = Path(self.config.out_dir)
         folder = out_dir / f"{CHECKPOINT_PREFIX}{self.step}"
         if self.procs.is_main:

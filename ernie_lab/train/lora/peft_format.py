@@ -14,6 +14,12 @@ such an adapter itself when it loads it into a transformers 5 model, whose exper
 parameters (``mlp.experts.gate_up_proj``): gate and up LoRAs of rank r become one rank-2r LoRA of the
 fused weight. :func:`load_adapter` reads both forms (per-expert and peft's fused one).
 
+``load_adapter`` checks the whole adapter before it changes the model: the config's fields (``lora_alpha``
+null or a string, rank 0, bad patterns), the tensors (empty, NaN, integer, not 2-D, duplicated) and every
+A / B shape against the base model's linear layers (an adapter made for another base model). A refused
+load leaves the model exactly as it was, so the right adapter then loads. ``save_adapter`` refuses a model
+without LoRA layers, or with NaN / Inf in its adapter, before it touches the folder.
+
 What interoperates with peft 0.21.2 on transformers 5.23 (tests/test_lora.py checks each, logits within 1e-4):
 
 * dense models: everything (attention and MLP), both directions; trainable counts equal peft's.
