@@ -73,6 +73,7 @@ def scene_items(count: int, split: str = "train", seed: int = 0,
                 max_shapes: int | None = None) -> list[tuple[scenes.Scene, scenes.QA]]:
     """``count`` (scene, colour question) items from fresh scenes of one split, deterministic in ``seed``;
     ``max_shapes`` keeps scenes with at most that many shapes."""
+    check_items(count, split, seed, max_shapes)
     rng = random.Random(seed)
     items: list[tuple[scenes.Scene, scenes.QA]] = []
     while len(items) < count:
@@ -83,9 +84,25 @@ def scene_items(count: int, split: str = "train", seed: int = 0,
     return items
 
 
+def check_items(count, split, seed, max_shapes) -> None:
+    """InputErrors naming the argument (a wrong split or max_shapes would otherwise search forever)."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise InputError(f"count must be an integer >= 0, got {count!r}.")
+    if split not in ("train", "val"):
+        raise InputError(f"split must be 'train' or 'val', got {split!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputError(f"seed must be an integer, got {seed!r}.")
+    if max_shapes is not None and (isinstance(max_shapes, bool) or not isinstance(max_shapes, int)
+                                   or not 1 <= max_shapes):
+        raise InputError(f"max_shapes must be None or an integer >= 1 (scenes hold 1 to {scenes.MAX_SHAPES} "
+                         f"shapes), got {max_shapes!r}.")
+
+
 def instruction_set(count: int = 3000, split: str = "train", seed: int = 0, images: bool = False,
                     language: str = "italian", max_shapes: int | None = None) -> list[dict]:
-    """Conversations ``{"messages", "scene", "qa"}``: question about a scene, the answer in ``language``."""
+    """Conversations ``{"messages", "scene", "qa"}``: question about a scene, the answer in ``language``.
+    ``finetune.sft`` takes these records as they are (or their ``"messages"``)."""
+    _language(language)
     out = []
     for scene, qa in scene_items(count, split, seed, max_shapes):
         image = scenes.render(scene) if images else None
@@ -104,6 +121,7 @@ def preference_pairs(count: int = 1000, split: str = "train", seed: int = 1, ima
                      language: str = "italian", max_shapes: int | None = None) -> list[dict]:
     """``{"prompt", "chosen", "rejected", "kind"}``: concise correct over verbose (half) or wrong (half)."""
     names = _language(language)[0]
+    check_items(count, split, seed, max_shapes)
     rng = random.Random(seed + 99)
     pairs = []
     for n, (scene, qa) in enumerate(scene_items(count, split, seed, max_shapes)):

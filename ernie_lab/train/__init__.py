@@ -10,8 +10,9 @@ May import: ``ernie_lab.errors``, ``ernie_lab.atomic``, ``ernie_lab.model``, ``e
 ``ernie_lab.train`` also answers with the trainer's names (``train.Trainer``, ``train.TrainConfig``, ...).
 """
 
-from .trainer import (STATE_FILE, Objective, TrainConfig, Trainer, checkpoints, from_batches,  # noqa: F401
-                      latest_checkpoint, learning_rate, leave_processes, parameter_groups, part_learning_rate, train)
+from .trainer import (STATE_FILE, Objective, TrainConfig, Trainer, TrainingDiverged, checkpoints,  # noqa: F401
+                      from_batches, latest_checkpoint, learning_rate, leave_processes, parameter_groups,
+                      part_learning_rate, train)
 
-__all__ = ["TrainConfig", "Trainer", "Objective", "train", "learning_rate", "parameter_groups", "part_learning_rate",
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "Objective", "train", "learning_rate", "parameter_groups", "part_learning_rate",
            "from_batches", "checkpoints", "latest_checkpoint", "leave_processes", "STATE_FILE"]

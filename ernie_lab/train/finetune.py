@@ -34,6 +34,13 @@ its own logged metrics (margin, accuracy); it runs in one process. :func:`sft` a
 entry points from conversations and pairs, :func:`train_steps` the same from a ``batches`` callable;
 :class:`FineTuner` is the Trainer whose checkpoints of a LoRA model are adapters
 (``step-N/adapter_model.safetensors`` + ``trainer_state.pt``, a few hundred kB instead of the whole model).
+
+**Data is checked before training**, each problem named by its index (``conversations[3]: message 1 has no
+'content'``, ``pairs[5] has no 'rejected'``): a conversation is a list of messages or a record with a
+``"messages"`` list (the records ``finetune_data.instruction_set()`` returns are taken as they are); it ends
+with an assistant reply, and no reply is empty (an empty answer would only teach the model to stop). A
+preference pair whose chosen and rejected replies are the same tokens is refused (it teaches nothing);
+its prompt may be one str (a user turn). Empty datasets, batch sizes < 1 and beta <= 0 are refused.
 """
 
 from __future__ import annotations
@@ -52,15 +59,62 @@ from .trainer import STATE_FILE, Objective, TrainConfig, Trainer
 
 
 # ======================================================================================== SFT data
-def conversation_example(tokenizer, messages: list[dict], processor=None) -> dict:
+def positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
+def conversation_messages(conversation, where: str = "the conversation", pictures: bool = False) -> list[dict]:
+    """The messages of one training conversation, checked: a list of messages, or a record with a
+    ``"messages"`` list (what ``finetune_data.instruction_set()`` returns), ending with a non-empty
+    assistant reply; every assistant reply a non-empty str."""
+    from ..io.chat_format import check_messages
+
+    if isinstance(conversation, dict) and "messages" in conversation:
+        conversation = conversation["messages"]
+    elif isinstance(conversation, dict):
+        raise InputError(f"{where} is a dict with keys {sorted(conversation)}; give a list of messages "
+                         "[{'role': ..., 'content': ...}, ...] or a record with a 'messages' list.")
+    try:
+        check_messages(conversation, pictures=pictures)
+    except InputError as err:
+        raise InputError(f"{where}: {err}") from None
+    if not conversation or conversation[-1]["role"] != "assistant":
+        raise InputError(f"{where}: a training conversation must end with an assistant message (the reply to "
+                         "learn).")
+    for n, message in enumerate(conversation):
+        if message["role"] == "assistant":
+            if not isinstance(message["content"], str):
+                raise InputError(f"{where}: message {n} (assistant) must have str content, got "
+                                 f"{type(message['content']).__name__}.")
+            if not message["content"].strip():
+                raise InputError(f"{where}: message {n} (assistant) is empty; an empty answer would only teach the "
+                                 "model to stop at once. Give the reply, or leave the example out.")
+    return list(conversation)
+
+
+def conversation_list(conversations, name: str = "conversations") -> list:
+    """``conversations`` checked as a non-empty list of conversations (not one conversation's messages)."""
+    if isinstance(conversations, (str, dict)) or not isinstance(conversations, (list, tuple)):
+        raise InputError(f"{name} must be a list of conversations (each a list of messages, or a record with "
+                         f"'messages'), got {type(conversations).__name__}.")
+    if not conversations:
+        raise InputError(f"{name} is empty; fine-tuning needs at least one conversation.")
+    if isinstance(conversations[0], dict) and "role" in conversations[0]:
+        raise InputError(f"{name} is one conversation's messages, not a list of conversations: wrap it, "
+                         f"[messages].")
+    return list(conversations)
+
+
+def conversation_example(tokenizer, messages: list[dict], processor=None, where: str = "the conversation") -> dict:
     """``{"ids", "labels"}`` of one conversation; labels only on assistant replies (and their end token).
 
     Text models render with ``tokenizer.apply_chat_template``. With a ``processor`` (``VLProcessor``) the
     first user message may hold pictures: it is rendered by the processor (pixels and one placeholder id
     per vision token), later turns in the same text format.
     """
-    if not messages or messages[-1].get("role") != "assistant":
-        raise InputError("a training conversation must end with an assistant message (the reply to learn).")
+    messages = conversation_messages(messages, where, pictures=processor is not None)
     end = tokenizer.special_tokens[END_OF_SENTENCE]
     ids: list[int] = []
     labels: list[int] = []
@@ -114,7 +168,10 @@ def collate(examples: list[dict], pad_id: int) -> dict:
 def sft_batches(tokenizer, conversations: list[list[dict]], batch_size: int = 16, processor=None, seed: int = 0):
     """``batches(step, rank=0, world_size=1)`` over ``conversations``, reshuffled each epoch (by seed and
     epoch), each rank taking its own slice of the step's examples."""
-    examples = [conversation_example(tokenizer, c, processor) for c in conversations]
+    conversations = conversation_list(conversations)
+    positive_int(batch_size, "batch_size")
+    examples = [conversation_example(tokenizer, c, processor, f"conversations[{i}]")
+                for i, c in enumerate(conversations)]
     pad = tokenizer.pad_token_id or 0
 
     def batches(step: int, rank: int = 0, world_size: int = 1) -> dict:
@@ -153,15 +210,16 @@ class FineTuner(Trainer):
         write_adapter(self.model, folder)                # into the Trainer's atomic folder, beside the state
 
     def resume(self, folder) -> "FineTuner":
+        """Continue from ``step-N``: the adapter (or, for a model without LoRA layers, the whole model),
+        optimizer, step, history and RNG; all read and checked before anything changes."""
         from .lora import ADAPTER_CONFIG, load_adapter
 
         folder = Path(folder)
         if not (folder / ADAPTER_CONFIG).is_file():
             return super().resume(folder)
-        if not (folder / STATE_FILE).is_file():
-            raise CheckpointError(f"{folder} has no {STATE_FILE}: pass a step-N folder written by FineTuner.")
-        load_adapter(self.model, folder)
-        self.load_state_dict(torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True))
+        state = self.read_state(folder)                  # checked against this Trainer before the adapter loads
+        load_adapter(self.model, folder)                 # all or nothing
+        self.load_state_dict(state, str(folder / STATE_FILE))
         return self
 
 
@@ -171,10 +229,15 @@ def sft(model, tokenizer, conversations: list[list[dict]], config: TrainConfig |
     """Supervised fine-tuning of ``model`` (LoRA or full weights) on chat conversations, prompt-masked,
     on the kit's Trainer. ``config``: :func:`sft_config` by default; with ``eval_conversations`` and
     ``config.eval_every`` the held-out loss is logged too. Returns the Trainer's history."""
+    if config is not None and not isinstance(config, TrainConfig):
+        config = TrainConfig(**config) if isinstance(config, dict) else config
+        if not isinstance(config, TrainConfig):
+            raise InputError(f"config must be a TrainConfig (sft_config(...)), got {type(config).__name__}.")
     data = sft_batches(tokenizer, conversations, batch_size, processor, seed)
     config = config or sft_config()
     eval_data = None
     if eval_conversations:
+        eval_conversations = conversation_list(eval_conversations, "eval_conversations")
         held_out = sft_batches(tokenizer, eval_conversations, batch_size, processor, seed)
         eval_data = lambda i: held_out(i)  # noqa: E731  (i -> batch)
         if not config.eval_every:
@@ -187,16 +250,55 @@ def sft(model, tokenizer, conversations: list[list[dict]], config: TrainConfig |
 
 
 # ======================================================================================== DPO
-def pair_examples(tokenizer, prompt: list[dict], chosen: str, rejected: str, processor=None) -> tuple[dict, dict]:
-    """(chosen, rejected) examples of one preference pair: the same prompt, two replies."""
-    return (conversation_example(tokenizer, prompt + [{"role": "assistant", "content": chosen}], processor),
-            conversation_example(tokenizer, prompt + [{"role": "assistant", "content": rejected}], processor))
+def pair_examples(tokenizer, prompt: list[dict], chosen: str, rejected: str, processor=None,
+                  where: str = "the pair") -> tuple[dict, dict]:
+    """(chosen, rejected) examples of one preference pair: the same prompt, two replies (a str prompt is
+    one user turn). Refused: a prompt that does not end with a user turn, an empty reply, and two replies
+    that are the same tokens (the pair would teach nothing)."""
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise InputError(f"{where}: 'prompt' must be a non-empty list of messages (or one str), got {prompt!r}.")
+    if isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
+        raise InputError(f"{where}: 'prompt' ends with an assistant message; it must end with the user turn the "
+                         "chosen and rejected replies answer.")
+    for key, reply in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(reply, str):
+            raise InputError(f"{where}: '{key}' must be the reply as a str, got {type(reply).__name__}.")
+    pair = []
+    for key, reply in (("chosen", chosen), ("rejected", rejected)):
+        pair.append(conversation_example(tokenizer, list(prompt) + [{"role": "assistant", "content": reply}],
+                                         processor, f"{where} ({key})"))
+    if pair[0]["ids"] == pair[1]["ids"]:
+        raise InputError(f"{where}: 'chosen' and 'rejected' are the same reply ({chosen!r}); DPO learns from their "
+                         "difference, so this pair teaches nothing. Leave it out or fix the rejected reply.")
+    return pair[0], pair[1]
+
+
+def pair_list(pairs) -> list[dict]:
+    if isinstance(pairs, (str, dict)) or not isinstance(pairs, (list, tuple)):
+        raise InputError(f"pairs must be a list of dicts with 'prompt', 'chosen' and 'rejected', got "
+                         f"{type(pairs).__name__}.")
+    if not pairs:
+        raise InputError("pairs is empty; DPO needs at least one preference pair.")
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, dict):
+            raise InputError(f"pairs[{i}] must be a dict with 'prompt', 'chosen' and 'rejected', got "
+                             f"{type(pair).__name__}.")
+        missing = [key for key in ("prompt", "chosen", "rejected") if key not in pair]
+        if missing:
+            raise InputError(f"pairs[{i}] has no {' and no '.join(map(repr, missing))}; a preference pair is "
+                             "{'prompt': [messages], 'chosen': 'reply', 'rejected': 'reply'}.")
+    return list(pairs)
 
 
 def dpo_batches(tokenizer, pairs: list[dict], batch_size: int = 8, processor=None, seed: int = 0):
     """``batches(step, rank, world_size)`` of preference pairs (dicts with ``prompt`` messages, ``chosen``
     and ``rejected`` replies). A batch stacks the B chosen sequences, then the B rejected ones: (2B, T)."""
-    examples = [pair_examples(tokenizer, p["prompt"], p["chosen"], p["rejected"], processor) for p in pairs]
+    pairs = pair_list(pairs)
+    positive_int(batch_size, "batch_size")
+    examples = [pair_examples(tokenizer, p["prompt"], p["chosen"], p["rejected"], processor, f"pairs[{i}]")
+                for i, p in enumerate(pairs)]
     pad = tokenizer.pad_token_id or 0
 
     def batches(step: int, rank: int = 0, world_size: int = 1) -> dict:
@@ -266,15 +368,26 @@ def add_reference_logps(model, batches, steps: int):
 
 def dpo_batch_loss(model, batch: dict, beta: float = 0.1) -> tuple[torch.Tensor, dict]:
     """The DPO loss of one (2B, T) batch: chosen rows first, rejected after."""
-    half = batch["input_ids"].shape[0] // 2
+    rows = batch["input_ids"].shape[0]
+    if rows % 2:
+        raise InputError(f"a DPO batch stacks B chosen rows, then B rejected ones; this batch has {rows} rows. "
+                         "Make the batches with dpo_batches.")
+    half = rows // 2
     ref = reference_logps(model, batch)
     policy = sequence_logps(model, batch)
     return dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], beta)
 
 
+def check_beta(beta) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < float("inf"):
+        raise InputError(f"beta (DPO's reward scale) must be a positive number, got {beta!r}.")
+    return beta
+
+
 def dpo_objective(beta: float = 0.1) -> Objective:
     """DPO as the training step's objective: a mean over the batch's pairs (half its rows), logging the
     rewards, their margin and the accuracy."""
+    check_beta(beta)
     return Objective("dpo_loss", count=lambda batch: batch["input_ids"].shape[0] // 2,
                      loss=lambda model, batch, n: dpo_batch_loss(model, batch, beta))
 
@@ -284,6 +397,12 @@ def dpo(model, tokenizer, pairs: list[dict], config: TrainConfig | None = None, 
     """DPO of ``model`` (LoRA: the reference is the model with its adapters off) on preference ``pairs``
     (:func:`dpo_batches`), on the kit's Trainer. ``config``: :func:`sft_config` by default. Returns the
     Trainer's history (``dpo_loss``, ``reward_margin``, ``accuracy``, ... per logged step)."""
+    check_beta(beta)
+    from .lora import lora_layers
+
+    if not lora_layers(model):
+        raise InputError("dpo() trains LoRA adapters (the reference is the model with them off): apply_lora(model) "
+                         "first; for full-weight DPO use dpo_batches + add_reference_logps + train_steps.")
     data = dpo_batches(tokenizer, pairs, batch_size, processor, seed)
     model.train()
     history = FineTuner(model, data, config or sft_config(), objective=dpo_objective(beta)).fit()
@@ -303,6 +422,14 @@ def train_steps(model, batches, steps: int, lr: float = 3e-4, *, objective: str 
         raise InputError("nothing to train: every parameter is frozen (apply_lora, or unfreeze for full fine-tuning).")
     if objective not in ("sft", "dpo"):
         raise InputError(f"objective must be 'sft' or 'dpo', got {objective!r}.")
+    if not callable(batches):
+        raise InputError(f"batches must be a callable index -> batch dict (sft_batches / dpo_batches), got "
+                         f"{type(batches).__name__}.")
+    positive_int(steps, "steps")
+    positive_int(grad_accum, "grad_accum")
+    positive_int(log_every, "log_every")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise InputError(f"warmup must be an integer >= 0, got {warmup!r}.")
     config = sft_config(lr=lr, max_steps=steps, grad_accum_steps=grad_accum, weight_decay=weight_decay,
                         warmup_steps=min(warmup, steps - 1), min_lr_ratio=0.0, log_every=1, progress=progress)
     step_starts = []                                              # when each update asked for its data

@@ -71,6 +71,17 @@ every other checkpoint) as it was. ``Trainer.resume(folder)`` (or ``resume_from`
 continues the same curve (RNG states are rank 0's). ``keep_last`` prunes old ones, except the steps in
 ``keep_checkpoints_at`` (written even off the ``checkpoint_every`` grid: routing over training wants a few early ones).
 
+Bad input is refused before anything changes, naming the culprit: every TrainConfig field (a numeric
+string such as ``lr="3e-4"``, which is how YAML reads it, is accepted for a float setting; an unknown key
+is named with the closest setting), every batch (``train_data(index, rank, world_size)`` named: empty,
+mis-shaped, float ids, ids outside the vocabulary). A NaN / Inf loss or gradient norm stops the run
+*before* the update with :class:`TrainingDiverged` (an InputError and a FloatingPointError) naming the
+step and what to try; the weights, the optimizer and the checkpoints stay those of the last good step.
+``resume`` reads and checks everything first (a truncated or garbled ``trainer_state.pt``, a checkpoint of
+another model, and a change of a setting in ``RESUME_MUST_MATCH`` -- lr, lr_scale, frozen_steps, warm-up,
+weight decay, ... -- are refused, naming the file and the setting, with the Trainer as it was); ``max_steps``,
+logging, evaluation and checkpointing may change on resume (the cosine follows the new ``max_steps``).
+
 Other objectives (DPO, in ``finetune``) plug into the same step as an :class:`Objective`: a loss that is a
 mean over ``count(batch)`` units (target tokens, preference pairs), weighted across micro-batches and ranks
 like LM above, plus terms to log.
@@ -87,13 +98,14 @@ the training time since the last entry); evaluation entries ``step, eval_loss``.
 from __future__ import annotations
 
 import atexit
+import difflib
 import math
 import os
 import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -117,12 +129,17 @@ WEIGHTED = ("balance", "z_loss", "orthogonal")  # the loss terms with a weight o
 CHECKPOINT_PREFIX = "step-"
 
 
+class TrainingDiverged(InputError, FloatingPointError):
+    """The loss or the gradient became NaN / Inf: the run stops before the update, naming the step."""
+
+
 # ================================================================================ the config
 @dataclass
 class TrainConfig:
     """Everything the loop needs; the batch size per rank is the data's business."""
 
-    lr: float = 3e-4                        # peak learning rate, reached at the end of the warm-up
+    lr: float = 3e-4                        # peak learning rate, reached at the end of the warm-up; numeric
+                                            # strings ("3e-4", as YAML reads it) are accepted for every float
     min_lr_ratio: float = 0.1               # the cosine ends at min_lr = min_lr_ratio * lr
     weight_decay: float = 0.1               # decoupled, on linear weights only (see the module docstring)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -152,25 +169,79 @@ class TrainConfig:
     frozen_steps: dict[str, int] = field(default_factory=dict)  # name prefix -> first updates it sits out
 
     def __post_init__(self):
-        self.betas = tuple(self.betas)
-        self.keep_checkpoints_at = tuple(int(s) for s in self.keep_checkpoints_at)
         problems = []
-        if self.max_steps < 1 or self.grad_accum_steps < 1 or self.log_every < 1:
-            problems.append("max_steps, grad_accum_steps and log_every must be >= 1")
+        for name in FLOAT_FIELDS:                      # YAML reads 3e-4 as the string "3e-4": accepted
+            value = getattr(self, name)
+            if name == "max_grad_norm" and value is None:
+                continue
+            number = _number(value)
+            if number is None:
+                problems.append(f"{name} must be a number, got {value!r}")
+            else:
+                setattr(self, name, number)
+        for name in INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                if isinstance(value, float) and value.is_integer():
+                    setattr(self, name, int(value))
+                else:
+                    problems.append(f"{name} must be an integer, got {value!r}")
+        if problems:
+            raise ConfigError("TrainConfig: " + "; ".join(problems) + ".")
+        try:
+            self.betas = tuple(float(_number(b)) for b in self.betas)
+        except (TypeError, ValueError):
+            problems.append(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        else:
+            if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+                problems.append(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        try:
+            self.keep_checkpoints_at = tuple(_integer(s) for s in self.keep_checkpoints_at)
+        except (TypeError, ValueError):
+            problems.append(f"keep_checkpoints_at must be a list of step numbers, got {self.keep_checkpoints_at!r}")
+        else:
+            if any(s < 1 for s in self.keep_checkpoints_at):
+                problems.append(f"keep_checkpoints_at holds steps >= 1, got {list(self.keep_checkpoints_at)}")
+        for name in ("max_steps", "grad_accum_steps", "log_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_batches", "checkpoint_every", "keep_last"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
         if not 0 <= self.warmup_steps < self.max_steps:
             problems.append(f"warmup_steps ({self.warmup_steps}) must be in [0, max_steps={self.max_steps})")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            problems.append("lr must be > 0 and min_lr_ratio in [0, 1]")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"lr must be > 0 (got {self.lr}) and min_lr_ratio in [0, 1] (got {self.min_lr_ratio})")
+        if not self.eps > 0:
+            problems.append(f"eps must be > 0, got {self.eps}")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            problems.append(f"max_grad_norm must be > 0, or 0 / None for no clipping, got {self.max_grad_norm}")
         if self.autocast not in (None, "bf16"):
             problems.append(f"autocast must be 'bf16' or None, got {self.autocast!r}")
         if min(self.balance, self.z_loss, self.orthogonal, self.weight_decay) < 0:
-            problems.append("loss weights and weight_decay must be >= 0")
+            problems.append("loss weights (balance, z_loss, orthogonal) and weight_decay must be >= 0")
         if self.eval_every and self.eval_batches < 1:
             problems.append("eval_every needs eval_batches >= 1")
-        self.lr_scale = {str(k): float(v) for k, v in self.lr_scale.items()}
-        self.frozen_steps = {str(k): int(v) for k, v in self.frozen_steps.items()}
-        if min([*self.lr_scale.values(), *self.frozen_steps.values(), 0]) < 0:
-            problems.append("lr_scale and frozen_steps values must be >= 0")
+        for name in ("lr_scale", "frozen_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, dict):
+                problems.append(f"{name} must be a dict of name prefix -> value, got {value!r}")
+                continue
+            try:
+                setattr(self, name, {str(k): (float(_number(v)) if name == "lr_scale" else _integer(v))
+                                     for k, v in value.items()})
+            except (TypeError, ValueError):
+                problems.append(f"{name} values must be numbers, got {value!r}")
+                continue
+            if min([*getattr(self, name).values(), 0]) < 0:
+                problems.append("lr_scale and frozen_steps values must be >= 0")
+        for name in ("out_dir", "resume_from"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, (str, os.PathLike)) or not str(value):
+                    problems.append(f"{name} must be a folder path, got {value!r}")
+                else:
+                    setattr(self, name, os.fspath(value))  # a Path would not load back from trainer_state.pt
         if (self.checkpoint_every or self.keep_checkpoints_at or self.resume_from == "latest") and not self.out_dir:
             problems.append("checkpoints need out_dir")
         if problems:
@@ -179,6 +250,56 @@ class TrainConfig:
     @property
     def min_lr(self) -> float:
         return self.min_lr_ratio * self.lr
+
+
+FLOAT_FIELDS = ("lr", "min_lr_ratio", "weight_decay", "eps", "max_grad_norm", "balance", "z_loss", "orthogonal")
+INT_FIELDS = ("warmup_steps", "max_steps", "grad_accum_steps", "seed", "log_every", "eval_every", "eval_batches",
+              "checkpoint_every", "keep_last")
+# Settings a resume must share with the run it continues: each changes the curve from the resumed step on
+# (the optimizer's groups and hyper-parameters, the schedule's shape, the loss). max_steps may change
+# (train longer or stop sooner: the cosine then follows the new max_steps); logging, evaluation,
+# checkpointing, progress and seed (the RNG states come from the checkpoint) may change freely.
+RESUME_MUST_MATCH = ("lr", "min_lr_ratio", "weight_decay", "betas", "eps", "warmup_steps", "grad_accum_steps",
+                     "max_grad_norm", "autocast", "balance", "z_loss", "orthogonal", "token_balanced",
+                     "lr_scale", "frozen_steps")
+
+
+def _number(value) -> float | None:
+    """A finite float from a number or a numeric string ("3e-4", as YAML reads it); None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return None
+
+
+def _integer(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(value)
+    return int(value)
+
+
+_dataclass_init = TrainConfig.__init__
+
+
+def _checked_init(self, *args, **kwargs):
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = [key for key in kwargs if key not in known]
+    if unknown:
+        hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, known, 1))
+                 else repr(key) for key in unknown]
+        raise ConfigError(f"TrainConfig has no setting {', '.join(hints)}; its settings are {sorted(known)}.")
+    _dataclass_init(self, *args, **kwargs)
+
+
+_checked_init.__doc__ = _dataclass_init.__doc__
+TrainConfig.__init__ = _checked_init
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -243,10 +364,10 @@ def from_batches(batches: list[Batch]) -> TrainData:
     return train_data
 
 
-def with_labels(batch: Batch) -> Batch:
+def with_labels(batch: Batch, where: str = "a batch") -> Batch:
     """Check a batch and give it labels (input_ids, padding ignored) when it has none."""
     if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), torch.Tensor):
-        raise InputError(f"a batch must be a dict with an 'input_ids' tensor (B, T), got {type(batch).__name__}"
+        raise InputError(f"{where}: a batch must be a dict with an 'input_ids' tensor (B, T), got {type(batch).__name__}"
                          f"{' with keys ' + str(sorted(batch)) if isinstance(batch, dict) else ''}.")
     if "labels" in batch:
         return batch
@@ -254,6 +375,40 @@ def with_labels(batch: Batch) -> Batch:
     if batch.get("attention_mask") is not None:
         labels[batch["attention_mask"] == 0] = IGNORE_INDEX
     return {**batch, "labels": labels}
+
+
+def check_batch(batch: Batch, where: str, vocab: int | None = None) -> None:
+    """Shapes, dtypes and ranges of a text batch's tensors, each problem named (``where``: which call made it)."""
+    ids = batch["input_ids"]
+    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
+        raise InputError(f"{where}: input_ids must be (B, T) with B >= 1 rows and T >= 2 tokens, got shape "
+                         f"{tuple(ids.shape)}; an empty batch (batch size 0) has nothing to train on.")
+    for key in ("input_ids", "labels", "attention_mask"):
+        value = batch.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.is_complex():
+            raise InputError(f"{where}: {key} must be an integer tensor, got "
+                             f"{value.dtype if isinstance(value, torch.Tensor) else type(value).__name__}.")
+        if value.shape != ids.shape:
+            raise InputError(f"{where}: {key} has shape {tuple(value.shape)}, input_ids {tuple(ids.shape)}; they must match.")
+    labels = batch["labels"]
+    if vocab is not None:
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise InputError(f"{where}: input_ids hold ids from {int(ids.min())} to {int(ids.max())}; the model's "
+                             f"vocabulary is 0 .. {vocab - 1}.")
+        targets = labels[labels != IGNORE_INDEX]
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+            raise InputError(f"{where}: labels hold {int(targets.min())} .. {int(targets.max())}; labels must be token "
+                             f"ids 0 .. {vocab - 1} or {IGNORE_INDEX} (ignored).")
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    try:
+        return int(config.get_text_config().vocab_size)
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -351,7 +506,20 @@ class Trainer:
 
     def __init__(self, model: nn.Module, train_data: TrainData, config: TrainConfig | None = None,
                  eval_data: EvalData | None = None, objective: Objective | None = None):
+        if isinstance(config, dict):
+            config = TrainConfig(**config)           # a config read from YAML / JSON: checked the same way
+        if config is not None and not isinstance(config, TrainConfig):
+            raise InputError(f"config must be a TrainConfig (or a dict of its settings), got {type(config).__name__}.")
         self.config = config = config or TrainConfig()
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model must be an ernie-lab model (a torch nn.Module), got {type(model).__name__}.")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise InputError("nothing to train: every parameter of the model is frozen (apply_lora to train "
+                             "adapters, or requires_grad_(True) for full training).")
+        if config.out_dir and Path(config.out_dir).exists() and not Path(config.out_dir).is_dir():
+            raise ConfigError(f"out_dir {config.out_dir} is a file; checkpoints need a folder.")
+        if objective is not None and not isinstance(objective, Objective):
+            raise InputError(f"objective must be an Objective, got {type(objective).__name__}.")
         if not callable(train_data):
             raise InputError("train_data must be a callable (index, rank, world_size) -> batch dict; "
                              "wrap a list of batches with ernie_lab.train.from_batches(batches).")
@@ -439,12 +607,31 @@ class Trainer:
         if c.orthogonal:
             record["orthogonal"] = self._add_orthogonal_gradient().item()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm or float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         record["loss"] = record[objective.name] + sum(getattr(c, name) * record[name] for name in WEIGHTED
                                                       if name in record)
+        self._stop_if_not_finite(record, float(grad_norm))                         # before the weights change
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         record.update(lr=learning_rate(self.step, c), grad_norm=float(grad_norm))
         return record, int(tokens)
+
+    def _stop_if_not_finite(self, record: dict, grad_norm: float) -> None:
+        """A NaN / Inf loss or gradient norm stops the run before the update: the weights, the optimizer and
+        every checkpoint stay those of the last good step (a NaN would spread into every weight)."""
+        bad = {name: value for name, value in {**record, "grad_norm": grad_norm}.items()
+               if isinstance(value, float) and not math.isfinite(value)}
+        if not bad:
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        c, step = self.config, self.step + 1
+        last = latest_checkpoint(c.out_dir) if c.out_dir else None
+        raise TrainingDiverged(
+            f"step {step}: " + ", ".join(f"{name} is {value}" for name, value in bad.items())
+            + f"; training stopped before update {step}, so the weights and optimizer are those after step {self.step}"
+            + (f" (last checkpoint: {last})" if last else "") + ". Lower lr (now "
+            f"{learning_rate(self.step, c):.3g}), keep max_grad_norm on, use more warm-up, or look for NaN / Inf in "
+            f"the model's weights or in the batches of step {step} (train_data indices "
+            f"{self.step * c.grad_accum_steps} .. {step * c.grad_accum_steps - 1}).")
 
     def language_modelling(self, model: nn.Module, batch: Batch, n: int) -> tuple[torch.Tensor, dict]:
         """The default objective's loss: LM loss and routing-loss terms of one micro-batch (n: its target
@@ -477,7 +664,10 @@ class Trainer:
         return self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()
 
     def _batch(self, index: int) -> Batch:
-        return to_device(with_labels(self.train_data(index, self.procs.rank, self.procs.world_size)), self.device)
+        where = f"train_data({index}, {self.procs.rank}, {self.procs.world_size})"
+        batch = with_labels(self.train_data(index, self.procs.rank, self.procs.world_size), where)
+        check_batch(batch, where, vocab_size(self.model))
+        return to_device(batch, self.device)
 
     def _sum(self, values: list[float]) -> list[float]:
         """Sum numbers over ranks (the numbers themselves in one process)."""
@@ -496,7 +686,9 @@ class Trainer:
         weighted, total = 0.0, 0
         self.model.eval()
         for i in range(procs.rank, c.eval_batches, procs.world_size):
-            batch = to_device(with_labels(self.eval_data(i)), self.device)
+            batch = with_labels(self.eval_data(i), f"eval_data({i})")
+            check_batch(batch, f"eval_data({i})", vocab_size(self.model))
+            batch = to_device(batch, self.device)
             n = target_count(batch["labels"], c.token_balanced)
             if n == 0:
                 continue
@@ -520,14 +712,82 @@ class Trainer:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "history": self.history,
                 "rng": rng_state(), "config": config}
 
-    def load_state_dict(self, state: dict) -> None:
-        """The inverse of :meth:`state_dict` (the weights are the caller's)."""
+    def load_state_dict(self, state: dict, where: str = "the trainer state") -> None:
+        """The inverse of :meth:`state_dict` (the weights are the caller's); checked whole before any of it is used."""
+        self.check_state(state, where)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.history = int(state["step"]), list(state["history"])
         restore_rng(state["rng"])
 
+    def check_state(self, state, where: str) -> None:
+        """A CheckpointError naming ``where`` unless ``state`` fits this Trainer: its keys, its optimizer's
+        groups (same number, same parameter counts and shapes) and the settings a resume must keep."""
+        if not isinstance(state, dict) or not {"step", "optimizer", "history", "rng"} <= set(state):
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise CheckpointError(f"{where} is not a trainer state (it holds {keys}, not step, optimizer, history "
+                                  "and rng); pass a step-N folder written by Trainer.save_checkpoint.")
+        optimizer, rng = state["optimizer"], state["rng"]
+        if (not isinstance(state["step"], int) or state["step"] < 0 or not isinstance(state["history"], list)
+                or not isinstance(optimizer, dict) or not {"state", "param_groups"} <= set(optimizer)
+                or not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or "python" not in rng):
+            raise CheckpointError(f"{where} is damaged (its step, history, optimizer or rng entry is not what "
+                                  "Trainer.save_checkpoint writes); resume from an earlier checkpoint.")
+        try:
+            random.Random().setstate(_as_tuple(rng["python"]))           # a dry run: nothing of ours changes
+            usable = rng["torch"].dtype == torch.uint8 and rng["torch"].shape == torch.get_rng_state().shape
+        except (TypeError, ValueError):
+            usable = False
+        if not usable:
+            raise CheckpointError(f"{where}: its random number generator states are damaged; resume from an "
+                                  "earlier checkpoint.")
+        saved_groups, groups = optimizer["param_groups"], self.optimizer.param_groups
+        sizes = [len(g.get("params", ())) for g in saved_groups], [len(g["params"]) for g in groups]
+        if sizes[0] != sizes[1]:
+            raise CheckpointError(f"{where}: its optimizer has parameter groups of {sizes[0]} tensors, this Trainer's "
+                                  f"{sizes[1]}: the checkpoint is of a different model, or was trained with other trainable parameters or other "
+                                  "lr_scale / frozen_steps parts.")
+        index = {id_: p for g_saved, g in zip(saved_groups, groups) for id_, p in zip(g_saved["params"], g["params"])}
+        for id_, entry in optimizer["state"].items():
+            param = index.get(id_)
+            moments = [v for k, v in entry.items() if k in ("exp_avg", "exp_avg_sq")] if isinstance(entry, dict) else []
+            if param is None or any(not isinstance(m, torch.Tensor) or m.shape != param.shape for m in moments):
+                raise CheckpointError(f"{where}: its optimizer state does not fit this model's trainable parameters "
+                                      f"(tensor {id_}); resume into the model the checkpoint was trained on.")
+        saved = state.get("config")
+        if isinstance(saved, dict):
+            ours = {key: (list(v) if isinstance(v, tuple) else v) for key, v in asdict(self.config).items()}
+            changed = [key for key in RESUME_MUST_MATCH if key in saved and saved[key] != ours[key]]
+            if changed:
+                raise CheckpointError(
+                    f"{where} was trained with " + ", ".join(f"{key}={saved[key]!r}" for key in changed)
+                    + "; this Trainer has " + ", ".join(f"{key}={ours[key]!r}" for key in changed)
+                    + ". A resume with other settings would not continue the same curve: use the checkpoint's "
+                    "settings (max_steps, logging, evaluation and checkpointing may change), or start a new run "
+                    "from its weights (ernie_lab.load_model) without resume.")
+
+    def read_state(self, folder: Path, check: bool = True) -> dict:
+        """trainer_state.pt of a checkpoint folder, read safely and (``check``) checked against this Trainer."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder} is not a folder; pass a step-N folder written by Trainer (out_dir/step-N).")
+        path = folder / STATE_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{folder} has no {STATE_FILE}: pass a step-N folder written by Trainer "
+                                  "(a plain model folder loads with ernie_lab.load_model instead).")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated (EOFError, RuntimeError), garbled (UnpicklingError), unreadable
+            raise CheckpointError(f"{path} is truncated or damaged ({type(error).__name__}: "
+                                  f"{str(error).splitlines()[0] if str(error) else ''}); resume from an earlier "
+                                  f"checkpoint in {folder.parent}.") from None
+        if check:
+            self.check_state(state, str(path))
+        return state
+
     def save_checkpoint(self) -> Path:
         """Write out_dir/step-N (the weights + trainer_state.pt) in one atomic folder write; rank 0 only."""
+        if not self.config.out_dir:
+            raise ConfigError("save_checkpoint needs a folder: set TrainConfig(out_dir=...).")
         out_dir = Path(self.config.out_dir)
         folder = out_dir / f"{CHECKPOINT_PREFIX}{self.step}"
         if self.procs.is_main:
@@ -552,17 +812,24 @@ class Trainer:
             shutil.rmtree(old)
 
     def resume(self, folder: str | os.PathLike) -> "Trainer":
-        """Continue from a checkpoint folder: weights, optimizer state, step, history and RNG states."""
+        """Continue from a checkpoint folder: weights, optimizer state, step, history and RNG states.
+
+        Everything is read and checked before anything changes: a damaged state file, a checkpoint of
+        another model, or changed settings (``RESUME_MUST_MATCH``: lr, lr_scale, warm-up, ...) are refused
+        with this Trainer as it was. ``max_steps`` may differ (the cosine then follows the new one)."""
         folder = Path(folder)
-        if not (folder / STATE_FILE).is_file():
-            raise CheckpointError(f"{folder} has no {STATE_FILE}: pass a step-N folder written by Trainer "
-                                  "(a plain model folder loads with ernie_lab.load_model instead).")
-        saved = load_model(folder)
-        try:
-            self.model.load_state_dict(saved.state_dict())
-        except RuntimeError as error:
-            raise CheckpointError(f"{folder} holds a different model than this Trainer's: {error}") from None
-        self.load_state_dict(torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True))
+        state = self.read_state(folder, check=False)
+        saved = load_model(folder).state_dict()
+        ours = self.model.state_dict()
+        wrong = sorted(set(saved) ^ set(ours)) or [k for k in ours if saved[k].shape != ours[k].shape]
+        if wrong:
+            raise CheckpointError(f"{folder} holds a different model than this Trainer's (e.g. tensor {wrong[0]!r}: "
+                                  f"{tuple(saved[wrong[0]].shape) if wrong[0] in saved else 'missing'} in the "
+                                  f"checkpoint, {tuple(ours[wrong[0]].shape) if wrong[0] in ours else 'missing'} "
+                                  "here); resume into the model it was trained on.")
+        self.check_state(state, str(folder / STATE_FILE))
+        self.model.load_state_dict(saved)
+        self.load_state_dict(state, str(folder / STATE_FILE))
         return self
 
 

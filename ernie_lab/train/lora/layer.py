@@ -41,8 +41,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0):
         super().__init__()
-        if not (isinstance(r, int) and r > 0):
-            raise InputError(f"LoRA rank r must be a positive integer, got {r!r}.")
+        check_settings(r, alpha, dropout)
         in_features, out_features = _features(base_layer)
         self.base_layer = base_layer
         self.in_features, self.out_features = in_features, out_features
@@ -108,6 +107,17 @@ class FrozenQuantized(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------- apply / merge
+def check_settings(r, alpha, dropout=0.0, where: str = "") -> None:
+    """An InputError naming the setting unless r is a positive int, alpha a finite number and dropout in [0, 1)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise InputError(f"{where}LoRA rank r must be a positive integer, got {r!r}.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise InputError(f"{where}LoRA alpha (lora_alpha) must be a finite number (the update is scaled by "
+                         f"alpha / r; peft's default is 8), got {alpha!r}.")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise InputError(f"{where}LoRA dropout must be a number in [0, 1), got {dropout!r}.")
+
+
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                target_modules=DEFAULT_TARGETS, *, vision: bool = False) -> nn.Module:
     """Wrap the targeted linear layers of ``model`` in :class:`LoRALinear` and freeze everything else.
@@ -120,8 +130,19 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
     if lora_layers(model):
         raise InputError("this model already has LoRA layers; merge_lora(model, unload=True) first, or load "
                          "a second adapter into a fresh model.")
+    check_settings(r, alpha, dropout)
     if isinstance(target_modules, str):
         target_modules = (target_modules,)
+    if (not isinstance(target_modules, (list, tuple, set, frozenset)) or not target_modules
+            or not all(isinstance(t, str) and t for t in target_modules)):
+        raise InputError(f"target_modules must be a non-empty list of module names or regexes (like "
+                         f"{list(DEFAULT_TARGETS[:2])}), got {target_modules!r}.")
+    for t in target_modules:
+        try:
+            re.compile(t)
+        except re.error as err:
+            raise InputError(f"target_modules: {t!r} is neither a module name nor a valid regex ({err}).") from None
+    target_modules = tuple(target_modules)
     targets = tuple(target_modules) + (tuple(t for t in VISION_TARGETS if t not in target_modules) if vision else ())
     keep, hit = target_filter(targets, vision)
     tied = tied_head_name(model)   # wrapping a tied head would untie it from the embedding
@@ -149,16 +170,30 @@ def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
     """Fold every adapter into its base weight. ``unload=True`` also puts the plain base layers back
     (a model that ``save_model`` writes and that no longer knows it was adapted)."""
     layers = lora_layers(model)
+    if not layers:
+        raise InputError("merge_lora: this model has no LoRA layers (apply_lora or load_adapter first; a model "
+                         "merged with unload=True has none left).")
+    for name, layer in layers.items():   # every base checked first: a refusal merges none of them
+        if not layer.merged:
+            try:
+                _float_weight(layer.base_layer)
+            except InputError as err:
+                raise InputError(f"merge_lora: {name}: {err}") from None
     for layer in layers.values():
-        layer.merge()
+        layer.merge()                    # a merged layer stays as it is (merging twice adds nothing)
     if unload:
         replace_linears_back(model, layers)
     return model
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Take the adapters out of the base weights again (exactly, up to rounding)."""
-    for layer in lora_layers(model).values():
+    """Take the adapters out of the base weights again (exactly, up to rounding); unmerged layers stay
+    as they are (unmerging twice takes nothing more out)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise InputError("unmerge_lora: this model has no LoRA layers (merge_lora(model, unload=True) removed "
+                         "them for good; keep the adapter and load_adapter it into the base model instead).")
+    for layer in layers.values():
         layer.unmerge()
     return model
 

@@ -14,6 +14,12 @@ such an adapter itself when it loads it into a transformers 5 model, whose exper
 parameters (``mlp.experts.gate_up_proj``): gate and up LoRAs of rank r become one rank-2r LoRA of the
 fused weight. :func:`load_adapter` reads both forms (per-expert and peft's fused one).
 
+``load_adapter`` checks the whole adapter before it changes the model: the config's fields (``lora_alpha``
+null or a string, rank 0, bad patterns), the tensors (empty, NaN, integer, not 2-D, duplicated) and every
+A / B shape against the base model's linear layers (an adapter made for another base model). A refused
+load leaves the model exactly as it was, so the right adapter then loads. ``save_adapter`` refuses a model
+without LoRA layers, or with NaN / Inf in its adapter, before it touches the folder.
+
 What interoperates with peft 0.21.2 on transformers 5.23 (tests/test_lora.py checks each, logits within 1e-4):
 
 * dense models: everything (attention and MLP), both directions; trainable counts equal peft's.
@@ -41,7 +47,8 @@ from torch import nn
 
 from ...errors import CheckpointError, ConfigError, InputError
 from ...atomic import atomic_folder
-from .layer import VISION_PREFIXES, LoRALinear, is_linear_like, lora_layers, wrap_layers
+from .layer import (VISION_PREFIXES, LoRALinear, _features, check_settings, is_linear_like, lora_layers,
+                    replace_linears_back, wrap_layers)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -137,20 +144,38 @@ def save_adapter(model: nn.Module, folder: str | Path, *, base_model_name_or_pat
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's format) into ``folder``,
     atomically (``ernie_lab.atomic.atomic_folder``: written beside it, then swapped into place in one step)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder} is a file; save_adapter writes a folder (adapter_config.json + "
+                         f"adapter_model.safetensors). Pick another path.")
+    contents = adapter_contents(model, base_model_name_or_path)   # every check before the folder is touched
     with atomic_folder(folder) as staging:  # a kill leaves the previous adapter in place
-        write_adapter(model, staging, base_model_name_or_path=base_model_name_or_path)
+        write_contents(staging, *contents)
     return folder
 
 
 def write_adapter(model: nn.Module, folder: Path, *, base_model_name_or_path: str | None = None) -> None:
     """The adapter's two files, straight into ``folder`` (a folder the caller is writing atomically)."""
-    from safetensors.torch import save_file
+    write_contents(folder, *adapter_contents(model, base_model_name_or_path))
 
+
+def adapter_contents(model: nn.Module, base_model_name_or_path: str | None = None) -> tuple[dict, dict, dict]:
+    """(config, tensors, metadata) of the model's adapter, checked: LoRA layers exist, one rank, finite numbers."""
+    if not isinstance(model, nn.Module):
+        raise InputError(f"save_adapter needs the model with LoRA layers, got {type(model).__name__}.")
     config = adapter_config(model, base_model_name_or_path)
     tensors = adapter_state_dict(model)
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise InputError(f"the adapter tensor {name} holds NaN or Inf; a diverged adapter is not saved "
+                             f"(resume from an earlier checkpoint, with a lower learning rate).")
+    return config, tensors, {"format": "pt", "ernie_lab_base": json.dumps(base_fingerprint(model))}
+
+
+def write_contents(folder: Path, config: dict, tensors: dict, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    save_file(tensors, folder / ADAPTER_WEIGHTS,
-              metadata={"format": "pt", "ernie_lab_base": json.dumps(base_fingerprint(model))})
+    save_file(tensors, folder / ADAPTER_WEIGHTS, metadata=metadata)
 
 
 def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -159,6 +184,9 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder; an adapter is a folder with {ADAPTER_CONFIG} and "
+                              f"{ADAPTER_WEIGHTS} (written by save_adapter or peft's save_pretrained).")
     config_file, weights_file = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     for f in (config_file, weights_file):
         if not f.is_file():
@@ -173,6 +201,15 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights_file} is corrupt or not a safetensors file ({err}); re-save the adapter.") from None
+    check_config(config, config_file)
+    if not tensors:
+        raise CheckpointError(f"{weights_file} holds no tensors; the adapter is empty. Re-save it.")
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{weights_file}: tensor {name} is {tensor.dtype}; LoRA weights are floating point.")
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{weights_file}: tensor {name} holds NaN or Inf; the adapter diverged or is "
+                                  "damaged. Use an earlier checkpoint.")
     if config.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"{config_file}: peft_type {config.get('peft_type')!r}; the kit loads LoRA adapters only.")
     for flag in ("use_dora", "use_rslora", "fan_in_fan_out"):
@@ -181,8 +218,48 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         raise ConfigError(f"{config_file}: LoRA biases are not supported (bias must be 'none').")
     if "ernie_lab_base" in metadata:
-        config = {**config, "ernie_lab_base": json.loads(metadata["ernie_lab_base"])}
+        try:
+            base = json.loads(metadata["ernie_lab_base"])
+        except (json.JSONDecodeError, TypeError):
+            base = None
+        if not isinstance(base, dict):
+            raise CheckpointError(f"{weights_file}: its ernie_lab_base metadata is damaged "
+                                  f"({metadata['ernie_lab_base']!r}); re-save the adapter.")
+        config = {**config, "ernie_lab_base": base}
     return config, tensors
+
+
+def check_config(config, config_file) -> None:
+    """A ConfigError naming the field unless adapter_config.json's LoRA fields have usable types and values."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"{config_file} must hold a JSON object (peft's LoraConfig), got {type(config).__name__}.")
+    where = f"{config_file}: "
+    r, alpha, dropout = config.get("r", 8), config.get("lora_alpha", 8), config.get("lora_dropout", 0.0)
+    if alpha is None:
+        raise ConfigError(f"{where}\"lora_alpha\" is null; give a number (the update is scaled by lora_alpha / r; "
+                          f"peft's default is 8).")
+    try:
+        check_settings(r, alpha, dropout or 0.0, where)
+    except InputError as err:
+        raise ConfigError(str(err)) from None
+    for key, test, kind in (("rank_pattern", lambda v: not isinstance(v, bool) and isinstance(v, int) and v > 0,
+                             "a positive integer rank"),
+                            ("alpha_pattern", lambda v: not isinstance(v, bool) and isinstance(v, (int, float))
+                             and v == v and abs(v) != float("inf"), "a number")):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise ConfigError(f"{where}{key} must be an object of module pattern -> value, got {pattern!r}.")
+        for name, value in pattern.items():
+            try:
+                re.compile(name)
+            except re.error as err:
+                raise ConfigError(f"{where}{key}: {name!r} is not a valid pattern ({err}).") from None
+            if not test(value):
+                raise ConfigError(f"{where}{key}[{name!r}] must be {kind}, got {value!r}.")
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and (
+            not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)):
+        raise ConfigError(f"{where}target_modules must be a list of module names (or one regex), got {targets!r}.")
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
@@ -193,24 +270,23 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     ``mlp.experts.base_layer.lora_A.weight`` for ``gate_up_proj``) are split per expert. Errors name
     the tensor and what does not match.
     """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"load_adapter needs the base model first, then the folder; got {type(model).__name__}.")
     config, tensors = read_adapter(folder)
     _check_base(model, config, folder)
     table = _name_table(model)
     per_module = _per_module_tensors(model, tensors, config, table, folder)   # lab name -> (A, B, r, alpha)
-    if not lora_layers(model):
-        _wrap_exactly(model, per_module, config)
     layers = lora_layers(model)
-    missing = sorted(set(layers) - set(per_module))
-    if missing:
-        raise CheckpointError(f"{folder}: the adapter has no tensors for {len(missing)} LoRA layer(s) of the model, "
-                              f"e.g. {missing[0]!r}; the adapter is incomplete or was made for other target modules.")
+    if layers:
+        _check_fits_layers(layers, per_module, folder)
+    else:
+        _check_fits_linears(model, per_module, folder)
+    # Everything is checked: from here on nothing is refused, so nothing is left half-applied.
+    if not layers:
+        _wrap_exactly(model, per_module, config)
+        layers = lora_layers(model)
     for name, (A, B, r, alpha) in per_module.items():
-        layer = layers.get(name)
-        if layer is None:
-            raise ConfigError(f"{folder}: the adapter adapts {name!r}, which this model has no LoRA layer for.")
-        if A.shape != (layer.r, layer.in_features) or B.shape != (layer.out_features, layer.r):
-            raise CheckpointError(f"{folder}: {name!r} lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit the "
-                                  f"layer: expected ({layer.r}, {layer.in_features}) / ({layer.out_features}, {layer.r}).")
+        layer = layers[name]
         with torch.no_grad():
             was_merged = layer.merged
             layer.unmerge()
@@ -222,11 +298,48 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     return model
 
 
+def _check_fits_layers(layers: dict, per_module: dict, folder) -> None:
+    """A model that has LoRA layers takes an adapter of exactly those layers, ranks and shapes."""
+    hint = ("; this model already has other LoRA layers: load the adapter into a fresh base model, or "
+            "merge_lora(model, unload=True) first")
+    missing = sorted(set(layers) - set(per_module))
+    if missing:
+        raise CheckpointError(f"{folder}: the adapter has no tensors for {len(missing)} LoRA layer(s) of the model, "
+                              f"e.g. {missing[0]!r}; the adapter is incomplete or was made for other target modules"
+                              f"{hint}.")
+    for name, (A, B, r, alpha) in per_module.items():
+        layer = layers.get(name)
+        if layer is None:
+            raise ConfigError(f"{folder}: the adapter adapts {name!r}, which this model has no LoRA layer for{hint}.")
+        if A.shape != (layer.r, layer.in_features) or B.shape != (layer.out_features, layer.r):
+            raise CheckpointError(f"{folder}: {name!r} lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit the "
+                                  f"layer: expected ({layer.r}, {layer.in_features}) / ({layer.out_features}, {layer.r})"
+                                  f"{hint if A.shape[0] != layer.r else ''}.")
+
+
+def _check_fits_linears(model: nn.Module, per_module: dict, folder) -> None:
+    """A model without LoRA layers: every adapted module is a linear layer of the right (in, out)."""
+    linears = {n: m for n, m in model.named_modules() if is_linear_like(m)}
+    lacking = sorted(set(per_module) - set(linears))
+    if lacking:
+        raise ConfigError(f"{folder}: the adapter targets {lacking[0]!r} (and {len(lacking) - 1} more), which this "
+                          f"model lacks; was it made for another base model?")
+    for name, (A, B, r, alpha) in sorted(per_module.items()):
+        in_features, out_features = _features(linears[name])
+        if A.shape != (r, in_features) or B.shape != (out_features, r):
+            raise CheckpointError(f"{folder}: {name!r} lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit the "
+                                  f"layer: expected ({r}, {in_features}) / ({out_features}, {r}); was the adapter made "
+                                  f"for another base model?")
+
+
 def _check_base(model: nn.Module, config: dict, folder) -> None:
     base = config.get("ernie_lab_base")
     if not base:
         return
-    ours = base_fingerprint(model)
+    try:
+        ours = base_fingerprint(model)
+    except AttributeError:
+        raise InputError(f"load_adapter loads into an ernie-lab model (with a config); got {type(model).__name__}.") from None
     wrong = {k: (v, ours.get(k)) for k, v in base.items() if k in ours and ours[k] != v}
     if wrong:
         raise ConfigError(f"{folder}: the adapter was made for another base model: "
@@ -254,6 +367,12 @@ def _per_module_tensors(model, tensors, config, table, folder) -> dict:
         if match is None:
             raise CheckpointError(f"{folder}: tensor {key!r} is not a LoRA A or B weight (modules_to_save, biases and "
                                   f"other peft methods are not supported).")
+        if tensor.dim() != 2:
+            raise CheckpointError(f"{folder}: tensor {key!r} has shape {tuple(tensor.shape)}; LoRA A and B weights are "
+                                  "2-D matrices.")
+        if match.group(2) in pairs.get(match.group(1), {}):
+            raise CheckpointError(f"{folder}: two lora_{match.group(2)} tensors for {match.group(1)!r} (one named "
+                                  f"{key!r}); the adapter holds one adapter per module.")
         pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
     result = {}
     for hub, ab in pairs.items():
@@ -283,8 +402,12 @@ def _split_fused_experts(model, hub, ab, full_config, table, folder) -> dict:
     """
     from ...model.moe import MoEBlock
 
-    lab_block = lab_module_path(hub.split(".experts")[0] + ".experts.0.down_proj", table).removesuffix(".experts.0.down_proj")
-    block = model.get_submodule(lab_block)
+    lab_expert = lab_module_path(hub.split(".experts")[0] + ".experts.0.down_proj", table)
+    lab_block = lab_expert.removesuffix(".experts.0.down_proj") if lab_expert else None
+    try:
+        block = model.get_submodule(lab_block) if lab_block else None
+    except AttributeError:
+        block = None
     if not isinstance(block, MoEBlock):
         raise ConfigError(f"{folder}: {hub!r} adapts experts, but {lab_block!r} is not an MoE block of this model.")
     E, expert = block.num_experts, block.experts[0]
@@ -317,14 +440,17 @@ def _split_fused_experts(model, hub, ab, full_config, table, folder) -> dict:
 
 def _wrap_exactly(model: nn.Module, per_module: dict, config: dict) -> None:
     """apply_lora on exactly the adapter's modules, with each module's rank."""
-    linears = {n for n, m in model.named_modules() if is_linear_like(m)}
-    lacking = sorted(set(per_module) - linears)
-    if lacking:
-        raise ConfigError(f"the adapter targets {lacking[0]!r} (and {len(lacking) - 1} more), which this model lacks; "
-                          f"was it made for another base model?")
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    wrap_layers(model, sorted(per_module), lambda name, linear: LoRALinear(linear, per_module[name][2], per_module[name][3]))
+    try:
+        wrap_layers(model, sorted(per_module),
+                    lambda name, linear: LoRALinear(linear, per_module[name][2], per_module[name][3]))
+    except BaseException:
+        replace_linears_back(model, lora_layers(model))   # an unforeseen failure: the model as it was
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
     vision = any(n.startswith(VISION_PREFIXES) for n in per_module)
     model.lora_config = dict(r=config.get("r", 8), alpha=config.get("lora_alpha", 8),
                              dropout=config.get("lora_dropout", 0.0),
