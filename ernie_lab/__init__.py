@@ -25,7 +25,7 @@ The modules are also reachable by their short names, imported on first use
 
 import importlib
 
-from .errors import CheckpointError, ConfigError, ErnieLabError, InputError, NotEnoughMemoryError
+from .errors import CheckpointError, ConfigError, ErnieLabError, InputError, NotEnoughMemoryError, TrainingDiverged
 from .io.chat import chat
 from .io.loading import load_model
 from .io.saving import save_model
@@ -51,8 +51,9 @@ MODULES = {
 }
 
 __all__ = ["ErnieConfig", "ErnieForCausalLM", "ErnieVLForConditionalGeneration", "KVCache", "ErnieLabError",
-           "ConfigError", "CheckpointError", "InputError", "NotEnoughMemoryError", "load_model", "save_model", "generate",
-           "ErnieTokenizer", "StandInTokenizerWarning", "load_tokenizer", "chat", *MODULES]
+           "ConfigError", "CheckpointError", "InputError", "NotEnoughMemoryError", "TrainingDiverged",
+           "load_model", "save_model", "generate", "ErnieTokenizer", "StandInTokenizerWarning",
+           "load_tokenizer", "chat", *MODULES]
 
 
 def __getattr__(name: str):

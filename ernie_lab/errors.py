@@ -24,3 +24,7 @@ class InputError(ErnieLabError, ValueError):
 
 class NotEnoughMemoryError(ErnieLabError, MemoryError):
     """A model would not fit the free memory of the machine; refused before anything is allocated."""
+
+
+class TrainingDiverged(InputError, FloatingPointError):
+    """The loss or a gradient became NaN / Inf: training stops before the update, naming the step."""

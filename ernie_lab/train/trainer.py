@@ -114,7 +114,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import losses
-from ..errors import CheckpointError, ConfigError, InputError
+from ..errors import CheckpointError, ConfigError, InputError, TrainingDiverged
 from ..atomic import atomic_folder
 from ..io.loading import load_model
 from ..io.saving import write_model
@@ -127,10 +127,6 @@ EvalData = Callable[[int], Batch]              # i -> batch
 STATE_FILE = "trainer_state.pt"
 WEIGHTED = ("balance", "z_loss", "orthogonal")  # the loss terms with a weight of the same name in TrainConfig
 CHECKPOINT_PREFIX = "step-"
-
-
-class TrainingDiverged(InputError, FloatingPointError):
-    """The loss or the gradient became NaN / Inf: the run stops before the update, naming the step."""
 
 
 # ================================================================================ the config
