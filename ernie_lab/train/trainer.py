@@ -491,8 +491,13 @@ def join_processes() -> Processes:
 
 
 def leave_processes() -> None:
-    """Leave the process group (the end of a torchrun script; also done at exit)."""
+    """Leave the process group (the end of a torchrun script; also done at exit). The ranks meet first, so
+    none tears its connections down while another still uses them (gloo aborts the late one otherwise)."""
     if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        except RuntimeError:  # a rank already gone: leave anyway
+            pass
         dist.destroy_process_group()
 
 
