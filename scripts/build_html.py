@@ -61,6 +61,8 @@ def execute(nb, workdir: Path, timeout: int = 900):
         NotebookClient(nb, km=km, timeout=timeout, kernel_name="python3",
                        resources={"metadata": {"path": str(workdir)}}).execute()
     finally:
+        if km is not None and km.has_kernel:  # nbclient leaves a kernel it was handed running: stop it here,
+            km.shutdown_kernel(now=True)      # or every notebook's kernel (and its models) lives until we exit
         if sockets:
             shutil.rmtree(sockets, ignore_errors=True)
     return nb
