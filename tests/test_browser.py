@@ -128,8 +128,10 @@ def browser():
 
 
 def open_notebook(browser, base: str, token: str, name: str, width: int = 1500, height: int = 1100):
+    """A new browser page on ``name`` alone: ``reset`` drops the lab's saved workspace, which would otherwise
+    reopen the notebooks of earlier tests beside it (and Run All would find another notebook current)."""
     page = browser.new_page(viewport={"width": width, "height": height})
-    page.goto(f"{base}/lab/tree/notebooks/{name}.ipynb?token={token}", wait_until="domcontentloaded")
+    page.goto(f"{base}/lab/tree/notebooks/{name}.ipynb?reset&token={token}", wait_until="domcontentloaded")
     page.wait_for_selector(".jp-Notebook", timeout=60_000)
     return page
 
@@ -163,7 +165,7 @@ def run_all_cells(page, timeout_s: float = 480) -> list[dict]:
         time.sleep(0.5)
     page.wait_for_function("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'",
                            timeout=60_000)
-    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")  # not awaited: polled below
     deadline = time.time() + timeout_s
     while True:
         state = page.evaluate(NOTEBOOK_STATE)
@@ -251,7 +253,7 @@ def test_diagrams_show_and_a_saved_session_leaves_git_clean(lab, browser):
         cells = run_all_cells(page)
         failures = [(i, c["errors"]) for i, c in enumerate(cells) if c["errors"]]
         assert not failures, f"cells failed in the browser: {failures}"
-        page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+        page.evaluate("() => { window.jupyterapp.commands.execute('docmanager:save'); }")  # not awaited: polled below
         deadline = time.time() + 30
         while py.stat().st_mtime_ns == before:  # jupytext writes the .py beside the .ipynb
             assert time.time() < deadline, "saving in JupyterLab did not write notebooks/00_tour.py"
@@ -271,7 +273,7 @@ def explorer_reloads_without_dead_widgets(page, base: str, token: str, folder: P
 
     ipynb = folder / "notebooks" / f"{NOTEBOOK}.ipynb"
     before = ipynb.stat().st_mtime_ns
-    page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+    page.evaluate("() => { window.jupyterapp.commands.execute('docmanager:save'); }")  # not awaited: polled below
     deadline = time.time() + 30
     while ipynb.stat().st_mtime_ns == before:
         assert time.time() < deadline, "saving did not write the notebook"
@@ -362,21 +364,19 @@ SITE = os.environ.get("ERNIE_LAB_HTML")
 
 
 @pytest.mark.skipif(not SITE, reason="the rendered site is opened after `make html` (make test sets ERNIE_LAB_HTML)")
-def test_rendered_page_typesets_its_formulas_offline():
+def test_rendered_page_typesets_its_formulas_offline(browser):
     """Open 01's page from disk with the network off: MathJax (served from the site) turns the LaTeX into math."""
-    page = Path(SITE) / "01_dense_decoder_from_scratch.html"
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            context = browser.new_context(offline=True)
-            tab = context.new_page()
-            tab.goto(page.as_uri())
-            tab.wait_for_function("() => window.MathJax && MathJax.Hub && MathJax.Hub.queue.pending === 0 "
-                                  "&& document.querySelectorAll('.MathJax, .MathJax_Display').length > 0",
-                                  timeout=60_000)
-            typeset = tab.evaluate("() => document.querySelectorAll('.MathJax, .MathJax_Display').length")
-            errors = tab.evaluate("() => document.querySelectorAll('.MathJax_Error, merror').length")
-        finally:
-            browser.close()
+    page = (Path(SITE) / "01_dense_decoder_from_scratch.html").resolve()  # make test names the site relatively
+    context = browser.new_context(offline=True)
+    try:
+        tab = context.new_page()
+        tab.goto(page.as_uri())
+        tab.wait_for_function("() => window.MathJax && MathJax.Hub && MathJax.Hub.queue.pending === 0 "
+                              "&& document.querySelectorAll('.MathJax, .MathJax_Display').length > 0",
+                              timeout=60_000)
+        typeset = tab.evaluate("() => document.querySelectorAll('.MathJax, .MathJax_Display').length")
+        errors = tab.evaluate("() => document.querySelectorAll('.MathJax_Error, merror').length")
+    finally:
+        context.close()
     assert typeset >= 10, f"only {typeset} formulas typeset on {page.name}"
     assert errors == 0, f"{errors} formulas failed to typeset on {page.name}"

@@ -133,7 +133,7 @@ def test_a_teachers_edit_in_the_lab_lands_in_the_py_and_outputs_do_not(checkout)
 
 
 def test_importing_ernie_lab_notebook_pulls_in_no_plotting():
-    code = ("import sys, ernie_lab, ernie_lab.notebook; "
+    code = ("import sys, ernie_lab, ernie_lab.course.notebook; "
             "print(sorted(m for m in ('matplotlib', 'ipywidgets', 'IPython') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
