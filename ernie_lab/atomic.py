@@ -44,6 +44,7 @@ def atomic_folder(target: str | os.PathLike, carry_over: Callable[[str], bool] |
     target = Path(os.path.abspath(target))  # "." has no name to put beside
     if target.exists() and not target.is_dir():
         raise InputError(f"{target} is a file, not a folder; an atomic folder write never replaces a file.")
+    check_not_a_workspace(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep_partial_writes(target)
     staging = staging_name(target)
@@ -73,6 +74,18 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         sync_folder(path.parent, files=False)  # the rename itself reaches the disk
     finally:
         staging.unlink(missing_ok=True)
+
+
+def check_not_a_workspace(target: Path) -> None:
+    """Refuse a target whose replacement would throw away a workspace: the current folder or one above it
+    (``""``, ``"."``, ``".."``), the home folder, the root, or a folder that holds a git repository."""
+    here = Path(os.path.abspath(os.getcwd()))
+    if target == here or target in here.parents or target == Path.home() or target == Path(target.anchor):
+        raise InputError(f"{target} is the current folder, one above it, the home folder or the root: a save "
+                         "replaces its target folder as a whole. Name a new folder for it, e.g. 'my-adapter'.")
+    if (target / ".git").exists():
+        raise InputError(f"{target} holds a git repository (.git): a save replaces its target folder as a whole. "
+                         "Name a new folder inside it, e.g. its 'checkpoints/my-model'.")
 
 
 def staging_name(target: Path) -> Path:

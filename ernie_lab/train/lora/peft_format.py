@@ -39,6 +39,7 @@ A QLoRA adapter (over a quantized base) trains in float32 and saves like any oth
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -142,15 +143,24 @@ def base_fingerprint(model: nn.Module) -> dict:
 
 def save_adapter(model: nn.Module, folder: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's format) into ``folder``,
-    atomically (``ernie_lab.atomic.atomic_folder``: written beside it, then swapped into place in one step)."""
+    atomically (``ernie_lab.atomic.atomic_folder``: written beside it, then swapped into place in one step).
+    Other files of an existing ``folder`` (a README, notes) are kept."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise InputError(f"save_adapter: folder must be a path (str or pathlib.Path), got {type(folder).__name__}; "
+                         "the order is save_adapter(model, folder).")
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} is a file; save_adapter writes a folder (adapter_config.json + "
                          f"adapter_model.safetensors). Pick another path.")
     contents = adapter_contents(model, base_model_name_or_path)   # every check before the folder is touched
-    with atomic_folder(folder) as staging:  # a kill leaves the previous adapter in place
+    with atomic_folder(folder, carry_over=not_adapter_file) as staging:  # a kill leaves the previous adapter
         write_contents(staging, *contents)
     return folder
+
+
+def not_adapter_file(name: str) -> bool:
+    """Files of the folder a new adapter save keeps (a README, notes, a tokenizer): all but the adapter's two."""
+    return name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 
 
 def write_adapter(model: nn.Module, folder: Path, *, base_model_name_or_path: str | None = None) -> None:
