@@ -94,3 +94,120 @@ def test_save_adapter_over_a_folder_with_other_files_keeps_them(tmp_path):
 def test_save_adapter_folder_that_is_not_a_path(folder):
     refused(lambda: lora.save_adapter(adapted(), folder), InputError, "folder must be a path",
             type(folder).__name__)
+
+
+# ====================================================================== the model, tokenizer and names swapped
+@pytest.fixture(scope="module")
+def tokenizer():
+    from ernie_lab.tiny.tokenizer import TINY_TOKENIZER_DIR
+
+    return ernie_lab.load_tokenizer(TINY_TOKENIZER_DIR)
+
+
+CONVERSATION = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]
+
+
+@pytest.mark.parametrize("call", ["apply_lora", "merge_lora", "unmerge_lora"])
+@pytest.mark.parametrize("thing", [None, "baidu/ERNIE-4.5-0.3B-PT"])
+def test_lora_functions_given_something_that_is_not_a_model(call, thing):
+    refused(lambda: getattr(lora, call)(thing), InputError, call, type(thing).__name__)
+
+
+def test_lora_functions_given_the_tokenizer(tokenizer):
+    refused(lambda: lora.apply_lora(tokenizer), InputError, "apply_lora", "ErnieTokenizer")
+
+
+@pytest.mark.parametrize("call, flag", [(lambda m: lora.apply_lora(m, vision="yes"), "vision"),
+                                        (lambda m: lora.merge_lora(m, unload="yes"), "unload")])
+def test_lora_flags_must_be_bool_and_change_nothing(call, flag):
+    model = adapted() if flag == "unload" else tiny_model()
+    kinds = [(n, type(m).__name__) for n, m in model.named_modules()]
+    refused(lambda: call(model), InputError, flag, "True or False")
+    assert [(n, type(m).__name__) for n, m in model.named_modules()] == kinds
+    assert not any(layer.merged for layer in lora.lora_layers(model).values())
+
+
+@pytest.mark.parametrize("folder", [None, 3])
+def test_load_adapter_folder_that_is_not_a_path(folder):
+    model = tiny_model()
+    refused(lambda: lora.load_adapter(model, folder), InputError, "adapter folder", type(folder).__name__)
+    assert not lora.lora_layers(model)
+
+
+def test_sft_with_model_and_tokenizer_swapped_or_a_tokenizer_twice(tokenizer):
+    from ernie_lab import finetune as ft
+
+    refused(lambda: ft.sft(tokenizer, tokenizer, CONVERSATION), InputError, "sft", "model", "ErnieTokenizer")
+    refused(lambda: ft.sft(tiny_model(), tiny_model(), CONVERSATION), InputError, "tokenizer", "ErnieForCausalLM")
+    refused(lambda: ft.dpo(tokenizer, tokenizer, [{"prompt": "a", "chosen": "b", "rejected": "c"}]), InputError,
+            "dpo", "model", "ErnieTokenizer")
+    refused(lambda: ft.dpo_batches(tiny_model(), [{"prompt": "a", "chosen": "b", "rejected": "c"}]), InputError,
+            "tokenizer", "ErnieForCausalLM")
+
+
+@pytest.mark.parametrize("seed", [None, "0", 1.5, True])
+def test_fine_tuning_seed_that_is_not_an_integer_is_refused_at_once(tokenizer, seed):
+    """It used to pass, then fail with a TypeError inside the first batch of the run."""
+    from ernie_lab import finetune as ft
+
+    refused(lambda: ft.sft_batches(tokenizer, CONVERSATION, seed=seed), InputError, "seed", repr(seed))
+    refused(lambda: ft.dpo_batches(tokenizer, [{"prompt": "a", "chosen": "b", "rejected": "c"}], seed=seed),
+            InputError, "seed")
+
+
+@pytest.mark.parametrize("name", [None, 5, ["01.causal_mask"], b"01.causal_mask"])
+def test_exercise_name_that_is_not_a_string(name, capsys):
+    from ernie_lab import exercises
+
+    refused(lambda: exercises.check(name, 1), InputError, "exercise name", "string", type(name).__name__)
+    refused(lambda: exercises.get(name), InputError, "exercise name")
+
+
+# ====================================================================== training settings and resume
+def counting_data(index, rank=0, world_size=1):
+    g = torch.Generator().manual_seed(index)
+    ids = torch.randint(0, 48, (2, 8), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+@pytest.mark.parametrize("setting", ["lr_scale", "frozen_steps"])
+@pytest.mark.parametrize("part", ["layer.1", "layers.1.at", "vision"])
+def test_lr_scale_or_frozen_steps_naming_no_parameter_is_refused(setting, part):
+    """A typo used to train that part at the full rate without a word."""
+    from ernie_lab.errors import ConfigError
+    from ernie_lab.train import TrainConfig, Trainer
+
+    config = TrainConfig(progress=False, max_steps=2, **{setting: {part: 1 if setting == "frozen_steps" else 0.5}})
+    refused(lambda: Trainer(tiny_model(), counting_data, config), ConfigError, setting, repr(part), "layers")
+
+
+def test_lr_scale_of_a_real_part_still_works():
+    from ernie_lab.train import TrainConfig, Trainer
+
+    trainer = Trainer(tiny_model(), counting_data, TrainConfig(progress=False, max_steps=1, lr_scale={"layers.1": 0.5}))
+    assert {group.get("part") for group in trainer.optimizer.param_groups} == {"", "layers.1"}
+
+
+@pytest.mark.parametrize("folder", [None, 2])
+def test_resume_from_something_that_is_not_a_path(folder):
+    from ernie_lab.train import TrainConfig, Trainer
+
+    trainer = Trainer(tiny_model(), counting_data, TrainConfig(progress=False, max_steps=1))
+    refused(lambda: trainer.resume(folder), InputError, "checkpoint folder", type(folder).__name__)
+    assert trainer.step == 0
+
+
+@pytest.mark.parametrize("batches", [torch.ones(2, 4, dtype=torch.long), {"input_ids": torch.ones(2, 4)}, "x"])
+def test_from_batches_of_one_batch_or_a_tensor(batches):
+    from ernie_lab.train import from_batches
+
+    refused(lambda: from_batches(batches), InputError, "list of batch", type(batches).__name__)
+
+
+# ====================================================================== text the tokenizer cannot hold
+def test_text_with_a_lone_surrogate_is_named_not_a_sentencepiece_error(tokenizer):
+    text = "caf\u00e9 \ud83d and more"
+    refused(lambda: tokenizer.encode(text), InputError, "surrogate", "character 5")
+    refused(lambda: ernie_lab.chat(tiny_model(vocab_size=tokenizer.vocab_size), tokenizer, text, max_new_tokens=1),
+            InputError, "surrogate")
+    assert tokenizer.encode("caf\u00e9 \U0001f600") == tokenizer.encode("caf\u00e9 \U0001f600")  # a real emoji is fine

@@ -122,6 +122,9 @@ def describe(value: Any) -> str:
 
 def get(name: str) -> Exercise:
     """The exercise called `name`, loading the exercise set of its notebook on first use."""
+    if not isinstance(name, str):
+        raise InputError(f"the exercise name must be a string like '01.causal_mask' (the first argument of "
+                         f"check), got {type(name).__name__} {name!r:.60}.")
     if name not in REGISTRY:
         number = name.split(".", 1)[0]
         try:

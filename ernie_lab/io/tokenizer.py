@@ -49,6 +49,17 @@ class StandInTokenizerWarning(UserWarning):
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
+def check_encodable(text: str) -> None:
+    """An InputError naming the position of a lone surrogate (text read with errors="surrogateescape", or a
+    JSON "\\ud83d" escape split from its pair): UTF-8, and so SentencePiece, cannot hold it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(f"the text holds {text[err.start]!r} at character {err.start}, a lone UTF-16 surrogate that "
+                         "UTF-8 cannot encode; fix the text (e.g. text.encode('utf-16', 'surrogatepass')"
+                         ".decode('utf-16') joins a split pair).") from None
+
+
 class ErnieTokenizer:
     """A SentencePiece model for ordinary text plus a table of special tokens, in one id space.
 
@@ -106,6 +117,7 @@ class ErnieTokenizer:
         """
         if not isinstance(text, str):
             raise InputError(f"encode wants a str, got {type(text).__name__}. Decode ids with tok.decode(ids).")
+        check_encodable(text)
         ids = []
         for chunk in self._special_re.split(text):  # odd positions hold the special tokens
             if chunk in self.special_tokens:

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import CheckpointError, InputError
 from ..model.decoder import IGNORE_INDEX
@@ -59,6 +60,25 @@ from .trainer import STATE_FILE, Objective, TrainConfig, Trainer
 
 
 # ======================================================================================== SFT data
+def check_model(model, where: str) -> None:
+    """An InputError unless ``model`` is an ernie-lab model (sft(model, tokenizer, ...): a swapped pair is common)."""
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise InputError(f"{where}: the first argument must be the model (ernie_lab.load_model(...)), got "
+                         f"{type(model).__name__}; the order is {where}(model, tokenizer, ...).")
+
+
+def check_tokenizer(tokenizer, where: str) -> None:
+    if not all(callable(getattr(tokenizer, name, None)) for name in ("encode", "decode", "apply_chat_template")):
+        raise InputError(f"{where}: tokenizer must be a tokenizer (ernie_lab.load_tokenizer(...)), got "
+                         f"{type(tokenizer).__name__}; the order is {where}(model, tokenizer, ...).")
+
+
+def whole_number(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{name} must be an integer, got {value!r}.")
+    return value
+
+
 def positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InputError(f"{name} must be a positive integer, got {value!r}.")
@@ -168,8 +188,10 @@ def collate(examples: list[dict], pad_id: int) -> dict:
 def sft_batches(tokenizer, conversations: list[list[dict]], batch_size: int = 16, processor=None, seed: int = 0):
     """``batches(step, rank=0, world_size=1)`` over ``conversations``, reshuffled each epoch (by seed and
     epoch), each rank taking its own slice of the step's examples."""
+    check_tokenizer(tokenizer, "sft")
     conversations = conversation_list(conversations)
     positive_int(batch_size, "batch_size")
+    whole_number(seed, "seed")
     examples = [conversation_example(tokenizer, c, processor, f"conversations[{i}]")
                 for i, c in enumerate(conversations)]
     pad = tokenizer.pad_token_id or 0
@@ -233,6 +255,7 @@ def sft(model, tokenizer, conversations: list[list[dict]], config: TrainConfig |
         config = TrainConfig(**config) if isinstance(config, dict) else config
         if not isinstance(config, TrainConfig):
             raise InputError(f"config must be a TrainConfig (sft_config(...)), got {type(config).__name__}.")
+    check_model(model, "sft")
     data = sft_batches(tokenizer, conversations, batch_size, processor, seed)
     config = config or sft_config()
     eval_data = None
@@ -295,8 +318,10 @@ def pair_list(pairs) -> list[dict]:
 def dpo_batches(tokenizer, pairs: list[dict], batch_size: int = 8, processor=None, seed: int = 0):
     """``batches(step, rank, world_size)`` of preference pairs (dicts with ``prompt`` messages, ``chosen``
     and ``rejected`` replies). A batch stacks the B chosen sequences, then the B rejected ones: (2B, T)."""
+    check_tokenizer(tokenizer, "dpo")
     pairs = pair_list(pairs)
     positive_int(batch_size, "batch_size")
+    whole_number(seed, "seed")
     examples = [pair_examples(tokenizer, p["prompt"], p["chosen"], p["rejected"], processor, f"pairs[{i}]")
                 for i, p in enumerate(pairs)]
     pad = tokenizer.pad_token_id or 0
@@ -398,6 +423,8 @@ def dpo(model, tokenizer, pairs: list[dict], config: TrainConfig | None = None, 
     (:func:`dpo_batches`), on the kit's Trainer. ``config``: :func:`sft_config` by default. Returns the
     Trainer's history (``dpo_loss``, ``reward_margin``, ``accuracy``, ... per logged step)."""
     check_beta(beta)
+    check_model(model, "dpo")
+    check_tokenizer(tokenizer, "dpo")
     from .lora import lora_layers
 
     if not lora_layers(model):

@@ -330,6 +330,19 @@ def parameter_groups(model: nn.Module, weight_decay: float, parts: tuple[str, ..
             for (part, decays), params in groups.items() if params or not parts]
 
 
+def check_parts(model: nn.Module, config: TrainConfig) -> None:
+    """A ConfigError naming each lr_scale / frozen_steps prefix that names no parameter of the model (a typo
+    like "layer.1" for "layers.1" would silently train that part at the full rate)."""
+    names = [name for name, _ in model.named_parameters()]
+    for setting in ("lr_scale", "frozen_steps"):
+        for part in getattr(config, setting):
+            if not any(name == part or name.startswith(part + ".") for name in names):
+                tops = sorted({name.split(".", 1)[0] for name in names})
+                raise ConfigError(f"TrainConfig: {setting} names {part!r}, which is no parameter name prefix of this "
+                                  f"{type(model).__name__} (its top-level parts: {tops}); prefixes end at a dot, "
+                                  "e.g. 'layers.1' or 'vision'.")
+
+
 def part_learning_rate(step: int, part: str, config: TrainConfig) -> float:
     """The learning rate of a parameter group: the schedule's, times ``lr_scale[part]``, and 0 while
     ``step < frozen_steps[part]`` (the part sits out the first updates; "" is the rest of the model)."""
@@ -342,6 +355,9 @@ def part_learning_rate(step: int, part: str, config: TrainConfig) -> float:
 def from_batches(batches: list[Batch]) -> TrainData:
     """A ``train_data`` callable over a list of text batches: index i takes batch i mod len, and rank r
     of R its r-th slice of rows (B must divide by R). Pictures need a callable of their own."""
+    if not isinstance(batches, (list, tuple)):
+        raise InputError(f"from_batches needs a list of batch dicts ({{'input_ids': (B, T) tensor, ...}}), got "
+                         f"{type(batches).__name__}; wrap one batch as [batch].")
     if not batches:
         raise InputError("from_batches needs at least one batch.")
 
@@ -519,6 +535,7 @@ class Trainer:
                              "adapters, or requires_grad_(True) for full training).")
         if config.out_dir and Path(config.out_dir).exists() and not Path(config.out_dir).is_dir():
             raise ConfigError(f"out_dir {config.out_dir} is a file; checkpoints need a folder.")
+        check_parts(model, config)
         if objective is not None and not isinstance(objective, Objective):
             raise InputError(f"objective must be an Objective, got {type(objective).__name__}.")
         if not callable(train_data):
@@ -818,6 +835,8 @@ class Trainer:
         Everything is read and checked before anything changes: a damaged state file, a checkpoint of
         another model, or changed settings (``RESUME_MUST_MATCH``: lr, lr_scale, warm-up, ...) are refused
         with this Trainer as it was. ``max_steps`` may differ (the cosine then follows the new one)."""
+        if not isinstance(folder, (str, os.PathLike)):
+            raise InputError(f"resume needs a checkpoint folder path (out_dir/step-N), got {type(folder).__name__}.")
         folder = Path(folder)
         state = self.read_state(folder, check=False)
         saved = load_model(folder).state_dict()

@@ -118,6 +118,18 @@ def check_settings(r, alpha, dropout=0.0, where: str = "") -> None:
         raise InputError(f"{where}LoRA dropout must be a number in [0, 1), got {dropout!r}.")
 
 
+def check_model(model, where: str) -> None:
+    """An InputError unless ``model`` is a torch module (a tokenizer or a folder name is a common slip)."""
+    if not isinstance(model, nn.Module):
+        raise InputError(f"{where} needs the model (an ernie-lab nn.Module) as its first argument, got "
+                         f"{type(model).__name__}.")
+
+
+def check_flag(value, name: str) -> None:
+    if not isinstance(value, bool):
+        raise InputError(f"{name} must be True or False, got {value!r}.")
+
+
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                target_modules=DEFAULT_TARGETS, *, vision: bool = False) -> nn.Module:
     """Wrap the targeted linear layers of ``model`` in :class:`LoRALinear` and freeze everything else.
@@ -127,6 +139,8 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
     (adding their leaf names ``qkv``, ``proj``, ``fc1``, ``fc2`` to the targets). Every target must match
     at least one layer. Returns the model (changed in place).
     """
+    check_model(model, "apply_lora")
+    check_flag(vision, "apply_lora: vision")
     if lora_layers(model):
         raise InputError("this model already has LoRA layers; merge_lora(model, unload=True) first, or load "
                          "a second adapter into a fresh model.")
@@ -169,6 +183,8 @@ def wrap_layers(model: nn.Module, names: list[str], factory) -> None:
 def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
     """Fold every adapter into its base weight. ``unload=True`` also puts the plain base layers back
     (a model that ``save_model`` writes and that no longer knows it was adapted)."""
+    check_model(model, "merge_lora")
+    check_flag(unload, "merge_lora: unload")
     layers = lora_layers(model)
     if not layers:
         raise InputError("merge_lora: this model has no LoRA layers (apply_lora or load_adapter first; a model "
@@ -189,6 +205,7 @@ def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
 def unmerge_lora(model: nn.Module) -> nn.Module:
     """Take the adapters out of the base weights again (exactly, up to rounding); unmerged layers stay
     as they are (unmerging twice takes nothing more out)."""
+    check_model(model, "unmerge_lora")
     layers = lora_layers(model)
     if not layers:
         raise InputError("unmerge_lora: this model has no LoRA layers (merge_lora(model, unload=True) removed "

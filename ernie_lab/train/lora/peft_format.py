@@ -145,9 +145,7 @@ def save_adapter(model: nn.Module, folder: str | Path, *, base_model_name_or_pat
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's format) into ``folder``,
     atomically (``ernie_lab.atomic.atomic_folder``: written beside it, then swapped into place in one step).
     Other files of an existing ``folder`` (a README, notes) are kept."""
-    if not isinstance(folder, (str, os.PathLike)):
-        raise InputError(f"save_adapter: folder must be a path (str or pathlib.Path), got {type(folder).__name__}; "
-                         "the order is save_adapter(model, folder).")
+    check_path(folder, "save_adapter: folder")
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} is a file; save_adapter writes a folder (adapter_config.json + "
@@ -156,6 +154,13 @@ def save_adapter(model: nn.Module, folder: str | Path, *, base_model_name_or_pat
     with atomic_folder(folder, carry_over=not_adapter_file) as staging:  # a kill leaves the previous adapter
         write_contents(staging, *contents)
     return folder
+
+
+def check_path(folder, name: str) -> None:
+    """An InputError naming ``name`` unless ``folder`` is a str or os.PathLike."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise InputError(f"{name} must be a path (str or pathlib.Path), got {type(folder).__name__}; the order "
+                         "is (model, folder).")
 
 
 def not_adapter_file(name: str) -> bool:
@@ -193,6 +198,7 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
+    check_path(folder, "adapter folder")
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder; an adapter is a folder with {ADAPTER_CONFIG} and "
