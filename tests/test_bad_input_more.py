@@ -211,3 +211,18 @@ def test_text_with_a_lone_surrogate_is_named_not_a_sentencepiece_error(tokenizer
     refused(lambda: ernie_lab.chat(tiny_model(vocab_size=tokenizer.vocab_size), tokenizer, text, max_new_tokens=1),
             InputError, "surrogate")
     assert tokenizer.encode("caf\u00e9 \U0001f600") == tokenizer.encode("caf\u00e9 \U0001f600")  # a real emoji is fine
+
+
+# ====================================================================== generate's extra inputs, quant helpers
+@pytest.mark.parametrize("extra, words", [({"max_length": 5}, ["max_length", "max_new_tokens"]),
+                                          ({"pixel_values": torch.zeros(4, 588)}, ["pixel_values", "VL model"])])
+def test_generate_with_inputs_the_model_does_not_take(extra, words):
+    refused(lambda: ernie_lab.generate(tiny_model(), [[1, 2]], 1, **extra), InputError, *words)
+
+
+@pytest.mark.parametrize("call", ["weight_bytes", "quantized_layers"])
+@pytest.mark.parametrize("thing", [None, "model-folder"])
+def test_quant_helpers_given_something_that_is_not_a_model(call, thing):
+    from ernie_lab import quant
+
+    refused(lambda: getattr(quant, call)(thing), InputError, call, type(thing).__name__)

@@ -16,6 +16,7 @@ list of id lists and they are left-padded here.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -46,6 +47,7 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
     for i in _eos_list(eos_token_id, name="eos_token_id"):
         check_token_id("eos_token_id", i, config.vocab_size)
     check_helpers(streamer, generator)
+    check_model_inputs(model, model_inputs)
     input_ids, attention_mask = _as_batch(input_ids, attention_mask, _pad_id(config, pad_token_id))
     B, T = input_ids.shape
     if T + max_new_tokens > config.max_position_embeddings:
@@ -131,6 +133,20 @@ def check_token_id(name: str, value, vocab_size: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
         raise InputError(f"{name} must be a token id in 0 .. {vocab_size - 1} (or None for the config's), "
                          f"got {value!r}.")
+
+
+def check_model_inputs(model, model_inputs: dict) -> None:
+    """Extra keyword arguments must be inputs of the model's forward (``pixel_values`` for a VL model): a
+    text model given a processor's picture inputs, or a typo like ``max_length``, is named here."""
+    parameters = inspect.signature(model.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = sorted(set(model_inputs) - set(parameters))
+    if unknown:
+        pictures = any("pixel" in k or "grid" in k for k in unknown)
+        pictures = " (picture inputs need an ERNIE 4.5 VL model)" if pictures else ""
+        raise InputError(f"generate got {unknown}, which are neither generate's arguments (max_new_tokens, temperature, "
+                         f"top_p, top_k, eos_token_id, ...) nor inputs of this {type(model).__name__}{pictures}.")
 
 
 def check_helpers(streamer, generator) -> None:

@@ -356,12 +356,19 @@ def _run_calibration_batch(model: nn.Module, i: int, batch, device) -> None:
                          "dict of the model's keyword inputs (input_ids, pixel_values, ...).") from None
 
 
+def check_is_module(model, where: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise InputError(f"{where} needs a model (an nn.Module), got {type(model).__name__}.")
+
+
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    check_is_module(model, "quantized_layers")
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer of ``model`` (shared tensors counted once), as held in memory."""
+    check_is_module(model, "weight_bytes")
     seen, total = set(), 0
     for tensor in list(model.parameters()) + list(model.buffers()):
         plain = type(tensor) in (torch.Tensor, nn.Parameter) and tensor.device.type != "meta"
