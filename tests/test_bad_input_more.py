@@ -226,3 +226,33 @@ def test_quant_helpers_given_something_that_is_not_a_model(call, thing):
     from ernie_lab import quant
 
     refused(lambda: getattr(quant, call)(thing), InputError, call, type(thing).__name__)
+
+
+# ====================================================================== the explorer's helpers
+@pytest.mark.parametrize("count", [-1, 10**4, 2.0, True, None])
+def test_bundled_images_count_out_of_range(count):
+    from ernie_lab.analysis import widgets
+
+    refused(lambda: widgets.bundled_images(count), InputError, "count", repr(count))
+
+
+@pytest.mark.parametrize("content", ["iVBORw0KGgo=", 12, [1, 2]])
+def test_upload_content_that_is_not_bytes(content):
+    from ernie_lab.analysis import widgets
+
+    refused(lambda: widgets.upload_picture("cat.png", content), InputError, "cat.png", "bytes", type(content).__name__)
+
+
+def test_selected_row_of_what_is_not_a_view():
+    from ernie_lab.analysis import widgets
+
+    refused(lambda: widgets.selected_row(None, "token strip"), InputError, "widgets.View", "str")
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n"])
+def test_dpo_pair_with_an_empty_str_prompt_is_named(tokenizer, prompt):
+    from ernie_lab import finetune as ft
+
+    refused(lambda: ft.dpo_batches(tokenizer, [{"prompt": "hi", "chosen": "a", "rejected": "b"},
+                                              {"prompt": prompt, "chosen": "a", "rejected": "b"}]),
+            InputError, "pairs[1]", "'prompt' is empty")

@@ -43,6 +43,8 @@ class View:
 
 def selected_row(routed: viz.Routed, view: View) -> int | None:
     """The record row of the selected image or text token (None when there is none of that kind)."""
+    if not isinstance(view, View):
+        raise InputError(f"view must be a widgets.View, got {type(view).__name__}; e.g. View(name='token strip').")
     rows = routed.image_rows if view.modality == VISION else routed.text_rows
     if len(rows) == 0:
         return None
@@ -85,6 +87,9 @@ def bundled_images(count: int = 6) -> dict[str, object]:
     from ..tiny import scenes
     from ..tiny.models import held_out_scenes
 
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 100:
+        raise InputError(f"bundled_images: count (held-out scenes to offer) must be an integer in [0, 100], got "
+                         f"{count!r}.")
     images = {}
     for n, scene in enumerate(held_out_scenes(count), 1):
         images[f"scene {n}: {scenes.caption(scene).split(': ', 1)[1][:48]}"] = scenes.render(scene)
@@ -149,6 +154,9 @@ def upload_picture(name: str, content) -> object:
 
     from ..io.image_processing import MAX_INPUT_PIXELS
 
+    if content is not None and not isinstance(content, (bytes, bytearray, memoryview)):
+        raise InputError(f"the upload {name!r} must be the file's bytes (the FileUpload value's 'content'), got "
+                         f"{type(content).__name__}; for a file on disk use its path instead.")
     data = bytes(content) if content is not None else b""
     if not data:
         raise InputError(f"the upload {name!r} is empty (0 bytes); choose the picture file again.")
