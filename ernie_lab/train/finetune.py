@@ -278,6 +278,8 @@ def pair_examples(tokenizer, prompt: list[dict], chosen: str, rejected: str, pro
     """(chosen, rejected) examples of one preference pair: the same prompt, two replies (a str prompt is
     one user turn). Refused: a prompt that does not end with a user turn, an empty reply, and two replies
     that are the same tokens (the pair would teach nothing)."""
+    if isinstance(prompt, str) and not prompt.strip():
+        raise InputError(f"{where}: 'prompt' is empty; give the user turn that the chosen and rejected replies answer.")
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     if not isinstance(prompt, (list, tuple)) or not prompt:
