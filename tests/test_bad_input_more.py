@@ -256,3 +256,10 @@ def test_dpo_pair_with_an_empty_str_prompt_is_named(tokenizer, prompt):
     refused(lambda: ft.dpo_batches(tokenizer, [{"prompt": "hi", "chosen": "a", "rejected": "b"},
                                               {"prompt": prompt, "chosen": "a", "rejected": "b"}]),
             InputError, "pairs[1]", "'prompt' is empty")
+
+
+def test_vision_lora_on_a_text_model_is_refused_and_changes_nothing():
+    """It used to adapt the text layers only, as if vision=True had not been asked for."""
+    model = tiny_model()
+    refused(lambda: lora.apply_lora(model, vision=True), InputError, "vision=True", "no vision tower")
+    assert not lora.lora_layers(model) and all(p.requires_grad for p in model.parameters())

@@ -141,6 +141,9 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
     """
     check_model(model, "apply_lora")
     check_flag(vision, "apply_lora: vision")
+    if vision and not any(name.startswith(VISION_PREFIXES) for name, _ in model.named_modules()):
+        raise InputError(f"apply_lora(vision=True): this {type(model).__name__} has no vision tower to adapt; "
+                         "vision=True is for an ERNIE 4.5 VL model (leave it False for a text model).")
     if lora_layers(model):
         raise InputError("this model already has LoRA layers; merge_lora(model, unload=True) first, or load "
                          "a second adapter into a fresh model.")
