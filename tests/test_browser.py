@@ -235,6 +235,7 @@ def test_diagrams_show_and_a_saved_session_leaves_git_clean(lab, browser):
         page.wait_for_function(DIAGRAMS.replace("() =>", "() => (") + ").every(i => i.complete)", timeout=30_000)
         diagrams = page.evaluate(DIAGRAMS)
         page.locator(".jp-MarkdownCell .jp-RenderedMarkdown img").first.scroll_into_view_if_needed()
+        page.wait_for_timeout(1500)  # let the cells around it paint: the screenshot is for a person to look at
         page.screenshot(path=str(SHOTS / "00-diagrams.png"))
         missing = [d["alt"] for d in diagrams if d["width"] < 50]
         assert len(diagrams) == expected and not missing, f"diagrams not shown (alt text instead): {missing} of {diagrams}"
