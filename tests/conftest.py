@@ -24,6 +24,59 @@ def reference_dense(seed: int = 0, **overrides):
     return Ernie4_5ForCausalLM(config).eval()
 
 
+# Micro models for tests that train or break things: a 64-token dense decoder and a 4-layer MoE (dense first).
+MICRO_TEXT = dict(model_type="ernie4_5", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+MICRO_MOE = dict(model_type="ernie4_5_moe", vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=4,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=8, moe_num_experts=6, moe_k=2,
+                 moe_intermediate_size=8, moe_num_shared_experts=1, moe_layer_start_index=1)
+
+
+def micro_model(seed: int = 0, **overrides):
+    """An ernie-lab text model of ``MICRO_TEXT`` (``overrides`` change fields), drawn with ``init_weights``."""
+    from ernie_lab import ErnieConfig, ErnieForCausalLM
+
+    return ErnieForCausalLM(ErnieConfig.from_dict({**MICRO_TEXT, **overrides})).init_weights(seed=seed)
+
+
+def micro_moe(seed: int = 0, bias: float = 0.0):
+    """An ernie-lab MoE of ``MICRO_MOE`` in eval mode, routers redrawn N(0, 1) so tokens route apart (the
+    reference draws them zero) and, with ``bias``, correction biases drawn from U(-bias, bias)."""
+    from ernie_lab import ErnieConfig, ErnieForCausalLM
+    from ernie_lab.model.moe import moe_blocks
+
+    torch.manual_seed(seed)
+    model = ErnieForCausalLM(ErnieConfig.from_dict(MICRO_MOE)).eval()
+    with torch.no_grad():
+        for block in moe_blocks(model):
+            block.gate.weight.normal_(0.0, 1.0)
+            if bias:
+                block.moe_statics.e_score_correction_bias.uniform_(-bias, bias)
+    return model
+
+
+def refused(call, error: type, *words: str) -> str:
+    """``call`` must raise ``error``, a kit error, whose message names every word; returns the message."""
+    from ernie_lab import ErnieLabError
+
+    with pytest.raises(error) as caught:
+        call()
+    assert isinstance(caught.value, ErnieLabError), f"{type(caught.value).__name__} is not a kit error"
+    message = str(caught.value)
+    for word in words:
+        assert word in message, f"{word!r} not in: {message}"
+    return message
+
+
+@pytest.fixture
+def one_thread():
+    """Models this small train fastest on one thread (two spin against each other on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def reference_vl(seed: int = 0, vocab_size: int = 103424, num_experts: int = 4, **token_ids):
     """A random transformers VL model (head_dim 128 keeps the real rotary split) with live routers, fp32, eval.
 

@@ -12,14 +12,13 @@ import pytest
 import torch
 
 import ernie_lab
+from conftest import MICRO_TEXT, micro_model
 from ernie_lab import atomic
 from ernie_lab.atomic import atomic_file, atomic_folder
 from ernie_lab.io.saving import save_model
-from ernie_lab.model.config import ErnieConfig
 from ernie_lab.train import STATE_FILE, TrainConfig, Trainer, checkpoints
 
-TINY = dict(model_type="ernie4_5", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+TINY = MICRO_TEXT
 IDS = torch.tensor([[1, 17, 9, 5]])
 STEPS = ("block", "link_entries", "sync_folder", "exchange")  # where a folder write can stop
 
@@ -28,8 +27,7 @@ class Killed(Exception):
     """Stands for the process dying at that point."""
 
 
-def tiny_model(seed: int = 0):
-    return ernie_lab.ErnieForCausalLM(ErnieConfig.from_dict(TINY)).init_weights(seed=seed)
+tiny_model = micro_model
 
 
 def logits(model) -> torch.Tensor:

@@ -9,7 +9,6 @@ behind; a refused upload leaves the explorer as it was.
 
 import io
 import math
-import warnings
 
 import matplotlib
 import pytest
@@ -18,6 +17,7 @@ import torch
 matplotlib.use("Agg")
 
 import ernie_lab  # noqa: E402
+from conftest import micro_moe, refused  # noqa: E402
 from ernie_lab import ConfigError, InputError, routing, viz  # noqa: E402
 from ernie_lab.analysis import family, widgets  # noqa: E402
 from ernie_lab.analysis.routing import LayerRouting, RoutingRecord  # noqa: E402
@@ -25,32 +25,13 @@ from ernie_lab.model.config import ErnieConfig  # noqa: E402
 from ernie_lab.model.moe import moe_blocks  # noqa: E402
 from ernie_lab.model.special_tokens import TEXT, VISION  # noqa: E402
 
-TINY_MOE = dict(model_type="ernie4_5_moe", vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=4,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=8, moe_num_experts=6, moe_k=2,
-                moe_intermediate_size=8, moe_num_shared_experts=1, moe_layer_start_index=1)
 DENSE = dict(model_type="ernie4_5", vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
              num_attention_heads=2, num_key_value_heads=1, head_dim=8)
 
 
-def refused(call, error: type, *words: str) -> str:
-    """``call`` must raise ``error`` (a kit error) whose message names every word; returns the message."""
-    with pytest.raises(error) as caught:
-        call()
-    assert isinstance(caught.value, ernie_lab.ErnieLabError)
-    message = str(caught.value)
-    for word in words:
-        assert word in message, f"{word!r} not in {message!r}"
-    return message
-
-
 @pytest.fixture(scope="module")
 def moe():
-    torch.manual_seed(0)
-    model = ernie_lab.ErnieForCausalLM(ErnieConfig.from_dict(TINY_MOE)).eval()
-    with torch.no_grad():
-        for block in moe_blocks(model):
-            block.gate.weight.normal_(0.0, 1.0)
-    return model
+    return micro_moe()
 
 
 @pytest.fixture(scope="module")

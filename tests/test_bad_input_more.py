@@ -4,45 +4,26 @@ Each case asserts one outcome, as the other tests/test_bad_input_*.py do: a spec
 message names the culprit, or the correct result; and a refused save leaves every file where it was.
 """
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 import ernie_lab
+from conftest import MICRO_TEXT, micro_model, refused
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models train on one thread
 from ernie_lab import lora
 from ernie_lab.errors import InputError
-from ernie_lab.model.config import ErnieConfig
 
-TINY = dict(model_type="ernie4_5", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+TINY = MICRO_TEXT
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(seed: int = 0, **overrides):
-    return ernie_lab.ErnieForCausalLM(ErnieConfig.from_dict({**TINY, **overrides})).init_weights(seed=seed)
+tiny_model = micro_model
 
 
 def adapted():
     return lora.apply_lora(tiny_model(), r=2, target_modules=("q_proj",))
-
-
-def refused(call, error: type, *words: str) -> str:
-    with pytest.raises(error) as info:
-        call()
-    assert isinstance(info.value, ernie_lab.ErnieLabError)
-    message = str(info.value)
-    for word in words:
-        assert word in message, f"{word!r} not in: {message}"
-    return message
 
 
 def files(folder: Path) -> dict:

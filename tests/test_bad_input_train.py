@@ -8,7 +8,6 @@ leaves the model, the optimizer and the folder exactly as they were (:func:`unch
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +18,9 @@ import pytest
 import torch
 
 import ernie_lab
+from conftest import MICRO_TEXT, micro_model, refused
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models train on one thread
 from ernie_lab import finetune as ft
 from ernie_lab import finetune_data as fd
 from ernie_lab import lora
@@ -28,21 +30,11 @@ from ernie_lab.train import STATE_FILE, TrainConfig, Trainer, checkpoints
 from ernie_lab.train.trainer import TrainingDiverged
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(model_type="ernie4_5", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+TINY = MICRO_TEXT
 IDS = torch.tensor([[1, 17, 9, 5]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(seed: int = 0, **overrides):
-    return ernie_lab.ErnieForCausalLM(ErnieConfig.from_dict({**TINY, **overrides})).init_weights(seed=seed)
+tiny_model = micro_model
 
 
 def logits(model) -> torch.Tensor:
@@ -65,15 +57,6 @@ def unchanged(model, before: dict) -> None:
     assert after["tensors"].keys() == before["tensors"].keys()
     for name, tensor in before["tensors"].items():
         assert torch.equal(after["tensors"][name], tensor), f"a refused call changed {name}"
-
-
-def refused(call, error: type, *words: str) -> str:
-    with pytest.raises(error) as info:
-        call()
-    message = str(info.value)
-    for word in words:
-        assert word in message, f"{word!r} not in: {message}"
-    return message
 
 
 def files(folder: Path) -> dict:

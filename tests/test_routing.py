@@ -4,24 +4,17 @@ import pytest
 import torch
 
 import ernie_lab
+from conftest import MICRO_MOE, micro_moe
 from ernie_lab import routing
 from ernie_lab.model.config import ErnieConfig
 from ernie_lab.model.moe import moe_blocks, route
 
-TINY_MOE = dict(model_type="ernie4_5_moe", vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=4,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=8, moe_num_experts=6, moe_k=2,
-                moe_intermediate_size=8, moe_num_shared_experts=1, moe_layer_start_index=1)
+TINY_MOE = MICRO_MOE
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    model = ernie_lab.ErnieForCausalLM(ErnieConfig.from_dict(TINY_MOE)).eval()
-    with torch.no_grad():
-        for block in moe_blocks(model):
-            block.gate.weight.normal_(0.0, 1.0)
-            block.moe_statics.e_score_correction_bias.uniform_(-0.05, 0.05)
-    return model
+    return micro_moe(bias=0.05)
 
 
 def test_one_entry_per_moe_layer_in_depth_order(model):

@@ -1,6 +1,5 @@
 """The training loop: it learns, its schedule, accumulation, resume, checkpoints, torchrun and bf16."""
 
-import json
 import math
 import os
 import subprocess
@@ -12,6 +11,8 @@ import pytest
 import torch
 
 import ernie_lab
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models train on one thread
 from ernie_lab.model.config import ErnieConfig, VLConfig
 from ernie_lab.errors import CheckpointError, ConfigError, InputError
 from ernie_lab.model.moe import moe_blocks
@@ -32,15 +33,6 @@ VL = dict(model_type="ernie4_5_vl_moe", image_start_token_id=58, image_end_token
                            moe_intermediate_size=[16, 8], moe_num_shared_experts=1,
                            rope_parameters=dict(mrope_section=[3, 3, 2]), mlp_layer_types=["dense", "sparse"]),
           vision_config=dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small train fastest on one thread (two spin against each other on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(raw: dict = DENSE, seed: int = 0):
