@@ -1,8 +1,15 @@
 """Shared fixtures: reference models from transformers, saved the way the Hub stores them."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+REPO = Path(__file__).resolve().parent.parent
 
 import pytest
 import torch
@@ -142,3 +149,25 @@ def compact_tokenizer_folder(tmp_path_factory):
     (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     (folder / "config.json").write_text(json.dumps({"vocab_size": COMPACT_VOCAB_SIZE}), encoding="utf-8")
     return folder, ids
+
+
+# ------------------------------------------------------------------------------------- real kills of a save
+def start_child(script: str, *args) -> subprocess.Popen:
+    """``python -c script args...`` with the checkout and tests/ importable, one thread, stdout piped."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], stdout=subprocess.PIPE, env=env, text=True)
+
+
+def kill_when(child: subprocess.Popen, condition, what: str) -> None:
+    """Wait for the child to print 'ready' and for ``condition()``, then SIGKILL it (mid-save)."""
+    try:
+        assert child.stdout.readline().strip() == "ready", "the child did not start"
+        deadline = time.monotonic() + 120
+        while not condition():
+            assert child.poll() is None and time.monotonic() < deadline, f"the child ended before {what}"
+            time.sleep(0.01)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL

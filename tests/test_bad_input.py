@@ -12,10 +12,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 import warnings
 import weakref
 from pathlib import Path
@@ -26,7 +22,7 @@ import torch
 from PIL import Image
 
 import ernie_lab
-from conftest import SMALL_TEXT
+from conftest import SMALL_TEXT, kill_when, start_child
 from ernie_lab import CheckpointError, ConfigError, ErnieConfig, InputError, NotEnoughMemoryError
 from ernie_lab.model.decoder import ErnieForCausalLM
 from ernie_lab.io.saving import save_model
@@ -689,20 +685,8 @@ def test_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     target = tmp_path / "ckpt"
     save_model(old, target, max_shard_bytes=120_000)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(target), str(200 * 2**20)],
-                             stdout=subprocess.PIPE, env=env, text=True)
-    try:
-        assert child.stdout.readline().strip() == "ready"
-        deadline = time.monotonic() + 120
-        while not any(p.suffix == ".safetensors" for p in tmp_path.glob(".ckpt.partial-*/*")):
-            assert child.poll() is None and time.monotonic() < deadline, "the save ended before it could be killed"
-            time.sleep(0.01)
-        child.send_signal(signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
-    assert child.returncode == -signal.SIGKILL
+    kill_when(start_child(KILLED_SAVE, target, 200 * 2**20),
+              lambda: any(p.suffix == ".safetensors" for p in tmp_path.glob(".ckpt.partial-*/*")), "it could be killed")
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # not one byte of the old save changed
     assert torch.equal(logits(ernie_lab.load_model(target)), logits(old))
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "ckpt"]

@@ -7,18 +7,13 @@ leaves the model, the optimizer and the folder exactly as they were (:func:`unch
 """
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import ernie_lab
-from conftest import MICRO_TEXT, micro_model, refused
+from conftest import MICRO_TEXT, kill_when, micro_model, refused, start_child
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models train on one thread
 from ernie_lab import finetune as ft
@@ -589,26 +584,6 @@ def test_adapter_checkpoint_resume_refusals_leave_the_adapter(tmp_path, tokenize
 
 
 # =============================================================================================== real kills
-def kill_when(child: subprocess.Popen, condition, what: str) -> None:
-    """Wait for the child to print 'ready' and for ``condition()``, then SIGKILL it."""
-    try:
-        assert child.stdout.readline().strip() == "ready", "the child did not start"
-        deadline = time.monotonic() + 120
-        while not condition():
-            assert child.poll() is None and time.monotonic() < deadline, f"the child ended before {what}"
-            time.sleep(0.01)
-        child.send_signal(signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
-    assert child.returncode == -signal.SIGKILL
-
-
-def child(script: str, *args) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], stdout=subprocess.PIPE, env=env, text=True)
-
-
 KILLED_ADAPTER_SAVE = """
 import sys, time, safetensors.torch, torch
 from ernie_lab import lora
@@ -628,7 +603,7 @@ lora.save_adapter(model, sys.argv[1])
 def test_adapter_save_killed_midway_leaves_the_previous_adapter(adapter, tmp_path):
     model, folder = adapter
     before = files(folder)
-    process = child(KILLED_ADAPTER_SAVE, folder, 7)
+    process = start_child(KILLED_ADAPTER_SAVE, folder, 7)
     kill_when(process, lambda: any(tmp_path.glob(".adapter.partial-*/adapter_model.safetensors")),
               "it wrote the new weights")
     assert files(folder) == before
@@ -667,7 +642,7 @@ def test_checkpoint_save_killed_midway_keeps_the_previous_one_and_it_resumes(tmp
     first.fit()
     weights = logits(first.model)
     before = files(out / "step-2")
-    process = child(KILLED_CHECKPOINT, out, step)
+    process = start_child(KILLED_CHECKPOINT, out, step)
     kill_when(process, lambda: any(p.name.startswith(f".step-{step}.partial-") and (p / STATE_FILE).is_file()
                                    for p in out.iterdir()), "it wrote the checkpoint")
     assert files(out / "step-2") == before and [s for s, _ in checkpoints(out)] == [1, 2]
