@@ -22,6 +22,14 @@ class InputError(ErnieLabError, ValueError):
     """Arguments to a model, tokenizer or generator are of the wrong type, shape or range."""
 
 
+def require_int(name: str, value, minimum: int | None = None) -> int:
+    """``value`` if it is an int (a bool is not) of at least ``minimum``, else an InputError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise InputError(f"{name} must be an integer{bound}, got {value!r}.")
+    return value
+
+
 class NotEnoughMemoryError(ErnieLabError, MemoryError):
     """A model would not fit the free memory of the machine; refused before anything is allocated."""
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, require_int
 from ..model.moe import MoEBlock, MoEOutput, moe_blocks
 from ..model.special_tokens import TEXT, VISION  # modality codes: the two expert groups
 
@@ -185,13 +185,6 @@ def check_modality(modality, allow_none: bool = True) -> None:
         raise InputError(f"modality must be {allowed}, got {modality!r}.")
 
 
-def check_count(name: str, value, minimum: int = 1) -> int:
-    """``value`` as an int >= ``minimum``, or an InputError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return value
-
-
 def check_record(record, name: str = "record") -> RoutingRecord:
     """``record`` if it is a RoutingRecord, else an InputError that says how to get one."""
     if not isinstance(record, RoutingRecord):
@@ -269,7 +262,7 @@ def sorted_names(labels: list) -> list:
 
 def expert_labels(num_experts: int, modality: int = TEXT) -> list[str]:
     """['T0', 'T1', ...] for the text group, ['V0', ...] for the vision group."""
-    check_count("num_experts", num_experts, 0)
+    require_int("num_experts", num_experts, 0)
     check_modality(modality, allow_none=False)
     return [f"{GROUP_LETTER[modality]}{e}" for e in range(num_experts)]
 
@@ -364,7 +357,7 @@ def load_by_label(picks: torch.Tensor, labels: list, num_experts: int) -> tuple[
 
     ``picks`` (n,) expert ids, ``labels`` n labels (a colour, a word class, ...) of the same tokens.
     """
-    check_count("num_experts", num_experts)
+    require_int("num_experts", num_experts, 1)
     try:
         picks = torch.as_tensor(picks)
     except (TypeError, ValueError, RuntimeError):

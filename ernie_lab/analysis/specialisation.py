@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import routing
-from ..errors import InputError
+from ..errors import InputError, require_int
 from ..io.chat import render_prompt
 from ..tiny import scenes
 from ..tiny.models import held_out_scenes
@@ -31,7 +31,7 @@ def token_labels(scene: scenes.Scene, grid_h: int, grid_w: int, attribute: str, 
     if not isinstance(scene, scenes.Scene):
         raise InputError(f"scene must be a scenes.Scene, got {type(scene).__name__}.")
     for name, value in (("grid_h", grid_h), ("grid_w", grid_w), ("size", size)):
-        routing.check_count(name, value)
+        require_int(name, value, 1)
     if attribute not in ("colour", "kind", "size", "place"):
         raise InputError(f"attribute must be 'colour', 'kind', 'size' or 'place', got {attribute!r}.")
     if isinstance(min_share, bool) or not isinstance(min_share, (int, float)) or not 0 <= min_share <= 1:
@@ -56,7 +56,7 @@ def scene_specialisation(model, tokenizer, count: int = 60, seed: int = 12345,
                          f"{type(model).__name__}; load the tiny one with ernie_lab.load_model(folder).")
     if not routing.taps(model):
         raise InputError("model: this model has no MoE layers, so its experts cannot specialise.")
-    routing.check_count("count", count)
+    require_int("count", count, 1)
     if isinstance(attributes, str):
         attributes = (attributes,)
     attributes = tuple(attributes)

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from . import routing
-from ..errors import InputError
+from ..errors import InputError, require_int
 from ..model.special_tokens import TEXT, VISION
 
 GROUP_NAME = {TEXT: "text", VISION: "vision"}
@@ -442,7 +442,7 @@ def mark(ax, cell: int | None, gw: int) -> None:
 def default_layers(record: routing.RoutingRecord, most: int = 8) -> list[int]:
     """All MoE layers when there are at most ``most``, else ``most`` of them evenly spread (first and last kept)."""
     routing.check_record(record)
-    routing.check_count("most", most)
+    require_int("most", most, 1)
     indices = [e.layer_idx for e in record.layers]
     if len(indices) <= most:
         return indices
@@ -477,7 +477,7 @@ def token_strip(record: routing.RoutingRecord, tokens: list[str], rows: torch.Te
         raise InputError("rows: some of these rows were routed by the vision experts; give text rows "
                          "(routed.text_rows), or draw the picture's tokens with patch_overlay.")
     rank = routing.check_rank(record, rank)
-    routing.check_count("per_line", per_line)
+    require_int("per_line", per_line, 1)
     check_position("selected", selected, len(rows))
     if layers is not None:
         if isinstance(layers, (int, str)) or not hasattr(layers, "__iter__"):

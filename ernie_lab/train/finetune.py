@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, InputError
+from ..errors import InputError, require_int
 from ..model.decoder import IGNORE_INDEX
 from ..model.special_tokens import END_OF_SENTENCE
 from .trainer import STATE_FILE, Objective, TrainConfig, Trainer
@@ -71,18 +71,6 @@ def check_tokenizer(tokenizer, where: str) -> None:
     if not all(callable(getattr(tokenizer, name, None)) for name in ("encode", "decode", "apply_chat_template")):
         raise InputError(f"{where}: tokenizer must be a tokenizer (ernie_lab.load_tokenizer(...)), got "
                          f"{type(tokenizer).__name__}; the order is {where}(model, tokenizer, ...).")
-
-
-def whole_number(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{name} must be an integer, got {value!r}.")
-    return value
-
-
-def positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{name} must be a positive integer, got {value!r}.")
-    return value
 
 
 def conversation_messages(conversation, where: str = "the conversation", pictures: bool = False) -> list[dict]:
@@ -190,8 +178,8 @@ def sft_batches(tokenizer, conversations: list[list[dict]], batch_size: int = 16
     epoch), each rank taking its own slice of the step's examples."""
     check_tokenizer(tokenizer, "sft")
     conversations = conversation_list(conversations)
-    positive_int(batch_size, "batch_size")
-    whole_number(seed, "seed")
+    require_int("batch_size", batch_size, 1)
+    require_int("seed", seed)
     examples = [conversation_example(tokenizer, c, processor, f"conversations[{i}]")
                 for i, c in enumerate(conversations)]
     pad = tokenizer.pad_token_id or 0
@@ -322,8 +310,8 @@ def dpo_batches(tokenizer, pairs: list[dict], batch_size: int = 8, processor=Non
     and ``rejected`` replies). A batch stacks the B chosen sequences, then the B rejected ones: (2B, T)."""
     check_tokenizer(tokenizer, "dpo")
     pairs = pair_list(pairs)
-    positive_int(batch_size, "batch_size")
-    whole_number(seed, "seed")
+    require_int("batch_size", batch_size, 1)
+    require_int("seed", seed)
     examples = [pair_examples(tokenizer, p["prompt"], p["chosen"], p["rejected"], processor, f"pairs[{i}]")
                 for i, p in enumerate(pairs)]
     pad = tokenizer.pad_token_id or 0
@@ -454,9 +442,9 @@ def train_steps(model, batches, steps: int, lr: float = 3e-4, *, objective: str 
     if not callable(batches):
         raise InputError(f"batches must be a callable index -> batch dict (sft_batches / dpo_batches), got "
                          f"{type(batches).__name__}.")
-    positive_int(steps, "steps")
-    positive_int(grad_accum, "grad_accum")
-    positive_int(log_every, "log_every")
+    require_int("steps", steps, 1)
+    require_int("grad_accum", grad_accum, 1)
+    require_int("log_every", log_every, 1)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise InputError(f"warmup must be an integer >= 0, got {warmup!r}.")
     config = sft_config(lr=lr, max_steps=steps, grad_accum_steps=grad_accum, weight_decay=weight_decay,
