@@ -20,7 +20,6 @@ picture keeps its shape, shrunk to at most 448 pixels a side.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, replace
 
 from . import viz
@@ -147,34 +146,16 @@ def rgb(image):
 
 
 def upload_picture(name: str, content) -> object:
-    """The picture in an uploaded file's bytes, checked from its header before it is decoded."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
-    from ..io.image_processing import MAX_INPUT_PIXELS
+    """The picture in an uploaded file's bytes (``image_processing.open_image``: its size is checked from the
+    header before it is decoded), as RGB."""
+    from ..io.image_processing import open_image
 
     if content is not None and not isinstance(content, (bytes, bytearray, memoryview)):
         raise InputError(f"the upload {name!r} must be the file's bytes (the FileUpload value's 'content'), got "
                          f"{type(content).__name__}; for a file on disk use its path instead.")
-    data = bytes(content) if content is not None else b""
-    if not data:
+    if not content:
         raise InputError(f"the upload {name!r} is empty (0 bytes); choose the picture file again.")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))  # reads the header only
-        if image.width * image.height > MAX_INPUT_PIXELS:
-            raise InputError(f"the upload {name!r} is {image.width}x{image.height} pixels, more than "
-                             f"{MAX_INPUT_PIXELS:,} (too large to decode safely); scale it down first.")
-        image.load()
-    except Image.DecompressionBombError:
-        raise InputError(f"the upload {name!r} is too large to decode safely; scale it down first.") from None
-    except UnidentifiedImageError:
-        raise InputError(f"the upload {name!r} is not a picture PIL can read (PNG, JPEG, WebP, ...).") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise InputError(f"the upload {name!r} could not be decoded ({err}); the file is probably truncated.") from None
-    return rgb(image)
+    return rgb(open_image(bytes(content), name=f"the upload {name!r}"))
 
 
 def uploaded_files(value) -> list[tuple[str, object]]:

@@ -119,7 +119,7 @@ def _open_header(source, name: str | None) -> tuple[Image.Image, str, bool]:
     except Image.DecompressionBombError as err:
         raise InputError(f"{name} is too large to decode safely ({err}). Downscale it first.") from None
     except UnidentifiedImageError:
-        raise InputError(f"{name} is not an image file PIL can read (PNG, JPEG, WebP, ...).") from None
+        raise InputError(f"{name} is not a picture: not an image file PIL can read (PNG, JPEG, WebP, ...).") from None
     except PermissionError:
         raise InputError(f"{name} cannot be read: permission denied.") from None
     except Exception as err:  # noqa: BLE001  (a damaged header raises whatever the format plugin meets)
@@ -141,8 +141,9 @@ def check_picture_size(width: int, height: int, name: str = "the image") -> None
     if min(width, height) < 1:
         raise InputError(f"{name} of {width}x{height} pixels is empty; give a picture with at least one pixel.")
     if width * height > MAX_INPUT_PIXELS:
-        raise InputError(f"{name} of {width}x{height} pixels exceeds the {MAX_INPUT_PIXELS} pixels this kit accepts; "
-                         "downscale it first (it would be shrunk to at most ~4.8 megapixels anyway).")
+        raise InputError(f"{name} of {width}x{height} pixels exceeds the {MAX_INPUT_PIXELS} pixels this kit accepts "
+                         "(too large to decode safely); downscale it first: scale it down below that (it would be "
+                         "shrunk to at most ~4.8 megapixels anyway).")
 
 
 def to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
