@@ -24,12 +24,24 @@ the reference) and raises `Mismatch("what differs")` when they disagree. The off
 apart, in `solutions/NN_name.py` (never in the student's notebook), together with plausible wrong
 answers; `tests/test_exercises.py` proves that every solution passes, and every stub and every wrong
 answer fails, so that no check can pass by accident.
+
+A judge cannot be gamed by memorising: it draws fresh inputs on every call (`fresh_generator()`), at two
+or more shapes, with the edge cases a plausible shortcut gets wrong. `call` hands the student copies of
+the inputs, so an answer that writes into its arguments cannot change what it is compared with.
+
+When the student's piece is the next step of the story, the notebook goes on with it through `use`:
+
+    rms_norm = exercises.use("01.rms_norm", rms_norm, kit=ernie_lab_rms_norm)
+
+which checks the answer and returns it when correct, returns the kit's own when the stub is not written
+yet (saying so, so "Run All" still works), and raises like `check` when it is wrong.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import secrets
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -80,6 +92,7 @@ def call(function: Callable, *args, **kwargs) -> Any:
     """
     if not callable(function):
         raise Mismatch(f"expected a function, got {describe(function)}")
+    args, kwargs = copied(args), copied(kwargs)
     try:
         result = function(*args, **kwargs)
     except NotImplementedError as err:
@@ -91,6 +104,29 @@ def call(function: Callable, *args, **kwargs) -> Any:
             raise NotAttempted
         raise Mismatch("your function returned None: it has a body but no `return` of its result")
     return result
+
+
+def copied(value: Any) -> Any:
+    """Tensors (also inside lists, tuples and dicts) cloned, so a student's function that writes into its
+    inputs cannot change the judge's copy; models and other objects are passed as they are."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, list):
+        return [copied(v) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):   # a named tuple is passed as it is
+        return tuple(copied(v) for v in value)
+    if isinstance(value, dict):
+        return {k: copied(v) for k, v in value.items()}
+    return value
+
+
+def fresh_generator():
+    """A torch.Generator seeded anew on every call: a judge's inputs differ every time it runs."""
+    import torch
+
+    return torch.Generator().manual_seed(secrets.randbits(62))
 
 
 def is_stub_function(function: Callable) -> bool:
@@ -163,6 +199,19 @@ def check(name: str, *answers: Any) -> bool | None:
                              f"Hint: {item.hint}") from err
     print(f"{name}: correct." + (f" {remark}" if remark else ""))
     return True
+
+
+def use(name: str, answer: Any, kit: Any) -> Any:
+    """Check `answer` to exercise `name` and return what the notebook goes on with.
+
+    Correct: the student's own piece. Not attempted yet: `kit`, the package's implementation, and a line
+    saying so (a fresh notebook still runs from top to bottom). Wrong: `ExerciseFailed`, as in `check`.
+    """
+    if check(name, answer):
+        print(f"{name}: the notebook goes on with your version.")
+        return answer
+    print(f"{name}: the notebook goes on with ernie_lab's version until yours is written.")
+    return kit
 
 
 def _expected(item: Exercise) -> str:
