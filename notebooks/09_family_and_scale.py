@@ -658,6 +658,7 @@ if exercises.check("09.int8_rtn", int8_rtn) and exercises.check("09.layer_damage
 #
 # **What comes next:** the course ends here. Notebooks **07** (quantization) and **08** (LoRA fine-tuning,
 # [Hu et al. 2021](https://arxiv.org/abs/2106.09685)) make these models fit and adapt on smaller machines;
-# post-training (SFT: supervised fine-tuning on answers; DPO: learning from preferred vs rejected answers,
-# [Rafailov et al. 2023](https://arxiv.org/abs/2305.18290)) is described in the
-# [technical report](https://ernie.baidu.com/blog/publication/ERNIE_Technical_Report.pdf).
+# notebook 08 also runs the first steps of post-training on the tiny model (SFT: supervised fine-tuning on
+# answers; DPO: learning from preferred vs rejected answers, [Rafailov et al. 2023](https://arxiv.org/abs/2305.18290)).
+# The full recipe of the released models (their SFT data, preference optimisation and reinforcement learning
+# at scale) is described in the [technical report](https://ernie.baidu.com/blog/publication/ERNIE_Technical_Report.pdf).

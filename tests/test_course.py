@@ -53,7 +53,8 @@ def test_course_is_numbered_without_gaps_and_covers_the_notebooks():
     assert numbers == [f"{i:02d}" for i in range(len(numbers))]
     present = {p.name[:2] for p in notebook.repo_path("notebooks").glob("[0-9][0-9]_*.py")}
     assert present <= set(numbers)
-    assert all(track in ("dense", "moe", "both") and minutes > 0 for _, _, minutes, track in notebook.COURSE)
+    assert all(lesson.track in ("dense", "moe", "both") and lesson.minutes >= lesson.core > 0
+               for lesson in notebook.COURSE)
 
 
 def test_expert_columns_put_each_choice_in_its_groups_column():

@@ -23,24 +23,44 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout that holds ernie_lab/
 
-# The course, in order: (number, title, minutes, track). Tracks: "dense", "moe" (MoE / vision-language)
-# or "both". README.md, notebook 00 and figures/course_map.png are made from or checked against this.
+class Lesson(NamedTuple):
+    number: str        # "01"
+    title: str
+    minutes: int       # the whole notebook; equal to the sum of its section tags (ernie_lab/course/times.py)
+    core: int          # the sections tagged core
+    track: str         # "dense", "moe" (MoE / vision-language) or "both"
+    builds: str        # what the student builds and checks, one line
+
+
+# The course, in order. README.md's table, notebook 00 and figures/course_map.png are made from or checked
+# against this; each notebook's "**Time:**" header and section tags are checked against it.
 COURSE = [
-    ("00", "Tour: the family and the kit", 25, "both"),
-    ("01", "The dense decoder from scratch", 75, "dense"),
-    ("02", "Mixture of experts", 60, "moe"),
-    ("03", "Vision encoder and 3-D RoPE", 45, "moe"),
-    ("04", "Multimodal MoE", 45, "moe"),
-    ("05", "Train a tiny ERNIE", 40, "both"),
-    ("06", "Routing by modality", 30, "moe"),
-    ("07", "Quantization", 40, "dense"),
-    ("08", "Fine-tuning: LoRA, SFT, DPO", 40, "dense"),
-    ("09", "The family at scale", 45, "both"),
+    Lesson("00", "Tour: the family and the kit", 25, 15, "both",
+           "the ten ERNIE 4.5 checkpoints, total vs active parameters, the cost of a long context, a tiny ERNIE live"),
+    Lesson("01", "The dense decoder from scratch", 75, 55, "dense",
+           "RMSNorm, interleaved RoPE, grouped-query attention with a KV cache, SwiGLU, the decoder layer, generation"),
+    Lesson("02", "Mixture of experts", 60, 45, "moe",
+           "the router with its correction bias, sorted token dispatch, an MoE block with shared experts, balancing"),
+    Lesson("03", "Vision encoder and 3-D RoPE", 45, 35, "moe",
+           "patchify, a ViT block with 2-D RoPE, the adapter's 2x2 spatial / 2-frame temporal merge"),
+    Lesson("04", "Multimodal MoE", 45, 35, "moe",
+           "3-D position ids, the modality-isolated heterogeneous MoE block, per-modality balancing"),
+    Lesson("05", "Train a tiny ERNIE", 40, 30, "both",
+           "one training step by hand (answer-only labels, MoE losses, clipping, AdamW, warm-up + cosine), then the loop"),
+    Lesson("06", "Routing by modality", 30, 20, "moe",
+           "a routing record from forward hooks; where the trained tiny VL model sends patches and words"),
+    Lesson("07", "Quantization", 40, 30, "dense",
+           "int4 with zero points, packing, dequantize-matmul, GPTQ's update, int8 KV cache; quality on trained weights"),
+    Lesson("08", "Fine-tuning: LoRA, SFT, DPO", 40, 30, "dense",
+           "a LoRA linear with merge / unmerge, the SFT label mask, the DPO loss; peft adapters, QLoRA"),
+    Lesson("09", "The family at scale", 45, 30, "both",
+           "parameters, memory, KV cache, FLOPs and GPUs for every checkpoint; int8 one layer at a time"),
 ]
 
 
