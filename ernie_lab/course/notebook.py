@@ -63,6 +63,36 @@ COURSE = [
            "parameters, memory, KV cache, FLOPs and GPUs for every checkpoint; int8 one layer at a time"),
 ]
 
+TRACK_NAMES = {"dense": "dense", "moe": "MoE / VL", "both": "both"}
+
+# The two 90-minute lab plans: for each track, the core sections a lab works through, by notebook and
+# section title (each section's minutes come from its tag; tests/test_course_times.py adds them up).
+LAB_PLANS = {
+    "dense": [("00", ["A first look"]), ("01", [])],
+    "moe": [("00", ["A first look"]), ("02", [])],
+}
+
+
+def course_table() -> str:
+    """COURSE as the markdown table that README.md shows and notebook 00 displays."""
+    stems = {p.name[:2]: p.stem for p in repo_path("notebooks").glob("[0-9][0-9]_*.py")}
+    rows = [f"| `{stems.get(lesson.number, lesson.number)}` | {lesson.builds} | {lesson.minutes} min (core {lesson.core}) "
+            f"| {TRACK_NAMES[lesson.track]} |" for lesson in COURSE]
+    return "\n".join(["| notebook | what you build and check | time | track |", "|---|---|---|---|", *rows])
+
+
+def lab_plan_text(track: str) -> str:
+    """One line of markdown: the sections of a 90-minute lab on `track`, with their minutes."""
+    from .times import timed_sections
+
+    parts, total = [], 0
+    for number, titles in LAB_PLANS[track]:
+        found = {s.title: s.minutes for s in timed_sections(next(repo_path("notebooks").glob(f"{number}_*.py")).read_text())}
+        for title in titles:
+            parts.append(f"{number} {title} ({found.get(title, '?')})")
+            total += found.get(title, 0)
+    return f"**{TRACK_NAMES[track]} track, {total} min:** " + "; ".join(parts) + "."
+
 
 def repo_path(*parts: str) -> Path:
     """A path inside the kit's checkout: `repo_path("data", "tokenizer")`, `repo_path("notebooks")`."""
