@@ -393,3 +393,16 @@ assert len(set(ours[0, 5:].tolist())) > 1  # a varied continuation, so the match
 # * Every piece of ernie-lab is checked against `transformers` on the same weights.
 #
 # **What comes next:** notebook **01** opens the dense model up and builds every piece of it by hand.
+#
+# ## Further reading
+#
+# * Baidu ERNIE Team, *ERNIE 4.5 Technical Report* (2025),
+#   [PDF](https://ernie.baidu.com/blog/publication/ERNIE_Technical_Report.pdf): the family, its
+#   heterogeneous multimodal MoE and how it was trained and served; every notebook checks something against it.
+# * Vaswani et al., *Attention Is All You Need* (2017), [arXiv:1706.03762](https://arxiv.org/abs/1706.03762):
+#   the Transformer; ERNIE keeps its decoder half, with pre-normalisation, RoPE and GQA in place of the originals.
+# * Fedus, Zoph and Shazeer, *Switch Transformers* (2021), [arXiv:2101.03961](https://arxiv.org/abs/2101.03961):
+#   sparse experts that make total and active parameters differ; ERNIE routes each token to several
+#   experts (top-6 or top-8) and adds shared experts and separate vision experts.
+# * Ainslie et al., *GQA* (2023), [arXiv:2305.13245](https://arxiv.org/abs/2305.13245): fewer key/value heads
+#   than query heads, the reason ERNIE's long-context cache stays small.
