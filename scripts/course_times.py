@@ -61,7 +61,9 @@ def measure(numbers: list[str]) -> dict:
         with tempfile.TemporaryDirectory(prefix="course-times-") as work:
             execute(nb, Path(work), timeout=3600)
         seconds = cell_seconds(nb)
-        results["notebooks"][number] = {"cells": seconds, "total_s": round(time.perf_counter() - start, 1)}
+        by_cell = {times.cell_key(text): s for (kind, text), s in zip(times.cells(source.read_text()), seconds)
+                   if kind == "code"}
+        results["notebooks"][number] = {"cells": by_cell, "total_s": round(time.perf_counter() - start, 1)}
         print(f"{source.name}: {sum(seconds):.0f} s in cells", flush=True)
     results.update(machine=f"{platform.machine()}, {os.cpu_count()} cores, torch threads default",
                    measured=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
@@ -74,11 +76,14 @@ def table(results: dict) -> list[str]:
     lines = []
     for number, source in times.notebook_sources(ROOT / "notebooks").items():
         text = source.read_text()
-        seconds = results.get("notebooks", {}).get(number, {}).get("cells")
+        timings = results.get("notebooks", {}).get(number, {}).get("cells", {})
         lines.append(f"\n{source.name}: stated {times.stated_time(text)}, tags {times.tagged_time(text)} (total, core)")
         for section in times.timed_sections(text):
-            run = sum(seconds[i] for i in section.cells) if seconds else 0.0
-            honest = section.honest_minutes(run)
+            try:
+                run = times.run_seconds(text, section, timings)
+            except KeyError:
+                run = float("nan")                                   # a cell changed since it was measured
+            honest = section.honest_minutes(run) if run == run else -1
             flag = "" if section.minutes >= honest else "   <-- below the honest minimum"
             lines.append(f"  {section.tag:8} {section.minutes:3} min | read {section.reading_minutes():5.1f} run "
                          f"{run / 60:5.1f} write {section.writing_minutes():3} = {honest:3} | {section.title[:50]}{flag}")

@@ -120,6 +120,19 @@ def tagged_time(source: str) -> tuple[int, int]:
     return sum(s.minutes for s in timed), sum(s.minutes for s in timed if s.tag == "core")
 
 
+def cell_key(text: str) -> str:
+    """A code cell's identity in the timings file: a hash of its source (markdown edits never make timings stale)."""
+    import hashlib
+
+    return hashlib.sha1(text.strip().encode()).hexdigest()[:16]
+
+
+def run_seconds(source: str, section: Section, timings: dict[str, float]) -> float:
+    """A section's measured run time: the seconds recorded for each of its code cells (KeyError: not measured)."""
+    all_cells = cells(source)
+    return sum(timings[cell_key(all_cells[i][1])] for i in section.cells if all_cells[i][0] == "code")
+
+
 def notebook_sources(folder: Path) -> dict[str, Path]:
     """{"01": notebooks/01_dense_decoder_from_scratch.py, ...}"""
     return {path.name[:2]: path for path in sorted(folder.glob("[0-9][0-9]_*.py"))}
