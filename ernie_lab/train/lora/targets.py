@@ -32,6 +32,8 @@ class LoraTarget:
     vision: bool = False  # apply_lora(..., vision=True) is needed
 
 
+ROUTED_EXPERTS = (r"layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj",)  # the same kit names, text or VL
+
 LORA_TARGETS = {
     "attention": LoraTarget(
         kit=("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -45,7 +47,7 @@ LORA_TARGETS = {
         peft="dense model: target_modules gate_proj ...; MoE model: target_parameters mlp.gate_proj.weight ...",
         peft_loads=True),
     "routed experts": LoraTarget(
-        kit=(r"layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj",),
+        kit=ROUTED_EXPERTS,
         file="model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj (one LoRA per expert)",
         memory="model.layers.{i}.mlp.experts.gate_up_proj / down_proj (3-D, all experts fused)",
         peft="target_modules: gate_proj up_proj down_proj (peft rewrites them into the fused parameters)",
@@ -57,10 +59,9 @@ LORA_TARGETS = {
         peft="target_parameters: shared_experts.gate_proj.weight ... (a module target would be read as experts)",
         peft_loads=True),
     "VL routed experts": LoraTarget(
-        kit=(r"layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj",),
-        file="model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj (text experts, then vision experts)",
-        memory="model.language_model.layers.{i}.mlp.{text_moe,vision_moe}.experts.gate_up_proj (3-D)",
-        peft="lost: peft puts gate_proj targets on the shared experts of the VL model", peft_loads=False),
+        ROUTED_EXPERTS, "model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj (text experts, then vision experts)",
+        "model.language_model.layers.{i}.mlp.{text_moe,vision_moe}.experts.gate_up_proj (3-D)",
+        "lost: peft puts gate_proj targets on the shared experts of the VL model", peft_loads=False),
     "vision encoder": LoraTarget(
         kit=("qkv", "proj", "fc1", "fc2"),
         file="model.vision_model.blocks.{i}.{attn.qkv,attn.proj,mlp.fc1,mlp.fc2}, vision_model.patch_embed.proj",
