@@ -44,6 +44,7 @@ from ..io.loading import build_empty, config_from_dict
 from ..io.saving import save_model
 from ..model.config import read_config_json
 from ..model.decoder import DecoderLayer
+from ..model.moe import moe_blocks
 from ..model.vision import VisionBlock
 
 SHARDS = "shards"               # the DCP folder inside a step-N checkpoint
@@ -51,6 +52,27 @@ UNIT_TYPES = (DecoderLayer, VisionBlock)  # gathered one at a time; the root tak
 
 
 # ================================================================================ sharding
+def prepare(model: nn.Module, world_size: int) -> nn.Module:
+    """Ready ``model`` for the Trainer's FSDP mode: idle MoE experts get zero gradients (every rank then
+    reduces the same tensors; one process does the same, so it computes what R ranks do), and with
+    several ranks, rank 0's weights go to every rank (as DDP does) before each rank keeps its shards."""
+    for block in moe_blocks(model):
+        block.idle_experts_run = True
+    if world_size > 1:
+        copy_from_rank_0(model)
+        shard_model(model)
+    return model
+
+
+@torch.no_grad()
+def copy_from_rank_0(model: nn.Module) -> None:
+    """Every rank starts from rank 0's weights (a LoRA's random A, say, drawn differently per process)."""
+    import torch.distributed as dist
+
+    for tensor in model.state_dict().values():
+        dist.broadcast(tensor, src=0)
+
+
 def shard_model(model: nn.Module) -> nn.Module:
     """Shard ``model`` in place over the default process group: each decoder layer and ViT block, then the root."""
     from torch.distributed.fsdp import fully_shard
@@ -69,6 +91,15 @@ def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def check_batch(model: nn.Module, batch: dict, where: str) -> None:
+    """Under FSDP every forward gathers weights with all ranks: a VL model's ViT must run on every rank,
+    so every micro-batch needs a picture."""
+    if is_sharded(model) and hasattr(model, "vision") and batch.get("pixel_values") is None:
+        raise InputError(f"{where} has no pixel_values: with parallel='fsdp' every rank's micro-batch of a "
+                         "vision-language model must hold a picture (the ViT's weights are gathered by all ranks "
+                         "at once). Give every rank pictures, or train with parallel='ddp'.")
 
 
 def gradient_sync(model: nn.Module, sync: bool) -> None:

@@ -556,8 +556,8 @@ class Trainer:
         self.procs = join_processes()
         if self.procs.world_size > 1 and torch.cuda.is_available():
             model = model.to(f"cuda:{self.procs.local_rank}")
-        if config.parallel == "fsdp" and self.procs.world_size > 1:
-            fsdp.shard_model(model)                          # before the optimizer: it steps the shards
+        if config.parallel == "fsdp":
+            fsdp.prepare(model, self.procs.world_size)       # before the optimizer: it steps the shards
         self.model = model                                   # the plain (or sharded) module: saved, evaluated
         self.device = next(model.parameters()).device
         parts = tuple(sorted({*config.lr_scale, *config.frozen_steps}, key=len, reverse=True))  # longest prefix wins
@@ -674,10 +674,12 @@ class Trainer:
 
     def _add_orthogonal_gradient(self) -> torch.Tensor:
         """Add c_orth d L_orth / d W to every router's gradient, by hand: L_orth depends on the weights
-        alone (the same on every rank), and autograd.grad leaves DDP's gradient hooks out of it."""
+        alone (the same on every rank), and autograd.grad leaves DDP's gradient hooks out of it. Under FSDP
+        a router's weight is a shard: the loss sees it gathered whole, and each rank keeps its slice of the gradient."""
         weights = [router.weight for block in moe_blocks(self.model) for router in block.routers
                    if router.weight.requires_grad]
-        orth = sum(losses.router_orthogonal_loss(w) for w in weights)
+        orth = sum(losses.router_orthogonal_loss(w.full_tensor() if hasattr(w, "full_tensor") else w)
+                   for w in weights)
         for weight, grad in zip(weights, torch.autograd.grad(self.config.orthogonal * orth, weights)):
             weight.grad = grad if weight.grad is None else weight.grad + grad
         return orth.detach()
@@ -695,6 +697,7 @@ class Trainer:
         where = f"train_data({index}, {self.procs.rank}, {self.procs.world_size})"
         batch = with_labels(self.train_data(index, self.procs.rank, self.procs.world_size), where)
         check_batch(batch, where, vocab_size(self.model))
+        fsdp.check_batch(self.model, batch, where)
         return to_device(batch, self.device)
 
     def _sum(self, values: list[float]) -> list[float]:
