@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -120,10 +122,20 @@ def is_sharded_checkpoint(folder: str | os.PathLike) -> bool:
 
 
 def _options(model: nn.Module) -> StateDictOptions:
-    """A LoRA model's checkpoint holds its adapters (the trainable tensors) only, like FineTuner's."""
     from .lora import lora_layers
 
     return StateDictOptions(ignore_frozen_params=bool(lora_layers(model)))
+
+
+def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts keyed by parameter name, each tensor this rank's shard. A LoRA model's
+    holds its adapters (the trainable tensors) only, like FineTuner's checkpoints (a tied head, frozen,
+    which torch's option keeps under its second name, is left out too)."""
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_options(model))
+    if _options(model).ignore_frozen_params:
+        trainable = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+        model_state = {name: tensor for name, tensor in model_state.items() if name in trainable}
+    return model_state, optimizer_state
 
 
 def write_sharded(folder: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -133,7 +145,7 @@ def write_sharded(folder: str | os.PathLike, model: nn.Module, optimizer: torch.
     import torch.distributed as dist
 
     folder = Path(folder)
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=_options(model))
+    model_state, optimizer_state = checkpoint_state(model, optimizer)
     together = dist.is_available() and dist.is_initialized()
     staging = [None]
     writer = atomic_folder(folder) if is_main else _NoFolder()
@@ -141,7 +153,9 @@ def write_sharded(folder: str | os.PathLike, model: nn.Module, optimizer: torch.
         staging[0] = str(staged) if staged is not None else None
         if together:
             dist.broadcast_object_list(staging, src=0)          # every rank writes into rank 0's hidden folder
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=Path(staging[0]) / SHARDS)
+        with alone_is_fine():
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=Path(staging[0]) / SHARDS,
+                     no_dist=not together)
         if is_main:
             write_config(model, staged / "config.json")        # what consolidate builds the model from
             for name, value in extra_files.items():
@@ -171,11 +185,12 @@ def read_sharded(folder: str | os.PathLike, model: nn.Module, optimizer: torch.o
     """Load a sharded checkpoint's model and optimizer into ``model`` / ``optimizer`` (sharded or not, on
     any number of ranks); a checkpoint of another model is refused before anything changes."""
     folder = Path(folder)
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=_options(model))
+    model_state, optimizer_state = checkpoint_state(model, optimizer)
     check_fits(folder, model_state)
     state = {"model": model_state, "optimizer": optimizer_state}
     try:
-        dcp.load(state, checkpoint_id=folder / SHARDS)
+        with alone_is_fine():
+            dcp.load(state, checkpoint_id=folder / SHARDS)
     except Exception as error:  # a missing piece, a mismatched optimizer
         raise CheckpointError(f"{folder / SHARDS}: could not be read into this Trainer ({type(error).__name__}: "
                               f"{_first_line(error)}); resume into the model and trainable parameters it was "
@@ -207,6 +222,14 @@ def check_fits(folder: Path, model_state: dict) -> None:
                               "resume into the model it was trained on (with the same LoRA layers, if any).")
 
 
+@contextmanager
+def alone_is_fine():
+    """DCP warns whenever no process group exists; one process is a case we mean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:300] if text else ""
@@ -234,7 +257,8 @@ def consolidate(checkpoint: str | os.PathLike, out_folder: str | os.PathLike, mo
     wanted = {name: tensor for name, tensor in model.state_dict().items() if name in saved}
     check_consolidation(checkpoint, model, wanted)
     loaded = {"model": {name: tensor.clone() for name, tensor in wanted.items()}}
-    dcp.load(loaded, checkpoint_id=checkpoint / SHARDS, no_dist=True)   # this process only, all pieces
+    with alone_is_fine():
+        dcp.load(loaded, checkpoint_id=checkpoint / SHARDS, no_dist=True)   # this process only, all pieces
     model.load_state_dict(loaded["model"], strict=False)
     from .lora import lora_layers, save_adapter
 
