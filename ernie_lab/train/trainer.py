@@ -62,12 +62,16 @@ Scale-out: under ``torchrun --nproc_per_node=R script.py`` (env WORLD_SIZE > 1) 
 process group (nccl with CUDA, gloo on CPU), puts rank r's model on ``cuda:LOCAL_RANK`` when CUDA exists,
 wraps it in DistributedDataParallel (``find_unused_parameters`` on for MoE models: an expert that gets no
 token has no gradient) and rank r reads ``train_data(index, r, R)``. Only rank 0 shows the bar and writes.
+``parallel="fsdp"`` shards the model instead (FSDP2, ``fsdp.py``): the same gradients and updates, each
+rank holding 1/R of the weights, gradients and optimizer state; every rank writes its shards of a checkpoint.
 
 Checkpoints: ``out_dir/step-N/`` (N updates done) holds the model in the Hub layout (``save_model``: loads
 with ``ernie_lab.load_model`` and, for text models, with transformers) and ``trainer_state.pt`` (optimizer
 state, step, RNG states, history: plain tensors and lists, read back with ``torch.load(weights_only=True)``).
 Both are written into one ``ernie_lab.atomic.atomic_folder``: a kill mid-write leaves the previous step-N (and
-every other checkpoint) as it was. ``Trainer.resume(folder)`` (or ``resume_from``)
+every other checkpoint) as it was. With ``parallel="fsdp"`` a checkpoint is sharded instead (config.json,
+trainer_state.pt without the optimizer, ``shards/``: see fsdp.py) and resumes on any number of ranks.
+``Trainer.resume(folder)`` (or ``resume_from``)
 continues the same curve (RNG states are rank 0's). ``keep_last`` prunes old ones, except the steps in
 ``keep_checkpoints_at`` (written even off the ``checkpoint_every`` grid: routing over training wants a few early ones).
 
