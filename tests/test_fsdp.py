@@ -48,7 +48,8 @@ TWO_RANKS = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     import torch
     from test_fsdp import dense_config, eval_data, lora_model, moe_config
-    from test_train import SPARSE_MOE, counting_data, tiny_model
+    from test_train import SPARSE_MOE, counting_data, quiet, tiny_model
+    from ernie_lab.errors import CheckpointError
     from conftest import micro_model
     from ernie_lab.train import Trainer, leave_processes
     from ernie_lab.train.finetune import FineTuner
@@ -68,6 +69,11 @@ TWO_RANKS = textwrap.dedent("""
               out_dir=out + "/lora"), eval_data=eval_data).fit()
     Trainer(tiny_model(SPARSE_MOE), counting_data(rows=2, ignore_ragged=True),
             moe_config(checkpoint_every=3, out_dir=out + "/moe")).fit()
+    try:                                          # a whole-model (DDP) checkpoint into a sharded model
+        Trainer(micro_model(), counting_data(), quiet(parallel="fsdp")).resume(out + "/plain/step-1")
+    except CheckpointError as error:
+        if trainer.procs.is_main:
+            open(out + "/refusal.txt", "w").write(str(error))
     leave_processes()
 """)
 
@@ -93,6 +99,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     Trainer(micro_model(), counting_data(), dense_config(parallel="fsdp", checkpoint_every=2, out_dir=out / "one"),
             eval_data=eval_data).fit()
+    Trainer(micro_model(), counting_data(), quiet(max_steps=1, checkpoint_every=1, out_dir=out / "plain")).fit()
     script = out / "two_ranks.py"
     script.write_text(TWO_RANKS)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [
@@ -180,6 +187,10 @@ def test_a_sharded_checkpoint_of_another_model_or_other_settings_is_refused(runs
     assert max_difference(other.state_dict(), before) == 0.0   # refused before anything changed
     with pytest.raises(CheckpointError, match="lr="):
         Trainer(micro_model(), counting_data(), dense_config(parallel="fsdp", lr=1e-2), eval_data=eval_data).resume(step)
+
+
+def test_a_sharded_model_refuses_a_whole_model_checkpoint(runs):
+    assert "parallel='ddp'" in (runs / "refusal.txt").read_text()
 
 
 def test_consolidate_refuses_what_is_no_sharded_checkpoint(runs, tmp_path):

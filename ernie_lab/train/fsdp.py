@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -148,11 +148,10 @@ def write_sharded(folder: str | os.PathLike, model: nn.Module, optimizer: torch.
     model_state, optimizer_state = checkpoint_state(model, optimizer)
     together = dist.is_available() and dist.is_initialized()
     staging = [None]
-    writer = atomic_folder(folder) if is_main else _NoFolder()
-    with writer as staged:
+    with atomic_folder(folder) if is_main else nullcontext() as staged:   # the others write into rank 0's
         staging[0] = str(staged) if staged is not None else None
         if together:
-            dist.broadcast_object_list(staging, src=0)          # every rank writes into rank 0's hidden folder
+            dist.broadcast_object_list(staging, src=0)          # hidden folder, named by rank 0
         with alone_is_fine():
             dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=Path(staging[0]) / SHARDS,
                      no_dist=not together)
@@ -165,16 +164,6 @@ def write_sharded(folder: str | os.PathLike, model: nn.Module, optimizer: torch.
     if together:
         dist.barrier()                                          # and nobody reads before it
     return folder
-
-
-class _NoFolder:
-    """The other ranks' stand-in for rank 0's atomic_folder."""
-
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def write_config(model: nn.Module, path: Path) -> None:
@@ -255,7 +244,7 @@ def consolidate(checkpoint: str | os.PathLike, out_folder: str | os.PathLike, mo
     model = model if model is not None else model_from_config(checkpoint)
     saved = stored_shapes(checkpoint)
     wanted = {name: tensor for name, tensor in model.state_dict().items() if name in saved}
-    check_consolidation(checkpoint, model, wanted)
+    check_consolidation(checkpoint, model, saved, wanted)
     loaded = {"model": {name: tensor.clone() for name, tensor in wanted.items()}}
     with alone_is_fine():
         dcp.load(loaded, checkpoint_id=checkpoint / SHARDS, no_dist=True)   # this process only, all pieces
@@ -265,11 +254,10 @@ def consolidate(checkpoint: str | os.PathLike, out_folder: str | os.PathLike, mo
     return save_adapter(model, out_folder) if lora_layers(model) else save_model(model, out_folder)
 
 
-def check_consolidation(checkpoint: Path, model: nn.Module, wanted: dict) -> None:
+def check_consolidation(checkpoint: Path, model: nn.Module, saved: dict, wanted: dict) -> None:
     """The checkpoint must fill every tensor the output needs: all of a full model, the adapters of a LoRA one."""
     from .lora import lora_layers
 
-    saved = stored_shapes(checkpoint)
     needed = [name for name in model.state_dict() if not lora_layers(model) or ".lora_" in name]
     missing = [name for name in needed if name not in saved]
     if missing:
