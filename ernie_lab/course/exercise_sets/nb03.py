@@ -60,7 +60,7 @@ def _even(g, low, high) -> int:
     return 2 * int(torch.randint(low, high + 1, (1,), generator=g))
 
 
-def _name_the_mistake(got, expected, mistakes: dict, atol: float = 1e-5) -> None:
+def name_the_mistake(got, expected, mistakes: dict, atol: float = 1e-5) -> None:
     """Raise Mismatch naming a mistake when the answer equals that mistake's output (and not the right one)."""
     if not (isinstance(got, torch.Tensor) and got.shape == expected.shape and got.is_floating_point()
             and bool(torch.isfinite(got).all())):
@@ -95,7 +95,7 @@ def patchify(function) -> str:
                 expected.view(-1, 3, 14, 14).permute(0, 2, 3, 1).reshape(-1, 588),
         }
         got = call(function, pixels)
-        _name_the_mistake(got, expected, mistakes)
+        name_the_mistake(got, expected, mistakes)
         expect_tensor(f"patches of {frames} frame(s) of {h} x {w} pixels", got, expected, atol=1e-6)
     return "Equal to ernie_lab.image_processing.patchify: the adapter can now merge a window with a reshape."
 
@@ -153,7 +153,7 @@ def vit_block(function) -> str:
         student = copy.deepcopy(block)
         student.forward = _refuse_forward
         got = call(function, x, student, positions)
-        _name_the_mistake(got, expected, mistakes, atol=1e-4)
+        name_the_mistake(got, expected, mistakes, atol=1e-4)
         expect_tensor(f"ViT block output ({len(positions)} patches, width {width}, {heads} heads)", got, expected,
                       atol=1e-4)
     return "Equal to ernie_lab.vision.VisionBlock (itself equal to transformers' Ernie4_5_VLMoeVisionBlock)."
@@ -197,6 +197,6 @@ def adapter_merge(function) -> str:
         student = copy.deepcopy(adapter)
         student.forward = _refuse_forward
         got = call(function, features, grid, student)
-        _name_the_mistake(got, expected, mistakes, atol=1e-4)
+        name_the_mistake(got, expected, mistakes, atol=1e-4)
         expect_tensor(f"adapter tokens of grid {grid.tolist()}", got, expected, atol=1e-4)
     return "Equal to ernie_lab.vision.VisionAdapter: 4 patches x 2 frames make one decoder token."

@@ -19,6 +19,7 @@ from ...analysis import family as F
 from ...model.moe import MoEBlock, dispatch, route
 from ...model.rope import apply_rope
 from ...model.rope3d import position_ids_3d, rope_angles_3d, vision_block_positions
+from .nb03 import name_the_mistake
 from ..exercises import Mismatch, as_number, call, exercise, expect_close, expect_equal, expect_tensor, fresh_generator
 
 
@@ -145,24 +146,11 @@ def modality_moe(function) -> str:
         student_block = copy.deepcopy(block)
         student_block.forward = _refuse_forward
         got = call(function, x, is_vision, student_block)
-        _name_the_mistake(got, expected, mistakes)
+        name_the_mistake(got, expected, mistakes, atol=1e-4)
         expect_tensor(f"MoE output ({n} tokens, {int(is_vision.sum())} of them vision)", got, expected, atol=1e-4)
         expect_tensor("MoE output against transformers' Ernie4_5_VLMoeMoeBlock", got, reference, atol=1e-4)
     return ("Equal to ernie_lab's MoEBlock and transformers' Ernie4_5_VLMoeMoeBlock: text and picture tokens "
             "never share a routed expert, only the shared ones.")
-
-
-def _name_the_mistake(got, expected, mistakes: dict) -> None:
-    """Raise Mismatch naming a mistake when the answer equals that mistake's output (and not the right one)."""
-    if not (isinstance(got, torch.Tensor) and got.shape == expected.shape and got.is_floating_point()
-            and bool(torch.isfinite(got).all())):
-        return
-    got = got.detach().to(expected.dtype)
-    if torch.allclose(got, expected, atol=1e-4):
-        return
-    for says, variant in mistakes.items():
-        if torch.allclose(got, variant, atol=1e-4):
-            raise Mismatch(says)
 
 
 # ================================================================================ 3-D positions of a chat
@@ -271,7 +259,7 @@ def rotate_3d(function) -> str:
             else positions_variant(types, image_grids, video_grids, **how), 128, THETA))
             for says, how in POSITION_MISTAKES.items()}
         got = call(function, q, types, image_grids, video_grids)
-        _name_the_mistake(got, expected, mistakes)
+        name_the_mistake(got, expected, mistakes, atol=1e-4)
         label = (f"rotated queries of a chat with {len(image_grids)} image(s) {image_grids.tolist()} and a video "
                  f"{video_grids.tolist()}, {types.shape[1]} tokens")
         expect_tensor(label, got, expected, atol=1e-4)
