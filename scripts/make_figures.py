@@ -369,6 +369,42 @@ ALL = [decoder_layer, moe_layer, vl_pipeline, positions_3d, kv_cache, lora, quan
        routing, routing_saturation]
 
 
+# --- notebook 04 ---
+def vl_moe_block():
+    """The modality-isolated, heterogeneous MoE block of ERNIE 4.5 VL (notebook 04)."""
+    fig, ax = canvas(13, 7.2, "ERNIE 4.5 VL's MoE block: each token is routed only inside its own modality's group")
+    box(ax, 0.2, 4.6, 1.9, 0.8, "text token", BLUE)
+    box(ax, 0.2, 1.6, 1.9, 0.8, "picture token\n(or its markers)", ORANGE, fontsize=FONT - 1)
+    box(ax, 2.8, 4.5, 2.3, 1.0, "text router\nrouters[0] + bias[0]", PURPLE, fontsize=FONT - 1)
+    box(ax, 2.8, 1.5, 2.3, 1.0, "vision router\nrouters[1] + bias[1]", PURPLE, fontsize=FONT - 1)
+    arrow(ax, (2.1, 5.0), (2.8, 5.0))
+    arrow(ax, (2.1, 2.0), (2.8, 2.0))
+    for i in range(6):                                           # text experts: wide (1536 in the 28B)
+        box(ax, 5.9 + 0.9 * i, 4.3, 0.75, 1.4, f"T{i}", GREEN if i in (0, 3) else "white")
+    for i in range(6):                                           # vision experts: narrow (512)
+        box(ax, 5.9 + 0.9 * i, 1.75, 0.75, 0.5, f"V{i}", GREEN if i in (2, 5) else "white", fontsize=FONT - 2)
+    for i in (0, 3):
+        arrow(ax, (5.1, 5.0), (5.9 + 0.9 * i + 0.37, 4.3), color="#2ca02c")
+    for i in (2, 5):
+        arrow(ax, (5.1, 1.8), (5.9 + 0.9 * i + 0.37, 1.75), color="#2ca02c", connectionstyle="arc3,rad=0.3")
+    note(ax, 5.9, 5.9, "text experts: 64, width 1536 (top-6 chosen)")
+    note(ax, 5.9, 2.4, "vision experts: 64, width 512, a third of a text expert", fontsize=FONT - 2)
+    box(ax, 5.9, 3.05, 5.3, 0.7, "shared experts (2 x width 1536): every token", YELLOW)
+    for y in (4.6, 2.4):                                         # both kinds of token reach the shared experts
+        arrow(ax, (1.15, y), (5.9, 3.4), color="#888888", lw=1.0)
+    box(ax, 11.6, 2.6, 1.25, 1.6, "y = sum w E(x)\n+ shared(x)\nback in\ntoken order", GREY, fontsize=FONT - 3)
+    for y in (4.3, 2.25):
+        arrow(ax, (11.2, y), (11.6, 3.4))
+    arrow(ax, (11.2, 3.4), (11.6, 3.4))
+    note(ax, 0.2, 0.45, "No routed expert is shared between the groups: a text token never reaches a vision expert. "
+         "Each group has its own router,\nits own correction-bias row and its own balancing loss; the Hub stores "
+         "both groups in one list (text first).", fontsize=FONT - 1)
+    return save(fig, "vl_moe_block.png")
+
+
+ALL.append(vl_moe_block)
+
+
 if __name__ == "__main__":
     import argparse
 
