@@ -12,6 +12,19 @@ from ernie_lab import routing
 from ernie_lab.model.moe import moe_blocks
 
 
+def says(phrase):
+    """Mark a wrong answer with the phrase the check's message must hold: the judge names that very mistake."""
+    def mark(answer):
+        answer.says = phrase
+        return answer
+    return mark
+
+
+def _wrong(*answers):
+    """WRONG entries for one-function exercises: with the phrase a marked answer's message must hold."""
+    return [{"answers": (a,), "says": a.says} if hasattr(a, "says") else (a,) for a in answers]
+
+
 # ------------------------------------------------------------------------------------------------
 # 02.route
 # ------------------------------------------------------------------------------------------------
@@ -33,6 +46,7 @@ def route_tokens(logits, k, correction_bias, norm_min=1e-12):   # logits: (N, E)
     return expert_ids, weights
 
 
+@says("ignore the correction bias")
 def _route_ignoring_bias(logits, k, correction_bias, norm_min=1e-12):
     probs = logits.float().softmax(-1)
     ids = probs.topk(k, dim=-1).indices                               # the bias never chooses
@@ -40,6 +54,7 @@ def _route_ignoring_bias(logits, k, correction_bias, norm_min=1e-12):
     return ids, chosen / chosen.sum(-1, keepdim=True).clamp(min=norm_min)
 
 
+@says("weigh with the biased scores")
 def _route_weighing_with_bias(logits, k, correction_bias, norm_min=1e-12):
     scores = logits.float().softmax(-1) + correction_bias              # the bias leaks into the weights
     ids = scores.topk(k, dim=-1).indices
@@ -47,6 +62,7 @@ def _route_weighing_with_bias(logits, k, correction_bias, norm_min=1e-12):
     return ids, chosen / chosen.sum(-1, keepdim=True).clamp(min=norm_min)
 
 
+@says("add the bias to the logits")
 def _route_bias_on_logits(logits, k, correction_bias, norm_min=1e-12):
     probs = logits.float().softmax(-1)
     ids = (logits.float() + correction_bias).topk(k, dim=-1).indices   # bias added before the softmax
@@ -54,12 +70,14 @@ def _route_bias_on_logits(logits, k, correction_bias, norm_min=1e-12):
     return ids, chosen / chosen.sum(-1, keepdim=True).clamp(min=norm_min)
 
 
+@says("not renormalised")
 def _route_not_renormalised(logits, k, correction_bias, norm_min=1e-12):
     probs = logits.float().softmax(-1)
     ids = (probs + correction_bias).topk(k, dim=-1).indices
     return ids, probs.gather(-1, ids)                                  # weights sum to less than 1
 
 
+@says("clamp it below")
 def _route_without_clamp(logits, k, correction_bias, norm_min=1e-12):
     probs = logits.float().softmax(-1)
     ids = (probs + correction_bias).topk(k, dim=-1).indices
@@ -67,6 +85,7 @@ def _route_without_clamp(logits, k, correction_bias, norm_min=1e-12):
     return ids, chosen / chosen.sum(-1, keepdim=True)                  # norm_min ignored
 
 
+@says("bfloat16")
 def _route_in_bf16(logits, k, correction_bias, norm_min=1e-12):
     probs = logits.softmax(-1)                                         # stays in the logits' dtype
     ids = (probs + correction_bias.to(probs.dtype)).topk(k, dim=-1).indices
@@ -101,15 +120,18 @@ def dispatch_tokens(x, expert_ids, weights, experts):   # x: (N, H); expert_ids,
     return (in_pairs * weights[..., None]).sum(dim=1)                  # (N, H): sum_j w_tj * Expert(x_t)
 
 
+@says("run it once")
 def _dispatch_token_loop(x, expert_ids, weights, experts):     # right numbers, but N*k expert calls
     return torch.stack([sum(weights[t, j] * experts[int(expert_ids[t, j])](x[t:t + 1])[0]
                             for j in range(expert_ids.shape[1])) for t in range(x.shape[0])])
 
 
+@says("mixing weights are missing")
 def _dispatch_unweighted(x, expert_ids, weights, experts):
     return dispatch_tokens(x, expert_ids, torch.ones_like(weights), experts)
 
 
+@says("still in expert order")
 def _dispatch_not_unsorted(x, expert_ids, weights, experts):
     N, k = expert_ids.shape
     pairs = expert_ids.reshape(-1)
@@ -119,10 +141,12 @@ def _dispatch_not_unsorted(x, expert_ids, weights, experts):
     return (outputs.view(N, k, -1) * weights[..., None]).sum(1)        # still in expert order
 
 
+@says("another slot's weight")
 def _dispatch_swapped_slots(x, expert_ids, weights, experts):
     return dispatch_tokens(x, expert_ids, weights.flip(-1), experts)
 
 
+@says("average the k outputs")
 def _dispatch_mean(x, expert_ids, weights, experts):
     return dispatch_tokens(x, expert_ids, weights, experts) / expert_ids.shape[1]
 
@@ -145,6 +169,7 @@ def moe_block(x, block):                                 # x: (B, T, H) -> (B, T
     return y.view(x.shape)
 
 
+@says("shared experts are missing")
 def _block_without_shared(x, block):
     tokens = x.reshape(-1, x.shape[-1])
     logits = tokens.float() @ block.gate.weight.float().T
@@ -152,6 +177,7 @@ def _block_without_shared(x, block):
     return dispatch_tokens(tokens, ids, w, block.experts).view(x.shape)
 
 
+@says("correction bias is missing")
 def _block_without_bias(x, block):
     tokens = x.reshape(-1, x.shape[-1])
     logits = tokens.float() @ block.gate.weight.float().T
@@ -162,6 +188,7 @@ def _block_without_bias(x, block):
     return y.view(x.shape)
 
 
+@says("shared experts are scaled")
 def _block_shared_halved(x, block):                      # "two shared experts, so average them"
     y = _block_without_shared(x, block)
     if block.shared_experts is not None:
@@ -174,6 +201,7 @@ def _block_time_major(x, block):                         # flattens (T, B) inste
     return moe_block(tokens.view(x.shape[1], x.shape[0], -1), block).view(x.shape)
 
 
+@says("switched off")
 def _block_calls_itself(x, block):                       # hands the job back to the block
     return block(x).hidden
 
@@ -218,14 +246,22 @@ SOLUTIONS = {
 }
 
 
+@says("times too small")
 def _per_choice(probs, expert_ids):              # f divided by N k: uniform gives 1, not k
     return switch_loss(probs, expert_ids) / expert_ids.shape[1]
 
 
+@says("factor E")
+def _without_E(probs, expert_ids):              # forgets the factor E
+    return switch_loss(probs, expert_ids) / probs.shape[1]
+
+
+@says("0-dim tensor")
 def _loss_as_float(probs, expert_ids):           # cut off the graph: nothing to backpropagate
     return switch_loss(probs, expert_ids).item()
 
 
+@says("no gradient")
 def _loss_rewrapped(probs, expert_ids):          # looks like a tensor, carries no gradient
     return torch.tensor(switch_loss(probs, expert_ids).item())
 
@@ -237,41 +273,53 @@ def _loss_choice_mean(probs, expert_ids):        # P taken over the chosen proba
     return E * (f * P).sum()
 
 
+@says("wrong way round")
 def _backwards(net, batches, gamma=0.01):        # pushes the busy experts further up
     return balance_with_bias(net, batches, -gamma)
 
 
+def _stacked_biases(net):
+    return torch.stack([block.moe_statics.e_score_correction_bias[0] for block in moe_blocks(net)])
+
+
+def _route_then(net, batches, step):             # the loop of the variants below: route a batch, then step
+    for ids in batches:
+        with torch.no_grad(), routing.record(net) as rec:
+            net(ids)
+        step(moe_blocks(net), rec.load_fraction())
+    return _stacked_biases(net)
+
+
+@says("only the first MoE block")
 def _first_block_only(net, batches, gamma=0.01):  # the bug the old check let through
-    for ids in batches:
-        with torch.no_grad(), routing.record(net) as rec:
-            net(ids)
-        shares = rec.load_fraction()[0]
-        moe_blocks(net)[0].moe_statics.e_score_correction_bias[0] += gamma * torch.sign(shares.mean() - shares)
-    return torch.stack([block.moe_statics.e_score_correction_bias[0] for block in moe_blocks(net)])
+    def step(blocks, shares):
+        blocks[0].moe_statics.e_score_correction_bias[0] += gamma * torch.sign(shares[0].mean() - shares[0])
+    return _route_then(net, batches, step)
 
 
+@says("fixed step")
 def _proportional(net, batches, gamma=0.01):      # gamma * gap instead of gamma * sign(gap)
-    for ids in batches:
-        with torch.no_grad(), routing.record(net) as rec:
-            net(ids)
-        for block, shares in zip(moe_blocks(net), rec.load_fraction()):
-            block.moe_statics.e_score_correction_bias[0] += gamma * (shares.mean() - shares)
-    return torch.stack([block.moe_statics.e_score_correction_bias[0] for block in moe_blocks(net)])
+    def step(blocks, shares):
+        for block, row in zip(blocks, shares):
+            block.moe_statics.e_score_correction_bias[0] += gamma * (row.mean() - row)
+    return _route_then(net, batches, step)
 
 
+@says("first batch's routing")
 def _stale_statistics(net, batches, gamma=0.01):  # records once, then reuses the first batch's shares
     with torch.no_grad(), routing.record(net) as rec:
         net(batches[0])
     for _ in batches:
-        for block, shares in zip(moe_blocks(net), rec.load_fraction()):
-            block.moe_statics.e_score_correction_bias[0] += gamma * torch.sign(shares.mean() - shares)
-    return torch.stack([block.moe_statics.e_score_correction_bias[0] for block in moe_blocks(net)])
+        for block, row in zip(moe_blocks(net), rec.load_fraction()):
+            block.moe_statics.e_score_correction_bias[0] += gamma * torch.sign(row.mean() - row)
+    return _stacked_biases(net)
 
 
+@says("only the correction bias may change")
 def _moves_router(net, batches, gamma=0.01):     # "balances" by editing the router weights
     for block in moe_blocks(net):
         block.gate.weight.data.mul_(0.5)
-    return torch.stack([block.moe_statics.e_score_correction_bias[0] for block in moe_blocks(net)])
+    return _stacked_biases(net)
 
 
 def _forgets_to_return(net, batches, gamma=0.01):
@@ -280,43 +328,14 @@ def _forgets_to_return(net, batches, gamma=0.01):
 
 
 WRONG = {
-    "02.route": [
-        {"answers": (_route_ignoring_bias,), "says": "ignore the correction bias"},
-        {"answers": (_route_weighing_with_bias,), "says": "weigh with the biased scores"},
-        {"answers": (_route_bias_on_logits,), "says": "add the bias to the logits"},
-        {"answers": (_route_not_renormalised,), "says": "not renormalised"},
-        {"answers": (_route_without_clamp,), "says": "clamp it below"},
-        {"answers": (_route_in_bf16,), "says": "bfloat16"},
-        (_route_softmax_over_chosen,),
-    ],
-    "02.dispatch": [
-        {"answers": (_dispatch_token_loop,), "says": "run it once"},
-        {"answers": (_dispatch_unweighted,), "says": "mixing weights are missing"},
-        {"answers": (_dispatch_not_unsorted,), "says": "still in expert order"},
-        {"answers": (_dispatch_swapped_slots,), "says": "another slot's weight"},
-        {"answers": (_dispatch_mean,), "says": "average the k outputs"},
-    ],
-    "02.moe_block": [
-        {"answers": (_block_without_shared,), "says": "shared experts are missing"},
-        {"answers": (_block_without_bias,), "says": "correction bias is missing"},
-        {"answers": (_block_shared_halved,), "says": "shared experts are scaled"},
-        (_block_time_major,),
-        {"answers": (_block_calls_itself,), "says": "switched off"},
-    ],
+    "02.route": _wrong(_route_ignoring_bias, _route_weighing_with_bias, _route_bias_on_logits, _route_not_renormalised,
+                       _route_without_clamp, _route_in_bf16, _route_softmax_over_chosen),
+    "02.dispatch": _wrong(_dispatch_token_loop, _dispatch_unweighted, _dispatch_not_unsorted, _dispatch_swapped_slots,
+                          _dispatch_mean),
+    "02.moe_block": _wrong(_block_without_shared, _block_without_bias, _block_shared_halved, _block_time_major,
+                           _block_calls_itself),
     "02.active_per_layer": [(k * 3 * hidden * width,), (experts * hidden + experts + experts * 3 * hidden * width,)],
-    "02.switch_loss": [
-        {"answers": (_per_choice,), "says": "times too small"},
-        {"answers": (lambda probs, ids: switch_loss(probs, ids) / probs.shape[1],), "says": "factor E"},
-        {"answers": (_loss_as_float,), "says": "0-dim tensor"},
-        {"answers": (_loss_rewrapped,), "says": "no gradient"},
-        (_loss_choice_mean,),
-    ],
-    "02.balance_with_bias": [
-        {"answers": (_backwards,), "says": "wrong way round"},
-        {"answers": (_first_block_only,), "says": "only the first MoE block"},
-        {"answers": (_proportional,), "says": "fixed step"},
-        {"answers": (_stale_statistics,), "says": "first batch's routing"},
-        {"answers": (_moves_router,), "says": "only the correction bias may change"},
-        (_forgets_to_return,),
-    ],
+    "02.switch_loss": _wrong(_per_choice, _without_E, _loss_as_float, _loss_rewrapped, _loss_choice_mean),
+    "02.balance_with_bias": _wrong(_backwards, _first_block_only, _proportional, _stale_statistics, _moves_router,
+                                   _forgets_to_return),
 }
