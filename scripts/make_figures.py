@@ -405,6 +405,44 @@ def vl_moe_block():
 ALL.append(vl_moe_block)
 
 
+# --- notebook 02 ---
+def router_bias():
+    """The router with its correction bias, for one token: CHOOSE with p + b, WEIGH with p alone."""
+    import numpy as np
+
+    p = np.array([0.30, 0.24, 0.20, 0.12, 0.09, 0.05])           # softmax over all 6 experts (illustrative)
+    b = np.array([-0.08, 0.00, 0.06, 0.00, 0.10, -0.02])         # correction bias: + for under-used experts
+    k = 2
+    chosen = np.argsort(-(p + b))[:k]                            # E2 and E1 win with the bias
+    plain = np.argsort(-p)[:k]                                   # E0 and E1 would win without it
+    weights = p[chosen] / max(p[chosen].sum(), 1e-12)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), dpi=100, gridspec_kw={"width_ratios": [1.6, 1]})
+    x = np.arange(len(p))
+    left.bar(x, p, color=[ORANGE if e in chosen else GREY for e in x], ec="black", label="p = softmax(W x), float32")
+    left.scatter(x, p + b, marker="_", s=900, lw=3, color="#6a51a3", label="p + b: used only to CHOOSE", zorder=3)
+    for e in x:
+        if b[e]:
+            left.annotate("", (e, p[e] + b[e]), (e, p[e]), arrowprops=dict(arrowstyle="-|>", color="#6a51a3", lw=1.5))
+    left.set_xticks(x, [f"E{e}" for e in x], fontsize=FONT)
+    left.set_ylabel("score", fontsize=FONT)
+    left.set_title(f"1 · choose: top-{k} of p + b -> E{chosen[0]}, E{chosen[1]} "
+                   f"(without b: E{plain[0]}, E{plain[1]})", fontsize=FONT)
+    left.legend(fontsize=FONT - 2, loc="upper right")
+    left.set_ylim(0, 0.42)
+    right.bar([f"E{e}" for e in chosen], weights, color=ORANGE, ec="black")
+    for i, e in enumerate(chosen):
+        right.text(i, weights[i] + 0.02, f"{p[e]:.2f} / {p[chosen].sum():.2f}\n= {weights[i]:.2f}", ha="center",
+                   fontsize=FONT - 1)
+    right.set_ylim(0, 1.0)
+    right.set_title("2 · weigh: the UNBIASED p of the chosen,\nrenormalised: p / max(sum, norm_min)", fontsize=FONT)
+    fig.suptitle("ERNIE 4.5's router: the correction bias chooses, it never weighs", fontsize=FONT + 3,
+                 fontweight="bold")
+    return save(fig, "router_bias.png")
+
+
+ALL.append(router_bias)
+
+
 if __name__ == "__main__":
     import argparse
 
