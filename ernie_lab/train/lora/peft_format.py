@@ -8,7 +8,7 @@ adapter is a peft adapter:
                                  base_model.model.<Hub module path>.lora_B.weight  (out, r)
 
 The Hub module path comes from the kit's name table (``layers.0.attn.q_proj`` is
-``model.layers.0.self_attn.q_proj``). MoE experts are saved per expert
+``model.layers.0.self_attn.q_proj``). Text MoE experts are saved per expert
 (``model.layers.1.mlp.experts.3.gate_proj``), the layout of the checkpoint files; peft >= 0.21 converts
 such an adapter itself when it loads it into a transformers 5 model, whose experts are fused 3-D
 parameters (``mlp.experts.gate_up_proj``): gate and up LoRAs of rank r become one rank-2r LoRA of the
@@ -30,9 +30,14 @@ What interoperates with peft 0.21.2 on transformers 5.23 (tests/test_lora.py che
   ``lora_dropout`` 0, and its fused gate/up LoRA (rank 2r, block-diagonal B stored dense) has more
   trainable numbers than the kit's per-expert gate and up LoRAs: counts match peft's for attention,
   dense and shared-expert targets, not for routed experts.
-* vision-language models: attention, shared experts, the ViT and the resampler (``vision=True``) load into
-  peft on transformers' VL model (through pictures and 3-D positions); the VL routed experts and dense
-  MLP do not (peft refuses them), so those adapters are kit-only. ``targets.LORA_TARGETS`` has each name.
+* vision-language models: attention, dense-layer MLPs, shared experts, routed experts, the ViT and the
+  resampler (``vision=True``) load into peft on transformers' VL model (through pictures and 3-D
+  positions). peft does not fuse this model's per-expert names, so the kit saves its routed experts already
+  fused, per expert group (``fused_experts.py``); a group must be adapted whole (all experts, gate and up
+  together), or ``save_adapter`` says why it cannot. The other way, a peft-made routed-expert adapter
+  (``target_parameters``) loads into the kit; peft-made VL adapters of other layers carry transformers'
+  in-memory names (``model.language_model.layers...``), which the kit does not read.
+  ``targets.LORA_TARGETS`` has each name.
 
 A QLoRA adapter (over a quantized base) trains in float32 and saves like any other.
 """
