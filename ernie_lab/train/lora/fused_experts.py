@@ -14,8 +14,10 @@ The kit's gate and up LoRAs of one expert (rank r, same alpha) are one rank-2r L
     A_e = [A_gate; A_up]   (2r, H)        B_e = [[B_gate, 0], [0, B_up]]   (2I, 2r)
 
 saved with ``rank_pattern`` 2r and ``alpha_pattern`` 2*alpha, so the scale stays alpha / r. Reading back,
-a block-diagonal B_e is split into the two rank-r LoRAs again; a dense one (peft trains B_e whole) gives
-gate and up each the whole rank-2r A_e and their half of B_e's rows: the same update, exactly.
+when every expert's B_e is block-diagonal (the kit's layout) they are split into the two rank-r LoRAs
+again; otherwise (peft trains B_e whole) gate and up each get the whole rank-2r A_e and their half of B_e's
+rows. Both are the same update, exactly. (An untrained peft adapter, B = 0, counts as block-diagonal: it
+loads as rank-r gate and up LoRAs, with fewer trainable numbers than peft's rank-2r one.)
 
 ERNIE 4.5 VL's twist: each MoE layer has two such groups (``text_moe`` then ``vision_moe``, the kit's
 experts 0..E-1 and E..2E-1) and peft does not rewrite per-expert names for this model (it does for the

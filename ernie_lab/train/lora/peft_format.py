@@ -416,8 +416,8 @@ def _per_module_tensors(model, tensors, config, table, folder) -> dict:
             raise CheckpointError(f"{folder}: {hub!r} has lora_{'A' if 'A' in ab else 'B'} but no "
                                   f"lora_{'B' if 'A' in ab else 'A'}; the adapter file is incomplete.")
         if is_fused_experts(hub):
-            alpha_of = lambda path: _rank_alpha(path, config)[1]  # noqa: E731
-            result.update(split_fused_experts(model, hub, ab["A"], ab["B"], alpha_of, folder))
+            result.update(split_fused_experts(model, hub, ab["A"], ab["B"], lambda path: _rank_alpha(path, config)[1],
+                                              folder))
             continue
         lab = lab_module_path(hub, table)
         if lab is None:
