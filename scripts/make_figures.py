@@ -381,3 +381,37 @@ if __name__ == "__main__":
             made = draw()
             for path in made if isinstance(made, list) else [made]:
                 print("wrote", path.relative_to(ROOT))
+
+
+# --- notebook 08 ---
+def sft_dpo():
+    """Top: which tokens of an SFT example carry loss. Bottom: a DPO pair scored by policy and reference."""
+    fig, ax = canvas(12, 6.4, "SFT puts its loss on the reply; DPO compares two replies to one prompt")
+    tokens = [("<prompt>", GREY), ("What", GREY), ("colour", GREY), ("?", GREY), ("Assistant:", GREY),
+              ("Red", ORANGE), (".", ORANGE), ("<end>", ORANGE), ("<pad>", "white"), ("<pad>", "white")]
+    for i, (text, color) in enumerate(tokens):
+        box(ax, 0.3 + 1.15 * i, 4.5, 1.05, 0.7, text, color, fontsize=FONT - 2)
+        label = "-100" if color != ORANGE else "id"
+        note(ax, 0.55 + 1.15 * i, 4.1, label, fontsize=FONT - 2)
+    note(ax, 0.3, 3.6, "labels: -100 on the prompt and the padding (no loss); the reply's ids (orange) are learnt",
+         fontsize=FONT - 1)
+    box(ax, 0.3, 1.6, 2.2, 0.9, "prompt x", GREY)
+    box(ax, 3.3, 2.2, 2.6, 0.8, "chosen y_w", GREEN)
+    box(ax, 3.3, 1.0, 2.6, 0.8, "rejected y_l", RED)
+    arrow(ax, (2.5, 2.2), (3.3, 2.6))
+    arrow(ax, (2.5, 1.9), (3.3, 1.4))
+    box(ax, 6.6, 2.2, 2.4, 0.8, "log pi - log pi_ref", YELLOW, fontsize=FONT - 1)
+    box(ax, 6.6, 1.0, 2.4, 0.8, "log pi - log pi_ref", YELLOW, fontsize=FONT - 1)
+    arrow(ax, (5.9, 2.6), (6.6, 2.6))
+    arrow(ax, (5.9, 1.4), (6.6, 1.4))
+    box(ax, 9.6, 1.4, 2.2, 1.2, "-log sigmoid(\nbeta (r_w - r_l))", BLUE, fontsize=FONT - 1)
+    arrow(ax, (9.0, 2.6), (9.6, 2.2))
+    arrow(ax, (9.0, 1.4), (9.6, 1.8))
+    note(ax, 0.3, 0.3, "log pi(y | x) sums the log-probabilities of the reply's tokens (the SFT mask); pi_ref is "
+         "the model with its adapters off", fontsize=FONT - 2)
+    return save(fig, "sft_dpo.png")
+
+
+ALL.append(sft_dpo)
+if __name__ == "__main__" and (not args.names or "sft_dpo" in args.names):
+    print("wrote", sft_dpo().relative_to(ROOT))
