@@ -415,3 +415,34 @@ def sft_dpo():
 ALL.append(sft_dpo)
 if __name__ == "__main__" and (not args.names or "sft_dpo" in args.names):
     print("wrote", sft_dpo().relative_to(ROOT))
+
+
+# --- notebook 05 ---
+def training_step():
+    """One update of the training loop and the terms of its loss."""
+    fig, ax = canvas(12, 5.4, "One training step: loss terms, backward, clip, AdamW at the scheduled rate")
+    box(ax, 0.2, 2.4, 1.6, 1.0, "batch\nids, labels", GREY)
+    box(ax, 2.4, 2.4, 1.6, 1.0, "model\nforward", BLUE)
+    box(ax, 4.6, 3.9, 2.6, 0.8, "LM: answer tokens\n(labels != -100)", ORANGE, fontsize=FONT - 2)
+    box(ax, 4.6, 2.5, 2.6, 0.8, "c_bal E sum f_e P_e", ORANGE, fontsize=FONT - 2)
+    box(ax, 4.6, 1.1, 2.6, 0.8, "c_z mean (logsumexp z)^2", ORANGE, fontsize=FONT - 2)
+    box(ax, 7.8, 2.4, 1.3, 1.0, "sum,\nbackward", YELLOW, fontsize=FONT - 1)
+    box(ax, 9.5, 2.4, 1.0, 1.0, "clip\n||g||", YELLOW, fontsize=FONT - 1)
+    box(ax, 10.8, 2.4, 1.0, 1.0, "AdamW\nstep", GREEN, fontsize=FONT - 1)
+    box(ax, 9.3, 4.2, 2.6, 0.7, "lr_t: warm-up, cosine", PURPLE, fontsize=FONT - 2)
+    arrow(ax, (1.8, 2.9), (2.4, 2.9))
+    for y in (4.3, 2.9, 1.5):
+        arrow(ax, (4.0, 2.9), (4.6, y))
+        arrow(ax, (7.2, y), (7.8, 2.9))
+    arrow(ax, (9.1, 2.9), (9.5, 2.9))
+    arrow(ax, (10.5, 2.9), (10.8, 2.9))
+    arrow(ax, (11.3, 4.2), (11.3, 3.4))
+    note(ax, 2.2, 1.9, "router logits", fontsize=FONT - 2)
+    note(ax, 0.2, 0.3, "f_e: share of tokens routed to expert e (no gradient); P_e: its mean router probability; "
+         "z: router logits", fontsize=FONT - 2)
+    return save(fig, "training_step.png")
+
+
+ALL.append(training_step)
+if __name__ == "__main__" and (not args.names or "training_step" in args.names):
+    print("wrote", training_step().relative_to(ROOT))

@@ -136,6 +136,14 @@ def _step_batch(g, rows, width):
     return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
 
 
+def kit_training_step(model, optimizer, batch, step: int, config: TrainConfig) -> torch.Tensor:
+    """The kit's answer to 05.training_step: ``Trainer.train_step`` at update ``step``, with ``optimizer``."""
+    trainer = Trainer(model, from_batches([batch]), config)
+    trainer.optimizer, trainer.step = optimizer, step
+    record, _ = trainer.train_step()
+    return torch.tensor(record["loss"])
+
+
 def kit_step(model, batch, step: int, config: TrainConfig):
     """The kit's update ``step`` (0-based) of ``model`` on ``batch``: the Trainer, positioned at that step."""
     trainer = Trainer(model, from_batches([batch]), config)
