@@ -217,7 +217,7 @@ def lr_schedule(steps, peak_lr, warmup, total, min_lr):
 
 lr_schedule = exercises.use("05.lr_schedule", lr_schedule, kit=lambda steps, peak_lr, warmup, total, min_lr: torch.tensor(
     [train.learning_rate(int(t), train.TrainConfig(lr=peak_lr, warmup_steps=warmup, max_steps=total,
-                                                   min_lr_ratio=min_lr / peak_lr)) for t in steps]))
+                                                   min_lr_ratio=min_lr / peak_lr)) for t in steps], dtype=torch.float64))
 
 # %%
 schedule = train.TrainConfig(lr=1e-3, warmup_steps=100, max_steps=2000, min_lr_ratio=0.1)
@@ -227,8 +227,8 @@ fig, ax = plt.subplots(figsize=(7, 3))
 ax.plot(steps, curve)
 ax.set(xlabel="step", ylabel="learning rate", title="Warm-up then cosine decay (the shipped VL model's schedule)")
 plt.show()
-assert all(abs(curve[s].item() - train.learning_rate(s, schedule)) < 1e-12 for s in (0, 99, 100, 1000, 1999))
-assert abs(curve[-1].item() - schedule.min_lr) < 1e-12
+assert all(abs(curve[s].item() - train.learning_rate(s, schedule)) < 1e-6 * schedule.lr for s in (0, 99, 100, 1000, 1999))
+assert abs(curve[-1].item() - schedule.min_lr) < 1e-6 * schedule.lr
 
 # %% [markdown]
 # **Build it (3/3): one training step.** Put it together for a text MoE: set this update's learning rate

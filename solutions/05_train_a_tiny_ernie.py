@@ -61,6 +61,19 @@ def lr_schedule(steps, peak_lr, warmup, total, min_lr):
 # ------------------------------------------------------------------------------------------------
 # 05.training_step
 # ------------------------------------------------------------------------------------------------
+def scheduled_losses(model, optimizer, batch, step, config):
+    """Steps 1-3 below: set this update's learning rate, forward, and return (LM loss, full loss)."""
+    lr = lr_schedule(torch.tensor([float(step)]), config.lr, config.warmup_steps, config.max_steps,
+                     config.min_lr).item()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    out = model(**inputs, labels=batch["labels"], output_router_logits=True)
+    k, mask = moe_blocks(model)[0].k, batch.get("attention_mask")
+    return out.loss, (out.loss + config.balance * losses.load_balancing_loss(out.router_logits, k, mask)
+                      + config.z_loss * losses.router_z_loss(out.router_logits, mask))
+
+
 def training_step(model, optimizer, batch, step, config):
     """One update, as the kit's Trainer.train_step does it (one process, one micro-batch).
 
@@ -73,17 +86,12 @@ def training_step(model, optimizer, batch, step, config):
     5. AdamW's update (decoupled weight decay on the linear weights, set by the optimizer's groups), then
        zero the gradients for the next step.
     """
-    lr = lr_schedule(torch.tensor([float(step)]), config.lr, config.warmup_steps, config.max_steps,
-                     config.min_lr).item()
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
-    out = model(**inputs, labels=batch["labels"], output_router_logits=True)
-    k = moe_blocks(model)[0].k
-    mask = batch.get("attention_mask")
-    loss = (out.loss + config.balance * losses.load_balancing_loss(out.router_logits, k, mask)
-            + config.z_loss * losses.router_z_loss(out.router_logits, mask))
-    loss.backward()
+    _, loss = scheduled_losses(model, optimizer, batch, step, config)
+    return _finish(model, optimizer, loss, loss, config)
+
+
+def _finish(model, optimizer, backpropagated, loss, config):
+    backpropagated.backward()
     nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -91,20 +99,8 @@ def training_step(model, optimizer, batch, step, config):
 
 
 def _without_aux(model, optimizer, batch, step, config):
-    lr = lr_schedule(torch.tensor([float(step)]), config.lr, config.warmup_steps, config.max_steps,
-                     config.min_lr).item()
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
-    out = model(**inputs, labels=batch["labels"], output_router_logits=True)
-    k, mask = moe_blocks(model)[0].k, batch.get("attention_mask")
-    full = (out.loss + config.balance * losses.load_balancing_loss(out.router_logits, k, mask)
-            + config.z_loss * losses.router_z_loss(out.router_logits, mask))
-    out.loss.backward()                                   # the auxiliary losses never reach the gradient
-    nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return full.detach()
+    lm, full = scheduled_losses(model, optimizer, batch, step, config)
+    return _finish(model, optimizer, lm, full, config)        # the auxiliary losses never reach the gradient
 
 
 def _unclipped(model, optimizer, batch, step, config):
@@ -117,11 +113,7 @@ def _unclipped(model, optimizer, batch, step, config):
 
 
 def _no_update(model, optimizer, batch, step, config):
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
-    out = model(**inputs, labels=batch["labels"], output_router_logits=True)
-    k, mask = moe_blocks(model)[0].k, batch.get("attention_mask")
-    return (out.loss + config.balance * losses.load_balancing_loss(out.router_logits, k, mask)
-            + config.z_loss * losses.router_z_loss(out.router_logits, mask)).detach()
+    return scheduled_losses(model, optimizer, batch, step, config)[1].detach()
 
 
 def _peak_lr_always(model, optimizer, batch, step, config):
