@@ -457,3 +457,68 @@ if __name__ == "__main__":
             made = draw()
             for path in made if isinstance(made, list) else [made]:
                 print("wrote", path.relative_to(ROOT))
+
+
+# --- notebook 08 ---
+def sft_dpo():
+    """Top: which tokens of an SFT example carry loss. Bottom: a DPO pair scored by policy and reference."""
+    fig, ax = canvas(12, 6.4, "SFT puts its loss on the reply; DPO compares two replies to one prompt")
+    tokens = [("<prompt>", GREY), ("What", GREY), ("colour", GREY), ("?", GREY), ("Assistant:", GREY),
+              ("Red", ORANGE), (".", ORANGE), ("<end>", ORANGE), ("<pad>", "white"), ("<pad>", "white")]
+    for i, (text, color) in enumerate(tokens):
+        box(ax, 0.3 + 1.15 * i, 4.5, 1.05, 0.7, text, color, fontsize=FONT - 2)
+        label = "-100" if color != ORANGE else "id"
+        note(ax, 0.55 + 1.15 * i, 4.1, label, fontsize=FONT - 2)
+    note(ax, 0.3, 3.6, "labels: -100 on the prompt and the padding (no loss); the reply's ids (orange) are learnt",
+         fontsize=FONT - 1)
+    box(ax, 0.3, 1.6, 2.2, 0.9, "prompt x", GREY)
+    box(ax, 3.3, 2.2, 2.6, 0.8, "chosen y_w", GREEN)
+    box(ax, 3.3, 1.0, 2.6, 0.8, "rejected y_l", RED)
+    arrow(ax, (2.5, 2.2), (3.3, 2.6))
+    arrow(ax, (2.5, 1.9), (3.3, 1.4))
+    box(ax, 6.6, 2.2, 2.4, 0.8, "log pi - log pi_ref", YELLOW, fontsize=FONT - 1)
+    box(ax, 6.6, 1.0, 2.4, 0.8, "log pi - log pi_ref", YELLOW, fontsize=FONT - 1)
+    arrow(ax, (5.9, 2.6), (6.6, 2.6))
+    arrow(ax, (5.9, 1.4), (6.6, 1.4))
+    box(ax, 9.6, 1.4, 2.2, 1.2, "-log sigmoid(\nbeta (r_w - r_l))", BLUE, fontsize=FONT - 1)
+    arrow(ax, (9.0, 2.6), (9.6, 2.2))
+    arrow(ax, (9.0, 1.4), (9.6, 1.8))
+    note(ax, 0.3, 0.3, "log pi(y | x) sums the log-probabilities of the reply's tokens (the SFT mask); pi_ref is "
+         "the model with its adapters off", fontsize=FONT - 2)
+    return save(fig, "sft_dpo.png")
+
+
+ALL.append(sft_dpo)
+if __name__ == "__main__" and (not args.names or "sft_dpo" in args.names):
+    print("wrote", sft_dpo().relative_to(ROOT))
+
+
+# --- notebook 05 ---
+def training_step():
+    """One update of the training loop and the terms of its loss."""
+    fig, ax = canvas(12, 5.4, "One training step: loss terms, backward, clip, AdamW at the scheduled rate")
+    box(ax, 0.2, 2.4, 1.6, 1.0, "batch\nids, labels", GREY)
+    box(ax, 2.4, 2.4, 1.6, 1.0, "model\nforward", BLUE)
+    box(ax, 4.6, 3.9, 2.6, 0.8, "LM: answer tokens\n(labels != -100)", ORANGE, fontsize=FONT - 2)
+    box(ax, 4.6, 2.5, 2.6, 0.8, "c_bal E sum f_e P_e", ORANGE, fontsize=FONT - 2)
+    box(ax, 4.6, 1.1, 2.6, 0.8, "c_z mean (logsumexp z)^2", ORANGE, fontsize=FONT - 2)
+    box(ax, 7.8, 2.4, 1.3, 1.0, "sum,\nbackward", YELLOW, fontsize=FONT - 1)
+    box(ax, 9.5, 2.4, 1.0, 1.0, "clip\n||g||", YELLOW, fontsize=FONT - 1)
+    box(ax, 10.8, 2.4, 1.0, 1.0, "AdamW\nstep", GREEN, fontsize=FONT - 1)
+    box(ax, 9.3, 4.2, 2.6, 0.7, "lr_t: warm-up, cosine", PURPLE, fontsize=FONT - 2)
+    arrow(ax, (1.8, 2.9), (2.4, 2.9))
+    for y in (4.3, 2.9, 1.5):
+        arrow(ax, (4.0, 2.9), (4.6, y))
+        arrow(ax, (7.2, y), (7.8, 2.9))
+    arrow(ax, (9.1, 2.9), (9.5, 2.9))
+    arrow(ax, (10.5, 2.9), (10.8, 2.9))
+    arrow(ax, (11.3, 4.2), (11.3, 3.4))
+    note(ax, 2.2, 1.9, "router logits", fontsize=FONT - 2)
+    note(ax, 0.2, 0.3, "f_e: share of tokens routed to expert e (no gradient); P_e: its mean router probability; "
+         "z: router logits", fontsize=FONT - 2)
+    return save(fig, "training_step.png")
+
+
+ALL.append(training_step)
+if __name__ == "__main__" and (not args.names or "training_step" in args.names):
+    print("wrote", training_step().relative_to(ROOT))
