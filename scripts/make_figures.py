@@ -301,7 +301,6 @@ def routing() -> list[Path]:
     model, tokenizer = tiny_vl()
     held_out = tiny_models.held_out_scenes(SCENES)
     rec, rows, labels = viz.route_scenes(model, tokenizer, held_out)
-    layers = [entry.layer_idx for entry in rec.layers]
     per_attribute = [records.specialisation(rec, rows, values) for values in labels.values()]
     best = max((r for results in per_attribute for r in results), key=lambda r: r["nmi"])["layer"]  # most specialised
     untrained = architectures.build(model.config).init_weights(std=0.02, seed=0).eval()
@@ -443,22 +442,6 @@ def router_bias():
 ALL.append(router_bias)
 
 
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", help=f"figures to draw (default: all): {[d.__name__ for d in ALL]}")
-    parser.add_argument("--saturation-steps", type=int, default=SATURATION_STEPS)
-    args = parser.parse_args()
-    SATURATION_STEPS = args.saturation_steps
-    FIGURES.mkdir(exist_ok=True)
-    for draw in ALL:
-        if not args.names or draw.__name__ in args.names:
-            made = draw()
-            for path in made if isinstance(made, list) else [made]:
-                print("wrote", path.relative_to(ROOT))
-
-
 # --- notebook 08 ---
 def sft_dpo():
     """Top: which tokens of an SFT example carry loss. Bottom: a DPO pair scored by policy and reference."""
@@ -489,8 +472,6 @@ def sft_dpo():
 
 
 ALL.append(sft_dpo)
-if __name__ == "__main__" and (not args.names or "sft_dpo" in args.names):
-    print("wrote", sft_dpo().relative_to(ROOT))
 
 
 # --- notebook 05 ---
@@ -520,5 +501,20 @@ def training_step():
 
 
 ALL.append(training_step)
-if __name__ == "__main__" and (not args.names or "training_step" in args.names):
-    print("wrote", training_step().relative_to(ROOT))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help=f"figures to draw (default: all): {[d.__name__ for d in ALL]}")
+    parser.add_argument("--saturation-steps", type=int, default=SATURATION_STEPS)
+    args = parser.parse_args()
+    SATURATION_STEPS = args.saturation_steps
+    FIGURES.mkdir(exist_ok=True)
+    for draw in ALL:
+        if not args.names or draw.__name__ in args.names:
+            made = draw()
+            for path in made if isinstance(made, list) else [made]:
+                print("wrote", path.relative_to(ROOT))
+
