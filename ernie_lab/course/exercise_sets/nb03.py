@@ -13,7 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..exercises import Mismatch, as_ints, call, exercise, expect_equal, expect_tensor, fresh_generator
+from ..exercises import (Mismatch, as_ints, call, exercise, expect_equal, expect_tensor, fresh_generator,
+                         name_the_mistake, switched_off)
 
 PHOTO = (3024, 4032)        # a phone photo, height x width
 IMAGE, START, END = 100295, 101304, 101305   # <|IMAGE_PLACEHOLDER|>, <|IMAGE_START|>, <|IMAGE_END|>
@@ -58,19 +59,6 @@ def last_position(position) -> str:
 # ================================================================================ patchify
 def _even(g, low, high) -> int:
     return 2 * int(torch.randint(low, high + 1, (1,), generator=g))
-
-
-def name_the_mistake(got, expected, mistakes: dict, atol: float = 1e-5) -> None:
-    """Raise Mismatch naming a mistake when the answer equals that mistake's output (and not the right one)."""
-    if not (isinstance(got, torch.Tensor) and got.shape == expected.shape and got.is_floating_point()
-            and bool(torch.isfinite(got).all())):
-        return
-    got = got.detach().to(expected.dtype)
-    if torch.allclose(got, expected, atol=atol):
-        return
-    for says, variant in mistakes.items():
-        if variant.shape == got.shape and torch.allclose(got, variant, atol=atol):
-            raise Mismatch(says)
 
 
 @exercise("03.patchify",
@@ -120,10 +108,6 @@ def _exact_gelu(block):
     return changed
 
 
-def _refuse_forward(*args, **kwargs):
-    raise RuntimeError("the module's own forward is what you are writing: use its weights yourself")
-
-
 @exercise("03.vit_block",
           hint="h = LayerNorm1(x); q, k, v = qkv(h) split into (N, heads, d); angles = [row * w_j, col * w_j] with "
                "w_j = 10000^(-4j/d), j < d/4, written twice (dim i and i + d/2 share an angle); rotate q and k "
@@ -150,8 +134,7 @@ def vit_block(function) -> str:
                         run(block, torch.zeros_like(positions)),
                     "the ViT's MLP uses quick GELU, z * sigmoid(1.702 z), not the exact GELU": run(_exact_gelu(block),
                                                                                                    positions)}
-        student = copy.deepcopy(block)
-        student.forward = _refuse_forward
+        student = switched_off(block, "use its norms, qkv, proj and mlp yourself")
         got = call(function, x, student, positions)
         name_the_mistake(got, expected, mistakes, atol=1e-4)
         expect_tensor(f"ViT block output ({len(positions)} patches, width {width}, {heads} heads)", got, expected,
@@ -194,8 +177,7 @@ def adapter_merge(function) -> str:
             mistakes = {"you paired each window with its neighbouring window; pair it with the same window of the "
                         "next frame (windows of one frame are h w / 4 rows apart)": _pairs_of_windows(features, adapter)
                         } if frames > 1 else {}
-        student = copy.deepcopy(adapter)
-        student.forward = _refuse_forward
+        student = switched_off(adapter, "use its spatial and temporal linears and mlp yourself")
         got = call(function, features, grid, student)
         name_the_mistake(got, expected, mistakes, atol=1e-4)
         expect_tensor(f"adapter tokens of grid {grid.tolist()}", got, expected, atol=1e-4)

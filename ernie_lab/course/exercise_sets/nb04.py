@@ -7,7 +7,6 @@ sizes, compared with ``ernie_lab`` (``moe.MoEBlock``, ``rope3d.position_ids_3d``
 A diagnosis names a mistake only when the answer equals that mistake's output on the same inputs.
 """
 
-import copy
 import functools
 import itertools
 import math
@@ -19,8 +18,8 @@ from ...analysis import family as F
 from ...model.moe import MoEBlock, dispatch, route
 from ...model.rope import apply_rope
 from ...model.rope3d import position_ids_3d, rope_angles_3d, vision_block_positions
-from .nb03 import name_the_mistake
-from ..exercises import Mismatch, as_number, call, exercise, expect_close, expect_equal, expect_tensor, fresh_generator
+from ..exercises import (Mismatch, as_number, call, exercise, expect_close, expect_equal, expect_tensor,
+                         fresh_generator, name_the_mistake, switched_off)
 
 
 @exercise("04.vision_experts",
@@ -122,11 +121,6 @@ MOE_MISTAKES = {
 }
 
 
-def _refuse_forward(*args, **kwargs):
-    raise RuntimeError("the block's own forward is what you are writing: call its routers, experts and "
-                       "shared experts yourself")
-
-
 @exercise("04.modality_moe",
           hint="for group 0 (text tokens) and group 1 (vision tokens) separately: p = softmax(block.routers[g](x_g)); "
                "choose top-k of p + block.moe_statics.e_score_correction_bias[g]; weights = the chosen p / their sum; "
@@ -143,8 +137,7 @@ def modality_moe(function) -> str:
             expected = block(x[None], is_vision[None].long()).hidden[0]            # (N, H) ernie_lab
             reference = reference_vl_block(block)(x[None], is_vision[None].long())[0][0]   # (N, H) transformers
             mistakes = {says: moe_variant(block, x, is_vision, **how) for says, how in MOE_MISTAKES.items()}
-        student_block = copy.deepcopy(block)
-        student_block.forward = _refuse_forward
+        student_block = switched_off(block, "call its routers, experts and shared experts yourself")
         got = call(function, x, is_vision, student_block)
         name_the_mistake(got, expected, mistakes, atol=1e-4)
         expect_tensor(f"MoE output ({n} tokens, {int(is_vision.sum())} of them vision)", got, expected, atol=1e-4)

@@ -21,7 +21,7 @@ from ...model.published import CONFIG_0_3B
 from ...train import finetune
 from ...train.lora import DEFAULT_TARGETS, LoRALinear
 from ..exercises import (Mismatch, NotAttempted, as_number, call, exercise, expect_close, expect_tensor,
-                         fresh_generator, is_stub_function)
+                         fresh_generator, is_stub_function, name_the_mistake)
 
 
 # ============================================================================ 08.lora_linear
@@ -218,9 +218,7 @@ def _diagnose_reply(got, logits, ids, prompts, mask, expected) -> None:
         "off by one: the reply starts at position prompt_length (its first token is labelled too)": kit_reply_logps(
             logits, ids, reply_labels(ids, prompts, mask, first=1)),
     }
-    for mistake, variant in mistakes.items():
-        if not torch.allclose(variant, expected, atol=1e-4) and torch.allclose(got.double(), variant.double(), atol=1e-4):
-            raise Mismatch(mistake)
+    name_the_mistake(got, expected, mistakes, atol=1e-4)
     labels_next = labels[:, 1:] != IGNORE_INDEX                                         # (B, T-1)
     mean = kit_reply_logps(logits, ids, labels) / labels_next.sum(-1)
     if torch.allclose(got.double(), mean.double(), atol=1e-4):
@@ -263,9 +261,7 @@ def _diagnose_dpo(got, pc, pr, rc, rr, beta, expected) -> None:
         "that is the sum over pairs; take the mean": -F.logsigmoid(margin).sum(),
         "the sign is flipped inside: -log sigmoid(margin), not -log sigmoid(-margin)": -F.logsigmoid(-margin).mean(),
     }
-    for mistake, variant in mistakes.items():
-        if not torch.allclose(variant, expected, atol=1e-5) and torch.allclose(got.double(), variant.double(), atol=1e-5):
-            raise Mismatch(mistake)
+    name_the_mistake(got, expected, mistakes, atol=1e-5)
 
 
 # ============================================================================ 08.lora_parameters
