@@ -409,13 +409,17 @@ def quantization_groups():
         left.text(xs[0], high + 0.25, f"group {g}: s = {scale:.3f}, z = {zero}", fontsize=FONT - 1, color=colour)
     left.axvline(group - 0.5, color="black", lw=1, ls="--")
     left.axhline(0, color="black", lw=0.8)
-    left.set_xlabel("column of one weight row (group size 12 here, 128 in practice)", fontsize=FONT - 1)
-    left.set_ylabel("value", fontsize=FONT)
+    left.set(xlabel="column of one weight row (group size 12 here, 128 in practice)", ylabel="value")
     left.legend(fontsize=FONT - 2, loc="lower left")
-    left.tick_params(labelsize=FONT - 2)
+    draw_packing(right)
+    fig.tight_layout()
+    return save(fig, "quantization_groups.png")
+
+
+def draw_packing(right):
+    """Two 4-bit codes, then the byte they share (first code in the high nibble)."""
+    right.set(xlim=(0, 8.6), ylim=(0, 5))
     right.axis("off")
-    right.set_xlim(0, 8.6)
-    right.set_ylim(0, 5)
     right.text(0.1, 4.55, "codes u0 = 3, u1 = 12 of one row, packed", fontsize=FONT)
     for i, bit in enumerate("0011"):
         box(right, 0.3 + i * 0.9, 3.2, 0.85, 0.8, bit, GREEN)
@@ -428,8 +432,6 @@ def quantization_groups():
     for i, bit in enumerate("00111100"):
         box(right, 0.7 + i * 0.9, 0.9, 0.85, 0.8, bit, GREEN if i < 4 else ORANGE)
     note(right, 0.7, 0.35, "one byte = u0 << 4 | u1 = 60: half a byte per weight", fontsize=FONT - 1)
-    fig.tight_layout()
-    return save(fig, "quantization_groups.png")
 
 
 ALL.append(quantization_groups)

@@ -169,14 +169,8 @@ def _kv_with(scale_of):
     return answer
 
 
-SOLUTIONS = {
-    "07.quantize_groups": (quantize_groups,),
-    "07.pack2": (pack2,),
-    "07.dequant_matmul": (dequant_matmul,),
-    "07.gptq_update": (gptq_update,),
-    "07.quantize_kv": (quantize_kv,),
-    "07.most_sensitive_layer": (most_sensitive_layer,),
-}
+SOLUTIONS = {f"07.{answer.__name__}": (answer,) for answer in
+             (quantize_groups, pack2, dequant_matmul, gptq_update, quantize_kv, most_sensitive_layer)}
 
 WRONG = {
     "07.quantize_groups": [
