@@ -503,6 +503,59 @@ def training_step():
 ALL.append(training_step)
 
 
+# --- notebook 07 ---
+def quantization_groups():
+    """Group-wise int4 with zero points (one row, two groups, each with its own grid), and two codes per byte."""
+    import numpy as np
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), dpi=100, gridspec_kw=dict(width_ratios=[1.25, 1]))
+    fig.suptitle("int4 with zero points: a grid per group of columns, two codes per byte", fontsize=FONT + 3,
+                 fontweight="bold")
+    rng = np.random.default_rng(1)
+    group = 12
+    row = np.concatenate([rng.normal(0.5, 0.35, group).clip(0.02), rng.normal(0.0, 1.2, group)])  # (2 * group,)
+    for g, colour in ((0, "C2"), (1, "C1")):
+        w = row[g * group:(g + 1) * group]
+        low, high = min(w.min(), 0.0), max(w.max(), 0.0)
+        scale = (high - low) / 15
+        zero = round(-low / scale)
+        u = np.clip(np.round(w / scale) + zero, 0, 15)
+        xs = np.arange(g * group, (g + 1) * group)
+        for code in range(16):
+            left.hlines((code - zero) * scale, xs[0] - 0.4, xs[-1] + 0.4, color=colour, lw=0.5, alpha=0.6)
+        left.plot(xs, w, "o", color="C0", label="float weight" if g == 0 else None)
+        left.plot(xs, (u - zero) * scale, "s", mfc="none", color="C3", label="(u - z) s" if g == 0 else None)
+        left.text(xs[0], high + 0.25, f"group {g}: s = {scale:.3f}, z = {zero}", fontsize=FONT - 1, color=colour)
+    left.axvline(group - 0.5, color="black", lw=1, ls="--")
+    left.axhline(0, color="black", lw=0.8)
+    left.set(xlabel="column of one weight row (group size 12 here, 128 in practice)", ylabel="value")
+    left.legend(fontsize=FONT - 2, loc="lower left")
+    draw_packing(right)
+    fig.tight_layout()
+    return save(fig, "quantization_groups.png")
+
+
+def draw_packing(right):
+    """Two 4-bit codes, then the byte they share (first code in the high nibble)."""
+    right.set(xlim=(0, 8.6), ylim=(0, 5))
+    right.axis("off")
+    right.text(0.1, 4.55, "codes u0 = 3, u1 = 12 of one row, packed", fontsize=FONT)
+    for i, bit in enumerate("0011"):
+        box(right, 0.3 + i * 0.9, 3.2, 0.85, 0.8, bit, GREEN)
+    for i, bit in enumerate("1100"):
+        box(right, 4.5 + i * 0.9, 3.2, 0.85, 0.8, bit, ORANGE)
+    note(right, 1.3, 2.85, "u0 << 4: high nibble", fontsize=FONT - 1)
+    note(right, 5.4, 2.85, "u1: low nibble", fontsize=FONT - 1)
+    arrow(right, (2.1, 2.7), (3.6, 1.9))
+    arrow(right, (6.3, 2.7), (4.8, 1.9))
+    for i, bit in enumerate("00111100"):
+        box(right, 0.7 + i * 0.9, 0.9, 0.85, 0.8, bit, GREEN if i < 4 else ORANGE)
+    note(right, 0.7, 0.35, "one byte = u0 << 4 | u1 = 60: half a byte per weight", fontsize=FONT - 1)
+
+
+ALL.append(quantization_groups)
+
+
 if __name__ == "__main__":
     import argparse
 
