@@ -33,18 +33,30 @@ from .architectures import name_table
 from ..atomic import atomic_folder
 from .hub_names import INDEX_FILE, WEIGHTS_FILE, is_transposed, lab_to_hub
 from .quantized import quant_lab_to_hub
+from .serving_files import export_files, write_files
 
 QUANT_TENSORS = (".qweight", ".scales", ".zeros")  # quantized layers (ernie_lab.quant): stored as they are
 
 CHECKPOINT_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json")  # replaced by a save
 
 
-def save_model(model, folder: str | Path, *, max_shard_bytes: int = 5 * 1024**3) -> Path:
-    """Write ``config.json`` and safetensors weights of ``model`` into ``folder`` (created if needed), atomically."""
+def save_model(model, folder: str | Path, *, tokenizer=None, max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """Write ``model`` into ``folder`` (created if needed), atomically, as a folder that transformers, vLLM and
+    llama.cpp's converter load: ``config.json``, safetensors, and (``serving_files``) the tokenizer's files,
+    ``chat_template.jinja`` and ``generation_config.json``.
+
+    ``tokenizer``: an ``ErnieTokenizer``; None (the default) takes the tokenizer of the folder ``load_model``
+    read the model from, and warns (``IncompleteExportWarning``) when there is none; False writes the
+    weights and ``config.json`` only. Merged LoRA models (``merge_lora(model, unload=True)``) and quantized
+    ones are saved by this same call.
+    """
     folder = check_target(folder)
     config, tensors = checked_checkpoint(model, max_shard_bytes)  # every check before the disk is touched
-    with atomic_folder(folder, carry_over=not_checkpoint_file) as staging:
+    extras = export_files(model, tokenizer, folder)
+    keep = lambda name: not_checkpoint_file(name) and name not in extras  # noqa: E731 (never write through a link)
+    with atomic_folder(folder, carry_over=keep) as staging:
         write_checkpoint(staging, config, tensors, max_shard_bytes)
+        write_files(staging, extras)
     return folder
 
 
