@@ -22,10 +22,7 @@ model serialises itself), so saving into the very folder the tokenizer came from
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
-
-from ..errors import InputError
 
 # Baidu's generation_config.json of the ERNIE 4.5 -PT checkpoints (0.3B, 21B-A3B): sampling at 0.8 / 0.8.
 ERNIE_SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_p": 0.8, "repetition_penalty": 1.0}
@@ -45,10 +42,6 @@ ERNIE_CHAT_TEMPLATE = json.loads(
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 TEMPLATE_FILE, GENERATION_FILE = "chat_template.jinja", "generation_config.json"
-
-
-class IncompleteExportWarning(UserWarning):
-    """save_model wrote weights and config.json but no tokenizer: serving engines cannot load the folder."""
 
 
 # ------------------------------------------------------------------------------------ the tokenizer
@@ -87,62 +80,6 @@ def write_files(folder: Path, files: dict[str, str | bytes]) -> None:
             (folder / name).write_bytes(content)
         else:
             (folder / name).write_text(content, encoding="utf-8", newline="\n")
-
-
-# ------------------------------------------------------------------------------------ the export
-def export_files(model, tokenizer, target: Path) -> dict[str, str | bytes]:
-    """file name -> content of what ``save_model`` writes into ``target`` beside the weights.
-
-    ``tokenizer``: an ``ErnieTokenizer``; None finds the one of the folder ``load_model`` read the model
-    from, or keeps the one already in ``target`` (an ``IncompleteExportWarning`` when there is neither);
-    False: nothing.
-    """
-    if tokenizer is False:
-        return {}
-    if tokenizer is None:
-        tokenizer = tokenizer_of(model)
-    if tokenizer is None and (target / "tokenizer.model").is_file():
-        return {}  # the target's own tokenizer files stay (save_model carries them over)
-    if tokenizer is None:
-        warnings.warn("save_model: no tokenizer given and none found where the model was loaded from; the folder "
-                      "gets weights, config.json and generation_config.json, which serving engines (transformers, "
-                      "vLLM, llama.cpp) cannot use alone. Pass save_model(model, folder, tokenizer=tok), or "
-                      "tokenizer=False to save weights only on purpose.", IncompleteExportWarning, stacklevel=3)
-        return {GENERATION_FILE: as_json(generation_config(model.config.get_text_config(), None))}
-    check_tokenizer(tokenizer, model)
-    files = tokenizer_files(tokenizer)
-    template = tokenizer.chat_template
-    if template is None and model.config.get_text_config() is model.config:  # VL chats are the processor's
-        template = ERNIE_CHAT_TEMPLATE
-    if template is not None:
-        files[TEMPLATE_FILE] = template
-    files[GENERATION_FILE] = as_json(generation_config(model.config.get_text_config(), tokenizer))
-    return files
-
-
-def tokenizer_of(model):
-    """The tokenizer of the folder ``load_model`` read ``model`` from; None if that folder has none."""
-    from .tokenizer import load_tokenizer
-
-    folder = getattr(model, "checkpoint_folder", None)
-    if folder is None or not (Path(folder) / "tokenizer.model").is_file():
-        return None
-    return load_tokenizer(folder)
-
-
-def check_tokenizer(tokenizer, model) -> None:
-    """The tokenizer is an ErnieTokenizer whose ids all have a row in the model's embedding."""
-    from .tokenizer import ErnieTokenizer
-
-    if not isinstance(tokenizer, ErnieTokenizer):
-        raise InputError(f"save_model: tokenizer must be an ernie_lab ErnieTokenizer (ernie_lab.load_tokenizer("
-                         f"folder)), None or False; got {type(tokenizer).__name__}.")
-    rows = model.config.get_text_config().vocab_size
-    used = max([tokenizer.num_pieces, *(i + 1 for i in tokenizer.special_tokens.values())])
-    if used > rows:
-        raise InputError(f"save_model: the tokenizer ({tokenizer.source}) uses ids up to {used - 1}, but the model's "
-                         f"embedding has {rows} rows: they do not belong together. Pass the tokenizer the model "
-                         "was trained with.")
 
 
 def generation_config(text_config, tokenizer) -> dict:
