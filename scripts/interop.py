@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import platform
 import sys
@@ -166,7 +167,7 @@ def verdict(files_ok: bool, tokens: list[dict]) -> str:
 def llama_cpp_missing() -> str | None:
     """Why llama.cpp cannot be checked here, or None."""
     try:
-        import llama_cpp  # noqa: F401
+        importlib.import_module("llama_cpp")
     except ImportError:
         return "llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36 builds it, ~15 min on 2 cores)"
     try:
