@@ -67,13 +67,18 @@ TEXT_MOE = dict(model_type="ernie4_5_moe", vocab_size=6016, hidden_size=128, int
 
 
 # ------------------------------------------------------------------------------------- the exports
-def random_text_moe(seed: int = 0) -> ErnieForCausalLM:
-    """TEXT_MOE with random weights; routers N(0, 1) and correction biases U(-0.05, 0.05), so tokens route apart."""
+def random_text_moe(seed: int = 0, std: float = 0.15) -> ErnieForCausalLM:
+    """TEXT_MOE with random matrices N(0, std^2) (std 0.02 gives a model that repeats one token: a weak check),
+    routers N(0, 1) and correction biases U(-0.05, 0.05), so tokens route apart; norms stay at one."""
     model = ErnieForCausalLM(ErnieConfig.from_dict(TEXT_MOE)).init_weights(seed=seed).eval()
     generator = torch.Generator().manual_seed(seed)
+    draw = lambda shape, scale: torch.randn(shape, generator=generator) * scale  # noqa: E731
     with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.copy_(draw(param.shape, std))
         for block in moe_blocks(model):
-            block.gate.weight.copy_(torch.randn(block.gate.weight.shape, generator=generator))
+            block.gate.weight.copy_(draw(block.gate.weight.shape, 1.0))
             bias = block.moe_statics.e_score_correction_bias
             bias.copy_(torch.rand(bias.shape, generator=generator) * 0.1 - 0.05)
     return model
