@@ -10,7 +10,7 @@ TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ERNIE_LAB_FAST=1 MPLBACKEND=
 NB_TEST_DIR := build/nbtest
 HTML_DIR    := build/html
 
-.PHONY: lab test test-fast test-nbval html notebooks notebooks-build figures bench train-tiny clean venv
+.PHONY: lab test test-fast test-nbval html notebooks notebooks-build figures bench interop train-tiny clean venv
 
 venv: $(STAMP)
 
@@ -60,6 +60,13 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/decode.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/moe.py
 	HF_HUB_OFFLINE=1 nice -n 15 $(PY) benchmarks/quant.py
+
+# Real tools read the kit's exports: llama.cpp (its own convert_hf_to_gguf.py, f32 GGUF, f32 KV cache) and
+# transformers decode greedily the tokens ernie-lab decodes, on the tiny text model, a merged-LoRA export and
+# a small text MoE; writes benchmarks/results/interop.json. The `bench` extra builds llama-cpp-python (~15 min).
+interop: $(STAMP)
+	$(PY) -m pip install --quiet -c requirements.lock -e ".[bench]"
+	HF_HUB_OFFLINE=1 nice -n 15 $(PY) scripts/interop.py
 
 # Retrain the shipped tiny models from scratch (deterministic; about 30 min on 2 cores) and rewrite their
 # TRAINING.md, metrics.json and curves. Weights are binaries: commit a retrained model only when it is final.

@@ -35,6 +35,7 @@ import ernie_lab
 from ernie_lab import architectures, family, quant
 from ernie_lab.model.published import CHECKPOINTS
 from ernie_lab.model.config import ErnieConfig
+from llama_cpp_tools import LLAMA_CPP_VERSION, convert_to_gguf  # benchmarks/llama_cpp_tools.py
 
 RESULTS = Path(__file__).parent / "results" / "quant.json"
 
@@ -167,48 +168,21 @@ def family_memory() -> dict:
     return rows
 
 
-LLAMA_CPP_VERSION = "0.3.36"                      # the llama-cpp-python of pyproject's `bench` extra
 LLAMA_CPP_FORMATS = ("F32", "BF16", "Q8_0", "Q4_0")
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def llama_cpp_source() -> Path:
-    """llama.cpp's source tree (for convert_hf_to_gguf.py): $LLAMA_CPP_DIR, or the vendored copy inside the
-    llama-cpp-python sdist, fetched once with pip into build/ (from the configured index, offline-friendly)."""
-    import os
-    import subprocess
-    import sys
-    import tarfile
-
-    if os.environ.get("LLAMA_CPP_DIR"):
-        return Path(os.environ["LLAMA_CPP_DIR"])
-    build = ROOT / "build" / "llama-cpp-src"
-    tree = build / f"llama_cpp_python-{LLAMA_CPP_VERSION}" / "vendor" / "llama.cpp"
-    if not (tree / "convert_hf_to_gguf.py").is_file():
-        build.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                        "-d", str(build), f"llama-cpp-python=={LLAMA_CPP_VERSION}"], check=True)
-        with tarfile.open(next(build.glob("llama_cpp_python-*.tar.gz"))) as archive:
-            archive.extractall(build, filter="data")
-    return tree
+TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "tiny-tokenizer"
 
 
 def gguf_files(base: nn.Module, work: Path) -> dict[str, Path]:
     """The random checkpoint -> GGUF at F32 (llama.cpp's converter), then BF16 / Q8_0 / Q4_0 (llama.cpp's
-    quantizer; Q4_0 keeps the output head at Q6_K, as llama.cpp does by default)."""
+    quantizer; Q4_0 keeps the output head at Q6_K, as llama.cpp does by default). The export carries the
+    tiny tokenizer (save_model writes its files; llama.cpp pads the vocabulary to the config's)."""
     import shutil
-    import subprocess
-    import sys
 
     import llama_cpp
 
     folder = work / "checkpoint"
-    ernie_lab.save_model(base, folder)
-    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
-        shutil.copyfile(ROOT / "data" / "tiny-tokenizer" / name, folder / name)  # vocabulary padded to the config's
-    files = {"F32": work / "model-f32.gguf"}
-    subprocess.run([sys.executable, str(llama_cpp_source() / "convert_hf_to_gguf.py"), str(folder), "--outtype", "f32",
-                    "--outfile", str(files["F32"])], check=True, capture_output=True)
+    ernie_lab.save_model(base, folder, tokenizer=ernie_lab.load_tokenizer(TINY_TOKENIZER))
+    files = {"F32": convert_to_gguf(folder, work / "model-f32.gguf")}
     shutil.rmtree(folder)
     for fmt in LLAMA_CPP_FORMATS[1:]:
         files[fmt] = work / f"model-{fmt.lower()}.gguf"

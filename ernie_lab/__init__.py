@@ -29,7 +29,7 @@ from .errors import CheckpointError, ConfigError, ErnieLabError, InputError, Not
 from .io.chat import chat
 from .io.loading import load_model
 from .io.reasoning import Reasoning, split_reasoning
-from .io.saving import save_model
+from .io.saving import IncompleteExportWarning, save_model
 from .io.tokenizer import ErnieTokenizer, StandInTokenizerWarning, load_tokenizer
 from .model import ErnieConfig, ErnieForCausalLM, ErnieVLForConditionalGeneration, KVCache, generate
 
@@ -42,7 +42,8 @@ MODULES = {
     "modules": "model.linears", "linears": "model.linears", "generation": "model.generation",
     "quant": "quant",
     "hub_names": "io.hub_names", "architectures": "io.architectures", "loading": "io.loading",
-    "saving": "io.saving", "tokenizer": "io.tokenizer", "chat_format": "io.chat_format", "reasoning": "io.reasoning",
+    "saving": "io.saving", "serving_files": "io.serving_files", "tokenizer": "io.tokenizer",
+    "chat_format": "io.chat_format", "reasoning": "io.reasoning",
     "image_processing": "io.image_processing", "processor": "io.processor",
     "train": "train", "losses": "train.losses", "lora": "train.lora", "finetune": "train.finetune",
     "scenes": "tiny.scenes", "corpus": "tiny.corpus", "tiny_tokenizer": "tiny.tokenizer",
@@ -53,8 +54,8 @@ MODULES = {
 
 __all__ = ["ErnieConfig", "ErnieForCausalLM", "ErnieVLForConditionalGeneration", "KVCache", "ErnieLabError",
            "ConfigError", "CheckpointError", "InputError", "NotEnoughMemoryError", "TrainingDiverged",
-           "load_model", "save_model", "generate", "ErnieTokenizer", "StandInTokenizerWarning",
-           "load_tokenizer", "chat", "Reasoning", "split_reasoning", *MODULES]
+           "load_model", "save_model", "IncompleteExportWarning", "generate", "ErnieTokenizer",
+           "StandInTokenizerWarning", "load_tokenizer", "chat", "Reasoning", "split_reasoning", *MODULES]
 
 
 def __getattr__(name: str):

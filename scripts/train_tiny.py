@@ -37,7 +37,6 @@ from ernie_lab.train import TrainConfig, Trainer  # noqa: E402
 
 TOKENIZER = ROOT / "data" / "tiny-tokenizer"
 TARGETS = tiny_models.VL_TARGETS  # VL, held out
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 RECIPES = {
     "text": dict(folder="tiny-ernie-text", config=tiny_models.TEXT_CONFIG, steps=800, lr=3e-3, warmup=80,
@@ -106,9 +105,7 @@ def write_checkpoint(model, tokenizer, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.safetensors"):
         stale.unlink()
-    ernie_lab.save_model(model, folder)
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(TOKENIZER / name, folder / name)
+    ernie_lab.save_model(model, folder, tokenizer=tokenizer)  # with the tokenizer files, template, generation config
 
 
 def evidence(kind: str, model, tokenizer) -> dict:

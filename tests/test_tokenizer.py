@@ -18,6 +18,7 @@ import sentencepiece as spm
 import torch
 
 from ernie_lab.errors import CheckpointError, InputError
+from ernie_lab.io.serving_files import ERNIE_CHAT_TEMPLATE
 from ernie_lab.io.tokenizer import (
     ERNIE_SPECIAL_TOKENS,
     MODEL_VOCAB_SIZE,
@@ -34,18 +35,8 @@ PROSE = (
     "meeting ran late.  Tabs\tand  double  spaces stay, as do accents (café, naïve) and emoji 🙂 and 2024."
 )
 
-# The chat template exactly as Baidu ships it in tokenizer_config.json (baidu/ERNIE-4.5-0.3B-Base-PT, read from a
-# public copy; transformers' Ernie4_5 tokenizer uses the same text as its default for the 0.3B models).
-REFERENCE_CHAT_TEMPLATE = json.loads(
-    r'"{%- if not add_generation_prompt is defined -%}\n    {%- set add_generation_prompt = true -%}\n{%- endif -%}\n'
-    r'{%- if not cls_token is defined -%}\n    {%- set cls_token = \"<|begin_of_sentence|>\" -%}\n{%- endif -%}\n'
-    r'{%- if not sep_token is defined -%}\n    {%- set sep_token = \"<|end_of_sentence|>\" -%}\n{%- endif -%}\n'
-    r'{{- cls_token -}}\n{%- for message in messages -%}\n    {%- if message[\"role\"] == \"user\" -%}\n'
-    r'        {{- \"User: \" + message[\"content\"] + \"\n\" -}}\n    {%- elif message[\"role\"] == \"assistant\" -%}\n'
-    r'        {{- \"Assistant: \" + message[\"content\"] + sep_token -}}\n'
-    r'    {%- elif message[\"role\"] == \"system\" -%}\n        {{- message[\"content\"] + \"\n\" -}}\n'
-    r'    {%- endif -%}\n{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{- \"Assistant: \" -}}\n{%- endif -%}"'
-)
+# Baidu's chat template of the text models, as the kit writes it into exports (source cited there).
+REFERENCE_CHAT_TEMPLATE = ERNIE_CHAT_TEMPLATE
 
 CHATS = {
     "three turns": [

@@ -3,7 +3,8 @@
     architectures   the model-type registry (config.json "architectures" -> our classes and name tables)
     hub_names       Hub tensor names <-> our module paths, written out as data
     loading         load_model: streamed, checked loading (single or sharded safetensors, -PT and -Paddle)
-    saving          save_model: the Hub layout, written atomically
+    saving          save_model: the Hub layout, written atomically, with what a serving engine reads beside it
+    serving_files   the tokenizer's files, chat_template.jinja, generation_config.json
     quantized       quantized checkpoints: the tensors a QuantLinear stores, under Hub names
     tokenizer       the SentencePiece tokenizer (real, or the stand-in that ships with the kit)
     chat_format     ERNIE's chat text

@@ -59,7 +59,8 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype | str | None = N
     (``ERNIE_LAB_AVAILABLE_MEMORY``, in bytes, overrides what the machine reports).
     ``quantize`` (e.g. ``"w4a16"``) quantizes each linear weight as it is read (``ernie_lab.quant``);
     a checkpoint saved quantized (``quantization_config`` in config.json) comes back quantized, bit-exact.
-    ``group_size`` (default 128) goes with ``quantize`` only.
+    ``group_size`` (default 128) goes with ``quantize`` only. The model remembers its folder
+    (``model.checkpoint_folder``), where ``save_model`` finds the tokenizer to export with it.
     """
     dtype, device, transforms = check_load_arguments(source, dtype, device, transforms)
     group_size = quant_checkpoint.check_arguments(quantize, group_size, device)
@@ -84,6 +85,7 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype | str | None = N
     stream_tensors(model, plan, hub_shapes, steps, device=device, dtype=dtype)
     if config.get_text_config().tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
+    model.checkpoint_folder = folder  # save_model finds the tokenizer here
     return model.eval()
 
 

@@ -1,4 +1,4 @@
-"""Export: write an ernie-lab model back in the Hub layout that transformers, vLLM and FastDeploy read.
+"""Export: write an ernie-lab model back in the Hub layout that transformers, vLLM, llama.cpp and FastDeploy read.
 
 The inverse of loading: ernie-lab parameter names go through the model's name table backwards
 (``hub_names.NAME_MAP`` for text models, dense and MoE alike; ``VL_NAME_MAP`` for vision-language ones,
@@ -9,11 +9,18 @@ the config is written as the Hub's ``config.json`` (flat for text models, transf
 twice: readers re-tie it from ``tie_word_embeddings``. A head that is *not* the embedding's very tensor
 (untied after loading, say) is always written, and the config then says ``tie_word_embeddings: false``.
 
+Beside the weights goes what a serving engine reads (``serving_files``): the tokenizer's files,
+``chat_template.jinja`` and ``generation_config.json``, so that one call gives a folder that transformers,
+vLLM and llama.cpp's ``convert_hf_to_gguf.py`` load as it is. The tokenizer is the one passed
+(``tokenizer=``), or else the one of the folder ``load_model`` read the model from; a model with neither
+is saved with an ``IncompleteExportWarning`` (``tokenizer=False``: weights and config only, on purpose).
+
 Saving is atomic (``atomic.atomic_folder``): everything is written into a hidden folder beside the target,
 ``.<name>.partial-<pid>-<random>``, and only a complete checkpoint is swapped into place. A crash or a
 kill in the middle leaves the previous checkpoint untouched; the hidden leftover is swept by the next
 save into the same place. Shards and index files of an earlier save are gone with the folder they
-were in (other files in the target, a tokenizer say, are carried over), so a reload never mixes saves.
+were in, and so are the tokenizer files a save writes anew (other files in the target, a TRAINING.md say,
+are carried over), so a reload never mixes saves.
 """
 
 from __future__ import annotations
@@ -33,18 +40,36 @@ from .architectures import name_table
 from ..atomic import atomic_folder
 from .hub_names import INDEX_FILE, WEIGHTS_FILE, is_transposed, lab_to_hub
 from .quantized import quant_lab_to_hub
+from .serving_files import ERNIE_CHAT_TEMPLATE, GENERATION_FILE, TEMPLATE_FILE, as_json, generation_config, \
+    tokenizer_files, write_files
+from .tokenizer import ErnieTokenizer, load_tokenizer
 
 QUANT_TENSORS = (".qweight", ".scales", ".zeros")  # quantized layers (ernie_lab.quant): stored as they are
 
 CHECKPOINT_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json")  # replaced by a save
 
 
-def save_model(model, folder: str | Path, *, max_shard_bytes: int = 5 * 1024**3) -> Path:
-    """Write ``config.json`` and safetensors weights of ``model`` into ``folder`` (created if needed), atomically."""
+class IncompleteExportWarning(UserWarning):
+    """save_model wrote weights and config.json but no tokenizer: serving engines cannot load the folder."""
+
+
+def save_model(model, folder: str | Path, *, tokenizer=None, max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """Write ``model`` into ``folder`` (created if needed), atomically, as a folder that transformers, vLLM and
+    llama.cpp's converter load: ``config.json``, safetensors, and (``serving_files``) the tokenizer's files,
+    ``chat_template.jinja`` and ``generation_config.json``.
+
+    ``tokenizer``: an ``ErnieTokenizer``; None (the default) takes the tokenizer of the folder ``load_model``
+    read the model from, and warns (``IncompleteExportWarning``) when there is none; False writes the
+    weights and ``config.json`` only. Merged LoRA models (``merge_lora(model, unload=True)``) and quantized
+    ones are saved by this same call.
+    """
     folder = check_target(folder)
     config, tensors = checked_checkpoint(model, max_shard_bytes)  # every check before the disk is touched
-    with atomic_folder(folder, carry_over=not_checkpoint_file) as staging:
+    extras = export_files(model, tokenizer, folder)
+    keep = lambda name: not_checkpoint_file(name) and name not in extras  # noqa: E731 (never write through a link)
+    with atomic_folder(folder, carry_over=keep) as staging:
         write_checkpoint(staging, config, tensors, max_shard_bytes)
+        write_files(staging, extras)
     return folder
 
 
@@ -117,6 +142,58 @@ def write_checkpoint(folder: Path, config: dict, tensors: dict, max_shard_bytes:
 
 def write_text(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- beside the weights
+def export_files(model, tokenizer, target: Path) -> dict[str, str | bytes]:
+    """file name -> content of what ``save_model`` writes into ``target`` beside the weights.
+
+    ``tokenizer``: an ``ErnieTokenizer``; None finds the one of the folder ``load_model`` read the model
+    from, or keeps the one already in ``target`` (an ``IncompleteExportWarning`` when there is neither);
+    False: nothing.
+    """
+    if tokenizer is False:
+        return {}
+    if tokenizer is None:
+        tokenizer = tokenizer_of(model)
+    if tokenizer is None and (target / "tokenizer.model").is_file():
+        return {}  # the target's own tokenizer files stay (save_model carries them over)
+    if tokenizer is None:
+        warnings.warn("save_model: no tokenizer given and none found where the model was loaded from; the folder "
+                      "gets weights, config.json and generation_config.json, which serving engines (transformers, "
+                      "vLLM, llama.cpp) cannot use alone. Pass save_model(model, folder, tokenizer=tok), or "
+                      "tokenizer=False to save weights only on purpose.", IncompleteExportWarning, stacklevel=3)
+        return {GENERATION_FILE: as_json(generation_config(model.config.get_text_config(), None))}
+    check_tokenizer(tokenizer, model)
+    files = tokenizer_files(tokenizer)
+    template = tokenizer.chat_template
+    if template is None and model.config.get_text_config() is model.config:  # VL chats are the processor's
+        template = ERNIE_CHAT_TEMPLATE
+    if template is not None:
+        files[TEMPLATE_FILE] = template
+    files[GENERATION_FILE] = as_json(generation_config(model.config.get_text_config(), tokenizer))
+    return files
+
+
+def tokenizer_of(model):
+    """The tokenizer of the folder ``load_model`` read ``model`` from; None if that folder has none."""
+    folder = getattr(model, "checkpoint_folder", None)
+    if folder is None or not (Path(folder) / "tokenizer.model").is_file():
+        return None
+    return load_tokenizer(folder)
+
+
+def check_tokenizer(tokenizer, model) -> None:
+    """The tokenizer is an ErnieTokenizer whose ids all have a row in the model's embedding."""
+    if not isinstance(tokenizer, ErnieTokenizer):
+        raise InputError(f"save_model: tokenizer must be an ernie_lab ErnieTokenizer (ernie_lab.load_tokenizer("
+                         f"folder)), None or False; got {type(tokenizer).__name__}.")
+    rows = model.config.get_text_config().vocab_size
+    used = max([tokenizer.num_pieces, *(i + 1 for i in tokenizer.special_tokens.values())])
+    if used > rows:
+        raise InputError(f"save_model: the tokenizer ({tokenizer.source}) uses ids up to {used - 1}, but the model's "
+                         f"embedding has {rows} rows: they do not belong together. Pass the tokenizer the model "
+                         "was trained with.")
 
 
 # ----------------------------------------------------------------------------------- tensors

@@ -29,8 +29,10 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from ..atomic import atomic_folder
 from .chat_format import check_messages, render_chat
 from .reasoning import THINK_OPEN, TURN_END
+from .serving_files import TEMPLATE_FILE, tokenizer_files, write_files
 from ..errors import CheckpointError, InputError
 from ..model.special_tokens import BEGIN_OF_SENTENCE, END_OF_SENTENCE, ROLE_NAMES, SPECIAL_TOKENS, TOKEN_ROLES
 
@@ -231,6 +233,20 @@ class ErnieTokenizer:
             text = render_chat_template(self.chat_template, messages, add_generation_prompt,
                                         enable_thinking=enable_thinking, **self.roles)
         return self.encode(text) if tokenize else text
+
+    # ---------------------------------------------------------------------------------- files
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write the tokenizer's files (and its chat template, if it has one) into ``folder``, atomically;
+        ``load_tokenizer(folder)`` and transformers' ``AutoTokenizer`` read them back. ``save_model`` writes
+        the same files next to a model (``serving_files``)."""
+        if not isinstance(folder, (str, os.PathLike)):
+            raise InputError(f"save_pretrained: folder must be a path, got {type(folder).__name__}.")
+        files = tokenizer_files(self)
+        if self.chat_template is not None:
+            files[TEMPLATE_FILE] = self.chat_template
+        with atomic_folder(folder, carry_over=lambda name: name not in files) as staging:
+            write_files(staging, files)
+        return Path(folder)
 
 
 def format_ernie_chat(messages: list[dict], add_generation_prompt: bool = True, *,

@@ -32,13 +32,14 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
-import json
 import sys
 from pathlib import Path
 
 import sentencepiece as spm
 
 from ..atomic import atomic_folder
+from ..io.serving_files import as_json, tokenizer_files, write_files
+from ..io.tokenizer import ErnieTokenizer
 from . import corpus, scenes
 
 NUM_PIECES = 6000
@@ -102,26 +103,16 @@ def text_sha256(lines: list[str]) -> str:
 
 
 def folder_files(model: bytes, lines: list[str]) -> dict[str, str | bytes]:
-    """file name -> content of the tokenizer folder."""
-    decoder = {str(i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
-                        "single_word": False, "special": True} for token, i in TINY_SPECIAL_TOKENS.items()}
-    config = {**ROLES, "add_bos_token": False, "add_eos_token": False, "added_tokens_decoder": decoder,
-              "additional_special_tokens": list(ADDED_TOKENS), "tokenizer_class": "LlamaTokenizer",
-              "legacy": True, "add_prefix_space": False, "clean_up_tokenization_spaces": False,
-              "spaces_between_special_tokens": False}
+    """file name -> content of the tokenizer folder: the files every export writes, plus training.json."""
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(model)
+    tokenizer = ErnieTokenizer(sp, TINY_SPECIAL_TOKENS, ROLES, TINY_VOCAB_SIZE, source="tiny tokenizer")
     training = {"training_text": "ernie_lab.tiny_tokenizer.training_lines(): corpus train split, "
                                  f"{CAPTION_SCENES} train scenes' captions and QA, photo captions",
                 "training_text_sha256": text_sha256(lines), "python_version": sys.version.split()[0],
                 "sentencepiece_version": spm.__version__, "num_pieces": NUM_PIECES,
                 "vocab_size": TINY_VOCAB_SIZE, "model_sha256": sha256(model)}
-    as_json = lambda data: json.dumps(data, indent=2, ensure_ascii=False) + "\n"  # noqa: E731
-    return {
-        "tokenizer.model": model,
-        "tokenizer_config.json": as_json(config),
-        "special_tokens_map.json": as_json({**ROLES, "additional_special_tokens": list(ADDED_TOKENS)}),
-        "added_tokens.json": as_json({token: TINY_SPECIAL_TOKENS[token] for token in ADDED_TOKENS}),
-        "training.json": as_json(training),
-    }
+    return {**tokenizer_files(tokenizer), "training.json": as_json(training)}
 
 
 def write_tiny_tokenizer(folder: str | Path = TINY_TOKENIZER_DIR) -> Path:
@@ -130,11 +121,7 @@ def write_tiny_tokenizer(folder: str | Path = TINY_TOKENIZER_DIR) -> Path:
     lines = training_lines()
     files = folder_files(train_model(lines), lines)
     with atomic_folder(folder) as staging:  # a kill mid-write leaves the previous tokenizer whole
-        for name, content in files.items():
-            if isinstance(content, bytes):
-                (staging / name).write_bytes(content)
-            else:
-                (staging / name).write_text(content, encoding="utf-8", newline="\n")
+        write_files(staging, files)
     return folder
 
 
