@@ -245,14 +245,14 @@ def rope_rotate_half(function) -> str:
 def _attention_cases(g):
     """(q, k, v): a prefill (S = T), one decode step (T = 1 query after a cache), and a chunk after a cache
     (T > 1 queries, the last T of S); KV heads 1..3 shared by groups of 2..4 query heads, at least one case with
-    several KV heads (so which group a head reads shows)."""
+    several KV heads (so which group a head reads shows); once values of another width than the keys."""
     past = (0, _draw(g, 3, 8), _draw(g, 2, 5))
     new = (_draw(g, 3, 7), 1, _draw(g, 2, 4))
     for case, (P, T) in enumerate(zip(past, new)):
         B, kv_heads, group, d = _draw(g, 1, 2), _draw(g, 2 if case != 1 else 1, 3), _draw(g, 2, 4), 2 * _draw(g, 2, 8)
-        S = P + T
+        S, value_width = P + T, (d if case != 2 else _draw(g, 3, 12))
         yield (torch.randn(B, kv_heads * group, T, d, generator=g), torch.randn(B, kv_heads, S, d, generator=g),
-               torch.randn(B, kv_heads, S, d, generator=g))
+               torch.randn(B, kv_heads, S, value_width, generator=g))
 
 
 def _attention_with(q, k, v, scale: float, mask: torch.Tensor, heads_of_kv: torch.Tensor, softmax_dim: int = -1):
@@ -263,7 +263,7 @@ def _attention_with(q, k, v, scale: float, mask: torch.Tensor, heads_of_kv: torc
 
 
 @exercise("01.gqa_attention",
-          hint="q is (B, H, T, d), k and v are (B, Hkv, S, d) with S >= T: the T queries are the LAST T positions. "
+          hint="q is (B, H, T, d), k is (B, Hkv, S, d), v (B, Hkv, S, dv), S >= T: the queries are the LAST T positions. "
                "Query head h reads KV head h // (H // Hkv) (k.repeat_interleave(H // Hkv, dim=1)); scores = "
                "q @ k^T / sqrt(d); query i may see keys 0 .. S - T + i (mask the rest with -inf); softmax over the "
                "keys; multiply by v.")
