@@ -395,7 +395,7 @@ def gqa_kv_cache():
          "dotted: room left", fontsize=FONT - 2)
     box(ax, 9.05, 3.0, 2.75, 2.9, "new query at position\nS - 1 = length:\nsees all S = length + 1\nstored keys\n\n"
         "with T new queries:\nquery i sees keys\n0 .. S - T + i", YELLOW, fontsize=FONT - 2)
-    note(ax, 9.05, 1.5, "cache per token, per layer:\n2 x 2 KV heads x 128\n(16 query heads would need 8x)",
+    note(ax, 9.05, 1.5, "cache per token, per layer:\n2 (k, v) x 2 KV heads x 128\n(one KV head per query head: 8x)",
          fontsize=FONT - 2)
     return save(fig, "gqa_kv_cache.png")
 
