@@ -272,7 +272,7 @@ def gqa_attention(function) -> str:
 
     for q, k, v in _attention_cases(fresh_generator()):
         got = call(function, q, k, v)
-        (B, H, T, d), (kv_heads, S) = q.shape, k.shape[1:3]
+        (H, T, d), (kv_heads, S) = q.shape[1:], k.shape[1:3]
         group, scale, causal = H // kv_heads, d ** -0.5, causal_mask(T, S)
         grouped, everything = torch.arange(H) // group, torch.ones(T, S, dtype=torch.bool)
         expected = kit_gqa_attention(q, k, v)
