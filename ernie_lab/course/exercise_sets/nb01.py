@@ -191,28 +191,42 @@ def _rope_outputs_concatenated(x, cos, sin):
     return torch.cat((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
 
 
+def _transformers_rope(x, cos, sin):
+    """transformers' apply_rotary_pos_emb, which wants (B, T, d) tables whose first half holds the d/2 angles."""
+    from transformers.models.ernie4_5.modeling_ernie4_5 import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb(x, x, torch.cat((cos, cos), -1), torch.cat((sin, sin), -1))[0]
+
+
+def _judge_rotation(function, label: str, references: dict, mistakes: dict) -> None:
+    """Run a student's RoPE on fresh cases: name a mistake it equals, check lengths are kept, compare with every
+    reference ({name: function}, the first one the expected answer)."""
+    for x, cos, sin in _rope_cases(fresh_generator()):
+        got = call(function, x, cos, sin)
+        expected = next(iter(references.values()))(x, cos, sin)
+        _name_the_mistake(got, expected, {message: wrong(x, cos, sin) for message, wrong in mistakes.items()})
+        if (isinstance(got, torch.Tensor) and got.shape == x.shape and got.is_floating_point()
+                and torch.isfinite(got).all() and not torch.allclose(got.norm(dim=-1), x.norm(dim=-1), atol=1e-4)):
+            raise Mismatch("the output vectors have different lengths than the inputs: a rotation keeps lengths "
+                           "(check the signs: a*cos - b*sin, b*cos + a*sin for each pair (a, b))")
+        for name, reference in references.items():
+            expect_tensor(f"{label} of a {tuple(x.shape)} input vs {name}", got, reference(x, cos, sin))
+
+
 @exercise("01.rope_interleaved",
           hint="even = x[..., 0::2], odd = x[..., 1::2]; give cos and sin a head axis (cos[:, None]); the rotated "
                "pair is (even*cos - odd*sin, odd*cos + even*sin); put each pair back side by side: "
                "torch.stack((new_even, new_odd), dim=-1).flatten(-2).")
 def rope_interleaved(function) -> str:
-    from transformers.models.ernie4_5.modeling_ernie4_5 import apply_rotary_pos_emb
-
-    for x, cos, sin in _rope_cases(fresh_generator()):
-        got = call(function, x, cos, sin)
-        expected = kit_rope(x, cos, sin)
-        _name_the_mistake(got, expected, {
-            "this is Llama's rotate-half layout (i with i + d/2); ERNIE pairs neighbours (2i, 2i+1)":
-                rotate_half_reference(x, cos, sin),
-            "you rotate the wrong way round: the sine terms have the opposite sign":
-                apply_rope(x, cos, -sin),
-            "the rotated evens come first and the rotated odds after them; put each pair back side by side "
-            "(stack on a new last axis, then flatten)": _rope_outputs_concatenated(x, cos, sin),
-        })
-        expect_tensor(f"RoPE of a {tuple(x.shape)} input vs ernie_lab.rope.apply_rope", got, expected)
-        # transformers wants (B, T, d) tables whose first half holds the d/2 angles
-        theirs, _ = apply_rotary_pos_emb(x, x, torch.cat((cos, cos), -1), torch.cat((sin, sin), -1))
-        expect_tensor(f"RoPE of a {tuple(x.shape)} input vs transformers' apply_rotary_pos_emb", got, theirs)
+    _judge_rotation(function, "RoPE", {"ernie_lab.rope.apply_rope": kit_rope,
+                                       "transformers' apply_rotary_pos_emb": _transformers_rope}, {
+        "this is Llama's rotate-half layout (i with i + d/2); ERNIE pairs neighbours (2i, 2i+1)":
+            rotate_half_reference,
+        "you rotate the wrong way round: the sine terms have the opposite sign":
+            lambda x, cos, sin: apply_rope(x, cos, -sin),
+        "the rotated evens come first and the rotated odds after them; put each pair back side by side "
+        "(stack on a new last axis, then flatten)": _rope_outputs_concatenated,
+    })
     return "Equal to ernie_lab's apply_rope and transformers' apply_rotary_pos_emb, also past 2 pi and at T = 1."
 
 
@@ -221,20 +235,11 @@ def rope_interleaved(function) -> str:
                "(first_i, second_i); rotate it by the angle whose cos/sin are cos[..., i], sin[..., i] "
                "(add a head axis: cos[:, None]); concatenate the two rotated halves.")
 def rope_rotate_half(function) -> str:
-    for x, cos, sin in _rope_cases(fresh_generator()):
-        got = call(function, x, cos, sin)
-        expected = rotate_half_reference(x, cos, sin)
-        _name_the_mistake(got, expected, {
-            "this is ERNIE's interleaved layout (pairs 2i, 2i+1); rotate-half pairs i with i + d/2":
-                apply_rope(x, cos, sin),
-            "you rotate the wrong way round: the sine terms have the opposite sign":
-                rotate_half_reference(x, cos, -sin),
-        })
-        if (isinstance(got, torch.Tensor) and got.shape == x.shape and got.is_floating_point()
-                and torch.isfinite(got).all() and not torch.allclose(got.norm(dim=-1), x.norm(dim=-1), atol=1e-4)):
-            raise Mismatch("the output vectors have different lengths than the inputs: a rotation keeps lengths "
-                           "(check the signs: first*cos - second*sin, second*cos + first*sin)")
-        expect_tensor(f"rotate-half RoPE of a {tuple(x.shape)} input", got, expected)
+    _judge_rotation(function, "rotate-half RoPE", {"Llama's rotate-half layout": rotate_half_reference}, {
+        "this is ERNIE's interleaved layout (pairs 2i, 2i+1); rotate-half pairs i with i + d/2": apply_rope,
+        "you rotate the wrong way round: the sine terms have the opposite sign":
+            lambda x, cos, sin: rotate_half_reference(x, cos, -sin),
+    })
     return "Both layouts are rotations; they differ only in which dimensions are paired."
 
 
