@@ -28,6 +28,7 @@ import importlib
 from .errors import CheckpointError, ConfigError, ErnieLabError, InputError, NotEnoughMemoryError, TrainingDiverged
 from .io.chat import chat
 from .io.loading import load_model
+from .io.reasoning import Reasoning, split_reasoning
 from .io.saving import save_model
 from .io.tokenizer import ErnieTokenizer, StandInTokenizerWarning, load_tokenizer
 from .model import ErnieConfig, ErnieForCausalLM, ErnieVLForConditionalGeneration, KVCache, generate
@@ -41,7 +42,7 @@ MODULES = {
     "modules": "model.linears", "linears": "model.linears", "generation": "model.generation",
     "quant": "quant",
     "hub_names": "io.hub_names", "architectures": "io.architectures", "loading": "io.loading",
-    "saving": "io.saving", "tokenizer": "io.tokenizer", "chat_format": "io.chat_format",
+    "saving": "io.saving", "tokenizer": "io.tokenizer", "chat_format": "io.chat_format", "reasoning": "io.reasoning",
     "image_processing": "io.image_processing", "processor": "io.processor",
     "train": "train", "losses": "train.losses", "lora": "train.lora", "finetune": "train.finetune",
     "scenes": "tiny.scenes", "corpus": "tiny.corpus", "tiny_tokenizer": "tiny.tokenizer",
@@ -53,7 +54,7 @@ MODULES = {
 __all__ = ["ErnieConfig", "ErnieForCausalLM", "ErnieVLForConditionalGeneration", "KVCache", "ErnieLabError",
            "ConfigError", "CheckpointError", "InputError", "NotEnoughMemoryError", "TrainingDiverged",
            "load_model", "save_model", "generate", "ErnieTokenizer", "StandInTokenizerWarning",
-           "load_tokenizer", "chat", *MODULES]
+           "load_tokenizer", "chat", "Reasoning", "split_reasoning", *MODULES]
 
 
 def __getattr__(name: str):

@@ -658,6 +658,22 @@ if exercises.check("09.int8_rtn", int8_rtn) and exercises.check("09.layer_damage
 #
 # **What comes next:** the course ends here. Notebooks **07** (quantization) and **08** (LoRA fine-tuning,
 # [Hu et al. 2021](https://arxiv.org/abs/2106.09685)) make these models fit and adapt on smaller machines;
-# post-training (SFT: supervised fine-tuning on answers; DPO: learning from preferred vs rejected answers,
-# [Rafailov et al. 2023](https://arxiv.org/abs/2305.18290)) is described in the
-# [technical report](https://ernie.baidu.com/blog/publication/ERNIE_Technical_Report.pdf).
+# notebook 08 also runs the first steps of post-training on the tiny model (SFT: supervised fine-tuning on
+# answers; DPO: learning from preferred vs rejected answers, [Rafailov et al. 2023](https://arxiv.org/abs/2305.18290)).
+# The full recipe of the released models (their SFT data, preference optimisation and reinforcement learning
+# at scale) is described in the [technical report](https://ernie.baidu.com/blog/publication/ERNIE_Technical_Report.pdf).
+#
+# ## Further reading
+#
+# * Baidu ERNIE Team, *ERNIE 4.5 Technical Report* (2025),
+#   [PDF](https://ernie.baidu.com/blog/publication/ERNIE_Technical_Report.pdf): the shapes, the parallel
+#   layout of training (expert parallelism inside a node) and the quantized deployment this notebook sizes.
+# * Kaplan et al., *Scaling Laws for Neural Language Models* (2020), [arXiv:2001.08361](https://arxiv.org/abs/2001.08361):
+#   the 6 N FLOPs per training token used here; for an MoE, N is the active count, not the total.
+# * Lepikhin et al., *GShard* (2020), [arXiv:2006.16668](https://arxiv.org/abs/2006.16668): experts spread
+#   over devices with an all-to-all exchange; section 6 counts what that exchange sends, and how much sending
+#   one copy per remote GPU (instead of one per expert) saves.
+# * Shoeybi et al., *Megatron-LM* (2019), [arXiv:1909.08053](https://arxiv.org/abs/1909.08053): tensor
+#   parallelism, splitting each matrix over GPUs; ERNIE combines it with expert and pipeline parallelism.
+# * Dettmers et al., *LLM.int8()* (2022), [arXiv:2208.07339](https://arxiv.org/abs/2208.07339): why a few
+#   outlier weights and activations dominate quantization error, as the layer-damage exercise shows.

@@ -11,7 +11,9 @@
    (the other outputs of the same bundle, e.g. a PNG), and no JavaScript from a CDN (nbconvert's page
    links require.js and MathJax from the web: those tags are removed); formulas are typeset by a local
    copy of MathJax 2.7 (`build/html/mathjax/`, from the pinned `jupyter-server-mathjax` package);
-4. `index.html` lists the pages with their time estimates.
+4. each notebook's exercise solutions (`solutions/NN_name.py`: the code and the reasoning in its comments)
+   become `build/html/NN_name.solutions.html` beside it, syntax-highlighted, linked from the index;
+5. `index.html` lists the pages with their time estimates.
 """
 
 from __future__ import annotations
@@ -132,8 +134,31 @@ def title_and_time(nb) -> tuple[str, str]:
     return title, found.group(1) if found else ""
 
 
+def solutions_page(stem: str) -> str | None:
+    """solutions/`stem`.py as a page: the docstring as the reasoning, then the highlighted code (None if absent)."""
+    from pygments import highlight
+    from pygments.formatters import HtmlFormatter
+    from pygments.lexers import PythonLexer
+
+    source = ROOT / "solutions" / f"{stem}.py"
+    if not source.exists():
+        return None
+    formatter = HtmlFormatter(style="friendly", linenos=False)
+    body = highlight(source.read_text(encoding="utf-8"), PythonLexer(), formatter)
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
+            f"<title>Solutions: {stem}</title><style>{formatter.get_style_defs('.highlight')}"
+            "body{max-width:60em;margin:2em auto;font-family:sans-serif} pre{font-size:0.9em}</style></head>"
+            f"<body><h1>Solutions to {stem}</h1><p>Each solution explains itself in its comments: why each step, "
+            f"and why the common mistakes (the <code>WRONG</code> answers at the end) fail. "
+            f"<a href='{stem}.html'>Back to the notebook</a>.</p>{body}</body></html>")
+
+
 def index_page(entries: list[tuple[str, str, str]]) -> str:
-    rows = "\n".join(f'<li><a href="{page}">{title}</a> <small>{minutes}</small></li>' for page, title, minutes in entries)
+    def row(page, title, minutes):
+        stem = page.removesuffix(".html")
+        solutions = f' · <a href="{stem}.solutions.html">solutions</a>' if (ROOT / "solutions" / f"{stem}.py").exists() else ""
+        return f'<li><a href="{page}">{title}</a> <small>{minutes}</small>{solutions}</li>'
+    rows = "\n".join(row(*entry) for entry in entries)
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>ernie-lab: the course</title></head>"
             f"<body><h1>ernie-lab: the course, rendered in fast mode</h1><ol start='0'>\n{rows}\n</ol></body></html>")
 
@@ -168,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         nbformat.write(nb, args.out / f"{path.stem}.ipynb")
         (args.out / f"{path.stem}.html").write_text(to_html(nb, ROOT / "notebooks"), encoding="utf-8")
+        solutions = solutions_page(path.stem)
+        if solutions:
+            (args.out / f"{path.stem}.solutions.html").write_text(solutions, encoding="utf-8")
         entries.append((f"{path.stem}.html", *title_and_time(nb)))
         print(f"{path.stem}: ran and rendered in {time.perf_counter() - start:.0f} s", flush=True)
     (args.out / "index.html").write_text(index_page(entries), encoding="utf-8")

@@ -233,7 +233,7 @@ def course_map():
     colors = {"both": GREY, "dense": BLUE, "moe": ORANGE}
     from ernie_lab.course.notebook import COURSE
 
-    for i, (number, title, minutes, track) in enumerate(COURSE):
+    for i, (number, title, minutes, _, track, _) in enumerate(COURSE):
         row, col = divmod(i, 5)
         x, y = 0.3 + col * 2.55, 3.0 - row * 1.9
         words = title.split()
@@ -251,7 +251,7 @@ def course_map():
 def family_chart():
     from ernie_lab import family as F
 
-    names = ["0.3B", "21B-A3B", "300B-A47B", "VL-28B-A3B", "VL-424B-A47B"]
+    names = ["0.3B", "21B-A3B", "300B-A47B", "VL-28B-A3B", "VL-424B-A47B*"]
     configs = [F.CONFIG_0_3B, F.CONFIG_21B_A3B, F.CONFIG_300B_A47B, F.CONFIG_VL_28B_A3B, F.CONFIG_VL_424B_A47B]
     counts = [F.count_params(c) for c in configs]
     fig, ax = plt.subplots(figsize=(10, 4.8), dpi=100)
@@ -267,6 +267,8 @@ def family_chart():
     ax.set_title("The ERNIE 4.5 family (ernie_lab.family): MoE models touch a fraction of their weights", fontsize=FONT)
     ax.set_ylim(0.1, 3000)
     ax.legend(loc="upper left", fontsize=FONT - 1)
+    ax.text(0.99, 0.96, "* VL-424B: vision-expert width reconstructed\nto land on the advertised 424 B", va="top",
+            transform=ax.transAxes, ha="right", fontsize=FONT - 3, color="#444444")
     return save(fig, "ernie45_family.png")
 
 

@@ -1,6 +1,8 @@
 """The course plumbing in ernie_lab.notebook: settings restored even on errors, hooks removed, the
 USE_REAL_WEIGHTS switch harmless offline, and the course table numbered without gaps."""
 
+import re
+
 import pytest
 import torch
 
@@ -53,7 +55,8 @@ def test_course_is_numbered_without_gaps_and_covers_the_notebooks():
     assert numbers == [f"{i:02d}" for i in range(len(numbers))]
     present = {p.name[:2] for p in notebook.repo_path("notebooks").glob("[0-9][0-9]_*.py")}
     assert present <= set(numbers)
-    assert all(track in ("dense", "moe", "both") and minutes > 0 for _, _, minutes, track in notebook.COURSE)
+    assert all(lesson.track in ("dense", "moe", "both") and lesson.minutes >= lesson.core > 0
+               for lesson in notebook.COURSE)
 
 
 def test_expert_columns_put_each_choice_in_its_groups_column():
@@ -64,3 +67,29 @@ def test_expert_columns_put_each_choice_in_its_groups_column():
                  torch.tensor([0, 1]))
     columns = notebook.expert_columns(entry, 3)              # (2 tokens, T0 T1 T2 V0 V1 V2)
     assert torch.allclose(columns, torch.tensor([[0.7, 0.0, 0.3, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.4, 0.6, 0.0]]))
+
+
+NOTEBOOK_SOURCES = sorted(notebook.repo_path("notebooks").glob("[0-9][0-9]_*.py"))
+
+
+@pytest.mark.parametrize("source", NOTEBOOK_SOURCES, ids=lambda p: p.stem)
+def test_every_notebook_ends_with_further_reading_that_cites_the_report(source):
+    text = source.read_text()
+    assert "# ## Further reading" in text, f"{source.name}: no further reading"
+    reading = text.split("# ## Further reading", 1)[1]
+    assert "ERNIE_Technical_Report.pdf" in reading, f"{source.name}: the further reading skips the ERNIE 4.5 report"
+    assert len(re.findall(r"^# \* ", reading, re.MULTILINE)) >= 3, f"{source.name}: fewer than three sources"
+
+
+@pytest.mark.parametrize("source", [p for p in NOTEBOOK_SOURCES if "01" <= p.name[:2] <= "08"], ids=lambda p: p.stem)
+def test_every_lesson_shows_a_diagram_of_its_idea(source):
+    text = source.read_text()
+    shown = re.findall(r"\]\(\.\./figures/[\w.-]+\.png\)|notebook\.figure\(\s*[\"'][\w.-]+\.png", text)
+    assert shown, f"{source.name} shows no diagram from figures/"
+
+
+@pytest.mark.parametrize("source", NOTEBOOK_SOURCES, ids=lambda p: p.stem)
+def test_every_notebook_has_the_frame(source):
+    text = source.read_text()
+    for part in ("**What you will learn:**", "**Time:**", "# ## Key takeaways"):
+        assert part in text, f"{source.name} lacks {part!r}"

@@ -105,6 +105,21 @@ def test_every_page_exists_with_its_figures_inline_and_no_remote_script(source):
     assert f'href="{page.name}"' in (Path(SITE) / "index.html").read_text(), f"index.html does not list {page.name}"
 
 
+def test_solutions_page_shows_the_reasoning_and_the_code():
+    page = build_html.solutions_page("00_tour")
+    assert "Solutions to 00_tour" in page and "kv_crossover" in page and "grouped-query attention" in page
+    assert 'href="00_tour.html"' in page.replace("'", '"') and "<script" not in page
+    assert build_html.solutions_page("99_no_such_notebook") is None
+
+
+@pytest.mark.skipif(not SITE, reason="the site is checked after `make html` (make test sets ERNIE_LAB_HTML)")
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_every_notebook_has_a_solutions_page_linked_from_the_index(source):
+    page = Path(SITE) / f"{source.stem}.solutions.html"
+    assert page.exists() and "WRONG" in page.read_text(encoding="utf-8"), page.name
+    assert f'href="{page.name}"' in (Path(SITE) / "index.html").read_text()
+
+
 @pytest.mark.skipif(not SITE, reason="the executed notebooks are checked after `make html`")
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
 def test_no_stray_outputs(source):

@@ -289,3 +289,108 @@ def test_save_is_atomic_and_overwrites(saved, dense_folder):
     ids = ids_for(1000)
     with torch.no_grad():
         assert max_diff(again(ids).logits, model(ids).logits) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------ the target table
+def kit_adapter_in_peft(kit, reference, folder, kit_inputs, reference_inputs):
+    """Save the kit's adapter, load it with peft onto ``reference`` (same weights): (peft model, logits diff,
+    how much the adapter moves the logits)."""
+    from peft import PeftModel
+
+    randomise_B(kit)
+    lora.save_adapter(kit, folder)
+    peft_model = PeftModel.from_pretrained(reference, folder).eval()
+    with torch.no_grad():
+        ours = kit(**kit_inputs).logits
+        theirs = peft_model(**reference_inputs).logits
+        with peft_model.disable_adapter():
+            plain = peft_model(**reference_inputs).logits
+    return peft_model, max_diff(ours, theirs), max_diff(ours, plain)
+
+
+def peft_adapted(peft_model) -> set[str]:
+    return {n.removeprefix("base_model.model.").removesuffix(".lora_A") for n, _ in peft_model.named_modules()
+            if n.endswith(".lora_A")} | {n.removeprefix("base_model.model.") for n, _ in peft_model.named_modules()
+                                         if type(_).__name__ == "ParamWrapper"}
+
+
+def test_table_rows_are_consistent():
+    assert set(lora.LORA_TARGETS) == {"attention", "dense MLP", "routed experts", "shared experts",
+                                      "VL routed experts", "vision encoder", "VL resampler"}
+    for row in lora.LORA_TARGETS.values():
+        assert row.kit and row.file and row.memory and row.peft
+
+
+@pytest.mark.parametrize("row, folder_name, expected_layers", [
+    ("attention", "dense_folder", {"layers.0.attn.q_proj", "layers.2.attn.o_proj"}),
+    ("dense MLP", "dense_folder", {"layers.0.mlp.gate_proj", "layers.2.mlp.down_proj"}),
+    ("attention", "moe_folder", {"layers.0.attn.q_proj", "layers.2.attn.v_proj"}),
+    ("dense MLP", "moe_folder", {"layers.0.mlp.gate_proj", "layers.0.mlp.down_proj"}),
+    ("routed experts", "moe_folder", {"layers.1.mlp.experts.0.gate_proj", "layers.2.mlp.experts.3.down_proj"}),
+    ("shared experts", "moe_folder", {"layers.1.mlp.shared_experts.up_proj", "layers.2.mlp.shared_experts.down_proj"}),
+])
+def test_each_text_row_loads_in_peft(row, folder_name, expected_layers, request, tmp_path):
+    """(a) the kit's LoRA with the row's targets adapts exactly that kind of layer; (b) peft loads the saved
+    adapter onto transformers' model of the same weights with equal logits."""
+    folder = request.getfixturevalue(folder_name)
+    target = lora.LORA_TARGETS[row]
+    kit = lora.apply_lora(ernie_lab.load_model(folder), target_modules=target.kit)
+    names = set(lora.lora_layers(kit))
+    assert expected_layers <= names
+    kind = {"attention": ".attn.", "dense MLP": "layers.0.mlp." if "moe" in folder_name else ".mlp.",
+            "routed experts": ".mlp.experts.", "shared experts": ".shared_experts."}[row]
+    assert all(kind in n for n in names)
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    ids = {"input_ids": ids_for(vocab, seed=4)}
+    peft_model, diff, effect = kit_adapter_in_peft(kit, transformers_model(folder), tmp_path / "adapter", ids, ids)
+    assert diff < TOL and effect > 1e-2
+    assert target.peft_loads
+
+
+def vl_picture_inputs():
+    """A text-picture-text prompt: the model reads pixels and uses 3-D (t, h, w) positions."""
+    from test_vl_model import image_prompt, picture, reference_inputs
+    from ernie_lab.io.image_processing import preprocess_images
+
+    pixels = preprocess_images([picture(70, 100)])
+    ids = image_prompt(pixels["image_grid_thw"].tolist())
+    return {"input_ids": ids, **pixels}, reference_inputs(ids, **pixels)
+
+
+@pytest.mark.parametrize("rows, in_peft", [
+    (("attention",), {"model.language_model.layers.1.self_attn.q_proj"}),
+    (("shared experts",), {"model.language_model.layers.1.mlp.shared_experts.gate_proj"}),
+    (("vision encoder", "VL resampler"), {"model.vision_tower.blocks.0.attn.qkv", "model.vision_tower.blocks.1.mlp.fc2",
+                                          "model.resampler_model.mlp", "model.resampler_model.spatial_linear.fc1",
+                                          "model.resampler_model.temporal_linear.fc2"}),
+])
+def test_each_vl_row_loads_in_peft_through_pictures(rows, in_peft, tmp_path):
+    """The VL rows, through a prompt with a picture (3-D positions, both expert groups routed)."""
+    from test_vl_model import build_pair
+
+    targets = [t for row in rows for t in lora.LORA_TARGETS[row].kit]
+    vision = any(lora.LORA_TARGETS[row].vision for row in rows)
+    reference, kit = build_pair(tmp_path / "vl")  # fresh: apply_lora and peft both change their model in place
+    lora.apply_lora(kit, target_modules=targets, vision=vision)
+    kit_inputs, reference_inputs = vl_picture_inputs()
+    peft_model, diff, effect = kit_adapter_in_peft(kit, reference, tmp_path / "adapter", kit_inputs, reference_inputs)
+    assert in_peft <= peft_adapted(peft_model)
+    assert diff < TOL and effect > 1e-2
+
+
+def test_vl_routed_experts_are_kit_only(tmp_path):
+    """The row marked peft_loads=False: the kit saves and reloads it; peft on transformers' VL model drops it
+    silently (its gate_proj / up_proj / down_proj targets land on the shared experts, with zero LoRAs and only a
+    missing-keys warning), so the peft model computes the base model's logits."""
+    from test_vl_model import build_pair
+
+    assert not lora.LORA_TARGETS["VL routed experts"].peft_loads
+    reference, kit = build_pair(tmp_path / "vl")
+    lora.apply_lora(kit, target_modules=lora.LORA_TARGETS["VL routed experts"].kit)
+    kit_inputs, reference_inputs = vl_picture_inputs()
+    peft_model, diff, effect = kit_adapter_in_peft(kit, reference, tmp_path / "adapter", kit_inputs, reference_inputs)
+    assert effect > 1e-2 and abs(diff - effect) < TOL   # peft's logits are the base model's: the adapter was lost
+    assert any(".shared_experts." in n for n in peft_adapted(peft_model))
+    again = lora.load_adapter(build_pair(tmp_path / "vl2")[1], tmp_path / "adapter")
+    with torch.no_grad():
+        assert max_diff(again(**kit_inputs).logits, kit(**kit_inputs).logits) < TOL

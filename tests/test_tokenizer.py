@@ -215,11 +215,11 @@ def test_checkpoint_template_is_rendered_with_jinja(tmp_path):
     for messages in CHATS.values():
         assert tok.apply_chat_template(messages, tokenize=False) == format_ernie_chat(messages)
     # a thinking-style template sees enable_thinking only when it is given
-    (tmp_path / "ckpt" / "chat_template.jinja").write_text("{{ 'think' if enable_thinking is defined and "
+    (tmp_path / "ckpt" / "chat_template.jinja").write_text("{{ '<think>' if enable_thinking is defined and "
                                                              "enable_thinking else 'plain' }}")
     tok = load_quietly(tmp_path / "ckpt")
     assert tok.apply_chat_template(CHATS["user only"], tokenize=False) == "plain"
-    assert tok.apply_chat_template(CHATS["user only"], tokenize=False, enable_thinking=True) == "think"
+    assert tok.apply_chat_template(CHATS["user only"], tokenize=False, enable_thinking=True) == "<think>"
 
 
 # -------------------------------------------------------------------------------------- real folders

@@ -23,25 +23,75 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout that holds ernie_lab/
 
-# The course, in order: (number, title, minutes, track). Tracks: "dense", "moe" (MoE / vision-language)
-# or "both". README.md, notebook 00 and figures/course_map.png are made from or checked against this.
+class Lesson(NamedTuple):
+    number: str        # "01"
+    title: str
+    minutes: int       # the whole notebook; equal to the sum of its section tags (ernie_lab/course/times.py)
+    core: int          # the sections tagged core
+    track: str         # "dense", "moe" (MoE / vision-language) or "both"
+    builds: str        # what the student builds and checks, one line
+
+
+# The course, in order. README.md's table, notebook 00 and figures/course_map.png are made from or checked
+# against this; each notebook's "**Time:**" header and section tags are checked against it.
 COURSE = [
-    ("00", "Tour: the family and the kit", 25, "both"),
-    ("01", "The dense decoder from scratch", 75, "dense"),
-    ("02", "Mixture of experts", 60, "moe"),
-    ("03", "Vision encoder and 3-D RoPE", 45, "moe"),
-    ("04", "Multimodal MoE", 45, "moe"),
-    ("05", "Train a tiny ERNIE", 40, "both"),
-    ("06", "Routing by modality", 30, "moe"),
-    ("07", "Quantization", 40, "dense"),
-    ("08", "Fine-tuning: LoRA, SFT, DPO", 40, "dense"),
-    ("09", "The family at scale", 45, "both"),
+    Lesson("00", "Tour: the family and the kit", 25, 15, "both",
+           "the ten ERNIE 4.5 checkpoints, total vs active parameters, the cost of a long context, a tiny ERNIE live"),
+    Lesson("01", "The dense decoder from scratch", 75, 55, "dense",
+           "RMSNorm, interleaved RoPE, grouped-query attention with a KV cache, SwiGLU, the decoder layer, generation"),
+    Lesson("02", "Mixture of experts", 60, 45, "moe",
+           "the router with its correction bias, sorted token dispatch, an MoE block with shared experts, balancing"),
+    Lesson("03", "Vision encoder and 3-D RoPE", 45, 35, "moe",
+           "patchify, a ViT block with 2-D RoPE, the adapter's 2x2 spatial / 2-frame temporal merge"),
+    Lesson("04", "Multimodal MoE", 45, 35, "moe",
+           "3-D position ids, the modality-isolated heterogeneous MoE block, per-modality balancing"),
+    Lesson("05", "Train a tiny ERNIE", 40, 30, "both",
+           "one training step by hand (answer-only labels, MoE losses, clipping, AdamW, warm-up + cosine), then the loop"),
+    Lesson("06", "Routing by modality", 30, 20, "moe",
+           "a routing record from forward hooks; where the trained tiny VL model sends patches and words"),
+    Lesson("07", "Quantization", 40, 30, "dense",
+           "int4 with zero points, packing, dequantize-matmul, GPTQ's update, int8 KV cache; quality on trained weights"),
+    Lesson("08", "Fine-tuning: LoRA, SFT, DPO", 40, 30, "dense",
+           "a LoRA linear with merge / unmerge, the SFT label mask, the DPO loss; peft adapters, QLoRA"),
+    Lesson("09", "The family at scale", 45, 30, "both",
+           "parameters, memory, KV cache, FLOPs and GPUs for every checkpoint; int8 one layer at a time"),
 ]
+
+TRACK_NAMES = {"dense": "dense", "moe": "MoE / VL", "both": "both"}
+
+# The two 90-minute lab plans: for each track, the core sections a lab works through, by notebook and
+# section title (each section's minutes come from its tag; tests/test_course_times.py adds them up).
+LAB_PLANS = {
+    "dense": [("00", ["A first look"]), ("01", [])],
+    "moe": [("00", ["A first look"]), ("02", [])],
+}
+
+
+def course_table() -> str:
+    """COURSE as the markdown table that README.md shows and notebook 00 displays."""
+    stems = {p.name[:2]: p.stem for p in repo_path("notebooks").glob("[0-9][0-9]_*.py")}
+    rows = [f"| `{stems.get(lesson.number, lesson.number)}` | {lesson.builds} | {lesson.minutes} min (core {lesson.core}) "
+            f"| {TRACK_NAMES[lesson.track]} |" for lesson in COURSE]
+    return "\n".join(["| notebook | what you build and check | time | track |", "|---|---|---|---|", *rows])
+
+
+def lab_plan_text(track: str) -> str:
+    """One line of markdown: the sections of a 90-minute lab on `track`, with their minutes."""
+    from .times import timed_sections
+
+    parts, total = [], 0
+    for number, titles in LAB_PLANS[track]:
+        found = {s.title: s.minutes for s in timed_sections(next(repo_path("notebooks").glob(f"{number}_*.py")).read_text())}
+        for title in titles:
+            parts.append(f"{number} {title} ({found.get(title, '?')})")
+            total += found.get(title, 0)
+    return f"**{TRACK_NAMES[track]} track, {total} min:** " + "; ".join(parts) + "."
 
 
 def repo_path(*parts: str) -> Path:

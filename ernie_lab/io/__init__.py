@@ -7,6 +7,7 @@
     quantized       quantized checkpoints: the tensors a QuantLinear stores, under Hub names
     tokenizer       the SentencePiece tokenizer (real, or the stand-in that ships with the kit)
     chat_format     ERNIE's chat text
+    reasoning       which models think; a reply split into its reasoning and its answer
     image_processing, processor   pictures -> patches; a chat with pictures -> model inputs (PIL, on use)
     chat            ernie_lab.chat: a conversation in, the reply out
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from .chat_format import check_messages, render_chat
+from .reasoning import THINK_OPEN, TURN_END
 from ..errors import CheckpointError, InputError
 from ..model.special_tokens import BEGIN_OF_SENTENCE, END_OF_SENTENCE, ROLE_NAMES, SPECIAL_TOKENS, TOKEN_ROLES
 
@@ -97,8 +98,11 @@ class ErnieTokenizer:
 
     @property
     def stop_token_ids(self) -> list[int]:
-        """Ids that end a reply: </s> and <|end_of_sentence|>, which closes each assistant turn."""
-        return [i for i in (self.eos_token_id, self.sep_token_id) if i is not None]
+        """Ids that end a reply, where the real checkpoints stop: </s>, <|end_of_sentence|> (closes an assistant
+        turn of the text and VL formats) and, in a tokenizer that has it, <|im_end|> (closes one in the
+        21B-A3B-Thinking template). The reasoning tags <think> ... </response> never stop a reply."""
+        ids = [self.eos_token_id, self.sep_token_id, self.special_tokens.get(TURN_END)]
+        return list(dict.fromkeys(i for i in ids if i is not None))
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -131,15 +135,21 @@ class ErnieTokenizer:
         return ids
 
     # ----------------------------------------------------------------------------- ids -> text
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        """The text of ``ids`` (a list of ints or a 1-D tensor). Reserved ids decode to nothing."""
+    def decode(self, ids, skip_special_tokens: bool = False, keep: tuple[str, ...] = ()) -> str:
+        """The text of ``ids`` (a list of ints or a 1-D tensor). Reserved ids decode to nothing.
+
+        ``keep``: special tokens written even with ``skip_special_tokens`` (``<think>``, ``</think>``, so
+        ``reasoning.split_reasoning`` can still find the reasoning block).
+        """
         ids = self._check_ids(ids)
+        if isinstance(keep, str) or not all(isinstance(token, str) for token in keep):
+            raise InputError(f"decode: keep must be a tuple of token texts like ('<think>',), got {keep!r}.")
         parts, run = [], []  # run: consecutive SentencePiece ids, decoded together so bytes rejoin
         for i in ids:
             if i in self.special_ids:
                 parts.append(self.sp.decode(run))
                 run = []
-                if not skip_special_tokens:
+                if not skip_special_tokens or self.special_ids[i] in keep:
                     parts.append(self.special_ids[i])
             elif i < self.num_pieces:
                 run.append(i)
@@ -206,8 +216,13 @@ class ErnieTokenizer:
         ``add_generation_prompt`` the text ends in ``"Assistant: "`` so the model writes the reply.
         A checkpoint that ships its own jinja template is rendered with it; otherwise the text model's
         format is written out in ``format_ernie_chat``. ``enable_thinking`` is handed to the checkpoint's
-        template (the thinking models read it); the 0.3B text template has no thinking mode and ignores it.
+        template (the thinking models read it); True is refused for a template that never writes ``<think>``
+        (the text models' format: they have no thinking mode, see ``reasoning.py``).
         """
+        if enable_thinking and THINK_OPEN not in (self.chat_template or ""):
+            raise InputError("enable_thinking=True, but this tokenizer's chat template has no thinking mode: the "
+                             "ERNIE 4.5 text models (0.3B, 21B-A3B, 300B-A47B) never think. Leave it out, use "
+                             "ERNIE-4.5-21B-A3B-Thinking, or a VL model through processor.VLProcessor.")
         if self.chat_template is None:
             text = format_ernie_chat(messages, add_generation_prompt,
                                      cls_token=self.roles.get("cls_token", BEGIN_OF_SENTENCE),

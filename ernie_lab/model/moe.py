@@ -87,12 +87,14 @@ def route(logits: torch.Tensor, k: int, norm_min: float = 1e-12,
 
 
 def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-             experts: Sequence[nn.Module]) -> torch.Tensor:
+             experts: Sequence[nn.Module], idle_too: bool = False) -> torch.Tensor:
     """sum_j weights[t, j] * experts[expert_ids[t, j]](x[t]) for every token t, grouped by expert.
 
     x (N, H); expert_ids, weights (N, k); experts: E modules mapping (n, H) -> (n, H). Returns (N, H).
     The N * k (token, slot) pairs are sorted by expert, so expert e's tokens form one slice of the
-    sorted list: each active expert runs once, as batched matmuls over all of its tokens.
+    sorted list: each active expert runs once, as batched matmuls over all of its tokens. ``idle_too``
+    runs an expert without tokens as well, on 0 rows: its weights then get a zero gradient instead of
+    none, so every rank of a sharded (FSDP) run reduces the same tensors.
     """
     N, k = expert_ids.shape
     pair_expert = expert_ids.reshape(-1)                            # (N*k,) pair p = (token p // k, slot p % k)
@@ -100,7 +102,7 @@ def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
     counts = torch.bincount(pair_expert, minlength=len(experts)).tolist()  # tokens per expert
     x_sorted = x.index_select(0, order // k)                        # (N*k, H) token rows, grouped by expert
     y_sorted = torch.cat([experts[e](rows)                          # (N*k, H) one call per active expert
-                          for e, rows in enumerate(x_sorted.split(counts)) if counts[e]])
+                          for e, rows in enumerate(x_sorted.split(counts)) if counts[e] or idle_too])
     y_pairs = y_sorted.index_select(0, order.argsort())             # (N*k, H) back in pair order
     return (y_pairs.view(N, k, -1) * weights[..., None]).sum(dim=1)  # (N, H) weighted sum over the k slots
 
@@ -129,6 +131,7 @@ class MoEBlock(nn.Module):
         self.layer_idx = layer_idx                                  # the decoder layer this block sits in
         self.num_experts, self.num_groups = num_experts, len(widths)
         self.k, self.norm_min = config.moe_k, config.moe_norm_min
+        self.idle_experts_run = False   # the Trainer's FSDP mode: idle experts get zero gradients (dispatch)
         self.routers = nn.ModuleList(Router(hidden, num_experts) for _ in widths)
         use_bias = config.extra.get("moe_use_aux_free", True)
         self.moe_statics = MoEStatics(len(widths), num_experts) if use_bias else None
@@ -174,7 +177,8 @@ class MoEBlock(nn.Module):
         logits = self.routers[group](tokens)                        # (n, E) float32
         bias = self.moe_statics.e_score_correction_bias[group] if self.moe_statics is not None else None
         _, expert_ids, weights = route(logits, self.k, self.norm_min, bias)
-        y = dispatch(tokens, expert_ids, weights.to(tokens.dtype), self.group_experts(group))
+        y = dispatch(tokens, expert_ids, weights.to(tokens.dtype), self.group_experts(group),
+                     idle_too=self.idle_experts_run and torch.is_grad_enabled())
         return y, RouterOutput(logits, expert_ids, weights, None)
 
     def _route_groups(self, tokens: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:

@@ -1,6 +1,7 @@
 """Training: the step and the loop, the MoE losses, LoRA, and the fine-tuning objectives (SFT, DPO).
 
     trainer     Trainer / TrainConfig: one training step, warm-up + cosine, checkpoints and resume, DDP
+    fsdp        FSDP2 (TrainConfig(parallel="fsdp")): sharding, sharded checkpoints, consolidate into the Hub folder
     losses      load balancing (per modality group), router z-loss, orthogonal loss, token-balanced LM loss
     lora/       layer.py: LoRA linears (the math, apply, merge, unmerge); peft_format.py: peft-format adapters
     finetune    SFT with prompt masking, DPO (another Objective), through the same step; the one collate

@@ -62,12 +62,16 @@ Scale-out: under ``torchrun --nproc_per_node=R script.py`` (env WORLD_SIZE > 1) 
 process group (nccl with CUDA, gloo on CPU), puts rank r's model on ``cuda:LOCAL_RANK`` when CUDA exists,
 wraps it in DistributedDataParallel (``find_unused_parameters`` on for MoE models: an expert that gets no
 token has no gradient) and rank r reads ``train_data(index, r, R)``. Only rank 0 shows the bar and writes.
+``parallel="fsdp"`` shards the model instead (FSDP2, ``fsdp.py``): the same gradients and updates, each
+rank holding 1/R of the weights, gradients and optimizer state; every rank writes its shards of a checkpoint.
 
 Checkpoints: ``out_dir/step-N/`` (N updates done) holds the model in the Hub layout (``save_model``: loads
 with ``ernie_lab.load_model`` and, for text models, with transformers) and ``trainer_state.pt`` (optimizer
 state, step, RNG states, history: plain tensors and lists, read back with ``torch.load(weights_only=True)``).
 Both are written into one ``ernie_lab.atomic.atomic_folder``: a kill mid-write leaves the previous step-N (and
-every other checkpoint) as it was. ``Trainer.resume(folder)`` (or ``resume_from``)
+every other checkpoint) as it was. With ``parallel="fsdp"`` a checkpoint is sharded instead (config.json,
+trainer_state.pt without the optimizer, ``shards/``: see fsdp.py) and resumes on any number of ranks.
+``Trainer.resume(folder)`` (or ``resume_from``)
 continues the same curve (RNG states are rank 0's). ``keep_last`` prunes old ones, except the steps in
 ``keep_checkpoints_at`` (written even off the ``checkpoint_every`` grid: routing over training wants a few early ones).
 
@@ -113,7 +117,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import losses
+from . import fsdp, losses
 from ..errors import CheckpointError, ConfigError, InputError, TrainingDiverged
 from ..atomic import atomic_folder
 from ..io.loading import load_model
@@ -160,6 +164,8 @@ class TrainConfig:
     token_balanced: bool = False            # LM = token-balanced loss instead of the token mean
     logits_for_labels_only: bool = False    # run the LM head only where a label is (same loss, less work)
     find_unused_parameters: bool | None = None  # DDP; None: on for MoE models
+    parallel: str = "ddp"                   # under torchrun: "ddp" (a whole copy per rank) or "fsdp" (FSDP2:
+                                            # weights, gradients, optimizer sharded; sharded checkpoints)
     progress: bool = True                   # tqdm bar on rank 0
     lr_scale: dict[str, float] = field(default_factory=dict)   # name prefix -> lr multiplier ("vision": 0.1)
     frozen_steps: dict[str, int] = field(default_factory=dict)  # name prefix -> first updates it sits out
@@ -212,6 +218,8 @@ class TrainConfig:
             problems.append(f"eps must be > 0, got {self.eps}")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             problems.append(f"max_grad_norm must be > 0, or 0 / None for no clipping, got {self.max_grad_norm}")
+        if self.parallel not in PARALLEL:
+            problems.append(f"parallel must be one of {list(PARALLEL)}, got {self.parallel!r}")
         if self.autocast not in (None, "bf16"):
             problems.append(f"autocast must be 'bf16' or None, got {self.autocast!r}")
         if min(self.balance, self.z_loss, self.orthogonal, self.weight_decay) < 0:
@@ -248,6 +256,7 @@ class TrainConfig:
         return self.min_lr_ratio * self.lr
 
 
+PARALLEL = ("ddp", "fsdp")  # how several ranks share the work (fsdp.py explains FSDP2)
 FLOAT_FIELDS = ("lr", "min_lr_ratio", "weight_decay", "eps", "max_grad_norm", "balance", "z_loss", "orthogonal")
 INT_FIELDS = ("warmup_steps", "max_steps", "grad_accum_steps", "seed", "log_every", "eval_every", "eval_batches",
               "checkpoint_every", "keep_last")
@@ -551,14 +560,16 @@ class Trainer:
         self.procs = join_processes()
         if self.procs.world_size > 1 and torch.cuda.is_available():
             model = model.to(f"cuda:{self.procs.local_rank}")
-        self.model = model                                   # the plain module: saved, evaluated, resumed
+        if config.parallel == "fsdp":
+            fsdp.prepare(model, self.procs.world_size)       # before the optimizer: it steps the shards
+        self.model = model                                   # the plain (or sharded) module: saved, evaluated
         self.device = next(model.parameters()).device
         parts = tuple(sorted({*config.lr_scale, *config.frozen_steps}, key=len, reverse=True))  # longest prefix wins
         self.optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay, parts), lr=config.lr,
                                            betas=config.betas, eps=config.eps)
         self.step = 0                                        # updates done
         self.history: list[dict] = []
-        self.ddp = self._wrap(model) if self.procs.world_size > 1 else None
+        self.ddp = self._wrap(model) if self.procs.world_size > 1 and config.parallel == "ddp" else None
         torch.manual_seed(config.seed + self.procs.rank)
         if config.resume_from:
             found = latest_checkpoint(config.out_dir) if config.resume_from == "latest" else config.resume_from
@@ -625,6 +636,7 @@ class Trainer:
         if c.orthogonal:
             record["orthogonal"] = self._add_orthogonal_gradient().item()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm or float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         record["loss"] = record[objective.name] + sum(getattr(c, name) * record[name] for name in WEIGHTED
                                                       if name in record)
         self._stop_if_not_finite(record, float(grad_norm))                         # before the weights change
@@ -666,10 +678,12 @@ class Trainer:
 
     def _add_orthogonal_gradient(self) -> torch.Tensor:
         """Add c_orth d L_orth / d W to every router's gradient, by hand: L_orth depends on the weights
-        alone (the same on every rank), and autograd.grad leaves DDP's gradient hooks out of it."""
+        alone (the same on every rank), and autograd.grad leaves DDP's gradient hooks out of it. Under FSDP
+        a router's weight is a shard: the loss sees it gathered whole, and each rank keeps its slice of the gradient."""
         weights = [router.weight for block in moe_blocks(self.model) for router in block.routers
                    if router.weight.requires_grad]
-        orth = sum(losses.router_orthogonal_loss(w) for w in weights)
+        orth = sum(losses.router_orthogonal_loss(w.full_tensor() if hasattr(w, "full_tensor") else w)
+                   for w in weights)
         for weight, grad in zip(weights, torch.autograd.grad(self.config.orthogonal * orth, weights)):
             weight.grad = grad if weight.grad is None else weight.grad + grad
         return orth.detach()
@@ -678,13 +692,16 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.autocast == "bf16")
 
     def _sync_gradients(self, sync: bool):
-        """DDP reduces gradients only on the last micro-batch of a step (no_sync on the others)."""
+        """DDP and FSDP reduce gradients only on the last micro-batch of a step (no_sync on the others)."""
+        if fsdp.is_sharded(self.model):
+            fsdp.gradient_sync(self.model, sync)
         return self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()
 
     def _batch(self, index: int) -> Batch:
         where = f"train_data({index}, {self.procs.rank}, {self.procs.world_size})"
         batch = with_labels(self.train_data(index, self.procs.rank, self.procs.world_size), where)
         check_batch(batch, where, vocab_size(self.model))
+        fsdp.check_batch(self.model, batch, where)
         return to_device(batch, self.device)
 
     def _sum(self, values: list[float]) -> list[float]:
@@ -699,21 +716,26 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """The LM loss (as in training) over eval_data(0 .. eval_batches-1), split over ranks, weighted
-        by target counts: the loss of all evaluation batches taken as one."""
+        by target counts: the loss of all evaluation batches taken as one. Under FSDP every forward is a
+        collective, so each rank runs as many (a rank short of batches reruns batch 0 with weight 0)."""
         c, procs = self.config, self.procs
         weighted, total = 0.0, 0
+        sharded = fsdp.is_sharded(self.model)
+        rounds = -(-c.eval_batches // procs.world_size) * procs.world_size if sharded else c.eval_batches
         self.model.eval()
-        for i in range(procs.rank, c.eval_batches, procs.world_size):
-            batch = with_labels(self.eval_data(i), f"eval_data({i})")
+        for i in range(procs.rank, rounds, procs.world_size):
+            spare = i >= c.eval_batches                            # FSDP's extra forward, not counted
+            batch = with_labels(self.eval_data(0 if spare else i), f"eval_data({0 if spare else i})")
             check_batch(batch, f"eval_data({i})", vocab_size(self.model))
             batch = to_device(batch, self.device)
-            n = target_count(batch["labels"], c.token_balanced)
-            if n == 0:
+            n = 0 if spare else target_count(batch["labels"], c.token_balanced)
+            if n == 0 and not sharded:
                 continue
             inputs = {key: value for key, value in batch.items() if key != "labels"}
             with self._autocast():
                 out = self.model(**inputs, labels=batch["labels"])
-                weighted, total = weighted + float(lm_loss(out, batch["labels"], c.token_balanced)) * n, total + n
+                if n:
+                    weighted, total = weighted + float(lm_loss(out, batch["labels"], c.token_balanced)) * n, total + n
         self.model.train()
         weighted, total = self._sum([weighted, total])
         return weighted / total if total else float("nan")
@@ -724,27 +746,32 @@ class Trainer:
         periodic = c.checkpoint_every and (self.step % c.checkpoint_every == 0 or last)
         return bool(periodic or self.step in c.keep_checkpoints_at)
 
-    def state_dict(self) -> dict:
-        """What resuming needs besides the weights: plain tensors, numbers, strings, lists and dicts."""
+    def state_dict(self, with_optimizer: bool = True) -> dict:
+        """What resuming needs besides the weights: plain tensors, numbers, strings, lists and dicts (a
+        sharded checkpoint keeps the optimizer in its shards: ``with_optimizer=False``)."""
         config = {key: (list(v) if isinstance(v, tuple) else v) for key, v in asdict(self.config).items()}
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "history": self.history,
-                "rng": rng_state(), "config": config}
+        optimizer = {"optimizer": self.optimizer.state_dict()} if with_optimizer else {}
+        return {"step": self.step, **optimizer, "history": self.history, "rng": rng_state(), "config": config}
 
     def load_state_dict(self, state: dict, where: str = "the trainer state") -> None:
         """The inverse of :meth:`state_dict` (the weights are the caller's); checked whole before any of it is used."""
         self.check_state(state, where)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.history = int(state["step"]), list(state["history"])
         restore_rng(state["rng"])
 
     def check_state(self, state, where: str) -> None:
         """A CheckpointError naming ``where`` unless ``state`` fits this Trainer: its keys, its optimizer's
-        groups (same number, same parameter counts and shapes) and the settings a resume must keep."""
-        if not isinstance(state, dict) or not {"step", "optimizer", "history", "rng"} <= set(state):
+        groups (same number, same parameter counts and shapes) and the settings a resume must keep. A
+        sharded checkpoint's state has no optimizer (its shards do: ``fsdp.read_sharded`` checks them)."""
+        sharded = isinstance(state, dict) and state.get("sharded") is True
+        needed = {"step", "history", "rng"} | (set() if sharded else {"optimizer"})
+        if not isinstance(state, dict) or not needed <= set(state):
             keys = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise CheckpointError(f"{where} is not a trainer state (it holds {keys}, not step, optimizer, history "
                                   "and rng); pass a step-N folder written by Trainer.save_checkpoint.")
-        optimizer, rng = state["optimizer"], state["rng"]
+        optimizer, rng = state.get("optimizer", {"state": {}, "param_groups": []}), state["rng"]
         if (not isinstance(state["step"], int) or state["step"] < 0 or not isinstance(state["history"], list)
                 or not isinstance(optimizer, dict) or not {"state", "param_groups"} <= set(optimizer)
                 or not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or "python" not in rng):
@@ -758,6 +785,11 @@ class Trainer:
         if not usable:
             raise CheckpointError(f"{where}: its random number generator states are damaged; resume from an "
                                   "earlier checkpoint.")
+        if not sharded:
+            self._check_optimizer_state(optimizer, where)
+        self._check_settings(state.get("config"), where)
+
+    def _check_optimizer_state(self, optimizer: dict, where: str) -> None:
         saved_groups, groups = optimizer["param_groups"], self.optimizer.param_groups
         sizes = [len(g.get("params", ())) for g in saved_groups], [len(g["params"]) for g in groups]
         if sizes[0] != sizes[1]:
@@ -771,7 +803,8 @@ class Trainer:
             if param is None or any(not isinstance(m, torch.Tensor) or m.shape != param.shape for m in moments):
                 raise CheckpointError(f"{where}: its optimizer state does not fit this model's trainable parameters "
                                       f"(tensor {id_}); resume into the model the checkpoint was trained on.")
-        saved = state.get("config")
+
+    def _check_settings(self, saved, where: str) -> None:
         if isinstance(saved, dict):
             ours = {key: (list(v) if isinstance(v, tuple) else v) for key, v in asdict(self.config).items()}
             changed = [key for key in RESUME_MUST_MATCH if key in saved and saved[key] != ours[key]]
@@ -803,12 +836,18 @@ class Trainer:
         return state
 
     def save_checkpoint(self) -> Path:
-        """Write out_dir/step-N (the weights + trainer_state.pt) in one atomic folder write; rank 0 only."""
+        """Write out_dir/step-N (the weights + trainer_state.pt) in one atomic folder write; rank 0 only.
+        With ``parallel="fsdp"``: every rank writes its shards of the weights and the optimizer (fsdp.py)."""
         if not self.config.out_dir:
             raise ConfigError("save_checkpoint needs a folder: set TrainConfig(out_dir=...).")
         out_dir = Path(self.config.out_dir)
         folder = out_dir / f"{CHECKPOINT_PREFIX}{self.step}"
-        if self.procs.is_main:
+        if self.config.parallel == "fsdp":
+            state = {**self.state_dict(with_optimizer=False), "sharded": True}
+            fsdp.write_sharded(folder, self.model, self.optimizer, {STATE_FILE: state}, is_main=self.procs.is_main)
+            if self.procs.is_main:
+                self._prune(out_dir)
+        elif self.procs.is_main:
             with atomic_folder(folder) as staging:  # a kill leaves the previous step-N, if any, as it was
                 self.write_weights(staging)
                 torch.save(self.state_dict(), staging / STATE_FILE)
@@ -839,6 +878,15 @@ class Trainer:
             raise InputError(f"resume needs a checkpoint folder path (out_dir/step-N), got {type(folder).__name__}.")
         folder = Path(folder)
         state = self.read_state(folder, check=False)
+        if fsdp.is_sharded_checkpoint(folder):                # written with parallel="fsdp", on any number of ranks
+            self.check_state(state, str(folder / STATE_FILE))
+            fsdp.read_sharded(folder, self.model, self.optimizer)
+            self.load_state_dict(state, str(folder / STATE_FILE))
+            return self
+        if fsdp.is_sharded(self.model):
+            raise CheckpointError(f"{folder} is a whole-model checkpoint (written with parallel='ddp'); this Trainer's "
+                                  "model is sharded (parallel='fsdp'). Resume it with parallel='ddp', or start a new "
+                                  "FSDP run from its weights (ernie_lab.load_model, without resume).")
         saved = load_model(folder).state_dict()
         ours = self.model.state_dict()
         wrong = sorted(set(saved) ^ set(ours)) or [k for k in ours if saved[k].shape != ours[k].shape]

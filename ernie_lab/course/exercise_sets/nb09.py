@@ -1,12 +1,11 @@
 """Exercises of notebook 09 (family and scale): more experts, conversations that fit, de-duplicated all-to-all,
 and round-to-nearest int8 by hand."""
 
-import math
-
 import torch
 
 from ...analysis import family as F
-from ..exercises import Mismatch, call, exercise, expect_equal
+from ..exercises import (Mismatch, call, describe, exercise, expect_close, expect_equal, expect_tensor,
+                         fresh_generator)
 
 DEGREES = (2, 4, 8, 16, 32, 64)
 
@@ -63,55 +62,98 @@ def int8_reference(weight: torch.Tensor) -> torch.Tensor:
     return (weight / scale).round().clamp(-127, 127) * scale                 # (out, in)
 
 
+def _weight_case(g: torch.Generator) -> torch.Tensor:
+    """A fresh (out, in) weight whose rows span four orders of magnitude, one of them all zeros."""
+    rows = int(torch.randint(4, 10, (1,), generator=g))
+    cols = int(torch.randint(8, 65, (1,), generator=g))
+    magnitude = 10 ** (torch.rand(rows, 1, generator=g) * 4 - 3)              # (out, 1): 0.001 .. 10
+    weight = torch.randn(rows, cols, generator=g) * magnitude
+    weight[int(torch.randint(0, rows, (1,), generator=g))] = 0.0             # a row that was pruned
+    return weight
+
+
 @exercise("09.int8_rtn",
-          hint="per output row: scale = row.abs().max() / 127; q = round(w / scale) clamped to [-127, 127]; "
-               "return q * scale (the weight as the int8 model sees it), same shape and dtype float32.")
+          hint="per output row: scale = row.abs().max() / 127 (clamped away from 0 for a row of zeros); q = round(w / "
+               "scale) clamped to [-127, 127]; return q * scale (the weight as the int8 model sees it), same shape, float32.")
 def int8_rtn(function) -> str:
-    g = torch.Generator().manual_seed(0)
-    weight = torch.randn(6, 40, generator=g) * torch.tensor([0.01, 0.1, 1, 3, 0.5, 0.05])[:, None]
-    got = call(function, weight.clone())
-    expected = int8_reference(weight)
-    if not isinstance(got, torch.Tensor) or got.shape != weight.shape or not got.is_floating_point():
-        raise Mismatch(f"return the dequantized weight, a float tensor of shape {tuple(weight.shape)}")
-    if not torch.isfinite(got).all():
-        raise Mismatch("your weight holds NaN or Inf")
-    got = got.to(weight.dtype)
-    per_tensor_scale = weight.abs().max() / 127
-    if torch.allclose(got, (weight / per_tensor_scale).round() * per_tensor_scale, atol=1e-7):
-        raise Mismatch("one scale for the whole matrix: the small rows lose almost all their digits; use one "
-                       "scale per output row")
-    scale = weight.abs().amax(1, keepdim=True) / 127
-    if torch.allclose(got, (weight / scale).trunc() * scale, atol=1e-7):
-        raise Mismatch("w / scale is truncated towards zero; round to the nearest integer instead")
-    worst = ((got - weight).abs() / scale).max().item()
-    if worst > 0.5 + 1e-4:
-        raise Mismatch(f"an entry is {worst:.2f} steps away from its weight; round-to-nearest is within half a step")
-    if not torch.allclose(got, expected, atol=1e-6):
-        raise Mismatch("close, but not the symmetric per-row grid max|w| / 127")
-    return f"Every weight within half a step; relative error {((got - weight).norm() / weight.norm()).item():.2%}."
+    g = fresh_generator()
+    errors = []
+    for _ in range(3):
+        weight = _weight_case(g)
+        got = call(function, weight)
+        expected = int8_reference(weight)
+        scale = weight.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
+        if isinstance(got, torch.Tensor) and got.shape == weight.shape and got.is_floating_point():
+            unclamped = weight.abs().amax(1, keepdim=True) / 127
+            if torch.allclose(got, (weight / unclamped).round().clamp(-127, 127) * unclamped, equal_nan=True):
+                raise Mismatch("NaN where a row is all zeros: max|w| = 0 there, so clamp the scale away from zero")
+            per_tensor = weight.abs().max() / 127
+            if torch.allclose(got, (weight / per_tensor).round() * per_tensor, atol=1e-7):
+                raise Mismatch("one scale for the whole matrix: the small rows lose almost all their digits; use one "
+                               "scale per output row")
+            if torch.allclose(got, (weight / scale).trunc() * scale, atol=1e-7):
+                raise Mismatch("w / scale is truncated towards zero; round to the nearest integer instead")
+        expect_tensor(f"the int8 weight of a {tuple(weight.shape)} matrix", got, expected, atol=1e-6)
+        errors.append(((got - weight).norm() / weight.norm()).item())
+    return f"Every weight within half a step of its row's grid; relative errors {', '.join(f'{e:.2%}' for e in errors)}."
+
+
+def _damage_case(g: torch.Generator):
+    """A fresh micro decoder with one outlier weight in a random linear layer, and a batch of ids."""
+    from ...model.config import ErnieConfig
+    from ...model.decoder import ErnieForCausalLM
+    from ...model.linears import linear_names
+
+    heads = int(torch.randint(2, 5, (1,), generator=g))
+    config = ErnieConfig(vocab_size=64, hidden_size=8 * heads, intermediate_size=int(torch.randint(32, 80, (1,), generator=g)),
+                         num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=1, head_dim=8)
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
+        model = ErnieForCausalLM(config).eval()
+    names = [n for n in linear_names(model) if n != "lm_head"]
+    victim = names[int(torch.randint(0, len(names), (1,), generator=g))]
+    with torch.no_grad():
+        weight = model.get_submodule(victim).weight
+        weight[int(torch.randint(0, weight.shape[0], (1,), generator=g)), 0] = 30.0   # its row's int8 step grows ~100x
+    ids = torch.randint(0, 64, (int(torch.randint(1, 3, (1,), generator=g)), int(torch.randint(6, 14, (1,), generator=g))),
+                        generator=g)
+    return model, ids, victim
+
+
+@torch.no_grad()
+def damage_reference(model, ids, quantize) -> dict[str, float]:
+    """Largest logit change when each linear layer alone holds its quantized weight."""
+    from ...model.linears import linear_names
+
+    reference = model(ids).logits
+    damage = {}
+    for name in linear_names(model):
+        linear = model.get_submodule(name)
+        original = linear.weight.detach().clone()
+        linear.weight.copy_(quantize(original))
+        damage[name] = (model(ids).logits - reference).abs().max().item()
+        linear.weight.copy_(original)
+    return damage
 
 
 @exercise("09.layer_damage",
           hint="for each name in linear_names(model): keep a copy of the weight, put quantize(weight) in, measure "
                "the largest change of the logits, put the copy back; return {name: change}.")
 def layer_damage(function) -> str:
-    from ...model.config import ErnieConfig
-    from ...model.decoder import ErnieForCausalLM
-
-    torch.manual_seed(0)
-    model = ErnieForCausalLM(ErnieConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)).eval()
-    with torch.no_grad():
-        model.layers[1].mlp.down_proj.weight[3, 5] = 30.0         # one outlier weight: its row's int8 step grows ~100x
-    ids = torch.randint(0, 64, (2, 12))
-    state = {n: t.clone() for n, t in model.state_dict().items()}
-    got = call(function, model, ids, int8_reference)
-    changed = [n for n, t in model.state_dict().items() if not torch.equal(t, state[n])]
-    if changed:
-        raise Mismatch(f"put every weight back after measuring; still changed: {changed[:3]}")
-    from ...model.linears import linear_names
-
-    if not isinstance(got, dict) or sorted(got) != sorted(linear_names(model)):
-        raise Mismatch("return a dict with one entry per nn.Linear of the model: {name: largest logit change}")
-    expect_equal("the layer that hurts most when quantized", max(got, key=got.get), "layers.1.mlp.down_proj")
-    return "One outlier weight stretches its row's scale, and every other weight of that row loses its digits."
+    g = fresh_generator()
+    for _ in range(2):
+        model, ids, victim = _damage_case(g)
+        state = {n: t.clone() for n, t in model.state_dict().items()}
+        got = call(function, model, ids, int8_reference)
+        changed = [n for n, t in model.state_dict().items() if not torch.equal(t, state[n])]
+        if changed:
+            raise Mismatch(f"put every weight back after measuring; still changed: {changed[:3]}")
+        expected = damage_reference(model, ids, int8_reference)
+        if not isinstance(got, dict) or sorted(got) != sorted(expected):
+            raise Mismatch(f"return a dict with one entry per nn.Linear of the model ({len(expected)} of them): "
+                           f"{{name: largest logit change}}; got {describe(got)}")
+        for name, value in expected.items():
+            expect_close(f"the damage of {name}", got[name], value, rel=1e-3, abs_=1e-6)
+    worst = max(expected, key=expected.get)
+    return (f"In the last model the outlier sat in {victim}; {worst} hurt most. One outlier weight stretches its "
+            "row's scale, and every other weight of that row loses its digits.")

@@ -30,8 +30,9 @@ What interoperates with peft 0.21.2 on transformers 5.23 (tests/test_lora.py che
   ``lora_dropout`` 0, and its fused gate/up LoRA (rank 2r, block-diagonal B stored dense) has more
   trainable numbers than the kit's per-expert gate and up LoRAs: counts match peft's for attention,
   dense and shared-expert targets, not for routed experts.
-* vision-language models: saved and loaded by the kit (decoder, and the ViT with ``vision=True``);
-  loading them into peft on transformers' VL model is not tested.
+* vision-language models: attention, shared experts, the ViT and the resampler (``vision=True``) load into
+  peft on transformers' VL model (through pictures and 3-D positions); the VL routed experts and dense
+  MLP do not (peft refuses them), so those adapters are kit-only. ``targets.LORA_TARGETS`` has each name.
 
 A QLoRA adapter (over a quantized base) trains in float32 and saves like any other.
 """
@@ -50,6 +51,7 @@ from ...errors import CheckpointError, ConfigError, InputError
 from ...atomic import atomic_folder
 from .layer import (VISION_PREFIXES, LoRALinear, _features, check_settings, is_linear_like, lora_layers,
                     replace_linears_back, wrap_layers)
+from .targets import PEFT_MODULE_NAMES
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -123,7 +125,7 @@ def _peft_targets(model: nn.Module, names: list[str]) -> tuple[list[str], list[s
     """
     from ...model.moe import moe_blocks
 
-    leafs = sorted({n.rsplit(".", 1)[-1] for n in names})
+    leafs = sorted({PEFT_MODULE_NAMES.get(n, n.rsplit(".", 1)[-1]) for n in names})  # targets.py: renamed leaves
     if not moe_blocks(model):
         return leafs, None
     mlp_leafs = {"gate_proj", "up_proj", "down_proj"}
