@@ -973,7 +973,8 @@ for temperature in (0.0, 0.7, 1.5):
 # %% [markdown]
 # **What its attention heads learned.** Random heads spread their attention almost evenly; trained
 # heads pick. Catch the input of the last layer's attention with a forward pre-hook, recompute its
-# softmax(q k^T / sqrt(d)) by hand (GQA: query head h reads key head h // 3) and draw every head:
+# weights with your `gqa_attention` and the identity as values (the trick of section 3; here query
+# head h reads KV head h // 3) and draw every head:
 
 # %%
 from ernie_lab.model.rope import apply_rope
@@ -991,9 +992,7 @@ with torch.no_grad():
     q = attention.q_proj(x).view(1, T, attention.n_heads, -1).transpose(1, 2)     # (1, H, T, d)
     k = attention.k_proj(x).view(1, T, attention.n_kv_heads, -1).transpose(1, 2)  # (1, Hkv, T, d)
     q, k = apply_rope(q, *captured["rope"]), apply_rope(k, *captured["rope"])
-    k = k.repeat_interleave(attention.n_heads // attention.n_kv_heads, dim=1)     # (1, H, T, d)
-    scores = q @ k.transpose(-1, -2) / attention.head_dim ** 0.5
-    weights = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)[0]  # (H, T, T)
+    weights = gqa_attention(q, k, torch.eye(T).expand(1, attention.n_kv_heads, T, T))[0]   # (H, T, T)
 
 words = [tiny_tokenizer.decode([i]) for i in ids[0].tolist()]
 fig, axes = plt.subplots(1, attention.n_heads, figsize=(3.2 * attention.n_heads, 3.6))
