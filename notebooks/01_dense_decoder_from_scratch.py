@@ -19,7 +19,7 @@
 # attention with a KV cache, SwiGLU, the pre-norm layer), **written by you** and proven equal to
 # `transformers`; loading a checkpoint; greedy decoding and sampling.
 #
-# **Time:** 151 min (core 116 min). **Memory:** fast mode under 2 GB; full mode (the real 0.3B shape,
+# **Time:** 167 min (core 125 min). **Memory:** fast mode under 2 GB; full mode (the real 0.3B shape,
 # random weights) about 3 GB: two float32 copies of 1.4 GB each at a time, and a temporary 1.4 GB
 # checkpoint that is deleted after loading.
 #
@@ -78,7 +78,7 @@ FAST = setup()  # fast mode: from ERNIE_LAB_FAST (make lab FAST=1); write FAST =
 USE_REAL_WEIGHTS = False  # True: also use a real checkpoint a lecturer has cached (never downloads)
 
 # %% [markdown]
-# ## 0 · The configuration and a reference model · core, 5 min
+# ## 0 · The configuration and a reference model · core, 7 min
 #
 # A config is a handful of integers that fix every tensor shape. Note the 0.3B's oddity: 16 query
 # heads of width 128 make 2048, twice the model width of 1024, so the query projection *widens*.
@@ -139,7 +139,7 @@ ref_layer = reference.model.layers[0]
 
 
 # %% [markdown]
-# ## 1 · RMSNorm · core, 12 min
+# ## 1 · RMSNorm · core, 14 min
 #
 # Before each sub-block the residual vector $x \in \mathbb{R}^h$ is rescaled to unit root mean square
 # and multiplied by a learned gain $g$:
@@ -518,7 +518,7 @@ plt.show()
 
 
 # %% [markdown]
-# ## 4 · The SwiGLU MLP · core, 11 min
+# ## 4 · The SwiGLU MLP · core, 13 min
 #
 # After attention has moved information between positions, the MLP transforms each position on its
 # own. ERNIE uses a *gated* MLP: one projection decides how much of each of the $I$ features passes
@@ -582,7 +582,7 @@ plt.show()
 
 
 # %% [markdown]
-# ## 5 · The decoder layer · core, 11 min
+# ## 5 · The decoder layer · core, 13 min
 #
 # A layer adds two updates to the residual stream, each computed from a normalised copy (pre-norm):
 #
@@ -781,7 +781,7 @@ shutil.rmtree(broken)
 shutil.rmtree(checkpoint)   # the temporary checkpoint (1.4 GB in full mode) is loaded; delete it
 
 # %% [markdown]
-# ## 8 · The KV cache · core, 20 min
+# ## 8 · The KV cache · core, 21 min
 #
 # Generating token $t+1$ needs attention over all $t$ earlier tokens, but their keys and values
 # never change once computed. The KV cache keeps them: after one **prefill** pass over the prompt,
@@ -1095,7 +1095,7 @@ if USE_REAL_WEIGHTS:
         del real_model
 
 # %% [markdown]
-# ## Exercises · optional, 25 min
+# ## Exercises · optional, 32 min
 #
 # Three more, each a stub followed by a check from `ernie_lab.exercises` that draws fresh inputs every
 # time. Until you write something the check says "not attempted yet" and gives a hint; a wrong answer
