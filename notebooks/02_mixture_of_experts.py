@@ -16,29 +16,35 @@
 # # 02 · The mixture of experts
 #
 # **What you will learn:** how a router sends each token to a few experts, ERNIE's correction bias,
-# shared experts, efficient dispatch, a whole MoE block by hand, and how load balancing works (with a
-# loss, and without one). **Time:** 60 min (core 45 min). **Memory:** under 2 GB.
+# shared experts, efficient dispatch, and how load balancing works (with a loss, and without one). You
+# write the three pieces of the MoE layer yourself (the router, the dispatch, the whole block), each checked
+# on fresh random inputs and then used by the rest of the notebook. **Time:** 106 min (core 99 min).
+# **Memory:** under 2 GB.
 #
 # ![The MoE layer](../figures/moe_layer.png)
 #
-# Papers: Switch Transformer ([Fedus et al. 2021](https://arxiv.org/abs/2101.03961)), ST-MoE and its router
-# z-loss ([Zoph et al. 2022](https://arxiv.org/abs/2202.08906)), balancing by a bias instead of a loss
-# ([Wang et al. 2024](https://arxiv.org/abs/2408.15664)); ERNIE's own choices:
-# [ERNIE 4.5 technical report](https://ernie.baidu.com/blog/publication/ERNIE_Technical_Report.pdf).
+# The papers behind these ideas are listed, one sentence each, under *Further reading* at the end.
 #
 # In notebook 01 every layer of the decoder ended in one feed-forward network (FFN), a SwiGLU. ERNIE 4.5's
 # large text models, **21B-A3B** and **300B-A47B**, replace it in most layers by a *mixture of experts*
 # (MoE): many small SwiGLUs, the *experts*, and a *router* that sends every token to only a few of them.
 #
 # 1. why: parameters grow with the number of experts, compute only with the number *used*;
-# 2. the router, step by step, with ERNIE's twists (float32 softmax over all experts, a correction
-#    bias that only chooses, renormalised weights);
+# 2. the router, with ERNIE's twists (float32 softmax over all experts, a correction bias that only
+#    chooses, renormalised weights): **you write it**;
 # 3. shared experts, which every token passes through;
-# 4. dispatch: running each expert once on all of its tokens, with a picture;
-# 5. the whole model checked against `transformers` (logits, greedy decoding, every routing decision);
-# 6. routing records and expert-load heatmaps;
+# 4. dispatch, running each expert once on all of its tokens: **you write it**;
+# 5. the whole MoE block (**you write it**) and the whole model, checked against `transformers`;
+# 6. routing records;
 # 7. load imbalance, the losses that fix it, and a small training run with and without them;
-# 8. exercises.
+# 8. expert-load heatmaps, then exercises (the balancing loss, balancing by the bias alone).
+#
+# **How the exercises work.** A cell with a function whose body is `...   # your code here` is yours to
+# write. The cell after it hands your function to `exercises.use(...)`, which checks it on fresh random
+# inputs of several shapes (against `ernie_lab` and, where it can, `transformers`): if it is right, the
+# rest of the notebook goes on with *your* version; while it is still `...`, it goes on with `ernie_lab`'s
+# and says so (so "Run All" always works); if it is wrong, the cell stops and says what differs. The
+# worked solutions, with the reasoning and the usual mistakes, are in `solutions/02_mixture_of_experts.py`.
 #
 # `ERNIE_LAB_FAST=1` shortens the training run; every check still runs.
 
@@ -173,22 +179,63 @@ plt.show()
 # dense layers): per token, an MoE layer costs what a dense layer costs, with 8x the parameters to draw on.
 
 # %% [markdown]
-# ## 2 · The router, step by step · core, 8 min
+# ## 2 · The router, step by step · core, 15 min
 #
 # For a token $x$ (width $H$), ERNIE's router computes, in float32:
 #
 # 1. logits $z = W_r x$, one per expert ($W_r$ is `mlp.gate.weight`, shape $(E, H)$);
 # 2. probabilities $p = \mathrm{softmax}(z)$ over **all** $E$ experts;
-# 3. the chosen experts $S = \text{top-}k(p + b)$, where $b$ is the **correction bias**
-#    (`mlp.moe_statics.e_score_correction_bias`). It is not learnt by gradient descent: during training
-#    it is nudged up for under-used experts and down for over-used ones, to even out the load. It only
-#    *chooses*;
+# 3. the chosen experts $S = \text{top-}k(p + b)$, where $b$ is the **correction bias**, one number per
+#    expert. It only *chooses*. The released checkpoints carry it as
+#    `mlp.moe_statics.e_score_correction_bias` (shape `(1, 64)` in 21B-A3B and 300B-A47B). How it got its
+#    values is not in the checkpoint, and the model cards do not say (among the training choices they name
+#    a router orthogonal loss and a multimodal token-balanced loss). Baidu's training code (ERNIEKit, `PaddlePaddle/ERNIE`,
+#    `examples/pre-training/ernie/src/callbacks/moe_correction_bias_adjust_callback.py`) adds, after each
+#    optimizer step, a fixed step times $\mathrm{sign}(\text{mean usage} - \text{usage}_e)$ to each MoE layer's
+#    bias: the *auxiliary-loss-free balancing* rule of Wang et al. (2024), also used by DeepSeek-V3. It is
+#    never trained by gradient descent. You apply that rule yourself in Exercise 3;
 # 4. the mixing weights are the *unbiased* probabilities of the chosen experts, renormalised:
 #    $w_e = p_e / \max(\sum_{j \in S} p_j,\ \texttt{moe\_norm\_min})$ for $e \in S$. The clamp
 #    (1e-12) only guards against dividing by zero.
 #
-# Here is one token with 8 experts and $k = 2$. We give the third most likely expert just enough bias
-# to overtake the second.
+# The picture, for one token (illustrative numbers): the bias moves the *scores* that choose; the weights
+# come from the probabilities alone.
+
+# %%
+notebook.figure("router_bias.png")
+
+# %% [markdown]
+# **Your turn: the router.** Write `route_tokens` for a whole table of tokens. A few things are easy to get
+# wrong, and the check tries each: the softmax must run in float32 even when the logits are bfloat16; the
+# bias must change the choice (top-k of $p + b$, not of $p$, and not of the logits plus $b$); the weights
+# must come from the unbiased $p$; the sum is clamped below at `norm_min`, so a token whose chosen mass is
+# smaller than `norm_min` keeps weights that sum to less than 1. `torch.topk`, `Tensor.gather` and
+# `Tensor.clamp` are all you need (5-8 lines).
+
+# %%
+def route_tokens(logits, k, correction_bias, norm_min=1e-12):
+    """Choose k experts per token and their mixing weights, ERNIE 4.5's way.
+
+    logits: (N, E) router logits (any float dtype); correction_bias: (E,). Returns
+    expert_ids (N, k) integer and weights (N, k) float32:
+        p   = softmax(logits) in float32, over all E experts            # (N, E)
+        ids = top-k of (p + correction_bias)                           # (N, k)  the bias chooses ...
+        w   = p[ids] / max(sum_j p[ids_j], norm_min)                   # (N, k)  ... the unbiased p weighs
+    """
+    ...   # your code here
+
+
+# %%
+def kit_route(logits, k, correction_bias, norm_min=1e-12):   # ernie_lab.moe.route, in route_tokens' signature
+    _, expert_ids, weights = route(logits, k, norm_min, correction_bias)
+    return expert_ids, weights
+
+
+route_tokens = exercises.use("02.route", route_tokens, kit=kit_route)
+
+# %% [markdown]
+# Now one token with 8 experts and $k = 2$, routed with `route_tokens`. We give the third most likely
+# expert just enough bias to overtake the second.
 
 # %%
 torch.manual_seed(3)
@@ -197,14 +244,12 @@ x = torch.randn(1, H)                           # one token
 W_r = torch.randn(E, H) * 0.3                   # the router weight, (E, H)
 
 logits = x @ W_r.T                              # (1, E)
-p = logits.softmax(dim=-1)                      # (1, E), over all experts
+p = logits.softmax(dim=-1)                      # (1, E), over all experts (for the picture)
 ranked = p[0].argsort(descending=True)
 b = torch.zeros(E)
 b[ranked[2]] = float(p[0, ranked[1]] - p[0, ranked[2]]) + 0.01   # a nudge for expert ranked[2]
 
-chosen = (p + b).topk(k, dim=-1).indices        # (1, k): the bias takes part in the choice ...
-w = p.gather(-1, chosen)                        # ... but the weights use the unbiased p
-w = w / w.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+chosen, w = route_tokens(logits, k, b)          # (1, k) each: the bias chose, the unbiased p weighs
 print("probabilities:", [round(v, 3) for v in p[0].tolist()])
 print("chosen experts:", chosen[0].tolist(), " weights:", [round(v, 3) for v in w[0].tolist()])
 
@@ -228,7 +273,8 @@ plt.show()
 # %%
 # the same with ernie_lab.moe.route (used by the MoE block), and what the bias did
 probs, ids, weights = route(logits, k, norm_min=1e-12, correction_bias=b)
-assert torch.equal(ids, chosen) and torch.allclose(weights, w) and torch.allclose(probs, p)
+assert torch.equal(ids.sort(-1).values, chosen.sort(-1).values) and torch.allclose(probs, p)
+assert torch.allclose(weights.gather(-1, ids.argsort(-1)), w.gather(-1, chosen.argsort(-1)))   # slot order aside
 assert int(ranked[2]) in ids[0].tolist() and int(ranked[1]) not in ids[0].tolist()
 unbiased = route(logits, k).expert_ids
 assert int(ranked[1]) in unbiased[0].tolist()
@@ -267,10 +313,11 @@ print(MoEBlock(ErnieConfig(model_type="ernie4_5_moe", hidden_size=8, moe_num_exp
 # `shared_experts`.
 
 # %% [markdown]
-# ## 4 · Dispatch: every expert once, on all of its tokens · optional, 5 min
+# ## 4 · Dispatch: every expert once, on all of its tokens · core, 18 min
 #
 # The obvious code loops over tokens and, for each, over its $k$ experts: $N k$ tiny matrix-vector
-# products, and in Python. Instead, `ernie_lab.moe.dispatch`:
+# products, and in Python. Instead, sorted dispatch (what `ernie_lab.moe.dispatch` does, and what you
+# write next):
 #
 # 1. lists the $N k$ (token, slot) *pairs* and **sorts them by expert**: expert $e$'s tokens now sit in
 #    one contiguous slice, and `bincount` says how long each slice is;
@@ -286,7 +333,7 @@ example_ids = torch.tensor([[2, 0], [1, 2], [0, 2], [2, 1], [0, 1]])  # 5 tokens
 draw_dispatch(example_ids, num_experts=4)
 
 # %%
-# the same steps in code, on that example
+# the bookkeeping of step 1, on that example
 N, k = example_ids.shape
 pairs = example_ids.reshape(-1)                   # pair p = (token p // k, slot p % k)
 order = pairs.argsort(stable=True)
@@ -295,15 +342,39 @@ print("expert of each pair :", pairs.tolist())
 print("pairs sorted        :", order.tolist(), "-> tokens", (order // k).tolist())
 print("tokens per expert   :", counts.tolist())
 
+# %% [markdown]
+# **Your turn: dispatch.** Write `dispatch_tokens`: steps 1-3 above, for any $N$, $k$ and list of experts
+# (each a module mapping `(n, H) -> (n, H)`). The check counts how often each expert runs: exactly once,
+# on exactly the tokens routed to it (an idle expert need not run). Two traps: after running the experts
+# the outputs are in *expert* order, so put them back in pair order first (`order.argsort()` is the
+# inverse of the sort); and `weights[t, j]` belongs to `expert_ids[t, j]`. `Tensor.split(counts)` cuts the
+# sorted rows into one slice per expert (10-12 lines).
+
+# %%
+def dispatch_tokens(x, expert_ids, weights, experts):
+    """sum_j weights[t, j] * experts[expert_ids[t, j]](x[t]) for every token t, one call per active expert.
+
+    x: (N, H); expert_ids, weights: (N, k); experts: E modules mapping (n, H) -> (n, H).
+    pairs (N*k,) sorted by expert -> rows x[token of each pair] (N*k, H) -> one call per expert's slice
+    -> outputs back in pair order (N*k, H) -> view (N, k, H) -> weighted sum over k -> (N, H)
+    """
+    ...   # your code here
+
+
+# %%
+dispatch_tokens = exercises.use("02.dispatch", dispatch_tokens, kit=dispatch)
+
+# %%
+# your dispatch against the loop over tokens, on the example above
 torch.manual_seed(0)
 experts = torch.nn.ModuleList(SwiGLU(16, 8) for _ in range(4))
 tokens = torch.randn(N, 16)
 mix = torch.rand(N, k).softmax(-1)
 with torch.no_grad():
-    fast = dispatch(tokens, example_ids, mix, experts)
+    fast = dispatch_tokens(tokens, example_ids, mix, experts)
     slow = torch.stack([sum(mix[t, j] * experts[int(example_ids[t, j])](tokens[t]) for j in range(k)) for t in range(N)])
 assert torch.allclose(fast, slow, atol=1e-6)
-print("dispatch == the loop over tokens")
+print("dispatch_tokens == the loop over tokens")
 
 # %%
 # why it matters: 512 tokens through 16 experts, top-4
@@ -312,16 +383,18 @@ experts = torch.nn.ModuleList(SwiGLU(256, 128) for _ in range(16))
 tokens = torch.randn(512, 256)
 ids = torch.stack([torch.randperm(16)[:4] for _ in range(512)])
 mix = torch.rand(512, 4).softmax(-1)
-with torch.no_grad():
-    start = time.perf_counter(); fast = dispatch(tokens, ids, mix, experts); t_fast = time.perf_counter() - start
+# one thread, after a warm-up call: on a busy machine two threads that wait on each other blur the timing
+with torch.no_grad(), notebook.cpu_settings(threads=1, flush_denormal=False):
+    dispatch_tokens(tokens[:8], ids[:8], mix[:8], experts)
+    start = time.perf_counter(); fast = dispatch_tokens(tokens, ids, mix, experts); t_fast = time.perf_counter() - start
     start = time.perf_counter()
     slow = torch.stack([sum(mix[t, j] * experts[int(ids[t, j])](tokens[t]) for j in range(4)) for t in range(512)])
     t_slow = time.perf_counter() - start
 assert torch.allclose(fast, slow, atol=1e-5)
-print(f"loop over tokens: {t_slow * 1e3:.0f} ms   dispatch: {t_fast * 1e3:.1f} ms   ({t_slow / t_fast:.0f}x)")
+print(f"loop over tokens: {t_slow * 1e3:.0f} ms   dispatch_tokens: {t_fast * 1e3:.1f} ms   ({t_slow / t_fast:.1f}x)")
 
 # %% [markdown]
-# ## 5 · The whole model, checked against `transformers` · core, 8 min
+# ## 5 · The MoE block, and the whole model, checked against `transformers` · core, 18 min
 #
 # A small random `Ernie4_5_MoeForCausalLM` (3 layers: one dense, two MoE; 8 experts, top-2, 2 shared),
 # saved with `save_pretrained` in the Hub layout, then loaded by `ernie_lab.load_model`. `transformers`
@@ -358,40 +431,47 @@ model = ernie_lab.load_model(folder)
 print(f"ernie_lab model: {model.num_parameters():,} parameters; MoE layers", [b.layer_idx for b in moe_blocks(model)])
 
 # %% [markdown]
-# ### The MoE block from scratch
+# ### Your turn: the MoE block
 #
-# Everything of sections 2-4 in one function, written with nothing but the block's weight tensors:
-# float32 router softmax, bias-only choice, renormalised weights, each token through its $k$ experts,
-# the shared experts added unscaled. It must equal `ernie_lab`'s `MoEBlock` and `transformers`' block
-# on the same weights (layer 1 of the checkpoint just loaded). `MoEBlock` returns two things, its output
-# and `routing`, each token's router logits, chosen experts, weights and group (`moe.RouterOutput`):
-# the one way its decisions leave the block, for the training losses and for `routing.record`.
+# Everything of sections 2-4 in one function, `moe_block(x, block)`: flatten the `(B, T, H)` batch into
+# `N = B * T` tokens (batch-major), compute the router logits in float32 from `block.gate.weight`, route
+# them with **your** `route_tokens` (bias `block.moe_statics.e_score_correction_bias[0]`, `block.k`,
+# `block.norm_min`), run **your** `dispatch_tokens` over `block.experts`, add `block.shared_experts` (when
+# the block has them) unscaled, and give back the `(B, T, H)` shape. The check hands you blocks whose own
+# forward is switched off, with fresh weights, with and without shared experts, and compares with
+# `ernie_lab`'s `MoEBlock` and `transformers`' `Ernie4_5_MoeSparseMoeBlock` on the same weights (6-8 lines).
 
 # %%
-def swiglu_by_hand(x, expert):                               # x: (H,) -> (H,)
-    gate, up, down = expert.gate_proj.weight, expert.up_proj.weight, expert.down_proj.weight
-    return down @ (torch.nn.functional.silu(gate @ x) * (up @ x))
+def moe_block(x, block):
+    """One ERNIE 4.5 MoE block by hand: y = sum_{e in S} w_e Expert_e(x) + Shared(x), token by token.
+
+    x: (B, T, H); block: an ernie_lab MoEBlock (read its weights, do not call it). Returns (B, T, H).
+    tokens (N, H) -> logits (N, E) float32 -> route_tokens -> (N, k) ids and weights
+    -> dispatch_tokens over block.experts (N, H) -> + block.shared_experts(tokens) -> (B, T, H)
+    """
+    ...   # your code here
 
 
-def moe_block_by_hand(x, block):                             # x: (N, H) -> (N, H)
-    probs = (x.float() @ block.gate.weight.float().T).softmax(-1)            # (N, E) float32
-    bias = block.moe_statics.e_score_correction_bias[0]                       # (E,) only for the choice
-    ids = (probs + bias).topk(block.k, dim=-1).indices                        # (N, k)
-    weights = probs.gather(-1, ids)
-    weights = weights / weights.sum(-1, keepdim=True).clamp(min=block.norm_min)
-    out = torch.stack([sum(weights[t, j] * swiglu_by_hand(x[t], block.experts[int(ids[t, j])])
-                           for j in range(block.k)) for t in range(x.shape[0])])
-    if block.shared_experts is not None:                                      # every token, unscaled
-        out = out + torch.stack([swiglu_by_hand(row, block.shared_experts) for row in x])
-    return out
+# %%
+def kit_moe_block(x, block):                                  # ernie_lab's MoEBlock, output only
+    return block(x).hidden
 
 
+moe_block = exercises.use("02.moe_block", moe_block, kit=kit_moe_block)
+
+# %% [markdown]
+# Your block on layer 1 of the checkpoint just loaded, against `ernie_lab`'s `MoEBlock` and `transformers`'
+# block. `MoEBlock` returns two things, its output and `routing`, each token's router logits, chosen
+# experts, weights and group (`moe.RouterOutput`): the one way its decisions leave the block, for the
+# training losses and for `routing.record`.
+
+# %%
 ours_block, ref_block = model.layers[1].mlp, reference.model.layers[1].mlp
-hidden_in = torch.randn(1, 10, TINY["hidden_size"])                            # (B, T, H)
+hidden_in = torch.randn(2, 10, TINY["hidden_size"])                            # (B, T, H)
 with torch.no_grad():
-    by_hand = moe_block_by_hand(hidden_in[0], ours_block)
-    compare("MoE block: by hand vs ernie_lab.moe.MoEBlock", by_hand, ours_block(hidden_in).hidden[0])
-    compare("MoE block: by hand vs transformers", by_hand, ref_block(hidden_in)[0])
+    by_hand = moe_block(hidden_in, ours_block)                                 # (B, T, H)
+    compare("MoE block: yours vs ernie_lab.moe.MoEBlock", by_hand, ours_block(hidden_in).hidden)
+    compare("MoE block: yours vs transformers", by_hand, ref_block(hidden_in))
 
 # %%
 # logits, every routing decision, greedy decoding
@@ -455,7 +535,7 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## 7 · Load imbalance and the losses that fix it · core, 8 min
+# ## 7 · Load imbalance and the losses that fix it · core, 10 min
 #
 # A router trained only on the language-model loss tends to collapse: the experts that win early get more
 # gradient, get better, and win more; the others starve. Collapsed experts waste parameters, and in
@@ -670,7 +750,7 @@ if USE_REAL_WEIGHTS:
         del real_model
 
 # %% [markdown]
-# ## Exercises · core, 20 min
+# ## Exercises · core, 30 min
 #
 # Each exercise is a stub for you to fill in, followed by a check from `ernie_lab.exercises`. Until you
 # write something the check says "not attempted yet" and gives a hint; a wrong answer stops with a
@@ -690,10 +770,17 @@ exercises.check("02.active_per_layer", active_per_layer)
 # **Exercise 2 · The balancing loss by hand.** Write the Switch-Transformer load-balancing loss
 # $L = E \sum_e f_e P_e$ from a table of router probabilities `probs (N, E)` and the chosen experts
 # `expert_ids (N, k)`: $f_e$ is the share of tokens that chose expert $e$, $P_e$ its mean probability.
-# The check compares with `ernie_lab.losses.load_balancing_loss`.
+# Return it as a 0-dim tensor: a loss that became a Python number cannot be backpropagated. The check
+# compares with `ernie_lab.losses.load_balancing_loss` on fresh tables of several sizes, and checks the
+# gradient that reaches `probs` ($\partial L / \partial p_{te} = E f_e / N$).
 
 # %%
 def switch_loss(probs, expert_ids):
+    """L = E * sum_e f_e * P_e.  probs: (N, E), expert_ids: (N, k) -> a 0-dim tensor.
+
+    f_e = (tokens that chose e) / N      (E,)  a count: no gradient
+    P_e = mean over tokens of probs[:, e] (E,)  the gradient flows through it
+    """
     ...   # your code here
 
 
@@ -701,17 +788,24 @@ exercises.check("02.switch_loss", switch_loss)
 
 
 # %% [markdown]
-# **Exercise 3 · Balancing without a loss (an experiment).** The correction bias is how ERNIE 4.5 evens
-# out the load without a loss term: after each batch, raise the bias of under-used experts and lower
-# that of over-used ones by a small step $\gamma$: $b_e \leftarrow b_e + \gamma\,\mathrm{sign}(\bar f - f_e)$.
-# Write `balance_with_bias(net, batches, gamma)`; `batches` is a list of `(B, T)` id tensors. The check
-# runs it on a small lopsided MoE; the cell after it applies your function to the model trained above
-# *without* balancing losses (its weights stay frozen). It will not reach 1: a bias of a few tenths
-# moves the tokens that were undecided between experts, not those that strongly prefer one; during
-# pre-training the bias moves along with the router, a little every step.
+# **Exercise 3 · Balancing without a loss (an experiment).** ERNIE 4.5's checkpoints carry a correction
+# bias per MoE layer; the sign update shown here is the auxiliary-loss-free balancing rule it comes from
+# (Wang et al. 2024; Baidu's ERNIEKit applies it after each optimizer step, see section 2): after each
+# batch, raise the bias of under-used experts and lower that of over-used ones by a fixed step $\gamma$,
+# $b_e \leftarrow b_e + \gamma\,\mathrm{sign}(\bar f - f_e)$, with $f_e$ expert $e$'s share of the batch's
+# choices and $\bar f$ the mean share, in **every** MoE layer. Write `balance_with_bias(net, batches, gamma)`;
+# `batches` is a list of `(B, T)` id tensors; return the biases of all MoE layers stacked, `(layers, E)`.
+# The check runs it on fresh small lopsided MoE models of two shapes and compares every layer's bias with
+# the rule, step by step; the cell after it applies your function to the model trained above *without*
+# balancing losses (its weights stay frozen). It will not reach 1: a bias of a few tenths moves the
+# tokens that were undecided between experts, not those that strongly prefer one; during pre-training
+# the bias moves along with the router, a little every step.
 
 # %%
 def balance_with_bias(net, batches, gamma=0.01):
+    """For each batch in turn: route it (routing.record), then for every block of moe_blocks(net):
+    bias += gamma * sign(mean share - share)   (bias = block.moe_statics.e_score_correction_bias[0], (E,))
+    Returns the biases of all MoE blocks, stacked: (layers, E)."""
     ...   # your code here
 
 
@@ -767,14 +861,50 @@ for name, value in final_lm.items():
 #   renormalised over the chosen k; shared experts are added unscaled.
 # * Dispatch sorts (token, slot) pairs by expert so each expert runs once on all its tokens.
 # * Without balancing, a few experts take most tokens; a balancing loss or the bias alone evens the load.
+#   ERNIE 4.5's checkpoints carry the bias; the sign rule that moves it is the loss-free balancing rule
+#   (Wang et al. 2024), which Baidu's ERNIEKit training code applies.
 #
 # ## What we built
 #
-# * `ernie_lab.moe`: `route`, `dispatch`, `MoEBlock` (router + experts + shared experts, in the Hub's
-#   layout), reused by the vision-language model's two expert groups, equal to a block written by hand;
+# * by hand: `route_tokens` (the bias chooses, the unbiased probabilities weigh), `dispatch_tokens` (each
+#   expert once, on all of its tokens), `moe_block` (both, plus the shared experts), equal to `ernie_lab`
+#   and `transformers` on the same weights; `switch_loss` and `balance_with_bias`, the two ways to even
+#   out the load;
+# * in the kit, the same pieces: `ernie_lab.moe`: `route`, `dispatch`, `MoEBlock` (router + experts +
+#   shared experts, in the Hub's layout), reused by the vision-language model's two expert groups;
 # * `ernie_lab.load_model` reads `Ernie4_5_MoeForCausalLM` checkpoints, equal to `transformers` in
 #   logits, greedy decoding and every routing decision;
 # * `ernie_lab.routing.record` and `ernie_lab.losses` (load balancing, router z-loss, orthogonal loss).
 #
 # **What comes next:** notebook **03** turns pictures into tokens, notebook **04** gives the mixture a
 # second group of experts for them.
+#
+# ## Further reading
+#
+# * Baidu ERNIE Team, *ERNIE 4.5 Technical Report* (2025),
+#   [PDF](https://ernie.baidu.com/blog/publication/ERNIE_Technical_Report.pdf): the family this notebook
+#   rebuilds: a heterogeneous MoE with modality-isolated routing, a router orthogonal loss and a
+#   multimodal token-balanced loss (the float32 router and the choose-only bias come from the released code).
+# * Shazeer et al., *Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer*
+#   (2017), [arXiv:1701.06538](https://arxiv.org/abs/1701.06538): the top-k gated MoE layer with a
+#   balancing loss, between LSTM layers; ERNIE uses the same top-k routing inside a Transformer, with
+#   softmax over all experts before the choice.
+# * Lepikhin et al., *GShard: Scaling Giant Models with Conditional Computation and Automatic Sharding*
+#   (2020), [arXiv:2006.16668](https://arxiv.org/abs/2006.16668): MoE in every other Transformer layer,
+#   top-2 routing with expert capacity and an auxiliary balancing loss; the released ERNIE inference code
+#   (and this kit) routes without a capacity limit, and 21B-A3B adds shared experts.
+# * Fedus, Zoph and Shazeer, *Switch Transformers* (2021), [arXiv:2101.03961](https://arxiv.org/abs/2101.03961):
+#   top-1 routing and the balancing loss $E \sum_e f_e P_e$ of Exercise 2; ERNIE routes each token to
+#   6 or 8 experts.
+# * Zoph et al., *ST-MoE: Designing Stable and Transferable Sparse Expert Models* (2022),
+#   [arXiv:2202.08906](https://arxiv.org/abs/2202.08906): the router z-loss that keeps router logits
+#   small; the same loss appears in section 7 beside ERNIE's orthogonal loss.
+# * Dai et al., *DeepSeekMoE: Towards Ultimate Expert Specialization in Mixture-of-Experts Language
+#   Models* (2024), [arXiv:2401.06066](https://arxiv.org/abs/2401.06066): many fine-grained experts plus
+#   always-on shared experts; ERNIE 4.5's 21B-A3B has the same split (64 routed, 2 shared), its 300B-A47B
+#   no shared experts.
+# * Wang et al., *Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts* (2024),
+#   [arXiv:2408.15664](https://arxiv.org/abs/2408.15664): the per-expert bias added only to choose,
+#   moved by a sign rule after each step (Exercise 3); ERNIE's checkpoints carry such a bias. DeepSeek-AI,
+#   *DeepSeek-V3 Technical Report* (2024), [arXiv:2412.19437](https://arxiv.org/abs/2412.19437), trains a
+#   671 B MoE with it, adding the bias to sigmoid affinity scores where ERNIE adds it to softmax probabilities.

@@ -16,8 +16,11 @@
 # # 03 · The vision encoder and 3-D rotary positions
 #
 # **What you will learn:** how a picture becomes decoder tokens (patches, a ViT with 2-D rotary
-# positions, the adapter's merges) and how the decoder places them in time, height and width.
-# **Time:** 45 min (core 35 min). **Memory:** under 2 GB.
+# positions, the adapter's merges) and how the decoder places them in time, height and width. You write
+# patchify, the ViT block with its 2-D rotary positions and the adapter's merges yourself; the notebook
+# goes on with your pieces.
+#
+# **Time:** 80 min (core 77 min). **Memory:** under 2 GB.
 #
 # ![The vision-language pipeline](../figures/vl_pipeline.png)
 #
@@ -59,7 +62,7 @@ picture = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
 print("picture:", picture.size)
 
 # %% [markdown]
-# ## 1 · From pixels to patches · core, 5 min
+# ## 1 · From pixels to patches · core, 15 min
 #
 # The side lengths must be multiples of $28 = 14 \times 2$: 14 is the patch size and 2 the merge
 # window of the adapter. `fit_to_grid` rounds each side to the nearest multiple of 28; if the area
@@ -129,6 +132,22 @@ expected = image_processing.normalize(torch.from_numpy(np.array(resized)).permut
 assert torch.allclose(patch_5, expected, atol=1e-6)
 
 # %% [markdown]
+# **Write it: patchify.** Frames (T, 3, H, W), H and W multiples of 28, to patches (T H W / 196, 588):
+# each patch flattened channel-major (3, 14, 14), the four patches of each 2 x 2 window on consecutive
+# rows, windows row by row, frames one after the other. One `reshape`, one `permute`, one `reshape`.
+
+# %%
+def patchify(frames):
+    """(T, C, H, W) -> (T * H/14 * W/14, C * 14 * 14) in merge-window order."""
+    ...   # your code here
+
+
+# %%
+patchify = exercises.use("03.patchify", patchify, kit=image_processing.patchify)
+frame = image_processing.normalize(torch.from_numpy(np.array(resized)).permute(2, 0, 1))[None]   # (1, 3, H, W)
+notebook.compare("your patchify vs the preprocessor's pixel_values", patchify(frame), pixels, atol=1e-5)
+
+# %% [markdown]
 # ## 2 · 2-D rotary positions inside the ViT · core, 5 min
 #
 # The ViT knows where a patch is only through rotary embeddings. Each head of width $d$ is cut in
@@ -172,7 +191,7 @@ assert scores[12, 12] == scores.max()                                           
 print("frequencies per axis:", head_dim // 4)
 
 # %% [markdown]
-# ## 3 · The ViT and the adapter, compared with transformers · core, 10 min
+# ## 3 · The ViT and the adapter, compared with transformers · core, 35 min
 #
 # We build a small random `transformers` ERNIE 4.5 VL model, save it with `save_pretrained` (the
 # Hub's tensor names: `vision_model.*`, `resampler_model.*`) and load its vision tensors into
@@ -226,64 +245,55 @@ assert (tokens - ref_tokens).abs().max() < 1e-4
 assert tokens.shape == (gh * gw // 4, ref_config.text_config.hidden_size)
 
 # %% [markdown]
-# ### The ViT block and the adapter from scratch
+# ### The ViT block and the adapter, written by you
 #
-# The same computation with nothing but the loaded weight tensors: a ViT block is pre-norm LayerNorm,
-# bidirectional attention with the 2-D rotate-half RoPE of section 2 (every patch sees every patch of
-# its frame), and an MLP with the "quick GELU" $x\,\sigma(1.702x)$. The adapter concatenates each 2x2
-# window (section 1 stored them next to each other), pairs frames (an image with itself) and projects
-# to the decoder's width. Checked against `ernie_lab.vision` and `transformers` on one image.
+# The same computation with nothing but the loaded weights. **A ViT block** is pre-norm LayerNorm,
+# bidirectional attention with the 2-D rotate-half RoPE of section 2 (every patch sees every patch of its
+# frame: no mask), and an MLP with the "quick GELU" $z\,\sigma(1.702z)$. Its parts: `block.norm1`,
+# `block.attn.qkv` (width -> 3 width: q, k, v, each heads x d), `block.attn.num_heads`, `block.attn.proj`,
+# `block.norm2`, `block.mlp.fc1`, `block.mlp.fc2`. The angles: $\omega_j = 10000^{-4j/d}$ for $j < d/4$,
+# $[\text{row}\,\omega, \text{col}\,\omega]$, and dim $i$ turns with dim $i + d/2$.
+#
+# **The adapter** concatenates each 2 x 2 window (section 1 stored them on 4 consecutive rows) and runs
+# `adapter.spatial_merge`; pairs frame $2k$ with frame $2k+1$ window by window (an image with itself),
+# concatenates and runs `adapter.temporal_merge`; then `adapter.norm(adapter.proj(x))`. Both are checked
+# against `ernie_lab.vision` on fresh weights; then the notebook runs yours against `transformers`.
+
+# %%
+def vit_block(x, block, positions):
+    """One ViT block on one frame. x (N, width), positions (N, 2) (row, column) -> (N, width)."""
+    ...   # your code here
+
+
+def adapter_merge(features, grid, adapter):
+    """features (N, width) of one picture with patch grid (t, h, w) -> (max(t/2, 1) * h * w / 4, text width)."""
+    ...   # your code here
+
 
 # %%
 import torch.nn.functional as F
 
 
-def rotate_half(x, cos, sin):                               # x: (N, heads, d); cos, sin: (N, d), both halves alike
-    half = x.shape[-1] // 2
-    cos, sin = cos[:, None, :half], sin[:, None, :half]     # (N, 1, d/2): the angle of pair (i, i + d/2)
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+def kit_vit_block(x, block, positions):
+    d = x.shape[-1] // block.attn.num_heads
+    return block(x, vision.vision_rope_angles(positions, d, 10000.0), [len(x)])
 
 
-def vit_block_by_hand(x, block, cos, sin):                  # x: (N, width), one frame
-    N, width = x.shape
-    heads = block.attn.num_heads
-    h = F.layer_norm(x, (width,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
-    q, k, v = (h @ block.attn.qkv.weight.T + block.attn.qkv.bias).view(N, 3, heads, -1).unbind(1)  # (N, heads, d)
-    q, k = rotate_half(q, cos, sin), rotate_half(k, cos, sin)
-    scores = torch.einsum("nhd,mhd->hnm", q, k) / q.shape[-1] ** 0.5           # (heads, N, N): no mask
-    mixed = torch.einsum("hnm,mhd->nhd", scores.softmax(-1), v).reshape(N, width)
-    x = x + mixed @ block.attn.proj.weight.T + block.attn.proj.bias
-    h = F.layer_norm(x, (width,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
-    h = h @ block.mlp.fc1.weight.T + block.mlp.fc1.bias
-    return x + (h * torch.sigmoid(1.702 * h)) @ block.mlp.fc2.weight.T + block.mlp.fc2.bias
+vit_block = exercises.use("03.vit_block", vit_block, kit=kit_vit_block)
+adapter_merge = exercises.use("03.adapter_merge", adapter_merge, kit=lambda f, grid, adapter: adapter(f, grid[None]))
 
-
-def merge_mlp_by_hand(x, mlp):                              # Linear -> GELU -> Linear -> LayerNorm
-    x = F.gelu(x @ mlp.fc1.weight.T + mlp.fc1.bias) @ mlp.fc2.weight.T + mlp.fc2.bias
-    return F.layer_norm(x, x.shape[-1:], mlp.norm.weight, mlp.norm.bias, mlp.norm.eps)
-
-
-def adapter_by_hand(features, adapter):                     # (patches, width) of one image -> (tokens, text width)
-    windows = features.reshape(-1, 4 * features.shape[-1])  # (patches/4, 4 width): a 2x2 window per row
-    x = merge_mlp_by_hand(windows, adapter.spatial_merge)
-    x = merge_mlp_by_hand(torch.cat([x, x], dim=-1), adapter.temporal_merge)   # an image is its own pair
-    x = x @ adapter.proj.weight.T + adapter.proj.bias
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + adapter.norm.eps) * adapter.norm.weight
-
-
-cos, sin = vision.vision_rope_angles(vision.vision_positions(grid), config.hidden_size // config.num_heads,
-                                     config.rope_theta)
+patch_positions = vision.vision_positions(grid)                # (patches, 2): row, column
+cos, sin = vision.vision_rope_angles(patch_positions, config.hidden_size // config.num_heads, config.rope_theta)
 with torch.no_grad():
     x = pixels @ encoder.patch_embed.proj.weight.T                             # (patches, width)
-    first_block = vit_block_by_hand(x, encoder.blocks[0], cos, sin)
-    notebook.compare("ViT block: by hand vs ernie_lab.vision", first_block,
+    first_block = vit_block(x, encoder.blocks[0], patch_positions)
+    notebook.compare("ViT block: yours vs ernie_lab.vision", first_block,
                      encoder.blocks[0](x, (cos, sin), [x.shape[0]]), atol=1e-4)
     for block in encoder.blocks[1:]:
-        first_block = vit_block_by_hand(first_block, block, cos, sin)
+        first_block = vit_block(first_block, block, patch_positions)
     hand_features = F.layer_norm(first_block, (config.hidden_size,), encoder.ln.weight, encoder.ln.bias, encoder.ln.eps)
-    notebook.compare("ViT features: by hand vs transformers", hand_features, ref_features, atol=1e-4)
-    notebook.compare("adapter tokens: by hand vs transformers", adapter_by_hand(hand_features, adapter), ref_tokens,
+    notebook.compare("ViT features: yours vs transformers", hand_features, ref_features, atol=1e-4)
+    notebook.compare("adapter tokens: yours vs transformers", adapter_merge(hand_features, grid[0], adapter), ref_tokens,
                      atol=1e-4)
 
 # %% [markdown]
@@ -294,15 +304,13 @@ with torch.no_grad():
 
 # %%
 def vit_features(positions):                                   # (patches, 2) positions -> (patches, width)
-    cos, sin = vision.vision_rope_angles(positions, config.hidden_size // config.num_heads, config.rope_theta)
     h = pixels @ encoder.patch_embed.proj.weight.T
     with torch.no_grad():
         for block in encoder.blocks:
-            h = vit_block_by_hand(h, block, cos, sin)
+            h = vit_block(h, block, positions)
     return F.layer_norm(h, (config.hidden_size,), encoder.ln.weight, encoder.ln.bias, encoder.ln.eps)
 
 
-patch_positions = vision.vision_positions(grid)                # (patches, 2): row, column
 shifted = (vit_features(patch_positions + torch.tensor([5, 3])) - hand_features).abs().max().item()
 swapped = (vit_features(patch_positions.flip(-1)) - hand_features).abs().max().item()
 print(f"(a) all positions shifted: features change by {shifted:.1e}   (b) rows and columns swapped: {swapped:.1e}")
@@ -428,7 +436,7 @@ assert axis[:44].tolist() == [1, 2] * 22 and axis[44:].tolist() == [0] * 20
 #
 # Each exercise is a stub, followed by a check from `ernie_lab.exercises`: "not attempted yet" and a hint
 # until you write something, a message saying what differs when it is wrong, "correct" when it is right.
-# The solutions are in `solutions/`.
+# The solutions, with their reasoning, are in `solutions/03_vision_encoder_and_3d_rope.py`.
 #
 # **Exercise 1 · A phone photo.** A photo of 4032 x 3024 pixels with the default bounds: how many decoder
 # tokens does it become? Use only `math` and the rule of section 1 (round to multiples of 28; when the
@@ -460,8 +468,23 @@ exercises.check("03.last_position", last_position)
 #
 # ## What we built
 #
-# * `image_processing.preprocess_images` / `preprocess_video`, `vision.VisionEncoder`, `vision.VisionAdapter`
-#   (equal to a ViT block and an adapter written by hand, and to `transformers`);
+# * `patchify`, `vit_block` and `adapter_merge` (yours), equal to `image_processing.patchify`,
+#   `vision.VisionBlock` and `vision.VisionAdapter`, and through them to `transformers`;
+# * `image_processing.preprocess_images` / `preprocess_video`, `vision.VisionEncoder`, `vision.VisionAdapter`;
 # * `rope3d.position_ids_3d` and `rope3d.rope_angles_3d`: the decoder's 3-D positions.
 #
 # **What comes next:** notebook **04** puts these in front of the multimodal mixture-of-experts decoder.
+#
+# ## Further reading
+#
+# * Baidu ERNIE Team (2025), [ERNIE 4.5 Technical Report](https://ernie.baidu.com/blog/publication/ERNIE_Technical_Report.pdf):
+#   the variable-resolution ViT, the adapter's spatial and temporal merges and the 3-D rotary positions.
+# * Dosovitskiy et al. (2020), [An Image is Worth 16x16 Words](https://arxiv.org/abs/2010.11929): the ViT,
+#   a transformer over image patches; ERNIE's ViT takes 14 x 14 patches at the picture's own resolution
+#   and uses 2-D rotary positions instead of learnt position embeddings.
+# * Su et al. (2021), [RoFormer](https://arxiv.org/abs/2104.09864): rotary position embedding; the ViT
+#   applies it per axis (row, column), the decoder per (t, h, w).
+# * Dehghani et al. (2023), [Patch n' Pack: NaViT](https://arxiv.org/abs/2307.06304): pictures of any
+#   aspect ratio as variable-length patch sequences; ERNIE's ViT likewise attends within each frame.
+# * Wang et al. (2024), [Qwen2-VL](https://arxiv.org/abs/2409.12191): M-RoPE and a 2 x 2 patch merger;
+#   ERNIE adds a temporal merge of frame pairs and interleaves the h and w rotary frequencies.

@@ -224,27 +224,29 @@ for attribute in ("colour", "kind"):
     print(f"best layer, NMI(expert; {attribute}): trained {trained_best} against {initial_best} at initialisation")
 
 # %% [markdown]
-# **Exercise · the NMI by hand (core, 5 min).** Write `nmi(experts, labels)` for two equally long lists:
+# **Exercise · the NMI by hand (core, 10 min).** Write `nmi(table)` for a count table (a float tensor,
+# experts x labels: how many tokens of each label chose each expert):
 # $\mathrm{NMI} = 2\,I(A;B) / (H(A) + H(B))$, with $I(A;B) = \sum_{x,y} p(x,y)\log\frac{p(x,y)}{p(x)\,p(y)}$
-# and $H(A) = -\sum_x p(x)\log p(x)$, every probability a count over $n$ (`collections.Counter` helps).
-# The check tries it on small cases; the cell after it recomputes the first MoE layer's colour number above.
+# and $H(A) = -\sum_x p(x)\log p(x)$, every probability a count over $n$; empty cells count 0. The check
+# draws fresh tables (with an expert nobody chose); the cell after it recomputes the first MoE layer's
+# colour number above.
 
 # %%
-def nmi(experts, labels):
+def nmi(table):
+    """() NMI of a (A, B) table of counts; p(x, y) = table / table.sum(), p(x) and p(y) its row / column sums."""
     ...   # your code here
 
 
-exercises.check("06.nmi", nmi)
+nmi = exercises.use("06.nmi", nmi, kit=lambda table: torch.tensor(
+    2 * routing.information(table)[0] / (routing.information(table)[1] + routing.information(table)[2])))
 
 # %%
 first_layer = rec.layers[0]
 top1 = first_layer.expert_ids[image_rows, 0].tolist()
-yours = nmi(top1, labels["colour"])
-if yours is None:
-    print("(write nmi above to recompute the trained model's first-layer colour NMI by hand)")
-else:
-    print(f"first MoE layer, colour: yours {yours:.3f}, "
-          f"routing.specialisation {routing.specialisation(rec, image_rows, labels['colour'])[0]['nmi']:.3f}")
+yours = nmi(routing.contingency(top1, labels["colour"]).float())
+kits = routing.specialisation(rec, image_rows, labels["colour"])[0]["nmi"]
+print(f"first MoE layer, colour: yours {yours.item():.3f}, routing.specialisation {kits:.3f}")
+assert abs(yours.item() - kits) < 1e-4
 
 # %% [markdown]
 # The text group, by a simple word class (words, digits, punctuation, other):
@@ -326,8 +328,8 @@ explorer  # the live widget (a static picture of it where widgets do not render)
 # need one forward pass, no gradients):
 #
 # ```python
-# model = ernie_lab.load_model("baidu/ERNIE-4.5-VL-28B-A-PT", dtype=torch.bfloat16)  # or a local folder
-# tokenizer = ernie_lab.load_tokenizer("baidu/ERNIE-4.5-VL-28B-A-PT")
+# model = ernie_lab.load_model("baidu/ERNIE-4.5-VL-28B-A3B-PT", dtype=torch.bfloat16)  # or a local folder
+# tokenizer = ernie_lab.load_tokenizer("baidu/ERNIE-4.5-VL-28B-A3B-PT")
 # routed = viz.route(model, tokenizer, "Describe the picture.", scenes.photos(["astronaut"])[0].image)
 # viz.load_heatmap(routed.record)          # 64 text + 64 vision experts, 28 layers
 # viz.patch_overlay(routed.record, routed.image, routed.grid, routed.image_rows, layer=10)

@@ -21,11 +21,16 @@
 # assistant's words, and DPO then learns from pairs of answers which one people prefer. The adapter we
 # train is a peft adapter: `peft` loads it onto the `transformers` model and gets the same logits.
 #
-# **You will learn** why a weight update can be low-rank and what LoRA trains, which layers of a MoE to
-# adapt (and what that costs at 21B-A3B), how prompt masking works, what the DPO loss optimises, how to
-# save, load, merge and share an adapter, and what QLoRA saves by freezing an int4 base.
+# You build the three pieces yourself: the LoRA layer, the SFT mask (as the log-probability of a reply)
+# and the DPO loss; the notebook then trains the tiny model with them and checks them against the kit
+# and against `peft`.
 #
-# **Time**: about 35 minutes (core: sections 1-6, 25 min; optional: 7-8). **Memory**: under 1 GB.
+# **What you will learn:** why a weight update can be low-rank and how to write a LoRA layer (with merge
+# and unmerge), which layers of a MoE to adapt (and what that costs at 21B-A3B), how prompt masking
+# works, what the DPO loss optimises, how to save, load, merge and share an adapter, and what QLoRA saves
+# by freezing an int4 base.
+#
+# **Time:** 98 min (core 71 min). **Memory**: under 1 GB.
 # **Fast mode** (`FAST = True` below, or `make lab FAST=1`) trains a few steps of each method to show the
 # loop, then loads the adapter shipped in `data/adapters/tiny-text-colours-sft` (trained by
 # `scripts/finetune_evidence.py`, 800 steps, about 2 minutes on one core) to show the trained result.
@@ -46,6 +51,8 @@ import ernie_lab
 from ernie_lab import checkpoints, exercises, family, lora, notebook, quant
 from ernie_lab import finetune as ft
 from ernie_lab import finetune_data as fd
+from ernie_lab.course.exercise_sets import nb08 as kit_exercises   # the kit's versions of your pieces
+from torch import nn
 
 FAST = notebook.setup()  # the fast-mode switch: True under ERNIE_LAB_FAST=1 (CI, `make lab FAST=1`)
 torch.set_num_threads(1)
@@ -57,7 +64,7 @@ base = ernie_lab.load_model(BASE).eval()
 print(f"{sum(p.numel() for p in base.parameters()):,} parameters; fast mode: {FAST}")
 
 # %% [markdown]
-# ## 1 · The low-rank idea (core, 6 min)
+# ## 1 · The low-rank idea: write a LoRA layer · core, 25 min
 #
 # A linear layer computes `y = W x`. Fine-tuning changes W by some `dW` of the same shape, out x in
 # numbers. LoRA (Hu et al., 2021) bets that a useful `dW` has low rank and learns it as a product of two
@@ -67,8 +74,73 @@ print(f"{sum(p.numel() for p in base.parameters()):,} parameters; fast mode: {FA
 #
 # At the start B = 0, so the adapted model *is* the base model. Only A and B train: r (in + out) numbers
 # per layer instead of in x out. `alpha / r` keeps the update's size stable when r changes
-# (ERNIEKit's default: r = 8, alpha = 16).
-#
+# (r = 8, alpha = 16 are typical values; Baidu's ERNIEKit example configs for the 0.3B, e.g.
+# `examples/configs/ERNIE-4.5-0.3B/sft/run_sft_lora_8k.yaml` in PaddlePaddle/ERNIE, use `lora_rank: 32`).
+
+# %%
+notebook.figure("lora.png")
+
+# %% [markdown]
+# **Build it.** Write the layer. It wraps a frozen `nn.Linear` and keeps peft's names, so that the kit
+# and `peft` can read its weights: `base_layer`, `lora_A` (an `nn.Linear(in, r, bias=False)`, left at its
+# random initialisation) and `lora_B` (an `nn.Linear(r, out, bias=False)` set to zeros). `merge` folds the
+# update into the base weight, `unmerge` takes it out again; while merged, `forward` must not add it a
+# second time. The check builds your layer around fresh random linears of three shapes, gives it the
+# same A and B as the kit's `LoRALinear` and peft's `lora.Linear`, and compares outputs and merged weights.
+
+# %%
+class LoRALinear(nn.Module):
+    """y = base_layer(x) + (alpha / r) * lora_B(lora_A(x)), with base_layer frozen.
+
+    base_layer: nn.Linear, weight W (out, in)      lora_A: weight (r, in), random
+    scale = alpha / r                              lora_B: weight (out, r), zeros at the start
+    merge():   W <- W + scale * B @ A (then forward is base_layer(x) alone);  unmerge(): W <- W - scale * B @ A
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        ...  # your code here
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:     # (..., in) -> (..., out)
+        ...  # your code here
+
+    def merge(self) -> None:
+        ...  # your code here
+
+    def unmerge(self) -> None:
+        ...  # your code here
+
+
+LoRALinear = exercises.use("08.lora_linear", LoRALinear, kit=lora.LoRALinear)
+
+# %% [markdown]
+# The notebook adapts the model with *your* class from here on: freeze everything, then put a
+# `LoRALinear` around every attention and MLP projection (`lora.wrap_layers` does the swapping).
+
+
+# %%
+def adapt(model: nn.Module, r: int = 8, alpha: float = 16) -> nn.Module:
+    """Freeze `model` and wrap each q, k, v, o, gate, up and down projection in a LoRALinear."""
+    model.requires_grad_(False)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(lora.DEFAULT_TARGETS)]
+    lora.wrap_layers(model, names, lambda name, linear: LoRALinear(linear, r, alpha))
+    return model
+
+
+def lora_modules(model: nn.Module) -> dict:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@torch.no_grad()
+def update_of(layer) -> torch.Tensor:
+    """(out, in) the weight change a LoRA layer makes, read off its own merge."""
+    before = layer.base_layer.weight.clone()
+    layer.merge()
+    change = layer.base_layer.weight - before
+    layer.unmerge()
+    return change
+
+# %% [markdown]
 # Is the bet reasonable? Below, full fine-tuning (every weight trains) and LoRA run the same SFT steps
 # from the same base; then we look at the singular values of the update each made to one layer. A
 # full update spreads over many directions, but its first few singular values carry most of it; LoRA's
@@ -81,12 +153,12 @@ STEPS = 30 if FAST else 150
 
 full = copy.deepcopy(base)
 full_history = ft.sft(full, tokenizer, conversations, ft.sft_config(lr=3e-4, max_steps=STEPS), batch_size=16)
-adapted = lora.apply_lora(copy.deepcopy(base), r=8, alpha=16)
+adapted = adapt(copy.deepcopy(base), r=8, alpha=16)
 lora_history = ft.sft(adapted, tokenizer, conversations, ft.sft_config(lr=5e-3, max_steps=STEPS), batch_size=16)
 
 LAYER = "layers.2.mlp.down_proj"
 full_update = full.get_submodule(LAYER).weight - base.get_submodule(LAYER).weight       # (out, in)
-lora_update = lora.lora_layers(adapted)[LAYER].delta_weight()                          # (out, in), rank <= 8
+lora_update = update_of(adapted.get_submodule(LAYER))                                  # (out, in), rank <= 8
 full_sv = torch.linalg.svdvals(full_update.detach())
 lora_sv = torch.linalg.svdvals(lora_update.detach())
 
@@ -108,11 +180,11 @@ print(f"trainable: full {sum(p.numel() for p in full.parameters()):,}, LoRA {lor
 # %%
 assert (lora_sv[8:] < 1e-5 * lora_sv[0]).all(), "a rank-8 LoRA update has at most 8 non-zero singular values"
 assert (full_sv[8:] > 1e-5 * full_sv[0]).any(), "full fine-tuning's update is not confined to 8 directions"
-assert lora.trainable_parameters(adapted) == sum(8 * (m.in_features + m.out_features)
-                                                 for m in lora.lora_layers(adapted).values())
+assert lora.trainable_parameters(adapted) == sum(8 * (m.base_layer.in_features + m.base_layer.out_features)
+                                                 for m in lora_modules(adapted).values())
 
 # %% [markdown]
-# ## 2 · Which layers to adapt in a MoE (core, 4 min)
+# ## 2 · Which layers to adapt in a MoE · core, 4 min
 #
 # `apply_lora` adapts every linear layer whose name ends in a target (`q_proj`, ..., `down_proj`); in a
 # MoE those names also match every routed expert and the shared experts. Is that wise? At ERNIE 4.5
@@ -161,7 +233,7 @@ assert 20e9 < count.total < 23e9 and 3e9 < count.active < 3.6e9
 # (`ernie_lab/train/lora/peft_format.py`'s docstring lists exactly what interoperates).
 
 # %% [markdown]
-# ## 3 · SFT with prompt masking (core, 6 min)
+# ## 3 · SFT with prompt masking · core, 20 min
 #
 # A training conversation is rendered with ERNIE's chat format and trained with the next-token loss,
 # but only on the assistant's tokens: the question is given, not learnt. Every prompt token's label is
@@ -192,6 +264,37 @@ assert tokenizer.decode([i for i, c in zip(example["ids"], carries) if c]) == (
 assert not carries[0] and len(example["ids"]) == len(example["labels"])
 
 # %% [markdown]
+# **Build it.** DPO, below, needs how likely the model finds a whole reply: the sum of the log-probabilities
+# of the reply's tokens, exactly the tokens SFT puts its loss on. Write it for a right-padded batch. A
+# token is part of the reply when its position is at or after its row's prompt length and its
+# attention mask is 1; the logits at position t predict token t + 1. The check draws padded batches
+# with a different prompt length per row and compares with the kit's `finetune.sequence_logps`.
+
+
+# %%
+def reply_logps(logits, input_ids, prompt_lengths, attention_mask):
+    """(B,) summed log-probability of each row's reply tokens.
+
+    logits (B, T, V) float; input_ids, attention_mask (B, T) long (1 = real token, 0 = padding);
+    prompt_lengths (B,) long: tokens 0 .. prompt_lengths[b] - 1 of row b are the prompt.
+    labels (B, T) = input_ids on the reply, -100 elsewhere; sum over t of log_softmax(logits[:, t])[labels[:, t + 1]].
+    """
+    ...  # your code here
+
+
+reply_logps = exercises.use("08.reply_logps", reply_logps, kit=kit_exercises.kit_reply)
+
+# %%
+one = ft.collate([example], tokenizer.pad_token_id or 0)
+first_label = torch.tensor([example["labels"].index(next(x for x in example["labels"] if x != -100))])  # (1,)
+with torch.no_grad():
+    one_logits = base(input_ids=one["input_ids"]).logits                      # (1, T, V)
+    ours_logp = reply_logps(one_logits, one["input_ids"], first_label, one["attention_mask"])
+    kits_logp = ft.sequence_logps(base, one)
+print(f"log pi(reply | prompt) under the base model: yours {ours_logp.item():.3f}, the kit's {kits_logp.item():.3f}")
+assert torch.allclose(ours_logp, kits_logp, atol=1e-4)
+
+# %% [markdown]
 # Conversations of different lengths are right-padded into one batch; the attention mask hides the
 # padding and its labels are -100 too. `ft.sft` runs on the kit's training loop (`ernie_lab.train.Trainer`,
 # so also under `torchrun`), with `logits_for_labels_only`: the LM head runs only at the few labelled
@@ -218,7 +321,7 @@ print(f"held-out accuracy before: {before:.0%}")
 
 # %% [markdown]
 # Now LoRA SFT. The full run (`scripts/finetune_evidence.py`) takes 800 steps of 16 conversations at
-# lr 5e-3, higher than ERNIEKit's 3e-4 for large models: the tiny model's update has to go far in few
+# lr 5e-3, far above the typical 1e-4 to 3e-4 of LoRA on large models (the 0.3B example config above uses 1e-4): the tiny model's update has to go far in few
 # steps. In fast mode we take a few steps to see the loop, then load the shipped adapter.
 
 # %%
@@ -246,7 +349,7 @@ assert before < 0.1 and after >= 0.75, (before, after)
 # two or three shapes the model must bind the colour to the named shape; the tiny model does not learn
 # that in a few minutes, about 25% after 300 steps. Try it: `max_shapes=None`.)
 #
-# ## 4 · DPO: learning from preferences (core, 6 min)
+# ## 4 · DPO: learning from preferences · core, 16 min
 #
 # DPO (Rafailov et al., 2023) learns from pairs of answers to one prompt, a chosen `y_w` and a rejected
 # `y_l`, without a reward model. With `log pi(y | x)` the summed log-probability of an answer's tokens
@@ -255,11 +358,29 @@ assert before < 0.1 and after >= 0.75, (before, after)
 #     reward(y) = beta * (log pi(y | x) - log pi_ref(y | x))      how much more likely training made y
 #     loss      = -log sigmoid(reward(y_w) - reward(y_l))          push the margin up
 #
-# At the start pi = pi_ref, every margin is 0 and the loss is log 2. `beta` (ERNIEKit: 0.1) sets how far
+# At the start pi = pi_ref, every margin is 0 and the loss is log 2. `beta` (0.1 is a typical value) sets how far
 # the policy may drift from the reference. DPO usually follows SFT; the finished SFT model already
 # prefers the right answer in every held-out pair, so we start from the briefly trained LoRA model of
-# section 1, merged. The new LoRA adapter switched off *is* that reference, so no second copy is held
-# (`lora.adapters_disabled`). Half the pairs reject a verbose answer, half a wrong colour.
+# section 1, merged with your `merge`. The new LoRA adapter switched off *is* that reference, so no second
+# copy is held (`lora.adapters_disabled`). Half the pairs reject a verbose answer, half a wrong colour.
+
+# %%
+notebook.figure("sft_dpo.png")
+
+# %% [markdown]
+# **Build it.** Write the DPO loss from the four (B,) tensors of summed log-probabilities (your
+# `reply_logps` gives them) and beta: the mean over pairs of -log sigmoid(margin), a 0-d tensor. The
+# check draws fresh log-probabilities (one batch with policy = reference) and compares with the kit's
+# `finetune.dpo_loss`.
+
+
+# %%
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """() mean over pairs of -log sigmoid(beta (pc - rc) - beta (pr - rr)); each input (B,)."""
+    ...  # your code here
+
+
+dpo_loss = exercises.use("08.dpo_loss", dpo_loss, kit=lambda *logps_and_beta: ft.dpo_loss(*logps_and_beta)[0])
 
 # %%
 all_pairs = fd.preference_pairs(2000, language="english", max_shapes=1)
@@ -275,19 +396,41 @@ def pair_batch(pairs) -> dict:
     return ft.collate([c for c, _ in examples] + [r for _, r in examples], tokenizer.pad_token_id or 0)
 
 
+@torch.no_grad()
+def pair_logps(model, batch) -> torch.Tensor:
+    """(2B,) your reply_logps of every row; a row's prompt ends where its first label is."""
+    prompt_lengths = (batch["labels"] != -100).int().argmax(dim=1)            # (2B,)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return reply_logps(logits, batch["input_ids"], prompt_lengths, batch["attention_mask"])
+
+
 def preferred_rate(model, pairs) -> float:
-    with torch.no_grad():
-        logps = ft.sequence_logps(model, pair_batch(pairs))        # (2B,) chosen rows first
+    logps = pair_logps(model, pair_batch(pairs))                   # (2B,) chosen rows first
     return (logps[:len(pairs)] > logps[len(pairs):]).float().mean().item()
 
 
-policy = lora.apply_lora(lora.merge_lora(copy.deepcopy(adapted), unload=True), r=8, alpha=16)
+def merged_plain(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every LoRA update merged (your merge) and the plain linear put back."""
+    model = copy.deepcopy(model)
+    for name, layer in lora_modules(model).items():
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.base_layer)
+    return model
+
+
+policy = lora.apply_lora(merged_plain(adapted), r=8, alpha=16)
 rate_before = preferred_rate(policy, held_pairs)
 dpo_log = ft.train_steps(policy, ft.dpo_batches(tokenizer, pairs, batch_size=8), 15 if FAST else 60, lr=5e-4,
                          objective="dpo", beta=0.1, warmup=5, log_every=1)
 rate_after = preferred_rate(policy, held_pairs)
 with torch.no_grad():
-    _, held_metrics = ft.dpo_batch_loss(policy, pair_batch(held_pairs), beta=0.1)   # rewards on held-out pairs
+    kit_held_loss, held_metrics = ft.dpo_batch_loss(policy, pair_batch(held_pairs), beta=0.1)  # held-out rewards
+    held = pair_logps(policy, pair_batch(held_pairs))                          # (2B,) policy
+    with lora.adapters_disabled(policy):
+        held_ref = pair_logps(policy, pair_batch(held_pairs))                  # (2B,) reference: adapters off
+n = len(held_pairs)
+your_held_loss = dpo_loss(held[:n], held[n:], held_ref[:n], held_ref[n:], 0.1)
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.2))
 ax1.plot([e["reward_margin"] for e in dpo_log], label="this run")
 ax1.plot([e["reward_margin"] for e in EVIDENCE["dpo"]["log"]], alpha=0.6, label="evidence run")
@@ -303,7 +446,8 @@ print(f"held-out preferred-answer rate: {rate_before:.0%} -> {rate_after:.0%}   
       f"{EVIDENCE['dpo']['from_sft_step']}: {EVIDENCE[start]['preferred_rate']:.0%} -> "
       f"{EVIDENCE['after_dpo']['preferred_rate']:.0%})")
 print(f"held-out pairs: reward margin {held_metrics['reward_margin']:.2f}, "
-      f"chosen reward above rejected in {held_metrics['accuracy']:.0%}")
+      f"chosen reward above rejected in {held_metrics['accuracy']:.0%}; DPO loss yours "
+      f"{your_held_loss.item():.4f}, the kit's {kit_held_loss.item():.4f}")
 
 # %% [markdown]
 # We train on the pairs that reject a wrong colour. Pairs against the verbose answer are won from the
@@ -316,9 +460,10 @@ print(f"held-out pairs: reward margin {held_metrics['reward_margin']:.2f}, "
 assert abs(dpo_log[0]["loss"] - 0.6931) < 1e-3 and dpo_log[0]["reward_margin"] == 0.0  # B = 0: policy = reference
 assert max(e["reward_margin"] for e in dpo_log) > 0.1
 assert held_metrics["reward_margin"] > 0 and held_metrics["accuracy"] > 0.5, held_metrics  # it generalises
+assert abs(your_held_loss.item() - kit_held_loss.item()) < 1e-4
 
 # %% [markdown]
-# ## 5 · Saving an adapter, loading it in peft (core, 4 min)
+# ## 5 · Saving an adapter, loading it in peft · core, 4 min
 #
 # `lora.save_adapter` writes peft's two files: `adapter_config.json` (rank, alpha, targets) and
 # `adapter_model.safetensors` (each layer's A and B under the `transformers` module name). The adapter
@@ -349,9 +494,10 @@ with torch.no_grad():
 assert saved["r"] == 8 and saved["lora_alpha"] == 16 and "q_proj" in saved["target_modules"]
 
 # %% [markdown]
-# ## 6 · Merging (core, 2 min)
+# ## 6 · Merging · core, 2 min
 #
-# For serving, fold the update into the weight: `W <- W + (alpha / r) B A`. The merged model has no extra
+# For serving, fold the update into the weight: `W <- W + (alpha / r) B A`, what your `merge` does; the
+# kit's `merge_lora` does it for every layer of a model. The merged model has no extra
 # cost per token; `unmerge_lora` takes the update out again (up to rounding), and `merge_lora(model,
 # unload=True)` gives back plain linear layers that `ernie_lab.save_model` writes as an ordinary checkpoint.
 
@@ -365,7 +511,7 @@ notebook.compare("merged vs adapter form", merged, ours, atol=1e-4)
 notebook.compare("unmerged vs adapter form", unmerged, ours, atol=1e-4)
 
 # %% [markdown]
-# ## 7 · QLoRA: LoRA on an int4 base (optional, 4 min)
+# ## 7 · QLoRA: LoRA on an int4 base · optional, 4 min
 #
 # The frozen base does not need full precision: QLoRA (Dettmers et al., 2023) stores it in 4 bits and
 # trains float adapters beside it. `quant.quantize(model, "w4a16")` packs every linear layer into int4
@@ -407,7 +553,7 @@ for precision in ("bf16", "int4"):
     print(f"21B-A3B weights in {precision}: {family.weight_bytes(config, precision) / 1e9:5.1f} GB")
 
 # %% [markdown]
-# ## 7b · SFT on the vision-language model (optional, 3 min)
+# ## 8 · SFT on the vision-language model · optional, 3 min
 #
 # The same `ft.sft`, with a processor: the picture goes through the VL chat template as the first item
 # of the user's turn, its placeholder tokens and the question carry no loss, the reply does. The shipped
@@ -455,41 +601,58 @@ print(f"held-out, new answer form: before {vl_before:.0%} (e.g. {replies_before[
 assert vl_before == 0.0 and vl_after >= 0.75
 
 # %% [markdown]
-# ## 8 · Exercises
+# ## 9 · Exercises · optional, 20 min
 #
-# **Exercise 1 (core).** How many numbers does LoRA train? Given the (out, in) shapes of the adapted
-# layers and the rank r, return the count.
+# **Exercise 1.** How many numbers does LoRA at r = 8 train on all seven projections (q, k, v, o, gate,
+# up, down) of every layer of ERNIE-4.5-0.3B? Its shapes: 18 layers, hidden 1024, q 1024 -> 2048,
+# k and v 1024 -> 256, o 2048 -> 1024, gate and up 1024 -> 3072, down 3072 -> 1024.
 
 # %%
-def lora_parameters(shapes: list[tuple[int, int]], r: int) -> int:
-    ...  # your code here
+lora_numbers_0_3b = ...  # your answer: a number
 
-
-exercises.check("08.lora_parameters", lora_parameters)
+exercises.check("08.lora_parameters", lora_numbers_0_3b)
 
 # %% [markdown]
-# **Exercise 2 (core).** Write the DPO loss of a batch from the four lists of summed log-probabilities
-# (policy and reference, chosen and rejected) and beta: the mean over pairs of -log sigmoid(margin).
-
-# %%
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
-    ...  # your code here
-
-
-exercises.check("08.dpo_loss", dpo_loss)
-
-# %% [markdown]
-# **Exercise 3 (optional, an experiment).** Train SFT-LoRA with `r=1`, `r=4` and `r=32` for 300 steps
-# each (same lr and alpha = 2r) and compare held-out accuracy: does rank matter for this task?
+# **Exercise 2 (an experiment).** Train SFT-LoRA with `r=1`, `r=4` and `r=32` for 300 steps each (same
+# lr and alpha = 2r) and compare held-out accuracy: does rank matter for this task?
 #
 # ## Key takeaways
 #
 # * LoRA trains `(alpha / r) B A` beside each frozen linear layer: r (in + out) numbers instead of in x out,
-#   and the adapted model starts exactly at the base.
-# * SFT's loss sits on the assistant's tokens only (labels -100 elsewhere); the kit's Trainer runs it.
+#   and the adapted model starts exactly at the base (B = 0).
+# * SFT's loss sits on the assistant's tokens only (labels -100 elsewhere, padding included); the same
+#   mask gives the reply's log-probability that DPO compares.
 # * DPO raises the chosen answer's likelihood relative to the rejected one, measured against a frozen
 #   reference: the same model with its adapters off.
 # * An adapter is two small files in peft's format; merging folds it into the weights for free inference.
 # * QLoRA keeps the frozen base in int4: the memory of fine-tuning is then mostly the int4 weights.
+#
+# ## What we built
+#
+# * `LoRALinear`: your LoRA layer with merge and unmerge, equal to the kit's and to peft's on the same
+#   weights; the notebook adapted the tiny model with it and trained it with SFT.
+# * `reply_logps`: the SFT label mask turned into the log-probability of each reply of a padded batch.
+# * `dpo_loss`: the DPO objective, equal to the kit's on the held-out pairs of the trained policy.
+# * With the kit: a LoRA adapter trained by SFT, saved in peft's format and loaded by peft, a DPO run,
+#   a QLoRA run on an int4 base and an SFT run on the VL model.
+#
+# ## Further reading
+#
+# * Hu et al., 2021, *LoRA: Low-Rank Adaptation of Large Language Models*
+#   ([arXiv:2106.09685](https://arxiv.org/abs/2106.09685)): the low-rank update B A beside a frozen weight,
+#   B zero at the start, alpha / r scaling; here applied to ERNIE's attention and MLP projections, and
+#   (optionally) to each routed expert of a MoE, which the paper did not consider.
+# * Dettmers et al., 2023, *QLoRA: Efficient Finetuning of Quantized LLMs*
+#   ([arXiv:2305.14314](https://arxiv.org/abs/2305.14314)): LoRA over a 4-bit NormalFloat base with double
+#   quantization and paged optimizers; the kit's QLoRA uses its plain int4 weight-only format instead.
+# * Ouyang et al., 2022, *Training language models to follow instructions with human feedback*
+#   ([arXiv:2203.02155](https://arxiv.org/abs/2203.02155)): InstructGPT's SFT, then a reward model and
+#   PPO; SFT on the reply tokens is the first step of the recipe used here.
+# * Rafailov et al., 2023, *Direct Preference Optimization: Your Language Model is Secretly a Reward Model*
+#   ([arXiv:2305.18290](https://arxiv.org/abs/2305.18290)): the loss written above, which replaces the reward
+#   model and PPO by a classification loss on preference pairs.
+# * Baidu, 2025, *ERNIE 4.5 Technical Report*
+#   ([PDF](https://ernie.baidu.com/blog/publication/ERNIE_Technical_Report.pdf)): post-training with SFT,
+#   DPO and a unified preference optimisation (UPO); ERNIEKit offers SFT, LoRA, DPO and QAT.
 #
 # **Next**: notebook 09 scales the arithmetic up: the whole ERNIE 4.5 family, memory and parallelism.

@@ -301,7 +301,6 @@ def routing() -> list[Path]:
     model, tokenizer = tiny_vl()
     held_out = tiny_models.held_out_scenes(SCENES)
     rec, rows, labels = viz.route_scenes(model, tokenizer, held_out)
-    layers = [entry.layer_idx for entry in rec.layers]
     per_attribute = [records.specialisation(rec, rows, values) for values in labels.values()]
     best = max((r for results in per_attribute for r in results), key=lambda r: r["nmi"])["layer"]  # most specialised
     untrained = architectures.build(model.config).init_weights(std=0.02, seed=0).eval()
@@ -369,6 +368,193 @@ ALL = [decoder_layer, moe_layer, vl_pipeline, positions_3d, kv_cache, lora, quan
        routing, routing_saturation]
 
 
+# --- notebook 04 ---
+def vl_moe_block():
+    """The modality-isolated, heterogeneous MoE block of ERNIE 4.5 VL (notebook 04)."""
+    fig, ax = canvas(13, 7.2, "ERNIE 4.5 VL's MoE block: each token is routed only inside its own modality's group")
+    box(ax, 0.2, 4.6, 1.9, 0.8, "text token", BLUE)
+    box(ax, 0.2, 1.6, 1.9, 0.8, "picture token\n(or its markers)", ORANGE, fontsize=FONT - 1)
+    box(ax, 2.8, 4.5, 2.3, 1.0, "text router\nrouters[0] + bias[0]", PURPLE, fontsize=FONT - 1)
+    box(ax, 2.8, 1.5, 2.3, 1.0, "vision router\nrouters[1] + bias[1]", PURPLE, fontsize=FONT - 1)
+    arrow(ax, (2.1, 5.0), (2.8, 5.0))
+    arrow(ax, (2.1, 2.0), (2.8, 2.0))
+    for i in range(6):                                           # text experts: wide (1536 in the 28B)
+        box(ax, 5.9 + 0.9 * i, 4.3, 0.75, 1.4, f"T{i}", GREEN if i in (0, 3) else "white")
+    for i in range(6):                                           # vision experts: narrow (512)
+        box(ax, 5.9 + 0.9 * i, 1.75, 0.75, 0.5, f"V{i}", GREEN if i in (2, 5) else "white", fontsize=FONT - 2)
+    for i in (0, 3):
+        arrow(ax, (5.1, 5.0), (5.9 + 0.9 * i + 0.37, 4.3), color="#2ca02c")
+    for i in (2, 5):
+        arrow(ax, (5.1, 1.8), (5.9 + 0.9 * i + 0.37, 1.75), color="#2ca02c", connectionstyle="arc3,rad=0.3")
+    note(ax, 5.9, 5.9, "text experts: 64, width 1536 (top-6 chosen)")
+    note(ax, 5.9, 2.4, "vision experts: 64, width 512, a third of a text expert", fontsize=FONT - 2)
+    box(ax, 5.9, 3.05, 5.3, 0.7, "shared experts (2 x width 1536): every token", YELLOW)
+    for y in (4.6, 2.4):                                         # both kinds of token reach the shared experts
+        arrow(ax, (1.15, y), (5.9, 3.4), color="#888888", lw=1.0)
+    box(ax, 11.6, 2.6, 1.25, 1.6, "y = sum w E(x)\n+ shared(x)\nback in\ntoken order", GREY, fontsize=FONT - 3)
+    for y in (4.3, 2.25):
+        arrow(ax, (11.2, y), (11.6, 3.4))
+    arrow(ax, (11.2, 3.4), (11.6, 3.4))
+    note(ax, 0.2, 0.45, "No routed expert is shared between the groups: a text token never reaches a vision expert. "
+         "Each group has its own router,\nits own correction-bias row and its own balancing loss; the Hub stores "
+         "both groups in one list (text first).", fontsize=FONT - 1)
+    return save(fig, "vl_moe_block.png")
+
+
+ALL.append(vl_moe_block)
+
+
+# --- notebook 02 ---
+def router_bias():
+    """The router with its correction bias, for one token: CHOOSE with p + b, WEIGH with p alone."""
+    import numpy as np
+
+    p = np.array([0.30, 0.24, 0.20, 0.12, 0.09, 0.05])           # softmax over all 6 experts (illustrative)
+    b = np.array([-0.08, 0.00, 0.06, 0.00, 0.10, -0.02])         # correction bias: + for under-used experts
+    k = 2
+    chosen = np.argsort(-(p + b))[:k]                            # E2 and E1 win with the bias
+    plain = np.argsort(-p)[:k]                                   # E0 and E1 would win without it
+    weights = p[chosen] / max(p[chosen].sum(), 1e-12)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), dpi=100, gridspec_kw={"width_ratios": [1.6, 1]})
+    x = np.arange(len(p))
+    left.bar(x, p, color=[ORANGE if e in chosen else GREY for e in x], ec="black", label="p = softmax(W x), float32")
+    left.scatter(x, p + b, marker="_", s=900, lw=3, color="#6a51a3", label="p + b: used only to CHOOSE", zorder=3)
+    for e in x:
+        if b[e]:
+            left.annotate("", (e, p[e] + b[e]), (e, p[e]), arrowprops=dict(arrowstyle="-|>", color="#6a51a3", lw=1.5))
+    left.set_xticks(x, [f"E{e}" for e in x], fontsize=FONT)
+    left.set_ylabel("score", fontsize=FONT)
+    left.set_title(f"1 · choose: top-{k} of p + b -> E{chosen[0]}, E{chosen[1]} "
+                   f"(without b: E{plain[0]}, E{plain[1]})", fontsize=FONT)
+    left.legend(fontsize=FONT - 2, loc="upper right")
+    left.set_ylim(0, 0.42)
+    right.bar([f"E{e}" for e in chosen], weights, color=ORANGE, ec="black")
+    for i, e in enumerate(chosen):
+        right.text(i, weights[i] + 0.02, f"{p[e]:.2f} / {p[chosen].sum():.2f}\n= {weights[i]:.2f}", ha="center",
+                   fontsize=FONT - 1)
+    right.set_ylim(0, 1.0)
+    right.set_title("2 · weigh: the UNBIASED p of the chosen,\nrenormalised: p / max(sum, norm_min)", fontsize=FONT)
+    fig.suptitle("ERNIE 4.5's router: the correction bias chooses, it never weighs", fontsize=FONT + 3,
+                 fontweight="bold")
+    return save(fig, "router_bias.png")
+
+
+ALL.append(router_bias)
+
+
+# --- notebook 08 ---
+def sft_dpo():
+    """Top: which tokens of an SFT example carry loss. Bottom: a DPO pair scored by policy and reference."""
+    fig, ax = canvas(12, 6.4, "SFT puts its loss on the reply; DPO compares two replies to one prompt")
+    tokens = [("<prompt>", GREY), ("What", GREY), ("colour", GREY), ("?", GREY), ("Assistant:", GREY),
+              ("Red", ORANGE), (".", ORANGE), ("<end>", ORANGE), ("<pad>", "white"), ("<pad>", "white")]
+    for i, (text, color) in enumerate(tokens):
+        box(ax, 0.3 + 1.15 * i, 4.5, 1.05, 0.7, text, color, fontsize=FONT - 2)
+        label = "-100" if color != ORANGE else "id"
+        note(ax, 0.55 + 1.15 * i, 4.1, label, fontsize=FONT - 2)
+    note(ax, 0.3, 3.6, "labels: -100 on the prompt and the padding (no loss); the reply's ids (orange) are learnt",
+         fontsize=FONT - 1)
+    box(ax, 0.3, 1.6, 2.2, 0.9, "prompt x", GREY)
+    box(ax, 3.3, 2.2, 2.6, 0.8, "chosen y_w", GREEN)
+    box(ax, 3.3, 1.0, 2.6, 0.8, "rejected y_l", RED)
+    arrow(ax, (2.5, 2.2), (3.3, 2.6))
+    arrow(ax, (2.5, 1.9), (3.3, 1.4))
+    box(ax, 6.6, 2.2, 2.4, 0.8, "log pi - log pi_ref", YELLOW, fontsize=FONT - 1)
+    box(ax, 6.6, 1.0, 2.4, 0.8, "log pi - log pi_ref", YELLOW, fontsize=FONT - 1)
+    arrow(ax, (5.9, 2.6), (6.6, 2.6))
+    arrow(ax, (5.9, 1.4), (6.6, 1.4))
+    box(ax, 9.6, 1.4, 2.2, 1.2, "-log sigmoid(\nbeta (r_w - r_l))", BLUE, fontsize=FONT - 1)
+    arrow(ax, (9.0, 2.6), (9.6, 2.2))
+    arrow(ax, (9.0, 1.4), (9.6, 1.8))
+    note(ax, 0.3, 0.3, "log pi(y | x) sums the log-probabilities of the reply's tokens (the SFT mask); pi_ref is "
+         "the model with its adapters off", fontsize=FONT - 2)
+    return save(fig, "sft_dpo.png")
+
+
+ALL.append(sft_dpo)
+
+
+# --- notebook 05 ---
+def training_step():
+    """One update of the training loop and the terms of its loss."""
+    fig, ax = canvas(12, 5.4, "One training step: loss terms, backward, clip, AdamW at the scheduled rate")
+    box(ax, 0.2, 2.4, 1.6, 1.0, "batch\nids, labels", GREY)
+    box(ax, 2.4, 2.4, 1.6, 1.0, "model\nforward", BLUE)
+    box(ax, 4.6, 3.9, 2.6, 0.8, "LM: answer tokens\n(labels != -100)", ORANGE, fontsize=FONT - 2)
+    box(ax, 4.6, 2.5, 2.6, 0.8, "c_bal E sum f_e P_e", ORANGE, fontsize=FONT - 2)
+    box(ax, 4.6, 1.1, 2.6, 0.8, "c_z mean (logsumexp z)^2", ORANGE, fontsize=FONT - 2)
+    box(ax, 7.8, 2.4, 1.3, 1.0, "sum,\nbackward", YELLOW, fontsize=FONT - 1)
+    box(ax, 9.5, 2.4, 1.0, 1.0, "clip\n||g||", YELLOW, fontsize=FONT - 1)
+    box(ax, 10.8, 2.4, 1.0, 1.0, "AdamW\nstep", GREEN, fontsize=FONT - 1)
+    box(ax, 9.3, 4.2, 2.6, 0.7, "lr_t: warm-up, cosine", PURPLE, fontsize=FONT - 2)
+    arrow(ax, (1.8, 2.9), (2.4, 2.9))
+    for y in (4.3, 2.9, 1.5):
+        arrow(ax, (4.0, 2.9), (4.6, y))
+        arrow(ax, (7.2, y), (7.8, 2.9))
+    arrow(ax, (9.1, 2.9), (9.5, 2.9))
+    arrow(ax, (10.5, 2.9), (10.8, 2.9))
+    arrow(ax, (11.3, 4.2), (11.3, 3.4))
+    note(ax, 2.2, 1.9, "router logits", fontsize=FONT - 2)
+    note(ax, 0.2, 0.3, "f_e: share of tokens routed to expert e (no gradient); P_e: its mean router probability; "
+         "z: router logits", fontsize=FONT - 2)
+    return save(fig, "training_step.png")
+
+
+ALL.append(training_step)
+
+
+# --- notebook 07 ---
+def quantization_groups():
+    """Group-wise int4 with zero points (one row, two groups, each with its own grid), and two codes per byte."""
+    import numpy as np
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), dpi=100, gridspec_kw=dict(width_ratios=[1.25, 1]))
+    fig.suptitle("int4 with zero points: a grid per group of columns, two codes per byte", fontsize=FONT + 3,
+                 fontweight="bold")
+    rng = np.random.default_rng(1)
+    group = 12
+    row = np.concatenate([rng.normal(0.5, 0.35, group).clip(0.02), rng.normal(0.0, 1.2, group)])  # (2 * group,)
+    for g, colour in ((0, "C2"), (1, "C1")):
+        w = row[g * group:(g + 1) * group]
+        low, high = min(w.min(), 0.0), max(w.max(), 0.0)
+        scale = (high - low) / 15
+        zero = round(-low / scale)
+        u = np.clip(np.round(w / scale) + zero, 0, 15)
+        xs = np.arange(g * group, (g + 1) * group)
+        for code in range(16):
+            left.hlines((code - zero) * scale, xs[0] - 0.4, xs[-1] + 0.4, color=colour, lw=0.5, alpha=0.6)
+        left.plot(xs, w, "o", color="C0", label="float weight" if g == 0 else None)
+        left.plot(xs, (u - zero) * scale, "s", mfc="none", color="C3", label="(u - z) s" if g == 0 else None)
+        left.text(xs[0], high + 0.25, f"group {g}: s = {scale:.3f}, z = {zero}", fontsize=FONT - 1, color=colour)
+    left.axvline(group - 0.5, color="black", lw=1, ls="--")
+    left.axhline(0, color="black", lw=0.8)
+    left.set(xlabel="column of one weight row (group size 12 here, 128 in practice)", ylabel="value")
+    left.legend(fontsize=FONT - 2, loc="lower left")
+    draw_packing(right)
+    fig.tight_layout()
+    return save(fig, "quantization_groups.png")
+
+
+def draw_packing(right):
+    """Two 4-bit codes, then the byte they share (first code in the high nibble)."""
+    right.set(xlim=(0, 8.6), ylim=(0, 5))
+    right.axis("off")
+    right.text(0.1, 4.55, "codes u0 = 3, u1 = 12 of one row, packed", fontsize=FONT)
+    for i, bit in enumerate("0011"):
+        box(right, 0.3 + i * 0.9, 3.2, 0.85, 0.8, bit, GREEN)
+    for i, bit in enumerate("1100"):
+        box(right, 4.5 + i * 0.9, 3.2, 0.85, 0.8, bit, ORANGE)
+    note(right, 1.3, 2.85, "u0 << 4: high nibble", fontsize=FONT - 1)
+    note(right, 5.4, 2.85, "u1: low nibble", fontsize=FONT - 1)
+    arrow(right, (2.1, 2.7), (3.6, 1.9))
+    arrow(right, (6.3, 2.7), (4.8, 1.9))
+    for i, bit in enumerate("00111100"):
+        box(right, 0.7 + i * 0.9, 0.9, 0.85, 0.8, bit, GREEN if i < 4 else ORANGE)
+    note(right, 0.7, 0.35, "one byte = u0 << 4 | u1 = 60: half a byte per weight", fontsize=FONT - 1)
+
+
+ALL.append(quantization_groups)
+
 
 # --- notebook 01 ---
 def gqa_kv_cache():
@@ -404,6 +590,7 @@ def gqa_kv_cache():
 
 ALL.append(gqa_kv_cache)
 
+
 if __name__ == "__main__":
     import argparse
 
@@ -418,3 +605,4 @@ if __name__ == "__main__":
             made = draw()
             for path in made if isinstance(made, list) else [made]:
                 print("wrote", path.relative_to(ROOT))
+

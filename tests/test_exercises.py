@@ -267,7 +267,7 @@ def test_unknown_exercise_is_an_input_error():
 def test_notebooks_check_only_known_exercises_and_every_exercise_is_used():
     used = {}
     for source in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py")):
-        used[source.name[:2]] = set(re.findall(r"""exercises\.check\(\s*["']([0-9]{2}\.\w+)["']""", source.read_text()))
+        used[source.name[:2]] = set(re.findall(r"""exercises\.(?:check|use)\(\s*["']([0-9]{2}\.\w+)["']""", source.read_text()))
     checked = set().union(*used.values())
     assert checked <= set(ALL), f"notebooks check unknown exercises: {checked - set(ALL)}"
     for name in ALL:

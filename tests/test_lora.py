@@ -2,6 +2,7 @@
 disable agree, only A and B train, and bad adapters get clear errors."""
 
 import json
+import re
 import warnings
 
 import pytest
@@ -357,9 +358,17 @@ def vl_picture_inputs():
     return {"input_ids": ids, **pixels}, reference_inputs(ids, **pixels)
 
 
+VL_FUSED = {f"model.language_model.layers.{i}.mlp.{group}.experts{inner}"   # peft's wrappers: gate_up_proj
+            for i in (1, 2) for group in ("text_moe", "vision_moe") for inner in ("", ".base_layer")}  # inside
+
+
 @pytest.mark.parametrize("rows, in_peft", [
     (("attention",), {"model.language_model.layers.1.self_attn.q_proj"}),
     (("shared experts",), {"model.language_model.layers.1.mlp.shared_experts.gate_proj"}),
+    (("dense MLP",), {"model.language_model.layers.0.mlp.gate_proj", "model.language_model.layers.0.mlp.down_proj"}),
+    (("attention", "dense MLP", "VL routed experts", "shared experts"),                  # apply_lora's default set
+     {"model.language_model.layers.2.self_attn.v_proj", "model.language_model.layers.0.mlp.up_proj",
+      "model.language_model.layers.1.mlp.shared_experts.down_proj"} | VL_FUSED),
     (("vision encoder", "VL resampler"), {"model.vision_tower.blocks.0.attn.qkv", "model.vision_tower.blocks.1.mlp.fc2",
                                           "model.resampler_model.mlp", "model.resampler_model.spatial_linear.fc1",
                                           "model.resampler_model.temporal_linear.fc2"}),
@@ -376,21 +385,129 @@ def test_each_vl_row_loads_in_peft_through_pictures(rows, in_peft, tmp_path):
     peft_model, diff, effect = kit_adapter_in_peft(kit, reference, tmp_path / "adapter", kit_inputs, reference_inputs)
     assert in_peft <= peft_adapted(peft_model)
     assert diff < TOL and effect > 1e-2
+    assert all(lora.LORA_TARGETS[row].peft_loads for row in rows)
 
 
-def test_vl_routed_experts_are_kit_only(tmp_path):
-    """The row marked peft_loads=False: the kit saves and reloads it; peft on transformers' VL model drops it
-    silently (its gate_proj / up_proj / down_proj targets land on the shared experts, with zero LoRAs and only a
-    missing-keys warning), so the peft model computes the base model's logits."""
+def test_fused_layout_is_peft_param_wrappers():
+    """stack_experts / fuse_gate_up lay the kit's per-expert gate and up LoRAs out as peft's ParamWrapper reads
+    them (its own delta of the 3-D gate_up_proj equals the kit's per-expert updates), and split_gate_up gives
+    them back."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import ParamWrapper
+    from ernie_lab.train.lora import fused_experts as fe
+
+    E, H, I, r, alpha = 3, 10, 6, 2, 5.0
+    torch.manual_seed(0)
+    gates = [lora.LoRALinear(nn.Linear(H, I, bias=False), r, alpha) for _ in range(E)]
+    ups = [lora.LoRALinear(nn.Linear(H, I, bias=False), r, alpha) for _ in range(E)]
+    for layer in gates + ups:
+        nn.init.normal_(layer.lora_B.weight)
+    A, B = fe.stack_experts(*zip(*[fe.fuse_gate_up(g, u) for g, u in zip(gates, ups)]))
+    assert A.shape == (E * 2 * r, H) and B.shape == (2 * I, 2 * r * E)
+
+    experts = nn.Module()
+    experts.gate_up_proj = nn.Parameter(torch.zeros(E, 2 * I, H))   # transformers' (E, out, in)
+    config = LoraConfig(r=2 * r, lora_alpha=2 * alpha, target_parameters=["gate_up_proj"])
+    wrapper = ParamWrapper(experts, "default", "gate_up_proj", config, r=2 * r, lora_alpha=2 * alpha)
+    with torch.no_grad():
+        wrapper.lora_A["default"].weight.copy_(A)
+        wrapper.lora_B["default"].weight.copy_(B)
+        theirs = wrapper.get_delta_weight("default")                 # (E, 2I, H)
+        ours = torch.stack([torch.cat([g.scale * g.lora_B.weight @ g.lora_A.weight,
+                                       u.scale * u.lora_B.weight @ u.lora_A.weight]) for g, u in zip(gates, ups)])
+    assert max_diff(theirs, ours) < 1e-6
+
+    As, Bs = fe.unstack_experts(A, B, E)
+    assert all(fe.block_diagonal(b) for b in Bs)
+    (gate_A, gate_B), (up_A, up_B) = fe.split_gate_up(As[1], Bs[1], halve=True)
+    assert torch.equal(gate_A, gates[1].lora_A.weight) and torch.equal(up_B, ups[1].lora_B.weight)
+    assert torch.equal(gate_B, gates[1].lora_B.weight) and torch.equal(up_A, ups[1].lora_A.weight)
+    dense = Bs[1] + 1.0                                               # trained by peft: B_e dense, nothing to halve
+    assert not fe.block_diagonal(dense)
+    (gate_A, gate_B), (up_A, up_B) = fe.split_gate_up(As[1], dense, halve=False)
+    assert torch.equal(gate_A, As[1]) and torch.equal(torch.cat([gate_B, up_B]), dense)
+
+
+def test_vl_routed_experts_both_ways_through_pictures(tmp_path):
+    """The kit writes the VL routed experts in peft's fused layout (target_parameters per expert group, gate_up_proj
+    at rank 2r with alpha 2*alpha); peft loads it with the kit's logits, the kit reloads it with the same layers and
+    ranks, and a peft-made adapter of the fused parameters loads into the kit with peft's logits."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
     from test_vl_model import build_pair
 
-    assert not lora.LORA_TARGETS["VL routed experts"].peft_loads
     reference, kit = build_pair(tmp_path / "vl")
-    lora.apply_lora(kit, target_modules=lora.LORA_TARGETS["VL routed experts"].kit)
+    lora.apply_lora(kit, r=4, alpha=8, target_modules=lora.LORA_TARGETS["VL routed experts"].kit)
     kit_inputs, reference_inputs = vl_picture_inputs()
     peft_model, diff, effect = kit_adapter_in_peft(kit, reference, tmp_path / "adapter", kit_inputs, reference_inputs)
-    assert effect > 1e-2 and abs(diff - effect) < TOL   # peft's logits are the base model's: the adapter was lost
-    assert any(".shared_experts." in n for n in peft_adapted(peft_model))
+    assert diff < TOL and effect > 1e-2
+    assert peft_adapted(peft_model) == VL_FUSED       # every expert group, nothing on the shared experts
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == [] and config["target_parameters"] == [
+        "text_moe.experts.down_proj", "text_moe.experts.gate_up_proj",
+        "vision_moe.experts.down_proj", "vision_moe.experts.gate_up_proj"]
+    assert config["rank_pattern"] == {"experts.gate_up_proj": 8} and config["alpha_pattern"] == {"experts.gate_up_proj": 16}
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert tensors["base_model.model.model.language_model.layers.1.mlp.vision_moe.experts.base_layer.lora_A.weight"
+                   ].shape == (4 * 8, 64)              # (E * 2r, H)
+
     again = lora.load_adapter(build_pair(tmp_path / "vl2")[1], tmp_path / "adapter")
+    assert {n: l.r for n, l in lora.lora_layers(again).items()} == {n: l.r for n, l in lora.lora_layers(kit).items()}
+    assert lora.trainable_parameters(again) == lora.trainable_parameters(kit)
     with torch.no_grad():
         assert max_diff(again(**kit_inputs).logits, kit(**kit_inputs).logits) < TOL
+
+    reference, fresh = build_pair(tmp_path / "vl3")
+    made = get_peft_model(reference, LoraConfig(r=4, lora_alpha=8, target_modules=[],
+                                                target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
+    randomise_B(made, seed=3)
+    made.save_pretrained(tmp_path / "peft")
+    lora.load_adapter(fresh, tmp_path / "peft")
+    layers = lora.lora_layers(fresh)
+    assert len(layers) == 2 * 2 * 4 * 3 and {l.r for l in layers.values()} == {4}   # layers x groups x experts x 3
+    assert torch.equal(layers["layers.2.mlp.experts.5.gate_proj"].lora_A.weight,  # peft's dense B_e: gate and up
+                       layers["layers.2.mlp.experts.5.up_proj"].lora_A.weight)    # share the whole A_e
+    with torch.no_grad():
+        assert max_diff(fresh(**kit_inputs).logits, made.eval()(**reference_inputs).logits) < TOL
+
+
+def test_vl_one_expert_group_one_parameter(tmp_path):
+    """Only the vision experts' down_proj: one un-nested wrapper per layer (``vision_moe.experts``), no patterns."""
+    from test_vl_model import build_pair
+
+    reference, kit = build_pair(tmp_path / "vl")
+    lora.apply_lora(kit, target_modules=[r"layers\.\d+\.mlp\.experts\.[4-7]\.down_proj"])
+    kit_inputs, reference_inputs = vl_picture_inputs()
+    peft_model, diff, effect = kit_adapter_in_peft(kit, reference, tmp_path / "adapter", kit_inputs, reference_inputs)
+    assert peft_adapted(peft_model) == {f"model.language_model.layers.{i}.mlp.vision_moe.experts" for i in (1, 2)}
+    assert diff < TOL and effect > 1e-3
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["vision_moe.experts.down_proj"] and config["rank_pattern"] == {}
+
+
+@pytest.mark.parametrize("targets, adapted, lacking", [
+    ([r"layers\.\d+\.mlp\.experts\.[0-2]\.(gate|up|down)_proj"], "layers.1.mlp.experts.0.gate_proj",
+     "layers.1.mlp.experts.3.gate_proj"),                                   # 3 of the group's 4 experts
+    ([r"layers\.\d+\.mlp\.experts\.\d+\.(gate|down)_proj"], "layers.1.mlp.experts.0.gate_proj",
+     "layers.1.mlp.experts.0.up_proj"),                                     # gate without up
+])
+def test_vl_expert_adapters_peft_cannot_hold_are_refused(targets, adapted, lacking, tmp_path):
+    from test_vl_model import build_pair
+
+    kit = lora.apply_lora(build_pair(tmp_path / "vl")[1], target_modules=targets)
+    with pytest.raises(InputError, match=re.escape(f"{adapted!r} has a LoRA but {lacking!r} has none")):
+        lora.save_adapter(kit, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_fused_experts_of_a_layer_without_experts(tmp_path):
+    """A fused expert adapter naming a dense layer (layer 0) or a group the model lacks: a ConfigError naming it."""
+    from test_vl_model import build_pair
+
+    kit = build_pair(tmp_path / "vl")[1]
+    lora.save_adapter(lora.apply_lora(kit, target_modules=[r"layers\.\d+\.mlp\.experts\.[4-7]\.down_proj"]),
+                      tmp_path / "adapter")
+    edit_tensors(tmp_path / "adapter", lambda t: t.update(
+        {k.replace("layers.1.", "layers.0."): t.pop(k) for k in list(t) if "layers.1." in k}))
+    with pytest.raises(ConfigError, match=r"experts of layer 0 \(vision_moe\).*another base model"):
+        lora.load_adapter(build_pair(tmp_path / "vl2")[1], tmp_path / "adapter")

@@ -279,6 +279,40 @@ def expect_tensor(label: str, got: Any, expected, atol: float = 1e-5) -> None:
         raise Mismatch(f"{label}: largest difference from the expected values is {diff:.3g} (tolerance {atol:g}).")
 
 
+def name_the_mistake(got: Any, expected, mistakes: dict, atol: float = 1e-5) -> None:
+    """Raise Mismatch naming a mistake only when the answer equals that mistake's output on the same inputs.
+
+    ``mistakes`` maps what to say to the tensor that mistake produces. A mistake whose output equals the
+    right answer on these inputs is never named; when several mistakes give the answer's very output, all
+    of them are named. Anything that is not a finite floating-point tensor of the expected shape is left to
+    `expect_tensor`, which says what differs.
+    """
+    import torch
+
+    if not (isinstance(got, torch.Tensor) and got.shape == expected.shape and got.is_floating_point()
+            and bool(torch.isfinite(got).all())):
+        return
+    got, right = got.detach().double(), expected.detach().double()
+    matching = [says for says, output in mistakes.items()
+                if output.shape == got.shape and not torch.allclose(output.double(), right, atol=atol)
+                and torch.allclose(got, output.double(), atol=atol)]
+    if matching:
+        raise Mismatch("; or ".join(matching))
+
+
+def switched_off(module, what_to_use: str):
+    """A copy of ``module`` whose own forward refuses to run: the answer must compute the output from the
+    module's parts (``what_to_use`` says which), not by calling the very thing it is asked to write."""
+    import copy
+
+    copied = copy.deepcopy(module)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"this module's own forward is switched off in the check: {what_to_use}")
+    copied.forward = refuse
+    return copied
+
+
 def as_number(label: str, value: Any) -> float:
     """A finite real number from an answer (int, float, numpy or one-element tensor); else Mismatch saying so."""
     value = _plain(value)

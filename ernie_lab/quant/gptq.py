@@ -38,18 +38,34 @@ class HessianCollector:
         return self.H / max(self.rows, 1)
 
 
+def inverse_hessian_factor(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, K) Hessian -> (U, dead): U the upper Cholesky factor of the damped H^-1 (H^-1 = U^T U), and the
+    (K,) mask of inputs that were never active (their weights are set to 0 by the caller)."""
+    H = H.float().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    H.diagonal().add_(damp * H.diagonal().mean())
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # (K, K)
+    return U, dead
+
+
+def spread_error_(W: torch.Tensor, U: torch.Tensor, j: int, q: torch.Tensor) -> torch.Tensor:
+    """GPTQ's column update, in place: column j of the (N, b) weights W takes its quantized values q (N,), and
+    the columns after it absorb the error, W[:, j:] -= e U[j, j:] with e = (W[:, j] - q) / U[j, j].
+    Returns e (N,), which the lazy-batch update applies to the columns beyond W."""
+    err = (W[:, j] - q) / U[j, j]                                   # (N,)
+    W[:, j:] -= err[:, None] * U[j, j:][None, :]                    # column j becomes exactly q
+    return err
+
+
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group: int, symmetric: bool = True,
                   damp: float = 0.01, block: int = 128) -> formats.Quantized:
     """Quantize an (N, K) weight with the (K, K) input Hessian ``H``; returns codes, scales, zeros."""
     W = weight.detach().float().clone()                            # (N, K), updated as we go
     N, K = W.shape
     formats.check_group(K, group)
-    H = H.float().clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
+    U, dead = inverse_hessian_factor(H, damp)
     W[:, dead] = 0.0
-    H.diagonal().add_(damp * H.diagonal().mean())
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # H^-1 = U^T U
 
     block = max(group, block - block % group) if group <= block else group  # blocks hold whole groups
     G = K // group
@@ -73,8 +89,6 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group: int, 
             c = formats.encode(Wb[:, i:i + 1, None].transpose(1, 2), s, z, bits)[:, 0]     # (N, 1)
             q = formats.decode(c[:, None], s, z, bits)[:, 0, 0]                              # (N,)
             codes[:, col] = c[:, 0]
-            err = (Wb[:, i] - q) / Ub[i, i]
-            Wb[:, i:] -= err[:, None] * Ub[i, i:][None, :]
-            errors[:, i] = err
+            errors[:, i] = spread_error_(Wb, Ub, i, q)
         W[:, end:] -= errors @ U[start:end, end:]
     return formats.Quantized(codes, scales, zeros)

@@ -18,7 +18,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from ..exercises import Mismatch, as_ints, call, exercise, expect_equal, expect_tensor, fresh_generator
+from ..exercises import (Mismatch, as_ints, call, exercise, expect_equal, expect_tensor, fresh_generator,
+                         name_the_mistake)
 from ...model.attention import attend, causal_mask
 from ...model.kv_cache import KVCache
 from ...model.mlp import SwiGLU
@@ -83,25 +84,6 @@ def _choice(g: torch.Generator, options):
     return options[_draw(g, 0, len(options) - 1)]
 
 
-def _name_the_mistake(got, expected: torch.Tensor, mistakes: dict[str, torch.Tensor], atol: float = 1e-5) -> None:
-    """Raise Mismatch with the first mistake whose output the answer equals (same shape, all close), unless the
-    answer equals the expected one (on some inputs a mistake gives the right result: no mask when T = 1)."""
-    if not isinstance(got, torch.Tensor) or not got.is_floating_point() or not torch.isfinite(got).all():
-        return
-    if _within(got, expected, atol):
-        return
-    for message, output in mistakes.items():
-        if _within(got, output, atol):
-            raise Mismatch(message)
-
-
-def _within(got: torch.Tensor, other: torch.Tensor, atol: float) -> bool:
-    """Same shape and no entry further apart than atol (the rule of expect_tensor)."""
-    if got.shape != other.shape:
-        return False
-    return got.numel() == 0 or (got.double() - other.double()).abs().max().item() <= atol
-
-
 def _reference_config(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int, eps: float):
     from transformers import Ernie4_5Config
 
@@ -120,14 +102,14 @@ def _additive_causal_mask(T: int, S: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 def _rms_norm_cases(g):
-    """(x, weight, eps): a batch of ordinary rows, then flat rows of which some are tiny (eps matters there)."""
-    h = _draw(g, 6, 40)
-    x = torch.randn(_draw(g, 1, 3), _draw(g, 2, 6), h, generator=g) * 3            # (B, T, h)
-    yield x, 1 + 0.3 * torch.randn(h, generator=g), 1e-5
+    """(x, weight, eps): flat rows of which some are tiny (eps matters there), then a batch of ordinary rows."""
     h = _draw(g, 5, 33)
     rows = torch.randn(_draw(g, 4, 8), h, generator=g)                               # (N, h)
     rows[::2] *= 1e-3                                                                # RMS near sqrt(eps)
     yield rows, 1 + 0.3 * torch.randn(h, generator=g), 10 ** (-5 - torch.rand(1, generator=g).item())
+    h = _draw(g, 6, 40)
+    x = torch.randn(_draw(g, 1, 3), _draw(g, 2, 6), h, generator=g) * 3            # (B, T, h)
+    yield x, 1 + 0.3 * torch.randn(h, generator=g), 1e-5
 
 
 @exercise("01.rms_norm",
@@ -140,7 +122,7 @@ def rms_norm(function) -> str:
         got = call(function, x, weight, eps)
         expected = kit_rms_norm(x, weight, eps)
         ms = x.pow(2).mean(-1, keepdim=True)                                         # (..., 1)
-        _name_the_mistake(got, expected, {
+        name_the_mistake(got, expected, {
             "you subtract the mean (that is LayerNorm); RMSNorm only divides by the root mean square":
                 weight * (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True) + eps).sqrt(),
             "eps is added after the square root; it belongs inside: sqrt(mean(x^2) + eps)":
@@ -204,7 +186,7 @@ def _judge_rotation(function, label: str, references: dict, mistakes: dict) -> N
     for x, cos, sin in _rope_cases(fresh_generator()):
         got = call(function, x, cos, sin)
         expected = next(iter(references.values()))(x, cos, sin)
-        _name_the_mistake(got, expected, {message: wrong(x, cos, sin) for message, wrong in mistakes.items()})
+        name_the_mistake(got, expected, {message: wrong(x, cos, sin) for message, wrong in mistakes.items()})
         if (isinstance(got, torch.Tensor) and got.shape == x.shape and got.is_floating_point()
                 and torch.isfinite(got).all() and not torch.allclose(got.norm(dim=-1), x.norm(dim=-1), atol=1e-4)):
             raise Mismatch("the output vectors have different lengths than the inputs: a rotation keeps lengths "
@@ -281,7 +263,7 @@ def gqa_attention(function) -> str:
         group, scale, causal = H // kv_heads, d ** -0.5, causal_mask(T, S)
         grouped, everything = torch.arange(H) // group, torch.ones(T, S, dtype=torch.bool)
         expected = kit_gqa_attention(q, k, v)
-        _name_the_mistake(got, expected, {
+        name_the_mistake(got, expected, {
             "the scores are not divided by sqrt(d) (head width d)": _attention_with(q, k, v, 1.0, causal, grouped),
             "the scores are divided by d; divide by sqrt(d)": _attention_with(q, k, v, 1 / d, causal, grouped),
             "query head h reads KV head h % Hkv (k.repeat); in GQA consecutive query heads share a KV head: "
@@ -322,15 +304,15 @@ def cache_append(function) -> str:
     for buffer, length, new in _cache_cases(fresh_generator()):
         got = call(function, buffer, length, new)
         T = new.shape[2]
-        written = buffer.clone()
-        written[:, :, length:length + T] = new
+        whole = buffer.clone()
+        expected = kit_cache_append(whole, length, new)                                # a view of `whole`
+        if isinstance(got, torch.Tensor) and got.shape == whole.shape != expected.shape and torch.equal(got, whole):
+            raise Mismatch("you returned the whole buffer; only its first length + T rows hold tokens")
         at_start = buffer.clone()
         at_start[:, :, :T] = new
-        expected = kit_cache_append(buffer.clone(), length, new)
-        _name_the_mistake(got, expected, {
+        name_the_mistake(got, expected, {
             "you wrote the new rows at position 0, over the oldest ones; they go after the `length` stored rows":
                 at_start[:, :, :length + T],
-            "you returned the whole buffer; only the first length + T rows hold tokens": written,
             "the new rows come first; append them after the stored ones": torch.cat((new, buffer[:, :, :length]), 2),
         }, atol=0.0)
         expect_tensor(f"cache of {length} rows plus {T} new (capacity {buffer.shape[2]})", got, expected)
@@ -363,7 +345,7 @@ def swiglu(function) -> str:
         got = call(function, x, w_gate, w_up, w_down)
         gate, up = x @ w_gate.T, x @ w_up.T                                           # (..., I) each
         expected = kit_swiglu(x, w_gate, w_up, w_down)
-        _name_the_mistake(got, expected, {
+        name_the_mistake(got, expected, {
             "silu is applied to the up projection; it belongs to the gate: silu(x W_gate^T) * (x W_up^T)":
                 (F.silu(up) * gate) @ w_down.T,
             "you use sigmoid(z) as the gate; SwiGLU uses silu(z) = z * sigmoid(z)": (torch.sigmoid(gate) * up) @ w_down.T,
@@ -430,7 +412,7 @@ def decoder_layer(function) -> str:
             after_attention = x + attention(n1(x))
             post_norm = n1(x + attention(x))
             normed_stream = n2(n1(x) + attention(n1(x)))
-            _name_the_mistake(got, expected, {
+            name_the_mistake(got, expected, {
                 "this is post-norm (normalise after adding); ERNIE normalises the input of each block: "
                 "x + attention(attn_norm(x))": n2(post_norm + mlp(post_norm)),
                 "you normalise the residual stream itself; only the copy a block reads is normalised":

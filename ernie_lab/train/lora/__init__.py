@@ -1,7 +1,8 @@
 """LoRA and QLoRA: low-rank adapters on the kit's linear layers, saved and loaded in peft's format.
 
     layer.py        y = W x + (alpha / r) B A x: LoRALinear, apply_lora, merge / unmerge, adapters_disabled
-    peft_format.py  save_adapter / load_adapter: peft's files and tensor names, transformers 5's fused experts
+    peft_format.py  save_adapter / load_adapter: peft's files and tensor names
+    fused_experts.py  peft's LoRA of fused 3-D expert parameters <-> the kit's per-expert LoRAs (VL: both ways)
     targets.py      LORA_TARGETS: each layer kind's name for the kit, the files, transformers and peft
 
     model = lora.apply_lora(model, r=8, alpha=16)        # wrap q/k/v/o and the MLP projections, freeze the rest

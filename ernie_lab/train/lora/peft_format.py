@@ -8,7 +8,7 @@ adapter is a peft adapter:
                                  base_model.model.<Hub module path>.lora_B.weight  (out, r)
 
 The Hub module path comes from the kit's name table (``layers.0.attn.q_proj`` is
-``model.layers.0.self_attn.q_proj``). MoE experts are saved per expert
+``model.layers.0.self_attn.q_proj``). Text MoE experts are saved per expert
 (``model.layers.1.mlp.experts.3.gate_proj``), the layout of the checkpoint files; peft >= 0.21 converts
 such an adapter itself when it loads it into a transformers 5 model, whose experts are fused 3-D
 parameters (``mlp.experts.gate_up_proj``): gate and up LoRAs of rank r become one rank-2r LoRA of the
@@ -30,9 +30,14 @@ What interoperates with peft 0.21.2 on transformers 5.23 (tests/test_lora.py che
   ``lora_dropout`` 0, and its fused gate/up LoRA (rank 2r, block-diagonal B stored dense) has more
   trainable numbers than the kit's per-expert gate and up LoRAs: counts match peft's for attention,
   dense and shared-expert targets, not for routed experts.
-* vision-language models: attention, shared experts, the ViT and the resampler (``vision=True``) load into
-  peft on transformers' VL model (through pictures and 3-D positions); the VL routed experts and dense
-  MLP do not (peft refuses them), so those adapters are kit-only. ``targets.LORA_TARGETS`` has each name.
+* vision-language models: attention, dense-layer MLPs, shared experts, routed experts, the ViT and the
+  resampler (``vision=True``) load into peft on transformers' VL model (through pictures and 3-D
+  positions). peft does not fuse this model's per-expert names, so the kit saves its routed experts already
+  fused, per expert group (``fused_experts.py``); a group must be adapted whole (all experts, gate and up
+  together), or ``save_adapter`` says why it cannot. The other way, a peft-made routed-expert adapter
+  (``target_parameters``) loads into the kit; peft-made VL adapters of other layers carry transformers'
+  in-memory names (``model.language_model.layers...``), which the kit does not read.
+  ``targets.LORA_TARGETS`` has each name.
 
 A QLoRA adapter (over a quantized base) trains in float32 and saves like any other.
 """
@@ -51,6 +56,7 @@ from ...errors import CheckpointError, ConfigError, InputError
 from ...atomic import atomic_folder
 from .layer import (VISION_PREFIXES, LoRALinear, _features, check_settings, is_linear_like, lora_layers,
                     replace_linears_back, wrap_layers)
+from .fused_experts import GATE_UP_PATTERN, fused_adapters, is_fused_experts, split_fused_experts
 from .targets import PEFT_MODULE_NAMES
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -84,10 +90,17 @@ def lab_module_path(hub_module: str, table: list) -> str | None:
 
 # ----------------------------------------------------------------------------------- save
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors under peft's names (per-expert layout for MoE experts)."""
+    """The adapter tensors under peft's names: text MoE experts per expert (peft fuses them itself), the VL
+    model's routed experts already fused per expert group (``fused_experts.py``)."""
     table = _name_table(model)
-    tensors = {}
-    for name, layer in lora_layers(model).items():
+    layers = lora_layers(model)
+    fused = fused_adapters(model, layers)                  # VL routed experts: peft's fused layout
+    held = {name for f in fused for name in f.kit_names}
+    tensors = {f"{PEFT_PREFIX}{f.path}.lora_{side}.weight": factor for f in fused for side, factor in (("A", f.A),
+                                                                                                    ("B", f.B))}
+    for name, layer in layers.items():
+        if name in held:
+            continue
         hub = PEFT_PREFIX + hub_module_path(name, table)
         tensors[f"{hub}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
         tensors[f"{hub}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
@@ -104,14 +117,19 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
     ranks = {n: (l.r, l.alpha) for n, l in layers.items() if (l.r, l.alpha) != (first.r, first.alpha)}
     if ranks:
         raise InputError(f"saving adapters of mixed ranks is not supported (e.g. {next(iter(ranks))}).")
-    targets, parameters = _peft_targets(model, list(layers))
+    fused = fused_adapters(model, layers)
+    held = {name for f in fused for name in f.kit_names}
+    targets, parameters = _peft_targets(model, [n for n in layers if n not in held])
+    parameters = sorted(set(parameters or ()) | {f.target for f in fused}) or None
+    gate_up = any(f.target.endswith("gate_up_proj") for f in fused)   # rank 2r, alpha 2*alpha: scale alpha / r
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": first.r, "lora_alpha": first.alpha, "lora_dropout": settings.get("dropout", 0.0),
         "target_modules": targets, "target_parameters": parameters,
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
         "use_rslora": False, "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
-        "rank_pattern": {}, "alpha_pattern": {},
+        "rank_pattern": {GATE_UP_PATTERN: 2 * first.r} if gate_up else {},
+        "alpha_pattern": {GATE_UP_PATTERN: 2 * first.alpha} if gate_up else {},
     }
 
 
@@ -397,8 +415,9 @@ def _per_module_tensors(model, tensors, config, table, folder) -> dict:
         if set(ab) != {"A", "B"}:
             raise CheckpointError(f"{folder}: {hub!r} has lora_{'A' if 'A' in ab else 'B'} but no "
                                   f"lora_{'B' if 'A' in ab else 'A'}; the adapter file is incomplete.")
-        if re.search(r"\.mlp\.experts(\.base_layer)*$", hub):
-            result.update(_split_fused_experts(model, hub, ab, config, table, folder))
+        if is_fused_experts(hub):
+            result.update(split_fused_experts(model, hub, ab["A"], ab["B"], lambda path: _rank_alpha(path, config)[1],
+                                              folder))
             continue
         lab = lab_module_path(hub, table)
         if lab is None:
@@ -409,51 +428,6 @@ def _per_module_tensors(model, tensors, config, table, folder) -> dict:
                                   f"{ADAPTER_CONFIG}.")
         result[lab] = (ab["A"], ab["B"], r, alpha)
     return result
-
-
-def _split_fused_experts(model, hub, ab, full_config, table, folder) -> dict:
-    """peft's LoRA of transformers 5's fused experts -> per-expert LoRAs of our gate / up / down projections.
-
-    A fused adapter of the (E, out, in) parameter has A (E * r, in) (expert e's rows e*r .. e*r+r-1) and
-    B (out, r * E) (expert e's columns e, e + E, ...). For ``gate_up_proj`` (out = 2I) the top I rows of
-    B_e update gate_proj and the bottom I rows up_proj, both with the same A_e.
-    """
-    from ...model.moe import MoEBlock
-
-    lab_expert = lab_module_path(hub.split(".experts")[0] + ".experts.0.down_proj", table)
-    lab_block = lab_expert.removesuffix(".experts.0.down_proj") if lab_expert else None
-    try:
-        block = model.get_submodule(lab_block) if lab_block else None
-    except AttributeError:
-        block = None
-    if not isinstance(block, MoEBlock):
-        raise ConfigError(f"{folder}: {hub!r} adapts experts, but {lab_block!r} is not an MoE block of this model.")
-    E, expert = block.num_experts, block.experts[0]
-    H, I = expert.gate_proj.in_features, expert.gate_proj.out_features
-    fan_in, fan_out = ab["A"].shape[-1], ab["B"].shape[0]
-    if (fan_in, fan_out) == (H, 2 * I):
-        param = "gate_up_proj"
-    elif (fan_in, fan_out) == (I, H):
-        param = "down_proj"
-    else:
-        raise CheckpointError(f"{folder}: {hub!r} lora_A {tuple(ab['A'].shape)} / lora_B {tuple(ab['B'].shape)} fit neither "
-                              f"the fused gate_up_proj ({H} -> {2 * I}) nor down_proj ({I} -> {H}) of these experts.")
-    if ab["A"].shape[0] % E or ab["B"].shape[1] != ab["A"].shape[0]:
-        raise CheckpointError(f"{folder}: {hub!r} has {ab['A'].shape[0]} LoRA rows, not a multiple of the {E} experts.")
-    _, alpha = _rank_alpha(hub.split(".experts")[0] + f".experts.{param}", full_config)
-    r = ab["A"].shape[0] // E                                            # peft: rank_pattern (2r for gate_up)
-    A = ab["A"].reshape(E, -1, ab["A"].shape[-1])                       # (E, r, in)
-    B = ab["B"].reshape(ab["B"].shape[0], -1, E).permute(2, 0, 1)        # (E, out, r)
-    out = {}
-    for e in range(E):
-        base = f"{lab_block}.experts.{e}"
-        if param == "down_proj":
-            out[f"{base}.down_proj"] = (A[e], B[e].contiguous(), r, alpha)
-        else:
-            half = B.shape[1] // 2
-            out[f"{base}.gate_proj"] = (A[e].clone(), B[e, :half].contiguous(), r, alpha)
-            out[f"{base}.up_proj"] = (A[e].clone(), B[e, half:].contiguous(), r, alpha)
-    return out
 
 
 def _wrap_exactly(model: nn.Module, per_module: dict, config: dict) -> None:

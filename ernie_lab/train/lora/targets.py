@@ -12,9 +12,9 @@ PaddleFormers #3230) or crash (LlamaFactory #9644). One row per kind of layer:
                 (tests/test_lora.py checks every True row, within 1e-4)
 
 The VL model's routed experts are fused per modality group in transformers (``text_moe``, ``vision_moe``)
-and peft 0.21 does not reach them: ``gate_proj`` targets land on the shared experts instead (zero LoRAs, a
-missing-keys warning, the adapter silently lost), and together with dense-MLP parameters peft refuses the
-config ("not a valid target"). That row stays kit-only (saved and reloaded by ``lora.load_adapter``).
+and peft 0.21 does not rewrite per-expert names for this model (a ``gate_proj`` module target would land on
+the shared experts), so the kit writes that row in peft's fused layout itself: ``target_parameters`` of each
+group's 3-D ``gate_up_proj`` / ``down_proj`` (``fused_experts.py``).
 """
 
 from __future__ import annotations
@@ -59,9 +59,12 @@ LORA_TARGETS = {
         peft="target_parameters: shared_experts.gate_proj.weight ... (a module target would be read as experts)",
         peft_loads=True),
     "VL routed experts": LoraTarget(
-        ROUTED_EXPERTS, "model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj (text experts, then vision experts)",
-        "model.language_model.layers.{i}.mlp.{text_moe,vision_moe}.experts.gate_up_proj (3-D)",
-        "lost: peft puts gate_proj targets on the shared experts of the VL model", peft_loads=False),
+        kit=ROUTED_EXPERTS,
+        file="model.language_model.layers.{i}.mlp.{text_moe,vision_moe}.experts[.base_layer] (peft's fused layout)",
+        memory="model.language_model.layers.{i}.mlp.{text_moe,vision_moe}.experts.gate_up_proj / down_proj (3-D)",
+        peft="target_parameters: {text_moe,vision_moe}.experts.{gate_up_proj,down_proj}; gate_up_proj rank 2r "
+             "(rank_pattern / alpha_pattern keep alpha / r)",
+        peft_loads=True),
     "vision encoder": LoraTarget(
         kit=("qkv", "proj", "fc1", "fc2"),
         file="model.vision_model.blocks.{i}.{attn.qkv,attn.proj,mlp.fc1,mlp.fc2}, vision_model.patch_embed.proj",
