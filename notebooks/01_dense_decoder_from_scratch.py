@@ -43,10 +43,10 @@
 # | 5 | `decoder_layer` | `HandDecoderLayer`, then `HandErnie` | `Ernie4_5DecoderLayer`, `ernie_lab.model.DecoderLayer` |
 # | 8 | `cache_append` | a cached `HandDecoderLayer` | one pass without a cache; `ernie_lab.KVCache` |
 #
-# After each stub comes one line, `piece = exercises.use("01.name", piece, kit=...)`. It tests your
-# function on fresh random inputs of several shapes against `ernie_lab` and `transformers`: when it is
-# right, the notebook goes on with **your** piece; while it is still a stub, it goes on with the kit's
-# (so "Run All" works on a fresh notebook); when it is wrong, the cell turns red and says what differs.
+# After each stub comes one line, like `rms_norm = exercises.use("01.rms_norm", rms_norm, kit=...)`. It
+# tests your function on fresh random inputs of several shapes against `ernie_lab` and `transformers`:
+# when it is right, the notebook goes on with **your** piece; while it is still a stub, it goes on with the
+# kit's (so "Run All" works on a fresh notebook); when it is wrong, the cell turns red and says what differs.
 # Then the notebook assembles the model from the pieces and compares it with the reference
 # implementation in `transformers` **on the same weights and inputs**, in float32. The finished pieces,
 # with the reasoning behind every line, are in `solutions/01_dense_decoder_from_scratch.py`.
