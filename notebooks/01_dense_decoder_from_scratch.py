@@ -16,36 +16,40 @@
 # # 01 · The dense ERNIE 4.5 decoder, from scratch
 #
 # **What you will learn:** every piece of a modern decoder (RMSNorm, rotary positions, grouped-query
-# attention, SwiGLU), written by hand and proven equal to `transformers`; loading a checkpoint; the KV
-# cache; greedy decoding and sampling. **Time:** 75 min (core 55 min). **Memory:** fast mode under 2 GB;
-# full mode (the real 0.3B shape, random weights) about 3 GB: two float32 copies of 1.4 GB each at a
-# time, and a temporary 1.4 GB checkpoint that is deleted after loading.
+# attention with a KV cache, SwiGLU, the pre-norm layer), **written by you** and proven equal to
+# `transformers`; loading a checkpoint; greedy decoding and sampling.
+#
+# **Time:** 167 min (core 125 min). **Memory:** fast mode under 2 GB; full mode (the real 0.3B shape,
+# random weights) about 3 GB: two float32 copies of 1.4 GB each at a time, and a temporary 1.4 GB
+# checkpoint that is deleted after loading.
 #
 # ![One ERNIE 4.5 decoder layer](../figures/decoder_layer.png)
 #
-# Papers behind the pieces: RMSNorm ([Zhang & Sennrich 2019](https://arxiv.org/abs/1910.07467)), RoPE
-# ([Su et al. 2021](https://arxiv.org/abs/2104.09864)), GQA ([Ainslie et al. 2023](https://arxiv.org/abs/2305.13245)),
-# SwiGLU ([Shazeer 2020](https://arxiv.org/abs/2002.05202)); the model:
-# [ERNIE 4.5 technical report](https://ernie.baidu.com/blog/publication/ERNIE_Technical_Report.pdf).
+# The papers behind the pieces are listed, with what each contributes, under *Further reading* at the end.
 #
 # ERNIE-4.5-0.3B is a plain decoder-only transformer with a few choices of its own: RMSNorm,
 # rotary positions on **interleaved** pairs, grouped-query attention with 16 query heads but only
 # 2 key/value heads of width 128, a SwiGLU MLP and an output head tied to the embedding.
 #
-# We build each piece by hand, in this order:
+# **You write the pieces**, in this order; each is a function with its formula and shapes in the docstring
+# and `...   # your code here` as its body:
 #
-# | step | piece | checked against |
-# |---|---|---|
-# | 1 | RMSNorm | `Ernie4_5RMSNorm`, `ernie_lab.norm.RMSNorm` |
-# | 2 | interleaved RoPE | `apply_rotary_pos_emb`, `ernie_lab.rope.apply_rope` |
-# | 3 | causal grouped-query attention | `Ernie4_5Attention`, `ernie_lab.attention.Attention` |
-# | 4 | SwiGLU MLP | `Ernie4_5MLP`, `ernie_lab.mlp.SwiGLU` |
-# | 5 | decoder layer | `Ernie4_5DecoderLayer`, `ernie_lab.model.DecoderLayer` |
-# | 6 | the whole model | `Ernie4_5ForCausalLM`, `ernie_lab.ErnieForCausalLM` |
+# | step | you write | the notebook builds from it | checked against |
+# |---|---|---|---|
+# | 1 | `rms_norm` | `HandRMSNorm` | `Ernie4_5RMSNorm`, `ernie_lab.norm.RMSNorm` |
+# | 2 | `rope_interleaved` | `rope_by_hand` | `apply_rotary_pos_emb`, `ernie_lab.rope.apply_rope` |
+# | 3 | `gqa_attention` | `HandAttention` | `Ernie4_5Attention`, `ernie_lab.attention.Attention` |
+# | 4 | `swiglu` | `HandSwiGLU` | `Ernie4_5MLP`, `ernie_lab.mlp.SwiGLU` |
+# | 5 | `decoder_layer` | `HandDecoderLayer`, then `HandErnie` | `Ernie4_5DecoderLayer`, `ernie_lab.model.DecoderLayer` |
+# | 8 | `cache_append` | a cached `HandDecoderLayer` | one pass without a cache; `ernie_lab.KVCache` |
 #
-# then load a checkpoint, add a KV cache, generate text and tokenize a chat. Each check compares
-# with the reference implementation in `transformers` **on the same weights and inputs**, in
-# float32, and fails loudly if the numbers drift. After a piece passes, we use the package's copy.
+# After each stub comes one line, like `rms_norm = exercises.use("01.rms_norm", rms_norm, kit=...)`. It
+# tests your function on fresh random inputs of several shapes against `ernie_lab` and `transformers`:
+# when it is right, the notebook goes on with **your** piece; while it is still a stub, it goes on with the
+# kit's (so "Run All" works on a fresh notebook); when it is wrong, the cell turns red and says what differs.
+# Then the notebook assembles the model from the pieces and compares it with the reference
+# implementation in `transformers` **on the same weights and inputs**, in float32. The finished pieces,
+# with the reasoning behind every line, are in `solutions/01_dense_decoder_from_scratch.py`.
 #
 # `ERNIE_LAB_FAST=1` (set by the tests) builds a narrow 4-layer model with the real vocabulary and
 # the real attention geometry; without it every step runs on the real 0.3B shape (random weights,
@@ -74,7 +78,7 @@ FAST = setup()  # fast mode: from ERNIE_LAB_FAST (make lab FAST=1); write FAST =
 USE_REAL_WEIGHTS = False  # True: also use a real checkpoint a lecturer has cached (never downloads)
 
 # %% [markdown]
-# ## 0 · The configuration and a reference model · core, 5 min
+# ## 0 · The configuration and a reference model · core, 7 min
 #
 # A config is a handful of integers that fix every tensor shape. Note the 0.3B's oddity: 16 query
 # heads of width 128 make 2048, twice the model width of 1024, so the query projection *widens*.
@@ -135,7 +139,7 @@ ref_layer = reference.model.layers[0]
 
 
 # %% [markdown]
-# ## 1 · RMSNorm · core, 5 min
+# ## 1 · RMSNorm · core, 14 min
 #
 # Before each sub-block the residual vector $x \in \mathbb{R}^h$ is rescaled to unit root mean square
 # and multiplied by a learned gain $g$:
@@ -144,6 +148,26 @@ ref_layer = reference.model.layers[0]
 #
 # Unlike LayerNorm there is no mean subtraction and no bias: cheaper, and it works as well. The
 # statistics are computed in float32 even when the model runs in bfloat16.
+#
+# **Your turn.** Write the formula as a function. The check feeds it fresh random vectors of several
+# widths, among them tiny ones where $\varepsilon$ decides the result.
+
+# %%
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / sqrt(mean(x^2) + eps), the mean over the last axis (one statistic per vector).
+
+    x: (..., h), weight: (h,)  ->  (..., h). Compute the statistic in float32 (x.float()) and cast the
+    normalised vector back to x.dtype before multiplying by the gain.
+    """
+    ...   # your code here
+
+
+from ernie_lab.course.exercise_sets.nb01 import kit_rms_norm   # the kit's RMSNorm, as a function
+
+rms_norm = exercises.use("01.rms_norm", rms_norm, kit=kit_rms_norm)
+
+# %% [markdown]
+# The module around it holds the learned gain; its weights load from the reference under the same name.
 
 # %%
 class HandRMSNorm(nn.Module):
@@ -153,9 +177,7 @@ class HandRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))   # the gain g
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., h) -> (..., h)
-        x32 = x.float()
-        rms = (x32.pow(2).mean(dim=-1, keepdim=True) + self.eps).sqrt()  # (..., 1)
-        return self.weight * (x32 / rms).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 hand_norm = HandRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -193,7 +215,7 @@ assert torch.allclose(rms_out[rms_in > 0.1], torch.ones(1), atol=1e-3)
 
 
 # %% [markdown]
-# ## 2 · Rotary position embedding (RoPE), interleaved · core, 10 min
+# ## 2 · Rotary position embedding (RoPE), interleaved · core, 20 min
 #
 # Attention compares a query with keys by dot products, which know nothing about order. RoPE
 # rotates each query and key by an angle proportional to its position. A head vector of width
@@ -209,21 +231,46 @@ assert torch.allclose(rms_out[rms_in > 0.1], torch.ones(1), atol=1e-3)
 # slowly that it takes millions of tokens to go round once.
 #
 # **ERNIE's twist:** the pairs are *neighbouring* dimensions $(2i, 2i{+}1)$ (GPT-J / GLM style),
-# not the two halves $(i, i{+}d/2)$ that Llama uses. A pair of numbers is a complex number,
-# and a rotation is multiplication by $e^{\mathrm{i}\,p\omega_i}$; that is how we write it by hand.
+# not the two halves $(i, i{+}d/2)$ that Llama uses in `transformers`.
+#
+# The angles are the same for every head, so they are computed once per position: a table of
+# $\cos p\,\omega_i$ and one of $\sin p\,\omega_i$, each `(B, T, d/2)`.
 
 # %%
 def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (d/2,): omega_i
 
 
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = positions.float()[..., None] * rope_frequencies(head_dim, theta)    # (B, T, d/2): p * omega_i
+    return angles.cos(), angles.sin()
+
+
+# %% [markdown]
+# **Your turn.** Turn every pair $(x_{2i}, x_{2i+1})$ of every head by its angle. The check uses batches
+# whose size differs from the number of heads, positions far beyond one full turn, and a single decoding
+# step ($T = 1$).
+
+# %%
+def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the interleaved pairs (x[..., 2i], x[..., 2i+1]) of every head:
+
+        x'[2i]   = x[2i] cos - x[2i+1] sin
+        x'[2i+1] = x[2i+1] cos + x[2i] sin,      cos, sin = cos[..., i], sin[..., i]
+
+    x: (B, H, T, d); cos, sin: (B, T, d/2), the same for every head  ->  (B, H, T, d).
+    """
+    ...   # your code here
+
+
+from ernie_lab.course.exercise_sets.nb01 import kit_rope   # ernie_lab.rope.apply_rope
+
+rope_interleaved = exercises.use("01.rope_interleaved", rope_interleaved, kit=kit_rope)
+
+
 def rope_by_hand(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    # x: (B, H, T, d), positions: (B, T). Pairs (x[2i], x[2i+1]) become complex numbers and are turned.
-    d = x.shape[-1]
-    angles = positions.float()[..., None] * rope_frequencies(d, theta)            # (B, T, d/2)
-    turn = torch.polar(torch.ones_like(angles), angles)[:, None]                  # (B, 1, T, d/2): e^{i p w}
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], d // 2, 2))    # (B, H, T, d/2)
-    return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)               # (B, H, T, d)
+    # x: (B, H, T, d), positions: (B, T) -> (B, H, T, d): your rotation with this section's tables
+    return rope_interleaved(x, *rope_tables(positions, x.shape[-1], theta))
 
 
 # %%
@@ -320,7 +367,7 @@ plt.show()
 
 
 # %% [markdown]
-# ## 3 · Causal grouped-query attention · core, 10 min
+# ## 3 · Causal grouped-query attention · core, 24 min
 #
 # Each head $h$ projects the normalised residual into queries, keys and values and mixes the values
 # of earlier tokens by how well their keys match its query:
@@ -333,6 +380,37 @@ plt.show()
 # The keys and values, which must be stored for every past token (the KV cache, section 8), shrink
 # 8x, while 16 different queries still ask 16 different questions. The head outputs are
 # concatenated and projected back to the model width by $W_o$.
+#
+# One detail matters once a KV cache exists (section 8): the keys may outnumber the queries. With $S$
+# keys and $T \le S$ queries, the queries are the **last** $T$ positions, so query $i$ sits at position
+# $S - T + i$ and sees keys $0 \dots S - T + i$. A single decoding step ($T = 1$) sees every key.
+#
+# ![Grouped-query attention over a KV cache](../figures/gqa_kv_cache.png)
+#
+# **Your turn.** Write the attention of the formula above for already-projected, already-rotated heads.
+# The check tries a prefill ($S = T$), one cached decoding step ($T = 1$) and a chunk after a cache, with
+# 1 to 3 KV heads shared by groups of 2 to 4 query heads.
+
+# %%
+def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + M) v, where H query heads share Hkv key/value heads.
+
+    q: (B, H, T, d); k: (B, Hkv, S, d); v: (B, Hkv, S, dv), S >= T  ->  (B, H, T, dv).
+    * query head h reads KV head h // (H // Hkv)   (torch.repeat_interleave along axis 1)
+    * the queries are the last T of S positions: query i may see keys 0 .. S - T + i; M = -inf elsewhere
+    * softmax over the keys (the last axis)
+    """
+    ...   # your code here
+
+
+from ernie_lab.course.exercise_sets.nb01 import kit_gqa_attention   # ernie_lab.attention.attend, causal
+
+gqa_attention = exercises.use("01.gqa_attention", gqa_attention, kit=kit_gqa_attention)
+
+# %% [markdown]
+# The module around it projects, rotates and (from section 8 on) stores keys and values in a cache.
+# `probabilities` gets the attention weights out of your function with a trick: when the values are the
+# identity matrix, each output row *is* the row of weights that mixed them.
 
 # %%
 class HandAttention(nn.Module):
@@ -345,26 +423,34 @@ class HandAttention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor):
+    def heads(self, x: torch.Tensor, positions: torch.Tensor):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, H, T, d)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, d)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, d)
-        q, k = rope_by_hand(q, positions, self.theta), rope_by_hand(k, positions, self.theta)
-        group = self.n_heads // self.n_kv_heads
-        k = k.repeat_interleave(group, dim=1)               # (B, H, T, d): query head h reads KV head h // group
-        v = v.repeat_interleave(group, dim=1)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)                       # (B, H, T, T)
-        causal = torch.ones(T, T, dtype=torch.bool).tril()                                # (T, T)
-        weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)              # (B, H, T, T)
-        out = (weights @ v).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*d)
-        return self.o_proj(out), weights                                                  # (B, T, hidden)
+        return rope_by_hand(q, positions, self.theta), rope_by_hand(k, positions, self.theta), v
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.heads(x, positions)
+        if cache is not None:  # section 8: this layer's buffers; cache_append is the function you write there
+            k = cache_append(cache["k"], cache["length"], k)                             # (B, Hkv, past + T, d)
+            v = cache_append(cache["v"], cache["length"], v)
+            cache["length"] += T
+        out = gqa_attention(q, k, v)                                                     # (B, H, T, d)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, hidden)
+
+    def probabilities(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # (B, H, T, T)
+        q, k, _ = self.heads(x, positions)
+        B, _, T, _ = k.shape
+        identity = torch.eye(T).expand(B, self.n_kv_heads, T, T)   # v = I: output row t = the weights of query t
+        return gqa_attention(q, k, identity)
 
 
 # %%
 hand_attn = HandAttention(cfg)
 hand_attn.load_state_dict(ref_layer.self_attn.state_dict())
-ours, our_weights = hand_attn(x, positions)
+ours, our_weights = hand_attn(x, positions), hand_attn.probabilities(x, positions)
 
 additive_mask = torch.zeros(T, T).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
 theirs, their_weights = ref_layer.self_attn(x, position_embeddings=(cos, sin), attention_mask=additive_mask[None, None])
@@ -432,7 +518,7 @@ plt.show()
 
 
 # %% [markdown]
-# ## 4 · The SwiGLU MLP · core, 3 min
+# ## 4 · The SwiGLU MLP · core, 13 min
 #
 # After attention has moved information between positions, the MLP transforms each position on its
 # own. ERNIE uses a *gated* MLP: one projection decides how much of each of the $I$ features passes
@@ -443,6 +529,23 @@ plt.show()
 #
 # With three matrices the 0.3B's width $I = 3072 = 3h$ costs $9h^2$ parameters per layer, close
 # to the $8h^2$ of a classic two-matrix MLP of width $4h$.
+#
+# **Your turn.** The weights come as `nn.Linear` stores them, `(out, in)`, so projecting a row vector is
+# `x @ w.T`.
+
+# %%
+def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """W_down( silu(W_gate x) * (W_up x) ),  silu(z) = z * sigmoid(z).
+
+    x: (..., h); w_gate, w_up: (I, h); w_down: (h, I)  ->  (..., h).
+    """
+    ...   # your code here
+
+
+from ernie_lab.course.exercise_sets.nb01 import kit_swiglu   # ernie_lab.mlp.SwiGLU, as a function
+
+swiglu = exercises.use("01.swiglu", swiglu, kit=kit_swiglu)
+
 
 # %%
 class HandSwiGLU(nn.Module):
@@ -453,8 +556,7 @@ class HandSwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # (..., h) -> (..., h)
-        gate = self.gate_proj(x)                           # (..., I)
-        return self.down_proj(gate * torch.sigmoid(gate) * self.up_proj(x))
+        return swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
 
 hand_mlp = HandSwiGLU(cfg.hidden_size, cfg.intermediate_size)
@@ -480,14 +582,32 @@ plt.show()
 
 
 # %% [markdown]
-# ## 5 · The decoder layer · core, 4 min
+# ## 5 · The decoder layer · core, 13 min
 #
 # A layer adds two updates to the residual stream, each computed from a normalised copy (pre-norm):
 #
 # $$x \leftarrow x + \mathrm{Attention}(\mathrm{RMSNorm}_1(x)), \qquad x \leftarrow x + \mathrm{MLP}(\mathrm{RMSNorm}_2(x)).$$
 #
 # The residual stream itself is never normalised, so a signal (and a gradient) can pass through
-# all 18 layers unchanged. We name our sub-modules like the reference does, so its weights load as they are.
+# all 18 layers unchanged.
+#
+# **Your turn.** Wire one layer from its four parts, each a function of a `(B, T, h)` tensor.
+
+# %%
+def decoder_layer(x: torch.Tensor, attention, mlp, attn_norm, mlp_norm) -> torch.Tensor:
+    """x <- x + attention(attn_norm(x)), then x <- x + mlp(mlp_norm(x)); return x.
+
+    x: (B, T, h); attention, mlp, attn_norm, mlp_norm: (B, T, h) -> (B, T, h)  ->  (B, T, h).
+    """
+    ...   # your code here
+
+
+from ernie_lab.course.exercise_sets.nb01 import kit_decoder_layer   # DecoderLayer.forward's wiring
+
+decoder_layer = exercises.use("01.decoder_layer", decoder_layer, kit=kit_decoder_layer)
+
+# %% [markdown]
+# We name our sub-modules like the reference does, so its weights load as they are.
 
 # %%
 class HandDecoderLayer(nn.Module):
@@ -498,9 +618,9 @@ class HandDecoderLayer(nn.Module):
         self.post_attention_layernorm = HandRMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = HandSwiGLU(c.hidden_size, c.intermediate_size)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # (B, T, h) -> (B, T, h)
-        x = x + self.self_attn(self.input_layernorm(x), positions)[0]
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        attention = lambda h: self.self_attn(h, positions, cache)                   # (B, T, h) -> (B, T, h)
+        return decoder_layer(x, attention, self.mlp, self.input_layernorm, self.post_attention_layernorm)
 
 
 hand_layer = HandDecoderLayer(cfg)
@@ -661,7 +781,7 @@ shutil.rmtree(broken)
 shutil.rmtree(checkpoint)   # the temporary checkpoint (1.4 GB in full mode) is loaded; delete it
 
 # %% [markdown]
-# ## 8 · The KV cache · core, 8 min
+# ## 8 · The KV cache · core, 21 min
 #
 # Generating token $t+1$ needs attention over all $t$ earlier tokens, but their keys and values
 # never change once computed. The KV cache keeps them: after one **prefill** pass over the prompt,
@@ -671,8 +791,46 @@ shutil.rmtree(checkpoint)   # the temporary checkpoint (1.4 GB in full mode) is 
 #
 # ![The KV cache](../figures/kv_cache.png)
 #
-# The check: feeding a sequence as a prompt plus one token at a time through the cache must give
-# the same logits as one pass over the whole sequence.
+# **Your turn.** The cache's one operation: a layer's key (or value) buffer, `(B, Hkv, capacity, d)`, was
+# allocated once for the longest sequence; its first `length` rows hold the tokens so far. Write the `T`
+# new rows after them, **in place**, and hand back the filled rows. `HandAttention` (section 3) already
+# calls it when it is given a cache.
+
+# %%
+def cache_append(buffer: torch.Tensor, length: int, new: torch.Tensor) -> torch.Tensor:
+    """Write `new` into rows length .. length + T - 1 of `buffer` (in place); return buffer[:, :, :length + T].
+
+    buffer: (B, Hkv, capacity, d), rows past `length` are leftovers; new: (B, Hkv, T, d)
+    ->  (B, Hkv, length + T, d), a view of `buffer` (so the next step finds the rows there).
+    """
+    ...   # your code here
+
+
+from ernie_lab.course.exercise_sets.nb01 import kit_cache_append   # ernie_lab.KVCache.update on one buffer
+
+cache_append = exercises.use("01.cache_append", cache_append, kit=kit_cache_append)
+
+# %% [markdown]
+# Now all your pieces run cached: the decoder layer of section 5 on a prompt of 8 vectors, then on one
+# vector per step, must give what one pass over all 24 gives. Each step's single query sees every stored
+# key (your `gqa_attention` with $T = 1$), and your `cache_append` put them there.
+
+# %%
+steps = torch.randn(1, 24, cfg.hidden_size)                              # (1, 24, h): a residual stream
+one_pass = hand_layer(steps, torch.arange(24)[None])                     # (1, 24, h), no cache
+buffers = torch.zeros(2, 1, cfg.num_key_value_heads, 24, cfg.head_dim)   # keys, values: (B, Hkv, 24, d) each
+layer_cache = {"k": buffers[0], "v": buffers[1], "length": 0}
+outputs = [hand_layer(steps[:, :8], torch.arange(8)[None], layer_cache)]            # prefill 8 positions
+for t in range(8, 24):
+    outputs.append(hand_layer(steps[:, t:t + 1], torch.tensor([[t]]), layer_cache))  # one position per step
+print("rows in your cache:", layer_cache["length"])
+compare("your layer: prefill + cached steps vs one pass", torch.cat(outputs, dim=1), one_pass, atol=1e-4)
+assert layer_cache["length"] == 24 and buffers[0].abs().amin(-1).gt(0).all()      # every row was written
+
+# %% [markdown]
+# The kit's `ernie_lab.KVCache` is the same idea for a whole model, one pair of buffers per layer. The
+# check: feeding a sequence as a prompt plus one token at a time through the cache must give the same
+# logits as one pass over the whole sequence.
 
 # %%
 from ernie_lab import KVCache
@@ -690,8 +848,12 @@ compare("logits: cached decode vs full recomputation", torch.cat(pieces, dim=1),
 
 # %% [markdown]
 # What the cache buys: the time to produce the next token after $t$ tokens, recomputing everything
-# versus one cached step. Without the cache the cost grows with $t$ (and the whole generation with
-# $t^2$); with it a step costs about the same at any length, dominated by reading the weights.
+# versus one cached step. Without the cache every step pushes all $t + 1$ tokens through every weight
+# matrix: the step's cost grows with $t$ (and the whole generation's with $t^2$). With the cache a step
+# has two parts. The **weights** are applied to one token, a cost that is the same at any length.
+# **Attention** compares the new query with all $t$ cached keys and mixes $t$ values: that part grows
+# linearly with $t$. At short contexts the weights dominate, so a cached step looks almost constant;
+# the cell after the plot computes where attention catches up.
 
 # %%
 def median_seconds(fn, repeats: int = 5) -> float:
@@ -723,7 +885,7 @@ for t in tqdm(lengths, desc="timing"):
 fig, (work_ax, time_ax) = plt.subplots(1, 2, figsize=(12, 3.8))
 work_ax.plot(lengths, [t + 1 for t in lengths], marker="o", label="recompute: rows through every layer")
 work_ax.plot(lengths, [1 for _ in lengths], marker="o", label="cached: rows through every layer")
-work_ax.plot(lengths, [t + 1 for t in lengths], ls=":", color="gray", label="cached: key rows read (grows, but cheap)")
+work_ax.plot(lengths, [t + 1 for t in lengths], ls=":", color="gray", label="cached: key rows read (grows linearly)")
 work_ax.set_xlabel("tokens already in the context (t)")
 work_ax.set_ylabel("rows per next token")
 work_ax.set_title("Work for the next token (counted)")
@@ -737,6 +899,19 @@ time_ax.legend()
 plt.tight_layout()
 plt.show()
 print("cached step / recompute, at the longest context:", f"{with_cache[-1] / no_cache[-1]:.2f}")
+
+# %%
+# Where attention catches up with the weights, for one cached step of the real 0.3B (per layer, counted):
+# the weights cost 2 FLOPs per parameter; attention 2 H d t for q . k over t keys, and as much for the values.
+c = ERNIE_0_3B
+weights_per_layer = (2 * c.hidden_size * c.num_attention_heads * c.head_dim
+                     + 2 * c.hidden_size * c.num_key_value_heads * c.head_dim + 3 * c.hidden_size * c.intermediate_size)
+equal_flops_at = 2 * weights_per_layer / (4 * c.num_attention_heads * c.head_dim)
+# bytes read per step: the weights once (bf16), and the cached keys and values, 2 Hkv d per token (bf16)
+equal_bytes_at = 2 * weights_per_layer / (2 * 2 * c.num_key_value_heads * c.head_dim)
+print(f"attention's FLOPs equal the weights' at t = {equal_flops_at:,.0f} tokens; "
+      f"the bytes read from the cache equal the weights' at t = {equal_bytes_at:,.0f}")
+assert 3_000 < equal_flops_at < 4_000 and 25_000 < equal_bytes_at < 30_000
 
 # %% [markdown]
 # ## 9 · Generation · core, 8 min
@@ -798,7 +973,8 @@ for temperature in (0.0, 0.7, 1.5):
 # %% [markdown]
 # **What its attention heads learned.** Random heads spread their attention almost evenly; trained
 # heads pick. Catch the input of the last layer's attention with a forward pre-hook, recompute its
-# softmax(q k^T / sqrt(d)) by hand (GQA: query head h reads key head h // 3) and draw every head:
+# weights with your `gqa_attention` and the identity as values (the trick of section 3; here query
+# head h reads KV head h // 3) and draw every head:
 
 # %%
 from ernie_lab.model.rope import apply_rope
@@ -816,9 +992,7 @@ with torch.no_grad():
     q = attention.q_proj(x).view(1, T, attention.n_heads, -1).transpose(1, 2)     # (1, H, T, d)
     k = attention.k_proj(x).view(1, T, attention.n_kv_heads, -1).transpose(1, 2)  # (1, Hkv, T, d)
     q, k = apply_rope(q, *captured["rope"]), apply_rope(k, *captured["rope"])
-    k = k.repeat_interleave(attention.n_heads // attention.n_kv_heads, dim=1)     # (1, H, T, d)
-    scores = q @ k.transpose(-1, -2) / attention.head_dim ** 0.5
-    weights = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)[0]  # (H, T, T)
+    weights = gqa_attention(q, k, torch.eye(T).expand(1, attention.n_kv_heads, T, T))[0]   # (H, T, T)
 
 words = [tiny_tokenizer.decode([i]) for i in ids[0].tolist()]
 fig, axes = plt.subplots(1, attention.n_heads, figsize=(3.2 * attention.n_heads, 3.6))
@@ -921,11 +1095,12 @@ if USE_REAL_WEIGHTS:
         del real_model
 
 # %% [markdown]
-# ## Exercises · core, 25 min
+# ## Exercises · optional, 32 min
 #
-# Each exercise is a stub for you to fill in, followed by a check from `ernie_lab.exercises`. Until you
-# write something the check says "not attempted yet" and gives a hint; a wrong answer stops with a
-# message that says what differs; a right one says "correct". The solutions are in `solutions/`.
+# Three more, each a stub followed by a check from `ernie_lab.exercises` that draws fresh inputs every
+# time. Until you write something the check says "not attempted yet" and gives a hint; a wrong answer
+# stops with a message that says what differs; a right one says "correct". The solutions, explained, are
+# in `solutions/01_dense_decoder_from_scratch.py`.
 
 # %% [markdown]
 # ### Exercise 1 · The other RoPE layout, in the model (an experiment)
@@ -964,7 +1139,8 @@ if exercises.check("01.rope_rotate_half", rope_rotate_half):
 #
 # Section 9 sampled with `top_p`. Write the nucleus yourself: given next-token probabilities `probs (V,)`
 # and `p`, return the ids (sorted) of the smallest set of most likely tokens whose probabilities add up
-# to at least `p`.
+# to at least `p`. The check uses vocabularies of a few and of hundreds of tokens, and values of `p` that
+# fall exactly on a sum of the largest probabilities: there the nucleus stops, with nothing added.
 
 # %%
 def nucleus(probs, p):
@@ -988,12 +1164,60 @@ exercises.check("01.causal_mask", unchanged_positions)
 # %% [markdown]
 # ## Key takeaways
 #
-# * RMSNorm rescales to unit root-mean-square and multiplies by a gain; no mean, no bias.
+# * RMSNorm rescales to unit root-mean-square and multiplies by a gain; no mean, no bias; $\varepsilon$ sits
+#   inside the square root.
 # * RoPE turns each pair of dimensions by an angle proportional to the position, so scores depend only on
 #   distances; ERNIE pairs *neighbouring* dimensions, and a model run with the other layout is wrong from
 #   position 1 on.
-# * GQA lets 16 query heads share 2 key/value heads: an 8x smaller KV cache.
-# * The KV cache makes a decoding step cost the same at any length; the causal mask is what allows it.
+# * GQA lets 16 query heads share 2 key/value heads (head $h$ reads KV head $h // 8$): an 8x smaller KV cache.
+# * With a cache the $T$ queries are the **last** $T$ of $S$ positions; a mask aligned to the top-left is the
+#   classic bug.
+# * A cached decoding step applies the weights to one token, a cost that does not depend on the length,
+#   while its attention reads all $t$ cached keys and values, a cost that grows linearly with $t$. The
+#   weights dominate at short contexts (for the 0.3B, attention's arithmetic catches up near 3,500
+#   tokens); without a cache every step would redo all $t$ tokens. The causal mask is what makes the cache
+#   correct: earlier positions never change.
+# * Pre-norm: each block reads a normalised copy and adds to a stream that is never normalised.
+#
+# ## What we built
+#
+# Six functions of your own, `rms_norm`, `rope_interleaved`, `gqa_attention`, `swiglu`,
+# `decoder_layer` and `cache_append`, each checked on fresh inputs against `ernie_lab` and `transformers`,
+# and from them a whole ERNIE-4.5-0.3B-shaped decoder (`HandErnie`) whose logits equal `transformers'`
+# on the same weights, and a cached decoder layer equal to its uncached self. Then, with the kit's
+# copy of the same model: loading a checkpoint, the KV cache over the whole model, greedy decoding
+# equal to `transformers.generate`, sampling with temperature and top-p, and the chat template.
 #
 # **What comes next:** notebook **02** replaces the MLP of most layers with a *mixture of experts* and
 # builds the 21B-A3B; notebook **07** (dense track) quantizes this model.
+#
+# ## Further reading
+#
+# * Baidu ERNIE Team (2025). *ERNIE 4.5 Technical Report.*
+#   [PDF](https://ernie.baidu.com/blog/publication/ERNIE_Technical_Report.pdf). The family this notebook
+#   rebuilds; the 0.3B is its one dense text model, with the shape of section 0.
+# * Vaswani, Shazeer, Parmar, Uszkoreit, Jones, Gomez, Kaiser, Polosukhin (2017). *Attention Is All You
+#   Need.* [arXiv:1706.03762](https://arxiv.org/abs/1706.03762). Scaled dot-product attention with many
+#   heads and residual blocks; its layers normalise *after* each addition (post-norm), ERNIE before (pre-norm).
+# * Zhang & Sennrich (2019). *Root Mean Square Layer Normalization.*
+#   [arXiv:1910.07467](https://arxiv.org/abs/1910.07467). Drops LayerNorm's mean and bias and keeps only
+#   the rescaling; ERNIE uses it with $\varepsilon = 10^{-5}$ and the statistics in float32.
+# * Su, Lu, Pan, Murtadha, Wen, Liu (2021). *RoFormer: Enhanced Transformer with Rotary Position
+#   Embedding.* [arXiv:2104.09864](https://arxiv.org/abs/2104.09864). Positions as rotations of pairs of
+#   dimensions, so scores depend on distances; ERNIE rotates neighbouring pairs with $\theta = 500\,000$.
+# * Shazeer (2020). *GLU Variants Improve Transformer.* [arXiv:2002.05202](https://arxiv.org/abs/2002.05202).
+#   Gated MLPs, SwiGLU among them; ERNIE's 0.3B uses SwiGLU with width $3h$.
+# * Shazeer (2019). *Fast Transformer Decoding: One Write-Head is All You Need.*
+#   [arXiv:1911.02150](https://arxiv.org/abs/1911.02150). One key/value head for all query heads
+#   (multi-query attention), to shrink the KV cache that decoding reads at every step.
+# * Ainslie, Lee-Thorp, de Jong, Zemlyanskiy, Lebrón, Sanghai (2023). *GQA: Training Generalized
+#   Multi-Query Transformer Models from Multi-Head Checkpoints.* [arXiv:2305.13245](https://arxiv.org/abs/2305.13245).
+#   The middle ground, groups of query heads sharing a KV head; ERNIE's 0.3B has 16 query heads in 2 groups.
+# * Touvron et al. (2023). *LLaMA: Open and Efficient Foundation Language Models.*
+#   [arXiv:2302.13971](https://arxiv.org/abs/2302.13971). The same recipe (pre-norm RMSNorm, RoPE,
+#   SwiGLU); the Llama of `transformers` rotates the two halves of a head (rotate-half: its conversion
+#   script permutes Meta's query and key weights for it) where ERNIE's checkpoints rotate neighbours, and
+#   LLaMA does not tie the output head to the embedding as the 0.3B does.
+# * Holtzman, Buys, Du, Forbes, Choi (2019). *The Curious Case of Neural Text Degeneration.*
+#   [arXiv:1904.09751](https://arxiv.org/abs/1904.09751). Nucleus (top-p) sampling, exercise 2; nothing
+#   ERNIE-specific: `ernie_lab.generate` applies it to any of the family's models.

@@ -556,6 +556,41 @@ def draw_packing(right):
 ALL.append(quantization_groups)
 
 
+# --- notebook 01 ---
+def gqa_kv_cache():
+    """Grouped-query attention over a preallocated KV cache: 8 query heads per KV head, the new rows written
+    at `length`, the last query seeing every stored key."""
+    fig, ax = canvas(12, 6.6, "Grouped-query attention over a KV cache (one decoding step, one layer)")
+    colors = (BLUE, GREEN)
+    for h in range(16):                                            # query heads of the new token
+        y = 5.5 - h * 0.29 - (0.2 if h >= 8 else 0)
+        box(ax, 0.3, y, 1.0, 0.24, f"q{h}", colors[h // 8], fontsize=FONT - 4)
+        arrow(ax, (1.3, y + 0.12), (2.5, 4.25 - 2.35 * (h // 8)), color="#888888", lw=0.8, style="-")
+    note(ax, 0.25, 0.2, "16 query heads\n(the new token)", fontsize=FONT - 1)
+    note(ax, 1.45, 5.85, "query head h reads KV head h // 8", fontsize=FONT - 1)
+    capacity, length = 10, 6
+    for g, base in enumerate((3.55, 1.2)):                          # two KV heads, each a key and a value buffer
+        note(ax, 2.55, base + 1.3, f"KV head {g}: keys and values, (capacity, d)", fontsize=FONT - 1)
+        for part, dy in (("k", 0.65), ("v", 0.0)):
+            for s in range(capacity):
+                stored, new = s < length, s == length
+                color = colors[g] if stored else ORANGE if new else "white"
+                label = f"{part}{s}" if stored or new else ""
+                ax.add_patch(FancyBboxPatch((2.6 + s * 0.62, base + dy), 0.54, 0.5, boxstyle="square,pad=0",
+                                            fc=color, ec="black", lw=1.0, ls="-" if stored or new else ":"))
+                ax.text(2.87 + s * 0.62, base + dy + 0.25, label, ha="center", va="center", fontsize=FONT - 3)
+    note(ax, 2.6, 0.55, "rows 0 .. length-1: stored tokens   |   row length: written now, in place (cache_append)   |   "
+         "dotted: room left", fontsize=FONT - 2)
+    box(ax, 9.05, 3.0, 2.75, 2.9, "new query at position\nS - 1 = length:\nsees all S = length + 1\nstored keys\n\n"
+        "with T new queries:\nquery i sees keys\n0 .. S - T + i", YELLOW, fontsize=FONT - 2)
+    note(ax, 9.05, 1.5, "cache per token, per layer:\n2 (k, v) x 2 KV heads x 128\n(one KV head per query head: 8x)",
+         fontsize=FONT - 2)
+    return save(fig, "gqa_kv_cache.png")
+
+
+ALL.append(gqa_kv_cache)
+
+
 if __name__ == "__main__":
     import argparse
 

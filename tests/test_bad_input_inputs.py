@@ -378,7 +378,7 @@ def test_answers_of_the_wrong_kind(name, answer, words):
 @pytest.mark.parametrize("function, words", [
     (lambda x, cos, sin: x.tolist(), ["expected a tensor", "list"]),
     (lambda x, cos, sin: x.long(), ["dtype torch.int64", "floating-point"]),
-    (lambda x, cos, sin: x[..., :4], ["shape (2, 3, 5, 4)", "(2, 3, 5, 16)"]),
+    (lambda x, cos, sin: x[..., :4], [", 4), expected (", "shape ("]),   # the judge draws its shapes fresh
     (lambda x, cos, sin: x * math.nan, ["NaN"]),
     (lambda x, cos, sin: x.reshape(-1)[10**9], ["raised IndexError"]),
 ])
