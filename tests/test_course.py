@@ -84,7 +84,7 @@ def test_every_notebook_ends_with_further_reading_that_cites_the_report(source):
 @pytest.mark.parametrize("source", [p for p in NOTEBOOK_SOURCES if "01" <= p.name[:2] <= "08"], ids=lambda p: p.stem)
 def test_every_lesson_shows_a_diagram_of_its_idea(source):
     text = source.read_text()
-    shown = re.findall(r"\]\(\.\./figures/[\w.-]+\.png\)|notebook\.figure\(\s*[\"'][\w.-]+\.png", text)
+    shown = re.findall(r"\]\(\.\./figures/[\w.-]+\.png\)|\bfigure\(\s*[\"'][\w.-]+\.png", text)
     assert shown, f"{source.name} shows no diagram from figures/"
 
 

@@ -179,22 +179,34 @@ def test_replaying_memorised_outputs_fails(name):
         _failure(name, _with(name, index, replay))
 
 
-def _float_tensor_output(name, index):
-    spy = _spied(name)[index]
-    out = spy.calls[0][2]
-    return out if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel() else None
+def _changed(out, change):
+    """`change` (tensor -> answer) applied to the answer's numbers: a floating-point tensor, the first one in a
+    tuple or list of outputs, a float, or the values of a {name: number} dict. None when the answer holds none."""
+    if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
+        return change(out)
+    if isinstance(out, (tuple, list)):
+        for i, item in enumerate(out):
+            if isinstance(item, torch.Tensor) and item.is_floating_point() and item.numel():
+                return type(out)([*out[:i], change(item), *out[i + 1:]])
+    if isinstance(out, float):
+        value = change(torch.tensor([out], dtype=torch.float64))
+        return value.item() if isinstance(value, torch.Tensor) else value
+    if isinstance(out, dict) and out and all(isinstance(v, float) for v in out.values()):
+        values = change(torch.tensor(list(out.values()), dtype=torch.float64))
+        return dict(zip(out, values.tolist())) if isinstance(values, torch.Tensor) else values
+    return None
 
 
 def _wrapped(name, index, change):
     solution = SOLUTIONS[name][index]
 
     def answer(*args, **kwargs):
-        return change(solution(*args, **kwargs), args)
+        return _changed(solution(*args, **kwargs), change)
     answer.__signature__ = inspect.signature(solution)
     return answer
 
 
-def _nan_in(out, args):
+def _nan_in(out):
     out = out.detach().clone()
     out.view(-1)[out.numel() // 2] = float("nan")
     return out
@@ -202,30 +214,37 @@ def _nan_in(out, args):
 
 SHORTCUTS = {
     "NaN in the answer": _nan_in,
-    "the answer as a Python list": lambda out, args: out.tolist(),
-    "zeros of the right shape": lambda out, args: torch.zeros_like(out),
-    "the answer times 1.01": lambda out, args: out * 1.01,
+    "the answer as a Python list": lambda out: out.tolist(),
+    "zeros of the right shape": torch.zeros_like,
+    "the answer times 1.01": lambda out: out * 1.01,
 }
 
 
 @pytest.mark.parametrize("shortcut", sorted(SHORTCUTS))
 @pytest.mark.parametrize("name", FUNCTION_EXERCISES)
 def test_generic_shortcut_fails(name, shortcut):
-    """Applied to every function answer whose output is one floating-point tensor."""
+    """Applied to every function answer whose output holds floating-point numbers (a tensor, a tuple of
+    outputs, a {name: number} dict)."""
     tried = 0
-    for index, answer in enumerate(SOLUTIONS[name]):
-        if callable(answer) and _float_tensor_output(name, index) is not None:
+    for index, spy in _spied(name).items():
+        if _changed(spy.calls[0][2], SHORTCUTS[shortcut]) is not None:
             _failure(name, _with(name, index, _wrapped(name, index, SHORTCUTS[shortcut])))
             tried += 1
     if not tried:
-        pytest.skip(f"{name}: no function answer returns one floating-point tensor")
+        pytest.skip(f"{name}: no function answer returns floating-point numbers")
 
 
 @pytest.mark.parametrize("name", FUNCTION_EXERCISES)
 def test_handing_back_the_first_input_fails(name):
     for index, answer in enumerate(SOLUTIONS[name]):
         if callable(answer):
-            _failure(name, _with(name, index, _wrapped(name, index, lambda out, args: args[0] if args else out)))
+            solution = SOLUTIONS[name][index]
+
+            def first_input(*args, **kwargs):
+                solution(*args, **kwargs)
+                return args[0] if args else next(iter(kwargs.values()))
+            first_input.__signature__ = inspect.signature(solution)
+            _failure(name, _with(name, index, first_input))
 
 
 def test_the_course_asks_for_enough_exercises_and_enough_code():
