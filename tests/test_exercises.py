@@ -190,7 +190,7 @@ def _changed(out, change):
                 return type(out)([*out[:i], change(item), *out[i + 1:]])
     if isinstance(out, float):
         value = change(torch.tensor([out], dtype=torch.float64))
-        return value.item() if isinstance(value, torch.Tensor) else value
+        return value.item() if isinstance(value, torch.Tensor) else None     # [x] is a number's other spelling
     if isinstance(out, dict) and out and all(isinstance(v, float) for v in out.values()):
         values = change(torch.tensor(list(out.values()), dtype=torch.float64))
         return dict(zip(out, values.tolist())) if isinstance(values, torch.Tensor) else values
