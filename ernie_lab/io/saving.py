@@ -40,7 +40,7 @@ from .architectures import name_table
 from ..atomic import atomic_folder
 from .hub_names import INDEX_FILE, WEIGHTS_FILE, is_transposed, lab_to_hub
 from .quantized import quant_lab_to_hub
-from .serving_files import ERNIE_CHAT_TEMPLATE, GENERATION_FILE, TEMPLATE_FILE, as_json, generation_config, \
+from .serving_files import GENERATION_FILE, TEMPLATE_FILE, as_json, default_chat_template, generation_config, \
     tokenizer_files, write_files
 from .tokenizer import ErnieTokenizer, load_tokenizer
 
@@ -166,11 +166,7 @@ def export_files(model, tokenizer, target: Path) -> dict[str, str | bytes]:
         return {GENERATION_FILE: as_json(generation_config(model.config.get_text_config(), None))}
     check_tokenizer(tokenizer, model)
     files = tokenizer_files(tokenizer)
-    template = tokenizer.chat_template
-    if template is None and model.config.get_text_config() is model.config:  # VL chats are the processor's
-        template = ERNIE_CHAT_TEMPLATE
-    if template is not None:
-        files[TEMPLATE_FILE] = template
+    files[TEMPLATE_FILE] = tokenizer.chat_template or default_chat_template(model.config)
     files[GENERATION_FILE] = as_json(generation_config(model.config.get_text_config(), tokenizer))
     return files
 

@@ -13,9 +13,11 @@ transformers, vLLM and llama.cpp's ``convert_hf_to_gguf.py`` open a model folder
 
 ERNIE's twist: an assistant turn ends with ``<|end_of_sentence|>``, not with ``</s>``, so
 ``generation_config.json`` lists both as ``eos_token_id`` (the tokenizer's ``stop_token_ids``); a server
-that knew only ``</s>`` would talk on past the end of the answer. A text model whose tokenizer has no
-template of its own gets Baidu's (``ERNIE_CHAT_TEMPLATE``), which renders exactly the text that
-``format_ernie_chat`` writes. Everything is written from the tokenizer in memory (its SentencePiece
+that knew only ``</s>`` would talk on past the end of the answer. A tokenizer with no template of its
+own gets Baidu's format as jinja: ``ERNIE_CHAT_TEMPLATE`` for a text model (exactly the text that
+``format_ernie_chat`` writes), ``ERNIE_VL_CHAT_TEMPLATE`` for a vision-language one (exactly what
+``processor.format_vl_chat`` writes: numbered picture markers, and the empty ``<think>`` block unless
+``enable_thinking`` is true). Everything is written from the tokenizer in memory (its SentencePiece
 model serialises itself), so saving into the very folder the tokenizer came from is safe.
 """
 
@@ -40,8 +42,61 @@ ERNIE_CHAT_TEMPLATE = json.loads(
     r'    {%- endif -%}\n{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{- \"Assistant: \" -}}\n{%- endif -%}"'
 )
 
+# The VL models' chat format as a jinja template: the text format above with picture items (each one
+# numbered per kind, "Picture 1:" / "Video 1:", then its marker) and the thinking switch at the end of the
+# prompt, off unless enable_thinking is true. It renders exactly what chat_format.render_chat writes for a
+# VL prompt (processor.format_vl_chat); Baidu's VL template names picture items image_url / video_url.
+ERNIE_VL_CHAT_TEMPLATE = r"""{%- if not add_generation_prompt is defined -%}
+    {%- set add_generation_prompt = true -%}
+{%- endif -%}
+{%- set seen = namespace(image=0, video=0) -%}
+{{- "<|begin_of_sentence|>" -}}
+{%- for message in messages -%}
+    {%- if message["role"] == "user" -%}
+        {{- "User: " -}}
+    {%- elif message["role"] == "assistant" -%}
+        {{- "Assistant: " -}}
+    {%- elif message["role"] != "system" -%}
+        {{- raise_exception("unknown chat role " ~ message["role"] ~ ": use system, user or assistant") -}}
+    {%- endif -%}
+    {%- if message["content"] is string -%}
+        {{- message["content"] -}}
+    {%- else -%}
+        {%- for item in message["content"] -%}
+            {%- if item["type"] == "text" -%}
+                {{- item["text"] -}}
+            {%- elif item["type"] in ["image", "image_url"] -%}
+                {%- set seen.image = seen.image + 1 -%}
+                {{- "Picture " ~ seen.image ~ ":<|IMAGE_START|><|image@placeholder|><|IMAGE_END|>" -}}
+            {%- elif item["type"] in ["video", "video_url"] -%}
+                {%- set seen.video = seen.video + 1 -%}
+                {{- "Video " ~ seen.video ~ ":<|VIDEO_START|><|video@placeholder|><|VIDEO_END|>" -}}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+    {%- if message["role"] == "assistant" -%}
+        {{- "<|end_of_sentence|>" -}}
+    {%- else -%}
+        {{- "\n" -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- "Assistant: " -}}
+    {%- if enable_thinking is defined and enable_thinking -%}
+        {{- "<think>\n" -}}
+    {%- else -%}
+        {{- "<think>\n\n</think>\n\n" -}}
+    {%- endif -%}
+{%- endif -%}
+"""
+
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 TEMPLATE_FILE, GENERATION_FILE = "chat_template.jinja", "generation_config.json"
+
+
+def default_chat_template(config) -> str:
+    """Baidu's chat template for a tokenizer without its own: the VL format for a VL model, else the text one."""
+    return ERNIE_CHAT_TEMPLATE if config.get_text_config() is config else ERNIE_VL_CHAT_TEMPLATE
 
 
 # ------------------------------------------------------------------------------------ the tokenizer
