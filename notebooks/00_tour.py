@@ -72,7 +72,7 @@ notebook.draw_layer_routing(first_look.layers[-1], vl_model.config.get_text_conf
                             "the last MoE layer: which experts each token chose")
 
 # %% [markdown]
-# ## 1 · The family
+# ## 1 · The family · core, 1 min
 #
 # Every size comes in two flavours: **Base** (pre-trained only) and the post-trained model
 # (instruction following, chat). Each of these ten checkpoints is published twice: `-PT` holds
@@ -245,7 +245,7 @@ exercises.check("00.kv_crossover", tokens_where_cache_equals_weights)
 
 
 # %% [markdown]
-# ## 2 · The architecture in one picture
+# ## 2 · The architecture in one picture · core, 1 min
 #
 # All five sizes share one decoder: token embedding, a stack of identical layers, a final norm and
 # an output head tied to the embedding. Each layer is *pre-norm*: normalise, transform, add back
@@ -262,7 +262,7 @@ exercises.check("00.kv_crossover", tokens_where_cache_equals_weights)
 # ![The MoE layer](../figures/moe_layer.png)
 
 # %% [markdown]
-# ## 3 · How to use this kit
+# ## 3 · How to use this kit · core, 1 min
 #
 # Each notebook builds one idea by hand, compares it with `transformers`' reference on the same
 # weights, shows that it equals the matching piece of the `ernie_lab` package, and from then on
@@ -303,7 +303,7 @@ assert numbers == [f"{i:02d}" for i in range(len(numbers))], "the course is numb
 assert {name[:2] for name in present} <= set(numbers), "every notebook in the checkout is on the course map"
 
 # %% [markdown]
-# ## 4 · Where real weights come from
+# ## 4 · Where real weights come from · optional, 1 min
 #
 # Apart from its tiny trained models, this kit ships no weights. `ernie_lab.load_model` takes either
 #
@@ -344,7 +344,7 @@ else:
           "set DOWNLOAD = True to fetch it, or pass a local folder to load_model.")
 
 # %% [markdown]
-# ## 5 · A tiny ERNIE, live
+# ## 5 · A tiny ERNIE, live · core, 1 min
 #
 # No weights? Make some. `transformers` has the reference ERNIE 4.5 classes; we build one with a
 # tiny random config, save it in exactly the layout of a Hub checkpoint (`save_pretrained`),

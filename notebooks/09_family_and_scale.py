@@ -16,8 +16,8 @@
 # # 09 · The ERNIE 4.5 family at scale
 #
 # **What you will learn:** where the parameters of each model live, memory at four precisions, the KV
-# cache, FLOPs per token, and how the big models are spread over many GPUs. **Time:** 45 min (core 30
-# min). **Memory:** under 1 GB (arithmetic, plus a few tiny models).
+# cache, FLOPs per token, and how the big models are spread over many GPUs.
+# **Time:** 45 min (core 30 min). **Memory:** under 1 GB (arithmetic, plus a few tiny models).
 #
 # Ten checkpoints, five sizes. Nobody runs the 300B or the 424B model in a classroom, but everybody can
 # compute what they cost: how many parameters sit where, how many a token actually uses, how many bytes
@@ -561,7 +561,7 @@ print(f"H800, N=8: {t8 * 1e3:.1f} ms per layer; N=16: {t16 * 1e3:.1f} ms ({t16 /
       f"{F.ep_all_to_all_bytes(a47b, 16) / F.ep_all_to_all_bytes(a47b, 8):.2f}x the bytes")
 
 # %% [markdown]
-# ## Exercises · core, 20 min (the last one optional, 15 min)
+# ## Exercises · core, 35 min
 #
 # Each exercise is a stub, followed by a check from `ernie_lab.exercises`: "not attempted yet" and a hint
 # until you write something, a message saying what differs when it is wrong, "correct" when it is right.

@@ -2,6 +2,7 @@
 
     python scripts/course_times.py --measure [--only 01 02]   # full mode, writes benchmarks/results/notebook_times.json
     python scripts/course_times.py                             # the table, from the committed timings
+    python scripts/course_times.py --fix                       # raise every tag below its honest minimum
 
 Measuring runs each notebook once in FULL mode (ERNIE_LAB_FAST unset), with as many threads as the machine
 has, and records every cell's wall time (nbclient's execution timestamps). Run it on an otherwise idle
@@ -90,12 +91,42 @@ def table(results: dict) -> list[str]:
     return lines
 
 
+def fix(results: dict) -> None:
+    """Raise each section tag below its honest minimum to that minimum, and rewrite the header's
+    "**Time:** X min (core Y min)" as the sums; print the COURSE rows to paste. Only markdown changes."""
+    import re
+
+    for number, source in times.notebook_sources(ROOT / "notebooks").items():
+        text = source.read_text()
+        timings = results.get("notebooks", {}).get(number, {}).get("cells")
+        if timings is None:
+            print(f"{source.name}: not measured, left as it is")
+            continue
+        for section in times.timed_sections(text):
+            honest = section.honest_minutes(times.run_seconds(text, section, timings))
+            if section.minutes < honest:
+                heading = re.compile(rf"^(# ## {re.escape(section.title)} · {section.tag}, ){section.minutes}( min)\s*$",
+                                     re.MULTILINE)
+                text, count = heading.subn(rf"\g<1>{honest}\g<2>", text)
+                assert count == 1, (source.name, section.title)
+        total, core = times.tagged_time(text)
+        text, count = times.HEADER_TIME.subn(f"**Time:** {total} min (core {core} min)", text.replace(
+            "**Time:**\n# ", "**Time:** "), count=1)
+        if count != 1:
+            print(f"{source.name}: no '**Time:** X min (core Y min)' on one line; write it as {total} / {core}")
+        source.write_text(text)
+        print(f'    Lesson("{number}", ..., {total}, {core}, ...)')
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--measure", action="store_true", help="run the notebooks in full mode and record cell times")
+    parser.add_argument("--fix", action="store_true", help="raise tags below the honest minimum; rewrite the headers")
     parser.add_argument("--only", nargs="*", default=[], help="notebook numbers, e.g. 01 05")
     args = parser.parse_args(argv)
     results = measure(args.only) if args.measure else (json.loads(RESULTS.read_text()) if RESULTS.exists() else {})
+    if args.fix:
+        fix(results)
     print("\n".join(table(results)))
     return 0
 

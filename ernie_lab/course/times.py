@@ -69,7 +69,7 @@ def sections(source: str) -> list[Section]:
     """The notebook's sections in order, as headed. The cells before the first heading (title, set-up)
     form an untagged "Introduction"; `timed_sections` counts untagged ones into a tagged neighbour."""
     found = [Section("Introduction", None, 0)]
-    functions = set(re.findall(r"^def (\w+)\(", source, flags=re.MULTILINE))
+    functions = set(re.findall(r"^(?:def|class) (\w+)\b", source, flags=re.MULTILINE))   # what the student writes
     for index, (kind, text) in enumerate(cells(source)):
         for line in text.splitlines() if kind == "markdown" else ():
             heading = HEADING.match(line)
