@@ -128,7 +128,7 @@ start = int((first.modality == VISION).nonzero()[0]) - 2                 # two t
 for row in range(start, start + 6):
     letter = routing.GROUP_LETTER[int(first.modality[row])]
     experts = ", ".join(f"{letter}{int(e)} {float(w):.2f}" for e, w in zip(first.expert_ids[row], first.weights[row]))
-    print(f"row {row:3d} {names[row]!r:18} modality {int(first.modality[row])}  experts {experts}"
+    print(f"row {row:3d} {names[row]!r:24} modality {int(first.modality[row])}  experts {experts}"
           f"  max prob {float(first.probs[row].max()):.2f}")
 assert not any(m._forward_hooks for m in model.modules()), "a hook was left on the model"
 
