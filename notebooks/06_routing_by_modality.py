@@ -56,9 +56,9 @@ from IPython.display import display
 
 import ernie_lab
 from ernie_lab import architectures, exercises, routing, scenes, tiny_models, viz
-from ernie_lab.analysis.routing import LayerRouting, RoutingRecord
 from ernie_lab.course.exercise_sets import nb06 as kit_exercises   # the kit's versions of your pieces
-from ernie_lab.course.notebook import figure, repo_path, setup
+from ernie_lab.course import notebook
+from ernie_lab.course.notebook import repo_path, setup
 from ernie_lab.io.chat import render_prompt
 from ernie_lab.model.moe import moe_blocks
 from ernie_lab.model.special_tokens import TEXT, VISION
@@ -88,12 +88,12 @@ print(f"{model.num_parameters():,} parameters; {E} text + {E} vision experts per
 # every forward of the block, and returns a handle whose `.remove()` takes the hook off again.
 
 # %%
-figure("routing_record.png")
+notebook.figure("routing_record.png")
 
 # %% [markdown]
 # **Exercise · the routing record (core, 10 min).** Write `record_routing(model, inputs)`: one
-# `LayerRouting(block.layer_idx, block.num_experts)` per MoE block (`routing.taps(model)` lists them in
-# depth order) inside a `RoutingRecord([...])`; a forward hook on each block that appends
+# `routing.LayerRouting(block.layer_idx, block.num_experts)` per MoE block (`routing.taps(model)` lists
+# them in depth order) inside a `routing.RoutingRecord([...])`; a forward hook on each block that appends
 # `expert_ids, weights, probs, modality` to its entry (`entry.append(...)`, each tensor detached and on the
 # CPU, probs = the softmax of the logits); one pass `model(**inputs)`; and every hook removed afterwards,
 # also when the forward raises. Three traps: the MoE layers do not start at 0 (name each entry by

@@ -226,8 +226,8 @@ def _raising_forward(function, g) -> None:
 
 
 @exercise("06.record_routing",
-          hint="blocks = routing.taps(model); rec = RoutingRecord([LayerRouting(b.layer_idx, b.num_experts) for b in "
-               "blocks]); on each block register_forward_hook(hook) whose hook(module, args, output) appends "
+          hint="blocks = routing.taps(model); rec = routing.RoutingRecord([routing.LayerRouting(b.layer_idx, "
+               "b.num_experts) for b in blocks]); on each block register_forward_hook(hook) whose hook(module, args, output) appends "
                "output.routing's expert_ids, weights, logits.softmax(-1) and modality (detached, on the CPU) to its "
                "entry; model(**inputs) in a try, handle.remove() for every hook in the finally; return rec.")
 def record_routing(function) -> str:
