@@ -148,6 +148,9 @@ def _compare(what: str, got, expected: RoutingRecord) -> None:
 
 
 def _compare_layer(what: str, mine: LayerRouting, kits: LayerRouting) -> None:
+    if mine.num_tokens == 0:
+        raise Mismatch(f"{what}: your entry holds no tokens: did a hook run during the forward pass and append to "
+                       "this layer's entry (register the hooks before model(**inputs))?")
     if mine.num_tokens != kits.num_tokens:
         times = f" ({mine.num_tokens / kits.num_tokens:g} times the tokens)" if kits.num_tokens else ""
         raise Mismatch(f"{what}: you recorded {mine.num_tokens} tokens, the forward pass routed {kits.num_tokens}{times}.")
