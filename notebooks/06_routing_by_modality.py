@@ -19,7 +19,7 @@
 # a model's routing yourself with forward hooks; how to read where a trained model sends each image patch
 # and each text token; how to measure specialisation
 # honestly (against the same architecture at initialisation); when routers settle during training; how
-# to point the same pictures at a real checkpoint. **Time:** 30 min (core 20 min). **Memory:** under 2 GB.
+# to point the same pictures at a real checkpoint. **Time:** 85 min (core 51 min). **Memory:** under 2 GB.
 #
 # ERNIE 4.5 VL's feed-forward layers are mixtures of experts with **modality-isolated routing**. Every MoE
 # layer holds two *groups* of experts, each with its own router:
@@ -73,7 +73,7 @@ print(f"{model.num_parameters():,} parameters; {E} text + {E} vision experts per
       "MoE layers:", [tap.layer_idx for tap in routing.taps(model)])
 
 # %% [markdown]
-# ## 1 · A routing record, from forward hooks · core, 16 min
+# ## 1 · A routing record, from forward hooks · core, 19 min
 #
 # Every picture in this notebook reads one object: a **routing record**, which says, for every MoE layer
 # and every token of a forward pass, which group routed the token, which k experts it chose, with what
@@ -141,7 +141,7 @@ def route_with_yours(prompt, image=None):
 
 
 # %% [markdown]
-# ## 2 · One picture, patch by patch · core, 4 min
+# ## 2 · One picture, patch by patch · core, 5 min
 #
 # A 112 x 112 scene is cut into 8 x 8 patches of 14 pixels; the adapter merges each 2 x 2 block into one
 # token, so the decoder sees a 4 x 4 grid of image tokens. `viz.route` runs the model once on a chat
@@ -250,7 +250,7 @@ display(viz.co_selection(rec, layers[-1]))
 viz.confidence_by_layer(rec)
 
 # %% [markdown]
-# ## 5 · Specialisation: does an expert mean something? · core, 6 min
+# ## 5 · Specialisation: does an expert mean something? · core, 17 min
 #
 # Each image token gets the attributes of what lies under it: the colour and kind of the shape in its
 # cell (or "background") and the scene's background colour. If the top-1 expert depended on nothing,
@@ -329,7 +329,7 @@ viz.specialisation(text_rec, text_rows, {"word class": classes}, group=TEXT,
                    title="Trained: text experts vs word class")
 
 # %% [markdown]
-# ## 6 · Routing over training: when do the routers settle? · optional, 5 min
+# ## 6 · Routing over training: when do the routers settle? · optional, 9 min
 #
 # OLMoE's analysis asks how early each layer's top-k choices match the final model's ("router
 # saturation"). A short retraining of the same recipe keeps checkpoints at a few steps
@@ -403,7 +403,7 @@ explorer  # the live widget (a static picture of it where widgets do not render)
 # every picture on a random 64-expert checkpoint that `transformers` saved, and on a 28-layer record.
 
 # %% [markdown]
-# ## 9 · Exercises · optional, 12 min
+# ## 9 · Exercises · optional, 20 min
 #
 # 1. Record a generation: call `ernie_lab.generate(model, ...)` on a chat prompt with `routing.record`
 #    around it (your `record_routing` runs one forward pass only). Which rows are the prompt and which the
