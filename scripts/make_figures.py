@@ -591,6 +591,64 @@ def gqa_kv_cache():
 ALL.append(gqa_kv_cache)
 
 
+# --- notebook 06 ---
+def routing_record():
+    """What a routing record holds: one forward hook per MoE block fills one LayerRouting per MoE layer, one
+    row per token: its modality (expert group), its k chosen experts, their weights and the router's
+    probabilities. Illustrative numbers, made the way the block makes them (choose by p + b, weigh by p)."""
+    import numpy as np
+
+    rng = np.random.default_rng(6)
+    tokens = ["What", "is", "<IMG_START>", "<img>", "<img>", "<IMG_END>", "?"]
+    modality = [0, 0, 1, 1, 1, 1, 0]                            # 0 text group, 1 vision group
+    E, k = 6, 2
+    logits = rng.normal(0, 1.2, (len(tokens), E))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)          # (N, E) softmax in the token's group
+    bias = rng.uniform(-0.05, 0.05, (2, E))                                # one correction-bias row per group
+    chosen = np.argsort(-(probs + bias[modality]), axis=1)[:, :k]          # (N, k) top-k of p + b
+    picked = np.take_along_axis(probs, chosen, 1)
+    weights = picked / picked.sum(1, keepdims=True)                        # (N, k) renormalised p
+
+    fig, ax = canvas(12, 6.2, "A routing record: one entry per MoE layer, one row per token")
+    for behind, name in ((2, "layer 3"), (1, "layer 2")):                  # the entries behind, as cards
+        off = 0.16 * behind
+        ax.add_patch(FancyBboxPatch((3.2 + off, 0.5 + off), 8.3, 4.75, boxstyle="round,pad=0.02", fc="white",
+                                    ec="#888888", lw=1.0))
+        note(ax, 11.55 + off - 0.16, 5.1 + off, name, fontsize=FONT - 4, color="#888888")
+    ax.add_patch(FancyBboxPatch((3.2, 0.5), 8.3, 4.75, boxstyle="round,pad=0.02", fc="white", ec="black", lw=1.4))
+    note(ax, 3.35, 4.9, "LayerRouting(layer_idx=1, num_experts=6)", fontsize=FONT - 1, color="black")
+    columns = [("token", 3.35), ("modality", 4.85), ("expert_ids (N, k)", 6.15), ("weights (N, k)", 7.85),
+               ("probs (N, E)", 9.55)]
+    for title, x in columns:
+        note(ax, x, 4.45, title, fontsize=FONT - 2, color="black", fontweight="bold")
+    group = {0: ("text", BLUE, "T"), 1: ("vision", ORANGE, "V")}
+    for row, token in enumerate(tokens):
+        y = 3.95 - 0.5 * row
+        word, colour, letter = group[modality[row]]
+        note(ax, 3.35, y, token, fontsize=FONT - 3, color="black")
+        box(ax, 4.85, y - 0.08, 1.0, 0.34, f"{modality[row]} {word}", colour, fontsize=FONT - 4)
+        note(ax, 6.2, y, "  ".join(f"{letter}{e}" for e in chosen[row]), fontsize=FONT - 2, color="black")
+        note(ax, 7.9, y, "  ".join(f"{w:.2f}" for w in weights[row]), fontsize=FONT - 2, color="black")
+        for e in range(E):                                              # the probabilities as a small heat strip
+            shade = plt.cm.Purples(0.15 + 0.85 * probs[row, e] / probs.max())
+            ax.add_patch(plt.Rectangle((9.55 + 0.3 * e, y - 0.08), 0.28, 0.34, fc=shade,
+                                       ec="black" if e in chosen[row] else "none", lw=1.4))
+    note(ax, 9.55, 0.62, "framed: the chosen k", fontsize=FONT - 4)
+    note(ax, 6.15, 0.62, "ids inside the group", fontsize=FONT - 4)
+    note(ax, 7.85, 0.62, "each row sums to 1", fontsize=FONT - 4)
+
+    box(ax, 0.2, 3.6, 2.3, 1.1, "MoE block\n(decoder layer 1)", GREEN, fontsize=FONT - 1)
+    box(ax, 0.2, 1.9, 2.3, 1.1, "forward hook\nhook(module,\nargs, output)", YELLOW, fontsize=FONT - 2)
+    arrow(ax, (1.35, 3.6), (1.35, 3.0))
+    note(ax, 1.45, 3.2, "output.routing", fontsize=FONT - 4)
+    arrow(ax, (2.5, 2.45), (3.2, 2.45))
+    note(ax, 0.2, 1.3, "appends its N = B x T\nrows (batch-major);\nremoved in finally", fontsize=FONT - 3)
+    return save(fig, "routing_record.png")
+
+
+ALL.append(routing_record)
+
+
 if __name__ == "__main__":
     import argparse
 
