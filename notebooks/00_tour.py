@@ -17,7 +17,7 @@
 #
 # **What you will learn:** what the ERNIE 4.5 family is (ten checkpoints, five sizes), what *total* and
 # *active* parameters mean, what a long context costs, how the course is ordered, and how to run a tiny
-# ERNIE yourself. **Time:** 25 min (core 15 min). **Memory:** under 1 GB.
+# ERNIE yourself. **Time:** 25 min (core 23 min). **Memory:** under 1 GB.
 #
 # ERNIE 4.5 is Baidu's open model family (Apache-2.0, released 30 June 2025; the
 # [technical report](https://ernie.baidu.com/blog/publication/ERNIE_Technical_Report.pdf)): one small dense
@@ -72,7 +72,7 @@ notebook.draw_layer_routing(first_look.layers[-1], vl_model.config.get_text_conf
                             "the last MoE layer: which experts each token chose")
 
 # %% [markdown]
-# ## 1 · The family · core, 1 min
+# ## 1 · The family · core, 12 min
 #
 # Every size comes in two flavours: **Base** (pre-trained only) and the post-trained model
 # (instruction following, chat). Each of these ten checkpoints is published twice: `-PT` holds
@@ -262,7 +262,7 @@ exercises.check("00.kv_crossover", tokens_where_cache_equals_weights)
 # ![The MoE layer](../figures/moe_layer.png)
 
 # %% [markdown]
-# ## 3 · How to use this kit · core, 1 min
+# ## 3 · How to use this kit · core, 3 min
 #
 # Each notebook builds one idea by hand, compares it with `transformers`' reference on the same
 # weights, shows that it equals the matching piece of the `ernie_lab` package, and from then on
@@ -303,7 +303,7 @@ assert numbers == [f"{i:02d}" for i in range(len(numbers))], "the course is numb
 assert {name[:2] for name in present} <= set(numbers), "every notebook in the checkout is on the course map"
 
 # %% [markdown]
-# ## 4 · Where real weights come from · optional, 1 min
+# ## 4 · Where real weights come from · optional, 2 min
 #
 # Apart from its tiny trained models, this kit ships no weights. `ernie_lab.load_model` takes either
 #
@@ -344,7 +344,7 @@ else:
           "set DOWNLOAD = True to fetch it, or pass a local folder to load_model.")
 
 # %% [markdown]
-# ## 5 · A tiny ERNIE, live · core, 1 min
+# ## 5 · A tiny ERNIE, live · core, 4 min
 #
 # No weights? Make some. `transformers` has the reference ERNIE 4.5 classes; we build one with a
 # tiny random config, save it in exactly the layout of a Hub checkpoint (`save_pretrained`),

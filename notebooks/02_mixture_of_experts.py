@@ -18,7 +18,7 @@
 # **What you will learn:** how a router sends each token to a few experts, ERNIE's correction bias,
 # shared experts, efficient dispatch, and how load balancing works (with a loss, and without one). You
 # write the three pieces of the MoE layer yourself (the router, the dispatch, the whole block), each checked
-# on fresh random inputs and then used by the rest of the notebook. **Time:** 106 min (core 99 min).
+# on fresh random inputs and then used by the rest of the notebook. **Time:** 115 min (core 108 min).
 # **Memory:** under 2 GB.
 #
 # ![The MoE layer](../figures/moe_layer.png)
@@ -75,7 +75,7 @@ FAST = setup()  # fast mode: from ERNIE_LAB_FAST (make lab FAST=1); write FAST =
 USE_REAL_WEIGHTS = False  # True: also use a real checkpoint a lecturer has cached (never downloads)
 
 # %% [markdown]
-# ## 1 · Why a mixture of experts: parameters versus compute · core, 5 min
+# ## 1 · Why a mixture of experts: parameters versus compute · core, 9 min
 #
 # A dense SwiGLU of width $I$ on a residual stream of width $H$ holds $3HI$ parameters, and every token
 # multiplies with all of them. An MoE layer holds $E$ experts of width $I_e$ but each token uses only
@@ -179,7 +179,7 @@ plt.show()
 # dense layers): per token, an MoE layer costs what a dense layer costs, with 8x the parameters to draw on.
 
 # %% [markdown]
-# ## 2 · The router, step by step · core, 15 min
+# ## 2 · The router, step by step · core, 16 min
 #
 # For a token $x$ (width $H$), ERNIE's router computes, in float32:
 #
@@ -750,7 +750,7 @@ if USE_REAL_WEIGHTS:
         del real_model
 
 # %% [markdown]
-# ## Exercises · core, 30 min
+# ## Exercises · core, 34 min
 #
 # Each exercise is a stub for you to fill in, followed by a check from `ernie_lab.exercises`. Until you
 # write something the check says "not attempted yet" and gives a hint; a wrong answer stops with a

@@ -20,7 +20,7 @@
 # patchify, the ViT block with its 2-D rotary positions and the adapter's merges yourself; the notebook
 # goes on with your pieces.
 #
-# **Time:** 80 min (core 77 min). **Memory:** under 2 GB.
+# **Time:** 82 min (core 79 min). **Memory:** under 2 GB.
 #
 # ![The vision-language pipeline](../figures/vl_pipeline.png)
 #
@@ -62,7 +62,7 @@ picture = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
 print("picture:", picture.size)
 
 # %% [markdown]
-# ## 1 · From pixels to patches · core, 15 min
+# ## 1 · From pixels to patches · core, 17 min
 #
 # The side lengths must be multiples of $28 = 14 \times 2$: 14 is the patch size and 2 the merge
 # window of the adapter. `fit_to_grid` rounds each side to the nearest multiple of 28; if the area

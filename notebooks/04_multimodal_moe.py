@@ -20,7 +20,7 @@
 # parameter arithmetic of the VL models. You write the MoE block, the 3-D positions and the text group's
 # balancing loss yourself; the notebook goes on with your pieces.
 #
-# **Time:** 95 min (core 78 min). **Memory:** under 2 GB.
+# **Time:** 97 min (core 80 min). **Memory:** under 2 GB.
 #
 # Notebook 03 turned pictures into tokens of the decoder's width. Here they meet the decoder, whose
 # feed-forward layers are a **heterogeneous mixture of experts** with **modality-isolated routing**:
@@ -599,7 +599,7 @@ for x, (t, a) in enumerate(zip(totals, actives)):
 plt.show()
 
 # %% [markdown]
-# ## Exercises · core, 5 min
+# ## Exercises · core, 7 min
 #
 # Each exercise is a stub, followed by a check from `ernie_lab.exercises`: "not attempted yet" and a hint
 # until you write something, a message saying what differs when it is wrong, "correct" when it is right.

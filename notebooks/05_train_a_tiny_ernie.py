@@ -27,7 +27,7 @@
 # loss), what the training loop does (AdamW, warm-up + cosine, clipping, the MoE balancing losses), how
 # a loss curve tells you it is learning, and how the same loop runs on several GPUs with `torchrun`.
 #
-# **Time:** 101 min (core 86 min). **Memory**: under 2 GB.
+# **Time:** 93 min (core 78 min). **Memory**: under 2 GB.
 # **Fast mode** (`FAST = True` below, or `make lab FAST=1`) trains a few steps to show the loop, then loads
 # the shipped checkpoint `data/tiny-ernie-vl` (trained by `make train-tiny`) and continues from it.
 
@@ -377,7 +377,7 @@ print(f"held-out loss before {before:.2f}, after {after:.2f}")
 assert after < before
 
 # %% [markdown]
-# ## 5 · Answers before and after · core, 13 min
+# ## 5 · Answers before and after · core, 5 min
 #
 # The model we just trained (a few steps) against the shipped one (1,500 warm-up updates of its eyes, then
 # 2,000 steps), asked through `ernie_lab.chat` about held-out pictures.

@@ -19,7 +19,7 @@
 # point per group of columns), how two codes share a byte, how a quantized layer multiplies, how GPTQ
 # rounds better by letting the next columns absorb each column's error, how an int8 KV cache stores keys
 # and values, and what each scheme costs in quality on models that learned something.
-# **Time:** 110 min (core 90 min). **Memory:** under 2 GB.
+# **Time:** 118 min (core 98 min). **Memory:** under 2 GB.
 #
 # A decode step of a 0.3B model reads every weight once to produce one token. On a CPU that is a
 # memory-bandwidth problem, not a compute problem: fewer bytes per weight means more tokens per second.
@@ -142,7 +142,7 @@ print(f"int4 relative error: per row {per_row:.3f}, groups of 128 {grouped:.3f},
 assert grouped < per_row and grouped < symmetric
 
 # %% [markdown]
-# ## 3 · Two codes per byte · core, 8 min
+# ## 3 · Two codes per byte · core, 12 min
 # A 4-bit code is half a byte, so two of them share one: along each row, the first code of a pair goes
 # into the high nibble, `byte = u0 << 4 | u1` (the layout of `QuantLinear.qweight`, see
 # `ernie_lab/quant/formats.py`). For codes `[3, 12, 15, 0]` that is `0011 1100`, `1111 0000`.
@@ -175,7 +175,7 @@ assert torch.equal(by_hand.qweight, kit_layer.qweight)
 assert torch.allclose(by_hand(x), kit_layer(x), atol=1e-5)
 
 # %% [markdown]
-# ## 4 · The dequantize-matmul reference · core, 12 min
+# ## 4 · The dequantize-matmul reference · core, 13 min
 # The plainest correct way to multiply by a quantized weight: unpack the codes, turn them back into floats,
 # then an ordinary matmul,
 #
@@ -401,7 +401,7 @@ for bits in (4, 2):
     assert gptq_error < rtn_error
 
 # %% [markdown]
-# ## 8 · The int8 KV cache · core, 12 min
+# ## 8 · The int8 KV cache · core, 14 min
 # Each generated token keeps, per layer, a key and a value vector for every KV head. At 128K tokens that
 # rivals the weights. Stored as int8, with one scale per (token, head) row, it takes a quarter of fp32's
 # bytes (half of bf16's):
@@ -586,7 +586,7 @@ else:
     print("no CUDA device here; recorded GPU results: none yet")
 
 # %% [markdown]
-# ## Exercises · core, 15 min
+# ## Exercises · core, 16 min
 #
 # The exercise is a stub for you to fill in, followed by a check from `ernie_lab.exercises`. Until you
 # write something the check says "not attempted yet" and gives a hint; a wrong answer stops with a

@@ -17,7 +17,7 @@
 #
 # **What you will learn:** where the parameters of each model live, memory at four precisions, the KV
 # cache, FLOPs per token, and how the big models are spread over many GPUs.
-# **Time:** 45 min (core 30 min). **Memory:** under 1 GB (arithmetic, plus a few tiny models).
+# **Time:** 70 min (core 56 min). **Memory:** under 1 GB (arithmetic, plus a few tiny models).
 #
 # Ten checkpoints, five sizes. Nobody runs the 300B or the 424B model in a classroom, but everybody can
 # compute what they cost: how many parameters sit where, how many a token actually uses, how many bytes
@@ -66,7 +66,7 @@ def billions(n):
 
 
 # %% [markdown]
-# ## 1. Ten checkpoints, five shapes · core, 4 min
+# ## 1. Ten checkpoints, five shapes · core, 6 min
 #
 # Every size comes twice: a **-Base** checkpoint (pre-trained only) and a post-trained one (SFT + DPO/UPO),
 # each published with PyTorch weights (`-PT`) and PaddlePaddle weights (`-Paddle`). Base and post-trained
@@ -422,7 +422,7 @@ assert forward_backward.get_total_flops() == 3 * forward_only.get_total_flops()
 moe_model.zero_grad(set_to_none=True)
 
 # %% [markdown]
-# ## 6. Scale-out on paper · optional, 6 min
+# ## 6. Scale-out on paper · optional, 8 min
 #
 # ### How many GPUs?
 #
@@ -561,7 +561,7 @@ print(f"H800, N=8: {t8 * 1e3:.1f} ms per layer; N=16: {t16 * 1e3:.1f} ms ({t16 /
       f"{F.ep_all_to_all_bytes(a47b, 16) / F.ep_all_to_all_bytes(a47b, 8):.2f}x the bytes")
 
 # %% [markdown]
-# ## Exercises · core, 35 min
+# ## Exercises · core, 36 min
 #
 # Each exercise is a stub, followed by a check from `ernie_lab.exercises`: "not attempted yet" and a hint
 # until you write something, a message saying what differs when it is wrong, "correct" when it is right.

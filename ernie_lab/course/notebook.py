@@ -41,25 +41,25 @@ class Lesson(NamedTuple):
 # The course, in order. README.md's table, notebook 00 and figures/course_map.png are made from or checked
 # against this; each notebook's "**Time:**" header and section tags are checked against it.
 COURSE = [
-    Lesson("00", "Tour: the family and the kit", 25, 15, "both",
+    Lesson("00", "Tour: the family and the kit", 25, 23, "both",
            "the ten ERNIE 4.5 checkpoints, total vs active parameters, the cost of a long context, a tiny ERNIE live"),
-    Lesson("01", "The dense decoder from scratch", 75, 55, "dense",
+    Lesson("01", "The dense decoder from scratch", 167, 125, "dense",
            "RMSNorm, interleaved RoPE, grouped-query attention with a KV cache, SwiGLU, the decoder layer, generation"),
-    Lesson("02", "Mixture of experts", 60, 45, "moe",
+    Lesson("02", "Mixture of experts", 115, 108, "moe",
            "the router with its correction bias, sorted token dispatch, an MoE block with shared experts, balancing"),
-    Lesson("03", "Vision encoder and 3-D RoPE", 45, 35, "moe",
+    Lesson("03", "Vision encoder and 3-D RoPE", 82, 79, "moe",
            "patchify, a ViT block with 2-D RoPE, the adapter's 2x2 spatial / 2-frame temporal merge"),
-    Lesson("04", "Multimodal MoE", 45, 35, "moe",
+    Lesson("04", "Multimodal MoE", 97, 80, "moe",
            "3-D position ids, the modality-isolated heterogeneous MoE block, per-modality balancing"),
-    Lesson("05", "Train a tiny ERNIE", 40, 30, "both",
+    Lesson("05", "Train a tiny ERNIE", 93, 78, "both",
            "one training step by hand (answer-only labels, MoE losses, clipping, AdamW, warm-up + cosine), then the loop"),
-    Lesson("06", "Routing by modality", 30, 20, "moe",
+    Lesson("06", "Routing by modality", 85, 51, "moe",
            "a routing record from forward hooks; where the trained tiny VL model sends patches and words"),
-    Lesson("07", "Quantization", 40, 30, "dense",
+    Lesson("07", "Quantization", 118, 98, "dense",
            "int4 with zero points, packing, dequantize-matmul, GPTQ's update, int8 KV cache; quality on trained weights"),
-    Lesson("08", "Fine-tuning: LoRA, SFT, DPO", 40, 30, "dense",
+    Lesson("08", "Fine-tuning: LoRA, SFT, DPO", 99, 72, "dense",
            "a LoRA linear with merge / unmerge, the SFT label mask, the DPO loss; peft adapters, QLoRA"),
-    Lesson("09", "The family at scale", 45, 30, "both",
+    Lesson("09", "The family at scale", 70, 56, "both",
            "parameters, memory, KV cache, FLOPs and GPUs for every checkpoint; int8 one layer at a time"),
 ]
 
@@ -68,8 +68,15 @@ TRACK_NAMES = {"dense": "dense", "moe": "MoE / VL", "both": "both"}
 # The two 90-minute lab plans: for each track, the core sections a lab works through, by notebook and
 # section title (each section's minutes come from its tag; tests/test_course_times.py adds them up).
 LAB_PLANS = {
-    "dense": [("00", ["A first look"]), ("01", [])],
-    "moe": [("00", ["A first look"]), ("02", [])],
+    "dense": [("00", ["A first look", "2 · The architecture in one picture", "3 · How to use this kit"]),
+              ("01", ["0 · The configuration and a reference model", "1 · RMSNorm",
+                      "2 · Rotary position embedding (RoPE), interleaved", "3 · Causal grouped-query attention",
+                      "4 · The SwiGLU MLP"])],
+    "moe": [("00", ["A first look", "2 · The architecture in one picture", "3 · How to use this kit"]),
+            ("02", ["1 · Why a mixture of experts: parameters versus compute", "2 · The router, step by step",
+                    "3 · Shared experts", "5 · The MoE block, and the whole model, checked against `transformers`"]),
+            ("04", ["3 · Modality-isolated routing, seen", "4 · Heterogeneous experts: narrow vision experts",
+                    "5 · The modality-isolated MoE block, by hand"])],
 }
 
 
