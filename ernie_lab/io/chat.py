@@ -49,9 +49,19 @@ def chat(model, tokenizer, messages: list[dict] | str, *, max_new_tokens: int = 
     new = out[0, input_ids.shape[1]:].tolist()
     if stop:
         new = new[:next((i for i, t in enumerate(new) if t in stop), len(new))]  # up to the first stop token
-    text = tokenizer.decode(new, skip_special_tokens=True, keep=REASONING_TAGS)
+    text = decode_reply(tokenizer, new)
     parts = split_reasoning(text, opened=opens_thinking(mode, enable_thinking))
     return parts if reasoning else parts.answer
+
+
+def decode_reply(tokenizer, ids: list[int]) -> str:
+    """The reply's text without special tokens but with its reasoning tags: the kit's tokenizer keeps them
+    when asked (``keep=``); another tokenizer (a stand-in, transformers') decodes the way it does."""
+    import inspect
+
+    if "keep" in inspect.signature(tokenizer.decode).parameters:
+        return tokenizer.decode(ids, skip_special_tokens=True, keep=REASONING_TAGS)
+    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def check_chat_arguments(model, tokenizer, messages, reasoning=False) -> None:
