@@ -8,7 +8,10 @@ it would have to break the graph around. A custom operator is the boundary that 
     real kernel   the ctypes call, run on real tensors (eager, and inside the compiled graph at run time)
     fake kernel   only the output's shape and dtype, which is all the tracer needs to go on
 
-so a compiled model keeps one graph with ``ernie_lab::gemv`` as a single node in it. Each operator is
+so a compiled model keeps one graph with ``ernie_lab::gemv`` as a single node in it (called directly,
+the ctypes kernel makes ``fullgraph=True`` fail at its ``data_ptr()`` call). In eager mode the dispatcher
+costs about 11 us per call on top of the ctypes call (measured: 24.6 against 12.0 us for a 64x64 int4
+layer, one thread). Each operator is
 functional (``mutates_args=()``: it returns a new tensor and writes nothing it was given) and has no
 autograd formula: the kernel table sends a layer here only when no gradient is wanted.
 
