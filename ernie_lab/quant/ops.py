@@ -9,7 +9,7 @@ it would have to break the graph around. A custom operator is the boundary that 
     fake kernel   only the output's shape and dtype, which is all the tracer needs to go on
 
 so a compiled model keeps one graph with ``ernie_lab::gemv`` as a single node in it (called directly,
-the ctypes kernel makes ``fullgraph=True`` fail at its ``data_ptr()`` call). In eager mode the dispatcher
+the ctypes kernel makes ``fullgraph=True`` fail with a graph break at the ctypes call). In eager mode the dispatcher
 costs about 11 us per call on top of the ctypes call (measured: 24.6 against 12.0 us for a 64x64 int4
 layer, one thread). Each operator is
 functional (``mutates_args=()``: it returns a new tensor and writes nothing it was given) and has no
