@@ -30,7 +30,8 @@ the grouped dispatch of ``moe.dispatch`` (one call per active expert, never a lo
 
 The modules: ``formats`` (rounding, packing), ``linear`` (``QuantLinear``: the codes and the plain
 dequantize-then-matmul forward), ``kernels`` (the table of faster kernels that must agree with it),
-``native`` (the kit's C decode kernels), ``streaming`` (full-precision linears on them), ``gptq``.
+``native`` (the kit's C decode kernels), ``ops`` (those kernels as custom operators ``torch.compile``
+traces), ``streaming`` (full-precision linears on them), ``gptq``.
 May import: ``ernie_lab.errors``, ``ernie_lab.atomic``, ``ernie_lab.model`` (quantized checkpoints on disk
 are ``ernie_lab.io.quantized``'s business).
 
@@ -59,13 +60,13 @@ from ..errors import InputError
 from ..model.linears import name_matcher, replace_linears, tied_head_name
 from . import formats
 from .gptq import HessianCollector, gptq_quantize
-from . import kernels, native
+from . import kernels, native, ops
 from .kernels import reference_only
 from .linear import SCHEMES, QuantLinear, check_scheme
 from .streaming import StreamingLinear, stream_linears
 
 __all__ = ["quantize", "QuantLinear", "SCHEMES", "reference_only", "weight_bytes", "formats",
-           "quantized_layers", "plan_layers", "native", "kernels", "stream_linears", "StreamingLinear"]
+           "quantized_layers", "plan_layers", "native", "ops", "kernels", "stream_linears", "StreamingLinear"]
 
 DEFAULT_SKIP = ("lm_head", "embed", "router")
 DEFAULT_SYMMETRIC = {"w8a16": True, "w4a16": True, "w2a16": False, "w8a8": True, "fp8": True}

@@ -26,6 +26,12 @@ the native entries off (they ask ``native.active()``), ``reference_only()`` keep
 A backend that wants its own copy of the codes (the int4 kernels tile them) builds it with ``cached``:
 once per layer, rebuilt when the layer's codes, scales or zero points change (a move, new weights). The
 layer itself always holds the documented plain packing.
+
+``torch.compile(model, fullgraph=True)`` traces this table like any Python: the choice is made once while
+tracing (guarded on the device, dtype and shape), and the chosen kernel becomes nodes of the graph. The
+kit's C kernels enter it as the custom operators of ``ops.py`` (a ctypes call cannot be traced); PyTorch's
+kernels (``_weight_int4pack_mm``, ``_int_mm``, ``_scaled_mm``) are operators already, so the CUDA entries
+also run inside CUDA graphs (``mode="reduce-overhead"``).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import formats, native
+from . import formats, native, ops
 
 WEIGHT_ONLY = ("w8a16", "w4a16", "w2a16")
 FLOATS = (torch.float32, torch.bfloat16)   # what the C reads
@@ -103,24 +109,24 @@ def _int4_group(layer) -> bool:
 def _native_gemv(layer, x):
     """Decode-sized rows: the C reads the plain packed codes once, adds the bias."""
     rows = x.reshape(-1, layer.in_features)                                                # (M, K)
-    y = native.gemv(rows, layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size,
-                    bias=layer.bias, out_dtype=x.dtype)                                    # (M, N)
+    y = ops.gemv(rows, layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size,
+                 layer.bias, x.dtype)                                                      # (M, N)
     return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
 def _native_dequantize(layer, x):
     """Longer inputs (a prompt): the C writes the weight in x's dtype, then one GEMM."""
-    weight = native.dequantize(layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size, x.dtype)
+    weight = ops.dequantize(layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size, x.dtype)
     return F.linear(x, weight, None if layer.bias is None else layer.bias.to(x.dtype))
 
 
 def _native_int8_int8(layer, x):
     xq, xs = formats.quantize_activations_int8(x.reshape(-1, layer.in_features))          # (M, K) int8, (M, 1)
-    return layer._finish(native.int8_int8(xq, xs, layer.qweight, layer.scales), x)
+    return layer._finish(ops.int8_int8(xq, xs.detach(), layer.qweight, layer.scales), x)   # the C has no gradient
 
 
 def _native_linear(layer, x):
-    y = native.linear(x.reshape(-1, layer.in_features), layer.weight, layer.bias, out_dtype=x.dtype)
+    y = ops.linear(x.reshape(-1, layer.in_features), layer.weight, layer.bias, x.dtype)
     return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)                       # (M, N) -> (..., N)
 
 
@@ -198,7 +204,11 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # layer -> (ke
 
 def cached(layer: nn.Module, name: str, build: Callable[[], object]):
     """``build()`` once for this layer (one kernel's copy per layer); again when its qweight, scales or zeros
-    are other tensors (moved, cast, newly quantized) or were written in place (``load_state_dict``)."""
+    are other tensors (moved, cast, newly quantized) or were written in place (``load_state_dict``).
+    Inside ``torch.compile`` the copy is built in the graph from the layer's current codes: a compiled graph
+    cannot check version counters, and a copy built in it is never stale."""
+    if torch.compiler.is_compiling():
+        return build()
     sources = tuple(None if t is None else (weakref.ref(t), None if t.is_inference() else t._version)
                     for t in (layer.qweight, layer.scales, layer.zeros))
     entry = _CACHE.get(layer)

@@ -1,0 +1,151 @@
+"""The kit's C kernels as PyTorch custom operators (``quant.ops``): each passes ``torch.library.opcheck``,
+and ``torch.compile(fullgraph=True)`` of quantized layers keeps one graph, with the kit's operators (or
+PyTorch's packed kernels) as nodes in it, and computes what eager computes."""
+
+import pytest
+import torch
+from torch import nn
+
+from ernie_lab import quant
+from ernie_lab.quant import formats, ops
+from ernie_lab.quant.linear import QuantLinear
+from ernie_lab.quant.streaming import StreamingLinear
+
+needs_native = pytest.mark.skipif(not quant.native.available(), reason="the kit's C kernels could not be built here")
+
+
+def _codes(bits, group, symmetric=True, N=16, K=64):
+    q = formats.quantize_packed(torch.randn(N, K), bits, group, symmetric)
+    return q.codes, q.scales.float().contiguous(), q.zeros
+
+
+@needs_native
+@pytest.mark.parametrize("bits,group,symmetric", [(8, 64, True), (4, 32, False), (2, 32, True)])
+def test_opcheck_gemv_and_dequantize(bits, group, symmetric):
+    torch.manual_seed(bits)
+    codes, scales, zeros = _codes(bits, group, symmetric)
+    for x, bias, out_dtype in ((torch.randn(2, 64), None, torch.float32),
+                               (torch.randn(1, 64, dtype=torch.bfloat16), torch.randn(16), torch.bfloat16)):
+        torch.library.opcheck(ops.gemv, (x, codes, scales, zeros, bits, group, bias, out_dtype))
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(ops.dequantize, (codes, scales, zeros, bits, group, dtype))
+
+
+@needs_native
+def test_opcheck_linear_and_int8_int8():
+    torch.manual_seed(0)
+    for weight_dtype, out_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        weight, bias = torch.randn(16, 64, dtype=weight_dtype), torch.randn(16)
+        torch.library.opcheck(ops.linear, (torch.randn(3, 64), weight, bias, out_dtype))
+        torch.library.opcheck(ops.linear, (torch.randn(1, 64), weight, None, out_dtype))
+    xq, xs = formats.quantize_activations_int8(torch.randn(2, 64))
+    q = formats.quantize_packed(torch.randn(16, 64), 8, 64, True)
+    torch.library.opcheck(ops.int8_int8, (xq, xs, q.codes, q.scales.float().contiguous()))
+
+
+@needs_native
+def test_ops_are_the_native_kernels():
+    """The operator returns exactly what the ctypes call returns (the boundary changes no numerics)."""
+    torch.manual_seed(1)
+    codes, scales, zeros = _codes(4, 32, symmetric=False)
+    x = torch.randn(2, 64)
+    assert torch.equal(ops.gemv(x, codes, scales, zeros, 4, 32, None, torch.float32),
+                       quant.native.gemv(x, codes, scales, zeros, 4, 32))
+    assert torch.equal(ops.dequantize(codes, scales, zeros, 4, 32, torch.bfloat16),
+                       quant.native.dequantize(codes, scales, zeros, 4, 32, torch.bfloat16))
+    # the fake kernel agrees with the real one on shape and dtype, also for an fp16 request (the C writes fp32)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    half = x.half()
+    real = ops.gemv(half, codes, scales, zeros, 4, 32, None, torch.float16)
+    with FakeTensorMode() as mode:
+        fake = ops.gemv(mode.from_tensor(half), mode.from_tensor(codes), mode.from_tensor(scales),
+                        mode.from_tensor(zeros), 4, 32, None, torch.float16)
+    assert (fake.shape, fake.dtype) == (real.shape, real.dtype) == ((2, 16), torch.float32)
+
+
+# ------------------------------------------------------------------ torch.compile of quantized layers
+class Stack(nn.Module):
+    """One layer of each scheme the kit's C computes, and a streaming fp32 linear: 64 -> ... -> 32."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(
+            QuantLinear.from_linear(nn.Linear(64, 64, bias=True), "w8a16"),
+            QuantLinear.from_linear(nn.Linear(64, 64), "w4a16", group_size=32, symmetric=False),
+            QuantLinear.from_linear(nn.Linear(64, 64), "w2a16", group_size=32),
+            QuantLinear.from_linear(nn.Linear(64, 64, bias=True), "w8a8"),
+            StreamingLinear.from_linear(nn.Linear(64, 32)))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class Recorder:
+    """A torch.compile backend that notes every operator of each graph, then hands it to inductor."""
+
+    def __init__(self):
+        self.graphs: list[list[str]] = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append([str(node.target) for node in gm.graph.nodes if node.op == "call_function"])
+        return torch._inductor.compile(gm, example_inputs)
+
+
+@pytest.fixture(scope="module")
+def compiled_stack():
+    """One compile (two graphs: a decode shape and a prompt shape), shared by the tests below."""
+    torch.manual_seed(0)
+    model, recorder = Stack().eval(), Recorder()
+    compiled = torch.compile(model, backend=recorder, fullgraph=True, dynamic=False)
+    return model, compiled, recorder
+
+
+@needs_native
+def test_compiled_decode_calls_the_kits_operators(compiled_stack, one_thread):
+    model, compiled, recorder = compiled_stack
+    x = torch.randn(1, 2, 64)                       # 2 rows: the decode kernels
+    with torch.no_grad():
+        assert [quant.kernels.choose(layer, x).name for layer in model.layers[:4]] == \
+            ["native_gemv"] * 3 + ["native_int8_int8"]
+        eager, got = model(x), compiled(x)
+    assert torch.allclose(got, eager, atol=1e-5, rtol=1e-5), (got - eager).abs().max()
+    ops_in_graph = [name for name in recorder.graphs[0] if name.startswith("ernie_lab.")]
+    assert ops_in_graph == ["ernie_lab.gemv.default"] * 3 + ["ernie_lab.int8_int8.default",
+                                                             "ernie_lab.linear.default"]
+
+
+@needs_native
+def test_compiled_prompt_calls_the_dequantizer(compiled_stack, one_thread):
+    model, compiled, recorder = compiled_stack
+    x = torch.randn(1, 3 * quant.native.MAX_ROWS, 64)   # a prompt: the C dequantizes, then one GEMM
+    with torch.no_grad():
+        eager, got = model(x), compiled(x)
+    assert torch.allclose(got, eager, atol=1e-5, rtol=1e-5), (got - eager).abs().max()
+    graph = recorder.graphs[-1]
+    assert graph.count("ernie_lab.dequantize.default") == 3 and "ernie_lab.gemv.default" not in graph
+
+
+def test_compiled_pytorch_kernels_and_the_switch(one_thread):
+    """Without the C (``native.off()``) the table picks PyTorch's packed kernels, the CPU cousins of the CUDA
+    entries (int8 / int4 weight-only, ``_int_mm``); they and their tiled copies trace into the graph too,
+    and switching ``native.off()`` on or off makes torch.compile trace again rather than run a stale choice."""
+    torch.manual_seed(2)
+    model, graphs = Stack().eval(), []
+
+    def record(gm, example_inputs):
+        graphs.append({str(node.target) for node in gm.graph.nodes if node.op == "call_function"})
+        return gm.forward
+
+    compiled = torch.compile(model, backend=record, fullgraph=True, dynamic=False)
+    x = torch.randn(2, 64)
+    with torch.no_grad(), quant.native.off():
+        assert [quant.kernels.choose(layer, x).name for layer in model.layers[:4]] == \
+            ["int8_weight_only", "int4_cpu", "reference", "int_mm"]
+        assert torch.allclose(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    assert {"aten._weight_int8pack_mm", "aten._convert_weight_to_int4pack_for_cpu",
+            "aten._weight_int4pack_mm_for_cpu"} <= graphs[0]
+    assert not any(name.startswith("ernie_lab.") for name in graphs[0])
+    if quant.native.available():
+        with torch.no_grad():
+            assert torch.allclose(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+        assert len(graphs) == 2 and "ernie_lab.gemv.default" in graphs[1]
