@@ -106,27 +106,33 @@ def _int4_group(layer) -> bool:
 
 
 # ------------------------------------------------------------------ the kit's C kernels (native.py)
+def c_kernel(name: str):
+    """The kit's C kernel ``name``: the ctypes function itself in eager mode (no dispatcher on the per-token
+    path, about 11 us a call), its ``ernie_lab::`` operator (quant/ops.py) while torch.compile traces."""
+    return getattr(ops if torch.compiler.is_compiling() else native, name)
+
+
 def _native_gemv(layer, x):
     """Decode-sized rows: the C reads the plain packed codes once, adds the bias."""
     rows = x.reshape(-1, layer.in_features)                                                # (M, K)
-    y = ops.gemv(rows, layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size,
+    y = c_kernel("gemv")(rows, layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size,
                  layer.bias, x.dtype)                                                      # (M, N)
     return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
 def _native_dequantize(layer, x):
     """Longer inputs (a prompt): the C writes the weight in x's dtype, then one GEMM."""
-    weight = ops.dequantize(layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size, x.dtype)
+    weight = c_kernel("dequantize")(layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size, x.dtype)
     return F.linear(x, weight, None if layer.bias is None else layer.bias.to(x.dtype))
 
 
 def _native_int8_int8(layer, x):
     xq, xs = formats.quantize_activations_int8(x.reshape(-1, layer.in_features))          # (M, K) int8, (M, 1)
-    return layer._finish(ops.int8_int8(xq, xs.detach(), layer.qweight, layer.scales), x)   # the C has no gradient
+    return layer._finish(c_kernel("int8_int8")(xq, xs.detach(), layer.qweight, layer.scales), x)   # the C has no gradient
 
 
 def _native_linear(layer, x):
-    y = ops.linear(x.reshape(-1, layer.in_features), layer.weight, layer.bias, x.dtype)
+    y = c_kernel("linear")(x.reshape(-1, layer.in_features), layer.weight, layer.bias, x.dtype)
     return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)                       # (M, N) -> (..., N)
 
 

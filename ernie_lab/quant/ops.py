@@ -11,7 +11,8 @@ it would have to break the graph around. A custom operator is the boundary that 
 so a compiled model keeps one graph with ``ernie_lab::gemv`` as a single node in it (called directly,
 the ctypes kernel makes ``fullgraph=True`` fail with a graph break at the ctypes call). In eager mode the dispatcher
 costs about 11 us per call on top of the ctypes call (measured: 24.6 against 12.0 us for a 64x64 int4
-layer, one thread). Each operator is
+layer, one thread), so the kernel table (``kernels.c_kernel``) calls the ctypes function directly in eager
+mode and the operator only while compiling. Each operator is
 functional (``mutates_args=()``: it returns a new tensor and writes nothing it was given) and has no
 autograd formula: the kernel table sends a layer here only when no gradient is wanted.
 
