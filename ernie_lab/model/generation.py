@@ -59,7 +59,7 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
     for name, value in (("static_cache", static_cache), ("compile", compile)):
         if not isinstance(value, bool):
             raise InputError(f"{name} must be True or False, got {value!r}.")
-    step = compiled_step(model) if compile else None  # refuses MoE / VL models before any work
+    fast_step = compiled_step(model) if compile else None  # refuses MoE / VL models before any work
     input_ids, attention_mask = _as_batch(input_ids, attention_mask, _pad_id(config, pad_token_id))
     B, T = input_ids.shape
     if T + max_new_tokens > config.max_position_embeddings:
@@ -91,8 +91,8 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-        if step is not None:
-            logits = step(model, token[:, None], next_pos, cache)  # (B, vocab), no checks inside
+        if fast_step is not None:
+            logits = fast_step(model, token[:, None], next_pos, cache)  # (B, vocab), no checks inside
             cache.advance(1)
         else:
             logits = model(token[:, None], attention_mask=attention_mask if padded else None, cache=cache,
