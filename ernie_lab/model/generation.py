@@ -28,6 +28,8 @@ from ..errors import InputError
 from .fast_decode import compiled_step
 from .kv_cache import KVCache
 
+STATIC_SLOTS_STEP = 64  # a static cache's buffer length is a multiple of this
+
 
 @torch.inference_mode()
 def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
@@ -70,8 +72,11 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
-    cache = KVCache.for_model(model, B, T + max_new_tokens, kv_cache_dtype=kv_cache_dtype,
-                              static=static_cache or compile)
+    static = static_cache or compile
+    room = T + max_new_tokens
+    if static:  # buffers in steps of 64 slots: prompts of similar length reuse one compiled graph
+        room = -(-room // STATIC_SLOTS_STEP) * STATIC_SLOTS_STEP
+    cache = KVCache.for_model(model, B, room, kv_cache_dtype=kv_cache_dtype, static=static)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens count 0, 1, 2, ...
     padded = not bool(attention_mask.all())
     logits = model(input_ids, attention_mask=attention_mask if padded else None, cache=cache,
