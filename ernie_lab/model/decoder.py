@@ -27,7 +27,7 @@ from torch import nn
 from .attention import Attention, padding_mask
 from .config import ErnieConfig
 from ..errors import InputError
-from .kv_cache import KVCache
+from .kv_cache import KVCache, StaticKVCache
 from .mlp import SwiGLU
 from .moe import MoEBlock, RouterOutput
 from .norm import RMSNorm
@@ -134,15 +134,9 @@ class ErnieForCausalLM(nn.Module):
         B, T = inputs_embeds.shape[:2]
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=inputs_embeds.device).expand(B, T)
-        rope = self.rotary(position_ids)  # (B, T, D/2) x2
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            mask = padding_mask(attention_mask.to(inputs_embeds.device), T)  # (B, 1, T, past + T)
-
+        mask = attention_mask_for(attention_mask, cache, T, inputs_embeds.device)
         router_logits = [] if output_router_logits else None
-        h = inputs_embeds
-        for layer in self.layers:
-            h = layer(h, rope, mask, cache, modality, router_logits)
+        h = self.run_layers(inputs_embeds, position_ids, mask, cache, modality, router_logits)
         if cache is not None:
             cache.advance(T)
         if logits_to_keep:
@@ -155,6 +149,16 @@ class ErnieForCausalLM(nn.Module):
             logits = self.lm_head(self.norm(h))
             loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, cache=cache, loss=loss, router_logits=router_logits)
+
+    def run_layers(self, h: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None = None,
+                   cache: KVCache | None = None, modality: torch.Tensor | None = None,
+                   router_logits: list | None = None) -> torch.Tensor:
+        """The stack of decoder layers, (B, T, hidden) -> (B, T, hidden), and nothing else: no checks and
+        no cache bookkeeping, so a compiled decode step (``fast_decode.py``) runs exactly this code."""
+        rope = self.rotary(position_ids)  # (B, T, D/2) x2
+        for layer in self.layers:
+            h = layer(h, rope, mask, cache, modality, router_logits)
+        return h
 
     def _loss_at_labels(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, vocab) logits of the positions that predict a label, and their mean cross-entropy."""
@@ -220,6 +224,18 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
         raise InputError(f"every label is {ignore_index} (ignored): there is nothing to learn from this batch.")
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1),
                            ignore_index=ignore_index)
+
+
+def attention_mask_for(attention_mask: torch.Tensor | None, cache: KVCache | None, T: int,
+                       device: torch.device) -> torch.Tensor | None:
+    """The bool mask attention gets: None (plain causal) without padding; (B, 1, T, past + T) with it;
+    (B, 1, T, S_max) over the whole buffer of a :class:`StaticKVCache`."""
+    if isinstance(cache, StaticKVCache):
+        cache.reserve(T)
+        return cache.mask(T, attention_mask)
+    if attention_mask is not None and not bool(attention_mask.all()):
+        return padding_mask(attention_mask.to(device), T)
+    return None
 
 
 def check_input_ids(input_ids, config: ErnieConfig, past: int = 0) -> None:

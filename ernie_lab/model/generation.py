@@ -12,6 +12,9 @@ Every argument is checked before the model runs. A batch must be *left*-padded: 
 with zeros after a real token (right padding, or holes) is refused, because the next token of such a
 row would follow a pad; a row without a single real token is refused too. Pass ragged prompts as a
 list of id lists and they are left-padded here.
+
+``static_cache=True`` decodes with a fixed-shape :class:`~.kv_cache.StaticKVCache`; ``compile=True`` adds
+a compiled one-token step on top of it (``fast_decode.py``). Both are options: the plain loop below is the same.
 """
 
 from __future__ import annotations
@@ -22,14 +25,18 @@ import math
 import torch
 
 from ..errors import InputError
+from .fast_decode import compiled_step
 from .kv_cache import KVCache
+
+STATIC_SLOTS_STEP = 64  # a static cache's buffer length is a multiple of this
 
 
 @torch.inference_mode()
 def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int | None = None, eos_token_id: int | list[int] | None = None, streamer=None,
              attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
-             generator: torch.Generator | None = None, kv_cache_dtype=None, **model_inputs) -> torch.Tensor:
+             generator: torch.Generator | None = None, kv_cache_dtype=None, static_cache: bool = False,
+             compile: bool = False, **model_inputs) -> torch.Tensor:
     """Continue each prompt by up to ``max_new_tokens`` tokens; returns (B, T + new) token ids.
 
     ``input_ids`` is a (B, T) LongTensor (left-padded, with ``attention_mask``) or a list of token-id
@@ -38,6 +45,9 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
     ``streamer`` gets ``put(ids)`` for the prompt and each new token and ``end()`` at the close, like
     transformers' streamers. ``kv_cache_dtype="int8"`` stores the KV cache as int8 with per-(token, head)
     scales (``kv_cache.Int8KVCache``). Extra keyword arguments (e.g. ``pixel_values``) go to the prefill only.
+    ``static_cache=True`` uses fixed buffers (``kv_cache.StaticKVCache``); ``compile=True`` also runs each
+    one-token step as a graph compiled once with ``torch.compile`` (dense text models; the first call
+    compiles and prints how long it took). Greedy tokens are the same either way.
     """
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise InputError(f"generate wants an ernie-lab model as its first argument, got {type(model).__name__}.")
@@ -48,6 +58,10 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
         check_token_id("eos_token_id", i, config.vocab_size)
     check_helpers(streamer, generator)
     check_model_inputs(model, model_inputs)
+    for name, value in (("static_cache", static_cache), ("compile", compile)):
+        if not isinstance(value, bool):
+            raise InputError(f"{name} must be True or False, got {value!r}.")
+    fast_step = compiled_step(model) if compile else None  # refuses MoE / VL models before any work
     input_ids, attention_mask = _as_batch(input_ids, attention_mask, _pad_id(config, pad_token_id))
     B, T = input_ids.shape
     if T + max_new_tokens > config.max_position_embeddings:
@@ -58,7 +72,11 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
-    cache = KVCache.for_model(model, B, T + max_new_tokens, kv_cache_dtype=kv_cache_dtype)
+    static = static_cache or compile
+    room = T + max_new_tokens
+    if static:  # buffers in steps of 64 slots: prompts of similar length reuse one compiled graph
+        room = -(-room // STATIC_SLOTS_STEP) * STATIC_SLOTS_STEP
+    cache = KVCache.for_model(model, B, room, kv_cache_dtype=kv_cache_dtype, static=static)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens count 0, 1, 2, ...
     padded = not bool(attention_mask.all())
     logits = model(input_ids, attention_mask=attention_mask if padded else None, cache=cache,
@@ -78,8 +96,12 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-        logits = model(token[:, None], attention_mask=attention_mask if padded else None, cache=cache,
-                       position_ids=next_pos).logits[:, -1]
+        if fast_step is not None:
+            logits = fast_step(model, token[:, None], next_pos, cache)  # (B, vocab), no checks inside
+            cache.advance(1)
+        else:
+            logits = model(token[:, None], attention_mask=attention_mask if padded else None, cache=cache,
+                           position_ids=next_pos).logits[:, -1]
         next_pos = next_pos + 1
     if streamer is not None:
         streamer.end()
