@@ -130,8 +130,9 @@ def quantize_groups(function) -> str:
                "(the first column in the high nibble).")
 def pack2(function) -> str:
     g = fresh_generator()
-    for dtype in (torch.float32, torch.uint8):      # codes straight from round() (floats), or stored as bytes
-        codes = torch.randint(0, 16, (_int(g, 1, 5), 2 * _int(g, 2, 9)), generator=g).to(torch.uint8)
+    for size, dtype in enumerate((torch.float32, torch.uint8)):   # codes from round() (floats), or stored as bytes
+        rows = _int(g, 1, 2) if size == 0 else _int(g, 3, 5)                           # two different shapes
+        codes = torch.randint(0, 16, (rows, 2 * _int(g, 2, 9)), generator=g).to(torch.uint8)
         codes[0, :2] = torch.tensor([15, 0])                                          # both extremes
         got = call(function, codes.to(dtype))
         expected = formats.pack(codes, 4)
@@ -209,9 +210,9 @@ def rounded_column(W: torch.Tensor, j: int, group: int) -> torch.Tensor:
                "Column j becomes q exactly, the later columns absorb the error, the earlier ones stay.")
 def gptq_update(function) -> str:
     g = fresh_generator()
-    for _ in range(2):
+    for size in range(2):
         group = 8
-        columns = group * _int(g, 2, 5)
+        columns = group * (2 + 2 * size + _int(g, 0, 1))                            # 2-3 groups, then 4-5
         W = torch.randn(_int(g, 2, 7), columns, generator=g) * 0.1
         U = hessian_factor(g, columns)
         j = _int(g, 0, columns - 2)
