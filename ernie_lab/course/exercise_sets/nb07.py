@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from ..exercises import Mismatch, as_number, call, exercise, expect_tensor, fresh_generator
+from ..exercises import Mismatch, as_number, call, exercise, expect_tensor, fresh_generator, name_the_mistake
 from ...model.kv_cache import Int8KVCache
 from ...quant import QuantLinear, formats, gptq
 
@@ -21,12 +21,6 @@ from ...quant import QuantLinear, formats, gptq
 def _int(g: torch.Generator, low: int, high: int) -> int:
     """A whole number in [low, high] from the judge's generator."""
     return int(torch.randint(low, high + 1, (1,), generator=g))
-
-
-def _same(got, expected, atol: float = 1e-6) -> bool:
-    """Whether an answer equals a mistaken variant's output (same shape, close values)."""
-    return (isinstance(got, torch.Tensor) and got.shape == expected.shape and got.is_floating_point()
-            and bool(torch.isfinite(got).all()) and torch.allclose(got.float(), expected.float(), atol=atol))
 
 
 def _parts(label: str, got, count: int) -> tuple:
@@ -113,9 +107,7 @@ def quantize_groups(function) -> str:
                 "floor": "w / scale is rounded down; round to the nearest code",
             }
             right = dequantized(expected.codes, expected.scales, expected.zeros, group)
-            for mistake, weight in variants.items():
-                if _same(mine, weight) and not _same(mine, right):
-                    raise Mismatch(says[mistake])
+            name_the_mistake(mine, right, {says[mistake]: weight for mistake, weight in variants.items()}, atol=1e-6)
         expect_tensor(f"scales (group {group})", scales, expected.scales, atol=1e-6 * float(expected.scales.max()))
         _expect_codes(f"zero points (group {group})", zeros, expected.zeros, -w.new_ones(1), torch.uint8)
         ratio = (w.reshape(*expected.scales.shape, group) / expected.scales[..., None]).reshape(w.shape)
@@ -183,9 +175,7 @@ def dequant_matmul(function) -> str:
             "the scales are tiled (repeat) instead of repeated per group (repeat_interleave): column k belongs "
             "to group k // group": (u - layer.zeros.float().repeat(1, group)) * layer.scales.repeat(1, group),
         }
-        for says, weight in variants.items():
-            if _same(got, x @ weight.t(), atol=1e-5) and not _same(got, expected, atol=1e-5):
-                raise Mismatch(says)
+        name_the_mistake(got, expected, {says: x @ weight.t() for says, weight in variants.items()}, atol=1e-5)
         expect_tensor(f"x @ W^T for {tokens} token(s)", got, expected, atol=1e-5 * max(1.0, float(expected.abs().max())))
     return "This is the reference every kernel of ernie_lab.quant is checked against."
 
@@ -234,9 +224,7 @@ def gptq_update(function) -> str:
             "only column j changed: the later columns must absorb its error through row j of U "
             "(U[j, j:], not the column U[j:, j])": only_j,
         }
-        for says, variant in variants.items():
-            if _same(got, variant, atol=1e-6) and not _same(got, expected, atol=1e-6):
-                raise Mismatch(says)
+        name_the_mistake(got, expected, variants, atol=1e-6)
         expect_tensor(f"W after quantizing column {j} of {columns}", got, expected, atol=1e-5)
     return "Run it for every column, left to right, and you have GPTQ (without the lazy batching)."
 
@@ -276,9 +264,7 @@ def quantize_kv(function) -> str:
                 "rows / scale is truncated; round to the nearest code":
                     (rows / expected_scales).trunc() * expected_scales,
             }
-            for says, variant in variants.items():
-                if mine.shape == variant.shape and _same(mine, variant, atol=1e-6) and not _same(mine, keys, 1e-6):
-                    raise Mismatch(says)
+            name_the_mistake(mine, keys, variants, atol=1e-6)
         expect_tensor(f"scales for {length} tokens", scales, expected_scales, atol=1e-7)
         _expect_codes(f"codes for {length} tokens", codes, expected_codes, rows / expected_scales, torch.int8)
         expect_tensor("codes * scales (what attention reads back)", codes.float() * scales, keys,

@@ -9,7 +9,6 @@ LoRA layer, with peft's ``lora.Linear`` holding the same weights.
 from __future__ import annotations
 
 import copy
-import math
 from types import SimpleNamespace
 
 import torch
@@ -131,15 +130,12 @@ def _check_start(layer, plain, a, b, x) -> None:
 
 def _diagnose_scale(got, plain, a, b, x, r, alpha) -> None:
     """Name a wrong scale only when the output is exactly what that scale gives."""
-    if not (isinstance(got, torch.Tensor) and got.shape == plain(x).shape and torch.isfinite(got).all()):
-        return
     with torch.no_grad():
-        update = x @ a.T @ b.T                                          # (..., out) = B A x
-        for scale, mistake in ((1.0, "the update is not scaled: multiply B(A(x)) by alpha / r"),
-                               (float(alpha), "you scale by alpha; LoRA scales by alpha / r"),
-                               (r / alpha, "the scale is upside down: alpha / r, not r / alpha")):
-            if not math.isclose(scale, alpha / r) and torch.allclose(got, plain(x) + scale * update, atol=1e-4):
-                raise Mismatch(mistake)
+        base, update = plain(x), x @ a.T @ b.T                          # (..., out) each; update = B A x
+        mistakes = {"the update is not scaled: multiply B(A(x)) by alpha / r": base + update,
+                    "you scale by alpha; LoRA scales by alpha / r": base + float(alpha) * update,
+                    "the scale is upside down: alpha / r, not r / alpha": base + r / alpha * update}
+        name_the_mistake(got, base + alpha / r * update, mistakes, atol=1e-4)
 
 
 def _check_merge(layer, plain, delta, expected, x) -> None:
