@@ -129,6 +129,13 @@ def fresh_generator():
     return torch.Generator().manual_seed(secrets.randbits(62))
 
 
+def draw_int(g, low: int, high: int) -> int:
+    """A whole number in [low, high], drawn with the judge's generator ``g``."""
+    import torch
+
+    return int(torch.randint(low, high + 1, (1,), generator=g))
+
+
 def is_stub_function(function: Callable) -> bool:
     """A function whose body does nothing but return None (``...``, ``pass``, a docstring): a fresh stub.
 

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from ..exercises import (Mismatch, as_ints, call, exercise, expect_equal, expect_tensor, fresh_generator,
+from ..exercises import (Mismatch, as_ints, call, exercise, expect_equal, expect_tensor, draw_int, fresh_generator,
                          name_the_mistake)
 from ...model.attention import attend, causal_mask
 from ...model.kv_cache import KVCache
@@ -75,13 +75,8 @@ def kit_decoder_layer(x, attention, mlp, attn_norm, mlp_norm):
 # Helpers shared by the judges.
 # ------------------------------------------------------------------------------------------------
 
-def _draw(g: torch.Generator, low: int, high: int) -> int:
-    """A whole number in [low, high], drawn with `g`."""
-    return int(torch.randint(low, high + 1, (1,), generator=g))
-
-
 def _choice(g: torch.Generator, options):
-    return options[_draw(g, 0, len(options) - 1)]
+    return options[draw_int(g, 0, len(options) - 1)]
 
 
 def _reference_config(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int, eps: float):
@@ -103,12 +98,12 @@ def _additive_causal_mask(T: int, S: int) -> torch.Tensor:
 
 def _rms_norm_cases(g):
     """(x, weight, eps): flat rows of which some are tiny (eps matters there), then a batch of ordinary rows."""
-    h = _draw(g, 5, 33)
-    rows = torch.randn(_draw(g, 4, 8), h, generator=g)                               # (N, h)
+    h = draw_int(g, 5, 33)
+    rows = torch.randn(draw_int(g, 4, 8), h, generator=g)                               # (N, h)
     rows[::2] *= 1e-3                                                                # RMS near sqrt(eps)
     yield rows, 1 + 0.3 * torch.randn(h, generator=g), 10 ** (-5 - torch.rand(1, generator=g).item())
-    h = _draw(g, 6, 40)
-    x = torch.randn(_draw(g, 1, 3), _draw(g, 2, 6), h, generator=g) * 3            # (B, T, h)
+    h = draw_int(g, 6, 40)
+    x = torch.randn(draw_int(g, 1, 3), draw_int(g, 2, 6), h, generator=g) * 3            # (B, T, h)
     yield x, 1 + 0.3 * torch.randn(h, generator=g), 1e-5
 
 
@@ -149,14 +144,14 @@ def rms_norm(function) -> str:
 def _rope_cases(g):
     """(x, cos, sin): batch != heads (a forgotten head axis cannot broadcast by luck), scattered positions
     (angles far past 2 pi), random widths and theta; then one decode step (T = 1) with a single sequence."""
-    B = _draw(g, 2, 3)
-    H, T, d = B + _draw(g, 1, 3), _draw(g, 3, 7), 2 * _draw(g, 3, 10)
+    B = draw_int(g, 2, 3)
+    H, T, d = B + draw_int(g, 1, 3), draw_int(g, 3, 7), 2 * draw_int(g, 3, 10)
     theta = 10 ** (3 + 3 * torch.rand(1, generator=g).item())
     positions = torch.randint(0, 5000, (B, T), generator=g)                          # (B, T)
     yield (torch.randn(B, H, T, d, generator=g), *rope_angles(positions, d, theta))  # (B, H, T, d), (B, T, d/2) x2
-    d = 2 * _draw(g, 2, 12)
+    d = 2 * draw_int(g, 2, 12)
     positions = torch.randint(0, 100_000, (1, 1), generator=g)
-    yield (torch.randn(1, _draw(g, 1, 4), 1, d, generator=g), *rope_angles(positions, d, 500_000.0))
+    yield (torch.randn(1, draw_int(g, 1, 4), 1, d, generator=g), *rope_angles(positions, d, 500_000.0))
 
 
 def rotate_half_reference(x, cos, sin):
@@ -233,11 +228,12 @@ def _attention_cases(g):
     """(q, k, v): a prefill (S = T), one decode step (T = 1 query after a cache), and a chunk after a cache
     (T > 1 queries, the last T of S); KV heads 1..3 shared by groups of 2..4 query heads, at least one case with
     several KV heads (so which group a head reads shows); once values of another width than the keys."""
-    past = (0, _draw(g, 3, 8), _draw(g, 2, 5))
-    new = (_draw(g, 3, 7), 1, _draw(g, 2, 4))
+    past = (0, draw_int(g, 3, 8), draw_int(g, 2, 5))
+    new = (draw_int(g, 3, 7), 1, draw_int(g, 2, 4))
     for case, (P, T) in enumerate(zip(past, new)):
-        B, kv_heads, group, d = _draw(g, 1, 2), _draw(g, 2 if case != 1 else 1, 3), _draw(g, 2, 4), 2 * _draw(g, 2, 8)
-        S, value_width = P + T, (d if case != 2 else _draw(g, 3, 12))
+        B, kv_heads = draw_int(g, 1, 2), draw_int(g, 2 if case != 1 else 1, 3)
+        group, d = draw_int(g, 2, 4), 2 * draw_int(g, 2, 8)
+        S, value_width = P + T, (d if case != 2 else draw_int(g, 3, 12))
         yield (torch.randn(B, kv_heads * group, T, d, generator=g), torch.randn(B, kv_heads, S, d, generator=g),
                torch.randn(B, kv_heads, S, value_width, generator=g))
 
@@ -290,9 +286,9 @@ def gqa_attention(function) -> str:
 def _cache_cases(g):
     """(buffer, length, new): an empty cache (prefill), one decode step, a chunk; a buffer exactly full after
     the write once. Rows past `length` hold leftovers (random numbers), as a reused buffer does."""
-    for length, T in ((0, _draw(g, 2, 5)), (_draw(g, 1, 6), 1), (_draw(g, 2, 5), _draw(g, 2, 3))):
-        B, heads, d = _draw(g, 1, 2), _draw(g, 1, 3), 2 * _draw(g, 2, 6)
-        capacity = length + T + (_draw(g, 1, 3) if T != 1 else 0)
+    for length, T in ((0, draw_int(g, 2, 5)), (draw_int(g, 1, 6), 1), (draw_int(g, 2, 5), draw_int(g, 2, 3))):
+        B, heads, d = draw_int(g, 1, 2), draw_int(g, 1, 3), 2 * draw_int(g, 2, 6)
+        capacity = length + T + (draw_int(g, 1, 3) if T != 1 else 0)
         yield (torch.randn(B, heads, capacity, d, generator=g), length, torch.randn(B, heads, T, d, generator=g))
 
 
@@ -328,9 +324,9 @@ def cache_append(function) -> str:
 
 def _swiglu_cases(g):
     """(x, w_gate, w_up, w_down) in nn.Linear's (out, in) layout, intermediate width != hidden width."""
-    for shape_in_front in ((_draw(g, 1, 3), _draw(g, 2, 5)), (_draw(g, 2, 7),)):
-        h = _draw(g, 4, 16)
-        width = h + _draw(g, 1, 2 * h)
+    for shape_in_front in ((draw_int(g, 1, 3), draw_int(g, 2, 5)), (draw_int(g, 2, 7),)):
+        h = draw_int(g, 4, 16)
+        width = h + draw_int(g, 1, 2 * h)
         yield (torch.randn(*shape_in_front, h, generator=g), torch.randn(width, h, generator=g) / h ** 0.5,
                torch.randn(width, h, generator=g) / h ** 0.5, torch.randn(h, width, generator=g) / width ** 0.5)
 
@@ -369,8 +365,8 @@ def _decoder_cases(g):
 
     for _ in range(2):
         heads, kv_heads = _choice(g, ((2, 1), (4, 2), (4, 1), (2, 2)))
-        hidden, head_dim = 4 * _draw(g, 2, 6), 2 * _draw(g, 2, 4)
-        config = ErnieConfig(vocab_size=8, hidden_size=hidden, intermediate_size=hidden + _draw(g, 1, 2 * hidden),
+        hidden, head_dim = 4 * draw_int(g, 2, 6), 2 * draw_int(g, 2, 4)
+        config = ErnieConfig(vocab_size=8, hidden_size=hidden, intermediate_size=hidden + draw_int(g, 1, 2 * hidden),
                              num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=kv_heads,
                              head_dim=head_dim)
         layer = DecoderLayer(config, layer_idx=0).eval()
@@ -378,7 +374,7 @@ def _decoder_cases(g):
             for name, p in layer.named_parameters():
                 gain = name.endswith("norm.weight")
                 p.copy_((1.0 if gain else 0.0) + torch.randn(p.shape, generator=g) * (0.4 if gain else 0.3))
-        B, T = _draw(g, 1, 2), _draw(g, 2, 6)
+        B, T = draw_int(g, 1, 2), draw_int(g, 2, 6)
         rope = rope_angles(torch.arange(T).expand(B, T), head_dim, config.rope_theta)   # (B, T, d/2) x2
         yield config, layer, rope, torch.randn(B, T, hidden, generator=g)
 
@@ -462,10 +458,10 @@ def _cumulative_below(probs: torch.Tensor, p: float) -> list[int]:
 
 def _nucleus_cases(g):
     """(probs, p): small and large vocabularies; p exactly on a cumulative sum, between two, tiny, and 1."""
-    for vocab in (_draw(g, 5, 12), _draw(g, 200, 600)):
+    for vocab in (draw_int(g, 5, 12), draw_int(g, 200, 600)):
         probs = _dyadic_probabilities(g, vocab)
         mass = probs.double().sort(descending=True).values.cumsum(0)
-        r = _draw(g, 1, min(vocab, 40) - 2)
+        r = draw_int(g, 1, min(vocab, 40) - 2)
         yield probs, mass[r].item()                                          # exactly the mass of the top r + 1
         yield probs, ((mass[r] + mass[r + 1]) / 2).item()                    # strictly between two sums
     yield probs, 1e-9

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..exercises import (Mismatch, as_ints, call, exercise, expect_equal, expect_tensor, fresh_generator,
+from ..exercises import (Mismatch, as_ints, call, exercise, expect_equal, expect_tensor, draw_int, fresh_generator,
                          name_the_mistake, switched_off)
 
 PHOTO = (3024, 4032)        # a phone photo, height x width
@@ -58,7 +58,7 @@ def last_position(position) -> str:
 
 # ================================================================================ patchify
 def _even(g, low, high) -> int:
-    return 2 * int(torch.randint(low, high + 1, (1,), generator=g))
+    return 2 * draw_int(g, low, high)
 
 
 @exercise("03.patchify",

@@ -19,7 +19,7 @@ from ...model.moe import MoEBlock, dispatch, route
 from ...model.rope import apply_rope
 from ...model.rope3d import position_ids_3d, rope_angles_3d, vision_block_positions
 from ..exercises import (Mismatch, as_number, call, exercise, expect_close, expect_equal, expect_tensor,
-                         fresh_generator, name_the_mistake, switched_off)
+                         draw_int, fresh_generator, name_the_mistake, switched_off)
 
 
 @exercise("04.vision_experts",
@@ -154,18 +154,15 @@ THETA = 500_000.0
 def random_layout(g: torch.Generator, pictures: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token types (1, T) of a chat: text runs with pictures between them (images of grid (1, 2a, 2b), a video
     of grid (2c, 2a, 2b): two frames make one time step), and the grids of each kind in order of appearance."""
-    def draw(low, high):
-        return int(torch.randint(low, high + 1, (1,), generator=g))
-
-    types, grids = [TEXT] * draw(1, 4), {IMAGE: [], VIDEO: []}
+    types, grids = [TEXT] * draw_int(g, 1, 4), {IMAGE: [], VIDEO: []}
     kinds = [VIDEO] + [IMAGE] * (pictures - 1)                                     # one video, then images
     for kind in [kinds[i] for i in torch.randperm(pictures, generator=g).tolist()]:
-        a, b = draw(1, 4), draw(1, 4)
+        a, b = draw_int(g, 1, 4), draw_int(g, 1, 4)
         if a == b:
             b += 1                                                                 # a non-square picture
-        frames = 2 * draw(2, 3) if kind == VIDEO else 1   # two or three frame pairs
+        frames = 2 * draw_int(g, 2, 3) if kind == VIDEO else 1   # two or three frame pairs
         grids[kind].append([frames, 2 * a, 2 * b])
-        types += [kind] * (max(frames // 2, 1) * a * b) + [TEXT] * draw(1, 3)      # markers and text after it
+        types += [kind] * (max(frames // 2, 1) * a * b) + [TEXT] * draw_int(g, 1, 3)      # markers and text after it
     as_grid = lambda rows: torch.tensor(rows, dtype=torch.long).reshape(-1, 3)    # noqa: E731
     return torch.tensor([types]), as_grid(grids[IMAGE]), as_grid(grids[VIDEO])
 

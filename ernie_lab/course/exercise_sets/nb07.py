@@ -12,17 +12,13 @@ import copy
 import torch
 from torch import nn
 
-from ..exercises import Mismatch, as_number, call, exercise, expect_tensor, fresh_generator, name_the_mistake
+from ..exercises import (Mismatch, as_number, call, draw_int, exercise, expect_tensor, fresh_generator,
+                         name_the_mistake)
 from ...model.kv_cache import Int8KVCache
 from ...quant import QuantLinear, formats, gptq
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _int(g: torch.Generator, low: int, high: int) -> int:
-    """A whole number in [low, high] from the judge's generator."""
-    return int(torch.randint(low, high + 1, (1,), generator=g))
-
-
 def _parts(label: str, got, count: int) -> tuple:
     if not isinstance(got, (tuple, list)) or len(got) != count or not all(isinstance(t, torch.Tensor) for t in got):
         from ..exercises import describe
@@ -70,7 +66,7 @@ def group_weights(g: torch.Generator, rows: int, groups: int, group: int) -> tor
     w = torch.randn(rows, groups * group, generator=g) * torch.rand(rows, 1, generator=g).add(0.05) * 0.1
     w[0, :group] = w[0, :group].abs()                     # all positive: the zero point sits at code 0
     w[-1, -group:] = -w[-1, -group:].abs()                # all negative: the zero point sits at code 15
-    w[rows // 2, _int(g, 0, groups * group - 1)] *= 20    # an outlier stretches one group's scale only
+    w[rows // 2, draw_int(g, 0, groups * group - 1)] *= 20    # an outlier stretches one group's scale only
     return w
 
 
@@ -81,8 +77,8 @@ def group_weights(g: torch.Generator, rows: int, groups: int, group: int) -> tor
                "zero as uint8).")
 def quantize_groups(function) -> str:
     g = fresh_generator()
-    for group in (8 * _int(g, 1, 2), 32):
-        w = group_weights(g, _int(g, 2, 6), _int(g, 2, 4), group)
+    for group in (8 * draw_int(g, 1, 2), 32):
+        w = group_weights(g, draw_int(g, 2, 6), draw_int(g, 2, 4), group)
         got = _parts("codes, scales, zeros", call(function, w, group), 3)
         codes, scales, zeros = got
         expected = formats.quantize_weight(w, 4, group, symmetric=False)
@@ -123,8 +119,8 @@ def quantize_groups(function) -> str:
 def pack2(function) -> str:
     g = fresh_generator()
     for size, dtype in enumerate((torch.float32, torch.uint8)):   # codes from round() (floats), or stored as bytes
-        rows = _int(g, 1, 2) if size == 0 else _int(g, 3, 5)                           # two different shapes
-        codes = torch.randint(0, 16, (rows, 2 * _int(g, 2, 9)), generator=g).to(torch.uint8)
+        rows = draw_int(g, 1, 2) if size == 0 else draw_int(g, 3, 5)                           # two different shapes
+        codes = torch.randint(0, 16, (rows, 2 * draw_int(g, 2, 9)), generator=g).to(torch.uint8)
         codes[0, :2] = torch.tensor([15, 0])                                          # both extremes
         got = call(function, codes.to(dtype))
         expected = formats.pack(codes, 4)
@@ -159,9 +155,9 @@ def int4_layer(g: torch.Generator, inputs: int, outputs: int, group: int) -> Qua
                "the columns (repeat_interleave); W = (u - z) * s; return x @ W.T.")
 def dequant_matmul(function) -> str:
     g = fresh_generator()
-    for tokens in (1, _int(g, 2, 5)):                 # one decode token, then a short prefill
-        group = 8 * _int(g, 1, 4)
-        layer = int4_layer(g, group * _int(g, 2, 4), _int(g, 3, 9), group)
+    for tokens in (1, draw_int(g, 2, 5)):                 # one decode token, then a short prefill
+        group = 8 * draw_int(g, 1, 4)
+        layer = int4_layer(g, group * draw_int(g, 2, 4), draw_int(g, 3, 9), group)
         x = torch.randn(tokens, layer.in_features, generator=g)
         got = call(function, x, layer.qweight, layer.scales, layer.zeros, group)
         expected = layer.reference(x)                                             # (M, N)
@@ -202,10 +198,10 @@ def gptq_update(function) -> str:
     g = fresh_generator()
     for size in range(2):
         group = 8
-        columns = group * (2 + 2 * size + _int(g, 0, 1))                            # 2-3 groups, then 4-5
-        W = torch.randn(_int(g, 2, 7), columns, generator=g) * 0.1
+        columns = group * (2 + 2 * size + draw_int(g, 0, 1))                            # 2-3 groups, then 4-5
+        W = torch.randn(draw_int(g, 2, 7), columns, generator=g) * 0.1
         U = hessian_factor(g, columns)
-        j = _int(g, 0, columns - 2)
+        j = draw_int(g, 0, columns - 2)
         q = rounded_column(W, j, group)
         got = call(function, W, U, j, q)
         expected = W.clone()
@@ -235,8 +231,8 @@ def gptq_update(function) -> str:
                "codes = (rows / scale).round().clamp(-127, 127).to(torch.int8); return codes, scale.")
 def quantize_kv(function) -> str:
     g = fresh_generator()
-    for length in (_int(g, 3, 6) * 2 + 1, _int(g, 8, 12)):      # an odd length too
-        batch, heads, dim = _int(g, 1, 2), _int(g, 1, 3), 8 * _int(g, 1, 3)
+    for length in (draw_int(g, 3, 6) * 2 + 1, draw_int(g, 8, 12)):      # an odd length too
+        batch, heads, dim = draw_int(g, 1, 2), draw_int(g, 1, 3), 8 * draw_int(g, 1, 3)
         rows = torch.randn(batch, heads, length, dim, generator=g) * torch.randn(batch, heads, length, 1,
                                                                                    generator=g).exp()
         rows[0, 0, -1] = 0.0                                      # a padded token: an all-zero row
@@ -290,8 +286,8 @@ def damage_model(g: torch.Generator, hidden: int):
                 size = float(torch.rand(1, generator=g)) * 0.1 + 0.01
                 parameter.copy_(torch.randn(parameter.shape, generator=g) * size)
         victim = model.layers[0].mlp.down_proj.weight
-        victim[:, _int(g, 0, victim.shape[1] - 1)] *= 10      # one input column much larger than the rest
-    return model, torch.randint(3, 128, (_int(g, 1, 2), _int(g, 6, 12)), generator=g)
+        victim[:, draw_int(g, 0, victim.shape[1] - 1)] *= 10      # one input column much larger than the rest
+    return model, torch.randint(3, 128, (draw_int(g, 1, 2), draw_int(g, 6, 12)), generator=g)
 
 
 def int4_damage(model, ids, name: str, reference: torch.Tensor) -> float:
@@ -311,7 +307,7 @@ def most_sensitive_layer(function) -> str:
     from ... import quant
 
     g = fresh_generator()
-    for hidden in (32, 32 * _int(g, 2, 3)):
+    for hidden in (32, 32 * draw_int(g, 2, 3)):
         model, ids = damage_model(g, hidden)
         names = list(quant.plan_layers(model, "w4a16", group_size=DAMAGE_GROUP))
         with torch.no_grad():
