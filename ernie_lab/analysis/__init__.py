@@ -5,6 +5,7 @@
     viz             routing pictures (matplotlib, imported on use)
     widgets         the routing explorer (ipywidgets)
     family          parameter, memory and compute arithmetic for the whole family
+    decode_cost     what a decode token costs: a per-token profile, the bytes a step reads, the bandwidth bound
 
 May import: ``ernie_lab.errors``, ``ernie_lab.atomic``, ``model``, ``quant``, ``io``, ``train``, ``tiny``.
 """
