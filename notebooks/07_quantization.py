@@ -18,7 +18,8 @@
 # **What you will learn:** how a weight becomes a 4-bit code (round-to-nearest with a scale and a zero
 # point per group of columns), how two codes share a byte, how a quantized layer multiplies, how GPTQ
 # rounds better by letting the next columns absorb each column's error, how an int8 KV cache stores keys
-# and values, and what each scheme costs in quality on models that learned something.
+# and values, what each scheme costs in quality on models that learned something, and where a decode token's
+# time goes when the weights are not the problem (a static cache and a compiled step).
 # **Time:** 118 min (core 98 min). **Memory:** under 2 GB.
 #
 # A decode step of a 0.3B model reads every weight once to produce one token. On a CPU that is a
@@ -614,7 +615,27 @@ assert cost["ops per token"] > 20 * text_model.config.num_hidden_layers and cost
 # * attention always reads all S_max slots, through **one (B, 1, T, S_max) mask**: query i may see slot j
 #   when j is at or before its own slot and holds a real token.
 #
-# Three prompt tokens, then one decode token, in a cache of 6 slots:
+# **Write it.** `write_rows(rows, buffer, slots)`, the static cache's write: the rows (B, H, T, D) of T new
+# tokens go into the (B, H, S_max, D) buffer at the T slots held in the (T,) tensor `slots`, along the token
+# axis; return the buffer. The earlier tokens' rows stay. The check compares with `StaticKVCache.update` on
+# fresh buffers, for one decode token and for a chunk of a prompt, with the cursor away from slot 0.
+
+# %%
+def write_rows(rows, buffer, slots):
+    """Write rows (B, H, T, D) into buffer (B, H, S_max, D) at the slots (T,), a tensor; return the buffer."""
+    ...   # your code here
+
+
+def kit_write_rows(rows, buffer, slots):
+    cache = StaticKVCache(1, buffer.shape[0], buffer.shape[1], buffer.shape[3], buffer.shape[2])
+    cache.keys[0], cache.cursor = buffer, slots[:1].clone()
+    return cache.update(0, rows, rows)[0]
+
+
+write_rows = exercises.use("07.write_rows", write_rows, kit=kit_write_rows)
+
+# %% [markdown]
+# Three prompt tokens, then one decode token, in a cache of 6 slots, and your write beside the cache's:
 
 # %%
 demo = StaticKVCache(num_layers=1, batch=1, kv_heads=1, head_dim=4, max_len=6)
@@ -622,11 +643,13 @@ prompt_rows, new_row = torch.randn(1, 1, 3, 4), torch.randn(1, 1, 1, 4)         
 demo.mask(3)                                              # the prompt goes to slots 0, 1, 2
 demo.update(0, prompt_rows, prompt_rows)
 demo.advance(3)
+after_prompt = demo.keys[0].clone()                       # (B, Hkv, S_max, D)
 mask = demo.mask(1)                                       # (B, 1, T=1, S_max=6) for the next token, at slot 3
 keys, _ = demo.update(0, new_row, new_row)                # (B, Hkv, S_max, D): always the whole buffer
+yours = write_rows(new_row, after_prompt, demo.slots(1))  # the same write, by your function
 print("cursor", demo.cursor.tolist(), "| keys", tuple(keys.shape), "| the new token sees slots",
       mask[0, 0, 0].int().tolist())
-assert keys.shape == (1, 1, 6, 4) and torch.equal(keys[0, 0, 3], new_row[0, 0, 0])
+assert keys.shape == (1, 1, 6, 4) and torch.equal(keys[0, 0, 3], new_row[0, 0, 0]) and torch.equal(yours, keys)
 assert mask[0, 0, 0].tolist() == [True] * 4 + [False] * 2
 
 # %% [markdown]
@@ -771,15 +794,20 @@ if exercises.check("07.most_sensitive_layer", most_sensitive_layer):
 # * An int8 KV cache keeps one scale per (token, head) row, so new tokens never change old codes.
 # * On trained weights 8 and 4 bits are nearly free here; plain 2-bit is not, and ERNIE's 2-bit (CCQ) is a
 #   different, stronger scalar method.
+# * Below the bandwidth bound sits a per-op cost: eager PyTorch dispatches some 75 ops per layer from Python.
+#   A static KV cache (fixed buffers, the write slot a tensor, one mask) lets `torch.compile` replay the
+#   whole decode step as one graph (`generate(..., compile=True)`), with the same greedy tokens.
 #
 # ## What we built
 #
 # * By hand: `quantize_groups` (int4 with zero points), `pack2`, `dequant_matmul`, `gptq_update` and a
-#   GPTQ loop around it, `quantize_kv`, and a per-layer damage measurement;
+#   GPTQ loop around it, `quantize_kv`, a per-layer damage measurement, and the static cache's `write_rows`;
 # * checked against `ernie_lab.quant` (`formats`, `QuantLinear.reference`, `gptq.gptq_quantize` /
-#   `gptq.spread_error_`) and the model's `Int8KVCache`;
+#   `gptq.spread_error_`) and the model's `Int8KVCache` and `StaticKVCache`;
 # * measured: every scheme's quality on the shipped tiny text and VL models (`benchmarks/quant_tiny.py`),
-#   and the speed of each scheme on the 0.3B shape (`benchmarks/quant.py`).
+#   and the speed of each scheme on the 0.3B shape (`benchmarks/quant.py`);
+# * profiled: a decode token in four parts against its bandwidth bound (`ernie_lab.analysis.decode_cost`), and
+#   the 18-layer overhead floor eager against compiled (`benchmarks/fast_decode.py`).
 #
 # **What comes next:** notebook **08** fine-tunes with LoRA, SFT and DPO (and LoRA on a quantized base).
 #
@@ -804,6 +832,9 @@ if exercises.check("07.most_sensitive_layer", most_sensitive_layer):
 # * T. Dettmers, A. Pagnoni, A. Holtzman, L. Zettlemoyer, *QLoRA: Efficient Finetuning of Quantized LLMs*,
 #   2023, https://arxiv.org/abs/2305.14314: the NF4 format, a 4-bit grid placed at the quantiles of a
 #   normal distribution instead of evenly, used to fine-tune on a frozen 4-bit base (notebook 08).
+# * PyTorch team, *Accelerating Generative AI with PyTorch II: GPT, Fast*, 2023,
+#   https://pytorch.org/blog/accelerating-generative-ai-2/ and the code at https://github.com/pytorch-labs/gpt-fast:
+#   the static KV cache and the decode step compiled once with `fullgraph=True` that section 12 follows.
 # * Z. Liu, J. Yuan, H. Jin, S. Zhong, Z. Xu, V. Braverman, B. Chen, X. Hu, *KIVI: A Tuning-Free Asymmetric
 #   2bit Quantization for KV Cache*, 2024, https://arxiv.org/abs/2402.02750: quantizes keys per channel and
 #   values per token down to 2 bits; the kit's int8 cache uses one scale per (token, head) row for both.

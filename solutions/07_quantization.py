@@ -2,8 +2,8 @@
 
 The pieces build an int4 model from the bottom: a grid per group of weights (`quantize_groups`), two
 codes per byte (`pack2`), the multiply that reads them back (`dequant_matmul`), GPTQ's smarter rounding
-(`gptq_update`), the int8 KV cache (`quantize_kv`), and a measurement of which layer suffers most
-(`most_sensitive_layer`). `WRONG` lists the mistakes students really make; the judges name each one when
+(`gptq_update`), the int8 KV cache (`quantize_kv`), a measurement of which layer suffers most
+(`most_sensitive_layer`), and the static KV cache's write (`write_rows`). `WRONG` lists the mistakes students really make; the judges name each one when
 an answer equals its output.
 """
 
@@ -162,6 +162,16 @@ def _interleave(t, group):
     return t.repeat_interleave(group, dim=1)
 
 
+def write_rows(rows, buffer, slots):
+    """Write rows (B, H, T, D) into buffer (B, H, S_max, D) at the T slots given as a tensor; return the buffer.
+
+    index_copy_ along the token axis (dim 2) writes in place: the buffer keeps its shape and its memory, and the
+    slot numbers are a tensor, not a Python int, so a compiled step that does this write is the same graph at
+    every position. The earlier tokens' rows stay where they are.
+    """
+    return buffer.index_copy_(2, slots, rows)
+
+
 def _kv_with(scale_of):
     def answer(rows):
         scale = scale_of(rows.float())
@@ -170,7 +180,7 @@ def _kv_with(scale_of):
 
 
 SOLUTIONS = {f"07.{answer.__name__}": (answer,) for answer in
-             (quantize_groups, pack2, dequant_matmul, gptq_update, quantize_kv, most_sensitive_layer)}
+             (quantize_groups, pack2, dequant_matmul, gptq_update, quantize_kv, most_sensitive_layer, write_rows)}
 
 WRONG = {
     "07.quantize_groups": [
@@ -225,6 +235,14 @@ WRONG = {
             rows.abs().amax(-1, keepdim=True) / 127),), "says": "NaN"},
         {"answers": (lambda rows: (lambda s: ((rows / s).trunc().to(torch.int8), s))(
             (rows.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-12)),), "says": "truncated"},
+    ],
+    "07.write_rows": [
+        {"answers": (lambda rows, buffer, slots: torch.cat((rows, buffer[:, :, rows.shape[2]:]), 2),),
+         "says": "slots 0 .. T-1"},
+        {"answers": (lambda rows, buffer, slots: torch.zeros_like(buffer).index_copy_(2, slots, rows),),
+         "says": "other slots are zero"},
+        (lambda rows, buffer, slots: buffer.index_copy_(2, slots[:1], rows[:, :, :1]),),   # only the first row
+        (lambda rows, buffer, slots: torch.cat((buffer[:, :, :int(slots[0])], rows), 2),),   # cut at the new rows
     ],
     "07.most_sensitive_layer": [
         (lambda model, ids: {name: float(model.get_submodule(name).weight.detach().abs().max())

@@ -1,9 +1,10 @@
 """Exercises of notebook 07 (quantization): the pieces of an int4 model, written by the student.
 
 Group-wise int4 round-to-nearest with zero points, packing two codes per byte, the dequantize-then-matmul
-reference, GPTQ's column update, the int8 KV cache, and measuring which layer int4 hurts most. Every
+reference, GPTQ's column update, the int8 KV cache, measuring which layer int4 hurts most, and the static
+KV cache's write at slots held in a tensor (what a compiled decode step needs). Every
 judge draws fresh inputs at two shapes (`fresh_generator`) and compares with `ernie_lab.quant`
-(`formats`, `QuantLinear.reference`, `gptq.spread_error_`) or the model's `Int8KVCache`. A mistake is
+(`formats`, `QuantLinear.reference`, `gptq.spread_error_`) or the model's `Int8KVCache` / `StaticKVCache`. A mistake is
 named only when the answer equals that mistake's output on the same inputs.
 """
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from ..exercises import (Mismatch, as_number, call, draw_int, exercise, expect_tensor, fresh_generator,
                          name_the_mistake)
-from ...model.kv_cache import Int8KVCache
+from ...model.kv_cache import Int8KVCache, StaticKVCache
 from ...quant import QuantLinear, formats, gptq
 
 
@@ -328,3 +329,40 @@ def most_sensitive_layer(function) -> str:
                                f"{DAMAGE_GROUP}, zero points) moves the logits by {expected[name]:.6g} (relative)")
     worst = max(expected, key=expected.get)
     return f"In the last model {worst} hurts most ({expected[worst]:.2%} of the logits): keep it in 8 bits."
+
+
+# --------------------------------------------------------------- 7. the static KV cache's write
+def cache_after_write(rows: torch.Tensor, buffer: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """What the kit's StaticKVCache holds after writing rows (B, H, T, D) at slots (T,) of buffer (B, H, S, D)."""
+    batch, heads, size, dim = buffer.shape
+    cache = StaticKVCache(1, batch, heads, dim, size)
+    cache.keys[0] = buffer.clone()
+    cache.cursor += slots[0]
+    keys, _ = cache.update(0, rows, rows)
+    return keys
+
+
+@exercise("07.write_rows",
+          hint="buffer.index_copy_(2, slots, rows) puts row t of rows (B, H, T, D) into slot slots[t] of the token "
+               "axis (dim 2 of the (B, H, S_max, D) buffer); return buffer.")
+def write_rows(function) -> str:
+    g = fresh_generator()
+    for count in (1, draw_int(g, 2, 5)):                        # a decode step, then a chunk of a prompt
+        batch, heads, dim = draw_int(g, 1, 2), draw_int(g, 1, 3), 4 * draw_int(g, 1, 4)
+        size = 8 * draw_int(g, 1, 3)
+        start = draw_int(g, 1, size - count)                    # never slot 0: the cursor has moved on
+        buffer = torch.randn(batch, heads, size, dim, generator=g)      # earlier tokens' rows
+        rows = torch.randn(batch, heads, count, dim, generator=g)
+        slots = start + torch.arange(count)                     # (T,) the slots, a tensor
+        got = call(function, rows, buffer, slots)
+        expected = cache_after_write(rows, buffer, slots)
+        at_start, cleared = buffer.clone(), torch.zeros_like(buffer)
+        at_start[:, :, :count] = rows
+        cleared[:, :, start:start + count] = rows
+        name_the_mistake(got, expected, {
+            "the rows went to slots 0 .. T-1: write them at the slots given (the cursor has moved on), "
+            "index_copy_(2, slots, rows)": at_start,
+            "the other slots are zero: keep the earlier tokens' rows, write into the buffer": cleared,
+        })
+        expect_tensor(f"the buffer after writing {count} row(s) at slots {slots.tolist()}", got, expected, atol=0)
+    return "Same buffers, same shapes, every step: the write a compiled decode step can replay."
