@@ -55,8 +55,9 @@ COURSE = [
            "one training step by hand (answer-only labels, MoE losses, clipping, AdamW, warm-up + cosine), then the loop"),
     Lesson("06", "Routing by modality", 85, 51, "moe",
            "a routing record from forward hooks; where the trained tiny VL model sends patches and words"),
-    Lesson("07", "Quantization", 118, 98, "dense",
-           "int4 with zero points, packing, dequantize-matmul, GPTQ's update, int8 KV cache; quality on trained weights"),
+    Lesson("07", "Quantization", 145, 99, "dense",
+           "int4 with zero points, packing, dequantize-matmul, GPTQ's update, int8 KV cache; quality on trained "
+           "weights; a static cache and a compiled decode step"),
     Lesson("08", "Fine-tuning: LoRA, SFT, DPO", 99, 72, "dense",
            "a LoRA linear with merge / unmerge, the SFT label mask, the DPO loss; peft adapters, QLoRA"),
     Lesson("09", "The family at scale", 70, 56, "both",
