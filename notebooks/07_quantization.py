@@ -595,10 +595,10 @@ assert cost["ops per token"] > 20 * text_model.config.num_hidden_layers and cost
 
 # %% [markdown]
 # Some 300 ops for a 4-layer model, about 75 per layer. Each op costs a few microseconds to dispatch,
-# however small its tensors, and Python runs between them. Compare the bars with the dashed line: even the
-# matmuls take longer than reading the 11 MiB of weights at the measured bandwidth would (one-row matmuls
-# this small do not stream at full speed), and the small ops and the dispatch overhead come on top, a cost
-# per op that does not shrink with the widths. Those two parts are what compiling removes.
+# however small its tensors, and Python runs between them. The dashed line is what reading the 11 MiB of
+# weights from memory costs at the measured bandwidth (a model this small may partly sit in the CPU's cache,
+# so its matmuls can even beat the line). The small ops and the dispatch overhead come on top of the
+# matmuls, a cost per op that does not shrink with the widths. Those two parts are what compiling removes.
 #
 # ### Why a graph needs fixed shapes
 # `torch.compile` traces the decode step once into a graph, fuses the small ops into a few generated C++
