@@ -15,7 +15,9 @@ widths. A profile of a few decode steps shows where the time goes:
 
 Only top-level ops are counted (an op's children belong to it), so the four parts add up to the wall
 time. The profiler itself adds a little to every op: read the parts as shares, and time decoding
-without a profiler for the speed (``benchmarks/fast_decode.py``, notebook 07).
+without a profiler for the speed (``benchmarks/fast_decode.py``, notebook 07). In eager mode the kit's
+C kernels (``quant/native.py``) are called through ctypes, which the profiler does not see: for a model
+quantized with them, their time lands in the overhead part. Profile float models, or read it that way.
 """
 
 from __future__ import annotations
