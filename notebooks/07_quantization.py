@@ -603,9 +603,10 @@ assert cost["ops per token"] > 20 * text_model.config.num_hidden_layers and cost
 # ### Why a graph needs fixed shapes
 # `torch.compile` traces the decode step once into a graph, fuses the small ops into a few generated C++
 # kernels, and then replays that graph with no Python in between. A graph can be replayed only while
-# everything it saw stays the same. The plain `KVCache` breaks that three ways: it slices its buffers by a
-# Python int (`keys[:, :, :length]`, a new shape every token), the attention mask grows with the length, and
-# the position is a Python number. The `StaticKVCache` (`ernie_lab/model/kv_cache.py`) fixes each one:
+# everything it saw stays the same. The plain `KVCache` does not: its length is a Python int, it writes and
+# reads by slicing with it (`keys[:, :, :length]`, a new shape every token), and the attention mask grows
+# with it. A graph traced at length 7 would be recompiled at length 8. The `StaticKVCache`
+# (`ernie_lab/model/kv_cache.py`) keeps everything fixed:
 #
 # * its buffers have a fixed number of slots S_max, allocated once (a multiple of 64, so prompts of
 #   similar length share one graph);
@@ -726,7 +727,7 @@ assert torch.equal(eager_ids, fast_ids)
 # `python benchmarks/fast_decode.py` on an idle 2-core AMD EPYC VM (AVX2, 2 threads, 7 interleaved rounds of
 # 64 tokens): the 18-layer micro decoder went from 4.11 ms per token eager to 1.57 ms compiled (2.6x), the
 # tiny text model from 3.09 to 2.48 ms (1.25x), greedy tokens identical in both. The first compiled calls
-# took 9.4 s and 4.6 s there with inductor's cache warm; a cold compile took 47 to 73 s on a busy 2-core
+# took 9.4 s and 4.6 s there with inductor's cache warm; a cold compile took 47 to 111 s on a busy 2-core
 # machine while this section was written.
 # Absolute figures move between machines, with clock speed, caches and how busy the machine is; compare
 # ratios measured in one run.
