@@ -361,10 +361,11 @@ def main():
                                     "schemes": args.schemes or list(PAIRS),
                                     "layers": 2 if args.quick else args.layers})
         result["layers"] = {"layers": run.layers, "new_tokens": run.new, "rounds": run.rounds,
-                            **layers_part(run, bandwidth)}
+                            "read_bandwidth_GB_s": bandwidth / 1e9, **layers_part(run, bandwidth)}
     if args.part in ("full", "both"):
         run = argparse.Namespace(**{**vars(args), "new": args.new or 16, "schemes": args.schemes or ["w4a16", "w4a8"]})
-        result["full"] = {"new_tokens": run.new, "rounds": run.rounds, "prompt_tokens": 8, **full_part(run, bandwidth)}
+        result["full"] = {"new_tokens": run.new, "rounds": run.rounds, "prompt_tokens": 8,
+                          "read_bandwidth_GB_s": bandwidth / 1e9, **full_part(run, bandwidth)}
     if not args.quick:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
