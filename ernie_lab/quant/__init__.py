@@ -65,7 +65,7 @@ from .kernels import reference_only
 from .linear import SCHEMES, QuantLinear, check_scheme
 from .streaming import StreamingLinear, stream_linears
 
-__all__ = ["quantize", "QuantLinear", "SCHEMES", "reference_only", "weight_bytes", "formats",
+__all__ = ["quantize", "QuantLinear", "SCHEMES", "reference_only", "weight_bytes", "decode_bytes", "formats",
            "quantized_layers", "plan_layers", "native", "ops", "kernels", "stream_linears", "StreamingLinear"]
 
 DEFAULT_SKIP = ("lm_head", "embed", "router")
@@ -378,6 +378,40 @@ def weight_bytes(model: nn.Module) -> int:
             seen.add(key)
             total += _tensor_bytes(tensor)
     return total
+
+
+def decode_bytes(model: nn.Module) -> int:
+    """Weight bytes one batch-1 decode step of a text token reads: the memory traffic that bounds its speed.
+
+        bytes = sum over linear layers of their weight bytes (quantized: codes + scales + zeros)
+                but of each MoE block's E routed experts only the k a token visits (k/E of their bytes)
+
+    The embedding gives one row (not counted); a tied LM head is counted once, as the head. Experts of
+    other groups (the VL vision experts) and the vision encoder and adapter do not run on a text token.
+    Works on the meta device too (shapes only): the bound of a model too big to build.
+    """
+    check_is_module(model, "decode_bytes")
+    from ..model.moe import moe_blocks
+    share = {}                                  # id(linear) -> the fraction of it a token reads
+    for block in moe_blocks(model):
+        for linear in block.group_experts(0).modules():
+            share[id(linear)] = block.k / block.num_experts
+        for linear in [*block.experts[block.num_experts:].modules(), *block.routers[1:]]:
+            share[id(linear)] = 0.0             # the other groups' experts and routers
+    skipped = {id(m) for part in ("vision", "adapter") if isinstance(getattr(model, part, None), nn.Module)
+               for m in getattr(model, part).modules()}
+    total = 0.0
+    for module in model.modules():
+        if id(module) in skipped:
+            continue
+        if isinstance(module, QuantLinear):
+            tensors = [t for t in (module.qweight, module.scales, module.zeros) if t is not None]
+        elif isinstance(module, nn.Linear):
+            tensors = [module.weight]
+        else:
+            continue
+        total += share.get(id(module), 1.0) * sum(_tensor_bytes(t) for t in tensors)
+    return round(total)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:

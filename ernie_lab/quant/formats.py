@@ -69,7 +69,14 @@ def quantize_weight(w: torch.Tensor, bits: int, group: int, symmetric: bool = Tr
 def quantize_packed(w: torch.Tensor, bits: int, group: int, symmetric: bool = True,
                     block_rows: int = 256) -> Quantized:
     """:func:`quantize_weight` with the codes packed (bits < 8), ``block_rows`` rows at a time, so the
-    float temporaries stay small (quantize-on-read keeps its peak near the quantized model's size)."""
+    float temporaries stay small (quantize-on-read keeps its peak near the quantized model's size).
+    Symmetric int8 / int4 on CPU take the kit's one-pass C kernel (``native.quantize_symmetric``), which
+    gives the very same codes and scales."""
+    if symmetric and bits in (8, 4):
+        from . import native
+        done = native.quantize_symmetric(w, bits, group)
+        if done is not None:
+            return Quantized(done[0], done[1], None)
     parts = [quantize_weight(w[i:i + block_rows], bits, group, symmetric) for i in range(0, w.shape[0], block_rows)]
     codes = [p.codes if bits == 8 else pack(p.codes, bits) for p in parts]
     zeros = None if symmetric else torch.cat([p.zeros for p in parts])

@@ -134,9 +134,8 @@ class QuantLinear(nn.Module):
             raise InputError(f"weight of shape {tuple(weight.shape)} for a {self.out_features}x{self.in_features} layer.")
         if self.scales.device.type != "meta":
             weight = weight.to(self.scales.device)
-        if not weight.is_meta and not bool(torch.isfinite(weight).all()):
-            raise InputError(f"the weight for this {self.scheme} layer ({self.in_features} -> {self.out_features}) "
-                             "holds NaN or Inf: its scales would be NaN. Repair the weights before quantizing.")
+        if self.scheme == "fp8" or quantized is not None:
+            self._check_finite(weight, weight)
         if self.scheme == "fp8":
             values, scale = formats.quantize_fp8(weight)
             self._set_buffers(values, scale, None)
@@ -146,7 +145,13 @@ class QuantLinear(nn.Module):
             self._set_buffers(codes, quantized.scales, quantized.zeros)
             return
         q = formats.quantize_packed(weight, self.bits, self.group_size, self.symmetric)
+        self._check_finite(weight, q.scales)  # a NaN / Inf weight makes its group's scale NaN / Inf: one small check
         self._set_buffers(q.codes, q.scales, q.zeros)
+
+    def _check_finite(self, weight: torch.Tensor, witness: torch.Tensor) -> None:
+        if not weight.is_meta and not bool(torch.isfinite(witness).all()):
+            raise InputError(f"the weight for this {self.scheme} layer ({self.in_features} -> {self.out_features}) "
+                             "holds NaN or Inf: its scales would be NaN. Repair the weights before quantizing.")
 
     def _set_buffers(self, qweight, scales, zeros) -> None:
         self.qweight, self.scales = qweight.contiguous(), scales.float().contiguous()

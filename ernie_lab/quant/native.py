@@ -11,6 +11,7 @@ its header explains the arithmetic (zero points folded out, activations rounded 
     native.gemv(x, qweight, scales, zeros, bits, group_size, bias, out_dtype)   rows @ int8 / int4 / int2 codes
     native.int8_int8(xq, xs, qweight, scales)     W8A8: int8 activations @ int8 codes, exact in int32
     native.dequantize(qweight, scales, zeros, bits, group_size, dtype)     codes -> the float weight
+    native.quantize_symmetric(w, bits, group_size)     fp32 / bf16 weight -> int8 or packed int4 codes, scales
     native.off()                          a block in which the kit uses PyTorch's kernels only
 
 Built once per source / compiler / CPU into ``$ERNIE_LAB_CACHE`` (default ``~/.cache/ernie_lab``) with
@@ -123,6 +124,8 @@ def _declare(lib) -> None:
     lib.ernie_linear.argtypes = [i32, p, i32, p, p, p, p, p, i32, i64, i64, i64, i64, i32]
     lib.ernie_gemv_i8i8.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
     lib.ernie_dequantize_packed.argtypes = [p, p, p, p, i64, i64, i64, i32, i32, i32]
+    lib.ernie_quantize_symmetric.argtypes = [p, i32, p, p, i64, i64, i64, i32, i32]
+    lib.ernie_quantize_symmetric.restype = ctypes.c_longlong
     for fn in ("ernie_linear", "ernie_gemv_i8i8", "ernie_dequantize_packed"):
         getattr(lib, fn).restype = None
     lib.ernie_gemv_has_avx2.restype = i32
@@ -251,3 +254,19 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor 
     _library().ernie_dequantize_packed(_ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(out), N, K, group_size, bits,
                                        int(dtype == torch.bfloat16), torch.get_num_threads())
     return out
+
+
+def quantize_symmetric(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A 2-D fp32 / bf16 CPU weight -> (int8 (N, K) or packed int4 (N, K/2) codes, float32 (N, K/group) scales),
+    bit for bit what ``formats.quantize_packed`` computes for symmetric codes, in one pass. None when the
+    kernels are off or the weight holds NaN / Inf (the caller's PyTorch path then does what it does)."""
+    if (bits not in (8, 4) or w.dim() != 2 or w.dtype not in (torch.float32, torch.bfloat16)
+            or w.device.type != "cpu" or w.shape[1] % group_size or group_size % (8 // bits) or not active()):
+        return None
+    w = w.detach().contiguous()
+    N, K = w.shape
+    codes = torch.empty(N, K * bits // 8, dtype=torch.int8 if bits == 8 else torch.uint8)
+    scales = torch.empty(N, K // group_size, dtype=torch.float32)
+    bad = _library().ernie_quantize_symmetric(_ptr(w), int(w.dtype == torch.bfloat16), _ptr(codes), _ptr(scales),
+                                              N, K, group_size, bits, torch.get_num_threads())
+    return None if bad else (codes, scales)
