@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from ..errors import InputError, require_int
 from ..model.kv_cache import KVCache
-from ..quant import QuantLinear, weight_bytes
+from ..quant import decode_bytes
 
 PARTS = ("reading weights (matmuls)", "attention", "norms / rope / small ops", "Python and dispatch overhead")
 MATMUL_OPS = ("aten::linear", "aten::mm", "aten::addmm", "aten::matmul", "aten::bmm", "aten::_weight_int")
@@ -53,10 +53,11 @@ def read_bandwidth(mib: int = 256, repeats: int = 5) -> float:
 
 def step_bytes(model: nn.Module) -> int:
     """Weight bytes one decode step reads: every linear layer, quantized ones as stored (codes, scales,
-    zeros). The embedding table is not read, one row of it is; a tied head is counted once, as the head."""
+    zeros), of an MoE block only the k of E experts a token visits (``quant.decode_bytes``). The embedding
+    table is not read, one row of it is; a tied head is counted once, as the head."""
     if not isinstance(model, nn.Module):
         raise InputError(f"step_bytes wants a model (torch.nn.Module), got {type(model).__name__}.")
-    return sum(weight_bytes(m) for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear)))
+    return decode_bytes(model)
 
 
 def bound_ms(model: nn.Module, bandwidth: float) -> float:
