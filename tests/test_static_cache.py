@@ -2,7 +2,8 @@
 
 The static cache must give the plain cache's logits step by step (same attention code, a mask instead of
 a slice), and generate's greedy tokens must not change with ``static_cache=True`` or ``compile=True``.
-``torch.compile`` runs ONCE here (module fixture ``compiled``), on the shipped tiny text model.
+``torch.compile`` runs ONCE here (module fixture ``compiled``), on the shipped tiny text model; the MoE and VL
+models compile in ``test_compiled_moe.py`` (compile=True no longer refuses them).
 """
 
 import contextlib
@@ -104,11 +105,6 @@ def test_compiled_greedy_tokens_equal_eager(compiled):
 def test_compile_time_is_reported_once(compiled):
     first, second = compiled["printed"]
     assert "compiled the decode step of ErnieForCausalLM in" in first and second == ""
-
-
-def test_compile_refuses_moe_models_and_says_why():
-    refused(lambda: ernie_lab.generate(micro_moe(), [[1, 2]], 2, compile=True), ernie_lab.InputError,
-            "MoE", "static_cache=True")
 
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -45,7 +45,7 @@ class CompiledStep:
     """``decode_step`` compiled for one model; reports how long the first (compiling) call took."""
 
     def __init__(self):
-        self.step = torch.compile(decode_step, fullgraph=True)
+        self.step = torch.compile(decode_step, fullgraph=True, dynamic=False)  # one model, fixed shapes
         self.compile_seconds: float | None = None
 
     def __call__(self, model, token, position_ids, cache) -> torch.Tensor:
