@@ -30,22 +30,23 @@ DEEP_MICRO = dict(model_type="ernie4_5", vocab_size=64, hidden_size=32, intermed
 MODES = {"eager": {}, "static": {"static_cache": True}, "compiled": {"compile": True}}
 
 
-def seconds(model, prompt, new_tokens, switches) -> tuple[float, torch.Tensor]:
+def seconds(model, prompt, new_tokens, switches, inputs=None) -> tuple[float, torch.Tensor]:
     start = time.perf_counter()
-    out = ernie_lab.generate(model, prompt, new_tokens, eos_token_id=[], **switches)
+    out = ernie_lab.generate(model, prompt, new_tokens, eos_token_id=[], **switches, **(inputs or {}))
     return time.perf_counter() - start, out
 
 
-def measure(model, prompt, new_tokens: int, rounds: int) -> dict:
+def measure(model, prompt, new_tokens: int, rounds: int, inputs: dict | None = None) -> dict:
+    """``inputs``: extra prefill inputs (a VL model's picture)."""
     compile_out = io.StringIO()
     with contextlib.redirect_stdout(compile_out):
-        compile_s, _ = seconds(model, prompt, new_tokens + 1, MODES["compiled"])  # compiles (and warms up)
+        compile_s, _ = seconds(model, prompt, new_tokens + 1, MODES["compiled"], inputs)  # compiles, warms up
     ms = {mode: [] for mode in MODES}
     tokens = {}
     for _ in range(rounds):
         for mode, switches in MODES.items():
-            one, _ = seconds(model, prompt, 1, switches)
-            many, tokens[mode] = seconds(model, prompt, new_tokens + 1, switches)
+            one, _ = seconds(model, prompt, 1, switches, inputs)
+            many, tokens[mode] = seconds(model, prompt, new_tokens + 1, switches, inputs)
             ms[mode].append(1000 * (many - one) / new_tokens)
     result = {f"{mode}_ms_per_token": round(statistics.median(v), 3) for mode, v in ms.items()}
     result["first_compiled_call_s"] = round(compile_s, 1)
