@@ -145,3 +145,19 @@ def test_compiling_an_unregistered_moe_block_names_the_fix():
     with pytest.raises(Exception) as caught, torch.inference_mode():
         torch.compile(decode_step, fullgraph=True)(model, torch.tensor([[1]]), torch.tensor([[0]]), cache)
     assert "register_for_compile" in str(caught.value) and "MoE layer 1" in str(caught.value)
+
+
+def test_one_token_dispatch_is_bit_identical_to_the_sorted_path():
+    """dispatch's batch-1 decode path (the k experts in turn) gives the sorted path's numbers exactly."""
+    from ernie_lab.model.mlp import SwiGLU
+
+    generator = torch.Generator().manual_seed(0)
+    experts = torch.nn.ModuleList(SwiGLU(32, 24, False) for _ in range(8))
+    with torch.no_grad():
+        for k in (1, 2, 6):
+            x = torch.randn(1, 32, generator=generator)
+            ids = torch.randperm(8, generator=generator)[:k][None]        # (1, k)
+            weights = torch.rand(1, k, generator=generator).softmax(-1)  # (1, k)
+            one_token = moe_module.dispatch(x, ids, weights, experts)
+            sorted_path = moe_module.dispatch(x, ids, weights, experts, idle_too=True)
+            assert torch.equal(one_token, sorted_path)
