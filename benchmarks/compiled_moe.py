@@ -5,14 +5,12 @@
 
 Models: a micro text MoE of the 0.3B's depth (18 layers, hidden 32, 8 experts top-2 and a shared expert
 from layer 1 on), where per-op overhead is everything, and the shipped tiny VL model (``data/tiny-ernie-vl``)
-decoding after a prefill with a picture. The timing is ``fast_decode.measure`` (interleaved rounds, medians,
+decoding after a prefill with a picture. The timing is ``fast_decode.run`` (interleaved rounds, medians,
 the prefill cancelled out); greedy tokens are compared with eager.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ernie_lab  # noqa: E402
 from ernie_lab import ErnieConfig, ErnieForCausalLM  # noqa: E402
 from ernie_lab.model.moe import moe_blocks  # noqa: E402
-from fast_decode import measure  # noqa: E402
+from fast_decode import run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEP_MOE = dict(model_type="ernie4_5_moe", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=18,
@@ -52,21 +50,14 @@ def vl_picture_prompt():
     return model, prompt.pop("input_ids"), prompt
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    rounds, new_tokens = (3, 16) if args.quick else (7, 64)
+def cases() -> dict:
     vl, vl_ids, picture = vl_picture_prompt()
-    results = {
-        "micro-moe-18-layers": measure(deep_moe(), [[5, 9, 11, 30, 2, 7]], new_tokens, rounds),
-        "tiny-ernie-vl-after-a-picture": measure(vl, vl_ids, new_tokens, rounds, picture),
-        "threads": 2, "rounds": rounds, "new_tokens": new_tokens, "torch": torch.__version__,
-    }
-    print(json.dumps(results, indent=1))
-    if not args.quick:
-        (ROOT / "benchmarks/results/compiled_moe.json").write_text(json.dumps(results, indent=1) + "\n")
+    return {"micro-moe-18-layers": (deep_moe(), [[5, 9, 11, 30, 2, 7]], None),
+            "tiny-ernie-vl-after-a-picture": (vl, vl_ids, picture)}
+
+
+def main() -> None:
+    run(__doc__.split("\n")[0], cases, "compiled_moe.json")
 
 
 if __name__ == "__main__":

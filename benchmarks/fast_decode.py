@@ -54,23 +54,32 @@ def measure(model, prompt, new_tokens: int, rounds: int, inputs: dict | None = N
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run(description: str, cases, out_name: str) -> None:
+    """The command line of the decode benchmarks: ``cases(quick)`` -> {name: (model, prompt, prefill inputs)},
+    each timed by :func:`measure` on 2 threads; prints the table, writes ``benchmarks/results/<out_name>``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
     rounds, new_tokens = (3, 16) if args.quick else (7, 64)
+    results = {name: measure(model, prompt, new_tokens, rounds, inputs)
+               for name, (model, prompt, inputs) in cases().items()}
+    results.update(threads=2, rounds=rounds, new_tokens=new_tokens, torch=torch.__version__)
+    print(json.dumps(results, indent=1))
+    if not args.quick:
+        (ROOT / "benchmarks/results" / out_name).write_text(json.dumps(results, indent=1) + "\n")
+
+
+def cases() -> dict:
     tiny = ernie_lab.load_model(ROOT / "data/tiny-ernie-text")
     tok = ernie_lab.load_tokenizer(ROOT / "data/tiny-ernie-text")
     deep = ErnieForCausalLM(ErnieConfig.from_dict(DEEP_MICRO)).init_weights(seed=0).eval()
-    results = {
-        "tiny-ernie-text": measure(tiny, [tok.encode("The for statement is used to")], new_tokens, rounds),
-        "micro-18-layers": measure(deep, [[5, 9, 11, 30, 2, 7]], new_tokens, rounds),
-        "threads": 2, "rounds": rounds, "new_tokens": new_tokens, "torch": torch.__version__,
-    }
-    print(json.dumps(results, indent=1))
-    if not args.quick:
-        (ROOT / "benchmarks/results/fast_decode.json").write_text(json.dumps(results, indent=1) + "\n")
+    return {"tiny-ernie-text": (tiny, [tok.encode("The for statement is used to")], None),
+            "micro-18-layers": (deep, [[5, 9, 11, 30, 2, 7]], None)}
+
+
+def main() -> None:
+    run(__doc__.split("\n")[0], cases, "fast_decode.json")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ kind, in the module fixtures ``moe`` and ``vl``; quantizing the experts afterwar
 
 import contextlib
 import io
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +17,8 @@ from ernie_lab import quant
 from ernie_lab.model import moe as moe_module
 from ernie_lab.model.fast_decode import compiled_step, decode_step
 from ernie_lab.model.kv_cache import KVCache
-from conftest import micro_moe
+from conftest import micro_moe, tiny_vl_picture_prompt
 
-DATA = Path(__file__).resolve().parent.parent / "data"
 STEP_TOKENS = [11, 40, 3, 57, 23]  # fed one by one after the prefill: different tokens, different experts
 
 
@@ -103,14 +101,7 @@ def test_compiled_moe_with_quantized_experts_reuses_the_graph(moe):
 @pytest.fixture(scope="module")
 def vl():
     """The tiny VL model after a prefill with a picture: greedy tokens eager / compiled and step logits."""
-    from ernie_lab import scenes, tiny_models
-    from ernie_lab.io.chat import render_prompt
-
-    folder = DATA / "tiny-ernie-vl"
-    model, tok = ernie_lab.load_model(folder), ernie_lab.load_tokenizer(folder)
-    image = scenes.render(tiny_models.held_out_scenes(1)[0])
-    prompt = render_prompt(model, tok, scenes.conversation(image, "What colour is the background?", "")[:1])
-    ids = prompt.pop("input_ids")
+    model, ids, prompt = tiny_vl_picture_prompt()
     eager, compiled, printed = generate_both(model, ids, 6, **prompt)
     mask = torch.ones_like(ids)
     return dict(eager=eager, compiled=compiled, printed=printed,

@@ -15,7 +15,7 @@ import torch
 
 import ernie_lab
 from ernie_lab.model.kv_cache import KVCache, StaticKVCache
-from conftest import micro_model, micro_moe, refused
+from conftest import micro_model, micro_moe, refused, tiny_vl_picture_prompt
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -70,14 +70,7 @@ def test_static_cache_greedy_tokens_equal_on_a_text_moe():
 
 
 def test_static_cache_greedy_tokens_equal_on_the_tiny_vl_model_after_a_picture():
-    from ernie_lab import scenes, tiny_models
-    from ernie_lab.io.chat import render_prompt
-
-    folder = DATA / "tiny-ernie-vl"
-    model, tok = ernie_lab.load_model(folder), ernie_lab.load_tokenizer(folder)
-    image = scenes.render(tiny_models.held_out_scenes(1)[0])
-    prompt = render_prompt(model, tok, scenes.conversation(image, "What colour is the background?", "")[:1])
-    ids = prompt.pop("input_ids")
+    model, ids, prompt = tiny_vl_picture_prompt()
     plain = ernie_lab.generate(model, ids, 6, eos_token_id=[], **prompt)
     assert torch.equal(plain, ernie_lab.generate(model, ids, 6, eos_token_id=[], static_cache=True, **prompt))
 
