@@ -1,7 +1,7 @@
 """Eager vs static-cache vs compiled decoding of the MoE models: milliseconds per token (batch 1, 2 threads).
 
     python benchmarks/compiled_moe.py            # prints a table, writes benchmarks/results/compiled_moe.json
-    python benchmarks/compiled_moe.py --quick    # fewer rounds (smoke test)
+    python benchmarks/compiled_moe.py --quick    # fewer rounds (smoke test); --threads 1 on a loaded machine
 
 Models: a micro text MoE of the 0.3B's depth (18 layers, hidden 32, 8 experts top-2 and a shared expert
 from layer 1 on), where per-op overhead is everything, and the shipped tiny VL model (``data/tiny-ernie-vl``)

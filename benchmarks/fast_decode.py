@@ -56,15 +56,17 @@ def measure(model, prompt, new_tokens: int, rounds: int, inputs: dict | None = N
 
 def run(description: str, cases, out_name: str) -> None:
     """The command line of the decode benchmarks: ``cases(quick)`` -> {name: (model, prompt, prefill inputs)},
-    each timed by :func:`measure` on 2 threads; prints the table, writes ``benchmarks/results/<out_name>``."""
+    each timed by :func:`measure` on 2 threads (``--threads``: on a loaded machine 1 thread is steadier);
+    prints the table, writes ``benchmarks/results/<out_name>``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rounds, new_tokens = (3, 16) if args.quick else (7, 64)
     results = {name: measure(model, prompt, new_tokens, rounds, inputs)
                for name, (model, prompt, inputs) in cases().items()}
-    results.update(threads=2, rounds=rounds, new_tokens=new_tokens, torch=torch.__version__)
+    results.update(threads=args.threads, rounds=rounds, new_tokens=new_tokens, torch=torch.__version__)
     print(json.dumps(results, indent=1))
     if not args.quick:
         (ROOT / "benchmarks/results" / out_name).write_text(json.dumps(results, indent=1) + "\n")

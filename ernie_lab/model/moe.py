@@ -30,9 +30,12 @@ fake kernel says only "an output shaped like x" and whose real kernel runs this 
 on the block's own experts (the block found by a key, an int, in a registry that ``register_for_compile``
 fills). The router, softmax, top-k and the shared experts stay in the graph. Why this and not gpt-fast's
 Mixtral form (experts stacked into (E, ...) tensors, ``w[expert_ids]`` gathered per token): one copy of
-the expert math, which works for every expert format (fp32, bf16, quantized, streamed) unchanged, and
-no per-step copy of the chosen experts' weights (on a bandwidth-bound CPU that triples expert traffic).
-The price: the experts run eagerly inside the graph, a few Python-dispatched ops per chosen expert.
+the expert math, which works for every expert format the eager dispatch runs (fp32, bf16, quantized:
+quantizing the experts of a compiled model needs no recompile), and no per-step copy of the chosen
+experts' weights (on a bandwidth-bound CPU that triples expert traffic). The price: the experts run
+eagerly inside the graph, a few Python-dispatched ops per chosen expert, which at tiny widths is most of
+a decode step (an 18-layer micro MoE: 1.2x faster compiled, where a dense one gains 2.6x); at real widths
+the experts' weight reads dominate and the overhead fades.
 """
 
 from __future__ import annotations
@@ -241,7 +244,8 @@ _KEYS = itertools.count()
 
 def register_for_compile(model: nn.Module) -> None:
     """Give every MoE block of ``model`` a key the ``ernie_lab::moe_experts`` operator finds it by.
-    A block keeps its key; a copy of a block (``copy.deepcopy``) gets a new one."""
+    A block keeps its key; a copy of a block (``copy.deepcopy``) gets a new one here (until then it holds
+    its original's key, so register a copied model before compiling it: ``generate`` always does)."""
     for block in moe_blocks(model):
         if _REGISTERED.get(block.compile_key) is not block:
             block.compile_key = next(_KEYS)
