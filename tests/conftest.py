@@ -62,6 +62,19 @@ def micro_moe(seed: int = 0, bias: float = 0.0):
     return model
 
 
+def tiny_vl_picture_prompt(question: str = "What colour is the background?"):
+    """The shipped tiny VL model and a one-picture question for it: (model, ids (1, T), picture inputs)."""
+    import ernie_lab
+    from ernie_lab import scenes, tiny_models
+    from ernie_lab.io.chat import render_prompt
+
+    folder = Path(__file__).resolve().parent.parent / "data" / "tiny-ernie-vl"
+    model, tok = ernie_lab.load_model(folder), ernie_lab.load_tokenizer(folder)
+    image = scenes.render(tiny_models.held_out_scenes(1)[0])
+    prompt = render_prompt(model, tok, scenes.conversation(image, question, "")[:1])
+    return model, prompt.pop("input_ids"), prompt
+
+
 def refused(call, error: type, *words: str) -> str:
     """``call`` must raise ``error``, a kit error, whose message names every word; returns the message."""
     from ernie_lab import ErnieLabError

@@ -2,7 +2,8 @@
 
 The static cache must give the plain cache's logits step by step (same attention code, a mask instead of
 a slice), and generate's greedy tokens must not change with ``static_cache=True`` or ``compile=True``.
-``torch.compile`` runs ONCE here (module fixture ``compiled``), on the shipped tiny text model.
+``torch.compile`` runs ONCE here (module fixture ``compiled``), on the shipped tiny text model; the MoE and VL
+models compile in ``test_compiled_moe.py`` (compile=True no longer refuses them).
 """
 
 import contextlib
@@ -14,7 +15,7 @@ import torch
 
 import ernie_lab
 from ernie_lab.model.kv_cache import KVCache, StaticKVCache
-from conftest import micro_model, micro_moe, refused
+from conftest import micro_model, micro_moe, refused, tiny_vl_picture_prompt
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -69,14 +70,7 @@ def test_static_cache_greedy_tokens_equal_on_a_text_moe():
 
 
 def test_static_cache_greedy_tokens_equal_on_the_tiny_vl_model_after_a_picture():
-    from ernie_lab import scenes, tiny_models
-    from ernie_lab.io.chat import render_prompt
-
-    folder = DATA / "tiny-ernie-vl"
-    model, tok = ernie_lab.load_model(folder), ernie_lab.load_tokenizer(folder)
-    image = scenes.render(tiny_models.held_out_scenes(1)[0])
-    prompt = render_prompt(model, tok, scenes.conversation(image, "What colour is the background?", "")[:1])
-    ids = prompt.pop("input_ids")
+    model, ids, prompt = tiny_vl_picture_prompt()
     plain = ernie_lab.generate(model, ids, 6, eos_token_id=[], **prompt)
     assert torch.equal(plain, ernie_lab.generate(model, ids, 6, eos_token_id=[], static_cache=True, **prompt))
 
@@ -104,11 +98,6 @@ def test_compiled_greedy_tokens_equal_eager(compiled):
 def test_compile_time_is_reported_once(compiled):
     first, second = compiled["printed"]
     assert "compiled the decode step of ErnieForCausalLM in" in first and second == ""
-
-
-def test_compile_refuses_moe_models_and_says_why():
-    refused(lambda: ernie_lab.generate(micro_moe(), [[1, 2]], 2, compile=True), ernie_lab.InputError,
-            "MoE", "static_cache=True")
 
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -10,8 +10,12 @@ only ``model.run_layers`` -- the very code the eager forward runs. Eager stays t
 ``generate(..., compile=True)`` is the option a student can ignore.
 
 The compile time is paid once per model and printed once; inductor's on-disk cache keeps later
-processes warm. MoE models (text MoE and VL) are refused: their expert dispatch has data-dependent
-shapes (``bincount(...).tolist()``), which a ``fullgraph=True`` trace cannot hold.
+processes warm. Every ERNIE 4.5 decoder compiles: dense, text MoE and vision-language. The MoE expert
+dispatch has data-dependent shapes (tokens per expert), so a compiled graph holds it as one opaque
+operator that runs the eager dispatch (``moe.py`` says why this form); the routers stay in the graph.
+A VL model decodes text tokens after its prefill (pictures included) has run eagerly: the step sees
+no picture, routes in the text expert group (no modality given = group 0), and continues the text
+positions past the pictures by the cache's ``position_offset``, as the eager VL forward does.
 """
 
 from __future__ import annotations
@@ -21,9 +25,8 @@ import weakref
 
 import torch
 
-from ..errors import InputError
 from .kv_cache import StaticKVCache
-from .moe import MoEBlock
+from .moe import register_for_compile
 
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, CompiledStep]" = weakref.WeakKeyDictionary()
 
@@ -32,6 +35,8 @@ def decode_step(model, token: torch.Tensor, position_ids: torch.Tensor, cache: S
     """token, position_ids (B, 1) -> next-token logits (B, vocab), the new rows written into ``cache``.
     The caller advances the cache afterwards (``cache.advance(1)``), outside the graph."""
     mask = cache.mask(1)                                            # (B, 1, 1, S_max)
+    if cache.position_offset is not None:                           # VL after pictures: (B, 1) shift
+        position_ids = position_ids + cache.position_offset
     h = model.run_layers(model.embed(token), position_ids, mask, cache)  # (B, 1, hidden)
     return model.lm_head(model.norm(h[:, -1]))                      # (B, vocab)
 
@@ -40,7 +45,7 @@ class CompiledStep:
     """``decode_step`` compiled for one model; reports how long the first (compiling) call took."""
 
     def __init__(self):
-        self.step = torch.compile(decode_step, fullgraph=True)
+        self.step = torch.compile(decode_step, fullgraph=True, dynamic=False)  # one model, fixed shapes
         self.compile_seconds: float | None = None
 
     def __call__(self, model, token, position_ids, cache) -> torch.Tensor:
@@ -55,17 +60,9 @@ class CompiledStep:
 
 
 def compiled_step(model) -> CompiledStep:
-    """The compiled decode step of ``model`` (compiled on its first call, then reused)."""
-    check_compilable(model)
+    """The compiled decode step of ``model`` (compiled on its first call, then reused); its MoE blocks,
+    if any, are registered for the expert operator first."""
+    register_for_compile(model)
     if model not in _COMPILED:
         _COMPILED[model] = CompiledStep()
     return _COMPILED[model]
-
-
-def check_compilable(model) -> None:
-    """compile=True is for dense text models; an MoE or VL model gets an InputError saying why."""
-    if any(isinstance(m, MoEBlock) for m in model.modules()):
-        raise InputError(f"compile=True compiles dense text models only; this {type(model).__name__} has MoE layers, "
-                         "whose expert dispatch has data-dependent shapes (tokens per expert) that "
-                         "torch.compile(fullgraph=True) cannot trace. Use static_cache=True (the same static cache, "
-                         "eager) or leave both off.")

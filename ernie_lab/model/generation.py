@@ -46,7 +46,7 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
     transformers' streamers. ``kv_cache_dtype="int8"`` stores the KV cache as int8 with per-(token, head)
     scales (``kv_cache.Int8KVCache``). Extra keyword arguments (e.g. ``pixel_values``) go to the prefill only.
     ``static_cache=True`` uses fixed buffers (``kv_cache.StaticKVCache``); ``compile=True`` also runs each
-    one-token step as a graph compiled once with ``torch.compile`` (dense text models; the first call
+    one-token step as a graph compiled once with ``torch.compile`` (dense, MoE and VL models; the first call
     compiles and prints how long it took). Greedy tokens are the same either way.
     """
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
@@ -61,7 +61,7 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
     for name, value in (("static_cache", static_cache), ("compile", compile)):
         if not isinstance(value, bool):
             raise InputError(f"{name} must be True or False, got {value!r}.")
-    fast_step = compiled_step(model) if compile else None  # refuses MoE / VL models before any work
+    fast_step = compiled_step(model) if compile else None
     input_ids, attention_mask = _as_batch(input_ids, attention_mask, _pad_id(config, pad_token_id))
     B, T = input_ids.shape
     if T + max_new_tokens > config.max_position_embeddings:
