@@ -110,8 +110,8 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         self.bits, self.symmetric = spec.bits, symmetric
         self.group_size = (128 if group_size is None else group_size) if spec.grouped else in_features
-        formats.check_group(in_features, self.group_size)
         check_block_group(scheme, self.group_size)
+        formats.check_group(in_features, self.group_size)
         groups = in_features // self.group_size
         storage = {8: torch.int8, 4: torch.uint8, 2: torch.uint8}[self.bits]
         if scheme == "fp8":
