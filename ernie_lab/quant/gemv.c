@@ -371,28 +371,35 @@ static inline __m256 block_dot(const uint8_t *row, const int8_t *xq, int64_t b) 
 
 static inline float row_w4a8(const uint8_t *row, blocked_x bx, const float *scales, const uint8_t *zeros,
                              int64_t K, int64_t G) {
-    const int64_t blocks = K / BLOCK, per_group = G / BLOCK;
+    const int64_t groups = K / G, per_group = G / BLOCK;
     float offset = 0.0f;                                    /* sum_g s_w[g] z_g c_g */
-    for (int64_t g = 0; g < K / G; g++) offset += scales[g] * (float)(zeros ? zeros[g] : 8) * bx.zsums[g];
+    for (int64_t g = 0; g < groups; g++) offset += scales[g] * (float)(zeros ? zeros[g] : 8) * bx.zsums[g];
 #ifdef HAVE_AVX2
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();   /* two sums, so the FMAs overlap */
-    int64_t b = 0;
-    for (; b + 2 <= blocks; b += 2) {
-        a0 = _mm256_fmadd_ps(_mm256_set1_ps(scales[b / per_group] * bx.scales[b]), block_dot(row, bx.xq, b), a0);
-        a1 = _mm256_fmadd_ps(_mm256_set1_ps(scales[(b + 1) / per_group] * bx.scales[b + 1]),
-                             block_dot(row, bx.xq, b + 1), a1);
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {                  /* per group: sum_b s_b dot_b, then times s_w[g] */
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();   /* two sums, so the FMAs overlap */
+        int64_t b = g * per_group;
+        const int64_t end = b + per_group;
+        for (; b + 2 <= end; b += 2) {
+            a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(bx.scales + b), block_dot(row, bx.xq, b), a0);
+            a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(bx.scales + b + 1), block_dot(row, bx.xq, b + 1), a1);
+        }
+        if (b < end) a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(bx.scales + b), block_dot(row, bx.xq, b), a0);
+        total = _mm256_fmadd_ps(_mm256_set1_ps(scales[g]), _mm256_add_ps(a0, a1), total);
     }
-    if (b < blocks)
-        a0 = _mm256_fmadd_ps(_mm256_set1_ps(scales[b / per_group] * bx.scales[b]), block_dot(row, bx.xq, b), a0);
-    return hsum(_mm256_add_ps(a0, a1)) - offset;
+    return hsum(total) - offset;
 #else
     float acc = 0.0f;
-    for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t *bytes = row + b * BLOCK / 2;
-        const int8_t *x = bx.xq + b * BLOCK;
-        int32_t dot = 0;
-        for (int j = 0; j < BLOCK / 2; j++) dot += (bytes[j] >> 4) * x[j] + (bytes[j] & 15) * x[BLOCK / 2 + j];
-        acc += scales[b / per_group] * bx.scales[b] * (float)dot;
+    for (int64_t g = 0; g < groups; g++) {
+        float sum = 0.0f;
+        for (int64_t b = g * per_group; b < (g + 1) * per_group; b++) {
+            const uint8_t *bytes = row + b * BLOCK / 2;
+            const int8_t *x = bx.xq + b * BLOCK;
+            int32_t dot = 0;
+            for (int j = 0; j < BLOCK / 2; j++) dot += (bytes[j] >> 4) * x[j] + (bytes[j] & 15) * x[BLOCK / 2 + j];
+            sum += bx.scales[b] * (float)dot;
+        }
+        acc += scales[g] * sum;
     }
     return acc - offset;
 #endif
