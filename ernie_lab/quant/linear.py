@@ -11,9 +11,10 @@ The plain forward a student reads is ``reference``: dequantize, then matmul::
 
     y = x @ dequantize(W)^T + b          w ~ q * s  or  (u - z) * s, one scale per row or group
 
-(w8a8 and fp8 quantize each row of x first, as their kernels do; w4a8 each block of 32 inputs of a row). ``forward`` asks the kernel table
-(``kernels.py``) for the fastest code that agrees with it on this device, dtype, scheme and shape: the
-kit's own C kernels, PyTorch's packed kernels, CUDA's; the reference where none applies.
+(w8a8 and fp8 quantize each row of x first, as their kernels do; w4a8 each block of 32 inputs of a row).
+``forward`` asks the kernel table (``kernels.py``) for the fastest code that agrees with it on this device,
+dtype, scheme and shape: the kit's own C kernels, PyTorch's packed kernels, CUDA's; the reference where
+none applies.
 """
 
 from __future__ import annotations
