@@ -13,7 +13,10 @@
   bandwidth bound: the measured streaming-read bandwidth / the weight bytes one decode step reads.
   Peers: torchao (``Int8WeightOnlyConfig``, ``PrototypeInt4WeightOnlyConfig(group_size=128)``) and
   llama.cpp through ``llama_cpp`` when it is importable and a GGUF can be converted (else skipped with a
-  message). The targets of the issue are printed beside the ratios, met or not.
+  message). The targets of the issue are printed beside the ratios, met or not. w4a8 (int4 codes, bf16
+  model, each linear's input rounded to int8 per block of 32) is the kit's counterpart of llama.cpp's
+  Q4_0 x Q8_0 dot product; it has no "(PyTorch kernels)" row (PyTorch has no int8 x int4 CPU kernel: it
+  would run the reference).
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ def variants(base: nn.Module) -> dict:
             "w8a16": (scheme("w8a16"), True), "w4a16": (scheme("w4a16"), True),
             "w4a16+int8 head": (scheme("w4a16", True), True),
             "w8a8": (scheme("w8a8", dtype=torch.float32), True), "w2a16": (scheme("w2a16"), True),
+            "w4a8": (scheme("w4a8"), True), "w4a8+int8 head": (scheme("w4a8", True), True),
             "fp32 (PyTorch kernels)": (float_model(torch.float32, False), False),
             "bf16 (PyTorch kernels)": (float_model(torch.bfloat16, False), False),
             "w8a16 (PyTorch kernels)": (scheme("w8a16"), False),
@@ -300,6 +304,9 @@ def main():
         "w8a16 / llama.cpp Q8_0 (target >= 1.0)": ratio("w8a16", "llama.cpp Q8_0"),
         "w4a16 / llama.cpp Q4_0 (target >= 1.0)": ratio("w4a16", "llama.cpp Q4_0"),
         "w4a16+int8 head / llama.cpp Q4_0 (target >= 1.0)": ratio("w4a16+int8 head", "llama.cpp Q4_0"),
+        "w4a8 / llama.cpp Q4_0 (target >= 1.0)": ratio("w4a8", "llama.cpp Q4_0"),
+        "w4a8+int8 head / llama.cpp Q4_0 (target >= 1.0)": ratio("w4a8+int8 head", "llama.cpp Q4_0"),
+        "w4a8 / w4a16": ratio("w4a8", "w4a16"),
         "w4a16+int8 head / torchao int4 (target >= 1.2)": ratio("w4a16+int8 head", "torchao int4 (PrototypeInt4WeightOnlyConfig g128)"),
         "bf16 / llama.cpp BF16 (target >= 1.0)": ratio("bf16", "llama.cpp BF16"),
         "fp32 / llama.cpp F32": ratio("fp32", "llama.cpp F32"),

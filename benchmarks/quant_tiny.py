@@ -2,6 +2,7 @@
 
     python benchmarks/quant_tiny.py              # writes benchmarks/results/quant_tiny.json (about 10 minutes, 2 cores)
     python benchmarks/quant_tiny.py --quick      # fewer windows and scenes (smoke test)
+    python benchmarks/quant_tiny.py --only "w4a8 RTN" "w4a8 GPTQ"   # recompute these rows, keep the others
 
 * text (``data/tiny-ernie-text``): held-out perplexity (``tiny_models.evaluate_text``) and greedy-token
   agreement with the unquantized model (8 held-out prompts x 24 new tokens);
@@ -12,7 +13,9 @@
 GPTQ calibrates on training data only: 8 text windows of 128 tokens; for the VL model 4 scene batches of
 16 (pictures included, so the ViT's and adapter's layers get their own Hessians). ``gap closed`` is the
 share of round-to-nearest's perplexity increase that GPTQ removes: (ppl_RTN - ppl_GPTQ) / (ppl_RTN - ppl_fp32),
-null where RTN is already within 0.5% of fp32 (nothing to close).
+null where RTN is already within 0.5% of fp32 (nothing to close). w4a8 keeps w4a16's codes and also rounds
+every linear's input to int8 per block of 32 (as llama.cpp's Q4_0 x Q8_0); its GPTQ is w4a16's (the
+Hessian of the float inputs).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ SCHEMES = {  # row name -> (scheme, uses GPTQ)
     "w8a8": ("w8a8", False),
     "w4a16 RTN": ("w4a16", False),
     "w4a16 GPTQ": ("w4a16", True),
+    "w4a8 RTN": ("w4a8", False),
+    "w4a8 GPTQ": ("w4a8", True),
     "w2a16 RTN": ("w2a16", False),
     "w2a16 GPTQ": ("w2a16", True),
 }
@@ -58,13 +63,14 @@ def greedy(model, prompts: torch.Tensor, new: int) -> torch.Tensor:
     return ernie_lab.generate(model, prompts, new, eos_token_id=[])[:, prompts.shape[1]:]
 
 
-def text_rows(group_size: int, windows: int | None) -> dict:
+def text_rows(group_size: int, windows: int | None, names) -> dict:
     base, tok = ernie_lab.load_model(TEXT).eval(), ernie_lab.load_tokenizer(TEXT)
     calibration = [tiny_models.text_batches(tok, 1, 128)(step)["input_ids"] for step in range(8)]
     prompts = tiny_models.eval_windows(tok, 128)[:8, :16]
     reference = greedy(base, prompts, 24)
     rows = {}
-    for name, (scheme, gptq) in SCHEMES.items():
+    for name in names:
+        scheme, gptq = SCHEMES[name]
         started = time.time()
         model = quantized(base, scheme, calibration if gptq else None, group_size)
         metrics = tiny_models.evaluate_text(model, tok, max_windows=windows)
@@ -76,12 +82,13 @@ def text_rows(group_size: int, windows: int | None) -> dict:
     return rows
 
 
-def vl_rows(group_size: int, scenes_count: int) -> dict:
+def vl_rows(group_size: int, scenes_count: int, names) -> dict:
     base, tok = ernie_lab.load_model(VL).eval(), ernie_lab.load_tokenizer(VL)
     data = tiny_models.vl_batches(tok, base.config, 16, text_every=0)
     calibration = [data(step) for step in range(4)]
     rows = {}
-    for name, (scheme, gptq) in SCHEMES.items():
+    for name in names:
+        scheme, gptq = SCHEMES[name]
         started = time.time()
         model = quantized(base, scheme, calibration if gptq else None, group_size)
         accuracy = tiny_models.evaluate_vl(model, tok, scenes_count)
@@ -94,26 +101,41 @@ def vl_rows(group_size: int, scenes_count: int) -> dict:
 
 def gap_closed(rows: dict, value) -> dict:
     out = {}
-    for bits in ("w4a16", "w2a16"):
+    for bits in ("w4a16", "w4a8", "w2a16"):
         fp, rtn, gptq = value(rows["fp32"]), value(rows[f"{bits} RTN"]), value(rows[f"{bits} GPTQ"])
         out[bits] = None if rtn - fp <= NOISE * abs(fp) else (rtn - gptq) / (rtn - fp)  # no gap to close
     return out
+
+
+def kept_rows(path: Path, args, part: str, new: dict) -> dict:
+    """``new`` rows merged into the ``part`` rows of an earlier result run with the same settings, in table order."""
+    old = json.loads(path.read_text())
+    if (old["group_size"], old["quick"], old["threads"]) != (args.group_size, args.quick, args.threads):
+        raise SystemExit(f"--only: {path} was run with other settings; run every row instead")
+    merged = {**old[part], **new}
+    return {name: merged[name] for name in SCHEMES if name in merged}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--group-size", type=int, default=128, help="w4a16 / w2a16 group (a 96-wide ViT layer takes 32)")
+    parser.add_argument("--group-size", type=int, default=128, help="w4a16 / w4a8 / w2a16 group (a 96-wide ViT layer takes 32)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--only", nargs="+", choices=list(SCHEMES), metavar="ROW",
+                        help="recompute only these rows; the others are kept from --out (same settings)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    text = text_rows(args.group_size, 8 if args.quick else None)
-    vl = vl_rows(args.group_size, 6 if args.quick else 60)
+    names = args.only or list(SCHEMES)
+    text = text_rows(args.group_size, 8 if args.quick else None, names)
+    vl = vl_rows(args.group_size, 6 if args.quick else 60, names)
+    if args.only:
+        text, vl = kept_rows(args.out, args, "text", text), kept_rows(args.out, args, "vl", vl)
     mean_accuracy = lambda row: sum(row["accuracy"].values()) / len(row["accuracy"])  # noqa: E731
     result = {
         "date": datetime.date.today().isoformat(), "torch": torch.__version__, "threads": args.threads,
-        "group_size": args.group_size, "quick": args.quick, "text": text, "vl": vl,
+        "group_size": args.group_size, "quick": args.quick,
+        "rows_recomputed": names if args.only else "all", "text": text, "vl": vl,
         "text_perplexity_increase": {k: v["val_perplexity"] / text["fp32"]["val_perplexity"] - 1 for k, v in text.items()},
         "gptq_gap_closed_text_perplexity": gap_closed(text, lambda r: r["val_perplexity"]),
         "gptq_gap_closed_vl_loss": gap_closed(vl, lambda r: r["val_loss"]),

@@ -44,6 +44,16 @@ def test_opcheck_linear_and_int8_int8():
 
 
 @needs_native
+def test_opcheck_int8_int4():
+    torch.manual_seed(3)
+    for symmetric, group in ((True, 64), (False, 32)):
+        codes, scales, zeros = _codes(4, group, symmetric)
+        torch.library.opcheck(ops.int8_int4, (torch.randn(2, 64), codes, scales, zeros, group, None, torch.float32))
+        torch.library.opcheck(ops.int8_int4, (torch.randn(1, 64, dtype=torch.bfloat16), codes, scales, zeros, group,
+                                              torch.randn(16), torch.bfloat16))
+
+
+@needs_native
 def test_ops_are_the_native_kernels():
     """The operator returns exactly what the ctypes call returns (the boundary changes no numerics)."""
     torch.manual_seed(1)
@@ -65,7 +75,7 @@ def test_ops_are_the_native_kernels():
 
 # ------------------------------------------------------------------ torch.compile of quantized layers
 class Stack(nn.Module):
-    """One layer of each scheme the kit's C computes, and a streaming fp32 linear: 64 -> ... -> 32."""
+    """One layer of each scheme the kit's C computes (w4a8 included), and a streaming fp32 linear: 64 -> ... -> 32."""
 
     def __init__(self):
         super().__init__()
@@ -74,6 +84,7 @@ class Stack(nn.Module):
             QuantLinear.from_linear(nn.Linear(64, 64), "w4a16", group_size=32, symmetric=False),
             QuantLinear.from_linear(nn.Linear(64, 64), "w2a16", group_size=32),
             QuantLinear.from_linear(nn.Linear(64, 64, bias=True), "w8a8"),
+            QuantLinear.from_linear(nn.Linear(64, 64, bias=True), "w4a8", group_size=32, symmetric=False),
             StreamingLinear.from_linear(nn.Linear(64, 32)))
 
     def forward(self, x):
@@ -105,12 +116,13 @@ def test_compiled_decode_calls_the_kits_operators(compiled_stack, one_thread):
     model, compiled, recorder = compiled_stack
     x = torch.randn(1, 2, 64)                       # 2 rows: the decode kernels
     with torch.no_grad():
-        assert [quant.kernels.choose(layer, x).name for layer in model.layers[:4]] == \
-            ["native_gemv"] * 3 + ["native_int8_int8"]
+        assert [quant.kernels.choose(layer, x).name for layer in model.layers[:5]] == \
+            ["native_gemv"] * 3 + ["native_int8_int8", "native_w4a8"]
         eager, got = model(x), compiled(x)
     assert torch.allclose(got, eager, atol=1e-5, rtol=1e-5), (got - eager).abs().max()
     ops_in_graph = [name for name in recorder.graphs[0] if name.startswith("ernie_lab.")]
     assert ops_in_graph == ["ernie_lab.gemv.default"] * 3 + ["ernie_lab.int8_int8.default",
+                                                             "ernie_lab.int8_int4.default",
                                                              "ernie_lab.linear.default"]
 
 
@@ -122,7 +134,8 @@ def test_compiled_prompt_calls_the_dequantizer(compiled_stack, one_thread):
         eager, got = model(x), compiled(x)
     assert torch.allclose(got, eager, atol=1e-5, rtol=1e-5), (got - eager).abs().max()
     graph = recorder.graphs[-1]
-    assert graph.count("ernie_lab.dequantize.default") == 3 and "ernie_lab.gemv.default" not in graph
+    assert graph.count("ernie_lab.dequantize.default") == 4 and "ernie_lab.gemv.default" not in graph
+    assert "ernie_lab.int8_int4.default" not in graph                 # w4a8: the dequantizer, x rounded, one GEMM
 
 
 def test_compiled_pytorch_kernels_and_the_switch(one_thread):
@@ -139,8 +152,8 @@ def test_compiled_pytorch_kernels_and_the_switch(one_thread):
     compiled = torch.compile(model, backend=record, fullgraph=True, dynamic=False)
     x = torch.randn(2, 64)
     with torch.no_grad(), quant.native.off():
-        assert [quant.kernels.choose(layer, x).name for layer in model.layers[:4]] == \
-            ["int8_weight_only", "int4_cpu", "reference", "int_mm"]
+        assert [quant.kernels.choose(layer, x).name for layer in model.layers[:5]] == \
+            ["int8_weight_only", "int4_cpu", "reference", "int_mm", "reference"]
         assert torch.allclose(compiled(x), model(x), atol=1e-5, rtol=1e-5)
     assert {"aten._weight_int8pack_mm", "aten._convert_weight_to_int4pack_for_cpu",
             "aten._weight_int4pack_mm_for_cpu"} <= graphs[0]

@@ -45,7 +45,7 @@ def check_arguments(quantize, group_size, device) -> int | None:
     group_size = 128 if group_size is None else group_size
     try:
         check_scheme(quantize)
-        check_group_size(group_size)
+        check_group_size(group_size, quantize)
     except InputError as err:
         raise InputError(f"load_model(quantize={quantize!r}, group_size={group_size!r}): {err}") from None
     if quantize == "fp8" and torch.device(device).type != "cuda":

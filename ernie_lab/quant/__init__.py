@@ -10,13 +10,16 @@ Schemes (W = weight bits, A = activation bits; "a16" = weight-only, activations 
     w2a16   int2 per group, zero points by default  w ~ (u - z) * s       u, z in [0, 3]
     w8a8    int8 weights as w8a16, and each token's activations quantized on the fly to int8 with
             their own scale: y = (q_x q_w^T) * s_x * s_w, an int8 x int8 -> int32 matmul
+    w4a8    int4 weights as w4a16 (groups a multiple of 32), and activations rounded on the fly to int8
+            per block of 32 inputs, one scale each (llama.cpp's Q4_0 x Q8_0): an int8 x int4 -> int32 sum
+            per block, scaled in fp32: y = sum_b s_b s_w (sum_k xq_k u_k - z sum_k xq_k)
     fp8     float8 e4m3 weights (one scale per output row) and per-token e4m3 activations (CUDA only)
 
 Stored tensors per quantized linear ``<name>`` (state_dict, and safetensors under the Hub name
 of ``<name>.weight`` with ``weight`` replaced):
 
     <name>.qweight  w8a16 / w8a8: int8 (N, K); fp8: float8_e4m3fn (N, K)
-                    w4a16: uint8 (N, K/2), byte j = u[2j] << 4 | u[2j+1]  (first column high nibble)
+                    w4a16 / w4a8: uint8 (N, K/2), byte j = u[2j] << 4 | u[2j+1]  (first column high nibble)
                     w2a16: uint8 (N, K/4), byte j = u[4j] << 6 | u[4j+1] << 4 | u[4j+2] << 2 | u[4j+3]
     <name>.scales   float32 (N, K / group)  (group = K for per-channel schemes)
     <name>.zeros    uint8 (N, K / group) zero points, only for asymmetric layers
@@ -36,7 +39,7 @@ May import: ``ernie_lab.errors``, ``ernie_lab.atomic``, ``ernie_lab.model`` (qua
 are ``ernie_lab.io.quantized``'s business).
 
 ``calibration=`` (a few (B, T) batches of token ids, or dicts of a model's inputs such as a VL batch with
-``pixel_values``) enables GPTQ for w4a16 / w2a16 (``gptq.py``); a layer no batch reaches is rounded (RTN),
+``pixel_values``) enables GPTQ for w4a16 / w4a8 / w2a16 (``gptq.py``); a layer no batch reaches is rounded (RTN),
 with a warning naming it.
 
 Bad input is refused before anything changes (``check_options``, ``check_model``, ``check_calibration``,
@@ -62,14 +65,15 @@ from . import formats
 from .gptq import HessianCollector, gptq_quantize
 from . import kernels, native, ops
 from .kernels import reference_only
-from .linear import SCHEMES, QuantLinear, check_scheme
+from .linear import SCHEMES, QuantLinear, check_block_group, check_scheme
 from .streaming import StreamingLinear, stream_linears
 
 __all__ = ["quantize", "QuantLinear", "SCHEMES", "reference_only", "weight_bytes", "decode_bytes", "formats",
            "quantized_layers", "plan_layers", "native", "ops", "kernels", "stream_linears", "StreamingLinear"]
 
 DEFAULT_SKIP = ("lm_head", "embed", "router")
-DEFAULT_SYMMETRIC = {"w8a16": True, "w4a16": True, "w2a16": False, "w8a8": True, "fp8": True}
+DEFAULT_SYMMETRIC = {"w8a16": True, "w4a16": True, "w2a16": False, "w8a8": True, "w4a8": True, "fp8": True}
+GPTQ_SCHEMES = ("w4a16", "w4a8", "w2a16")
 
 
 def quantize(model: nn.Module, scheme: str, *, group_size: int = 128, skip=DEFAULT_SKIP, calibration=None,
@@ -81,7 +85,7 @@ def quantize(model: nn.Module, scheme: str, *, group_size: int = 128, skip=DEFAU
     no linear layer is refused; choosing only layers kept by rule (routers, a tied head) warns and
     changes nothing.
     ``calibration``: a non-empty iterable of (B, T) integer token-id batches or of input dicts; enables
-    GPTQ (w4a16 / w2a16 only). NaN / Inf activations are refused; layers no batch reaches are rounded
+    GPTQ (w4a16 / w4a8 / w2a16 only). NaN / Inf activations are refused; layers no batch reaches are rounded
     to nearest, with a warning naming them.
     ``symmetric``: None = the scheme's default (zero points for w2a16 only); False only for w4a16 / w2a16.
     ``group_size``: a positive int; a layer whose input width it does not divide uses the largest halving
@@ -100,8 +104,9 @@ def quantize(model: nn.Module, scheme: str, *, group_size: int = 128, skip=DEFAU
     if scheme == "fp8" and device.type != "cuda":
         raise InputError("fp8 needs a CUDA GPU (torch._scaled_mm on e4m3): move the model to cuda first, "
                          "or use w8a16 / w8a8 on CPU.")
-    if calibration is not None and scheme not in ("w4a16", "w2a16"):
-        raise InputError(f"calibration (GPTQ) is for w4a16 and w2a16, not {scheme}; drop calibration= for RTN.")
+    if calibration is not None and scheme not in GPTQ_SCHEMES:
+        raise InputError(f"calibration (GPTQ) is for {', '.join(GPTQ_SCHEMES)}, not {scheme}; drop calibration= "
+                         "for RTN.")
     layers = plan_layers(model, scheme, group_size=group_size, skip=skip, filter=filter)
     done = check_not_requantized(model, scheme, group_size, symmetric, skip, filter)
     if not layers:
@@ -127,23 +132,25 @@ def quantize(model: nn.Module, scheme: str, *, group_size: int = 128, skip=DEFAU
 def check_options(scheme, group_size, symmetric, damp) -> tuple:
     """(the Scheme, the symmetric flag to use), or an InputError naming the argument."""
     spec = check_scheme(scheme)
-    check_group_size(group_size)
+    check_group_size(group_size, scheme)
     if symmetric is not None and not isinstance(symmetric, bool):
         raise InputError(f"symmetric must be True, False or None (the scheme's default), got {symmetric!r}.")
     symmetric = DEFAULT_SYMMETRIC[scheme] if symmetric is None else symmetric
     if not symmetric and spec.bits == 8:
         raise InputError(f"{scheme} is symmetric (int8 / fp8 codes around 0, no zero points): symmetric=False is "
-                         "for w4a16 and w2a16. Drop symmetric= or pass True.")
+                         "for w4a16, w4a8 and w2a16. Drop symmetric= or pass True.")
     if (not isinstance(damp, (int, float)) or isinstance(damp, bool) or not math.isfinite(damp) or damp < 0):
         raise InputError(f"damp must be a number >= 0 (GPTQ adds damp * mean(diag H) to the Hessian's "
                          f"diagonal; 0.01 is usual), got {damp!r}.")
     return spec, symmetric
 
 
-def check_group_size(group_size) -> None:
+def check_group_size(group_size, scheme: str | None = None) -> None:
+    """A positive int; for w4a8 also a multiple of 32 (its groups hold whole activation blocks)."""
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
         raise InputError(f"group_size must be a positive int (inputs per scale, e.g. 32, 64 or 128), got "
                          f"{group_size!r}.")
+    check_block_group(scheme, group_size)
 
 
 def check_model(model) -> torch.device:
@@ -271,13 +278,14 @@ def plan_layers(model: nn.Module, scheme: str, *, group_size: int = 128, skip=DE
 
     A layer whose input width the group does not divide uses the largest halving of it that does (down to
     32), else one group per row; one that cannot be
-    packed at all (width not a multiple of 4 for 2-bit) stays in full precision. Routers never change.
+    packed at all (width not a multiple of 4 for 2-bit, of 32 for w4a8's activation blocks) stays in full
+    precision. Routers never change.
     Full-precision linears are ``nn.Linear`` and ``StreamingLinear`` (the same weights); layers already
     quantized are not planned again.
     """
     from ..model.moe import Router
     spec = check_scheme(scheme)
-    check_group_size(group_size)
+    check_group_size(group_size, scheme)
     dropped = _matcher(skip, "skip", whole=False) if skip is not None else (lambda name, module: False)
     chosen = _matcher(filter, "filter")
     tied = tied_head_name(model)
@@ -289,7 +297,9 @@ def plan_layers(model: nn.Module, scheme: str, *, group_size: int = 128, skip=DE
             continue
         K = module.in_features
         group = _group_for(K, group_size) if spec.grouped else K
-        if K % (8 // spec.bits if spec.bits < 8 else 1):
+        packs = K % (8 // spec.bits if spec.bits < 8 else 1) == 0
+        blocks = spec.activations != "int8 blocks" or K % formats.ACTIVATION_BLOCK == 0
+        if not (packs and blocks):
             continue
         layers[name] = group
     return layers

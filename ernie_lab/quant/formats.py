@@ -8,6 +8,11 @@ One scale (and zero point) per *group* of ``group`` consecutive input columns of
 ``group == in_features`` is per-channel. Sub-byte codes are packed along the input dimension, the first
 column in the high bits: int4 byte j = u[2j] << 4 | u[2j+1]; int2 byte j = u[4j] << 6 | u[4j+1] << 4 |
 u[4j+2] << 2 | u[4j+3]. fp8 (e4m3) keeps one float scale per output row: w ~ fp8(w / s) * s, s = max|w| / 448.
+
+Activations are rounded on the fly: to int8 per token (w8a8), or per block of 32 inputs (w4a8, as
+llama.cpp's Q8_0 rounds the activations it meets with Q4_0 weights)::
+
+    x ~ xq * s_b      xq = round(x / s_b) in [-127, 127],   s_b = max |x in block b| / 127
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from ..errors import InputError
 
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+ACTIVATION_BLOCK = 32  # w4a8: inputs per int8 activation scale
 
 
 class Quantized(NamedTuple):
@@ -136,3 +142,19 @@ def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     """Dynamic per-token int8: (M, K) activations -> (M, K) int8 and (M, 1) float32 scales."""
     scale = (x.float().abs().amax(-1, keepdim=True) / 127).clamp(min=1e-12)
     return (x.float() / scale).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_activations_blocks(x: torch.Tensor, block: int = ACTIVATION_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic int8 per block of ``block`` inputs: (M, K) activations -> (M, K) int8 and (M, K / block) float32
+    scales, xq = round(x / s_b) (half to even), s_b = max|x_block| / 127. The C kernel rounds the same way."""
+    M, K = x.shape
+    blocks = x.float().reshape(M, K // block, block)                                 # (M, B, block)
+    scale = (blocks.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-12)             # (M, B, 1)
+    xq = (blocks / scale).round().clamp(-127, 127).to(torch.int8)
+    return xq.reshape(M, K), scale.squeeze(-1)
+
+
+def dequantize_activations_blocks(xq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`quantize_activations_blocks`: (M, K) int8, (M, B) scales -> (M, K) float32."""
+    M, K = xq.shape
+    return (xq.float().reshape(M, scale.shape[1], -1) * scale[..., None]).reshape(M, K)

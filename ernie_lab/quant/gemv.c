@@ -26,6 +26,7 @@
    paths are used when the compiler targets AVX2 + FMA, portable C (which the compiler vectorises
    as it can) otherwise. */
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -293,6 +294,131 @@ void ernie_gemv_i8i8(const int16_t *xq, const float *xs, const int8_t *q, const 
         }
 }
 
+/* ------------------------------------------------------------------ W4A8: int8 activations x int4 codes
+
+   The int4 codes meet activations rounded to int8, one scale per block of 32 inputs (llama.cpp's Q8_0,
+   which its Q4_0 dot product uses): xq = round(x / s_b), s_b = max|x_b| / 127. A block of 32 codes is 16
+   bytes; one multiply-add of unsigned bytes by signed bytes (_mm256_maddubs_epi16: u in [0, 15] times
+   xq in [-127, 127], pairs summed to int16 without saturating: 2 * 15 * 127 < 2^15) and one of int16 by
+   1 (_mm256_madd_epi16) give the block's sum_k u_k xq_k exactly in int32; it is scaled in fp32:
+
+       y_n = sum_b s_w[g(b)] s_b dot_b  -  sum_g s_w[g] z_g c_g,     c_g = sum_{b in g} s_b sum_{k in b} xq_k
+
+   (z_g = 8 when symmetric; c_g, like the zero point's term in the int16 kernels, is computed once per token).
+   The codes of byte j are columns 2j (high nibble) and 2j + 1 (low nibble), so x is stored per block as its
+   16 even columns, then its 16 odd ones: the block's high nibbles meet the low 128-bit lane, the low
+   nibbles the high lane. 32 codes cost 16 bytes of weights and 2 vector multiply-adds (the int16 kernel
+   spends 4 on them, and 64 bytes of activations instead of 32). */
+#define BLOCK 32
+
+/* one block of 32 activations -> 32 int8 in column order, returns the scale. The same float operations as
+   formats.quantize_activations_blocks: s = max|x| / 127 (at least 1e-12), q = round(x / s) half to even
+   (nearbyintf in the default rounding mode, as torch.round), clamped to [-127, 127]: the same int8 values */
+static float round_block(const float *x, int8_t *q) {
+    float top = 0.0f;
+    for (int k = 0; k < BLOCK; k++) top = fabsf(x[k]) > top ? fabsf(x[k]) : top;
+    float s = top / 127.0f;
+    s = s < 1e-12f ? 1e-12f : s;
+    for (int k = 0; k < BLOCK; k++) {
+        float v = nearbyintf(x[k] / s);
+        q[k] = (int8_t)(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+    }
+    return s;
+}
+
+/* x (M, K) fp32 -> xq (M, K) int8 and xs (M, K/32): the rounding alone (the tests compare it with PyTorch's) */
+void ernie_quantize_blocks(const float *x, int8_t *xq, float *xs, int64_t M, int64_t K) {
+    for (int64_t i = 0; i < M * K / BLOCK; i++) xs[i] = round_block(x + i * BLOCK, xq + i * BLOCK);
+}
+
+/* Prepared x, per row: K int8 (each block as its even columns, then its odd ones), K/32 float scales s_b,
+   K/G floats c_g (the zero point's term) */
+typedef struct { int8_t *xq; float *scales; float *zsums; } blocked_x;
+
+static int64_t blocked_bytes(int64_t K, int64_t G) { return K + 4 * (K / BLOCK) + 4 * (K / G); }
+
+static blocked_x blocked_at(uint8_t *work, int64_t m, int64_t K, int64_t G) {
+    uint8_t *base = work + m * blocked_bytes(K, G);
+    blocked_x bx = {(int8_t *)base, (float *)(base + K), (float *)(base + K + 4 * (K / BLOCK))};
+    return bx;
+}
+
+static void prepare_blocks(const float *x, blocked_x bx, int64_t K, int64_t G) {
+    for (int64_t g = 0; g < K / G; g++) bx.zsums[g] = 0.0f;
+    for (int64_t b = 0; b < K / BLOCK; b++) {
+        int8_t q[BLOCK];
+        float s = round_block(x + b * BLOCK, q);
+        int32_t sum = 0;
+        for (int k = 0; k < BLOCK; k++) {
+            bx.xq[b * BLOCK + (k % 2) * (BLOCK / 2) + k / 2] = q[k];
+            sum += q[k];
+        }
+        bx.scales[b] = s;
+        bx.zsums[b * BLOCK / G] += s * (float)sum;
+    }
+}
+
+#ifdef HAVE_AVX2
+/* sum_k u_k xq_k of block b, as 8 int32 partial sums converted to float */
+static inline __m256 block_dot(const uint8_t *row, const int8_t *xq, int64_t b) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)(row + b * BLOCK / 2));           /* 32 codes */
+    const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_srli_epi16(bytes, 4)), bytes, 1);
+    const __m256i u = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));     /* high nibbles | low nibbles */
+    const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * BLOCK));
+    const __m256i pairs = _mm256_maddubs_epi16(u, x);                     /* 16 int16: u x + u' x' */
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));   /* 8 int32, as floats */
+}
+#endif
+
+static inline float row_w4a8(const uint8_t *row, blocked_x bx, const float *scales, const uint8_t *zeros,
+                             int64_t K, int64_t G) {
+    const int64_t groups = K / G, per_group = G / BLOCK;
+    float offset = 0.0f;                                    /* sum_g s_w[g] z_g c_g */
+    for (int64_t g = 0; g < groups; g++) offset += scales[g] * (float)(zeros ? zeros[g] : 8) * bx.zsums[g];
+#ifdef HAVE_AVX2
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {                  /* per group: sum_b s_b dot_b, then times s_w[g] */
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();   /* two sums, so the FMAs overlap */
+        int64_t b = g * per_group;
+        const int64_t end = b + per_group;
+        for (; b + 2 <= end; b += 2) {
+            a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(bx.scales + b), block_dot(row, bx.xq, b), a0);
+            a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(bx.scales + b + 1), block_dot(row, bx.xq, b + 1), a1);
+        }
+        if (b < end) a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(bx.scales + b), block_dot(row, bx.xq, b), a0);
+        total = _mm256_fmadd_ps(_mm256_set1_ps(scales[g]), _mm256_add_ps(a0, a1), total);
+    }
+    return hsum(total) - offset;
+#else
+    float acc = 0.0f;
+    for (int64_t g = 0; g < groups; g++) {
+        float sum = 0.0f;
+        for (int64_t b = g * per_group; b < (g + 1) * per_group; b++) {
+            const uint8_t *bytes = row + b * BLOCK / 2;
+            const int8_t *x = bx.xq + b * BLOCK;
+            int32_t dot = 0;
+            for (int j = 0; j < BLOCK / 2; j++) dot += (bytes[j] >> 4) * x[j] + (bytes[j] & 15) * x[BLOCK / 2 + j];
+            sum += bx.scales[b] * (float)dot;
+        }
+        acc += scales[g] * sum;
+    }
+    return acc - offset;
+#endif
+}
+
+/* x (M, K) fp32; packed (N, K/2) int4 codes; scales (N, K/G) fp32; zeros (N, K/G) uint8 or NULL (z = 8);
+   G and K multiples of 32; work: M * blocked_bytes(K, G) bytes of scratch; y (M, N) */
+static void ernie_gemv_w4a8(const float *x, const uint8_t *packed, const float *scales, const uint8_t *zeros, float *y,
+                            int64_t M, int64_t N, int64_t K, int64_t G, uint8_t *work, int threads) {
+    const int64_t groups = K / G;
+    for (int64_t m = 0; m < M; m++) prepare_blocks(x + m * K, blocked_at(work, m, K, G), K, G);
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++)
+            y[m * N + n] = row_w4a8(packed + n * (K / 2), blocked_at(work, m, K, G), scales + n * groups,
+                                    zeros ? zeros + n * groups : NULL, K, G);
+}
+
 /* ------------------------------------------------------------------ dequantize (longer inputs)
 
    For a prompt of many tokens the matmul is compute-bound and PyTorch's GEMM does it well; what it
@@ -375,9 +501,12 @@ long long ernie_quantize_symmetric(const void *w, int w_bf16, uint8_t *codes, fl
 /* ------------------------------------------------------------------ one entry point for a linear layer
 
    kind 32 / 16: fp32 / bf16 weights; 8: int8 codes with one scale per row; 4 / 2: packed codes with
-   group-wise scales (and zeros, or NULL). x holds M rows of K values as fp32, or bf16 when x_bf16; y
+   group-wise scales (and zeros, or NULL); KIND_W4A8: packed int4 codes meeting x rounded to int8 blocks.
+   x holds M rows of K values as fp32, or bf16 when x_bf16; y
    receives (M, N) as fp32, or bf16 when y_bf16, with the bias (N floats, or NULL) added. Converting
    here saves two framework ops per layer call, which at decode cost more than the conversion. */
+#define KIND_W4A8 48   /* 4-bit weights, 8-bit activations */
+
 void ernie_linear(int kind, const void *x, int x_bf16, const void *w, const float *scales, const uint8_t *zeros,
                   const float *bias, void *y, int y_bf16, int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
     const int64_t groups = (kind == 4 || kind == 2) ? K / G : K / Q8_GROUP;
@@ -389,10 +518,12 @@ void ernie_linear(int kind, const void *x, int x_bf16, const void *w, const floa
     }
     if (y_bf16) owned_y = yf = (float *)malloc((size_t)(M * N) * sizeof(float));
     if (kind == 8 || kind == 4 || kind == 2) work = (uint8_t *)malloc((size_t)(M * (2 * K + 8 * groups)));
+    if (kind == KIND_W4A8) work = (uint8_t *)malloc((size_t)(M * blocked_bytes(K, G)));
     if (kind == 32) ernie_gemv_f32(xf, (const float *)w, yf, M, N, K, threads);
     else if (kind == 16) ernie_gemv_bf16(xf, (const uint16_t *)w, yf, M, N, K, threads);
     else if (kind == 8 && K % Q8_GROUP == 0) ernie_gemv_q8_int16(xf, (const int8_t *)w, scales, yf, M, N, K, Q8_GROUP, work, threads);
     else if (kind == 8) ernie_gemv_q8(xf, (const int8_t *)w, scales, yf, M, N, K, threads);
+    else if (kind == KIND_W4A8) ernie_gemv_w4a8(xf, (const uint8_t *)w, scales, zeros, yf, M, N, K, G, work, threads);
     else ernie_gemv_packed(xf, (const uint8_t *)w, scales, zeros, yf, M, N, K, G, kind, work, threads);
     for (int64_t m = 0; m < M && (bias || y_bf16); m++)
         for (int64_t n = 0; n < N; n++) {

@@ -9,6 +9,8 @@ The reference is the last entry and always applies.
     native_gemv        w8a16, w4a16, w2a16   CPU, decode rows (<= native.MAX_ROWS)    the kit's C kernel reads the packed codes
     native_dequantize  w8a16, w4a16, w2a16   CPU, longer fp32 / bf16 inputs           the kit's C dequantizer, then one F.linear
     native_int8_int8   w8a8                  CPU, decode rows                        native.int8_int8 on per-token int8 inputs
+    native_w4a8        w4a8                  CPU, decode rows                        native.int8_int4: x to int8 per 32 inputs, int4 codes
+    native_w4a8_gemm   w4a8                  CPU, longer fp32 / bf16 inputs          the C dequantizer, x rounded per block, one GEMM
     native_linear      StreamingLinear       CPU, decode rows, no gradient           native.linear on the fp32 / bf16 weight
     int8_weight_only   w8a16                 CPU                                     aten._weight_int8pack_mm (in bf16)
     int4_cpu           w4a16, group 32-256   CPU                                     aten._weight_int4pack_mm_for_cpu (in bf16)
@@ -131,6 +133,20 @@ def _native_int8_int8(layer, x):
     return layer._finish(c_kernel("int8_int8")(xq, xs.detach(), layer.qweight, layer.scales), x)   # the C has no gradient
 
 
+def _native_w4a8(layer, x):
+    """Decode-sized rows: the C rounds x to int8 per block of 32 and reads the int4 codes once."""
+    rows = x.reshape(-1, layer.in_features)                                                # (M, K)
+    y = c_kernel("int8_int4")(rows, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.bias, x.dtype)
+    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)                       # (M, N) -> (..., N)
+
+
+def _native_w4a8_gemm(layer, x):
+    """Longer inputs: the reference's arithmetic (x rounded per block, times the float weight) with the weight
+    written by the C dequantizer, one fp32 GEMM."""
+    weight = c_kernel("dequantize")(layer.qweight, layer.scales, layer.zeros, 4, layer.group_size, torch.float32)
+    return layer.blocks_times(x, weight)
+
+
 def _native_linear(layer, x):
     y = c_kernel("linear")(x.reshape(-1, layer.in_features), layer.weight, layer.bias, x.dtype)
     return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)                       # (M, N) -> (..., N)
@@ -193,6 +209,9 @@ KERNELS: list[Kernel] = [
     Kernel("native_dequantize", lambda layer, x: _kit_reads_codes(layer, x) and x.dtype in FLOATS, _native_dequantize),
     Kernel("native_int8_int8", lambda layer, x: (_scheme(layer) == "w8a8" and x.device.type == "cpu"
                                                  and _rows(x) <= native.MAX_ROWS and native.active()), _native_int8_int8),
+    Kernel("native_w4a8", lambda layer, x: _scheme(layer) == "w4a8" and native.usable(x, layer.bias), _native_w4a8),
+    Kernel("native_w4a8_gemm", lambda layer, x: (_scheme(layer) == "w4a8" and x.device.type == "cpu"
+                                                 and native.active()), _native_w4a8_gemm),
     Kernel("native_linear", lambda layer, x: (isinstance(layer, nn.Linear) and layer.weight.dtype in FLOATS
                                               and native.usable(x, layer.weight, layer.bias)), _native_linear),
     Kernel("int8_weight_only", lambda layer, x: _scheme(layer) == "w8a16" and x.device.type == "cpu", _int8_weight_only),

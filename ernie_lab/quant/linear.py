@@ -11,9 +11,10 @@ The plain forward a student reads is ``reference``: dequantize, then matmul::
 
     y = x @ dequantize(W)^T + b          w ~ q * s  or  (u - z) * s, one scale per row or group
 
-(w8a8 and fp8 quantize each row of x first, as their kernels do). ``forward`` asks the kernel table
-(``kernels.py``) for the fastest code that agrees with it on this device, dtype, scheme and shape: the
-kit's own C kernels, PyTorch's packed kernels, CUDA's; the reference where none applies.
+(w8a8 and fp8 quantize each row of x first, as their kernels do; w4a8 each block of 32 inputs of a row).
+``forward`` asks the kernel table (``kernels.py``) for the fastest code that agrees with it on this device,
+dtype, scheme and shape: the kit's own C kernels, PyTorch's packed kernels, CUDA's; the reference where
+none applies.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .kernels import reference_only  # noqa: F401  (quant.linear.reference_only,
 class Scheme:
     bits: int            # weight bits
     grouped: bool        # group-wise scales (else one per output row)
-    activations: str     # "a16" weight-only, "int8" dynamic per token, "fp8"
+    activations: str     # "a16" weight-only, "int8" dynamic per token, "int8 blocks" per 32 inputs, "fp8"
 
 
 SCHEMES = {
@@ -42,6 +43,7 @@ SCHEMES = {
     "w4a16": Scheme(4, True, "a16"),
     "w2a16": Scheme(2, True, "a16"),
     "w8a8": Scheme(8, False, "int8"),
+    "w4a8": Scheme(4, True, "int8 blocks"),
     "fp8": Scheme(8, False, "fp8"),
 }
 
@@ -64,11 +66,24 @@ def check_layout(in_features, out_features, scheme: str, symmetric) -> None:
     if bits < 8 and in_features % (8 // bits):
         raise InputError(f"{scheme} packs {8 // bits} codes to a byte along the input: in_features {in_features} "
                          f"is not a multiple of {8 // bits}. Keep this layer in full precision or use w8a16.")
+    block = formats.ACTIVATION_BLOCK
+    if SCHEMES[scheme].activations == "int8 blocks" and in_features % block:
+        raise InputError(f"{scheme} rounds activations in blocks of {block} inputs: in_features {in_features} is not "
+                         f"a multiple of {block}. Keep this layer in full precision or use w4a16.")
     if not isinstance(symmetric, bool):
         raise InputError(f"symmetric must be True or False, got {symmetric!r}.")
     if not symmetric and bits == 8:
         raise InputError(f"{scheme} is symmetric (int8 / fp8 codes around 0, no zero points): symmetric=False is "
-                         "for w4a16 and w2a16. Drop symmetric= or pass True.")
+                         "for w4a16, w4a8 and w2a16. Drop symmetric= or pass True.")
+
+
+def check_block_group(scheme: str, group_size) -> None:
+    """w4a8's weight groups hold whole activation blocks: a group size that is a multiple of 32, or an InputError."""
+    block = formats.ACTIVATION_BLOCK
+    if scheme in SCHEMES and SCHEMES[scheme].activations == "int8 blocks" and isinstance(group_size, int) \
+            and group_size % block:
+        raise InputError(f"{scheme} group_size {group_size} must be a multiple of {block}: each weight group meets "
+                         f"whole blocks of {block} int8 activations (try {max(block, group_size // block * block)}).")
 
 
 def check_input(layer: nn.Module, x) -> None:
@@ -96,6 +111,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         self.bits, self.symmetric = spec.bits, symmetric
         self.group_size = (128 if group_size is None else group_size) if spec.grouped else in_features
+        check_block_group(scheme, self.group_size)
         formats.check_group(in_features, self.group_size)
         groups = in_features // self.group_size
         storage = {8: torch.int8, 4: torch.uint8, 2: torch.uint8}[self.bits]
@@ -173,7 +189,9 @@ class QuantLinear(nn.Module):
         return formats.dequantize_weight(q, self.bits)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """Dequantize then matmul, in the activation's dtype (x quantized first for w8a8 / fp8)."""
+        """Dequantize then matmul, in the activation's dtype (x quantized first for w8a8 / w4a8 / fp8)."""
+        if self.scheme == "w4a8":
+            return self.blocks_times(x, self.dequantize())
         if self.scheme == "w8a8":
             xq, xs = formats.quantize_activations_int8(x.reshape(-1, self.in_features))
             y = (xq.float() @ self.qweight.float().t()) * xs * self.scales.t()
@@ -183,6 +201,11 @@ class QuantLinear(nn.Module):
             y = (xq.float() * xs) @ self.dequantize().t()
             return self._finish(y, x)
         return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def blocks_times(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """w4a8: x rounded to int8 per block of 32 inputs and back, times the (N, K) float32 ``weight``."""
+        xq, xs = formats.quantize_activations_blocks(x.reshape(-1, self.in_features))     # (M, K) int8, (M, K/32)
+        return self._finish(formats.dequantize_activations_blocks(xq, xs) @ weight.t(), x)
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(M, N) float output -> (..., N) in x's dtype, bias added."""

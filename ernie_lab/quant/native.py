@@ -10,6 +10,9 @@ its header explains the arithmetic (zero points folded out, activations rounded 
     native.linear(x, weight, bias, out_dtype)     (M, K) rows @ an fp32 / bf16 (N, K) weight -> (M, N)
     native.gemv(x, qweight, scales, zeros, bits, group_size, bias, out_dtype)   rows @ int8 / int4 / int2 codes
     native.int8_int8(xq, xs, qweight, scales)     W8A8: int8 activations @ int8 codes, exact in int32
+    native.int8_int4(x, qweight, scales, zeros, group_size, bias, out_dtype)   W4A8: rows rounded to int8
+                                          per block of 32 inputs @ int4 codes, each block exact in int32
+    native.quantize_blocks(x)             that rounding alone: (M, K) -> int8 (M, K), scales (M, K / 32)
     native.dequantize(qweight, scales, zeros, bits, group_size, dtype)     codes -> the float weight
     native.quantize_symmetric(w, bits, group_size)     fp32 / bf16 weight -> int8 or packed int4 codes, scales
     native.off()                          a block in which the kit uses PyTorch's kernels only
@@ -41,6 +44,8 @@ SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
 MAX_GROUP = 2048    # int4 / int2 groups up to this size are summed exactly in int32
 Q8_GROUP = 128      # int8 weights meet x rounded to int16 in groups of this many inputs
+W4A8_KIND = 48      # ernie_linear's kind for int4 codes meeting int8 activation blocks (KIND_W4A8 in gemv.c)
+BLOCK = 32          # w4a8: inputs per int8 activation scale (formats.ACTIVATION_BLOCK)
 MAX_ROWS = 8        # decode sizes; longer inputs (prompts) are compute-bound: dequantize + PyTorch's GEMM
 
 _lock = threading.Lock()
@@ -126,7 +131,8 @@ def _declare(lib) -> None:
     lib.ernie_dequantize_packed.argtypes = [p, p, p, p, i64, i64, i64, i32, i32, i32]
     lib.ernie_quantize_symmetric.argtypes = [p, i32, p, p, i64, i64, i64, i32, i32]
     lib.ernie_quantize_symmetric.restype = ctypes.c_longlong
-    for fn in ("ernie_linear", "ernie_gemv_i8i8", "ernie_dequantize_packed"):
+    lib.ernie_quantize_blocks.argtypes = [p, p, p, i64, i64]
+    for fn in ("ernie_linear", "ernie_gemv_i8i8", "ernie_dequantize_packed", "ernie_quantize_blocks"):
         getattr(lib, fn).restype = None
     lib.ernie_gemv_has_avx2.restype = i32
 
@@ -241,6 +247,30 @@ def int8_int8(xq: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor, scales:
     _library().ernie_gemv_i8i8(_ptr(wide), _ptr(row_scales), _ptr(qweight), _ptr(scales), _ptr(y), M, N, K,
                                torch.get_num_threads())
     return y
+
+
+def int8_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+              group_size: int, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W4A8: (M, K) fp32 / bf16 rows @ plain-packed int4 codes (+ bias) -> (M, N) in ``out_dtype``. The C rounds
+    each block of 32 inputs of a row to int8 (as ``quantize_blocks``; no framework op per call at decode), then
+    sums u * xq exactly in int32 per block, scaled in fp32 (``gemv.c``). ``group_size`` and K: multiples of 32."""
+    N, K = _check_codes(qweight, scales, zeros, 4, group_size)
+    if K % BLOCK or group_size % BLOCK:
+        raise ValueError(f"native.int8_int4 wants K ({K}) and group_size ({group_size}) multiples of {BLOCK}")
+    return _run(W4A8_KIND, _rows(x, K), qweight, scales, zeros, bias, out_dtype, N, K, group_size)
+
+
+def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C's rounding of (M, K) fp32 rows to int8 per block of 32 inputs: (M, K) int8, (M, K / 32) float32
+    scales, the values ``formats.quantize_activations_blocks`` gives."""
+    if x.dim() != 2 or x.shape[1] % BLOCK or x.device.type != "cpu":
+        raise ValueError(f"native.quantize_blocks wants CPU rows (M, K) with K a multiple of {BLOCK}, got "
+                         f"{tuple(x.shape)} on {x.device}")
+    rows = x.float().contiguous()
+    M, K = rows.shape
+    xq, xs = torch.empty(M, K, dtype=torch.int8), torch.empty(M, K // BLOCK, dtype=torch.float32)
+    _library().ernie_quantize_blocks(_ptr(rows), _ptr(xq), _ptr(xs), M, K)
+    return xq, xs
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int,

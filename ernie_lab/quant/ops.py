@@ -19,7 +19,12 @@ autograd formula: the kernel table sends a layer here only when no gradient is w
     ernie_lab::linear(x, weight, bias, out_dtype)                              native.linear
     ernie_lab::gemv(x, qweight, scales, zeros, bits, group_size, bias, out_dtype)   native.gemv
     ernie_lab::int8_int8(xq, xs, qweight, scales)                              native.int8_int8
+    ernie_lab::int8_int4(x, qweight, scales, zeros, group_size, bias, out_dtype)    native.int8_int4
     ernie_lab::dequantize(qweight, scales, zeros, bits, group_size, dtype)     native.dequantize
+
+``int8_int4`` (W4A8) takes the float rows, not int8 ones as ``int8_int8`` does: the C rounds each block of 32
+inputs to int8 itself, which at decode saves the framework ops of rounding in PyTorch (the values are the
+same: ``formats.quantize_activations_blocks``).
 
 Shapes: x (M, K) rows; weight (N, K); codes (N, K * bits / 8); scales / zeros (N, K / group); out (M, N),
 or (N, K) for ``dequantize``. The C writes fp32 or bf16: any other ``out_dtype`` gives fp32.
@@ -72,6 +77,18 @@ def int8_int8(xq: Tensor, xs: Tensor, qweight: Tensor, scales: Tensor) -> Tensor
 @int8_int8.register_fake
 def _(xq, xs, qweight, scales):
     return xq.new_empty(xq.shape[0], qweight.shape[0], dtype=torch.float32)               # (M, N)
+
+
+# ------------------------------------------------------------------ W4A8: rows rounded to int8 blocks @ int4 codes
+@torch.library.custom_op("ernie_lab::int8_int4", mutates_args=())
+def int8_int4(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
+              bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    return native.int8_int4(x, qweight, scales, zeros, group_size, bias, out_dtype)
+
+
+@int8_int4.register_fake
+def _(x, qweight, scales, zeros, group_size, bias, out_dtype):
+    return x.new_empty(x.shape[0], qweight.shape[0], dtype=_written(out_dtype))          # (M, N)
 
 
 # ------------------------------------------------------------------ codes -> the float weight
