@@ -302,6 +302,7 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the full run writes its json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = ErnieConfig(num_hidden_layers=2, hidden_size=256, intermediate_size=768, vocab_size=8192,
@@ -440,8 +441,8 @@ def main():
               "native_kernels": quant.native.info(), "family_weight_bytes": family_memory(),
               "gpu": "not measured: no GPU in this run"}
     if not args.quick:
-        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {RESULTS}")
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
