@@ -16,7 +16,7 @@ validates its inputs first, and ``cache.reserve`` makes room outside.
 Is it worth it? A prompt's forward is a few large matmuls per layer; compiling removes the Python and
 dispatch overhead around them and fuses the elementwise work (norms, rope, SwiGLU), but it cannot make the
 matmuls faster. Measured on the 0.3B shape, 512 tokens, 2 busy cores: the matmuls are 55% of the eager
-fp32 prefill (37% in bf16, where converting dtypes takes another 13%), the compiled prefill was no clearly
+fp32 prefill (37% in bf16, where converting dtypes takes another 13%), the compiled prefill was not clearly
 faster (medians of 3: fp32 18.2 -> 13.9 s, bf16 6.3 -> 8.4 s, both within the machine's noise), and it
 took about 110 s to compile. So it is an option, ``generate(..., compile_prefill=True)``, off by default
 (``compile=True`` compiles the decode step only); ``benchmarks/quant.py`` measures both against llama.cpp.
