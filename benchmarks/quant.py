@@ -267,6 +267,26 @@ def llama_speed(llm, prompt: list[int], new_tokens: int) -> float:
     return (new_tokens - 1) / (llama_decode_time(llm, prompt, new_tokens) - llama_decode_time(llm, prompt, 1))
 
 
+def compiled_decode_timers(name: str, model, row: dict, prompt, new_tokens: int) -> dict:
+    """Compile a kit row's decode step (``row`` gets its seconds and the greedy check); its timer."""
+    row |= compile_decode(model, prompt, new_tokens)
+    decode_speed(model, prompt, 4, compile=True)  # warm-up
+    print(f"{name}: decode step compiled in {row['compile_s']:.1f} s", flush=True)
+    return {(name, "compiled_decode_tok_s"): lambda: decode_speed(model, prompt, new_tokens, compile=True)}
+
+
+def prefill_timers(name: str, model, row: dict, prompt) -> dict:
+    """A kit row's prefill of ``prompt`` (tokens/s), eager and compiled (compiled here, its seconds in ``row``);
+    the fp32 and bf16 rows also record the share of matmuls in the eager prefill."""
+    row |= compile_prefill(model, prompt)
+    print(f"{name}: prefill compiled in {row['prefill_compile_s']:.1f} s", flush=True)
+    if name in ("fp32", "bf16"):
+        row["prefill_gemm_share"] = gemm_share(model, prompt)
+    tokens = prompt.shape[1]
+    return {(name, "prefill_tok_s"): lambda: tokens / decode_time(model, prompt, 1),
+            (name, "compiled_prefill_tok_s"): lambda: tokens / decode_time(model, prompt, 1, compile_prefill=True)}
+
+
 def llama_prefill_time(llm, prompt: list[int]) -> float:
     """Seconds of llama.cpp's prompt evaluation (one batch of ``len(prompt)`` tokens, the last one's logits)."""
     llm.reset()
@@ -332,19 +352,10 @@ def main():
                           **quality(model, reference_logits, ids, prompts, reference_tokens)}
             decode_speed(model, prompt1, 4)  # warm-up (PyTorch's int4 kernel re-tiles its codes on the first call)
         speeds[name, "decode_tok_s"] = (lambda m=model, s=streaming: _kit_speed(m, s, prompt1, new))
-        if streaming:  # a kit row: the compiled decode step too
-            rows[name] |= compile_decode(model, prompt1, new)
-            decode_speed(model, prompt1, 4, compile=True)
-            speeds[name, "compiled_decode_tok_s"] = (lambda m=model: decode_speed(m, prompt1, new, compile=True))
-            print(f"{name}: decode step compiled in {rows[name]['compile_s']:.1f} s", flush=True)
-        if name in pairs:  # the 512-token prefill, eager and compiled
-            rows[name] |= compile_prefill(model, long_prompt)
-            prefills[name, "prefill_tok_s"] = (lambda m=model: PREFILL_TOKENS / decode_time(m, long_prompt, 1))
-            prefills[name, "compiled_prefill_tok_s"] = (
-                lambda m=model: PREFILL_TOKENS / decode_time(m, long_prompt, 1, compile_prefill=True))
-            print(f"{name}: prefill compiled in {rows[name]['prefill_compile_s']:.1f} s", flush=True)
-        if name in ("fp32", "bf16"):
-            rows[name]["prefill_gemm_share"] = gemm_share(model, long_prompt)
+        if streaming:  # a kit row: the compiled decode step too, and (paired rows) the prefill
+            speeds |= compiled_decode_timers(name, model, rows[name], prompt1, new)
+            if name in pairs:
+                prefills |= prefill_timers(name, model, rows[name], long_prompt)
     work = tempfile.TemporaryDirectory(prefix="gguf-")
     peers = llama_cpp_models(base, Path(work.name), args.threads)
     llama_note = peers if isinstance(peers, str) else (
@@ -380,6 +391,8 @@ def main():
         ms = [1e3 * PREFILL_TOKENS / rows[n][k] if k in rows.get(n, {}) else float("nan")
               for n, k in ((kit, "prefill_tok_s"), (kit, "compiled_prefill_tok_s"), (peer, "prefill_tok_s"))]
         print(f"  {kit:18s} {ms[0]:8.0f} {ms[1]:8.0f}   {peer:16s} {ms[2]:8.0f}")
+    print("share of matmuls in the eager prefill: " + ", ".join(
+        f"{name} {rows[name]['prefill_gemm_share']:.0%}" for name in ("fp32", "bf16") if "prefill_gemm_share" in rows[name]))
     work.cleanup()
     floor = overhead_floor(config, prompt1, new, args.rounds)
     print(f"per-token cost of everything but reading the weights (same depth, tiny widths, bf16): eager "
