@@ -24,10 +24,10 @@ LONG = [[3, 4, 5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15]]  # 9 tokens: another le
 def last_logits(model, prompts, fast=None):
     """Logits of each prompt's last token, eager (plain cache) or through ``fast`` (a fresh static cache)."""
     width = max(map(len, prompts))
-    with torch.inference_mode():  # inference tensors, as generate makes: a normal tensor would need a second graph
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])                    # (B, T)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])         # (B, T)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])                    # (B, T)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])         # (B, T)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
         if fast is None:
             cache = KVCache.for_model(model, len(prompts), 64)
             return model(ids, attention_mask=mask, cache=cache, position_ids=positions).logits[:, -1]

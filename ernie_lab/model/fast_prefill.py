@@ -55,6 +55,8 @@ class CompiledPrefill:
 
     def __call__(self, model, input_ids, position_ids, attention_mask, cache) -> torch.Tensor:
         check_input_ids(input_ids, model.text_config, cache.length)  # the eager forward's checks, outside the graph
+        # fresh copies: a caller's tensor made outside inference mode would otherwise need a graph of its own
+        input_ids, position_ids, attention_mask = input_ids.clone(), position_ids.clone(), attention_mask.clone()
         if input_ids.shape[1] > 1:  # one symbol T for every prompt length >= 2 (1 is specialised by dynamo)
             for tensor in (input_ids, position_ids, attention_mask):
                 torch._dynamo.mark_dynamic(tensor, 1)
