@@ -20,8 +20,9 @@
   and compiled (``compile_prefill=True``), against llama.cpp's prompt evaluation at each precision
   pairing (``PAIRINGS``), medians of interleaved rounds.
 
-The full run takes about 15 minutes on 2 cores with the default 3 rounds (it compiles about a dozen graphs
-of the 0.3B; inductor's on-disk cache makes a second run's compiles much shorter).
+The full run compiles about a dozen graphs of the 0.3B (a minute or two each on 2 cores while inductor's
+on-disk cache is cold, much less on a second run); 3 rounds by default (5 before the compiled rows came)
+keep its length down.
 """
 
 from __future__ import annotations
