@@ -50,8 +50,8 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
     ``static_cache=True`` uses fixed buffers (``kv_cache.StaticKVCache``); ``compile=True`` also runs each
     one-token step as a graph compiled once with ``torch.compile`` (dense text models; the first call
     compiles and prints how long it took). ``compile_prefill=True`` runs the prompt's forward as one graph
-    compiled once for every prompt length (dense text models; off by default: on CPU a long prompt is
-    matmul-bound and gains little, see ``fast_prefill.py``). Greedy tokens are the same either way.
+    compiled once for every prompt length (dense text models; off by default: on the 0.3B it was not clearly
+    faster and takes minutes to compile, see ``fast_prefill.py``). Greedy tokens are the same either way.
     """
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise InputError(f"generate wants an ernie-lab model as its first argument, got {type(model).__name__}.")
