@@ -45,7 +45,7 @@ import torch
 
 import ernie_lab
 from ernie_lab import architectures, quant
-from ernie_lab.analysis import family
+from ernie_lab.analysis import decode_cost, family
 from ernie_lab.atomic import atomic_folder
 from ernie_lab.io.hub_names import INDEX_FILE, is_transposed, lab_to_hub
 from ernie_lab.io.loading import SAFETENSORS_DTYPES, available_memory
@@ -55,7 +55,7 @@ from ernie_lab.model.published import CONFIG_21B_A3B, CONFIG_VL_28B_A3B
 
 from fast_decode import seconds  # benchmarks/fast_decode.py
 from llama_cpp_tools import LLAMA_CPP_VERSION  # benchmarks/llama_cpp_tools.py
-from quant import gguf_files, llama_speed, read_bandwidth  # benchmarks/quant.py
+from quant import gguf_files, llama_speed  # benchmarks/quant.py
 
 RESULTS = Path(__file__).parent / "results" / "big_moe.json"
 SCRATCH = Path(os.environ.get("BIG_MOE_SCRATCH", "/work/scratch-bigmoe"))
@@ -352,12 +352,12 @@ def main():
         print(json.dumps(load_and_decode(args.child, args.schemes[0], args.new, args.rounds)))
         return
     SCRATCH.mkdir(parents=True, exist_ok=True)
-    bandwidth = read_bandwidth(args.threads)
+    bandwidth = decode_cost.read_bandwidth(512)  # bytes/s on args.threads threads
     print(f"streaming read bandwidth: {bandwidth / 1e9:.1f} GB/s, {args.threads} threads", flush=True)
     result = json.loads(args.out.read_text()) if args.out.is_file() and not args.quick else {}
     result.update(date=datetime.date.today().isoformat(), threads=args.threads, torch=torch.__version__,
                   read_bandwidth_GB_s=bandwidth / 1e9, native_kernels=quant.native.info(),
-                  machine="shared with other jobs while measured: tok/s are disturbed; rerun on an idle machine")
+                  load_average_at_start=os.getloadavg()[0])
     if args.part in ("layers", "both"):
         run = argparse.Namespace(**{**vars(args), "new": args.new or (16 if args.quick else 32),
                                     "schemes": args.schemes or list(PAIRS),

@@ -1,7 +1,7 @@
 """Quantized inference: quality, memory and CPU decode speed per scheme, against torchao and llama.cpp.
 
     python benchmarks/quant.py            # 0.3B shape, random weights, 2 threads; writes benchmarks/results/quant.json
-    python benchmarks/quant.py --quick    # a small shape in seconds (smoke test)
+    python benchmarks/quant.py --quick    # a small shape (vocabulary 8192, so the tiny tokenizer fits llama.cpp): a smoke test
 
 * quality: relative logit error ||z_q - z|| / ||z|| on one 64-token batch and greedy-token agreement
   (4 prompts x 24 new tokens) against the unquantized model;
@@ -17,6 +17,15 @@
   model, each linear's input rounded to int8 per block of 32) is the kit's counterpart of llama.cpp's
   Q4_0 x Q8_0 dot product; it has no "(PyTorch kernels)" row (PyTorch has no int8 x int4 CPU kernel: it
   would run the reference).
+* the compiled path (issue 26): every kit row again with ``generate(..., compile=True)`` (static KV cache,
+  one compiled decode step; compiled once per row, its seconds recorded, greedy tokens checked against
+  eager); the per-token overhead floor eager and compiled; and the prefill of a 512-token prompt, eager
+  and compiled (``compile_prefill=True``), against llama.cpp's prompt evaluation at each precision
+  pairing (``PAIRINGS``), medians of interleaved rounds.
+
+The full run compiles about a dozen graphs of the 0.3B (a minute or two each on 2 cores while inductor's
+on-disk cache is cold, much less on a second run); 3 rounds by default (5 before the compiled rows came)
+keep its length down.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import io
 import json
 import statistics
 import tempfile
@@ -36,11 +46,20 @@ from torch import nn
 
 import ernie_lab
 from ernie_lab import architectures, family, quant
+from ernie_lab.analysis import decode_cost
 from ernie_lab.model.published import CHECKPOINTS
 from ernie_lab.model.config import ErnieConfig
+from ernie_lab.model.fast_decode import compiled_step
+from ernie_lab.model.fast_prefill import compiled_prefill
 from llama_cpp_tools import LLAMA_CPP_VERSION, convert_to_gguf  # benchmarks/llama_cpp_tools.py
 
 RESULTS = Path(__file__).parent / "results" / "quant.json"
+PREFILL_TOKENS = 512
+# (kit row, llama.cpp row) at one precision: the compiled-decode and prefill comparisons of issue 26.
+# New schemes (w4a8 vs Q4_0) join by adding a pair here.
+PAIRINGS = [("fp32", "llama.cpp F32"), ("bf16", "llama.cpp BF16"), ("w8a16", "llama.cpp Q8_0"),
+            ("w4a16", "llama.cpp Q4_0"), ("w4a16+int8 head", "llama.cpp Q4_0"),
+            ("w4a8", "llama.cpp Q4_0"), ("w4a8+int8 head", "llama.cpp Q4_0")]
 
 
 def random_model(config: ErnieConfig, seed: int = 0) -> nn.Module:
@@ -103,56 +122,58 @@ def variants(base: nn.Module) -> dict:
             "torchao int4 (PrototypeInt4WeightOnlyConfig g128)": (torchao("int4"), False)}
 
 
-def bytes_per_token(model: nn.Module) -> int:
-    """Weight bytes one decode step reads: every linear layer's weight (quantized: codes, scales, zeros).
-    The embedding table is not read, only one row of it (a tied head is counted once, as the head)."""
-    total = 0
-    for module in model.modules():
-        if isinstance(module, quant.QuantLinear):
-            total += sum(t.numel() * t.element_size() for t in (module.qweight, module.scales, module.zeros)
-                         if t is not None)
-        elif isinstance(module, nn.Linear):  # torchao's quantized weights are tensor subclasses: their real bytes
-            total += quant._tensor_bytes(module.weight)
-    return total
-
-
-def read_bandwidth(threads: int) -> float:
-    """Bytes per second of summing a 512 MiB fp32 tensor (a streaming read), median of 5."""
-    data = torch.ones(128 * 2**20)
-    data.sum()
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        data.sum()
-        times.append(time.perf_counter() - start)
-    return data.numel() * 4 / statistics.median(times)
-
-
-def overhead_floor(config: ErnieConfig, prompt, new_tokens: int, rounds: int) -> float:
-    """Seconds per decode token of a model with the 0.3B's depth, heads and call pattern but tiny widths
-    (its weights are read in microseconds): the per-token cost of everything but reading the weights."""
+def overhead_floor(config: ErnieConfig, prompt, new_tokens: int, rounds: int) -> dict:
+    """Milliseconds per decode token of a model with the 0.3B's depth, heads and call pattern but tiny widths
+    (its weights are read in microseconds): the per-token cost of everything but reading the weights,
+    eager and compiled (rounds interleaved), and the seconds the compiled step took to compile."""
     narrow = ErnieConfig(num_hidden_layers=config.num_hidden_layers, hidden_size=128, intermediate_size=256,
                          vocab_size=1024, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
     model = random_model(narrow).to(torch.bfloat16)
     quant.stream_linears(model)
     small = prompt.clamp(max=narrow.vocab_size - 1)
+    compile_s = compile_decode(model, small, new_tokens)["compile_s"]
     decode_speed(model, small, 4)
-    return 1 / statistics.median(decode_speed(model, small, new_tokens) for _ in range(rounds))
+    ms = {"eager": [], "compiled": []}
+    for _ in range(rounds):
+        ms["eager"].append(1e3 / decode_speed(model, small, new_tokens))
+        ms["compiled"].append(1e3 / decode_speed(model, small, new_tokens, compile=True))
+    return {mode: statistics.median(v) for mode, v in ms.items()} | {"compile_s": compile_s}
 
 
-def decode_time(model, prompt, new_tokens: int) -> float:
+def decode_time(model, prompt, new_tokens: int, **switches) -> float:
+    """Seconds of one ``generate`` call; ``switches``: compile=True, compile_prefill=True."""
     start = time.perf_counter()
-    ernie_lab.generate(model, prompt, new_tokens, eos_token_id=[])
+    ernie_lab.generate(model, prompt, new_tokens, eos_token_id=[], **switches)
     return time.perf_counter() - start
 
 
-def _kit_speed(model, streaming: bool, prompt, new_tokens: int) -> float:
+def _kit_speed(model, streaming: bool, prompt, new_tokens: int, **switches) -> float:
     with contextlib.nullcontext() if streaming else quant.native.off():
-        return decode_speed(model, prompt, new_tokens)
+        return decode_speed(model, prompt, new_tokens, **switches)
 
 
-def decode_speed(model, prompt, new_tokens: int) -> float:
-    return (new_tokens - 1) / (decode_time(model, prompt, new_tokens) - decode_time(model, prompt, 1))
+def decode_speed(model, prompt, new_tokens: int, **switches) -> float:
+    return (new_tokens - 1) / (decode_time(model, prompt, new_tokens, **switches)
+                               - decode_time(model, prompt, 1, **switches))
+
+
+def compile_decode(model, prompt, new_tokens: int) -> dict:
+    """Compile ``model``'s decode step (the first ``compile=True`` call); its seconds, and whether its greedy
+    tokens equal eager's on ``prompt``."""
+    with contextlib.redirect_stdout(io.StringIO()):  # generate prints the compile time; it is recorded here
+        compiled = ernie_lab.generate(model, prompt, new_tokens, eos_token_id=[], compile=True)
+    eager = ernie_lab.generate(model, prompt, new_tokens, eos_token_id=[])
+    return {"compile_s": compiled_step(model).compile_seconds, "compiled_greedy_identical": torch.equal(eager, compiled)}
+
+
+def compile_prefill(model, prompt) -> dict:
+    """Compile ``model``'s prefill (the first ``compile_prefill=True`` call); its seconds, and whether it picks
+    eager's first token."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        compiled = ernie_lab.generate(model, prompt, 1, eos_token_id=[], compile_prefill=True)
+    eager = ernie_lab.generate(model, prompt, 1, eos_token_id=[])
+    return {"prefill_compile_s": compiled_prefill(model).compile_seconds,
+            "compiled_prefill_same_token": torch.equal(eager, compiled)}
 
 
 def quality(model, reference_logits, ids, prompts, reference_tokens) -> dict:
@@ -218,8 +239,9 @@ def llama_cpp_models(base: nn.Module, work: Path, threads: int):
         files = gguf_files(base, work)
     except Exception as err:  # no converter source, or a conversion error: say so, keep the run
         return f"skipped: no GGUF ({type(err).__name__}: {str(err)[:200]})"
-    return {f"llama.cpp {fmt}": (llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=256,
-                                                 verbose=False), path.stat().st_size)
+    return {f"llama.cpp {fmt}": (llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads,
+                                                 n_ctx=2 * PREFILL_TOKENS, n_batch=PREFILL_TOKENS, verbose=False),
+                                 path.stat().st_size)
             for fmt, path in files.items()}
 
 
@@ -227,14 +249,65 @@ def llama_speed(llm, prompt: list[int], new_tokens: int) -> float:
     return (new_tokens - 1) / (llama_decode_time(llm, prompt, new_tokens) - llama_decode_time(llm, prompt, 1))
 
 
+def compiled_decode_timers(name: str, model, row: dict, prompt, new_tokens: int) -> dict:
+    """Compile a kit row's decode step (``row`` gets its seconds and the greedy check); its timer."""
+    row |= compile_decode(model, prompt, new_tokens)
+    decode_speed(model, prompt, 4, compile=True)  # warm-up
+    print(f"{name}: decode step compiled in {row['compile_s']:.1f} s", flush=True)
+    return {(name, "compiled_decode_tok_s"): lambda: decode_speed(model, prompt, new_tokens, compile=True)}
+
+
+def prefill_timers(name: str, model, row: dict, prompt) -> dict:
+    """A kit row's prefill of ``prompt`` (tokens/s), eager and compiled (compiled here, its seconds in ``row``);
+    the fp32 and bf16 rows also record the share of matmuls in the eager prefill."""
+    row |= compile_prefill(model, prompt)
+    print(f"{name}: prefill compiled in {row['prefill_compile_s']:.1f} s", flush=True)
+    if name in ("fp32", "bf16"):
+        row["prefill_gemm_share"] = gemm_share(model, prompt)
+    tokens = prompt.shape[1]
+    return {(name, "prefill_tok_s"): lambda: tokens / decode_time(model, prompt, 1),
+            (name, "compiled_prefill_tok_s"): lambda: tokens / decode_time(model, prompt, 1, compile_prefill=True)}
+
+
+def llama_prefill_time(llm, prompt: list[int]) -> float:
+    """Seconds of llama.cpp's prompt evaluation (one batch of ``len(prompt)`` tokens, the last one's logits)."""
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    return time.perf_counter() - start
+
+
+def interleaved(rows: dict, timers: dict, rounds: int, label: str) -> None:
+    """``timers``: {(row name, key): a function returning one measurement}. Every timer runs once per round
+    (so drifts of the machine hit all); ``rows[name][key]`` gets the median, ``key + "_rounds"`` every value."""
+    values = {where: [] for where in timers}
+    for round_ in range(rounds):
+        for where, timer in timers.items():
+            values[where].append(timer())
+        print(f"{label}: round {round_ + 1}/{rounds} done", flush=True)
+    for (name, key), v in values.items():
+        rows[name][key + "_rounds"] = v
+        rows[name][key] = statistics.median(v)
+
+
+def gemm_share(model, prompt) -> float:
+    """The share of an eager prefill's CPU time spent in matrix multiplications (torch.profiler, one run)."""
+    with torch.profiler.profile() as profile:
+        ernie_lab.generate(model, prompt, 1, eos_token_id=[])
+    events = profile.key_averages()
+    matmuls = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu")
+    return sum(e.self_cpu_time_total for e in events if e.key in matmuls) / sum(e.self_cpu_time_total for e in events)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the full run writes its json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = ErnieConfig(num_hidden_layers=2, hidden_size=256, intermediate_size=768, vocab_size=2048,
+    config = ErnieConfig(num_hidden_layers=2, hidden_size=256, intermediate_size=768, vocab_size=8192,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=64) if args.quick else ErnieConfig()
     base = random_model(config)
     ids = torch.randint(3, config.vocab_size, (1, 64))
@@ -243,10 +316,13 @@ def main():
         reference_logits = base(ids).logits.float()
     reference_tokens = ernie_lab.generate(base, prompts, 24, eos_token_id=[])[:, 8:]
     prompt1, new = torch.randint(3, config.vocab_size, (1, 16)), 16 if args.quick else 32
+    long_prompt = torch.randint(3, config.vocab_size, (1, PREFILL_TOKENS))
+    pairs = dict(PAIRINGS)
 
-    bandwidth = read_bandwidth(args.threads)
+    bandwidth = decode_cost.read_bandwidth(512)  # bytes/s, args.threads threads
     print(f"streaming read bandwidth: {bandwidth / 1e9:.1f} GB/s; the kit's kernels: {quant.native.info()}")
-    rows, built, speeds = {}, variants(base), {}
+    floor = overhead_floor(config, prompt1, new, args.rounds)  # first: later, a dozen 0.3B models fill the memory
+    rows, built, speeds, prefills = {}, variants(base), {}, {}
     for name, (build, streaming) in built.items():
         with contextlib.nullcontext() if streaming else quant.native.off():
             try:
@@ -255,10 +331,14 @@ def main():
                 rows[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
                 print(f"{name}: skipped ({rows[name]['error']})")
                 continue
-            rows[name] = {"weight_bytes": quant.weight_bytes(model), "bytes_per_token": bytes_per_token(model),
+            rows[name] = {"weight_bytes": quant.weight_bytes(model), "bytes_per_token": quant.decode_bytes(model),
                           **quality(model, reference_logits, ids, prompts, reference_tokens)}
             decode_speed(model, prompt1, 4)  # warm-up (PyTorch's int4 kernel re-tiles its codes on the first call)
-        speeds[name] = (lambda m=model, s=streaming: _kit_speed(m, s, prompt1, new))
+        speeds[name, "decode_tok_s"] = (lambda m=model, s=streaming: _kit_speed(m, s, prompt1, new))
+        if streaming:  # a kit row: the compiled decode step too, and (paired rows) the prefill
+            speeds |= compiled_decode_timers(name, model, rows[name], prompt1, new)
+            if name in pairs:
+                prefills |= prefill_timers(name, model, rows[name], long_prompt)
     work = tempfile.TemporaryDirectory(prefix="gguf-")
     peers = llama_cpp_models(base, Path(work.name), args.threads)
     llama_note = peers if isinstance(peers, str) else (
@@ -268,31 +348,40 @@ def main():
         for name, (llm, size) in peers.items():
             rows[name] = {"file_bytes": size}
             llama_speed(llm, prompt1[0].tolist(), 4)  # warm-up
-            speeds[name] = (lambda m=llm: llama_speed(m, prompt1[0].tolist(), new))
+            speeds[name, "decode_tok_s"] = (lambda m=llm: llama_speed(m, prompt1[0].tolist(), new))
+            if name in pairs.values():
+                llama_prefill_time(llm, long_prompt[0].tolist())  # warm-up
+                prefills[name, "prefill_tok_s"] = (
+                    lambda m=llm: PREFILL_TOKENS / llama_prefill_time(m, long_prompt[0].tolist()))
     print("llama.cpp:", llama_note)
 
-    for name in speeds:
-        rows[name]["decode_tok_s_rounds"] = []
-    for round_ in range(args.rounds):  # interleaved: every row once per round, so drifts of the machine hit all
-        for name, speed in speeds.items():
-            rows[name]["decode_tok_s_rounds"].append(speed())
-        print(f"round {round_ + 1}/{args.rounds} done", flush=True)
-    for name in speeds:
-        row = rows[name]
-        row["decode_tok_s"] = statistics.median(row["decode_tok_s_rounds"])
+    interleaved(rows, speeds, args.rounds, "decode")
+    interleaved(rows, prefills, args.rounds, f"prefill of {PREFILL_TOKENS} tokens")
+    for name, row in rows.items():
+        if "decode_tok_s" not in row:
+            continue
         if "bytes_per_token" in row:
             row["bandwidth_bound_tok_s"] = bandwidth / row["bytes_per_token"]
+            compiled = (f"  compiled {row['compiled_decode_tok_s']:6.1f} (compile {row['compile_s']:.0f} s)"
+                        if "compiled_decode_tok_s" in row else "")
             print(f"{name:50s} {row['weight_bytes'] / 2**20:8.1f} MiB  logit err {row['rel_logit_error']:.4f}  "
-                  f"greedy {row['greedy_agreement']:.2f}  decode {row['decode_tok_s']:6.1f} tok/s "
+                  f"greedy {row['greedy_agreement']:.2f}  decode {row['decode_tok_s']:6.1f} tok/s{compiled} "
                   f"(bandwidth bound {row['bandwidth_bound_tok_s']:5.1f})")
         else:
             print(f"{name:50s} {row['file_bytes'] / 2**20:8.1f} MiB (file)  decode {row['decode_tok_s']:6.1f} tok/s")
+    print(f"\nprefill of {PREFILL_TOKENS} tokens, ms (eager / compiled / llama.cpp at the same precision):")
+    for kit, peer in PAIRINGS:
+        ms = [1e3 * PREFILL_TOKENS / rows[n][k] if k in rows.get(n, {}) else float("nan")
+              for n, k in ((kit, "prefill_tok_s"), (kit, "compiled_prefill_tok_s"), (peer, "prefill_tok_s"))]
+        print(f"  {kit:18s} {ms[0]:8.0f} {ms[1]:8.0f}   {peer:16s} {ms[2]:8.0f}")
+    print("share of matmuls in the eager prefill: " + ", ".join(
+        f"{name} {rows[name]['prefill_gemm_share']:.0%}" for name in ("fp32", "bf16") if "prefill_gemm_share" in rows[name]))
     work.cleanup()
-    floor = overhead_floor(config, prompt1, new, args.rounds)
-    print(f"per-token cost of everything but reading the weights (same depth, tiny widths, bf16): {floor * 1e3:.1f} ms")
+    print(f"per-token cost of everything but reading the weights (same depth, tiny widths, bf16): eager "
+          f"{floor['eager']:.1f} ms, compiled {floor['compiled']:.1f} ms (target <= 2; compile {floor['compile_s']:.0f} s)")
 
-    def ratio(a, b):
-        ra, rb = rows.get(a, {}).get("decode_tok_s"), rows.get(b, {}).get("decode_tok_s")
+    def ratio(a, b, key="decode_tok_s", key_b=None):
+        ra, rb = rows.get(a, {}).get(key), rows.get(b, {}).get(key_b or key)
         return None if not ra or not rb else ra / rb
 
     ratios = {
@@ -323,20 +412,35 @@ def main():
         "w8a16 (PyTorch kernels) / fp32 (PyTorch kernels)": ratio("w8a16 (PyTorch kernels)", "fp32 (PyTorch kernels)"),
         "w4a16 (PyTorch kernels) / fp32 (PyTorch kernels)": ratio("w4a16 (PyTorch kernels)", "fp32 (PyTorch kernels)"),
     }
-    print("\nratios (decode tok/s, same run):")
+    for kit, peer in PAIRINGS:  # the compiled path against llama.cpp (issue 26)
+        ratios[f"{kit} compiled / {peer} (target >= 1.0)"] = ratio(kit, peer, "compiled_decode_tok_s", "decode_tok_s")
+    for kit, peer in PAIRINGS:
+        ratios[f"prefill {PREFILL_TOKENS}: {kit} / {peer} (target >= 2)"] = ratio(kit, peer, "prefill_tok_s")
+        ratios[f"prefill {PREFILL_TOKENS}: {kit} compiled / {peer} (target >= 2)"] = ratio(
+            kit, peer, "compiled_prefill_tok_s", "prefill_tok_s")
+    for name, row in rows.items():
+        if "compiled_decode_tok_s" in row:
+            ratios[f"{name} compiled / {name} eager"] = ratio(name, name, "compiled_decode_tok_s", "decode_tok_s")
+    print("\nratios (decode or prefill tok/s, same run):")
     for key, value in ratios.items():
-        print(f"  {key:45s} {'n/a' if value is None else f'{value:.2f}'}")
+        print(f"  {key:55s} {'n/a' if value is None else f'{value:.2f}'}")
+    compile_s = {name: row["compile_s"] for name, row in rows.items() if "compile_s" in row}
+    print("compile of the decode step (target <= 60 s on 2 cores): " +
+          ", ".join(f"{name} {s:.0f} s" for name, s in compile_s.items()))
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
     result = {"date": datetime.date.today().isoformat(), "cpu": cpu, "shape": "quick" if args.quick else "ERNIE-4.5-0.3B",
               "threads": args.threads, "torch": torch.__version__, "rows": rows, "ratios": ratios,
               "llama_cpp": llama_note, "read_bandwidth_GB_s": bandwidth / 1e9,
-              "overhead_floor_ms_per_token": floor * 1e3,
+              "overhead_floor_ms_per_token": floor["eager"],
+              "overhead_floor_compiled_ms_per_token": floor["compiled"],
+              "overhead_floor_compile_s": floor["compile_s"],
+              "decode_step_compile_s": compile_s, "prefill_tokens": PREFILL_TOKENS, "rounds": args.rounds,
               "native_kernels": quant.native.info(), "family_weight_bytes": family_memory(),
               "gpu": "not measured: no GPU in this run"}
     if not args.quick:
-        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {RESULTS}")
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

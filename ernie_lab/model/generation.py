@@ -14,7 +14,8 @@ row would follow a pad; a row without a single real token is refused too. Pass r
 list of id lists and they are left-padded here.
 
 ``static_cache=True`` decodes with a fixed-shape :class:`~.kv_cache.StaticKVCache`; ``compile=True`` adds
-a compiled one-token step on top of it (``fast_decode.py``). Both are options: the plain loop below is the same.
+a compiled one-token step on top of it (``fast_decode.py``), ``compile_prefill=True`` a compiled prompt
+forward (``fast_prefill.py``). All are options: the plain loop below is the same.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from ..errors import InputError
 from .fast_decode import compiled_step
+from .fast_prefill import check_dense, compiled_prefill
 from .kv_cache import KVCache
 
 STATIC_SLOTS_STEP = 64  # a static cache's buffer length is a multiple of this
@@ -36,7 +38,7 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, eos_token_id: int | list[int] | None = None, streamer=None,
              attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
              generator: torch.Generator | None = None, kv_cache_dtype=None, static_cache: bool = False,
-             compile: bool = False, **model_inputs) -> torch.Tensor:
+             compile: bool = False, compile_prefill: bool = False, **model_inputs) -> torch.Tensor:
     """Continue each prompt by up to ``max_new_tokens`` tokens; returns (B, T + new) token ids.
 
     ``input_ids`` is a (B, T) LongTensor (left-padded, with ``attention_mask``) or a list of token-id
@@ -47,7 +49,9 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
     scales (``kv_cache.Int8KVCache``). Extra keyword arguments (e.g. ``pixel_values``) go to the prefill only.
     ``static_cache=True`` uses fixed buffers (``kv_cache.StaticKVCache``); ``compile=True`` also runs each
     one-token step as a graph compiled once with ``torch.compile`` (dense, MoE and VL models; the first call
-    compiles and prints how long it took). Greedy tokens are the same either way.
+    compiles and prints how long it took). ``compile_prefill=True`` runs the prompt's forward as one graph
+    compiled once for every prompt length (dense text models; off by default: on the 0.3B it was not clearly
+    faster and takes minutes to compile, see ``fast_prefill.py``). Greedy tokens are the same either way.
     """
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise InputError(f"generate wants an ernie-lab model as its first argument, got {type(model).__name__}.")
@@ -58,10 +62,11 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
         check_token_id("eos_token_id", i, config.vocab_size)
     check_helpers(streamer, generator)
     check_model_inputs(model, model_inputs)
-    for name, value in (("static_cache", static_cache), ("compile", compile)):
+    for name, value in (("static_cache", static_cache), ("compile", compile), ("compile_prefill", compile_prefill)):
         if not isinstance(value, bool):
             raise InputError(f"{name} must be True or False, got {value!r}.")
     fast_step = compiled_step(model) if compile else None
+    fast_prefill = compiled_prefill(check_dense(model, model_inputs)) if compile_prefill else None  # dense only
     input_ids, attention_mask = _as_batch(input_ids, attention_mask, _pad_id(config, pad_token_id))
     B, T = input_ids.shape
     if T + max_new_tokens > config.max_position_embeddings:
@@ -72,15 +77,19 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
-    static = static_cache or compile
+    static = static_cache or compile or compile_prefill
     room = T + max_new_tokens
     if static:  # buffers in steps of 64 slots: prompts of similar length reuse one compiled graph
         room = -(-room // STATIC_SLOTS_STEP) * STATIC_SLOTS_STEP
     cache = KVCache.for_model(model, B, room, kv_cache_dtype=kv_cache_dtype, static=static)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens count 0, 1, 2, ...
     padded = not bool(attention_mask.all())
-    logits = model(input_ids, attention_mask=attention_mask if padded else None, cache=cache,
-                   position_ids=positions, logits_to_keep=1, **model_inputs).logits[:, -1]  # (B, vocab)
+    if fast_prefill is not None:
+        logits = fast_prefill(model, input_ids, positions, attention_mask, cache)  # (B, vocab), no checks inside
+        cache.advance(T)
+    else:
+        logits = model(input_ids, attention_mask=attention_mask if padded else None, cache=cache,
+                       position_ids=positions, logits_to_keep=1, **model_inputs).logits[:, -1]  # (B, vocab)
     if streamer is not None:
         streamer.put(input_ids.cpu())
 
