@@ -257,16 +257,18 @@ def compiled_decode_timers(name: str, model, row: dict, prompt, new_tokens: int)
     return {(name, "compiled_decode_tok_s"): lambda: decode_speed(model, prompt, new_tokens, compile=True)}
 
 
-def prefill_timers(name: str, model, row: dict, prompt) -> dict:
-    """A kit row's prefill of ``prompt`` (tokens/s), eager and compiled (compiled here, its seconds in ``row``);
-    the fp32 and bf16 rows also record the share of matmuls in the eager prefill."""
-    row |= compile_prefill(model, prompt)
-    print(f"{name}: prefill compiled in {row['prefill_compile_s']:.1f} s", flush=True)
+def prefill_timers(name: str, model, row: dict, prompt, compiled: bool = True) -> dict:
+    """A kit row's prefill of ``prompt`` (tokens/s), eager and (``compiled``) compiled, its compile seconds in
+    ``row``; the fp32 and bf16 rows also record the share of matmuls in the eager prefill."""
     if name in ("fp32", "bf16"):
         row["prefill_gemm_share"] = gemm_share(model, prompt)
     tokens = prompt.shape[1]
-    return {(name, "prefill_tok_s"): lambda: tokens / decode_time(model, prompt, 1),
-            (name, "compiled_prefill_tok_s"): lambda: tokens / decode_time(model, prompt, 1, compile_prefill=True)}
+    timers = {(name, "prefill_tok_s"): lambda: tokens / decode_time(model, prompt, 1)}
+    if compiled:
+        row |= compile_prefill(model, prompt)
+        print(f"{name}: prefill compiled in {row['prefill_compile_s']:.1f} s", flush=True)
+        timers[name, "compiled_prefill_tok_s"] = lambda: tokens / decode_time(model, prompt, 1, compile_prefill=True)
+    return timers
 
 
 def llama_prefill_time(llm, prompt: list[int]) -> float:
@@ -305,6 +307,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the full run writes its json")
+    parser.add_argument("--eager-prefill-only", action="store_true",
+                        help="time the 512-token prefill eager only (compiling it costs minutes per row)")
+    parser.add_argument("--rows", nargs="+", default=None,
+                        help="only these rows of the kit and its PyTorch peers (all by default; llama.cpp always runs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = ErnieConfig(num_hidden_layers=2, hidden_size=256, intermediate_size=768, vocab_size=8192,
@@ -323,6 +329,11 @@ def main():
     print(f"streaming read bandwidth: {bandwidth / 1e9:.1f} GB/s; the kit's kernels: {quant.native.info()}")
     floor = overhead_floor(config, prompt1, new, args.rounds)  # first: later, a dozen 0.3B models fill the memory
     rows, built, speeds, prefills = {}, variants(base), {}, {}
+    if args.rows is not None:
+        unknown = sorted(set(args.rows) - set(built))
+        if unknown:
+            raise SystemExit(f"--rows: unknown {unknown}; the rows are {sorted(built)}")
+        built = {name: value for name, value in built.items() if name in args.rows}
     for name, (build, streaming) in built.items():
         with contextlib.nullcontext() if streaming else quant.native.off():
             try:
@@ -338,7 +349,7 @@ def main():
         if streaming:  # a kit row: the compiled decode step too, and (paired rows) the prefill
             speeds |= compiled_decode_timers(name, model, rows[name], prompt1, new)
             if name in pairs:
-                prefills |= prefill_timers(name, model, rows[name], long_prompt)
+                prefills |= prefill_timers(name, model, rows[name], long_prompt, not args.eager_prefill_only)
     work = tempfile.TemporaryDirectory(prefix="gguf-")
     peers = llama_cpp_models(base, Path(work.name), args.threads)
     llama_note = peers if isinstance(peers, str) else (
@@ -375,7 +386,7 @@ def main():
               for n, k in ((kit, "prefill_tok_s"), (kit, "compiled_prefill_tok_s"), (peer, "prefill_tok_s"))]
         print(f"  {kit:18s} {ms[0]:8.0f} {ms[1]:8.0f}   {peer:16s} {ms[2]:8.0f}")
     print("share of matmuls in the eager prefill: " + ", ".join(
-        f"{name} {rows[name]['prefill_gemm_share']:.0%}" for name in ("fp32", "bf16") if "prefill_gemm_share" in rows[name]))
+        f"{name} {rows[name]['prefill_gemm_share']:.0%}" for name in ("fp32", "bf16") if "prefill_gemm_share" in rows.get(name, {})))
     work.cleanup()
     print(f"per-token cost of everything but reading the weights (same depth, tiny widths, bf16): eager "
           f"{floor['eager']:.1f} ms, compiled {floor['compiled']:.1f} ms (target <= 2; compile {floor['compile_s']:.0f} s)")
@@ -436,6 +447,8 @@ def main():
               "overhead_floor_compiled_ms_per_token": floor["compiled"],
               "overhead_floor_compile_s": floor["compile_s"],
               "decode_step_compile_s": compile_s, "prefill_tokens": PREFILL_TOKENS, "rounds": args.rounds,
+              "rows_measured": "all" if args.rows is None else args.rows,
+              "compiled_prefill": not args.eager_prefill_only,
               "native_kernels": quant.native.info(), "family_weight_bytes": family_memory(),
               "gpu": "not measured: no GPU in this run"}
     if not args.quick:
