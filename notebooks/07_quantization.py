@@ -532,15 +532,18 @@ assert tiny_table["vl_mean_accuracy"]["w2a16 GPTQ"] > tiny_table["vl_mean_accura
 # converted from the same checkpoint. Each kit row also shows its bandwidth bound (measured read
 # bandwidth / weight bytes per token).
 #
-# The recorded run is on a 2-core AMD EPYC VM with AVX2 and no AVX-512. The kit's C kernels beat
-# PyTorch's kernels on the same models: 1.2-1.7x, W8A8 4x, 2-bit 15x. Even so, every quantized row lands
-# near 20-34 tok/s, far below its bandwidth bound. Take w4a16: a token costs about 38 ms, and reading its
-# weights at the measured bandwidth would take about 12.5. The same model with tiny widths, where there
-# is almost nothing to read, still costs 14 ms a token: that is eager PyTorch around the matmuls, about
-# a thousand small ops and 127 kernel calls per token on a slow-clocked VM. On top of that, the int4
-# kernel is compute-bound here at about 12 G weights/s per core. llama.cpp runs its whole step as one
-# C++ graph, so its rows scale with the bytes (Q4_0 about 71 tok/s). To close that gap the step must be
-# compiled, as a CUDA graph does on a GPU; faster matmuls alone will not do it.
+# The recorded run is on a 2-core AMD EPYC VM with AVX2 and no AVX-512. In an earlier run (kept in the
+# file under `earlier_run`) the kit's C kernels beat PyTorch's kernels on the same models: 1.2-1.7x, W8A8
+# 4x, 2-bit 15x. Even so, the quantized rows land at 38-50 tok/s, far below their bandwidth bounds. Take
+# w4a16: a token costs about 26 ms, and reading its weights at the measured bandwidth would take about 11.
+# The same model with tiny widths, where there is almost nothing to read, still costs 8 ms a token: that is
+# eager PyTorch around the matmuls, about a thousand small ops and 127 kernel calls per token. On top of
+# that, the int4 kernel is compute-bound here. llama.cpp runs its whole step as one C++ graph, so its rows
+# scale with the bytes (Q4_0 about 85 tok/s). Compiling the step (section 12) halves that floor (3.9 ms)
+# and gains 1.14-1.21x on the fp32, bf16, w8a16 and w4a16 rows (nothing on the rows with an int8 head):
+# that puts fp32 ahead of llama.cpp's F32 (1.14x), but the quantized rows stay at 0.5-0.7x of llama.cpp.
+# What is left is the kernels themselves: compiled w4a16+int8 head spends about 17 ms a token in them
+# to read 242 MB (14 GB/s, under half the measured bandwidth), while llama.cpp's whole Q4_0 step takes 12 ms.
 
 # %%
 results_file = repo_path("benchmarks/results/quant.json")
