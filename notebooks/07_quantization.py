@@ -722,16 +722,17 @@ assert torch.equal(eager_ids, fast_ids)
 # almost all of that cost was dispatch and small ops. What remains is the graph's own call and `generate`'s
 # Python loop around it, still far above the bound of reading a few hundred KiB. On the tiny text model the
 # gain is smaller: its matmuls, which compiling does not make faster, are a larger share of its token. The
-# static cache alone gains nothing in eager mode (the mask over the whole buffer costs a little); it is what
-# makes the graph possible. On the 0.3B shape the same floor, about 14 ms a token eager in bf16 (section
-# 11), is most of the gap between the kit's rows and their bandwidth bounds.
+# static cache alone gains little or nothing in eager mode (the mask over the whole buffer costs a little);
+# it is what makes the graph possible. On the 0.3B shape the same floor in bf16 (section 11) costs 8 ms a
+# token eager and 3.9 ms compiled: more than the 1.2 ms here, because there every linear calls one of the
+# kit's C kernels through a Python custom operator, about 11 us of dispatch each, 127 times a token.
 #
 # **Measured on the kit's machine.** `benchmarks/results/fast_decode.json` records a run of
 # `python benchmarks/fast_decode.py` on an idle 2-core AMD EPYC VM (AVX2, 2 threads, 7 interleaved rounds of
-# 64 tokens): the 18-layer micro decoder went from 4.11 ms per token eager to 1.57 ms compiled (2.6x), the
-# tiny text model from 3.09 to 2.48 ms (1.25x), greedy tokens identical in both. The first compiled calls
-# took 9.4 s and 4.6 s there with inductor's cache warm; a cold compile took 47 to 111 s on a busy 2-core
-# machine while this section was written.
+# 64 tokens): the 18-layer micro decoder went from 3.32 ms per token eager to 1.18 ms compiled (2.8x), the
+# tiny text model from 1.85 to 0.99 ms (1.9x), greedy tokens identical in both. The first compiled calls
+# took 5.4 s and 3.3 s there with inductor's cache warm; a cold compile took 47 to 111 s on a busy 2-core
+# machine while this section was written (the 0.3B's decode step: 29 s cold on the idle machine).
 # Absolute figures move between machines, with clock speed, caches and how busy the machine is; compare
 # ratios measured in one run.
 
