@@ -350,7 +350,8 @@ def write_rows(function) -> str:
     for count in (1, draw_int(g, 2, 5)):                        # a decode step, then a chunk of a prompt
         batch, heads, dim = draw_int(g, 1, 2), draw_int(g, 1, 3), 4 * draw_int(g, 1, 4)
         size = 8 * draw_int(g, 1, 3)
-        start = draw_int(g, 1, size - count)                    # never slot 0: the cursor has moved on
+        start = draw_int(g, 1, size - count - 1)                # never slot 0 (the cursor has moved on), never
+                                                                # the last slots (a buffer cut there would pass)
         buffer = torch.randn(batch, heads, size, dim, generator=g)      # earlier tokens' rows
         rows = torch.randn(batch, heads, count, dim, generator=g)
         slots = start + torch.arange(count)                     # (T,) the slots, a tensor
