@@ -57,7 +57,7 @@ def test_the_c_rounds_activations_exactly_as_the_reference():
 
 # ------------------------------------------------------------------ the kernel against the reference
 @needs_native
-@pytest.mark.parametrize("K,N,group", [(64, 16, 32), (256, 48, 64), (1024, 100, 128), (96, 24, 96), (512, 256, 512)])
+@pytest.mark.parametrize("K,N,group", [(64, 16, 32), (256, 48, 64), (1024, 100, 128), (96, 24, 96), (512, 256, 512), (256, 50, 64), (128, 7, 128)])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "zero-points"])
 def test_the_kernel_equals_the_reference(K, N, group, symmetric):
     """M = 1..4 rows, with and without a bias, fp32 and bf16 activations; 1024 x 100 and 512 x 256 are large

@@ -270,11 +270,54 @@ static inline float row_q8(const int8_t *row, prepared_x px, int64_t K, int64_t 
     return acc;
 }
 
+#ifdef HAVE_AVX2
+/* Four rows at once (G a multiple of 32): the 32 activations of a step are loaded once for four rows, and
+   each row's next rows are prefetched (four interleaved rows are four streams, which the hardware
+   prefetcher alone follows poorly). Rows past the last one read row N - 1 again and write nothing. */
+#define ROWS 4
+
+static void four_rows_q8(const int8_t *q, prepared_x px, const float *scales, float *y, int64_t n0, int64_t N,
+                         int64_t K, int64_t G) {
+    const int8_t *row[ROWS];
+    __m256 total[ROWS];
+    for (int r = 0; r < ROWS; r++) {
+        row[r] = q + (n0 + r < N ? n0 + r : N - 1) * K;
+        total[r] = _mm256_setzero_ps();
+    }
+    for (int64_t g = 0; g < K / G; g++) {
+        __m256i acc[ROWS];
+        for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_si256();
+        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(px.xs + k));
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(px.xs + k + 16));
+            for (int r = 0; r < ROWS; r++) {
+                if (k % 64 == 0) _mm_prefetch((const char *)(row[r] + 4 * ROWS * K + k), _MM_HINT_T0);
+                const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row[r] + k)));
+                const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row[r] + k + 16)));
+                acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1)));
+            }
+        }
+        for (int r = 0; r < ROWS; r++)
+            total[r] = _mm256_fmadd_ps(_mm256_set1_ps(px.scales[g]), _mm256_cvtepi32_ps(acc[r]), total[r]);
+    }
+    for (int r = 0; r < ROWS && n0 + r < N; r++) y[n0 + r] = scales[n0 + r] * hsum(total[r]);
+}
+#endif
+
 /* x (M, K); q (N, K) int8; scales (N,); x rounded to int16 in groups of G; work as for ernie_gemv_packed */
 static void ernie_gemv_q8_int16(const float *x, const int8_t *q, const float *scales, float *y,
                          int64_t M, int64_t N, int64_t K, int64_t G, uint8_t *work, int threads) {
     const int64_t groups = K / G;
     for (int64_t m = 0; m < M; m++) prepare(x + m * K, prepared_at(work, m, K, groups), K, G, 1);
+#ifdef HAVE_AVX2
+    if (G % 32 == 0) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
+        for (int64_t n0 = 0; n0 < N; n0 += ROWS)
+            for (int64_t m = 0; m < M; m++)
+                four_rows_q8(q, prepared_at(work, m, K, groups), scales, y + m * N, n0, N, K, G);
+        return;
+    }
+#endif
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++)
@@ -331,29 +374,42 @@ void ernie_quantize_blocks(const float *x, int8_t *xq, float *xs, int64_t M, int
     for (int64_t i = 0; i < M * K / BLOCK; i++) xs[i] = round_block(x + i * BLOCK, xq + i * BLOCK);
 }
 
-/* Prepared x, per row: K int8 (each block as its even columns, then its odd ones), K/32 float scales s_b,
-   K/G floats c_g (the zero point's term) */
-typedef struct { int8_t *xq; float *scales; float *zsums; } blocked_x;
+/* Prepared x, per row: K int8 in one of two orders (below), K/32 float scales s_b, K/G floats c_g (the zero
+   point's term), and for the paired order K/8 floats: per pair of blocks the vector (s_b x4, s_b+1 x4).
 
-static int64_t blocked_bytes(int64_t K, int64_t G) { return K + 4 * (K / BLOCK) + 4 * (K / G); }
+   one block at a time: each block as its 16 even columns, then its 16 odd ones;
+   pairs of blocks (G a multiple of 64, the AVX2 path): per 64 inputs, the even columns of block b, those of
+       block b + 1, the odd columns of b, those of b + 1, so one 32-byte load of codes (two blocks) meets
+       the activations of its high nibbles in one vector and those of its low nibbles in another. */
+typedef struct { int8_t *xq; float *scales; float *zsums; float *lanes; } blocked_x;
+
+static int64_t blocked_bytes(int64_t K, int64_t G) { return K + 4 * (K / BLOCK) + 4 * (K / G) + 4 * (K / 8); }
 
 static blocked_x blocked_at(uint8_t *work, int64_t m, int64_t K, int64_t G) {
     uint8_t *base = work + m * blocked_bytes(K, G);
-    blocked_x bx = {(int8_t *)base, (float *)(base + K), (float *)(base + K + 4 * (K / BLOCK))};
+    blocked_x bx = {(int8_t *)base, (float *)(base + K), (float *)(base + K + 4 * (K / BLOCK)),
+                    (float *)(base + K + 4 * (K / BLOCK) + 4 * (K / G))};
     return bx;
 }
 
-static void prepare_blocks(const float *x, blocked_x bx, int64_t K, int64_t G) {
+/* where column k of block b goes: one block at a time, or in pairs of blocks */
+static inline int64_t blocked_slot(int64_t b, int k, int paired) {
+    if (!paired) return b * BLOCK + (k % 2) * (BLOCK / 2) + k / 2;
+    return (b / 2) * 2 * BLOCK + (k % 2) * BLOCK + (b % 2) * (BLOCK / 2) + k / 2;
+}
+
+static void prepare_blocks(const float *x, blocked_x bx, int64_t K, int64_t G, int paired) {
     for (int64_t g = 0; g < K / G; g++) bx.zsums[g] = 0.0f;
     for (int64_t b = 0; b < K / BLOCK; b++) {
         int8_t q[BLOCK];
         float s = round_block(x + b * BLOCK, q);
         int32_t sum = 0;
         for (int k = 0; k < BLOCK; k++) {
-            bx.xq[b * BLOCK + (k % 2) * (BLOCK / 2) + k / 2] = q[k];
+            bx.xq[blocked_slot(b, k, paired)] = q[k];
             sum += q[k];
         }
         bx.scales[b] = s;
+        for (int i = 0; i < 4; i++) bx.lanes[(b / 2) * 8 + (b % 2) * 4 + i] = s;
         bx.zsums[b * BLOCK / G] += s * (float)sum;
     }
 }
@@ -406,12 +462,74 @@ static inline float row_w4a8(const uint8_t *row, blocked_x bx, const float *scal
 #endif
 }
 
+#ifdef HAVE_AVX2
+/* Four rows at once, two blocks per load (the paired order, G a multiple of 64). Per pair of blocks the
+   activations (two 32-byte vectors and the scale vector) are loaded once for the four rows; per row, one
+   32-byte load holds 64 codes: its low nibbles (and 0x0F) and high nibbles (shift, and) each meet one
+   activation vector (_mm256_maddubs_epi16), and the two results add in int16 (|.| <= 2 * 2 * 15 * 127 <
+   2^15) before one widening multiply-add by 1, one conversion and one FMA with (s_b x4, s_b+1 x4): about
+   five vector operations per block and row, where row_w4a8 spends eight. Rows past the last one (n >= N)
+   read row N - 1 again and write nothing. */
+static void four_rows_w4a8(const uint8_t *packed, blocked_x bx, const float *scales, const uint8_t *zeros,
+                           float *y, int64_t n0, int64_t N, int64_t K, int64_t G) {
+    const int64_t groups = K / G, pairs = G / (2 * BLOCK);
+    const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const uint8_t *row[ROWS];
+    const float *s_w[ROWS];
+    __m256 total[ROWS];
+    for (int r = 0; r < ROWS; r++) {
+        const int64_t n = n0 + r < N ? n0 + r : N - 1;
+        row[r] = packed + n * (K / 2);
+        s_w[r] = scales + n * groups;
+        total[r] = _mm256_setzero_ps();
+    }
+    for (int64_t g = 0; g < groups; g++) {
+        __m256 acc[ROWS];
+        for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+        for (int64_t p = g * pairs; p < (g + 1) * pairs; p++) {
+            const __m256i x_high = _mm256_loadu_si256((const __m256i *)(bx.xq + p * 2 * BLOCK));   /* even columns */
+            const __m256i x_low = _mm256_loadu_si256((const __m256i *)(bx.xq + p * 2 * BLOCK + BLOCK));  /* odd */
+            const __m256 s_x = _mm256_loadu_ps(bx.lanes + p * 8);                          /* s_b x4, s_b+1 x4 */
+            for (int r = 0; r < ROWS; r++) {
+                if (p % 2 == 0) _mm_prefetch((const char *)(row[r] + ROWS * (K / 2) + p * BLOCK), _MM_HINT_T0);
+                const __m256i codes = _mm256_loadu_si256((const __m256i *)(row[r] + p * BLOCK));  /* 2 blocks */
+                const __m256i high = _mm256_and_si256(_mm256_srli_epi16(codes, 4), nibble);
+                const __m256i low = _mm256_and_si256(codes, nibble);
+                const __m256i sums = _mm256_add_epi16(_mm256_maddubs_epi16(high, x_high), _mm256_maddubs_epi16(low, x_low));
+                acc[r] = _mm256_fmadd_ps(s_x, _mm256_cvtepi32_ps(_mm256_madd_epi16(sums, ones)), acc[r]);
+            }
+        }
+        for (int r = 0; r < ROWS; r++) total[r] = _mm256_fmadd_ps(_mm256_set1_ps(s_w[r][g]), acc[r], total[r]);
+    }
+    for (int r = 0; r < ROWS && n0 + r < N; r++) {
+        const int64_t n = n0 + r;
+        float offset = 0.0f;                                /* sum_g s_w[g] z_g c_g */
+        for (int64_t g = 0; g < groups; g++) offset += s_w[r][g] * (float)(zeros ? zeros[n * groups + g] : 8) * bx.zsums[g];
+        y[n] = hsum(total[r]) - offset;
+    }
+}
+#endif
+
 /* x (M, K) fp32; packed (N, K/2) int4 codes; scales (N, K/G) fp32; zeros (N, K/G) uint8 or NULL (z = 8);
    G and K multiples of 32; work: M * blocked_bytes(K, G) bytes of scratch; y (M, N) */
 static void ernie_gemv_w4a8(const float *x, const uint8_t *packed, const float *scales, const uint8_t *zeros, float *y,
                             int64_t M, int64_t N, int64_t K, int64_t G, uint8_t *work, int threads) {
     const int64_t groups = K / G;
-    for (int64_t m = 0; m < M; m++) prepare_blocks(x + m * K, blocked_at(work, m, K, G), K, G);
+#ifdef HAVE_AVX2
+    const int paired = G % (2 * BLOCK) == 0;
+#else
+    const int paired = 0;
+#endif
+    for (int64_t m = 0; m < M; m++) prepare_blocks(x + m * K, blocked_at(work, m, K, G), K, G, paired);
+#ifdef HAVE_AVX2
+    if (paired) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
+        for (int64_t n0 = 0; n0 < N; n0 += ROWS)
+            for (int64_t m = 0; m < M; m++)
+                four_rows_w4a8(packed, blocked_at(work, m, K, G), scales, zeros, y + m * N, n0, N, K, G);
+        return;
+    }
+#endif
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++)
