@@ -59,7 +59,7 @@ PREFILL_TOKENS = 512
 # New schemes (w4a8 vs Q4_0) join by adding a pair here.
 PAIRINGS = [("fp32", "llama.cpp F32"), ("bf16", "llama.cpp BF16"), ("w8a16", "llama.cpp Q8_0"),
             ("w4a16", "llama.cpp Q4_0"), ("w4a16+int8 head", "llama.cpp Q4_0"),
-            ("w4a8", "llama.cpp Q4_0"), ("w4a8+int8 head", "llama.cpp Q4_0")]
+            ("w4a8", "llama.cpp Q4_0"), ("w4a8+int8 head", "llama.cpp Q4_0"), ("w4a8+w4a8 head", "llama.cpp Q4_0")]
 
 
 def random_model(config: ErnieConfig, seed: int = 0) -> nn.Module:
@@ -85,13 +85,13 @@ def variants(base: nn.Module) -> dict:
             return model
         return build
 
-    def scheme(name, head_int8=False, dtype=torch.bfloat16):
+    def scheme(name, head=None, dtype=torch.bfloat16):
         def build():
             model = copy.deepcopy(base).to(dtype)
             quant.quantize(model, name)
-            if head_int8:  # untie: the head gets its own int8 copy, the embedding stays bf16
+            if head:  # untie: the head gets its own int8 (w8a16) or int4 copy, the embedding stays bf16
                 model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())
-                quant.quantize(model, "w8a16", skip=("embed",), filter="lm_head")
+                quant.quantize(model, head, skip=("embed",), filter="lm_head")
             quant.stream_linears(model)  # what stays in full precision (the head) streams too
             return model
         return build
@@ -108,14 +108,15 @@ def variants(base: nn.Module) -> dict:
 
     return {"fp32": (float_model(torch.float32, True), True), "bf16": (float_model(torch.bfloat16, True), True),
             "w8a16": (scheme("w8a16"), True), "w4a16": (scheme("w4a16"), True),
-            "w4a16+int8 head": (scheme("w4a16", True), True),
+            "w4a16+int8 head": (scheme("w4a16", "w8a16"), True),
             "w8a8": (scheme("w8a8", dtype=torch.float32), True), "w2a16": (scheme("w2a16"), True),
-            "w4a8": (scheme("w4a8"), True), "w4a8+int8 head": (scheme("w4a8", True), True),
+            "w4a8": (scheme("w4a8"), True), "w4a8+int8 head": (scheme("w4a8", "w8a16"), True),
+            "w4a8+w4a8 head": (scheme("w4a8", "w4a8"), True),
             "fp32 (PyTorch kernels)": (float_model(torch.float32, False), False),
             "bf16 (PyTorch kernels)": (float_model(torch.bfloat16, False), False),
             "w8a16 (PyTorch kernels)": (scheme("w8a16"), False),
             "w4a16 (PyTorch kernels)": (scheme("w4a16"), False),
-            "w4a16+int8 head (PyTorch kernels)": (scheme("w4a16", True), False),
+            "w4a16+int8 head (PyTorch kernels)": (scheme("w4a16", "w8a16"), False),
             "w8a8 (PyTorch kernels)": (scheme("w8a8", dtype=torch.float32), False),
             "w2a16 (PyTorch kernels)": (scheme("w2a16"), False),
             "torchao int8 (Int8WeightOnlyConfig)": (torchao("int8"), False),
@@ -406,6 +407,7 @@ def main():
         "w4a16+int8 head / llama.cpp Q4_0 (target >= 1.0)": ratio("w4a16+int8 head", "llama.cpp Q4_0"),
         "w4a8 / llama.cpp Q4_0 (target >= 1.0)": ratio("w4a8", "llama.cpp Q4_0"),
         "w4a8+int8 head / llama.cpp Q4_0 (target >= 1.0)": ratio("w4a8+int8 head", "llama.cpp Q4_0"),
+        "w4a8+w4a8 head / llama.cpp Q4_0 (target >= 1.0)": ratio("w4a8+w4a8 head", "llama.cpp Q4_0"),
         "w4a8 / w4a16": ratio("w4a8", "w4a16"),
         "w4a16+int8 head / torchao int4 (target >= 1.2)": ratio("w4a16+int8 head", "torchao int4 (PrototypeInt4WeightOnlyConfig g128)"),
         "bf16 / llama.cpp BF16 (target >= 1.0)": ratio("bf16", "llama.cpp BF16"),

@@ -162,3 +162,56 @@ def test_compiled_pytorch_kernels_and_the_switch(one_thread):
         with torch.no_grad():
             assert torch.allclose(compiled(x), model(x), atol=1e-5, rtol=1e-5)
         assert len(graphs) == 2 and "ernie_lab.gemv.default" in graphs[1]
+
+
+# ------------------------------------------------------------------ the C++ registration and its stand-in
+_STAND_IN = r"""
+import json, torch
+from torch import nn
+from ernie_lab.quant import ops
+from ernie_lab.quant.linear import QuantLinear
+torch.manual_seed(0)
+layer = QuantLinear.from_linear(nn.Linear(64, 48, bias=True), "w4a8", group_size=64).eval()
+x = torch.randn(1, 64)
+with torch.no_grad():
+    eager, compiled = layer(x), torch.compile(layer, fullgraph=True, dynamic=False)(x)
+print(json.dumps({"in_cpp": ops.IN_CPP, "equal": torch.equal(eager, compiled),
+                  "schemas": [str(getattr(ops, name)._opoverload._schema) for name in ops.HOT]}))
+"""
+
+
+@needs_native
+def test_the_python_operators_stand_in_for_the_cpp_ones_with_the_same_schemas():
+    """Where ops.cpp does not build (here: ERNIE_LAB_CPP_OPS=0) the Python operators serve, with the same
+    names and schemas, and a compiled layer still computes what eager computes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from ernie_lab.quant import cpp_ops
+    env = dict(os.environ, ERNIE_LAB_CPP_OPS="0")
+    done = subprocess.run([sys.executable, "-c", _STAND_IN], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    stand_in = json.loads(done.stdout.strip().splitlines()[-1])
+    assert stand_in["in_cpp"] is False and stand_in["equal"] is True
+    assert ops.IN_CPP == (cpp_ops.why_unavailable() is None)
+    if ops.IN_CPP:          # the C++ schemas, as the dispatcher holds them, equal the Python ones
+        cpp = [str(getattr(torch.ops.ernie_lab, name).default._schema) for name in ops.HOT]
+        assert cpp == stand_in["schemas"], (cpp, stand_in["schemas"])
+
+
+@needs_native
+def test_the_cpp_operators_refuse_what_the_kernels_would_misread():
+    """The C trusts its pointers: the C++ operators check the layout first, as native.py does."""
+    codes, scales, zeros = _codes(4, 32)
+    x = torch.randn(1, 64)
+    for bad in ((x, codes.t(), scales, zeros, 4, 32, None, torch.float32),           # codes not contiguous
+                (x, codes, scales.double(), zeros, 4, 32, None, torch.float32),       # fp64 scales
+                (torch.randn(1, 63), codes, scales, zeros, 4, 32, None, torch.float32),  # the wrong width
+                (x, codes, scales, zeros, 4, 48, None, torch.float32)):                # a group not dividing K
+        with pytest.raises((RuntimeError, ValueError)):
+            ops.gemv(*bad)
+    with pytest.raises((RuntimeError, ValueError)):
+        ops.int8_int4(x, codes, scales, zeros, 16, None, torch.float32)                 # groups of 16 < a block
+    with pytest.raises((RuntimeError, ValueError)):
+        ops.linear(x, torch.randn(8, 64, dtype=torch.float16), None, torch.float32)     # an fp16 weight

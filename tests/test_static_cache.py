@@ -100,6 +100,18 @@ def test_compile_time_is_reported_once(compiled):
     assert "compiled the decode step of ErnieForCausalLM in" in first and second == ""
 
 
+def test_each_model_compiles_its_own_copy_of_the_step():
+    """Dynamo caches at most 8 graphs per code object: a step shared by every model refused the ninth model
+    compiled in one process (benchmarks/quant.py compiles nine). Each model gets a copy with its own code."""
+    from ernie_lab.model import fast_decode, fast_prefill
+    a, b = fast_decode.compiled_step(micro_model()), fast_decode.compiled_step(micro_model())
+    codes = (fast_decode.decode_step, a.step._torchdynamo_orig_callable, b.step._torchdynamo_orig_callable)
+    assert len({id(fn.__code__) for fn in codes}) == 3                  # the cache belongs to the object
+    copy = fast_decode.own_copy(fast_prefill.prefill_step)
+    assert copy.__code__ is not fast_prefill.prefill_step.__code__ and copy.__name__ == "prefill_step"
+    assert copy.__code__.co_code == fast_prefill.prefill_step.__code__.co_code
+
+
 @pytest.mark.parametrize("kwargs, words", [
     (dict(compile="yes"), ("compile", "True or False")),
     (dict(static_cache=1), ("static_cache",)),

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import InputError
 from .decoder import check_input_ids
+from .fast_decode import own_copy
 from .kv_cache import StaticKVCache
 from .moe import MoEBlock
 
@@ -50,7 +51,7 @@ class CompiledPrefill:
     """``prefill_step`` compiled for one model, the prompt length dynamic; reports its compile time once."""
 
     def __init__(self):
-        self.step = torch.compile(prefill_step, fullgraph=True)
+        self.step = torch.compile(own_copy(prefill_step), fullgraph=True)  # own_copy: one cache per model
         self.compile_seconds: float | None = None
 
     def __call__(self, model, input_ids, position_ids, attention_mask, cache) -> torch.Tensor:

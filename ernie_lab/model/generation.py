@@ -106,7 +106,7 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
         if fast_step is not None:
-            logits = fast_step(model, token[:, None], next_pos, cache)  # (B, vocab), no checks inside
+            logits = fast_step(model, token[:, None], next_pos, cache, same_as_last_call=step > 0)  # (B, vocab)
             cache.advance(1)
         else:
             logits = model(token[:, None], attention_mask=attention_mask if padded else None, cache=cache,

@@ -109,9 +109,12 @@ def _int4_group(layer) -> bool:
 
 # ------------------------------------------------------------------ the kit's C kernels (native.py)
 def c_kernel(name: str):
-    """The kit's C kernel ``name``: the ctypes function itself in eager mode (no dispatcher on the per-token
-    path, about 11 us a call), its ``ernie_lab::`` operator (quant/ops.py) while torch.compile traces."""
-    return getattr(ops if torch.compiler.is_compiling() else native, name)
+    """The kit's C kernel ``name``: its ``ernie_lab::`` operator (quant/ops.py) while torch.compile traces, and
+    in eager mode too when the operator is registered from C++ (ops.cpp: about 5 us a call from Python); else
+    the ctypes function itself in eager mode (about 8 us; a Python-defined operator would add 11 us more)."""
+    if torch.compiler.is_compiling() or (name in ops.HOT and ops.IN_CPP):
+        return getattr(ops, name)
+    return getattr(native, name)
 
 
 def _native_gemv(layer, x):

@@ -9,10 +9,12 @@ it would have to break the graph around. A custom operator is the boundary that 
     fake kernel   only the output's shape and dtype, which is all the tracer needs to go on
 
 so a compiled model keeps one graph with ``ernie_lab::gemv`` as a single node in it (called directly,
-the ctypes kernel makes ``fullgraph=True`` fail with a graph break at the ctypes call). In eager mode the dispatcher
-costs about 11 us per call on top of the ctypes call (measured: 24.6 against 12.0 us for a 64x64 int4
-layer, one thread), so the kernel table (``kernels.c_kernel``) calls the ctypes function directly in eager
-mode and the operator only while compiling. Each operator is
+the ctypes kernel makes ``fullgraph=True`` fail with a graph break at the ctypes call). An operator defined
+in Python costs about 11 us of dispatch per call on top of the ctypes call (measured: 24.6 against 12.0 us
+for a 64x64 int4 layer, one thread), so the three operators a decode step calls per layer (``linear``,
+``gemv``, ``int8_int4``) are registered from C++ where the machine builds ``ops.cpp`` (``cpp_ops.py``), the
+Python definitions below standing in where it does not. The kernel table (``kernels.c_kernel``) calls the
+ctypes function directly in eager mode and the operator only while compiling. Each operator is
 functional (``mutates_args=()``: it returns a new tensor and writes nothing it was given) and has no
 autograd formula: the kernel table sends a layer here only when no gradient is wanted.
 
@@ -32,12 +34,13 @@ or (N, K) for ``dequantize``. The C writes fp32 or bf16: any other ``out_dtype``
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import native
+from . import cpp_ops, native
 
 
 def _written(dtype: torch.dtype) -> torch.dtype:
@@ -45,27 +48,67 @@ def _written(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
 
 
-# ------------------------------------------------------------------ y = x W^T + b on a float weight
-@torch.library.custom_op("ernie_lab::linear", mutates_args=())
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+# ------------------------------------------------------------------ the three per-token operators
+# ernie_lab::linear, ::gemv and ::int8_int4 run once per linear layer and token. They come from C++
+# (ops.cpp, built by cpp_ops.py) where that builds, from the Python definitions below otherwise: the same
+# names, schemas and kernels (gemv.c), so callers never know which. Either way they are made on first use
+# (this module's __getattr__), so importing the kit compiles nothing.
+HOT = ("linear", "gemv", "int8_int4")
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """y = x W^T + b on a float weight"""
     return native.linear(x, weight, bias, out_dtype)
 
 
-@linear.register_fake
-def _(x, weight, bias, out_dtype):
-    return x.new_empty(x.shape[0], weight.shape[0], dtype=_written(out_dtype))          # (M, N)
-
-
-# ------------------------------------------------------------------ y = x W^T + b on packed codes
-@torch.library.custom_op("ernie_lab::gemv", mutates_args=())
-def gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int, group_size: int,
-         bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+def _gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int, group_size: int,
+          bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """y = x W^T + b on packed codes"""
     return native.gemv(x, qweight, scales, zeros, bits, group_size, bias, out_dtype)
 
 
-@gemv.register_fake
-def _(x, qweight, scales, zeros, bits, group_size, bias, out_dtype):
-    return x.new_empty(x.shape[0], qweight.shape[0], dtype=_written(out_dtype))          # (M, N)
+def _int8_int4(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
+               bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """W4A8: rows rounded to int8 blocks @ int4 codes"""
+    return native.int8_int4(x, qweight, scales, zeros, group_size, bias, out_dtype)
+
+
+# the fake kernels: only the output, (M, N) in the dtype the C writes
+def _linear_fake(x, weight, bias, out_dtype):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=_written(out_dtype))
+
+
+def _gemv_fake(x, qweight, scales, zeros, bits, group_size, bias, out_dtype):
+    return x.new_empty(x.shape[0], qweight.shape[0], dtype=_written(out_dtype))
+
+
+def _int8_int4_fake(x, qweight, scales, zeros, group_size, bias, out_dtype):
+    return x.new_empty(x.shape[0], qweight.shape[0], dtype=_written(out_dtype))
+
+
+def _define_hot_operators() -> None:
+    global IN_CPP
+    IN_CPP = cpp_ops.load()
+    for name, python, fake in zip(HOT, (_linear, _gemv, _int8_int4), (_linear_fake, _gemv_fake, _int8_int4_fake)):
+        if IN_CPP:
+            operator = getattr(torch.ops.ernie_lab, name).default
+            torch.library.register_fake(f"ernie_lab::{name}")(fake)
+        else:
+            operator = torch.library.custom_op(f"ernie_lab::{name}", python, mutates_args=())
+            operator.register_fake(fake)
+        globals()[name] = operator
+
+
+def __getattr__(name: str):
+    if name in HOT or name == "IN_CPP":
+        with _define_lock:
+            if name not in globals():
+                _define_hot_operators()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_define_lock = threading.Lock()
 
 
 # ------------------------------------------------------------------ W8A8: int8 rows @ int8 codes
@@ -77,18 +120,6 @@ def int8_int8(xq: Tensor, xs: Tensor, qweight: Tensor, scales: Tensor) -> Tensor
 @int8_int8.register_fake
 def _(xq, xs, qweight, scales):
     return xq.new_empty(xq.shape[0], qweight.shape[0], dtype=torch.float32)               # (M, N)
-
-
-# ------------------------------------------------------------------ W4A8: rows rounded to int8 blocks @ int4 codes
-@torch.library.custom_op("ernie_lab::int8_int4", mutates_args=())
-def int8_int4(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
-              bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
-    return native.int8_int4(x, qweight, scales, zeros, group_size, bias, out_dtype)
-
-
-@int8_int4.register_fake
-def _(x, qweight, scales, zeros, group_size, bias, out_dtype):
-    return x.new_empty(x.shape[0], qweight.shape[0], dtype=_written(out_dtype))          # (M, N)
 
 
 # ------------------------------------------------------------------ codes -> the float weight
