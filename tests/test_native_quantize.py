@@ -54,3 +54,32 @@ def test_set_weight_still_refuses_nan_and_inf(scheme, bad):
     w = hard_weight(torch.bfloat16)
     w[3, 7] = bad
     refused(lambda: layer.set_weight(w), InputError, "NaN or Inf", scheme)
+
+
+def test_cached_library_builds_once_per_key_and_falls_back_to_the_temporary_folder(tmp_path, monkeypatch):
+    """native.cached_library (gemv.c's and ops.cpp's cache): one build per key, reused after; where the
+    cache cannot be written (a read-only home) the library goes under the temporary folder."""
+    import tempfile
+    from ernie_lab.quant import native
+    monkeypatch.setenv("ERNIE_LAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    built = []
+
+    def build(out):
+        built.append(out)
+        out.write_bytes(b"a library")
+
+    first = native.cached_library("demo", [b"one"], build)
+    assert first.parent == tmp_path / "cache" / "native" and first.read_bytes() == b"a library"
+    assert native.cached_library("demo", [b"one"], build) == first and len(built) == 1
+    other = native.cached_library("demo", [b"two"], build)
+    assert other != first and len(built) == 2
+
+    def read_only_home(out):
+        if str(out).startswith(str(tmp_path / "cache")):
+            raise PermissionError(out)
+        build(out)
+
+    fallback = native.cached_library("demo", [b"three"], read_only_home)
+    assert fallback.is_relative_to(tmp_path / "tmp") and fallback.read_bytes() == b"a library"
+    assert sorted(p.name for p in (tmp_path / "cache" / "native").iterdir()) == sorted([first.name, other.name])

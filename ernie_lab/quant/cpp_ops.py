@@ -18,17 +18,14 @@ minute on two cores. ``ERNIE_LAB_CPP_OPS=0`` turns it off (the Python operators 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import subprocess
 import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_file
 from . import native
 
 SOURCE = Path(__file__).with_name("ops.cpp")
@@ -47,30 +44,15 @@ def _abi_flag() -> str:
     return f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
 
 
-def _library_path(cxx: str, compiler: str) -> Path:
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), native.SOURCE.read_bytes(), cxx.encode(),
-                                     compiler.encode(), torch.__version__.encode(), _abi_flag().encode(),
-                                     " ".join(CXX_FLAGS + native.FLAGS).encode(),
-                                     native._cpu_signature().encode()])).hexdigest()[:16]
-    cache = Path(os.environ.get("ERNIE_LAB_CACHE", Path.home() / ".cache" / "ernie_lab"))
-    return cache / "native" / f"ops-{key}.so"
-
-
-def _run(command: list[str], what: str) -> None:
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise OSError(f"could not build {what} (exit {done.returncode}): {done.stderr.strip()[-600:]}")
-
-
-def _build(cxx: str, compiler: str, target: Path) -> None:
-    """gemv.c to an object, then ops.cpp linked with it and torch's libraries, atomically into ``target``."""
+def _build(cxx: str, compiler: str, out: Path) -> None:
+    """gemv.c to an object, then ops.cpp linked with it and torch's libraries, into ``out``."""
     includes, lib = _torch_paths()
-    with tempfile.TemporaryDirectory() as work, atomic_file(target) as out:
+    with tempfile.TemporaryDirectory() as work:
         gemv = str(Path(work) / "gemv.o")
         c_flags = [f for f in native.FLAGS if f != "-shared"]
-        _run([compiler, *c_flags, "-c", str(native.SOURCE), "-o", gemv], native.SOURCE.name)
-        _run([cxx, *CXX_FLAGS, _abi_flag(), *[f"-I{path}" for path in includes], str(SOURCE), gemv,
-              f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}", "-o", str(out)], SOURCE.name)
+        native.run_compiler([compiler, *c_flags, "-c", str(native.SOURCE), "-o", gemv], native.SOURCE.name)
+        native.run_compiler([cxx, *CXX_FLAGS, _abi_flag(), *[f"-I{path}" for path in includes], str(SOURCE), gemv,
+                             f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}", "-o", str(out)], SOURCE.name)
 
 
 def load() -> bool:
@@ -88,14 +70,9 @@ def load() -> bool:
             cxx, compiler = shutil.which(os.environ.get("CXX") or "c++") or shutil.which("g++"), native._compiler()
             if cxx is None or compiler is None:
                 raise OSError("no C++ compiler (c++ or g++) on PATH")
-            path = _library_path(cxx, compiler)
-            if not path.is_file():
-                try:
-                    _build(cxx, compiler, path)
-                except PermissionError:  # a read-only home: build under the temporary folder instead
-                    path = Path(tempfile.gettempdir()) / f"ernie_lab-{os.getuid()}" / "native" / path.name
-                    if not path.is_file():
-                        _build(cxx, compiler, path)
+            key = [SOURCE.read_bytes(), native.SOURCE.read_bytes(), cxx.encode(), compiler.encode(),
+                   torch.__version__.encode(), _abi_flag().encode(), " ".join(CXX_FLAGS + native.FLAGS).encode()]
+            path = native.cached_library("ops", key, lambda out: _build(cxx, compiler, out))
             torch.ops.load_library(str(path))
             _state["loaded"], _state["path"] = True, path
         except (OSError, RuntimeError) as err:

@@ -270,54 +270,11 @@ static inline float row_q8(const int8_t *row, prepared_x px, int64_t K, int64_t 
     return acc;
 }
 
-#ifdef HAVE_AVX2
-/* Four rows at once (G a multiple of 32): the 32 activations of a step are loaded once for four rows, and
-   each row's next rows are prefetched (four interleaved rows are four streams, which the hardware
-   prefetcher alone follows poorly). Rows past the last one read row N - 1 again and write nothing. */
-#define ROWS 4
-
-static void four_rows_q8(const int8_t *q, prepared_x px, const float *scales, float *y, int64_t n0, int64_t N,
-                         int64_t K, int64_t G) {
-    const int8_t *row[ROWS];
-    __m256 total[ROWS];
-    for (int r = 0; r < ROWS; r++) {
-        row[r] = q + (n0 + r < N ? n0 + r : N - 1) * K;
-        total[r] = _mm256_setzero_ps();
-    }
-    for (int64_t g = 0; g < K / G; g++) {
-        __m256i acc[ROWS];
-        for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_si256();
-        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(px.xs + k));
-            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(px.xs + k + 16));
-            for (int r = 0; r < ROWS; r++) {
-                if (k % 64 == 0) _mm_prefetch((const char *)(row[r] + 4 * ROWS * K + k), _MM_HINT_T0);
-                const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row[r] + k)));
-                const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row[r] + k + 16)));
-                acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1)));
-            }
-        }
-        for (int r = 0; r < ROWS; r++)
-            total[r] = _mm256_fmadd_ps(_mm256_set1_ps(px.scales[g]), _mm256_cvtepi32_ps(acc[r]), total[r]);
-    }
-    for (int r = 0; r < ROWS && n0 + r < N; r++) y[n0 + r] = scales[n0 + r] * hsum(total[r]);
-}
-#endif
-
 /* x (M, K); q (N, K) int8; scales (N,); x rounded to int16 in groups of G; work as for ernie_gemv_packed */
 static void ernie_gemv_q8_int16(const float *x, const int8_t *q, const float *scales, float *y,
                          int64_t M, int64_t N, int64_t K, int64_t G, uint8_t *work, int threads) {
     const int64_t groups = K / G;
     for (int64_t m = 0; m < M; m++) prepare(x + m * K, prepared_at(work, m, K, groups), K, G, 1);
-#ifdef HAVE_AVX2
-    if (G % 32 == 0) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
-        for (int64_t n0 = 0; n0 < N; n0 += ROWS)
-            for (int64_t m = 0; m < M; m++)
-                four_rows_q8(q, prepared_at(work, m, K, groups), scales, y + m * N, n0, N, K, G);
-        return;
-    }
-#endif
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++)
@@ -463,50 +420,39 @@ static inline float row_w4a8(const uint8_t *row, blocked_x bx, const float *scal
 }
 
 #ifdef HAVE_AVX2
-/* Four rows at once, two blocks per load (the paired order, G a multiple of 64). Per pair of blocks the
-   activations (two 32-byte vectors and the scale vector) are loaded once for the four rows; per row, one
-   32-byte load holds 64 codes: its low nibbles (and 0x0F) and high nibbles (shift, and) each meet one
-   activation vector (_mm256_maddubs_epi16), and the two results add in int16 (|.| <= 2 * 2 * 15 * 127 <
-   2^15) before one widening multiply-add by 1, one conversion and one FMA with (s_b x4, s_b+1 x4): about
-   five vector operations per block and row, where row_w4a8 spends eight. Rows past the last one (n >= N)
-   read row N - 1 again and write nothing. */
-static void four_rows_w4a8(const uint8_t *packed, blocked_x bx, const float *scales, const uint8_t *zeros,
-                           float *y, int64_t n0, int64_t N, int64_t K, int64_t G) {
+/* Two blocks per load (the paired order, G a multiple of 64). One 32-byte load holds 64 codes: its high
+   nibbles (shift, and 0x0F) meet the even-column activation vector and its low nibbles (and 0x0F) the odd
+   one (_mm256_maddubs_epi16 each), and the two results add in int16 (|.| <= 2 * 2 * 15 * 127 < 2^15)
+   before one widening multiply-add by 1, one conversion and one FMA with (s_b x4, s_b+1 x4): about five
+   vector operations per block, where row_w4a8 spends eight. The rows stream in order, one at a time, with
+   the bytes PREFETCH_AHEAD ahead asked for early: interleaving four rows in the inner loop (to load the
+   activations once for four) ran faster from cache but slower from memory, where decode reads its weights
+   (14 against 22 GB/s over the 0.3B's 126 matrices, 2 threads). */
+#define PREFETCH_AHEAD 2048
+
+static float row_w4a8_pairs(const uint8_t *row, blocked_x bx, const float *scales, const uint8_t *zeros,
+                            int64_t K, int64_t G) {
     const int64_t groups = K / G, pairs = G / (2 * BLOCK);
     const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    const uint8_t *row[ROWS];
-    const float *s_w[ROWS];
-    __m256 total[ROWS];
-    for (int r = 0; r < ROWS; r++) {
-        const int64_t n = n0 + r < N ? n0 + r : N - 1;
-        row[r] = packed + n * (K / 2);
-        s_w[r] = scales + n * groups;
-        total[r] = _mm256_setzero_ps();
-    }
+    float offset = 0.0f;                                    /* sum_g s_w[g] z_g c_g */
+    for (int64_t g = 0; g < groups; g++) offset += scales[g] * (float)(zeros ? zeros[g] : 8) * bx.zsums[g];
+    __m256 total = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-        __m256 acc[ROWS];
-        for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+        __m256 acc = _mm256_setzero_ps();
         for (int64_t p = g * pairs; p < (g + 1) * pairs; p++) {
-            const __m256i x_high = _mm256_loadu_si256((const __m256i *)(bx.xq + p * 2 * BLOCK));   /* even columns */
+            if (p % 2 == 0) _mm_prefetch((const char *)(row + PREFETCH_AHEAD + p * BLOCK), _MM_HINT_T0);
+            const __m256i codes = _mm256_loadu_si256((const __m256i *)(row + p * BLOCK));   /* 2 blocks */
+            const __m256i high = _mm256_and_si256(_mm256_srli_epi16(codes, 4), nibble);
+            const __m256i low = _mm256_and_si256(codes, nibble);
+            const __m256i x_high = _mm256_loadu_si256((const __m256i *)(bx.xq + p * 2 * BLOCK));         /* even */
             const __m256i x_low = _mm256_loadu_si256((const __m256i *)(bx.xq + p * 2 * BLOCK + BLOCK));  /* odd */
+            const __m256i sums = _mm256_add_epi16(_mm256_maddubs_epi16(high, x_high), _mm256_maddubs_epi16(low, x_low));
             const __m256 s_x = _mm256_loadu_ps(bx.lanes + p * 8);                          /* s_b x4, s_b+1 x4 */
-            for (int r = 0; r < ROWS; r++) {
-                if (p % 2 == 0) _mm_prefetch((const char *)(row[r] + ROWS * (K / 2) + p * BLOCK), _MM_HINT_T0);
-                const __m256i codes = _mm256_loadu_si256((const __m256i *)(row[r] + p * BLOCK));  /* 2 blocks */
-                const __m256i high = _mm256_and_si256(_mm256_srli_epi16(codes, 4), nibble);
-                const __m256i low = _mm256_and_si256(codes, nibble);
-                const __m256i sums = _mm256_add_epi16(_mm256_maddubs_epi16(high, x_high), _mm256_maddubs_epi16(low, x_low));
-                acc[r] = _mm256_fmadd_ps(s_x, _mm256_cvtepi32_ps(_mm256_madd_epi16(sums, ones)), acc[r]);
-            }
+            acc = _mm256_fmadd_ps(s_x, _mm256_cvtepi32_ps(_mm256_madd_epi16(sums, ones)), acc);
         }
-        for (int r = 0; r < ROWS; r++) total[r] = _mm256_fmadd_ps(_mm256_set1_ps(s_w[r][g]), acc[r], total[r]);
+        total = _mm256_fmadd_ps(_mm256_set1_ps(scales[g]), acc, total);
     }
-    for (int r = 0; r < ROWS && n0 + r < N; r++) {
-        const int64_t n = n0 + r;
-        float offset = 0.0f;                                /* sum_g s_w[g] z_g c_g */
-        for (int64_t g = 0; g < groups; g++) offset += s_w[r][g] * (float)(zeros ? zeros[n * groups + g] : 8) * bx.zsums[g];
-        y[n] = hsum(total[r]) - offset;
-    }
+    return hsum(total) - offset;
 }
 #endif
 
@@ -521,20 +467,19 @@ static void ernie_gemv_w4a8(const float *x, const uint8_t *packed, const float *
     const int paired = 0;
 #endif
     for (int64_t m = 0; m < M; m++) prepare_blocks(x + m * K, blocked_at(work, m, K, G), K, G, paired);
-#ifdef HAVE_AVX2
-    if (paired) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
-        for (int64_t n0 = 0; n0 < N; n0 += ROWS)
-            for (int64_t m = 0; m < M; m++)
-                four_rows_w4a8(packed, blocked_at(work, m, K, G), scales, zeros, y + m * N, n0, N, K, G);
-        return;
-    }
-#endif
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
     for (int64_t n = 0; n < N; n++)
-        for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = row_w4a8(packed + n * (K / 2), blocked_at(work, m, K, G), scales + n * groups,
-                                    zeros ? zeros + n * groups : NULL, K, G);
+        for (int64_t m = 0; m < M; m++) {
+            const uint8_t *row = packed + n * (K / 2), *z = zeros ? zeros + n * groups : NULL;
+            const blocked_x bx = blocked_at(work, m, K, G);
+#ifdef HAVE_AVX2
+            if (paired) {
+                y[m * N + n] = row_w4a8_pairs(row, bx, scales + n * groups, z, K, G);
+                continue;
+            }
+#endif
+            y[m * N + n] = row_w4a8(row, bx, scales + n * groups, z, K, G);
+        }
 }
 
 /* ------------------------------------------------------------------ dequantize (longer inputs)

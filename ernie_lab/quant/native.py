@@ -78,20 +78,30 @@ def _cpu_signature() -> str:
     return flags
 
 
-def _library_path(compiler: str) -> Path:
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(),
-                                     _cpu_signature().encode(), platform.machine().encode()])).hexdigest()[:16]
+def cached_library(stem: str, key_parts: list[bytes], build) -> Path:
+    """The library ``$ERNIE_LAB_CACHE/native/<stem>-<hash of key_parts, the CPU, the machine>.so``, made by
+    ``build(path)`` when missing, atomically (a half-written library never sits at that path); under the
+    temporary folder when the cache cannot be written (a read-only home)."""
+    key = hashlib.sha256(b"\0".join([*key_parts, _cpu_signature().encode(), platform.machine().encode()]))
     cache = Path(os.environ.get("ERNIE_LAB_CACHE", Path.home() / ".cache" / "ernie_lab"))
-    return cache / "native" / f"gemv-{key}.so"
+    path = cache / "native" / f"{stem}-{key.hexdigest()[:16]}.so"
+    for place in (path, Path(tempfile.gettempdir()) / f"ernie_lab-{os.getuid()}" / "native" / path.name):
+        if place.is_file():
+            return place
+        try:
+            with atomic_file(place) as out:
+                build(out)
+            return place
+        except PermissionError:
+            continue
+    raise OSError(f"nowhere to write {path.name}: neither {path.parent} nor the temporary folder is writable")
 
 
-def _build(compiler: str, target: Path) -> None:
-    """Compile gemv.c into ``target`` atomically (a half-written library never sits at that path)."""
-    with atomic_file(target) as out:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise OSError(f"{compiler} could not build {SOURCE.name} (exit {result.returncode}): "
-                          f"{result.stderr.strip()[:400]}")
+def run_compiler(command: list[str], what: str) -> None:
+    """Run one compiler command; an OSError with the end of its messages when it fails."""
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise OSError(f"{command[0]} could not build {what} (exit {result.returncode}): {result.stderr.strip()[-600:]}")
 
 
 def _load():
@@ -108,14 +118,8 @@ def _load():
             compiler = _compiler()
             if compiler is None:
                 raise OSError("no C compiler (cc, gcc or clang) on PATH")
-            path = _library_path(compiler)
-            if not path.is_file():
-                try:
-                    _build(compiler, path)
-                except PermissionError:  # a read-only home: build under the temporary folder instead
-                    path = Path(tempfile.gettempdir()) / f"ernie_lab-{os.getuid()}" / path.relative_to(path.parents[1])
-                    if not path.is_file():
-                        _build(compiler, path)
+            path = cached_library("gemv", [SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode()],
+                                  lambda out: run_compiler([compiler, *FLAGS, str(SOURCE), "-o", str(out)], SOURCE.name))
             lib = ctypes.CDLL(str(path))
             _declare(lib)
             _state["lib"], _state["path"] = lib, path
