@@ -34,7 +34,7 @@ the grouped dispatch of ``moe.dispatch`` (one call per active expert, never a lo
 The modules: ``formats`` (rounding, packing), ``linear`` (``QuantLinear``: the codes and the plain
 dequantize-then-matmul forward), ``kernels`` (the table of faster kernels that must agree with it),
 ``native`` (the kit's C decode kernels), ``ops`` (those kernels as custom operators ``torch.compile``
-traces), ``streaming`` (full-precision linears on them), ``gptq``.
+traces; the three per-token ones registered from C++ by ``cpp_ops``), ``streaming`` (full-precision linears on them), ``gptq``.
 May import: ``ernie_lab.errors``, ``ernie_lab.atomic``, ``ernie_lab.model`` (quantized checkpoints on disk
 are ``ernie_lab.io.quantized``'s business).
 
