@@ -534,16 +534,18 @@ assert tiny_table["vl_mean_accuracy"]["w2a16 GPTQ"] > tiny_table["vl_mean_accura
 #
 # The recorded run is on a 2-core AMD EPYC VM with AVX2 and no AVX-512. In an earlier run (kept in the
 # file under `earlier_run`) the kit's C kernels beat PyTorch's kernels on the same models: 1.2-1.7x, W8A8
-# 4x, 2-bit 15x. Even so, the quantized rows land at 38-50 tok/s, far below their bandwidth bounds. Take
-# w4a16: a token costs about 26 ms, and reading its weights at the measured bandwidth would take about 11.
-# The same model with tiny widths, where there is almost nothing to read, still costs 8 ms a token: that is
-# eager PyTorch around the matmuls, about a thousand small ops and 127 kernel calls per token. On top of
-# that, the int4 kernel is compute-bound here. llama.cpp runs its whole step as one C++ graph, so its rows
-# scale with the bytes (Q4_0 about 85 tok/s). Compiling the step (section 12) halves that floor (3.9 ms)
-# and gains 1.14-1.21x on the fp32, bf16, w8a16 and w4a16 rows (nothing on the rows with an int8 head):
-# that puts fp32 ahead of llama.cpp's F32 (1.14x), but the quantized rows stay at 0.5-0.7x of llama.cpp.
-# What is left is the kernels themselves: compiled w4a16+int8 head spends about 17 ms a token in them
-# to read 242 MB (14 GB/s, under half the measured bandwidth), while llama.cpp's whole Q4_0 step takes 12 ms.
+# 4x, 2-bit 15x. Even so, the quantized rows land at 48-62 tok/s eager, far below their bandwidth bounds.
+# Take w4a8: a token costs about 18 ms, and reading its 347 MB at the measured bandwidth would take about
+# 10. The same model with tiny widths, where there is almost nothing to read, still costs 8 ms a token: that
+# is eager PyTorch around the matmuls, about a thousand small ops and 127 kernel calls per token. llama.cpp
+# runs its whole step as one C++ graph, so its rows scale with the bytes (Q4_0 about 98 tok/s). Compiling
+# the step (section 12) cuts that floor to about 2 ms and gains 1.2-1.3x on every row: fp32 ahead of
+# llama.cpp's F32 (1.15x), w8a16 with an int8 head level with Q8_0 (1.01x), bf16 at 0.88x of BF16 (1.03x in
+# another run of the same day). The 4-bit rows stay at 0.66-0.77x of Q4_0. Part of that is bytes: the kit
+# keeps the LM head in bf16 (212 MB of the 347), llama.cpp stores it in 6 bits; `w4a8+w4a8 head` reads
+# 192 MB and reaches 76 tok/s (0.77x). The rest is the int4 kernel itself: streaming the 0.3B's 126 int4
+# matrices from memory it reads about 20 GB/s, where the bf16 kernel reads about 29 and llama.cpp's whole
+# Q4_0 step (230 MB in 10 ms) about 22.
 
 # %%
 results_file = repo_path("benchmarks/results/quant.json")
@@ -724,15 +726,19 @@ assert torch.equal(eager_ids, fast_ids)
 # gain is smaller: its matmuls, which compiling does not make faster, are a larger share of its token. The
 # static cache alone gains little or nothing in eager mode (the mask over the whole buffer costs a little);
 # it is what makes the graph possible. On the 0.3B shape the same floor in bf16 (section 11) costs 8 ms a
-# token eager and 3.9 ms compiled: more than the 1.2 ms here, because there every linear calls one of the
-# kit's C kernels through a Python custom operator, about 11 us of dispatch each, 127 times a token.
+# token eager and about 2 ms compiled: more than the 1.2 ms here, because there every linear calls one of
+# the kit's C kernels through an operator, 127 times a token. Defined in Python, such an operator cost about
+# 21 us a call and the floor was 3.9 ms; registered from C++ (`ernie_lab/quant/ops.cpp`) a call costs about
+# 5 us. Two more things came off: dynamo checks its guards (one per parameter and switch, about 1 ms at this
+# depth) only on the first step of each `generate`, and with `ERNIE_LAB_CPP_WRAPPER=1` inductor writes the
+# code around the kernels in C++ too (1.2 ms a token, but the 0.3B's step then compiles cold in 70 s, not 34).
 #
 # **Measured on the kit's machine.** `benchmarks/results/fast_decode.json` records a run of
 # `python benchmarks/fast_decode.py` on an idle 2-core AMD EPYC VM (AVX2, 2 threads, 7 interleaved rounds of
-# 64 tokens): the 18-layer micro decoder went from 3.32 ms per token eager to 1.18 ms compiled (2.8x), the
-# tiny text model from 1.85 to 0.99 ms (1.9x), greedy tokens identical in both. The first compiled calls
-# took 5.4 s and 3.3 s there with inductor's cache warm; a cold compile took 47 to 111 s on a busy 2-core
-# machine while this section was written (the 0.3B's decode step: 29 s cold on the idle machine).
+# 64 tokens): the 18-layer micro decoder went from 3.72 ms per token eager to 1.15 ms compiled (3.2x), the
+# tiny text model from 1.83 to 0.95 ms (1.9x), greedy tokens identical in both. The first compiled calls
+# took 3.2 s each there with inductor's cache warm; a cold compile took 47 to 111 s on a busy 2-core
+# machine while this section was written (the 0.3B's decode step: 29-34 s cold on the idle machine).
 # Absolute figures move between machines, with clock speed, caches and how busy the machine is; compare
 # ratios measured in one run.
 
