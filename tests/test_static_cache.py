@@ -119,3 +119,30 @@ def test_each_model_compiles_its_own_copy_of_the_step():
 ])
 def test_bad_static_switches(kwargs, words):
     refused(lambda: ernie_lab.generate(micro_model(), [[1, 2]], 2, **kwargs), ernie_lab.InputError, *words)
+
+
+def test_a_switch_flipped_between_generates_is_seen_by_the_compiled_step():
+    """Steps after the first of a generate skip dynamo's full guard check (same_as_last_call); the first step
+    of each generate still checks them all, so turning the kit's C kernels off between two calls changes the
+    kernels the compiled step runs (no stale graph), and the tokens stay the eager ones."""
+    from ernie_lab import quant
+    from torch.profiler import profile
+    if not quant.native.available():
+        pytest.skip("the kit's C kernels could not be built here")
+    model = micro_model(seed=3).eval()
+    quant.stream_linears(model)                 # the linears on ernie_lab::linear, or F.linear when off
+    ids = [[5, 9, 11, 30, 2, 7]]
+
+    def run():
+        with profile() as prof:
+            tokens = ernie_lab.generate(model, ids, 5, eos_token_id=[], compile=True)
+        return tokens, sum(e.count for e in prof.key_averages() if e.key == "ernie_lab::linear")
+
+    eager = ernie_lab.generate(model, ids, 5, eos_token_id=[])
+    with contextlib.redirect_stdout(io.StringIO()):
+        tokens_on, c_calls_on = run()
+        with quant.native.off():
+            tokens_off, c_calls_off = run()
+        tokens_again, c_calls_again = run()
+    assert c_calls_on > 0 and c_calls_off == 0 and c_calls_again > 0
+    assert torch.equal(tokens_on, eager) and torch.equal(tokens_again, eager) and torch.equal(tokens_off, eager)
