@@ -424,11 +424,10 @@ static inline float row_w4a8(const uint8_t *row, blocked_x bx, const float *scal
    nibbles (shift, and 0x0F) meet the even-column activation vector and its low nibbles (and 0x0F) the odd
    one (_mm256_maddubs_epi16 each), and the two results add in int16 (|.| <= 2 * 2 * 15 * 127 < 2^15)
    before one widening multiply-add by 1, one conversion and one FMA with (s_b x4, s_b+1 x4): about five
-   vector operations per block, where row_w4a8 spends eight. The rows stream in order, one at a time, with
-   the bytes PREFETCH_AHEAD ahead asked for early: interleaving four rows in the inner loop (to load the
-   activations once for four) ran faster from cache but slower from memory, where decode reads its weights
-   (14 against 22 GB/s over the 0.3B's 126 matrices, 2 threads). */
-#define PREFETCH_AHEAD 2048
+   vector operations per block, where row_w4a8 spends eight. The rows stream in order, one at a time:
+   interleaving four rows in the inner loop (to load the activations once for four) ran faster from cache
+   but slower from memory, where decode reads its weights (14 against 20 GB/s over the 0.3B's 126 matrices,
+   2 threads), and a software prefetch ahead of the row made no measurable difference. */
 
 static float row_w4a8_pairs(const uint8_t *row, blocked_x bx, const float *scales, const uint8_t *zeros,
                             int64_t K, int64_t G) {
@@ -440,7 +439,6 @@ static float row_w4a8_pairs(const uint8_t *row, blocked_x bx, const float *scale
     for (int64_t g = 0; g < groups; g++) {
         __m256 acc = _mm256_setzero_ps();
         for (int64_t p = g * pairs; p < (g + 1) * pairs; p++) {
-            if (p % 2 == 0) _mm_prefetch((const char *)(row + PREFETCH_AHEAD + p * BLOCK), _MM_HINT_T0);
             const __m256i codes = _mm256_loadu_si256((const __m256i *)(row + p * BLOCK));   /* 2 blocks */
             const __m256i high = _mm256_and_si256(_mm256_srli_epi16(codes, 4), nibble);
             const __m256i low = _mm256_and_si256(codes, nibble);
