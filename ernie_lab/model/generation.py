@@ -94,6 +94,7 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
         streamer.put(input_ids.cpu())
 
     tokens, finished = [input_ids], torch.zeros(B, dtype=torch.bool, device=device)
+    stop = torch.tensor(stop_ids, device=device, dtype=torch.long)
     next_pos = positions[:, -1:] + 1  # (B, 1)
     for step in range(max_new_tokens):
         token = pick_next_token(logits, temperature, top_p, top_k, generator)  # (B,)
@@ -101,14 +102,14 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
         tokens.append(token[:, None])
         if streamer is not None:
             streamer.put(token.cpu())
-        finished |= torch.isin(token, torch.tensor(stop_ids, device=device, dtype=token.dtype))
+        finished |= torch.isin(token, stop.to(token.dtype))
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-        if fast_step is not None:
+        if fast_step is not None:  # the static cache's own mask holds the padding: no attention_mask to grow
             logits = fast_step(model, token[:, None], next_pos, cache, same_as_last_call=step > 0)  # (B, vocab)
             cache.advance(1)
         else:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
             logits = model(token[:, None], attention_mask=attention_mask if padded else None, cache=cache,
                            position_ids=next_pos).logits[:, -1]
         next_pos = next_pos + 1

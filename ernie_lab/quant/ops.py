@@ -99,6 +99,9 @@ def _define_hot_operators() -> None:
         globals()[name] = operator
 
 
+_define_lock = threading.Lock()
+
+
 def __getattr__(name: str):
     if name in HOT or name == "IN_CPP":
         with _define_lock:
@@ -106,9 +109,6 @@ def __getattr__(name: str):
                 _define_hot_operators()
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-_define_lock = threading.Lock()
 
 
 # ------------------------------------------------------------------ W8A8: int8 rows @ int8 codes
