@@ -136,6 +136,7 @@ def test_compiled_prompt_calls_the_dequantizer(compiled_stack, one_thread):
     graph = recorder.graphs[-1]
     assert graph.count("ernie_lab.dequantize.default") == 4 and "ernie_lab.gemv.default" not in graph
     assert "ernie_lab.int8_int4.default" not in graph                 # w4a8: the dequantizer, x rounded, one GEMM
+    assert graph.count("ernie_lab.round_blocks.default") == 1          # the rounding as one C operator
 
 
 def test_compiled_pytorch_kernels_and_the_switch(one_thread):

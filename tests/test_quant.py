@@ -123,6 +123,49 @@ def test_every_kernel_equals_the_dequantize_reference(scheme, symmetric, dtype, 
                 assert kernel == {"w8a16": "int8_weight_only", "w4a16": "int4_cpu"}[scheme]
 
 
+@pytest.mark.skipif(not quant.native.available(), reason="the kit's C kernels could not be built here")
+@pytest.mark.parametrize("scheme,symmetric,group", [("w8a16", True, 64), ("w4a16", True, 16), ("w4a16", False, 32),
+                                                    ("w4a16", False, 128), ("w2a16", False, 64), ("w4a8", False, 64)])
+def test_the_c_dequantizer_writes_the_layers_own_weight(scheme, symmetric, group):
+    """native.dequantize (eight or sixteen weights a step where AVX2 is there) writes exactly the weight the
+    layer's plain dequantize gives, as fp32 and as bf16; into a caller's buffer too."""
+    torch.manual_seed(4)
+    layer = quant.QuantLinear.from_linear(nn.Linear(256, 40), scheme, group_size=group, symmetric=symmetric)
+    expected = layer.dequantize()                                                    # (N, K) fp32
+    for dtype in (torch.float32, torch.bfloat16):
+        got = quant.native.dequantize(layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size, dtype)
+        assert torch.equal(got, expected.to(dtype)), dtype
+        buffer = torch.full((50 * 256,), float("nan"), dtype=dtype)
+        into = quant.native.dequantize(layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size, dtype,
+                                       out=buffer)
+        assert into.shape == (40, 256) and into.data_ptr() == buffer.data_ptr() and torch.equal(into, got)
+    with pytest.raises(ValueError, match="at least 10240"):
+        quant.native.dequantize(layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size,
+                                torch.float32, out=torch.empty(100))
+
+
+@pytest.mark.skipif(not quant.native.available(), reason="the kit's C kernels could not be built here")
+def test_a_prompt_reuses_one_buffer_only_without_a_gradient():
+    """Without a gradient a prompt's dequantized weights share one buffer (its GEMM has consumed each before
+    the next is written): two layers in turn still give their own answers. With a gradient each weight is its
+    own tensor, so what backward keeps is the right weight, and x's gradient is exact."""
+    torch.manual_seed(5)
+    first, second = (quant.QuantLinear.from_linear(nn.Linear(128, 128), "w4a16", group_size=32) for _ in range(2))
+    x = torch.randn(20, 128)
+    with torch.no_grad():
+        expected = x @ first.dequantize().t() + first.bias
+        expected = expected @ second.dequantize().t() + second.bias
+        assert quant.kernels.choose(first, x).name == "native_dequantize"
+        assert torch.allclose(second(first(x)), expected, rtol=1e-5, atol=1e-5)
+        buffers = quant.kernels._scratch.buffers
+        assert any(b.numel() >= 128 * 128 for b in buffers.values())
+    x.requires_grad_(True)
+    second(first(x)).sum().backward()
+    with torch.no_grad():
+        wanted = second.dequantize().sum(0) @ first.dequantize()        # d/dx of sum(W2 (W1 x + b1) + b2)
+    assert torch.allclose(x.grad, wanted.expand(20, -1), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("scheme,symmetric", [("w8a16", True), ("w4a16", True), ("w4a16", False),
                                               ("w2a16", False), ("w8a8", True), ("w4a8", True), ("fp8", True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

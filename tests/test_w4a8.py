@@ -99,6 +99,41 @@ def test_a_prompt_goes_through_the_dequantizer_and_one_gemm():
             assert kernels.choose(layer, x[:, :1]).name == "reference"
 
 
+@needs_native
+@pytest.mark.parametrize("dtype_in", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype_out", [torch.float32, torch.bfloat16])
+def test_the_c_rounds_a_prompts_rows_and_back_as_the_reference(dtype_in, dtype_out):
+    """native.round_blocks (one pass) gives bit for bit what formats' rounding and its inverse give, for
+    rows of any scale, a block of zeros among them."""
+    torch.manual_seed(3)
+    for M, K in [(1, 32), (7, 256), (300, 1024)]:
+        x = (torch.randn(M, K) * torch.rand(M, K // 32).repeat_interleave(32, 1) * 10).to(dtype_in)
+        x[0, :32] = 0
+        xq, xs = formats.quantize_activations_blocks(x)
+        expected = formats.dequantize_activations_blocks(xq, xs).to(dtype_out)
+        assert torch.equal(native.round_blocks(x, dtype_out), expected), (M, K)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        native.round_blocks(torch.randn(2, 48))
+
+
+@needs_native
+def test_a_bf16_prompt_runs_in_bf16_like_the_weight_only_schemes():
+    """A bf16 prompt's GEMM runs in bf16 (the rows rounded per block, then as bf16; the weight as bf16), the
+    reference too; with a gradient wanted, PyTorch's rounding serves so the gradient reaches x."""
+    layer = w4a8_layer(256, 64, 64, symmetric=False, bias=True).to(torch.bfloat16)
+    x = torch.randn(2, 9, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        xq, xs = formats.quantize_activations_blocks(x.reshape(-1, 256))
+        rows = formats.dequantize_activations_blocks(xq, xs).to(torch.bfloat16)
+        weight = layer.dequantize().to(torch.bfloat16)
+        expected = ((rows @ weight.t()) + layer.bias.float()).to(torch.bfloat16).reshape(2, 9, 64)
+        assert torch.equal(layer.reference(x), expected)
+        assert torch.equal(layer(x), expected)                        # the C's rounding and dequantizer
+    x.requires_grad_(True)
+    layer(x).float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_training_keeps_the_reference_path():
     """The C has no autograd: a bias being trained takes the reference, whose gradient reaches it."""
     layer = w4a8_layer(64, 16, 32, bias=True)
@@ -110,7 +145,8 @@ def test_training_keeps_the_reference_path():
 
 @pytest.mark.skipif(sys.platform != "linux" or not native.available(), reason="needs the kit's C build")
 def test_the_portable_c_without_avx2_agrees(tmp_path):
-    """gemv.c built without -march=native (so without AVX2): its scalar W4A8 loop gives the same answers."""
+    """gemv.c built without -march=native (so without AVX2): its scalar W4A8 loop gives the same answers, its
+    scalar dequantizer the same weights."""
     script = textwrap.dedent("""
         import torch
         from torch import nn
@@ -126,6 +162,9 @@ def test_the_portable_c_without_avx2_agrees(tmp_path):
                 expected = layer.reference(x)
                 worst = max(worst, float((layer(x) - expected).abs().max() / expected.abs().max()))
             assert torch.equal(native.quantize_blocks(x)[0], formats.quantize_activations_blocks(x)[0])
+            for dtype in (torch.float32, torch.bfloat16):   # the scalar dequantizer, as the AVX2 one
+                assert torch.equal(native.dequantize(layer.qweight, layer.scales, layer.zeros, 4, G, dtype),
+                                   layer.dequantize().to(dtype))
         print(worst)
     """)
     env = {**os.environ, "ERNIE_LAB_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}

@@ -34,6 +34,9 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define HAVE_AVX2 1
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define HAVE_VNNI 1     /* _mm256_dpbusd_epi32: four byte products summed into int32 in one instruction */
+#endif
 #endif
 
 /* below this many weights a matmul runs on the calling thread: waking the other threads costs more */
@@ -331,6 +334,27 @@ void ernie_quantize_blocks(const float *x, int8_t *xq, float *xs, int64_t M, int
     for (int64_t i = 0; i < M * K / BLOCK; i++) xs[i] = round_block(x + i * BLOCK, xq + i * BLOCK);
 }
 
+/* A prompt's W4A8 rows for a GEMM (the weight dequantized): each block rounded to int8 and back, s_b q, written
+   as fp32 or bf16 (f32_to_bf16, below); x read as fp32 or bf16 (M, K), K a multiple of 32. One pass where
+   PyTorch's ops take a dozen: the same values as formats.dequantize_activations_blocks of quantize_blocks. */
+static inline uint16_t f32_to_bf16(float f);
+
+void ernie_round_blocks(const void *x, int x_bf16, void *out, int out_bf16, int64_t M, int64_t K, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (M * K >= PARALLEL_WORK)
+    for (int64_t i = 0; i < M * K / BLOCK; i++) {
+        float block[BLOCK];
+        int8_t q[BLOCK];
+        for (int k = 0; k < BLOCK; k++)
+            block[k] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[i * BLOCK + k]) : ((const float *)x)[i * BLOCK + k];
+        const float s = round_block(block, q);
+        for (int k = 0; k < BLOCK; k++) {
+            const float v = (float)q[k] * s;
+            if (out_bf16) ((uint16_t *)out)[i * BLOCK + k] = f32_to_bf16(v);
+            else ((float *)out)[i * BLOCK + k] = v;
+        }
+    }
+}
+
 /* Prepared x, per row: K int8 in one of two orders (below), K/32 float scales s_b, K/G floats c_g (the zero
    point's term), and for the paired order K/8 floats: per pair of blocks the vector (s_b x4, s_b+1 x4).
 
@@ -429,28 +453,46 @@ static inline float row_w4a8(const uint8_t *row, blocked_x bx, const float *scal
    but slower from memory, where decode reads its weights (14 against 20 GB/s over the 0.3B's 126 matrices,
    2 threads), and a software prefetch ahead of the row made no measurable difference. */
 
+/* sum_g s_w[g] z_g c_g, eight groups a step */
+static inline float zero_term(const float *scales, const uint8_t *zeros, const float *zsums, int64_t groups) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) {
+        const __m256 z = zeros ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zeros + g))))
+                               : _mm256_set1_ps(8.0f);
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(scales + g), z), _mm256_loadu_ps(zsums + g), acc);
+    }
+    float sum = hsum(acc);
+    for (; g < groups; g++) sum += scales[g] * (float)(zeros ? zeros[g] : 8) * zsums[g];
+    return sum;
+}
+
+static inline __m256 pair_dot(const uint8_t *row, blocked_x bx, int64_t p, __m256i nibble) {
+    const __m256i codes = _mm256_loadu_si256((const __m256i *)(row + p * BLOCK));   /* 2 blocks */
+    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(codes, 4), nibble);
+    const __m256i low = _mm256_and_si256(codes, nibble);
+    const __m256i x_high = _mm256_loadu_si256((const __m256i *)(bx.xq + p * 2 * BLOCK));         /* even */
+    const __m256i x_low = _mm256_loadu_si256((const __m256i *)(bx.xq + p * 2 * BLOCK + BLOCK));  /* odd */
+#ifdef HAVE_VNNI
+    const __m256i dots = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), high, x_high), low, x_low);
+#else
+    const __m256i sums = _mm256_add_epi16(_mm256_maddubs_epi16(high, x_high), _mm256_maddubs_epi16(low, x_low));
+    const __m256i dots = _mm256_madd_epi16(sums, _mm256_set1_epi16(1));
+#endif
+    return _mm256_mul_ps(_mm256_loadu_ps(bx.lanes + p * 8), _mm256_cvtepi32_ps(dots));   /* s_b x4, s_b+1 x4 */
+}
+
 static float row_w4a8_pairs(const uint8_t *row, blocked_x bx, const float *scales, const uint8_t *zeros,
                             int64_t K, int64_t G) {
     const int64_t groups = K / G, pairs = G / (2 * BLOCK);
-    const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    float offset = 0.0f;                                    /* sum_g s_w[g] z_g c_g */
-    for (int64_t g = 0; g < groups; g++) offset += scales[g] * (float)(zeros ? zeros[g] : 8) * bx.zsums[g];
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
     __m256 total = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         __m256 acc = _mm256_setzero_ps();
-        for (int64_t p = g * pairs; p < (g + 1) * pairs; p++) {
-            const __m256i codes = _mm256_loadu_si256((const __m256i *)(row + p * BLOCK));   /* 2 blocks */
-            const __m256i high = _mm256_and_si256(_mm256_srli_epi16(codes, 4), nibble);
-            const __m256i low = _mm256_and_si256(codes, nibble);
-            const __m256i x_high = _mm256_loadu_si256((const __m256i *)(bx.xq + p * 2 * BLOCK));         /* even */
-            const __m256i x_low = _mm256_loadu_si256((const __m256i *)(bx.xq + p * 2 * BLOCK + BLOCK));  /* odd */
-            const __m256i sums = _mm256_add_epi16(_mm256_maddubs_epi16(high, x_high), _mm256_maddubs_epi16(low, x_low));
-            const __m256 s_x = _mm256_loadu_ps(bx.lanes + p * 8);                          /* s_b x4, s_b+1 x4 */
-            acc = _mm256_fmadd_ps(s_x, _mm256_cvtepi32_ps(_mm256_madd_epi16(sums, ones)), acc);
-        }
+        for (int64_t p = g * pairs; p < (g + 1) * pairs; p++) acc = _mm256_add_ps(acc, pair_dot(row, bx, p, nibble));
         total = _mm256_fmadd_ps(_mm256_set1_ps(scales[g]), acc, total);
     }
-    return hsum(total) - offset;
+    return hsum(total) - zero_term(scales, zeros, bx.zsums, groups);
 }
 #endif
 
@@ -491,6 +533,46 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
+#ifdef HAVE_AVX2
+/* eight fp32 -> eight bf16 (the integer rounding of f32_to_bf16, eight lanes at once) */
+static inline __m128i bf16_x8(__m256 w) {
+    __m256i b = _mm256_castps_si256(w);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    b = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), odd), 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+}
+
+static inline void store_x8(void *out, int64_t at, __m256 w, int out_bf16) {
+    if (out_bf16) _mm_storeu_si128((__m128i *)((uint16_t *)out + at), bf16_x8(w));
+    else _mm256_storeu_ps((float *)out + at, w);
+}
+
+/* One row, eight weights a step (int8) or sixteen (int4: the high nibble of byte j is column 2j, the low
+   one column 2j + 1); the same float operations as the loop below, so the same values. */
+static void dequantize_row_avx2(const uint8_t *row, const float *scales, const uint8_t *zeros, void *out,
+                                int64_t K, int64_t G, int bits, int out_bf16) {
+    if (bits == 8) {
+        const __m256 s = _mm256_set1_ps(scales[0]);
+        for (int64_t k = 0; k < K; k += 8) {
+            const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + k)));
+            store_x8(out, k, _mm256_mul_ps(_mm256_cvtepi32_ps(q), s), out_bf16);
+        }
+        return;
+    }
+    for (int64_t g = 0; g < K / G; g++) {
+        const __m256 s = _mm256_set1_ps(scales[g]), z = _mm256_set1_ps(zeros ? (float)zeros[g] : 8.0f);
+        for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+            const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + k / 2)));
+            const __m256i high = _mm256_srli_epi32(bytes, 4), low = _mm256_and_si256(bytes, _mm256_set1_epi32(15));
+            const __m256i a = _mm256_unpacklo_epi32(high, low), b = _mm256_unpackhi_epi32(high, low);
+            const __m256i first = _mm256_permute2x128_si256(a, b, 0x20), second = _mm256_permute2x128_si256(a, b, 0x31);
+            store_x8(out, k, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(first), z), s), out_bf16);
+            store_x8(out, k + 8, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(second), z), s), out_bf16);
+        }
+    }
+}
+#endif
+
 /* bits 8: int8 codes q, w = q * s (G = K, no zero point); bits 4 / 2: packed u, w = (u - z) * s */
 void ernie_dequantize_packed(const uint8_t *packed, const float *scales, const uint8_t *zeros, void *out,
                              int64_t N, int64_t K, int64_t G, int bits, int out_bf16, int threads) {
@@ -500,6 +582,13 @@ void ernie_dequantize_packed(const uint8_t *packed, const float *scales, const u
     for (int64_t n = 0; n < N; n++) {
         float *of = (float *)out + n * K;
         uint16_t *ob = (uint16_t *)out + n * K;
+#ifdef HAVE_AVX2
+        if ((bits == 8 && K % 8 == 0) || (bits == 4 && G % 16 == 0)) {
+            dequantize_row_avx2(packed + n * rowbytes, scales + n * groups, zeros ? zeros + n * groups : NULL,
+                                out_bf16 ? (void *)ob : (void *)of, K, G, bits, out_bf16);
+            continue;
+        }
+#endif
         for (int64_t k = 0; k < K; k++) {
             int64_t g = n * groups + k / G;
             float w;

@@ -10,7 +10,7 @@ The reference is the last entry and always applies.
     native_dequantize  w8a16, w4a16, w2a16   CPU, longer fp32 / bf16 inputs           the kit's C dequantizer, then one F.linear
     native_int8_int8   w8a8                  CPU, decode rows                        native.int8_int8 on per-token int8 inputs
     native_w4a8        w4a8                  CPU, decode rows                        native.int8_int4: x to int8 per 32 inputs, int4 codes
-    native_w4a8_gemm   w4a8                  CPU, longer fp32 / bf16 inputs          the C dequantizer, x rounded per block, one GEMM
+    native_w4a8_gemm   w4a8                  CPU, longer fp32 / bf16 inputs          x rounded per block and the weight by the C, one GEMM
     native_linear      StreamingLinear       CPU, decode rows, no gradient           native.linear on the fp32 / bf16 weight
     int8_weight_only   w8a16                 CPU                                     aten._weight_int8pack_mm (in bf16)
     int4_cpu           w4a16, group 32-256   CPU                                     aten._weight_int4pack_mm_for_cpu (in bf16)
@@ -39,6 +39,7 @@ also run inside CUDA graphs (``mode="reduce-overhead"``).
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -125,9 +126,30 @@ def _native_gemv(layer, x):
     return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
+# A prompt's dequantized weight lives only until its GEMM returns. Without a gradient to keep it for, eager mode
+# writes it into one reused buffer per thread and dtype: a fresh 6 MB tensor per layer pays its page faults
+# again each time (about 55 of the 0.3B's 1100 ms over 512 tokens). Weights above SCRATCH_LIMIT elements
+# (an LM head run over every position) get their own tensor, so the buffer stays small.
+SCRATCH_LIMIT = 1 << 24
+_scratch = threading.local()
+
+
+def _float_weight(layer, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's (N, K) weight in ``dtype`` (fp32 or bf16), written by the C dequantizer."""
+    args = (layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size, dtype)
+    numel = layer.out_features * layer.in_features
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or numel > SCRATCH_LIMIT:
+        return c_kernel("dequantize")(*args)
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (dtype, torch.is_inference_mode_enabled())
+    if key not in buffers or buffers[key].numel() < numel:
+        buffers[key] = torch.empty(numel, dtype=dtype)
+    return native.dequantize(*args, out=buffers[key])
+
+
 def _native_dequantize(layer, x):
     """Longer inputs (a prompt): the C writes the weight in x's dtype, then one GEMM."""
-    weight = c_kernel("dequantize")(layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size, x.dtype)
+    weight = _float_weight(layer, x.dtype)
     return F.linear(x, weight, None if layer.bias is None else layer.bias.to(x.dtype))
 
 
@@ -144,10 +166,13 @@ def _native_w4a8(layer, x):
 
 
 def _native_w4a8_gemm(layer, x):
-    """Longer inputs: the reference's arithmetic (x rounded per block, times the float weight) with the weight
-    written by the C dequantizer, one fp32 GEMM."""
-    weight = c_kernel("dequantize")(layer.qweight, layer.scales, layer.zeros, 4, layer.group_size, torch.float32)
-    return layer.blocks_times(x, weight)
+    """Longer inputs: the reference's arithmetic in x's dtype (fp32 or bf16): the rows rounded per block by the
+    C (one pass), times the weight written by the C dequantizer, one GEMM."""
+    dtype = x.dtype if x.dtype in FLOATS else torch.float32
+    if torch.is_grad_enabled() and x.requires_grad:   # PyTorch's rounding: its ops carry the gradient
+        return layer.blocks_times(x, _float_weight(layer, dtype))
+    rounded = c_kernel("round_blocks")(x.reshape(-1, layer.in_features), dtype)          # (M, K)
+    return layer._finish(rounded @ _float_weight(layer, dtype).t(), x)
 
 
 def _native_linear(layer, x):

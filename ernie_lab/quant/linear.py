@@ -203,9 +203,11 @@ class QuantLinear(nn.Module):
         return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def blocks_times(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """w4a8: x rounded to int8 per block of 32 inputs and back, times the (N, K) float32 ``weight``."""
+        """w4a8: x rounded to int8 per block of 32 inputs and back, times the (N, K) float ``weight``, in the
+        activation's dtype like the weight-only schemes (a bf16 model: the rounded rows and the weight as bf16)."""
         xq, xs = formats.quantize_activations_blocks(x.reshape(-1, self.in_features))     # (M, K) int8, (M, K/32)
-        return self._finish(formats.dequantize_activations_blocks(xq, xs) @ weight.t(), x)
+        rounded = formats.dequantize_activations_blocks(xq, xs).to(x.dtype)               # (M, K)
+        return self._finish(rounded @ weight.to(x.dtype).t(), x)
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(M, N) float output -> (..., N) in x's dtype, bias added."""

@@ -13,7 +13,8 @@ its header explains the arithmetic (zero points folded out, activations rounded 
     native.int8_int4(x, qweight, scales, zeros, group_size, bias, out_dtype)   W4A8: rows rounded to int8
                                           per block of 32 inputs @ int4 codes, each block exact in int32
     native.quantize_blocks(x)             that rounding alone: (M, K) -> int8 (M, K), scales (M, K / 32)
-    native.dequantize(qweight, scales, zeros, bits, group_size, dtype)     codes -> the float weight
+    native.round_blocks(x, dtype)         rounded and back, s_b q (M, K) in fp32 / bf16: a prompt's W4A8 rows
+    native.dequantize(qweight, scales, zeros, bits, group_size, dtype, out)     codes -> the float weight
     native.quantize_symmetric(w, bits, group_size)     fp32 / bf16 weight -> int8 or packed int4 codes, scales
     native.off()                          a block in which the kit uses PyTorch's kernels only
 
@@ -136,7 +137,8 @@ def _declare(lib) -> None:
     lib.ernie_quantize_symmetric.argtypes = [p, i32, p, p, i64, i64, i64, i32, i32]
     lib.ernie_quantize_symmetric.restype = ctypes.c_longlong
     lib.ernie_quantize_blocks.argtypes = [p, p, p, i64, i64]
-    for fn in ("ernie_linear", "ernie_gemv_i8i8", "ernie_dequantize_packed", "ernie_quantize_blocks"):
+    lib.ernie_round_blocks.argtypes = [p, i32, p, i32, i64, i64, i32]
+    for fn in ("ernie_linear", "ernie_gemv_i8i8", "ernie_dequantize_packed", "ernie_quantize_blocks", "ernie_round_blocks"):
         getattr(lib, fn).restype = None
     lib.ernie_gemv_has_avx2.restype = i32
 
@@ -277,14 +279,35 @@ def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, xs
 
 
+def round_blocks(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(M, K) fp32 / bf16 CPU rows, each block of 32 inputs rounded to int8 and back (s_b q), in ``dtype`` (fp32 or
+    bf16): the rows a prompt's W4A8 GEMM multiplies, the values of ``formats.dequantize_activations_blocks`` of
+    ``quantize_blocks`` in one pass."""
+    if x.dim() != 2 or x.shape[1] % BLOCK or x.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"native.round_blocks wants CPU rows (M, K) with K a multiple of {BLOCK} and an fp32 or bf16 "
+                         f"output, got {tuple(x.shape)} on {x.device} -> {dtype}")
+    rows = (x if x.dtype in (torch.float32, torch.bfloat16) else x.float()).contiguous()
+    out = torch.empty(rows.shape, dtype=dtype)
+    _library().ernie_round_blocks(_ptr(rows), int(rows.dtype == torch.bfloat16), _ptr(out), int(dtype == torch.bfloat16),
+                                  rows.shape[0], rows.shape[1], torch.get_num_threads())
+    return out
+
+
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
     """int8 or plain-packed int4 / int2 codes -> the (N, K) fp32 or bf16 weight, q * s or (u - z) * s (for
-    longer inputs). int8 takes one scale per row (``group_size`` = K)."""
+    longer inputs). int8 takes one scale per row (``group_size`` = K). ``out``: a contiguous CPU tensor of
+    ``dtype`` with at least N K elements, written and returned as (N, K) (a scratch buffer a caller reuses)."""
     if dtype not in (torch.float32, torch.bfloat16) or bits not in (8, 4, 2):
         raise TypeError(f"native.dequantize writes fp32 or bf16 from int8 / int4 / int2 codes, not {dtype} from {bits} bits")
     N, K = _check_codes(qweight, scales, zeros, bits, group_size)
-    out = torch.empty(N, K, dtype=dtype)
+    if out is None:
+        out = torch.empty(N, K, dtype=dtype)
+    elif out.dtype != dtype or not out.is_contiguous() or out.device.type != "cpu" or out.numel() < N * K:
+        raise ValueError(f"native.dequantize: out must be a contiguous CPU {dtype} tensor of at least {N * K} "
+                         f"elements, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    else:
+        out = out.view(-1)[:N * K].view(N, K)
     _library().ernie_dequantize_packed(_ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(out), N, K, group_size, bits,
                                        int(dtype == torch.bfloat16), torch.get_num_threads())
     return out

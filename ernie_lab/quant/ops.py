@@ -133,3 +133,14 @@ def dequantize(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: i
 def _(qweight, scales, zeros, bits, group_size, dtype):
     N, K = qweight.shape[0], qweight.shape[1] * 8 // bits
     return qweight.new_empty(N, K, dtype=dtype)                                           # (N, K)
+
+
+# ------------------------------------------------------------------ a prompt's W4A8 rows, rounded per block
+@torch.library.custom_op("ernie_lab::round_blocks", mutates_args=())
+def round_blocks(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return native.round_blocks(x, dtype)
+
+
+@round_blocks.register_fake
+def _(x, dtype):
+    return x.new_empty(x.shape, dtype=dtype)                                              # (M, K)
