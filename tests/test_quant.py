@@ -145,6 +145,27 @@ def test_the_c_dequantizer_writes_the_layers_own_weight(scheme, symmetric, group
 
 
 @pytest.mark.skipif(not quant.native.available(), reason="the kit's C kernels could not be built here")
+@pytest.mark.parametrize("group,phases", [(128, 1), (128, 2), (64, 2), (32, 4), (24, 1), (12, 2)])
+def test_the_c_rounds_decode_rows_to_int16_as_pytorch_does(group, phases):
+    """The int16 kernels' rounding of a decode row (eight lanes a step where AVX2 is there, the scalar loop
+    for groups not a multiple of 8), against the same arithmetic in PyTorch: per group t = max|x| / 32767,
+    q = trunc(x / t + 0.5 sign), stored by phase; ties, zeros and a zero group included."""
+    torch.manual_seed(6)
+    K = 384
+    for scale in (1e-3, 1.0, 1e3):
+        x = torch.randn(K) * scale
+        x[:group] = 0                                                   # a group of zeros: t = 1
+        x[group:2 * group] = torch.round(x[group:2 * group] * 8) / 8     # many values on a tie
+        xs, sums, scales = quant.native.prepare_int16(x, group, phases)
+        top = x.reshape(-1, group).abs().amax(-1)
+        t = torch.where(top > 0, top / 32767, torch.ones_like(top))                          # (K/G,)
+        v = x.reshape(-1, group) / t[:, None]
+        q = torch.trunc(v + torch.where(v >= 0, 0.5, -0.5)).to(torch.int16).reshape(K)      # (K,)
+        assert torch.equal(scales, t) and torch.equal(sums, q.reshape(-1, group).sum(-1, dtype=torch.int32))
+        assert torch.equal(xs, torch.cat([q[p::phases] for p in range(phases)])), (scale, group, phases)
+
+
+@pytest.mark.skipif(not quant.native.available(), reason="the kit's C kernels could not be built here")
 def test_a_prompt_reuses_one_buffer_only_without_a_gradient():
     """Without a gradient a prompt's dequantized weights share one buffer (its GEMM has consumed each before
     the next is written): two layers in turn still give their own answers. With a gradient each weight is its

@@ -162,6 +162,10 @@ def test_the_portable_c_without_avx2_agrees(tmp_path):
                 expected = layer.reference(x)
                 worst = max(worst, float((layer(x) - expected).abs().max() / expected.abs().max()))
             assert torch.equal(native.quantize_blocks(x)[0], formats.quantize_activations_blocks(x)[0])
+            xs, _, t = native.prepare_int16(x[0].contiguous(), G, 2)   # the scalar int16 rounding, as the AVX2 one
+            v = x[0].reshape(-1, G) / t[:, None]
+            q = torch.trunc(v + torch.where(v >= 0, 0.5, -0.5)).to(torch.int16).reshape(-1)
+            assert torch.equal(xs, torch.cat([q[0::2], q[1::2]]))
             for dtype in (torch.float32, torch.bfloat16):   # the scalar dequantizer, as the AVX2 one
                 assert torch.equal(native.dequantize(layer.qweight, layer.scales, layer.zeros, 4, G, dtype),
                                    layer.dequantize().to(dtype))

@@ -14,6 +14,7 @@ its header explains the arithmetic (zero points folded out, activations rounded 
                                           per block of 32 inputs @ int4 codes, each block exact in int32
     native.quantize_blocks(x)             that rounding alone: (M, K) -> int8 (M, K), scales (M, K / 32)
     native.round_blocks(x, dtype)         rounded and back, s_b q (M, K) in fp32 / bf16: a prompt's W4A8 rows
+    native.prepare_int16(x, group_size, phases)     the int16 kernels' rounding of one row (for the tests)
     native.dequantize(qweight, scales, zeros, bits, group_size, dtype, out)     codes -> the float weight
     native.quantize_symmetric(w, bits, group_size)     fp32 / bf16 weight -> int8 or packed int4 codes, scales
     native.off()                          a block in which the kit uses PyTorch's kernels only
@@ -138,7 +139,9 @@ def _declare(lib) -> None:
     lib.ernie_quantize_symmetric.restype = ctypes.c_longlong
     lib.ernie_quantize_blocks.argtypes = [p, p, p, i64, i64]
     lib.ernie_round_blocks.argtypes = [p, i32, p, i32, i64, i64, i32]
-    for fn in ("ernie_linear", "ernie_gemv_i8i8", "ernie_dequantize_packed", "ernie_quantize_blocks", "ernie_round_blocks"):
+    lib.ernie_prepare_int16.argtypes = [p, p, p, p, i64, i64, i32]
+    for fn in ("ernie_linear", "ernie_gemv_i8i8", "ernie_dequantize_packed", "ernie_quantize_blocks", "ernie_round_blocks",
+               "ernie_prepare_int16"):
         getattr(lib, fn).restype = None
     lib.ernie_gemv_has_avx2.restype = i32
 
@@ -277,6 +280,22 @@ def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xq, xs = torch.empty(M, K, dtype=torch.int8), torch.empty(M, K // BLOCK, dtype=torch.float32)
     _library().ernie_quantize_blocks(_ptr(rows), _ptr(xq), _ptr(xs), M, K)
     return xq, xs
+
+
+def prepare_int16(x: torch.Tensor, group_size: int, phases: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The int16 kernels' rounding of one fp32 row x (K,): per group of ``group_size`` inputs t = max|x| / 32767
+    (1 where all are 0) and q = x / t rounded half away from zero. Returns q (K,) int16 stored by phase (inputs
+    p, p + phases, ... first for p = 0, then 1, ...: how packed int4 / int2 codes meet them), the int32 sums of q
+    per group and the float32 t per group. For the tests: the kernels do this inside each call."""
+    K = x.numel()
+    if x.dim() != 1 or x.dtype != torch.float32 or group_size <= 0 or K % group_size or K % phases:
+        raise ValueError(f"native.prepare_int16 wants one fp32 row whose length {K} groups of {group_size} and "
+                         f"{phases} phases divide")
+    row = x.contiguous()
+    xs, sums = torch.empty(K, dtype=torch.int16), torch.empty(K // group_size, dtype=torch.int32)
+    scales = torch.empty(K // group_size, dtype=torch.float32)
+    _library().ernie_prepare_int16(_ptr(row), _ptr(xs), _ptr(sums), _ptr(scales), K, group_size, phases)
+    return xs, sums, scales
 
 
 def round_blocks(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
