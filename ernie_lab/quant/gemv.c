@@ -43,6 +43,11 @@
 #define PARALLEL_WORK 65536
 /* int8 weights meet x rounded to int16 in groups of this many inputs */
 #define Q8_GROUP 128
+/* the W4A8 kernel prefetches its codes this many bytes ahead, once per 64-byte line: at its work per byte the
+   out-of-order window alone keeps too few lines in flight (one 128 MB matrix: 24 -> 28 GB/s; 2 KB ahead issued
+   per 32 bytes had shown nothing). The int8 and int16 int4 kernels showed no gain from it in interleaved
+   A/B runs (int8 head 25.9 / 27.6 without against 25.4 / 23.6 GB/s with; int4 14.5 against 13.1) and go without. */
+#define PREFETCH_AHEAD 4096
 
 int ernie_gemv_has_avx2(void) {
 #ifdef HAVE_AVX2
@@ -531,9 +536,8 @@ static inline float row_w4a8(const uint8_t *row, blocked_x bx, const float *scal
    vector operations per block, where row_w4a8 spends eight. The rows stream in order, one at a time:
    interleaving four rows in the inner loop (to load the activations once for four) ran faster from cache
    but slower from memory, where decode reads its weights (14 against 20 GB/s over the 0.3B's 126 matrices,
-   2 threads). A software prefetch PREFETCH_AHEAD bytes ahead, once per 64-byte line, lets more lines be
-   in flight than the out-of-order window holds at this much work per byte (one 128 MB matrix: 24 -> 28 GB/s;
-   the 0.3B's 126 matrices: 19 -> 20 GB/s; 2 KB ahead, issued per 32 bytes, had shown nothing). Where the CPU has
+   2 threads). The codes are prefetched PREFETCH_AHEAD bytes ahead (the 0.3B's 126 matrices, with the row's
+   rounding vectorised: 18.5 -> 21.1 GB/s in an interleaved A/B). Where the CPU has
    AVX512-VNNI (with VL), one _mm256_dpbusd_epi32 per nibble vector does the byte products and their sums
    into int32 at once. The zero point's term, sum_g s_w[g] z_g c_g, is a dot product of eight groups a step
    (zero_term), not a serial chain in the row's loop. */
@@ -551,8 +555,6 @@ static inline float zero_term(const float *scales, const uint8_t *zeros, const f
     for (; g < groups; g++) sum += scales[g] * (float)(zeros ? zeros[g] : 8) * zsums[g];
     return sum;
 }
-
-#define PREFETCH_AHEAD 4096
 
 static inline __m256 pair_dot(const uint8_t *row, blocked_x bx, int64_t p, __m256i nibble) {
     if (p % 2 == 0) _mm_prefetch((const char *)(row + p * BLOCK) + PREFETCH_AHEAD, _MM_HINT_T0);   /* once a line */
