@@ -239,6 +239,21 @@ def test_every_backend_here_agrees_with_f_linear_for_streaming_linears(dtype):
     assert ran == {"reference"} | ({"native_linear"} if quant.native.available() else set())
 
 
+@pytest.mark.skipif(not quant.native.available(), reason="the kit's C kernels could not be built here")
+def test_bf16_rows_on_bf16_weights_equal_the_widened_sum():
+    """bf16 rows times a bf16 weight (vdpbf16ps where the CPU has AVX512-BF16, widening elsewhere) against the
+    same rows widened to fp32 first (always the widening FMAs): the products are exact either way, so only the
+    order of the fp32 sums differs. Widths with a tail past the 32-wide steps, several rows."""
+    torch.manual_seed(7)
+    for M, N, K in [(1, 300, 2560), (3, 64, 1000), (2, 17, 40)]:
+        x, w = torch.randn(M, K).bfloat16(), torch.randn(N, K).bfloat16()
+        got = quant.native.linear(x, w)                                                 # (M, N) fp32
+        widened = quant.native.linear(x.float(), w)
+        exact = x.double() @ w.double().t()
+        assert float((got.double() - exact).abs().max()) <= 1e-5 * float(exact.abs().max()), (M, N, K)
+        assert float((got - widened).abs().max()) <= 1e-5 * float(widened.abs().max()), (M, N, K)
+
+
 def test_the_switches_are_filters_on_the_kernel_table():
     layer = quant.QuantLinear.from_linear(nn.Linear(256, 64), "w4a16", group_size=64)
     x = torch.randn(1, 256)
