@@ -23,6 +23,7 @@ autograd formula: the kernel table sends a layer here only when no gradient is w
     ernie_lab::int8_int8(xq, xs, qweight, scales)                              native.int8_int8
     ernie_lab::int8_int4(x, qweight, scales, zeros, group_size, bias, out_dtype)    native.int8_int4
     ernie_lab::dequantize(qweight, scales, zeros, bits, group_size, dtype)     native.dequantize
+    ernie_lab::round_blocks(x, dtype)                                          native.round_blocks
 
 ``int8_int4`` (W4A8) takes the float rows, not int8 ones as ``int8_int8`` does: the C rounds each block of 32
 inputs to int8 itself, which at decode saves the framework ops of rounding in PyTorch (the values are the
