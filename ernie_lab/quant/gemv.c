@@ -101,6 +101,13 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
+/* fp32 -> bf16, rounded to nearest even (as PyTorch's .to(torch.bfloat16)) */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
 static float dot_bf16(const float *x, const uint16_t *w, int64_t K) {
     int64_t k = 0;
     float acc = 0.0f;
@@ -205,46 +212,52 @@ static prepared_x prepared_at(uint8_t *work, int64_t m, int64_t K, int64_t group
     return px;
 }
 
+#ifdef HAVE_AVX2
+/* group g of prepare, eight lanes at a time (G a multiple of 8), the same operations: |x| by its sign bit
+   cleared, v + 0.5 sign(v) truncated; the int16 codes stored by phase */
+static void prepare_group_avx2(const float *x, prepared_x px, int64_t g, int64_t G, int64_t B, int R) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 top8 = _mm256_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 8)
+        top8 = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)), top8);
+    const float top = hmax(top8), t = top > 0.0f ? top / 32767.0f : 1.0f;
+    __m256i sum8 = _mm256_setzero_si256();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 8) {
+        const __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + k), _mm256_set1_ps(t));
+        const __m256 half = _mm256_or_ps(_mm256_and_ps(v, sign), _mm256_set1_ps(0.5f));
+        const __m256i q = _mm256_cvttps_epi32(_mm256_add_ps(v, half));
+        sum8 = _mm256_add_epi32(sum8, q);
+        const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+        if (R == 1) {
+            _mm_storeu_si128((__m128i *)(px.xs + k), q16);
+        } else if (R == 2) {        /* inputs k, k+2, .. to phase 0, k+1, k+3, .. to phase 1 */
+            const __m128i split = _mm_shuffle_epi8(q16, _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
+            _mm_storel_epi64((__m128i *)(px.xs + k / 2), split);
+            _mm_storel_epi64((__m128i *)(px.xs + B + k / 2), _mm_unpackhi_epi64(split, split));
+        } else {
+            int32_t lanes[8];
+            _mm256_storeu_si256((__m256i *)lanes, q);
+            for (int i = 0; i < 8; i++) px.xs[((k + i) % R) * B + (k + i) / R] = (int16_t)lanes[i];
+        }
+    }
+    const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
+    const __m128i s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    px.sums[g] = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0xB1)));
+    px.scales[g] = t;
+}
+#endif
+
 static void prepare(const float *x, prepared_x px, int64_t K, int64_t G, int R) {
     const int64_t B = K / R;
     for (int64_t g = 0; g < K / G; g++) {
-        float top = 0.0f;
-        int64_t k = g * G;
 #ifdef HAVE_AVX2
-        /* eight lanes at a time, the same operations (|x| by its sign bit cleared; v + 0.5 sign(v), truncated) */
         if (G % 8 == 0) {
-            __m256 top8 = _mm256_setzero_ps();
-            for (; k < (g + 1) * G; k += 8)
-                top8 = _mm256_max_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_loadu_ps(x + k)), top8);
-            top = hmax(top8);
-            const float t = top > 0.0f ? top / 32767.0f : 1.0f;
-            __m256i sum8 = _mm256_setzero_si256();
-            for (k = g * G; k < (g + 1) * G; k += 8) {
-                const __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + k), _mm256_set1_ps(t));
-                const __m256 half = _mm256_or_ps(_mm256_and_ps(v, _mm256_set1_ps(-0.0f)), _mm256_set1_ps(0.5f));
-                const __m256i q = _mm256_cvttps_epi32(_mm256_add_ps(v, half));
-                sum8 = _mm256_add_epi32(sum8, q);
-                const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-                if (R == 1) {
-                    _mm_storeu_si128((__m128i *)(px.xs + k), q16);
-                } else if (R == 2) {        /* inputs k, k+2, .. to phase 0, k+1, k+3, .. to phase 1 */
-                    const __m128i split = _mm_shuffle_epi8(q16, _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
-                    _mm_storel_epi64((__m128i *)(px.xs + k / 2), split);
-                    _mm_storel_epi64((__m128i *)(px.xs + B + k / 2), _mm_unpackhi_epi64(split, split));
-                } else {
-                    int32_t lanes[8];
-                    _mm256_storeu_si256((__m256i *)lanes, q);
-                    for (int i = 0; i < 8; i++) px.xs[((k + i) % R) * B + (k + i) / R] = (int16_t)lanes[i];
-                }
-            }
-            const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
-            const __m128i s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-            px.sums[g] = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0xB1)));
-            px.scales[g] = t;
+            prepare_group_avx2(x, px, g, G, B, R);
             continue;
         }
 #endif
-        for (; k < (g + 1) * G; k++) top = x[k] > top ? x[k] : (-x[k] > top ? -x[k] : top);
+        float top = 0.0f;
+        for (int64_t k = g * G; k < (g + 1) * G; k++) top = x[k] > top ? x[k] : (-x[k] > top ? -x[k] : top);
         float t = top > 0.0f ? top / 32767.0f : 1.0f;
         int32_t sum = 0;
         for (int64_t k = g * G; k < (g + 1) * G; k++) {
@@ -441,10 +454,8 @@ void ernie_quantize_blocks(const float *x, int8_t *xq, float *xs, int64_t M, int
 }
 
 /* A prompt's W4A8 rows for a GEMM (the weight dequantized): each block rounded to int8 and back, s_b q, written
-   as fp32 or bf16 (f32_to_bf16, below); x read as fp32 or bf16 (M, K), K a multiple of 32. One pass where
+   as fp32 or bf16 (f32_to_bf16); x read as fp32 or bf16 (M, K), K a multiple of 32. One pass where
    PyTorch's ops take a dozen: the same values as formats.dequantize_activations_blocks of quantize_blocks. */
-static inline uint16_t f32_to_bf16(float f);
-
 void ernie_round_blocks(const void *x, int x_bf16, void *out, int out_bf16, int64_t M, int64_t K, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (M * K >= PARALLEL_WORK)
     for (int64_t i = 0; i < M * K / BLOCK; i++) {
@@ -561,8 +572,8 @@ static inline float row_w4a8(const uint8_t *row, blocked_x bx, const float *scal
 /* Two blocks per load (the paired order, G a multiple of 64). One 32-byte load holds 64 codes: its high
    nibbles (shift, and 0x0F) meet the even-column activation vector and its low nibbles (and 0x0F) the odd
    one (_mm256_maddubs_epi16 each), and the two results add in int16 (|.| <= 2 * 2 * 15 * 127 < 2^15)
-   before one widening multiply-add by 1, one conversion and one FMA with (s_b x4, s_b+1 x4): about five
-   vector operations per block, where row_w4a8 spends eight. The rows stream in order, one at a time:
+   before one widening multiply-add by 1, one conversion and one multiply by (s_b x4, s_b+1 x4) (pair_dot):
+   about five vector operations per block, where row_w4a8 spends eight. The rows stream in order, one at a time:
    interleaving four rows in the inner loop (to load the activations once for four) ran faster from cache
    but slower from memory, where decode reads its weights (14 against 20 GB/s over the 0.3B's 126 matrices,
    2 threads). The codes are prefetched PREFETCH_AHEAD bytes ahead (the 0.3B's 126 matrices, with the row's
@@ -646,11 +657,6 @@ static void ernie_gemv_w4a8(const float *x, const uint8_t *packed, const float *
    For a prompt of many tokens the matmul is compute-bound and PyTorch's GEMM does it well; what it
    needs is the weight as floats. This writes w = (u - z) s for every code, as fp32 or as bf16
    (round to nearest even, as PyTorch's .to(torch.bfloat16) does), in (N, K) row-major order. */
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
 
 #ifdef HAVE_AVX2
 /* eight fp32 -> eight bf16 (the integer rounding of f32_to_bf16, eight lanes at once) */

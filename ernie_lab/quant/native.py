@@ -288,7 +288,7 @@ def prepare_int16(x: torch.Tensor, group_size: int, phases: int = 1) -> tuple[to
     p, p + phases, ... first for p = 0, then 1, ...: how packed int4 / int2 codes meet them), the int32 sums of q
     per group and the float32 t per group. For the tests: the kernels do this inside each call."""
     K = x.numel()
-    if x.dim() != 1 or x.dtype != torch.float32 or group_size <= 0 or K % group_size or K % phases:
+    if x.dim() != 1 or x.dtype != torch.float32 or group_size <= 0 or phases not in (1, 2, 4) or K % group_size or K % phases:
         raise ValueError(f"native.prepare_int16 wants one fp32 row whose length {K} groups of {group_size} and "
                          f"{phases} phases divide")
     row = x.contiguous()

@@ -14,7 +14,8 @@ in Python costs about 11 us of dispatch per call on top of the ctypes call (meas
 for a 64x64 int4 layer, one thread), so the three operators a decode step calls per layer (``linear``,
 ``gemv``, ``int8_int4``) are registered from C++ where the machine builds ``ops.cpp`` (``cpp_ops.py``), the
 Python definitions below standing in where it does not. The kernel table (``kernels.c_kernel``) calls the
-ctypes function directly in eager mode and the operator only while compiling. Each operator is
+operator while compiling, and in eager mode too for those three when they come from C++; else the ctypes
+function directly. Each operator is
 functional (``mutates_args=()``: it returns a new tensor and writes nothing it was given) and has no
 autograd formula: the kernel table sends a layer here only when no gradient is wanted.
 
