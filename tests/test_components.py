@@ -102,3 +102,20 @@ def test_decoder_layer_matches_reference():
     expected = ref_layer(x, attention_mask=mask, position_embeddings=cos_sin)
     got = ours(x, rope_angles(positions, config.head_dim, config.rope_theta))
     assert (got - expected).abs().max() < TOL
+
+
+def test_one_bf16_query_attends_in_fp32_on_cpu_with_or_without_a_mask():
+    """Decode's attention (one query) in a bf16 model: the kit upcasts to fp32, where PyTorch's CPU kernel is
+    several times faster; the result is the fp32 attention rounded to bf16, masked (static cache) or not."""
+    from ernie_lab.model.attention import attend
+    import torch.nn.functional as F
+    for S in (5, 64, 130):
+        q = torch.randn(2, 8, 1, 16).bfloat16()
+        k, v = torch.randn(2, 2, S, 16).bfloat16(), torch.randn(2, 2, S, 16).bfloat16()
+        mask = torch.rand(2, 1, 1, S) < 0.7
+        mask[..., 0] = True
+        for m in (mask, None):
+            want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m, enable_gqa=True)
+            got = attend(q, k, v, m)
+            assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16())
+        assert not torch.equal(attend(q, k, v, mask), attend(q, k, v, None))  # the mask is applied
