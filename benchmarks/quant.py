@@ -74,6 +74,13 @@ def random_model(config: ErnieConfig, seed: int = 0) -> nn.Module:
     return model
 
 
+def quantize_head(model: nn.Module, scheme: str) -> None:
+    """Untie the LM head from the embedding and quantize it with ``scheme`` (w8a16: int8, w4a8: int4); the
+    embedding stays as it is (a decode step reads one row of it), as llama.cpp quantizes its output matrix."""
+    model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())
+    quant.quantize(model, scheme, skip=("embed",), filter="lm_head")
+
+
 def variants(base: nn.Module) -> dict:
     """name -> (a function building that model from the fp32 base, whether the kit's own kernels run).
 
@@ -92,9 +99,8 @@ def variants(base: nn.Module) -> dict:
         def build():
             model = copy.deepcopy(base).to(dtype)
             quant.quantize(model, name)
-            if head:  # untie: the head gets its own int8 (w8a16) or int4 copy, the embedding stays bf16
-                model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())
-                quant.quantize(model, head, skip=("embed",), filter="lm_head")
+            if head:
+                quantize_head(model, head)
             quant.stream_linears(model)  # what stays in full precision (the head) streams too
             return model
         return build
