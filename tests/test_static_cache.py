@@ -146,3 +146,28 @@ def test_a_switch_flipped_between_generates_is_seen_by_the_compiled_step():
         tokens_again, c_calls_again = run()
     assert c_calls_on > 0 and c_calls_off == 0 and c_calls_again > 0
     assert torch.equal(tokens_on, eager) and torch.equal(tokens_again, eager) and torch.equal(tokens_off, eager)
+
+
+def test_the_cpu_step_is_compiled_with_the_cpp_wrapper_unless_switched_off(monkeypatch):
+    """On CPU inductor writes the step's wrapper in C++ (built apart from the kernels, at -O1): about 1 ms a
+    token off the 0.3B's step. ERNIE_LAB_CPP_WRAPPER=0 (read at import: fast_decode.CPP_WRAPPER) keeps Python's."""
+    from ernie_lab.model import fast_decode
+    model = micro_model()
+    cpp = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
+    assert fast_decode.wrapper_options(model) == cpp and fast_decode.compiled_step(model).options == cpp
+    monkeypatch.setattr(fast_decode, "CPP_WRAPPER", False)
+    other = micro_model()
+    assert fast_decode.wrapper_options(other) == {} and fast_decode.compiled_step(other).options == {}
+    meta = micro_model().to("meta")  # not on the CPU: inductor's default wrapper
+    monkeypatch.setattr(fast_decode, "CPP_WRAPPER", True)
+    assert fast_decode.wrapper_options(meta) == {}
+
+
+def test_the_python_wrapper_still_compiles_a_step_equal_to_eager(monkeypatch):
+    from ernie_lab.model import fast_decode
+    monkeypatch.setattr(fast_decode, "CPP_WRAPPER", False)
+    model = micro_model(seed=3).eval()
+    eager = ernie_lab.generate(model, [[4, 5, 6]], 5, eos_token_id=[])
+    with contextlib.redirect_stdout(io.StringIO()):
+        compiled = ernie_lab.generate(model, [[4, 5, 6]], 5, eos_token_id=[], compile=True)
+    assert fast_decode.compiled_step(model).options == {} and torch.equal(eager, compiled)

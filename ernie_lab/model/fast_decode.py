@@ -31,11 +31,19 @@ from .kv_cache import StaticKVCache
 from .moe import register_for_compile
 
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, CompiledStep]" = weakref.WeakKeyDictionary()
-# ERNIE_LAB_CPP_WRAPPER=1: inductor writes the code that calls the graph's kernels (its "wrapper") in C++
-# rather than Python. Measured on the kit's 2-core machine: the 0.3B's depth at tiny widths decodes a token in
-# 1.2 ms instead of 1.75, but the 0.3B's step (w4a8) compiles cold in 70 s instead of 34, past the 60 s the kit
-# allows itself; so the Python wrapper is the default and this the option.
-CPP_WRAPPER = os.environ.get("ERNIE_LAB_CPP_WRAPPER", "0") == "1"
+# On CPU inductor writes the code that calls the graph's kernels (its "wrapper") in C++ rather than Python,
+# compiled at -O1 apart from the kernels (inductor's cpp_wrapper_build_separate). Measured on the kit's 2-core
+# machine, the 0.3B's w4a8 step (int4 head): 9.6-10.8 ms a token with the Python wrapper against 8.8-9.7 with
+# the C++ one, in interleaved rounds of one process; it compiles cold (empty inductor cache) in 45 s against 28.
+# Wrapper and kernels built together cost 62 s cold, past the 60 s the kit allows itself, for the same speed.
+# ERNIE_LAB_CPP_WRAPPER=0 keeps the Python wrapper.
+CPP_WRAPPER = os.environ.get("ERNIE_LAB_CPP_WRAPPER", "1") != "0"
+
+
+def wrapper_options(model) -> dict:
+    """inductor's options for ``model``'s step: the C++ wrapper (built apart, at -O1) on CPU, unless switched off."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return {"cpp_wrapper": True, "cpp_wrapper_build_separate": True} if CPP_WRAPPER and on_cpu else {}
 
 
 def decode_step(model, token: torch.Tensor, position_ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
@@ -58,9 +66,10 @@ def own_copy(fn):
 class CompiledStep:
     """``decode_step`` compiled for one model; reports how long the first (compiling) call took."""
 
-    def __init__(self):
+    def __init__(self, options: dict | None = None):
+        self.options = dict(options or {})                                  # inductor's (wrapper_options)
         self.step = torch.compile(own_copy(decode_step), fullgraph=True, dynamic=False,   # one model, fixed shapes
-                                  options={"cpp_wrapper": CPP_WRAPPER})
+                                  options=self.options)
         self.compile_seconds: float | None = None
 
     def __call__(self, model, token, position_ids, cache, *, same_as_last_call: bool = False) -> torch.Tensor:
@@ -86,5 +95,5 @@ def compiled_step(model) -> CompiledStep:
     if any, are registered for the expert operator first."""
     register_for_compile(model)
     if model not in _COMPILED:
-        _COMPILED[model] = CompiledStep()
+        _COMPILED[model] = CompiledStep(wrapper_options(model))
     return _COMPILED[model]
