@@ -732,9 +732,13 @@ assert torch.equal(eager_ids, fast_ids)
 # token eager and about 2 ms compiled: more than the 1.2 ms here, because there every linear calls one of
 # the kit's C kernels through an operator, 127 times a token. Defined in Python, such an operator cost about
 # 21 us a call and the floor was 3.9 ms; registered from C++ (`ernie_lab/quant/ops.cpp`) a call costs about
-# 5 us. Two more things came off: dynamo checks its guards (one per parameter and switch, about 1 ms at this
-# depth) only on the first step of each `generate`, and with `ERNIE_LAB_CPP_WRAPPER=1` inductor writes the
-# code around the kernels in C++ too (1.2 ms a token, but the 0.3B's step then compiles cold in 70 s, not 34).
+# 5 us. Three more things came off. Dynamo checks its guards (one per parameter and switch, about 1 ms at this
+# depth) only on the first step of each `generate`. On a CPU inductor writes the code around the kernels, its
+# "wrapper", in C++ rather than Python, compiled at -O1 apart from the kernels: the 0.3B's int4 step lost about
+# 1 ms a token, and compiles cold in 45 s instead of 28 (`ERNIE_LAB_CPP_WRAPPER=0` keeps the Python wrapper).
+# And attention for one bf16 query: PyTorch's CPU kernel takes 126 us over 64 cached keys in bf16 and 42 us
+# in fp32 (884 against 132 over 512 keys), so `attend` runs a decode token's attention in fp32 and rounds the
+# result back, 1.8 ms a token at the 0.3B's 18 layers.
 #
 # **Measured on the kit's machine.** `benchmarks/results/fast_decode.json` records a run of
 # `python benchmarks/fast_decode.py` on an idle 2-core AMD EPYC VM (AVX2, 2 threads, 7 interleaved rounds of
