@@ -533,22 +533,22 @@ assert tiny_table["vl_mean_accuracy"]["w2a16 GPTQ"] > tiny_table["vl_mean_accura
 # bandwidth / weight bytes per token).
 #
 # The recorded run is on a 2-core AMD EPYC VM (its CPU has AVX-512; the kit's kernels use AVX2 and, where
-# there, VNNI's byte dot products). In an earlier run (kept in the file under `earlier_run`) the kit's C
-# kernels beat PyTorch's kernels on the same models: 1.2-1.7x, W8A8 4x, 2-bit 15x. Even so, the quantized
-# rows land far below their bandwidth bounds when run eagerly. Take w4a8: reading its 347 MB at the
+# there, VNNI's byte dot products and AVX512-BF16's pair products). In an earlier run (kept in the file
+# under `earlier_run`) the kit's C kernels beat PyTorch's kernels on the same models: 1.2-1.7x, W8A8 4x,
+# 2-bit 15x. Even so, the quantized rows land far below their bandwidth bounds when run eagerly. Take w4a8: reading its 347 MB at the
 # measured bandwidth would take about 11 ms a token, and a token costs 18-25 ms. The same model with tiny
 # widths, where there is almost nothing to read, still costs 8 ms a token: that is eager PyTorch around the
 # matmuls, about a thousand small ops and 127 kernel calls per token. llama.cpp runs its whole step as one
-# C++ graph, so its rows scale with the bytes. Compiling the step (section 12) cuts that floor to about 2 ms
-# and gains 1.1-1.3x on every row. Against llama.cpp in the same run (two runs of one day, compiled): fp32
-# 0.96-1.15x of F32, w8a16 with an int8 head 0.93-1.01x of Q8_0, bf16 0.69-0.88x of BF16, the 4-bit rows
-# 0.55-0.83x of Q4_0. Part of the 4-bit gap is bytes: the kit keeps the LM head in bf16 (212 MB of the
-# 347), llama.cpp stores it in 6 bits; `w4a8+w4a8 head` reads 192 MB and comes closest (0.77-0.83x). The
-# rest is the int4 kernel itself: streaming the 0.3B's 126 int4 matrices from memory it reads about 20 GB/s,
-# where the bf16 kernel reads 30-40 and llama.cpp's whole Q4_0 step (230 MB in 10-13 ms) 18-23. A prompt
-# is another matter: its matmuls are compute-bound GEMMs, which PyTorch does well, and a quantized model's
-# prompt runs at nearly its bf16 speed (the 512-token prefill: 1.1x llama.cpp in fp32, 1.25-1.75x at the
-# other precisions).
+# C++ graph, so its rows scale with the bytes. Compiling the step (section 12) cuts that floor to 1.1-1.3 ms
+# and gains 1.3-1.6x on every row. Against llama.cpp in the same run (two runs of one night, compiled): fp32
+# 1.00-1.09x of F32, bf16 0.99-1.14x of BF16, w8a16 with an int8 head 1.01-1.02x of Q8_0, w4a8 with an int4
+# head 1.00-1.13x of Q4_0. The other 4-bit rows stay behind (0.65-0.98x of Q4_0), and most of that is bytes:
+# the kit keeps the LM head in bf16 (212 MB of the 347), llama.cpp stores it in 6 bits, and `w4a8+w4a8 head`
+# reads 192 MB. w4a16's kernel also multiplies int16 activations, half the lanes of w4a8's int8 ones. The
+# VM's speed moves between runs (bf16 compiled: 42-58 tok/s in three runs of one night), so compare ratios
+# measured in one run. A prompt is another matter: its matmuls are compute-bound GEMMs, which PyTorch does
+# well, and a quantized model's prompt runs at nearly its bf16 speed (the 512-token prefill: 1.1-1.2x
+# llama.cpp in fp32, 1.25-1.9x at the other precisions).
 
 # %%
 results_file = repo_path("benchmarks/results/quant.json")
