@@ -20,7 +20,7 @@
 # rounds better by letting the next columns absorb each column's error, how an int8 KV cache stores keys
 # and values, what each scheme costs in quality on models that learned something, and where a decode token's
 # time goes when the weights are not the problem (a static cache and a compiled step).
-# **Time:** 146 min (core 99 min). **Memory:** under 2 GB.
+# **Time:** 147 min (core 99 min). **Memory:** under 2 GB.
 #
 # A decode step of a 0.3B model reads every weight once to produce one token. On a CPU that is a
 # memory-bandwidth problem, not a compute problem: fewer bytes per weight means more tokens per second.
@@ -571,7 +571,7 @@ else:
     print("run `python benchmarks/quant.py` to make the table")
 
 # %% [markdown]
-# ## 12 · Making it fast: a static cache and a compiled step · optional, 27 min
+# ## 12 · Making it fast: a static cache and a compiled step · optional, 28 min
 # Section 11 ended on a puzzle: a model with almost nothing to read still costs milliseconds a token. So
 # where does a decode token's time go? We profile a few eager decode steps of the trained tiny text model
 # with `torch.profiler` and sort every top-level op into four parts (`ernie_lab/analysis/decode_cost.py`):

@@ -55,7 +55,7 @@ COURSE = [
            "one training step by hand (answer-only labels, MoE losses, clipping, AdamW, warm-up + cosine), then the loop"),
     Lesson("06", "Routing by modality", 85, 51, "moe",
            "a routing record from forward hooks; where the trained tiny VL model sends patches and words"),
-    Lesson("07", "Quantization", 146, 99, "dense",
+    Lesson("07", "Quantization", 147, 99, "dense",
            "int4 with zero points, packing, dequantize-matmul, GPTQ's update, int8 KV cache; quality on trained "
            "weights; a static cache and a compiled decode step"),
     Lesson("08", "Fine-tuning: LoRA, SFT, DPO", 99, 72, "dense",
