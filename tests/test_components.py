@@ -104,18 +104,22 @@ def test_decoder_layer_matches_reference():
     assert (got - expected).abs().max() < TOL
 
 
-def test_one_bf16_query_attends_in_fp32_on_cpu_with_or_without_a_mask():
-    """Decode's attention (one query) in a bf16 model: the kit upcasts to fp32, where PyTorch's CPU kernel is
-    several times faster; the result is the fp32 attention rounded to bf16, masked (static cache) or not."""
+def test_one_query_attends_by_the_written_out_formula_equal_to_sdpa():
+    """A decode step's attention on a CPU (attend_one_query: fp32 scores, softmax, values) against PyTorch's
+    attention on the same fp32 inputs: masked (static cache) or not, GQA groups of 1, 4 and 8, bf16 rounded once."""
     from ernie_lab.model.attention import attend
     import torch.nn.functional as F
-    for S in (5, 64, 130):
-        q = torch.randn(2, 8, 1, 16).bfloat16()
-        k, v = torch.randn(2, 2, S, 16).bfloat16(), torch.randn(2, 2, S, 16).bfloat16()
+    for S, H, Hkv in ((1, 4, 4), (5, 8, 2), (64, 16, 2), (130, 8, 1)):
+        q = torch.randn(2, H, 1, 16)
+        k, v = torch.randn(2, Hkv, S, 16), torch.randn(2, Hkv, S, 16)
         mask = torch.rand(2, 1, 1, S) < 0.7
         mask[..., 0] = True
         for m in (mask, None):
-            want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m, enable_gqa=True)
-            got = attend(q, k, v, m)
-            assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16())
-        assert not torch.equal(attend(q, k, v, mask), attend(q, k, v, None))  # the mask is applied
+            want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+            assert (attend(q, k, v, m) - want).abs().max() < 1e-6
+            got = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), m)
+            exact = F.scaled_dot_product_attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(),
+                                                   attn_mask=m, enable_gqa=True)
+            assert got.dtype == torch.bfloat16 and (got.float() - exact).abs().max() <= exact.abs().max() * 2 ** -8
+        if S > 1:
+            assert not torch.equal(attend(q, k, v, mask), attend(q, k, v, None))  # the mask is applied
