@@ -736,9 +736,11 @@ assert torch.equal(eager_ids, fast_ids)
 # depth) only on the first step of each `generate`. On a CPU inductor writes the code around the kernels, its
 # "wrapper", in C++ rather than Python, compiled at -O1 apart from the kernels: the 0.3B's int4 step lost about
 # 1 ms a token, and compiles cold in 45 s instead of 28 (`ERNIE_LAB_CPP_WRAPPER=0` keeps the Python wrapper).
-# And attention for one bf16 query: PyTorch's CPU kernel takes 126 us over 64 cached keys in bf16 and 42 us
-# in fp32 (884 against 132 over 512 keys), so `attend` runs a decode token's attention in fp32 and rounds the
-# result back, 1.8 ms a token at the 0.3B's 18 layers.
+# And attention for one query: PyTorch's CPU kernel is built for many. It takes 126 us over 64 cached bf16
+# keys and 42 us in fp32, and over 2048 keys even fp32 is twice as slow as the formula written out (scores,
+# softmax, values). So `attend_one_query` writes it out in fp32 for a decode step: 1.8 ms a token off the
+# 0.3B's 18 layers after a short prompt, and 16.9 -> 13.5 ms for its int4 step after a 1000-token prompt
+# (`benchmarks/long_context.py` races it against llama.cpp as the context grows).
 #
 # **Measured on the kit's machine.** `benchmarks/results/fast_decode.json` records a run of
 # `python benchmarks/fast_decode.py` on an idle 2-core AMD EPYC VM (AVX2, 2 threads, 7 interleaved rounds of

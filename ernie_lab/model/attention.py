@@ -5,6 +5,9 @@
 ERNIE 4.5 0.3B has 16 query heads but only 2 key/value heads: each KV head is shared by a group
 of 8 query heads, which shrinks the KV cache 8x. Queries and keys are rotated (RoPE) before the
 dot product. The mask lets token i see tokens <= i, and never a padding token.
+
+A prompt's attention is PyTorch's fused kernel (``F.scaled_dot_product_attention``). A decode step's single
+query on a CPU is the formula written out (``attend_one_query``), which that kernel runs far slower.
 """
 
 import torch
