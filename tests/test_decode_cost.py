@@ -6,6 +6,7 @@ import torch
 from conftest import MICRO_TEXT, micro_model, refused
 from ernie_lab import InputError, quant
 from ernie_lab.analysis import decode_cost
+from ernie_lab.model.kv_cache import KVCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
@@ -51,7 +52,7 @@ def test_read_bandwidth_is_a_plausible_rate():
 
 @pytest.mark.parametrize("name, part", [
     ("aten::linear", 0), ("aten::addmm", 0), ("ernie_lab::gemv", 0), ("aten::_weight_int8pack_mm", 0),
-    ("aten::scaled_dot_product_attention", 1), ("aten::softmax", 1),
+    ("aten::scaled_dot_product_attention", 1), ("aten::softmax", 1), ("attention", 1),
     ("aten::mul", 2), ("aten::index_copy_", 2), ("aten::mean", 2)])
 def test_ops_fall_into_their_part(name, part):
     assert decode_cost.part_of(name) == decode_cost.PARTS[part]
@@ -68,6 +69,20 @@ def test_profile_parts_add_up_to_the_wall_time_and_grow_with_depth():
     # every layer runs the same ops: two more layers, the same number of ops more again
     per_layer = (deep["ops per token"] - shallow["ops per token"]) / 2
     assert per_layer > 10 and shallow["ops per token"] > 2 * per_layer
+
+
+def test_a_decode_steps_attention_is_one_profiled_range_per_layer():
+    """attend_one_query's ops (two matmuls, mask, softmax) are attention, not weight-reading matmuls: while
+    profiling they run inside one range per layer; afterwards the plain function is back."""
+    from ernie_lab.model import attention
+    plain, model = attention.attend_one_query, micro_model(num_hidden_layers=3).eval()
+    cache = KVCache.for_model(model, 1, 8)
+    model(torch.tensor([[3, 4, 5]]), cache=cache)
+    with decode_cost.attention_as_one_range(), torch.profiler.profile() as prof:
+        model(torch.tensor([[6]]), cache=cache, position_ids=torch.tensor([[3]]))
+    ranges = [e for e in prof.events() if e.name == "attention"]
+    assert len(ranges) == 3 and all(e.cpu_parent is None for e in ranges)
+    assert attention.attend_one_query is plain
 
 
 def test_profile_leaves_the_model_as_it_was():
