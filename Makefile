@@ -60,6 +60,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/decode.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/moe.py
 	HF_HUB_OFFLINE=1 nice -n 15 $(PY) benchmarks/quant.py
+	HF_HUB_OFFLINE=1 nice -n 15 $(PY) benchmarks/long_context.py
 
 # Real tools read the kit's exports: llama.cpp (its own convert_hf_to_gguf.py, f32 GGUF, f32 KV cache) and
 # transformers decode greedily the tokens ernie-lab decodes, on the tiny text model, a merged-LoRA export and
