@@ -539,9 +539,9 @@ assert tiny_table["vl_mean_accuracy"]["w2a16 GPTQ"] > tiny_table["vl_mean_accura
 # measured bandwidth would take about 11 ms a token, and a token costs 18-25 ms. The same model with tiny
 # widths, where there is almost nothing to read, still costs 8 ms a token: that is eager PyTorch around the
 # matmuls, about a thousand small ops and 127 kernel calls per token. llama.cpp runs its whole step as one
-# C++ graph, so its rows scale with the bytes. Compiling the step (section 12) cuts that floor to 1.1-1.3 ms
-# and gains 1.3-1.6x on every row. Against llama.cpp in the same run (two runs of one night, compiled): fp32
-# 1.00-1.09x of F32, bf16 0.99-1.14x of BF16, w8a16 with an int8 head 1.01-1.02x of Q8_0, w4a8 with an int4
+# C++ graph, so its rows scale with the bytes. Compiling the step (section 12) cuts that floor to 1.1-1.4 ms
+# and gains 1.2-1.6x on every row. Against llama.cpp in the same run (three runs of one night, compiled): fp32
+# 1.00-1.09x of F32, bf16 0.99-1.14x of BF16, w8a16 with an int8 head 0.96-1.02x of Q8_0, w4a8 with an int4
 # head 1.00-1.13x of Q4_0. The other 4-bit rows stay behind (0.65-0.98x of Q4_0), and most of that is bytes:
 # the kit keeps the LM head in bf16 (212 MB of the 347), llama.cpp stores it in 6 bits, and `w4a8+w4a8 head`
 # reads 192 MB. w4a16's kernel also multiplies int16 activations, half the lanes of w4a8's int8 ones. The
