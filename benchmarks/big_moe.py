@@ -184,7 +184,8 @@ def known_schemes(schemes: list[str]) -> tuple[list[str], dict]:
     """The schemes quant knows (fp32 / bf16 are no quantization); a message for each one skipped."""
     kept, skipped = [], {}
     for scheme in schemes:
-        if split_head(scheme)[0] in ("fp32", "bf16") or split_head(scheme)[0] in quant.SCHEMES:
+        body = split_head(scheme)[0]
+        if body in ("fp32", "bf16") or body in quant.SCHEMES:
             kept.append(scheme)
         else:
             skipped[scheme] = f"skipped: ernie_lab.quant has no scheme {scheme!r} (known: {sorted(quant.SCHEMES)})"
