@@ -10,6 +10,7 @@ The package, one folder per audience; each may import only the folders above it 
 
     errors.py   ErnieLabError and its kinds, for every folder
     atomic.py   the one atomic write of files and folders, for every folder
+    heap.py     freed memory handed back to the system while a big model is loaded or quantized
     model/      the networks: norm, rope, attention, MoE, KV cache, decoder, vision, VL model, the linear seam
     quant/      quantized linears, packing, GPTQ, the kit's decode kernels
     io/         checkpoints and inputs: config files, loading, saving, tokenizer, chat format, pictures, chat

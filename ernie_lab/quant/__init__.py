@@ -59,6 +59,7 @@ import warnings
 import torch
 from torch import nn
 
+from .. import heap
 from ..errors import InputError
 from ..model.linears import name_matcher, replace_linears, tied_head_name
 from . import formats
@@ -120,9 +121,14 @@ def quantize(model: nn.Module, scheme: str, *, group_size: int = 128, skip=DEFAU
                          f"The model's linear layers are {_some(_linear_names(model))}; filter is matched against "
                          "the whole name (re.fullmatch), skip anywhere in it.")
     hessians = collect_hessians(model, layers, check_calibration(calibration)) if calibration is not None else {}
-    replacements = {name: _quantized_layer(model.get_submodule(name), name, scheme, layers[name], symmetric,
-                                           hessians.get(name), damp) for name in layers}  # all built, then swapped
+    replacements, trimmer = {}, heap.Trimmer()  # all built, then swapped
+    for name in layers:
+        linear = model.get_submodule(name)
+        replacements[name] = _quantized_layer(linear, name, scheme, layers[name], symmetric, hessians.get(name), damp)
+        trimmer.converted(linear.weight.nbytes)  # its temporaries' holes handed back now and then (heap.py)
     replace_linears(model, lambda name, linear: replacements[name], filter=lambda name, module: name in layers)
+    del replacements, linear
+    heap.release_freed_memory()  # the float weights just dropped
     model.quantization_config = _record(getattr(model, "quantization_config", None), layers, scheme, group_size,
                                         symmetric)
     return model
