@@ -353,6 +353,7 @@ else:
 # equal the reference's token for token.
 
 # %%
+import shutil
 import tempfile
 
 tiny_config = Ernie4_5Config(
@@ -369,6 +370,7 @@ for file in sorted(folder.iterdir()):
 
 # %%
 model = ernie_lab.load_model(folder)
+shutil.rmtree(folder)  # loaded: the temporary checkpoint can go
 print(type(model).__name__, f"{model.num_parameters():,} parameters")
 
 prompt = torch.tensor([[1, 17, 42, 256, 7]])  # any ids below vocab_size

@@ -52,6 +52,7 @@
 # %matplotlib inline
 import math
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -428,6 +429,7 @@ with safe_open(str(folder / "model.safetensors"), "pt") as f:
         if name.startswith("model.layers.1.mlp.") and ".experts." not in name or name.startswith("model.layers.1.mlp.experts.0."):
             print(f"{name:52s} {list(f.get_slice(name).get_shape())}")    # experts 1..7 look like expert 0
 model = ernie_lab.load_model(folder)
+shutil.rmtree(folder.parent)  # loaded: the temporary checkpoint can go
 print(f"ernie_lab model: {model.num_parameters():,} parameters; MoE layers", [b.layer_idx for b in moe_blocks(model)])
 
 # %% [markdown]

@@ -203,6 +203,7 @@ for hub, lab in hub_names.VISION_NAME_MAP:
     print(f"{hub:50s} -> {lab}")
 
 # %%
+import shutil
 import tempfile
 
 from safetensors.torch import load_file
@@ -223,6 +224,7 @@ with torch.no_grad():   # move norms and biases off their 1 / 0 initial values s
 folder = Path(tempfile.mkdtemp()) / "tiny-vl"
 reference_model.save_pretrained(folder)
 hub_tensors = load_file(folder / "model.safetensors")
+shutil.rmtree(folder.parent)  # read: the temporary checkpoint can go
 
 config = vision.VisionConfig.from_dict(ref_config.vision_config.to_dict(), ref_config.text_config.hidden_size)
 encoder, adapter = vision.VisionEncoder(config).eval(), vision.VisionAdapter(config).eval()

@@ -40,6 +40,7 @@
 # %matplotlib inline
 import math
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -101,6 +102,7 @@ with safe_open(str(folder / "model.safetensors"), "pt") as f:
 
 # %%
 model = ernie_lab.load_model(folder)
+shutil.rmtree(folder.parent)  # loaded: the temporary checkpoint can go
 print(type(model).__name__, f"{model.num_parameters():,} parameters")
 print("MoE layers:", model.vl_config.moe_layers)
 print(model.layers[1].mlp)

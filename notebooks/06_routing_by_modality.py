@@ -347,16 +347,16 @@ steps = 8 if FAST else 120
 keep = tuple(sorted({steps // 6, steps // 3, steps // 2, steps}))
 start = architectures.build(model.config).init_weights(std=0.02, seed=0)
 at_zero = copy.deepcopy(start).eval()                      # step 0: the initialisation itself
-run_dir = tempfile.mkdtemp(prefix="routing-run-")
-data = tiny_models.vl_batches(tokenizer, start.config, batch_size=4 if FAST else 16)
-config = TrainConfig(lr=1e-3, max_steps=steps, warmup_steps=max(steps // 10, 1), out_dir=run_dir,
-                     keep_checkpoints_at=keep, log_every=max(steps // 4, 1), balance=0.01, progress=False,
-                     frozen_steps=tiny_models.vl_frozen_steps(steps // 6),   # the shipped main run (no eye warm-up)
-                     lr_scale=tiny_models.VL_LR_SCALE)
-Trainer(start, data, config).fit()
-kept = [(0, at_zero)] + checkpoints(run_dir)             # (step, model or step-N folder)
 probe = [render_prompt(model, tokenizer, viz.messages_for(scenes.DESCRIBE, scenes.render(s))) for s in scene_list[:6]]
-over_time = viz.records_over_training(kept, probe)
+with tempfile.TemporaryDirectory(prefix="routing-run-") as run_dir:   # the checkpoints go once their routing is read
+    data = tiny_models.vl_batches(tokenizer, start.config, batch_size=4 if FAST else 16)
+    config = TrainConfig(lr=1e-3, max_steps=steps, warmup_steps=max(steps // 10, 1), out_dir=run_dir,
+                         keep_checkpoints_at=keep, log_every=max(steps // 4, 1), balance=0.01, progress=False,
+                         frozen_steps=tiny_models.vl_frozen_steps(steps // 6),   # the shipped main run (no eye warm-up)
+                         lr_scale=tiny_models.VL_LR_SCALE)
+    Trainer(start, data, config).fit()
+    kept = [(0, at_zero)] + checkpoints(run_dir)         # (step, model or step-N folder)
+    over_time = viz.records_over_training(kept, probe)
 print("checkpoints at steps", [step for step, _ in over_time])
 viz.saturation(over_time, over_time[-1][1])
 

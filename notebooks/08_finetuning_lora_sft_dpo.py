@@ -40,6 +40,7 @@
 import copy
 import json
 import os
+import shutil
 import tempfile
 import warnings
 
@@ -492,6 +493,7 @@ reloaded = lora.load_adapter(copy.deepcopy(base), folder)
 with torch.no_grad():
     assert torch.allclose(reloaded(ids).logits, ours, atol=1e-5)
 assert saved["r"] == 8 and saved["lora_alpha"] == 16 and "q_proj" in saved["target_modules"]
+shutil.rmtree(folder)  # the adapter is read back: its temporary folder can go
 
 # %% [markdown]
 # ## 6 · Merging · core, 2 min

@@ -127,7 +127,7 @@ def quantize(model: nn.Module, scheme: str, *, group_size: int = 128, skip=DEFAU
         replacements[name] = _quantized_layer(linear, name, scheme, layers[name], symmetric, hessians.get(name), damp)
         trimmer.converted(linear.weight.nbytes)  # its temporaries' holes handed back now and then (heap.py)
     replace_linears(model, lambda name, linear: replacements[name], filter=lambda name, module: name in layers)
-    del replacements, linear
+    del linear  # the last float layer too, so its weight is freed before the trim
     heap.release_freed_memory()  # the float weights just dropped
     model.quantization_config = _record(getattr(model, "quantization_config", None), layers, scheme, group_size,
                                         symmetric)
