@@ -734,13 +734,16 @@ for rec in records.values():
 assert imbalance(records["with balancing losses"].load_fraction()[None]).item() < imbalance(records["language model only"].load_fraction()[None]).item()
 
 # %% [markdown]
-# **With real weights (optional, about 44 GB of memory in bf16).** With `USE_REAL_WEIGHTS = True` in the
-# first cell and the 21B-A3B cached on this machine, the heatmap of a trained model's routing on a real
-# sentence: the experts specialise, unlike the random ones above.
+# **With real weights (optional).** With `USE_REAL_WEIGHTS = True` in the first cell and the 21B-A3B
+# cached on this machine, the heatmap of a trained model's routing on a real sentence: the experts
+# specialise, unlike the random ones above. Its 44 GB of bf16 weights are rounded to int4 as they are read
+# (`quantize="w4a16"`; the routers stay in float32), so a laptop holds it: 11.6 GiB at the peak of the
+# load, measured by `benchmarks/big_moe.py` on a 24 GB machine.
 
 # %%
 if USE_REAL_WEIGHTS:
-    real_model, real_tokenizer = notebook.cached_model("baidu/ERNIE-4.5-21B-A3B-PT")
+    real_model, real_tokenizer = notebook.cached_model("baidu/ERNIE-4.5-21B-A3B-PT", dtype=torch.bfloat16,
+                                                       quantize="w4a16")
     if real_model is not None:
         sentence = real_tokenizer.encode("Mixture-of-experts models route every token to a few experts.")
         with torch.no_grad(), routing.record(real_model) as real_record:

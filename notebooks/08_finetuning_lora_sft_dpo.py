@@ -30,7 +30,7 @@
 # works, what the DPO loss optimises, how to save, load, merge and share an adapter, and what QLoRA saves
 # by freezing an int4 base.
 #
-# **Time:** 99 min (core 72 min). **Memory**: under 1 GB.
+# **Time:** 100 min (core 73 min). **Memory**: under 1 GB.
 # **Fast mode** (`FAST = True` below, or `make lab FAST=1`) trains a few steps of each method to show the
 # loop, then loads the adapter shipped in `data/adapters/tiny-text-colours-sft` (trained by
 # `scripts/finetune_evidence.py`, 800 steps, about 2 minutes on one core) to show the trained result.
@@ -350,7 +350,7 @@ assert before < 0.1 and after >= 0.75, (before, after)
 # two or three shapes the model must bind the colour to the named shape; the tiny model does not learn
 # that in a few minutes, about 25% after 300 steps. Try it: `max_shapes=None`.)
 #
-# ## 4 · DPO: learning from preferences · core, 17 min
+# ## 4 · DPO: learning from preferences · core, 18 min
 #
 # DPO (Rafailov et al., 2023) learns from pairs of answers to one prompt, a chosen `y_w` and a rejected
 # `y_l`, without a reward model. With `log pi(y | x)` the summed log-probability of an answer's tokens

@@ -50,6 +50,19 @@ def test_use_real_weights_offline_says_so_and_returns_nothing(monkeypatch, tmp_p
     assert "not cached on this machine" in capsys.readouterr().out
 
 
+def test_use_real_weights_passes_load_options_through(monkeypatch, tmp_path, capsys):
+    """A lecturer's folder (here the shipped tiny model) loads with the options a notebook gives: the MoE
+    notebooks round the 21B-A3B / VL-28B-A3B experts to int4 as they are read, so a laptop holds them."""
+    from ernie_lab import quant
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("ERNIE_LAB_WEIGHTS_0_3B", str(notebook.repo_path("data", "tiny-ernie-text")))
+    model, tokenizer = notebook.cached_model("baidu/ERNIE-4.5-0.3B-PT", quantize="w8a16")
+    assert tokenizer is not None and "loading" in capsys.readouterr().out
+    assert quant.quantized_layers(model) and all(layer.scheme == "w8a16" for layer in quant.quantized_layers(model).values())
+    plain, _ = notebook.cached_model("baidu/ERNIE-4.5-0.3B-PT")
+    assert not quant.quantized_layers(plain)
+
+
 def test_course_is_numbered_without_gaps_and_covers_the_notebooks():
     numbers = [number for number, *_ in notebook.COURSE]
     assert numbers == [f"{i:02d}" for i in range(len(numbers))]

@@ -58,7 +58,7 @@ COURSE = [
     Lesson("07", "Quantization", 147, 99, "dense",
            "int4 with zero points, packing, dequantize-matmul, GPTQ's update, int8 KV cache; quality on trained "
            "weights; a static cache and a compiled decode step"),
-    Lesson("08", "Fine-tuning: LoRA, SFT, DPO", 99, 72, "dense",
+    Lesson("08", "Fine-tuning: LoRA, SFT, DPO", 100, 73, "dense",
            "a LoRA linear with merge / unmerge, the SFT label mask, the DPO loss; peft adapters, QLoRA"),
     Lesson("09", "The family at scale", 70, 56, "both",
            "parameters, memory, KV cache, FLOPs and GPUs for every checkpoint; int8 one layer at a time"),
@@ -209,11 +209,13 @@ def reference_vl_generate(reference, input_ids: torch.Tensor, max_new_tokens: in
                               do_sample=False, eos_token_id=None, pad_token_id=0, **pixels)
 
 
-def cached_model(hub_id: str):
+def cached_model(hub_id: str, **load_options):
     """(model, tokenizer) of a real checkpoint a lecturer has cached, or (None, None) with a note; never downloads.
 
     Looks in the Hugging Face cache ($HF_HOME) for `hub_id`, or in the folder named by the environment
     variable ERNIE_LAB_WEIGHTS_<SIZE> (e.g. ERNIE_LAB_WEIGHTS_0_3B for "baidu/ERNIE-4.5-0.3B-PT").
+    ``load_options`` go to ``load_model`` (e.g. ``quantize="w4a16"``: the MoE models' experts rounded to int4
+    as they are read, so the 21B-A3B fits in 12 GiB and the VL-28B-A3B in 16).
     """
     from huggingface_hub import try_to_load_from_cache
 
@@ -231,7 +233,7 @@ def cached_model(hub_id: str):
               "the notebook goes on with the small models.")
         return None, None
     print("USE_REAL_WEIGHTS: loading", folder)
-    return load_model(folder), load_tokenizer(folder)
+    return load_model(folder, **load_options), load_tokenizer(folder)
 
 
 class Difference(float):
