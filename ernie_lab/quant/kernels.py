@@ -12,7 +12,7 @@ The reference is the last entry and always applies.
     native_w4a8        w4a8                  CPU, decode rows                        native.int8_int4: x to int8 per 32 inputs, int4 codes
     native_w4a8_gemm   w4a8                  CPU, longer fp32 / bf16 inputs          x rounded per block and the weight by the C, one GEMM
     native_linear      StreamingLinear       CPU, decode rows, no gradient           native.linear on the fp32 / bf16 weight
-    int8_weight_only   w8a16                 CPU                                     aten._weight_int8pack_mm (in bf16)
+    int8_weight_only   w8a16                 CPU                                     aten._weight_int8pack_mm (in bf16; compiled: ops.int8_weight_only)
     int4_cpu           w4a16, group 32-256   CPU                                     aten._weight_int4pack_mm_for_cpu (in bf16)
     int4_cuda          w4a16, group 32-256   CUDA                                    aten._weight_int4pack_mm (in bf16)
     int_mm             w8a8                  CPU, CUDA                               torch._int_mm on per-token int8 inputs
@@ -182,8 +182,10 @@ def _native_linear(layer, x):
 
 # ------------------------------------------------------------------ PyTorch's packed kernels
 def _int8_weight_only(layer, x):
-    scales = cached(layer, "int8_weight_only", lambda: layer.scales[:, 0].to(torch.bfloat16))   # (N,)
     rows = x.reshape(-1, layer.in_features).to(torch.bfloat16)                             # (M, K)
+    if torch.compiler.is_compiling():   # inductor cannot lower the aten op with scales cast in the graph (ops.py)
+        return layer._finish(ops.int8_weight_only(rows, layer.qweight, layer.scales[:, 0]), x)
+    scales = cached(layer, "int8_weight_only", lambda: layer.scales[:, 0].to(torch.bfloat16))   # (N,)
     return layer._finish(torch.ops.aten._weight_int8pack_mm(rows, layer.qweight, scales), x)
 
 
