@@ -46,10 +46,6 @@ def test_opcheck_linear_and_int8_int8():
     xq, xs = formats.quantize_activations_int8(torch.randn(2, 64))
     q = formats.quantize_packed(torch.randn(16, 64), 8, 64, True)
     torch.library.opcheck(ops.int8_int8, (xq, xs, q.codes, q.scales.float().contiguous()))
-    rows = torch.randn(3, 64, dtype=torch.bfloat16)
-    torch.library.opcheck(ops.int8_weight_only, (rows, q.codes, q.scales[:, 0].float()))
-    assert torch.equal(ops.int8_weight_only(rows, q.codes, q.scales[:, 0].float()),
-                       torch.ops.aten._weight_int8pack_mm(rows, q.codes, q.scales[:, 0].to(torch.bfloat16)))
 
 
 @needs_native
@@ -165,30 +161,36 @@ def test_compiled_pytorch_kernels_and_the_switch(one_thread):
         assert [quant.kernels.choose(layer, x).name for layer in model.layers[:5]] == \
             ["int8_weight_only", "int4_cpu", "reference", "int_mm", "reference"]
         assert torch.allclose(compiled(x), model(x), atol=1e-5, rtol=1e-5)
-    # the int8 kernel behind ernie_lab::int8_weight_only (inductor cannot lower the aten op with its scales
-    # cast in the graph); no C kernel runs
-    assert {"ernie_lab.int8_weight_only.default", "aten._convert_weight_to_int4pack_for_cpu",
+    assert {"aten._weight_int8pack_mm", "aten._convert_weight_to_int4pack_for_cpu",
             "aten._weight_int4pack_mm_for_cpu"} <= graphs[0]
-    assert not any(name.startswith("ernie_lab.") for name in graphs[0] - {"ernie_lab.int8_weight_only.default"})
+    assert not any(name.startswith("ernie_lab.") for name in graphs[0])
     if quant.native.available():
         with torch.no_grad():
             assert torch.allclose(compiled(x), model(x), atol=1e-5, rtol=1e-5)
         assert len(graphs) == 2 and "ernie_lab.gemv.default" in graphs[1]
 
 
-def test_w8a16_compiles_with_inductor_when_the_c_is_off():
-    """native.off() puts w8a16 on aten._weight_int8pack_mm; inductor lowered it with the scales cast in the
-    graph and failed (an AssertionError in its lowering), so generate(compile=True) died. Behind
-    ernie_lab::int8_weight_only the compiled step runs, and its tokens are eager's."""
+@pytest.mark.parametrize("scheme", ["w8a16", "w4a16"])
+def test_pytorch_kernels_compile_with_inductor_and_read_their_copies_as_inputs(scheme):
+    """native.off() puts w8a16 / w4a16 on PyTorch's packed kernels, which keep their own copy of the codes
+    (bf16 scales; tiled int4 codes and scales). Built inside the compiled graph, that copy was remade at every
+    step, and inductor's lowering failed on it (an AssertionError), so generate(compile=True) died. generate
+    now primes the copies outside the graph: the compiled tokens are eager's, and no step repacks the codes."""
+    from torch.profiler import profile
     model = micro_model(seed=4).eval()
-    quant.quantize(model, "w8a16")
+    quant.quantize(model, scheme, group_size=32)
+    kernel = {"w8a16": "int8_weight_only", "w4a16": "int4_cpu"}[scheme]
     ids = [[5, 9, 11, 30, 2, 7]]
     with quant.native.off():
-        assert quant.kernels.choose(model.layers[0].mlp.up_proj, torch.randn(1, 1, 32)).name == "int8_weight_only"
+        assert quant.kernels.choose(model.layers[0].mlp.up_proj, torch.randn(1, 1, 32)).name == kernel
         eager = ernie_lab.generate(model, ids, 5, eos_token_id=[])
-        with contextlib.redirect_stdout(io.StringIO()):
+        model = quant.quantize(micro_model(seed=4).eval(), scheme, group_size=32)   # the same, no copy made yet
+        with contextlib.redirect_stdout(io.StringIO()), profile() as prof:
             compiled = ernie_lab.generate(model, ids, 5, eos_token_id=[], compile=True)
     assert torch.equal(compiled, eager)
+    repacks = sum(e.count for e in prof.key_averages() if e.key == "aten::_convert_weight_to_int4pack_for_cpu")
+    layers = len(quant.quantized_layers(model))
+    assert repacks == (layers if scheme == "w4a16" else 0)   # once per layer, when primed; none per step
 
 
 # ------------------------------------------------------------------ the C++ registration and its stand-in

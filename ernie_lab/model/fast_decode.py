@@ -90,6 +90,16 @@ class CompiledStep:
         return logits
 
 
+def prime_kernels(model) -> None:
+    """Let every layer that keeps a kernel's own copy of its weights (a quantized layer on PyTorch's tiled int4
+    kernel) build it now, outside the graph, so the compiled graph reads it as an input rather than rebuilding
+    it at every step. A layer says so with a ``prime_kernels`` method (model/ does not import quant/)."""
+    for module in model.modules():
+        hook = getattr(module, "prime_kernels", None)
+        if callable(hook):
+            hook()
+
+
 def compiled_step(model) -> CompiledStep:
     """The compiled decode step of ``model`` (compiled on its first call, then reused); its MoE blocks,
     if any, are registered for the expert operator first."""

@@ -26,7 +26,7 @@ import math
 import torch
 
 from ..errors import InputError
-from .fast_decode import compiled_step
+from .fast_decode import compiled_step, prime_kernels
 from .fast_prefill import check_dense, compiled_prefill
 from .kv_cache import KVCache
 
@@ -67,6 +67,8 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
             raise InputError(f"{name} must be True or False, got {value!r}.")
     fast_step = compiled_step(model) if compile else None
     fast_prefill = compiled_prefill(check_dense(model, model_inputs)) if compile_prefill else None  # dense only
+    if compile or compile_prefill:
+        prime_kernels(model)  # kernels' own copies of the codes, made here, enter the graphs as inputs
     input_ids, attention_mask = _as_batch(input_ids, attention_mask, _pad_id(config, pad_token_id))
     B, T = input_ids.shape
     if T + max_new_tokens > config.max_position_embeddings:

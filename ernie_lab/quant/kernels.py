@@ -12,7 +12,7 @@ The reference is the last entry and always applies.
     native_w4a8        w4a8                  CPU, decode rows                        native.int8_int4: x to int8 per 32 inputs, int4 codes
     native_w4a8_gemm   w4a8                  CPU, longer fp32 / bf16 inputs          x rounded per block and the weight by the C, one GEMM
     native_linear      StreamingLinear       CPU, decode rows, no gradient           native.linear on the fp32 / bf16 weight
-    int8_weight_only   w8a16                 CPU                                     aten._weight_int8pack_mm (in bf16; compiled: ops.int8_weight_only)
+    int8_weight_only   w8a16                 CPU                                     aten._weight_int8pack_mm (in bf16)
     int4_cpu           w4a16, group 32-256   CPU                                     aten._weight_int4pack_mm_for_cpu (in bf16)
     int4_cuda          w4a16, group 32-256   CUDA                                    aten._weight_int4pack_mm (in bf16)
     int_mm             w8a8                  CPU, CUDA                               torch._int_mm on per-token int8 inputs
@@ -59,11 +59,20 @@ class Kernel:
     name: str
     applies: Callable[[nn.Module, torch.Tensor], bool]    # (layer, x) -> can this kernel compute it?
     run: Callable[[nn.Module, torch.Tensor], torch.Tensor]   # (layer, x (..., K)) -> y (..., N)
+    prime: Callable[[nn.Module], object] | None = None       # builds the kernel's own copy of the codes (cached)
 
 
 def run(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` by the first kernel of the table that applies."""
     return choose(layer, x).run(layer, x)
+
+
+def prime(layer: nn.Module, x: torch.Tensor) -> None:
+    """Build (or refresh) the copy of the codes that the kernel chosen for ``x`` keeps, outside any graph, so a
+    compiled graph reads it as an input (``cached``) instead of rebuilding it at every call."""
+    kernel = choose(layer, x)
+    if kernel.prime is not None:
+        kernel.prime(layer)
 
 
 def choose(layer: nn.Module, x: torch.Tensor) -> Kernel:
@@ -181,12 +190,13 @@ def _native_linear(layer, x):
 
 
 # ------------------------------------------------------------------ PyTorch's packed kernels
+def _int8_scales(layer):
+    return cached(layer, "int8_weight_only", lambda: layer.scales[:, 0].to(torch.bfloat16))   # (N,)
+
+
 def _int8_weight_only(layer, x):
     rows = x.reshape(-1, layer.in_features).to(torch.bfloat16)                             # (M, K)
-    if torch.compiler.is_compiling():   # inductor cannot lower the aten op with scales cast in the graph (ops.py)
-        return layer._finish(ops.int8_weight_only(rows, layer.qweight, layer.scales[:, 0]), x)
-    scales = cached(layer, "int8_weight_only", lambda: layer.scales[:, 0].to(torch.bfloat16))   # (N,)
-    return layer._finish(torch.ops.aten._weight_int8pack_mm(rows, layer.qweight, scales), x)
+    return layer._finish(torch.ops.aten._weight_int8pack_mm(rows, layer.qweight, _int8_scales(layer)), x)
 
 
 def _int4_scales_and_zeros(layer) -> torch.Tensor:
@@ -196,21 +206,29 @@ def _int4_scales_and_zeros(layer) -> torch.Tensor:
     return torch.stack([layer.scales, shift], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
-def _int4_cpu(layer, x):
-    """The CPU int4 kernel wants its own tiled nibble order: a copy of the codes, made once."""
+def _int4_cpu_copy(layer):
     def tile():
         codes = formats.unpack(layer.qweight, 4).to(torch.int32)                            # (N, K)
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), _int4_scales_and_zeros(layer)
-    tiled, scales_and_zeros = cached(layer, "int4_cpu", tile)
+    return cached(layer, "int4_cpu", tile)
+
+
+def _int4_cpu(layer, x):
+    """The CPU int4 kernel wants its own tiled nibble order: a copy of the codes, made once."""
+    tiled, scales_and_zeros = _int4_cpu_copy(layer)
     rows = x.reshape(-1, layer.in_features).to(torch.bfloat16)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, tiled, layer.group_size, scales_and_zeros)
     return layer._finish(y, x)
 
 
-def _int4_cuda(layer, x):  # pragma: no cover - needs a GPU
+def _int4_cuda_copy(layer):  # pragma: no cover - needs a GPU
     def tile():
         return torch.ops.aten._convert_weight_to_int4pack(layer.qweight, 8), _int4_scales_and_zeros(layer)
-    tiled, scales_and_zeros = cached(layer, "int4_cuda", tile)
+    return cached(layer, "int4_cuda", tile)
+
+
+def _int4_cuda(layer, x):  # pragma: no cover - needs a GPU
+    tiled, scales_and_zeros = _int4_cuda_copy(layer)
     rows = x.reshape(-1, layer.in_features).to(torch.bfloat16)
     y = torch.ops.aten._weight_int4pack_mm(rows, tiled, layer.group_size, scales_and_zeros)
     return layer._finish(y, x)
@@ -244,9 +262,10 @@ KERNELS: list[Kernel] = [
                                                  and native.active()), _native_w4a8_gemm),
     Kernel("native_linear", lambda layer, x: (isinstance(layer, nn.Linear) and layer.weight.dtype in FLOATS
                                               and native.usable(x, layer.weight, layer.bias)), _native_linear),
-    Kernel("int8_weight_only", lambda layer, x: _scheme(layer) == "w8a16" and x.device.type == "cpu", _int8_weight_only),
-    Kernel("int4_cpu", lambda layer, x: _int4_group(layer) and x.device.type == "cpu", _int4_cpu),
-    Kernel("int4_cuda", lambda layer, x: _int4_group(layer) and x.device.type == "cuda", _int4_cuda),
+    Kernel("int8_weight_only", lambda layer, x: _scheme(layer) == "w8a16" and x.device.type == "cpu", _int8_weight_only,
+           _int8_scales),
+    Kernel("int4_cpu", lambda layer, x: _int4_group(layer) and x.device.type == "cpu", _int4_cpu, _int4_cpu_copy),
+    Kernel("int4_cuda", lambda layer, x: _int4_group(layer) and x.device.type == "cuda", _int4_cuda, _int4_cuda_copy),
     Kernel("int_mm", lambda layer, x: _scheme(layer) == "w8a8" and x.device.type in ("cpu", "cuda"), _int_mm),
     Kernel("scaled_mm_fp8", lambda layer, x: _scheme(layer) == "fp8" and x.device.type == "cuda", _scaled_mm_fp8),
     Kernel("reference", lambda layer, x: True, lambda layer, x: layer.reference(x)),
@@ -260,16 +279,22 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # layer -> (ke
 def cached(layer: nn.Module, name: str, build: Callable[[], object]):
     """``build()`` once for this layer (one kernel's copy per layer); again when its qweight, scales or zeros
     are other tensors (moved, cast, newly quantized) or were written in place (``load_state_dict``).
-    Inside ``torch.compile`` the copy is built in the graph from the layer's current codes: a compiled graph
-    cannot check version counters, and a copy built in it is never stale."""
+
+    The copy is also kept on the layer (``layer.kernel_copy``, a plain attribute: not a buffer, so not in the
+    state dict). A compiled graph cannot check version counters; it reads that attribute as one of its inputs,
+    which ``prime`` refreshes outside the graph before every compiled generate. Were a copy built inside the
+    graph, it would be rebuilt at every call (a whole repacking of the codes per token), and inductor's lowering
+    of the CPU int4 kernel fails on scales made in the graph. Only with no primed copy is it built there."""
     if torch.compiler.is_compiling():
-        return build()
+        kept = getattr(layer, "kernel_copy", None)
+        return kept[1] if kept is not None and kept[0] == name else build()
     sources = tuple(None if t is None else (weakref.ref(t), None if t.is_inference() else t._version)
                     for t in (layer.qweight, layer.scales, layer.zeros))
     entry = _CACHE.get(layer)
     if entry is None or entry[0] != name or not _same(entry[1], sources):
         with torch.inference_mode(False), torch.no_grad():
             entry = _CACHE[layer] = (name, sources, build())
+        layer.kernel_copy = (name, entry[2])
     return entry[2]
 
 

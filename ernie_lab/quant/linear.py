@@ -219,6 +219,12 @@ class QuantLinear(nn.Module):
         check_input(self, x)
         return kernels.run(self, x)
 
+    def prime_kernels(self) -> None:
+        """Build (or refresh) the copy of the codes that the kernel for a decode row keeps (``kernels.prime``:
+        PyTorch's tiled int4 codes), outside any graph: a compiled generate calls this first, and its graph
+        then reads the copy as an input."""
+        kernels.prime(self, torch.empty(1, self.in_features, device=self.qweight.device))
+
     # ------------------------------------------------------------------ loading a state_dict
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -26,10 +26,6 @@ autograd formula: the kernel table sends a layer here only when no gradient is w
     ernie_lab::dequantize(qweight, scales, zeros, bits, group_size, dtype)     native.dequantize
     ernie_lab::round_blocks(x, dtype)                                          native.round_blocks
 
-and one PyTorch kernel behind the same kind of boundary, for compiled graphs only (see its section):
-
-    ernie_lab::int8_weight_only(rows, qweight, scales)     aten._weight_int8pack_mm, the scales cast inside
-
 ``int8_int4`` (W4A8) takes the float rows, not int8 ones as ``int8_int8`` does: the C rounds each block of 32
 inputs to int8 itself, which at decode saves the framework ops of rounding in PyTorch (the values are the
 same: ``formats.quantize_activations_blocks``).
@@ -151,18 +147,3 @@ def round_blocks(x: Tensor, dtype: torch.dtype) -> Tensor:
 def _(x, dtype):
     return x.new_empty(x.shape, dtype=dtype)                                              # (M, K)
 
-
-# ------------------------------------------------------------------ PyTorch's int8 kernel, for compiled graphs
-# Without the C (native.off()) w8a16 runs on aten._weight_int8pack_mm, which wants its scales in the rows'
-# dtype. Cast in the graph, the scales reach inductor's lowering of that op as an unmaterialised pointwise
-# node, and the lowering (torch/_inductor/quantized_lowerings.py, torch 2.13) fails on it with an
-# AssertionError, so `generate(compile=True)` died. Inside an operator the cast and the kernel are one opaque
-# node whose inputs are the layer's own tensors: the same kernel, the same numbers as eager.
-@torch.library.custom_op("ernie_lab::int8_weight_only", mutates_args=())
-def int8_weight_only(rows: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
-    return torch.ops.aten._weight_int8pack_mm(rows, qweight, scales.to(rows.dtype))
-
-
-@int8_weight_only.register_fake
-def _(rows, qweight, scales):
-    return rows.new_empty(rows.shape[0], qweight.shape[0])                                # (M, N)
