@@ -4,6 +4,7 @@
     python benchmarks/big_moe.py --part full                # the whole 21B-A3B: write 44 GB, load w4a16, decode
     python benchmarks/big_moe.py --part full --keep         # ... and keep the checkpoint folder
     python benchmarks/big_moe.py --part full --reuse DIR    # ... on a folder written before (skips the slow write)
+    python benchmarks/big_moe.py --part heap                # a 6-layer cut loaded again and again: heap trims on / off
     python benchmarks/big_moe.py --quick                    # both parts at small widths (smoke test, no json)
 
 Both parts write random weights (N(0, 0.02); norms 1, biases 0) as a bf16 safetensors checkpoint in the Hub's
@@ -20,6 +21,11 @@ layout, tensor by tensor straight into the files (never the whole model in memor
 * ``--part full``: the whole ERNIE-4.5-21B-A3B (and ``--models VL-28B-A3B`` when the disk has room), loaded
   in a fresh process with ``load_model(folder, dtype=bf16, quantize=scheme)``: load seconds and peak resident
   memory (VmHWM), then greedy decode tok/s (8-token prompt, ``--new`` tokens, ``--rounds`` rounds).
+
+* ``--part heap``: a ``--heap-layers`` cut of the 21B-A3B loaded with quantize-on-read in ``--rounds`` pairs of
+  fresh processes, one with ``ernie_lab.heap``'s trims and one without: the sampled peak of anonymous memory
+  against the weights' bytes. Without the trims glibc's heap keeps the holes between codes and temporaries,
+  and the peak wanders from run to run (it is why whole-model loads were killed out of memory).
 
 Every kit row gets its bandwidth bound: measured streaming-read bandwidth / ``quant.decode_bytes`` (the bytes
 one decode step reads: attention, dense MLP, shared experts, the router and only the k routed experts a
@@ -322,6 +328,37 @@ def load_and_decode(folder: Path, scheme: str, new_tokens: int, rounds: int) -> 
             **{f"after_decode_{k}": v for k, v in peak_memory(anonymous).items()}}
 
 
+def heap_probe(folder: Path, scheme: str, trim: bool) -> dict:
+    """In a fresh process: one quantize-on-read load, with or without ``ernie_lab.heap``'s trims."""
+    from ernie_lab import heap
+    if not trim:
+        heap.release_freed_memory = lambda: False
+    anonymous, start = AnonymousPeak(), time.perf_counter()
+    model = ernie_lab.load_model(folder, dtype=torch.bfloat16, quantize=scheme)
+    return {"load_s": time.perf_counter() - start, "peak_anonymous": anonymous.stop(),
+            "weight_bytes": quant.weight_bytes(model)}
+
+
+def heap_part(args) -> dict:
+    config, scheme = cut_to(CONFIG_21B_A3B, args.heap_layers), "w4a16"
+    folder = write_checkpoint(config, SCRATCH / f"heap-cut-{args.heap_layers}")
+    runs = {"trim": [], "no trim": []}
+    try:
+        for _ in range(args.rounds):
+            for mode in runs:
+                command = [sys.executable, __file__, "--heap-child", str(folder), "--schemes", scheme,
+                           "--threads", str(args.threads)] + (["--no-trim"] if mode == "no trim" else [])
+                done = subprocess.run(command, capture_output=True, text=True, check=True)
+                runs[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(f"heap {mode:8s} peak {runs[mode][-1]['peak_anonymous'] / GiB:.2f} GiB, load "
+                      f"{runs[mode][-1]['load_s']:.1f} s", flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"layers": args.heap_layers, "scheme": scheme, "weight_bytes": runs["trim"][0]["weight_bytes"],
+            **{mode: {"peak_anonymous": [r["peak_anonymous"] for r in rows], "load_s": [r["load_s"] for r in rows]}
+               for mode, rows in runs.items()}}
+
+
 def in_fresh_process(folder: Path, scheme: str, args) -> dict:
     """``load_and_decode`` in a new Python process, so its peak memory is the load's alone."""
     command = [sys.executable, __file__, "--child", str(folder), "--schemes", scheme, "--new", str(args.new),
@@ -382,7 +419,7 @@ def one_full_model(name: str, config: dict, args, bandwidth: float) -> dict:
 # ------------------------------------------------------------------------------ main
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("layers", "full", "both"), default="both")
+    parser.add_argument("--part", choices=("layers", "full", "both", "heap"), default="both")
     parser.add_argument("--schemes", nargs="+", default=None,
                         help="kit schemes (layers: fp32 bf16 w8a16 w4a16 w4a8; full: w4a16 w4a8)")
     parser.add_argument("--layers", type=int, default=4, help="layers of the cut 21B-A3B (layers part)")
@@ -394,11 +431,17 @@ def main():
     parser.add_argument("--reuse", type=Path, default=None, help="a full checkpoint folder written before")
     parser.add_argument("--quick", action="store_true", help="small widths, both parts, no json")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--heap-layers", type=int, default=6, help="layers of the cut the heap part loads")
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--heap-child", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-trim", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child is not None:
         print(json.dumps(load_and_decode(args.child, args.schemes[0], args.new, args.rounds)))
+        return
+    if args.heap_child is not None:
+        print(json.dumps(heap_probe(args.heap_child, args.schemes[0], trim=not args.no_trim)))
         return
     SCRATCH.mkdir(parents=True, exist_ok=True)
     bandwidth = decode_cost.read_bandwidth(512)  # bytes/s on args.threads threads
@@ -417,6 +460,8 @@ def main():
         run = argparse.Namespace(**{**vars(args), "new": args.new or 16, "schemes": args.schemes or ["w4a16", "w4a8"]})
         result["full"] = {"new_tokens": run.new, "rounds": run.rounds, "prompt_tokens": 8,
                           "read_bandwidth_GB_s": bandwidth / 1e9, **full_part(run, bandwidth)}
+    if args.part == "heap":
+        result["heap"] = heap_part(args)
     if not args.quick:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
