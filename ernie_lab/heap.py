@@ -8,13 +8,15 @@ first few weights, every temporary of a 21B-A3B expert (7.5 MiB in bf16, 15 MiB 
 heap, and the long-lived codes land between them. The freed temporaries leave holes the heap cannot
 return, and which later blocks of other sizes do not always fill.
 
-Measured (a 6-layer cut of the 21B-A3B, 2.5 GiB of w4a16 weights, nine loads in fresh processes): the
-process's anonymous memory peaked at 2.8, 3.1 or 8.0 GiB from run to run, the same file, the same code.
-That is why one of two full 21B-A3B loads was killed out of memory at 57% of its tensors on a 24 GB
-machine, and the VL-28B-A3B at 53% holding 23.7 GB; handing the holes back, they peak at 11.6 and 15.5 GiB. ``malloc_trim(0)`` gives the holes' pages back (glibc returns the whole free pages inside its
-heaps, not only the top): called after each converted tensor, the peak was 2.81-2.82 GiB in every run.
-A call walks the heap, about 1 ms while the heap is small and 8 ms beside a resident bf16 model, so the
-loader and ``quantize`` call it through a :class:`Trimmer`, once per ``every`` bytes of weights converted.
+Measured on a 6-layer cut of the 21B-A3B (2.5 GiB of w4a16 weights, each load in a fresh process;
+``benchmarks/big_moe.py --part heap`` repeats it): the anonymous memory peaked at 3.1 or 8.0 GiB from run
+to run without trims, the same file and the same code, and at 2.81-2.85 GiB in every run with them. That is
+why one of two whole 21B-A3B loads was killed out of memory at 57% of its tensors on a 24 GB machine, and
+the VL-28B-A3B at 53% holding 23.7 GB; with the trims they peak at 11.6 and 15.5 GiB.
+
+``malloc_trim(0)`` gives the holes' pages back (glibc returns the whole free pages inside its heaps, not
+only the top). A call costs about 0.5 ms while the heap is small and 1.5-3.5 ms beside a resident bf16
+model, so the loader and ``quantize`` call it through a :class:`Trimmer`, once per 64 MiB of weights converted.
 
 Elsewhere (macOS, musl, Windows) this is a no-op: their allocators return large blocks by themselves.
 """
