@@ -146,4 +146,3 @@ def round_blocks(x: Tensor, dtype: torch.dtype) -> Tensor:
 @round_blocks.register_fake
 def _(x, dtype):
     return x.new_empty(x.shape, dtype=dtype)                                              # (M, K)
-
