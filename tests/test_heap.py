@@ -49,9 +49,14 @@ def test_release_freed_memory_returns_the_holes_between_live_blocks():
     assert result["by_trim"] > 0.9 * temporaries and result["returned"]
 
 
-def test_trimmer_trims_once_per_every_bytes(monkeypatch):
+def counting(monkeypatch):
     calls = []
     monkeypatch.setattr(heap, "release_freed_memory", lambda: calls.append(1))
+    return calls
+
+
+def test_trimmer_trims_once_per_every_bytes(monkeypatch):
+    calls = counting(monkeypatch)
     trimmer = heap.Trimmer(every=100)
     for _ in range(9):
         trimmer.converted(30)
@@ -59,12 +64,6 @@ def test_trimmer_trims_once_per_every_bytes(monkeypatch):
     trimmer.finish()
     trimmer.finish()
     assert len(calls) == 3 and trimmer.pending == 0
-
-
-def counting(monkeypatch):
-    calls = []
-    monkeypatch.setattr(heap, "release_freed_memory", lambda: calls.append(1))
-    return calls
 
 
 def test_quantize_on_read_and_quantize_hand_memory_back(monkeypatch, tmp_path):

@@ -273,29 +273,30 @@ KERNELS: list[Kernel] = [
 
 
 # ------------------------------------------------------------------ a backend's own copy of the codes
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # layer -> (kernel name, sources, value)
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # layer -> the sources its kernel_copy was built from
 
 
 def cached(layer: nn.Module, name: str, build: Callable[[], object]):
     """``build()`` once for this layer (one kernel's copy per layer); again when its qweight, scales or zeros
     are other tensors (moved, cast, newly quantized) or were written in place (``load_state_dict``).
 
-    The copy is also kept on the layer (``layer.kernel_copy``, a plain attribute: not a buffer, so not in the
-    state dict). A compiled graph cannot check version counters; it reads that attribute as one of its inputs,
-    which ``prime`` refreshes outside the graph before every compiled generate. Were a copy built inside the
-    graph, it would be rebuilt at every call (a whole repacking of the codes per token), and inductor's lowering
-    of the CPU int4 kernel fails on scales made in the graph. Only with no primed copy is it built there."""
+    The copy lives on the layer (``layer.kernel_copy = (name, copy)``, a plain attribute: not a buffer, so not
+    in the state dict); ``_CACHE`` records what it was built from. A compiled graph cannot check version
+    counters; it reads that attribute as one of its inputs, which ``prime`` refreshes outside the graph before
+    every compiled generate. Were a copy built inside the graph, it would be rebuilt at every call (a whole
+    repacking of the codes per token), and inductor's lowering of the CPU int4 kernel fails on scales made in
+    the graph. Only with no primed copy is it built there."""
+    kept = getattr(layer, "kernel_copy", None)
     if torch.compiler.is_compiling():
-        kept = getattr(layer, "kernel_copy", None)
         return kept[1] if kept is not None and kept[0] == name else build()
     sources = tuple(None if t is None else (weakref.ref(t), None if t.is_inference() else t._version)
                     for t in (layer.qweight, layer.scales, layer.zeros))
-    entry = _CACHE.get(layer)
-    if entry is None or entry[0] != name or not _same(entry[1], sources):
+    built_from = _CACHE.get(layer)
+    if kept is None or kept[0] != name or built_from is None or not _same(built_from, sources):
         with torch.inference_mode(False), torch.no_grad():
-            entry = _CACHE[layer] = (name, sources, build())
-        layer.kernel_copy = (name, entry[2])
-    return entry[2]
+            kept = layer.kernel_copy = (name, build())
+        _CACHE[layer] = sources
+    return kept[1]
 
 
 def _same(old, new) -> bool:
