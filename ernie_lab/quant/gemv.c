@@ -50,11 +50,6 @@
 #define PARALLEL_WORK 65536
 /* int8 weights meet x rounded to int16 in groups of this many inputs */
 #define Q8_GROUP 128
-/* the W4A8 kernel prefetches its codes this many bytes ahead, once per 64-byte line: at its work per byte the
-   out-of-order window alone keeps too few lines in flight (one 128 MB matrix: 24 -> 28 GB/s; 2 KB ahead issued
-   per 32 bytes had shown nothing). The int8 and int16 int4 kernels showed no gain from it in interleaved
-   A/B runs (int8 head 25.9 / 27.6 without against 25.4 / 23.6 GB/s with; int4 14.5 against 13.1) and go without. */
-#define PREFETCH_AHEAD 4096
 
 int ernie_gemv_has_avx2(void) {
 #ifdef HAVE_AVX2
@@ -372,6 +367,19 @@ static void split_bytes(prepared_x px, split_x sx, int64_t K, int64_t groups) {
     for (int64_t g = 0; g < groups; g++) sx.zsums[g] = px.scales[g] * (float)px.sums[g];
 }
 
+/* this thread's share of N rows, [start, end), for the kernels that take rows four at a time: the first 4q as
+   start + i + {0, q, 2q, 3q} for i < q, four far-apart sequential streams; the rest one by one */
+static inline void four_row_share(int64_t N, int64_t *start, int64_t *end, int64_t *q) {
+#ifdef _OPENMP
+    const int64_t parts = omp_get_num_threads(), part = omp_get_thread_num();
+#else
+    const int64_t parts = 1, part = 0;
+#endif
+    *start = N * part / parts;
+    *end = N * (part + 1) / parts;
+    *q = (*end - *start) / 4;
+}
+
 /* acc + the byte products a b summed by four into int32 lanes (a unsigned, b signed) */
 static inline __m256i add_byte_products(__m256i acc, __m256i a, __m256i b) {
 #ifdef HAVE_VNNI
@@ -424,12 +432,8 @@ static void gemv_q4_four_rows(const uint8_t *packed, const float *scales, const 
     for (int64_t m = 0; m < M; m++) split_bytes(prepared_at(work, m, K, groups), split_at(work, M, m, K, groups), K, groups);
 #pragma omp parallel num_threads(threads) if (N * K >= PARALLEL_WORK)
     {
-#ifdef _OPENMP
-        const int64_t parts = omp_get_num_threads(), part = omp_get_thread_num();
-#else
-        const int64_t parts = 1, part = 0;
-#endif
-        const int64_t start = N * part / parts, end = N * (part + 1) / parts, q = (end - start) / 4;
+        int64_t start, end, q;
+        four_row_share(N, &start, &end, &q);
         for (int64_t i = 0; i < q; i++)                     /* rows start + i + {0, q, 2q, 3q} */
             for (int64_t m = 0; m < M; m++)
                 rows_q4(packed, scales, zeros, split_at(work, M, m, K, groups), prepared_at(work, m, K, groups).scales,
@@ -699,43 +703,56 @@ static inline float row_w4a8(const uint8_t *row, blocked_x bx, const float *scal
 /* Two blocks per load (the paired order, G a multiple of 64). One 32-byte load holds 64 codes: its high
    nibbles (shift, and 0x0F) meet the even-column activation vector and its low nibbles (and 0x0F) the odd
    one (_mm256_maddubs_epi16 each), and the two results add in int16 (|.| <= 2 * 2 * 15 * 127 < 2^15)
-   before one widening multiply-add by 1, one conversion and one multiply by (s_b x4, s_b+1 x4) (pair_dot):
-   about five vector operations per block, where row_w4a8 spends eight. The rows stream in order, one at a time:
-   interleaving four rows in the inner loop (to load the activations once for four) ran faster from cache
-   but slower from memory, where decode reads its weights (14 against 20 GB/s over the 0.3B's 126 matrices,
-   2 threads). The codes are prefetched PREFETCH_AHEAD bytes ahead (the 0.3B's 126 matrices, with the row's
-   rounding vectorised: 18.5 -> 21.1 GB/s in an interleaved A/B). Where the CPU has
-   AVX512-VNNI (with VL), one _mm256_dpbusd_epi32 per nibble vector does the byte products and their sums
-   into int32 at once. The zero point's term, sum_g s_w[g] z_g c_g, is a dot product of eight groups a step
-   (zero_term), not a serial chain in the row's loop. */
+   before one widening multiply-add by 1 (pair_dots), one conversion and one multiply-add by (s_b x4, s_b+1 x4):
+   about five vector operations per block, where row_w4a8 spends eight. Where the CPU has AVX512-VNNI (with
+   VL), one _mm256_dpbusd_epi32 per nibble vector does the byte products and their sums into int32 at once.
+   Rows go four at a time, as rows_q4 takes them: four far-apart rows that share each load of the activations
+   and their scales (1.19-1.35x over the 0.3B's 126 matrices from memory against one row at a time with its
+   codes prefetched 4 KB ahead, which had been 18.5 -> 21.1 GB/s over no prefetch; interleaved A/B, 2 threads;
+   0.93-1.17x built for AVX2 without VNNI; neighbouring rows side by side had been slower: 14 against 20 GB/s).
+   The zero point's term, sum_g s_w[g] z_g c_g, is a dot product of eight groups a step (zero_term), not a
+   serial chain in the row's loop. */
 
-static inline __m256 pair_dot(const uint8_t *row, blocked_x bx, int64_t p, __m256i nibble) {
-    if (p % 2 == 0) _mm_prefetch((const char *)(row + p * BLOCK) + PREFETCH_AHEAD, _MM_HINT_T0);   /* once a line */
-    const __m256i codes = _mm256_loadu_si256((const __m256i *)(row + p * BLOCK));   /* 2 blocks */
+/* sum_k u_k xq_k of two blocks as 8 int32 (4 per block): the high nibbles of 32 bytes of codes meet the even
+   columns, the low nibbles the odd ones */
+static inline __m256i pair_dots(__m256i codes, __m256i x_high, __m256i x_low, __m256i nibble) {
     const __m256i high = _mm256_and_si256(_mm256_srli_epi16(codes, 4), nibble);
     const __m256i low = _mm256_and_si256(codes, nibble);
-    const __m256i x_high = _mm256_loadu_si256((const __m256i *)(bx.xq + p * 2 * BLOCK));         /* even */
-    const __m256i x_low = _mm256_loadu_si256((const __m256i *)(bx.xq + p * 2 * BLOCK + BLOCK));  /* odd */
 #ifdef HAVE_VNNI
-    const __m256i dots = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), high, x_high), low, x_low);
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), high, x_high), low, x_low);
 #else
     const __m256i sums = _mm256_add_epi16(_mm256_maddubs_epi16(high, x_high), _mm256_maddubs_epi16(low, x_low));
-    const __m256i dots = _mm256_madd_epi16(sums, _mm256_set1_epi16(1));
+    return _mm256_madd_epi16(sums, _mm256_set1_epi16(1));
 #endif
-    return _mm256_mul_ps(_mm256_loadu_ps(bx.lanes + p * 8), _mm256_cvtepi32_ps(dots));   /* s_b x4, s_b+1 x4 */
 }
 
-static float row_w4a8_pairs(const uint8_t *row, blocked_x bx, const float *scales, const uint8_t *zeros,
-                            int64_t K, int64_t G) {
-    const int64_t groups = K / G, pairs = G / (2 * BLOCK);
+/* y[r] for the rows r = n + i step, i < nr (four far-apart rows, as rows_q4 reads them), of one row of x */
+static inline __attribute__((always_inline)) void rows_w4a8(const uint8_t *packed, const float *scales,
+                                                            const uint8_t *zeros, blocked_x bx, float *y, int64_t n,
+                                                            int64_t step, int64_t K, int64_t G, const int nr) {
+    const int64_t groups = K / G, pairs = G / (2 * BLOCK), B = K / 2;
     const __m256i nibble = _mm256_set1_epi8(0x0F);
-    __m256 total = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t p = g * pairs; p < (g + 1) * pairs; p++) acc = _mm256_add_ps(acc, pair_dot(row, bx, p, nibble));
-        total = _mm256_fmadd_ps(_mm256_set1_ps(scales[g]), acc, total);
+    __m256 total[4];
+    for (int i = 0; i < nr; i++) total[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {              /* per group: sum_b s_b dot_b, then times s_w[g] */
+        __m256 acc[4];
+        for (int i = 0; i < nr; i++) acc[i] = _mm256_setzero_ps();
+        for (int64_t p = g * pairs; p < (g + 1) * pairs; p++) {
+            const __m256i x_high = _mm256_loadu_si256((const __m256i *)(bx.xq + p * 2 * BLOCK));          /* even */
+            const __m256i x_low = _mm256_loadu_si256((const __m256i *)(bx.xq + p * 2 * BLOCK + BLOCK));   /* odd */
+            const __m256 lanes = _mm256_loadu_ps(bx.lanes + p * 8);                  /* s_b x4, s_b+1 x4 */
+            for (int i = 0; i < nr; i++) {
+                const __m256i codes = _mm256_loadu_si256((const __m256i *)(packed + (n + i * step) * B + p * BLOCK));
+                acc[i] = _mm256_fmadd_ps(lanes, _mm256_cvtepi32_ps(pair_dots(codes, x_high, x_low, nibble)), acc[i]);
+            }
+        }
+        for (int i = 0; i < nr; i++)
+            total[i] = _mm256_fmadd_ps(_mm256_set1_ps(scales[(n + i * step) * groups + g]), acc[i], total[i]);
     }
-    return hsum(total) - zero_term(scales, zeros, bx.zsums, groups);
+    for (int i = 0; i < nr; i++) {
+        const int64_t r = n + i * step;
+        y[r] = hsum(total[i]) - zero_term(scales + r * groups, zeros ? zeros + r * groups : NULL, bx.zsums, groups);
+    }
 }
 #endif
 
@@ -750,18 +767,27 @@ static void ernie_gemv_w4a8(const float *x, const uint8_t *packed, const float *
     const int paired = 0;
 #endif
     for (int64_t m = 0; m < M; m++) prepare_blocks(x + m * K, blocked_at(work, m, K, G), K, G, paired);
+#ifdef HAVE_AVX2
+    if (paired) {
+#pragma omp parallel num_threads(threads) if (N * K >= PARALLEL_WORK)
+        {
+            int64_t start, end, q;
+            four_row_share(N, &start, &end, &q);
+            for (int64_t i = 0; i < q; i++)
+                for (int64_t m = 0; m < M; m++)
+                    rows_w4a8(packed, scales, zeros, blocked_at(work, m, K, G), y + m * N, start + i, q, K, G, 4);
+            for (int64_t n = start + 4 * q; n < end; n++)
+                for (int64_t m = 0; m < M; m++)
+                    rows_w4a8(packed, scales, zeros, blocked_at(work, m, K, G), y + m * N, n, 0, K, G, 1);
+        }
+        return;
+    }
+#endif
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++) {
             const uint8_t *row = packed + n * (K / 2), *z = zeros ? zeros + n * groups : NULL;
-            const blocked_x bx = blocked_at(work, m, K, G);
-#ifdef HAVE_AVX2
-            if (paired) {
-                y[m * N + n] = row_w4a8_pairs(row, bx, scales + n * groups, z, K, G);
-                continue;
-            }
-#endif
-            y[m * N + n] = row_w4a8(row, bx, scales + n * groups, z, K, G);
+            y[m * N + n] = row_w4a8(row, blocked_at(work, m, K, G), scales + n * groups, z, K, G);
         }
 }
 
