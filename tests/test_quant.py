@@ -290,22 +290,24 @@ def test_streaming_kernels_equal_the_dequantized_matmul_in_fp32(bits, symmetric,
 
 
 @pytest.mark.skipif(not quant.native.available(), reason="the streaming kernels could not be built here")
-@pytest.mark.parametrize("symmetric,group", [(True, 128), (False, 64), (False, 256)])
-def test_int4_four_row_kernel_equals_the_dequantized_matmul(symmetric, group):
-    """int4 codes with groups of 64 or more go four rows at a time (rows n, n + q, n + 2q, n + 3q of each thread's
-    share, the leftover rows one by one): every row lands in its own place, on one thread and on several."""
+@pytest.mark.parametrize("bits,symmetric,group", [(4, True, 128), (4, False, 64), (4, False, 256), (8, True, 1024)])
+def test_four_row_kernels_equal_the_dequantized_matmul(bits, symmetric, group):
+    """int8 codes, and int4 codes with groups of 64 or more, go four rows at a time (rows n, n + q, n + 2q, n + 3q
+    of each thread's share, the leftover rows one by one): every row lands in its own place, on one thread and
+    on several."""
     torch.manual_seed(2)
     N, K = 203, 1024                                           # 203 rows: shares of 4q rows plus a tail
     weight = torch.randn(N, K) * 0.05
-    q = formats.quantize_packed(weight, 4, group, symmetric)
-    dequantized = formats.dequantize_weight(formats.Quantized(formats.unpack(q.codes, 4), q.scales, q.zeros), 4)
+    q = formats.quantize_packed(weight, bits, group, symmetric)
+    codes = q.codes if bits == 8 else formats.unpack(q.codes, bits)
+    dequantized = formats.dequantize_weight(formats.Quantized(codes, q.scales, q.zeros), bits)
     threads = torch.get_num_threads()
     try:
         for count in sorted({1, 2, 3, threads}):
             torch.set_num_threads(count)
             for rows in (1, 3):
                 x = torch.randn(rows, K)
-                got = quant.native.gemv(x, q.codes, q.scales.float().contiguous(), q.zeros, 4, group)
+                got = quant.native.gemv(x, q.codes, q.scales.float().contiguous(), q.zeros, bits, group)
                 expected = x.double() @ dequantized.double().t()                 # (rows, N)
                 assert float((got.double() - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
     finally:
