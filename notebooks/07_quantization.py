@@ -243,7 +243,7 @@ assert family.weight_bytes(config, "int4") < family.weight_bytes(config, "bf16")
 # %% [markdown]
 # ### Reading the codes once: the kit's decode kernel
 # To reach that bound a kernel must touch each packed byte once and do little work per weight. The kit's
-# decode kernel (`ernie_lab/quant/gemv.c`, about 350 lines of C that the kit compiles on first use) does
+# decode kernel (`ernie_lab/quant/gemv.c`, about 1,000 lines of C that the kit compiles on first use) does
 # two things to keep the work small. First, it pulls the zero point out of the inner loop:
 #
 # $$y_n = \sum_g s_{ng} \sum_{k \in g} (u_k - z_{ng})\, x_k = \sum_g s_{ng} \Big(\sum_{k \in g} u_k x_k - z_{ng} \sum_{k \in g} x_k\Big)$$
@@ -252,7 +252,10 @@ assert family.weight_bytes(config, "int4") < family.weight_bytes(config, "bf16")
 # token to int16, with one scale per group. The inner loop then multiplies small integers by small
 # integers, 16 at a time, with one AVX2 instruction (`vpmaddwd`). The rounding error is at most
 # $2^{-16}$ of the group's largest $|x|$. PyTorch's weight-only kernels round $x$ to bf16, which costs
-# $2^{-9}$. Here is the same arithmetic by hand for one int4 layer:
+# $2^{-9}$. (For int4 and int8 codes the C goes one step further: it takes four rows at a time, so that
+# each load of $x$ serves four rows. The four must lie far apart in memory, each read as its own sequential
+# stream: four neighbouring rows read side by side lose the CPU's prefetchers and run slower than one.)
+# Here is the same arithmetic by hand for one int4 layer:
 
 # %%
 layer = quant.QuantLinear.from_linear(nn.Linear(512, 64, bias=False), "w4a16", group_size=128, symmetric=False)
