@@ -243,7 +243,8 @@ def test_every_backend_here_agrees_with_f_linear_for_streaming_linears(dtype):
 def test_bf16_rows_on_bf16_weights_equal_the_widened_sum():
     """bf16 rows times a bf16 weight (vdpbf16ps where the CPU has AVX512-BF16, widening elsewhere) against the
     same rows widened to fp32 first (always the widening FMAs): the products are exact either way, so only the
-    order of the fp32 sums differs. Widths with a tail past the 32-wide steps, several rows."""
+    order of the fp32 sums differs; the same rows on fp32 weights too. Widths with a tail past the 32-wide steps,
+    several rows, on one thread and split among threads in four-row shares with leftovers."""
     torch.manual_seed(7)
     for M, N, K in [(1, 300, 2560), (3, 64, 1000), (2, 17, 40)]:
         x, w = torch.randn(M, K).bfloat16(), torch.randn(N, K).bfloat16()
@@ -252,6 +253,8 @@ def test_bf16_rows_on_bf16_weights_equal_the_widened_sum():
         exact = x.double() @ w.double().t()
         assert float((got.double() - exact).abs().max()) <= 1e-5 * float(exact.abs().max()), (M, N, K)
         assert float((got - widened).abs().max()) <= 1e-5 * float(widened.abs().max()), (M, N, K)
+        fp32 = quant.native.linear(x.float(), w.float())                                 # fp32 weights
+        assert float((fp32.double() - exact).abs().max()) <= 1e-5 * float(exact.abs().max()), (M, N, K)
 
 
 def test_the_switches_are_filters_on_the_kernel_table():

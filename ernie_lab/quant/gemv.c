@@ -90,24 +90,31 @@ static inline float zero_term(const float *scales, const uint8_t *zeros, const f
 }
 #endif
 
-/* ------------------------------------------------------------------ fp32 and bf16 weights */
+/* ------------------------------------------------------------------ rows four at a time
 
-static float dot_f32(const float *x, const float *w, int64_t K) {
-    int64_t k = 0;
-    float acc = 0.0f;
-#ifdef HAVE_AVX2
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (; k + 32 <= K; k += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
-    }
-    acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+   One row of weights at a time, a kernel loads x once per row and reads one sequential stream of weights per
+   thread. The kernels below take four rows at a time, so that each load of x serves four rows, and the four are
+   far apart (rows start + i + {0, q, 2q, 3q} of a thread's share): four sequential streams, which the CPU's
+   prefetchers follow, where four neighbouring rows read side by side (512 bytes apart for int4 codes at
+   K = 1024) lost them and ran slower than one row (6.5 against 20 GB/s, one thread). Each row's sums are those
+   of one row at a time, in the same order. */
+/* this thread's share of N rows, [start, end), for the kernels that take rows four at a time: the first 4q as
+   start + i + {0, q, 2q, 3q} for i < q, four far-apart sequential streams; the rest one by one */
+static inline void four_row_share(int64_t N, int64_t *start, int64_t *end, int64_t *q) {
+#ifdef _OPENMP
+    const int64_t parts = omp_get_num_threads(), part = omp_get_thread_num();
+#else
+    const int64_t parts = 1, part = 0;
 #endif
-    for (; k < K; k++) acc += w[k] * x[k];
-    return acc;
+    *start = N * part / parts;
+    *end = N * (part + 1) / parts;
+    *q = (*end - *start) / 4;
 }
+
+/* ------------------------------------------------------------------ fp32 and bf16 weights
+
+   Four rows at a time: from memory fp32 1.06-1.17x and bf16 1.05-1.09x one row at a time (the 0.3B's and the
+   21B-A3B's shapes and its 530 MB head, interleaved A/B, 2 threads), the same values. */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -123,21 +130,55 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
-static float dot_bf16(const float *x, const uint16_t *w, int64_t K) {
+/* y[r] = x . w_r for the rows r = n + i step, i < nr: four sums of 8 lanes per row, 32 inputs a step */
+static inline __attribute__((always_inline)) void rows_f32(const float *x, const float *w, float *y, int64_t n,
+                                                           int64_t step, int64_t K, const int nr) {
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     int64_t k = 0;
-    float acc = 0.0f;
 #ifdef HAVE_AVX2
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    for (; k + 16 <= K; k += 16) {
-        __m256i h0 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + k)));
-        __m256i h1 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + k + 8)));
-        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(h0, 16)), _mm256_loadu_ps(x + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(h1, 16)), _mm256_loadu_ps(x + k + 8), a1);
-    }
-    acc = hsum(_mm256_add_ps(a0, a1));
+    __m256 a[4][4];
+    for (int i = 0; i < nr; i++)
+        for (int j = 0; j < 4; j++) a[i][j] = _mm256_setzero_ps();
+    for (; k + 32 <= K; k += 32)
+        for (int j = 0; j < 4; j++) {
+            const __m256 xv = _mm256_loadu_ps(x + k + 8 * j);
+            for (int i = 0; i < nr; i++)
+                a[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(w + (n + i * step) * K + k + 8 * j), xv, a[i][j]);
+        }
+    for (int i = 0; i < nr; i++) acc[i] = hsum(_mm256_add_ps(_mm256_add_ps(a[i][0], a[i][1]), _mm256_add_ps(a[i][2], a[i][3])));
 #endif
-    for (; k < K; k++) acc += bf16_to_f32(w[k]) * x[k];
-    return acc;
+    for (int i = 0; i < nr; i++) {
+        const float *row = w + (n + i * step) * K;
+        for (int64_t kk = k; kk < K; kk++) acc[i] += row[kk] * x[kk];
+        y[n + i * step] = acc[i];
+    }
+}
+
+/* bf16 weights widened to fp32 (a 16-bit shift) against fp32 x: two sums of 8 lanes per row, 16 inputs a step */
+static inline __attribute__((always_inline)) void rows_bf16(const float *x, const uint16_t *w, float *y, int64_t n,
+                                                            int64_t step, int64_t K, const int nr) {
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t k = 0;
+#ifdef HAVE_AVX2
+    __m256 a0[4], a1[4];
+    for (int i = 0; i < nr; i++) a0[i] = a1[i] = _mm256_setzero_ps();
+    for (; k + 16 <= K; k += 16) {
+        const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+        for (int i = 0; i < nr; i++) {
+            const uint16_t *row = w + (n + i * step) * K;
+            const __m256i h0 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(row + k)));
+            const __m256i h1 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(row + k + 8)));
+            a0[i] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(h0, 16)), x0, a0[i]);
+            a1[i] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(h1, 16)), x1, a1[i]);
+        }
+    }
+    for (int i = 0; i < nr; i++) acc[i] = hsum(_mm256_add_ps(a0[i], a1[i]));
+#endif
+    for (int i = 0; i < nr; i++) {
+        const uint16_t *row = w + (n + i * step) * K;
+        for (int64_t kk = k; kk < K; kk++) acc[i] += bf16_to_f32(row[kk]) * x[kk];
+        y[n + i * step] = acc[i];
+    }
 }
 
 #if defined(HAVE_AVX2) && defined(__AVX512BF16__) && defined(__AVX512VL__)
@@ -145,39 +186,53 @@ static float dot_bf16(const float *x, const uint16_t *w, int64_t K) {
 /* bf16 rows times bf16 weights where the CPU has AVX512-BF16: one vdpbf16ps per 16 weights multiplies pairs
    (exact in fp32, as the widened FMAs above) and adds them to fp32 lanes, three instructions per 32 bytes of
    weights where widening takes eight. Denormal inputs count as zero (the instruction's rule). */
-static float dot_bf16_bf16(const uint16_t *x, const uint16_t *w, int64_t K) {
+static inline __attribute__((always_inline)) void rows_bf16_bf16(const uint16_t *x, const uint16_t *w, float *y,
+                                                                 int64_t n, int64_t step, int64_t K, const int nr) {
     int64_t k = 0;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a0[4], a1[4];
+    for (int i = 0; i < nr; i++) a0[i] = a1[i] = _mm256_setzero_ps();
     for (; k + 32 <= K; k += 32) {
-        a0 = _mm256_dpbf16_ps(a0, (__m256bh)_mm256_loadu_si256((const __m256i *)(w + k)),
-                              (__m256bh)_mm256_loadu_si256((const __m256i *)(x + k)));
-        a1 = _mm256_dpbf16_ps(a1, (__m256bh)_mm256_loadu_si256((const __m256i *)(w + k + 16)),
-                              (__m256bh)_mm256_loadu_si256((const __m256i *)(x + k + 16)));
+        const __m256bh x0 = (__m256bh)_mm256_loadu_si256((const __m256i *)(x + k));
+        const __m256bh x1 = (__m256bh)_mm256_loadu_si256((const __m256i *)(x + k + 16));
+        for (int i = 0; i < nr; i++) {
+            const uint16_t *row = w + (n + i * step) * K;
+            a0[i] = _mm256_dpbf16_ps(a0[i], (__m256bh)_mm256_loadu_si256((const __m256i *)(row + k)), x0);
+            a1[i] = _mm256_dpbf16_ps(a1[i], (__m256bh)_mm256_loadu_si256((const __m256i *)(row + k + 16)), x1);
+        }
     }
-    float acc = hsum(_mm256_add_ps(a0, a1));
-    for (; k < K; k++) acc += bf16_to_f32(w[k]) * bf16_to_f32(x[k]);
-    return acc;
-}
-
-static void ernie_gemv_bf16_bf16(const uint16_t *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K,
-                                 int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t m = 0; m < M; m++) y[m * N + n] = dot_bf16_bf16(x + m * K, w + n * K, K);
+    for (int i = 0; i < nr; i++) {
+        const uint16_t *row = w + (n + i * step) * K;
+        float acc = hsum(_mm256_add_ps(a0[i], a1[i]));
+        for (int64_t kk = k; kk < K; kk++) acc += bf16_to_f32(row[kk]) * bf16_to_f32(x[kk]);
+        y[n + i * step] = acc;
+    }
 }
 #endif
 
-/* x (M, K) fp32, w (N, K), y (M, N) fp32 */
-static void ernie_gemv_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t m = 0; m < M; m++) y[m * N + n] = dot_f32(x + m * K, w + n * K, K);
+#define KIND_BF16_BF16 17   /* bf16 weights meeting bf16 rows as they are (HAVE_BF16_DOT) */
+
+/* the rows r = n + i step of one row of x: kind 32 fp32 weights, 16 bf16 weights (x fp32), KIND_BF16_BF16 */
+static inline __attribute__((always_inline)) void rows_float(int kind, const void *x, const void *w, float *y,
+                                                             int64_t n, int64_t step, int64_t K, const int nr) {
+    if (kind == 32) rows_f32((const float *)x, (const float *)w, y, n, step, K, nr);
+#ifdef HAVE_BF16_DOT
+    else if (kind == KIND_BF16_BF16) rows_bf16_bf16((const uint16_t *)x, (const uint16_t *)w, y, n, step, K, nr);
+#endif
+    else rows_bf16((const float *)x, (const uint16_t *)w, y, n, step, K, nr);
 }
 
-static void ernie_gemv_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t m = 0; m < M; m++) y[m * N + n] = dot_bf16(x + m * K, w + n * K, K);
+/* x (M, K) fp32 (bf16 for KIND_BF16_BF16), w (N, K) fp32 or bf16, y (M, N) fp32 */
+static void gemv_float(int kind, const void *x, const void *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t row_bytes = K * (kind == KIND_BF16_BF16 ? 2 : 4);     /* one row of x */
+#pragma omp parallel num_threads(threads) if (N * K >= PARALLEL_WORK)
+    {
+        int64_t start, end, q;
+        four_row_share(N, &start, &end, &q);
+        for (int64_t i = 0; i < q; i++)
+            for (int64_t m = 0; m < M; m++) rows_float(kind, (const char *)x + m * row_bytes, w, y + m * N, start + i, q, K, 4);
+        for (int64_t n = start + 4 * q; n < end; n++)
+            for (int64_t m = 0; m < M; m++) rows_float(kind, (const char *)x + m * row_bytes, w, y + m * N, n, 0, K, 1);
+    }
 }
 
 /* ------------------------------------------------------------------ int8, one scale per row */
@@ -338,12 +393,11 @@ static inline __attribute__((always_inline)) float row_packed(const uint8_t *row
 }
 
 #ifdef HAVE_AVX2
-/* int4 codes, four rows at a time (G a multiple of 64). One row at a time, row_packed is bound by its own work,
-   not by memory: about 14 GB/s of codes a thread from cache, 12 from memory, where memory gives 18 to one thread.
-   Four rows that share each load of x do about half the work per byte of codes: 29 GB/s a thread from cache.
-   From memory that holds only if the four rows stream as four sequential reads, rows n, n + q, n + 2q and n + 3q
-   of a thread's 4q rows: four neighbouring rows (512 bytes apart at K = 1024) read side by side ran at 6.5 GB/s,
-   the four far-apart ones at 20 (one thread; 20-28 against 16-20 GB/s for row_packed on two, 3072 x 1024).
+/* int4 codes, four rows at a time (G a multiple of 64; four_row_share). One row at a time, row_packed is bound by
+   its own work, not by memory: about 14 GB/s of codes a thread from cache, 12 from memory, where memory gives 18
+   to one thread. Four far-apart rows that share each load of x do about half the work per byte of codes: 29 GB/s
+   a thread from cache, 20 from memory (20-28 against 16-20 GB/s for row_packed on two threads, 3072 x 1024;
+   1.17-1.56x over the 0.3B's 126 matrices, interleaved A/B).
 
    x is the same int16 rounding, each value split in two bytes, xq = 256 h + l with h = xq >> 8 (signed) and
    l = xq & 255 (unsigned), so that u xq = 256 (u h) + (l u) are byte products: one _mm256_dpbusd_epi32 (unsigned
@@ -365,19 +419,6 @@ static void split_bytes(prepared_x px, split_x sx, int64_t K, int64_t groups) {
         sx.low[k] = (uint8_t)(px.xs[k] & 0xFF);
     }
     for (int64_t g = 0; g < groups; g++) sx.zsums[g] = px.scales[g] * (float)px.sums[g];
-}
-
-/* this thread's share of N rows, [start, end), for the kernels that take rows four at a time: the first 4q as
-   start + i + {0, q, 2q, 3q} for i < q, four far-apart sequential streams; the rest one by one */
-static inline void four_row_share(int64_t N, int64_t *start, int64_t *end, int64_t *q) {
-#ifdef _OPENMP
-    const int64_t parts = omp_get_num_threads(), part = omp_get_thread_num();
-#else
-    const int64_t parts = 1, part = 0;
-#endif
-    *start = N * part / parts;
-    *end = N * (part + 1) / parts;
-    *q = (*end - *start) / 4;
 }
 
 /* acc + the byte products a b summed by four into int32 lanes (a unsigned, b signed) */
@@ -978,10 +1019,9 @@ void ernie_linear(int kind, const void *x, int x_bf16, const void *w, const floa
     if (kind == KIND_W4A8) work = (uint8_t *)malloc((size_t)(M * blocked_bytes(K, G)));
     if (bf16_dot) {
 #ifdef HAVE_BF16_DOT
-        ernie_gemv_bf16_bf16((const uint16_t *)x, (const uint16_t *)w, yf, M, N, K, threads);
+        gemv_float(KIND_BF16_BF16, x, w, yf, M, N, K, threads);
 #endif
-    } else if (kind == 32) ernie_gemv_f32(xf, (const float *)w, yf, M, N, K, threads);
-    else if (kind == 16) ernie_gemv_bf16(xf, (const uint16_t *)w, yf, M, N, K, threads);
+    } else if (kind == 32 || kind == 16) gemv_float(kind, xf, w, yf, M, N, K, threads);
     else if (kind == 8 && K % Q8_GROUP == 0) ernie_gemv_q8_int16(xf, (const int8_t *)w, scales, yf, M, N, K, Q8_GROUP, work, threads);
     else if (kind == 8) ernie_gemv_q8(xf, (const int8_t *)w, scales, yf, M, N, K, threads);
     else if (kind == KIND_W4A8) ernie_gemv_w4a8(xf, (const uint8_t *)w, scales, zeros, yf, M, N, K, G, work, threads);

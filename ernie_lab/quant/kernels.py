@@ -180,8 +180,8 @@ def _native_w4a8_gemm(layer, x):
     dtype = x.dtype if x.dtype in FLOATS else torch.float32
     if torch.is_grad_enabled() and x.requires_grad:   # PyTorch's rounding: its ops carry the gradient
         return layer.blocks_times(x, _float_weight(layer, dtype))
-    rounded = c_kernel("round_blocks")(x.reshape(-1, layer.in_features), dtype)          # (M, K)
-    return layer._finish(rounded @ _float_weight(layer, dtype).t(), x)
+    rounded = c_kernel("round_blocks")(x.reshape(-1, layer.in_features), dtype)          # (M, K), one C pass
+    return layer.blocks_times(x, _float_weight(layer, dtype), rounded)
 
 
 def _native_linear(layer, x):

@@ -202,12 +202,14 @@ class QuantLinear(nn.Module):
             return self._finish(y, x)
         return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
-    def blocks_times(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def blocks_times(self, x: torch.Tensor, weight: torch.Tensor, rounded: torch.Tensor | None = None) -> torch.Tensor:
         """w4a8: x rounded to int8 per block of 32 inputs and back, times the (N, K) float ``weight``, in the
-        activation's dtype like the weight-only schemes (a bf16 model: the rounded rows and the weight as bf16)."""
-        xq, xs = formats.quantize_activations_blocks(x.reshape(-1, self.in_features))     # (M, K) int8, (M, K/32)
-        rounded = formats.dequantize_activations_blocks(xq, xs).to(x.dtype)               # (M, K)
-        return self._finish(rounded @ weight.to(x.dtype).t(), x)
+        activation's dtype like the weight-only schemes (a bf16 model: the rounded rows and the weight as bf16).
+        ``rounded``: those rows (M, K) already made (the C's one pass, ``native.round_blocks``), else made here."""
+        if rounded is None:
+            xq, xs = formats.quantize_activations_blocks(x.reshape(-1, self.in_features))  # (M, K) int8, (M, K/32)
+            rounded = formats.dequantize_activations_blocks(xq, xs).to(x.dtype)            # (M, K)
+        return self._finish(rounded @ weight.to(rounded.dtype).t(), x)
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(M, N) float output -> (..., N) in x's dtype, bias added."""
