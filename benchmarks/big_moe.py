@@ -64,7 +64,7 @@ from ernie_lab.model.published import CONFIG_21B_A3B, CONFIG_VL_28B_A3B
 
 from fast_decode import seconds  # benchmarks/fast_decode.py
 from llama_cpp_tools import LLAMA_CPP_VERSION  # benchmarks/llama_cpp_tools.py
-from quant import gguf_files, llama_speed, quantize_head  # benchmarks/quant.py
+from quant import decode_speed, gguf_files, llama_speed, quantize_head  # benchmarks/quant.py
 
 RESULTS = Path(__file__).parent / "results" / "big_moe.json"
 SCRATCH = Path(os.environ.get("BIG_MOE_SCRATCH", "/work/scratch-bigmoe"))
@@ -157,11 +157,6 @@ def free_disk(path: Path) -> int:
 
 
 # ------------------------------------------------------------------------------ speed
-def kit_speed(model, prompt, new_tokens: int, switches: dict) -> float:
-    """Decode tok/s = (n - 1) / (t(n new) - t(1 new)): the prefill cancels out."""
-    return (new_tokens - 1) / (seconds(model, prompt, new_tokens, switches)[0] - seconds(model, prompt, 1, switches)[0])
-
-
 def compile_switches(model) -> tuple[dict, str]:
     """generate's switch for the compiled rows: the one-token step compiled, its experts one opaque operator."""
     return {"compile": True}, "torch.compile(fullgraph=True) of the one-token step (experts: ernie_lab::moe_experts)"
@@ -233,13 +228,13 @@ def measure_pair(folder: Path, scheme: str, gguf: Path, prompt, args, bandwidth:
     model = kit_model(folder, scheme)
     switches, compile_note = compile_switches(model)
     llm = llama_cpp.Llama(str(gguf), n_threads=args.threads, n_threads_batch=args.threads, n_ctx=256, verbose=False)
-    speeds = {scheme: lambda: kit_speed(model, prompt, args.new, {}),
+    speeds = {scheme: lambda: decode_speed(model, prompt, args.new),
               f"llama.cpp {fmt} (vs {scheme})": lambda: llama_speed(llm, prompt[0].tolist(), args.new)}
     with contextlib.redirect_stdout(io.StringIO()):
         start = time.perf_counter()
         seconds(model, prompt, 2, switches)  # compiles the step once
     compile_note += f", first call {time.perf_counter() - start:.0f} s"
-    speeds[f"{scheme} compiled"] = lambda: kit_speed(model, prompt, args.new, switches)
+    speeds[f"{scheme} compiled"] = lambda: decode_speed(model, prompt, args.new, **switches)
     for speed in speeds.values():
         speed()  # warm-up
     rounds = {name: [] for name in speeds}
@@ -311,7 +306,7 @@ def load_and_decode(folder: Path, scheme: str, new_tokens: int, rounds: int) -> 
     quant.stream_linears(model)  # the bf16 head on the streaming kernel, as in the other rows
     vocab = model.config.get_text_config().vocab_size
     prompt = torch.randint(3, vocab, (1, 8), generator=torch.Generator().manual_seed(1))
-    kit_speed(model, prompt, 3, {})  # warm-up
+    decode_speed(model, prompt, 3)  # warm-up
     switches, _ = compile_switches(model)
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
@@ -319,8 +314,8 @@ def load_and_decode(folder: Path, scheme: str, new_tokens: int, rounds: int) -> 
     compile_s = time.perf_counter() - start
     speeds, compiled = [], []
     for _ in range(rounds):  # eager and compiled interleaved
-        speeds.append(kit_speed(model, prompt, new_tokens, {}))
-        compiled.append(kit_speed(model, prompt, new_tokens, switches))
+        speeds.append(decode_speed(model, prompt, new_tokens))
+        compiled.append(decode_speed(model, prompt, new_tokens, **switches))
     return {**loaded, "decode_tok_s": statistics.median(speeds), "decode_tok_s_rounds": speeds,
             "compiled_decode_tok_s": statistics.median(compiled), "compiled_decode_tok_s_rounds": compiled,
             "compile_s": compile_s,

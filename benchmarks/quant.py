@@ -53,6 +53,7 @@ from ernie_lab.model.published import CHECKPOINTS
 from ernie_lab.model.config import ErnieConfig
 from ernie_lab.model.fast_decode import compiled_step
 from ernie_lab.model.fast_prefill import compiled_prefill
+from fast_decode import seconds  # benchmarks/fast_decode.py
 from llama_cpp_tools import LLAMA_CPP_VERSION, convert_to_gguf  # benchmarks/llama_cpp_tools.py
 
 RESULTS = Path(__file__).parent / "results" / "quant.json"
@@ -153,9 +154,7 @@ def overhead_floor(config: ErnieConfig, prompt, new_tokens: int, rounds: int) ->
 
 def decode_time(model, prompt, new_tokens: int, **switches) -> float:
     """Seconds of one ``generate`` call; ``switches``: compile=True, compile_prefill=True."""
-    start = time.perf_counter()
-    ernie_lab.generate(model, prompt, new_tokens, eos_token_id=[], **switches)
-    return time.perf_counter() - start
+    return seconds(model, prompt, new_tokens, switches)[0]
 
 
 def _kit_speed(model, streaming: bool, prompt, new_tokens: int, **switches) -> float:
@@ -164,6 +163,7 @@ def _kit_speed(model, streaming: bool, prompt, new_tokens: int, **switches) -> f
 
 
 def decode_speed(model, prompt, new_tokens: int, **switches) -> float:
+    """Decode tok/s = (n - 1) / (t(n new) - t(1 new)): the prefill cancels out."""
     return (new_tokens - 1) / (decode_time(model, prompt, new_tokens, **switches)
                                - decode_time(model, prompt, 1, **switches))
 
