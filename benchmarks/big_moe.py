@@ -341,10 +341,11 @@ def heap_part(args) -> dict:
     try:
         for _ in range(args.rounds):
             for mode in runs:
-                command = [sys.executable, __file__, "--heap-child", str(folder), "--schemes", scheme,
-                           "--threads", str(args.threads)] + (["--no-trim"] if mode == "no trim" else [])
-                done = subprocess.run(command, capture_output=True, text=True, check=True)
-                runs[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                result = child_result(["--heap-child", str(folder), "--schemes", scheme, "--threads", str(args.threads)]
+                                      + (["--no-trim"] if mode == "no trim" else []))
+                if "error" in result:
+                    raise RuntimeError(f"the heap probe ({mode}) failed: {result['error']}")
+                runs[mode].append(result)
                 print(f"heap {mode:8s} peak {runs[mode][-1]['peak_anonymous'] / GiB:.2f} GiB, load "
                       f"{runs[mode][-1]['load_s']:.1f} s", flush=True)
     finally:
@@ -354,14 +355,19 @@ def heap_part(args) -> dict:
                for mode, rows in runs.items()}}
 
 
-def in_fresh_process(folder: Path, scheme: str, args) -> dict:
-    """``load_and_decode`` in a new Python process, so its peak memory is the load's alone."""
-    command = [sys.executable, __file__, "--child", str(folder), "--schemes", scheme, "--new", str(args.new),
-               "--rounds", str(args.rounds), "--threads", str(args.threads)]
-    done = subprocess.run(command, capture_output=True, text=True)
+def child_result(flags: list[str]) -> dict:
+    """This script in a new Python process with ``flags`` (a child part): the JSON its last line prints, or
+    {"error": ...} with the end of its stderr."""
+    done = subprocess.run([sys.executable, __file__, *flags], capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": f"exit {done.returncode}: {done.stderr[-1500:]}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def in_fresh_process(folder: Path, scheme: str, args) -> dict:
+    """``load_and_decode`` in a new Python process, so its peak memory is the load's alone."""
+    return child_result(["--child", str(folder), "--schemes", scheme, "--new", str(args.new),
+                         "--rounds", str(args.rounds), "--threads", str(args.threads)])
 
 
 def full_part(args, bandwidth: float) -> dict:
