@@ -1018,7 +1018,8 @@ void ernie_linear(int kind, const void *x, int x_bf16, const void *w, const floa
         for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
     }
     if (y_bf16) owned_y = yf = (float *)malloc((size_t)(M * N) * sizeof(float));
-    if (kind == 8 || kind == 4 || kind == 2) work = (uint8_t *)malloc((size_t)(M * (4 * K + 12 * groups)));   /* int4: split x too */
+    if (kind == 8 || kind == 2) work = (uint8_t *)malloc((size_t)(M * (2 * K + 8 * groups)));
+    if (kind == 4) work = (uint8_t *)malloc((size_t)(M * (4 * K + 12 * groups)));   /* x also split in bytes */
     if (kind == KIND_W4A8) work = (uint8_t *)malloc((size_t)(M * blocked_bytes(K, G)));
     if (bf16_dot) {
 #ifdef HAVE_BF16_DOT
