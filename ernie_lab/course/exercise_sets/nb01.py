@@ -359,11 +359,12 @@ def swiglu(function) -> str:
 
 
 def _decoder_cases(g):
-    """(a kit DecoderLayer with random weights and gains, its rope tables, x) at two random shapes."""
+    """(a kit DecoderLayer with random weights and gains, its rope tables, x) at two random shapes (two lengths that
+    never coincide, so the shapes always differ)."""
     from ...model.config import ErnieConfig
     from ...model.decoder import DecoderLayer
 
-    for _ in range(2):
+    for shortest, longest in ((2, 4), (5, 7)):
         heads, kv_heads = _choice(g, ((2, 1), (4, 2), (4, 1), (2, 2)))
         hidden, head_dim = 4 * draw_int(g, 2, 6), 2 * draw_int(g, 2, 4)
         config = ErnieConfig(vocab_size=8, hidden_size=hidden, intermediate_size=hidden + draw_int(g, 1, 2 * hidden),
@@ -374,7 +375,7 @@ def _decoder_cases(g):
             for name, p in layer.named_parameters():
                 gain = name.endswith("norm.weight")
                 p.copy_((1.0 if gain else 0.0) + torch.randn(p.shape, generator=g) * (0.4 if gain else 0.3))
-        B, T = draw_int(g, 1, 2), draw_int(g, 2, 6)
+        B, T = draw_int(g, 1, 2), draw_int(g, shortest, longest)
         rope = rope_angles(torch.arange(T).expand(B, T), head_dim, config.rope_theta)   # (B, T, d/2) x2
         yield config, layer, rope, torch.randn(B, T, hidden, generator=g)
 

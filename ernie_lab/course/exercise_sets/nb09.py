@@ -62,9 +62,10 @@ def int8_reference(weight: torch.Tensor) -> torch.Tensor:
     return (weight / scale).round().clamp(-127, 127) * scale                 # (out, in)
 
 
-def _weight_case(g: torch.Generator) -> torch.Tensor:
-    """A fresh (out, in) weight whose rows span four orders of magnitude, one of them all zeros."""
-    rows = int(torch.randint(4, 10, (1,), generator=g))
+def _weight_case(g: torch.Generator, fewest: int, most: int) -> torch.Tensor:
+    """A fresh (out, in) weight, out in [fewest, most], whose rows span four orders of magnitude, one of them all
+    zeros."""
+    rows = int(torch.randint(fewest, most + 1, (1,), generator=g))
     cols = int(torch.randint(8, 65, (1,), generator=g))
     magnitude = 10 ** (torch.rand(rows, 1, generator=g) * 4 - 3)              # (out, 1): 0.001 .. 10
     weight = torch.randn(rows, cols, generator=g) * magnitude
@@ -78,8 +79,8 @@ def _weight_case(g: torch.Generator) -> torch.Tensor:
 def int8_rtn(function) -> str:
     g = fresh_generator()
     errors = []
-    for _ in range(3):
-        weight = _weight_case(g)
+    for fewest, most in ((4, 5), (6, 7), (8, 9)):            # row counts that never coincide: three shapes
+        weight = _weight_case(g, fewest, most)
         got = call(function, weight)
         expected = int8_reference(weight)
         scale = weight.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
@@ -98,8 +99,9 @@ def int8_rtn(function) -> str:
     return f"Every weight within half a step of its row's grid; relative errors {', '.join(f'{e:.2%}' for e in errors)}."
 
 
-def _damage_case(g: torch.Generator):
-    """A fresh micro decoder with one outlier weight in a random linear layer, and a batch of ids."""
+def _damage_case(g: torch.Generator, shortest: int, longest: int):
+    """A fresh micro decoder with one outlier weight in a random linear layer, and a batch of ids whose length lies
+    in [shortest, longest]."""
     from ...model.config import ErnieConfig
     from ...model.decoder import ErnieForCausalLM
     from ...model.linears import linear_names
@@ -115,8 +117,8 @@ def _damage_case(g: torch.Generator):
     with torch.no_grad():
         weight = model.get_submodule(victim).weight
         weight[int(torch.randint(0, weight.shape[0], (1,), generator=g)), 0] = 30.0   # its row's int8 step grows ~100x
-    ids = torch.randint(0, 64, (int(torch.randint(1, 3, (1,), generator=g)), int(torch.randint(6, 14, (1,), generator=g))),
-                        generator=g)
+    batch, length = (int(torch.randint(low, high + 1, (1,), generator=g)) for low, high in ((1, 2), (shortest, longest)))
+    ids = torch.randint(0, 64, (batch, length), generator=g)
     return model, ids, victim
 
 
@@ -141,8 +143,8 @@ def damage_reference(model, ids, quantize) -> dict[str, float]:
                "the largest change of the logits, put the copy back; return {name: change}.")
 def layer_damage(function) -> str:
     g = fresh_generator()
-    for _ in range(2):
-        model, ids, victim = _damage_case(g)
+    for shortest, longest in ((6, 9), (10, 13)):          # two lengths that never coincide: two shapes
+        model, ids, victim = _damage_case(g, shortest, longest)
         state = {n: t.clone() for n, t in model.state_dict().items()}
         got = call(function, model, ids, int8_reference)
         changed = [n for n, t in model.state_dict().items() if not torch.equal(t, state[n])]
