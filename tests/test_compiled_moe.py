@@ -72,6 +72,15 @@ def moe():
     finally:
         moe_module.dispatch = real_dispatch
     result.update(quantized_graphs=_graphs(), dispatch_calls=len(counted), layers=len(moe_module.moe_blocks(model)))
+    counted.clear()   # batch 1: a one-token step's experts run on their bound kernels, not through dispatch
+    moe_module.dispatch = lambda *args, **kw: counted.append(1) or real_dispatch(*args, **kw)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            result["one_row_compiled"] = ernie_lab.generate(model, prompts[:1], 6, eos_token_id=[], compile=True)
+    finally:
+        moe_module.dispatch = real_dispatch
+    result.update(one_row_eager=ernie_lab.generate(model, prompts[:1], 6, eos_token_id=[]),
+                  one_row_dispatch_calls=len(counted))
     return result
 
 
@@ -96,6 +105,81 @@ def test_compiled_moe_with_quantized_experts_reuses_the_graph(moe):
     assert moe["quantized_graphs"] == moe["graphs"]
     prefill_and_steps = 1 + 5
     assert moe["dispatch_calls"] == 2 * prefill_and_steps * moe["layers"]  # eager run, then compiled run
+
+
+def test_compiled_batch_one_runs_its_experts_on_bound_kernels_with_eager_tokens(moe):
+    """Batch 1 after quantizing: the eager prefill dispatches once per MoE layer, the five compiled steps never
+    (their experts run on bound kernels), and the greedy tokens are eager's."""
+    assert torch.equal(moe["one_row_compiled"], moe["one_row_eager"])
+    assert moe["one_row_dispatch_calls"] == moe["layers"]
+
+
+MOE_CONFIG = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, moe_num_experts=8, moe_k=3, moe_intermediate_size=64)
+
+
+def _block(experts: str, seed: int = 0):
+    """A registered MoE block whose experts are streaming fp32 / bf16 layers or quantized to ``experts``."""
+    from ernie_lab.model.config import ErnieConfig
+
+    torch.manual_seed(seed)
+    dtype = torch.float32 if experts == "fp32" else torch.bfloat16
+    block = moe_module.MoEBlock(ErnieConfig(**MOE_CONFIG), 1).to(dtype).eval()
+    if experts in ("fp32", "bf16"):
+        quant.stream_linears(block)
+    elif experts != "plain":
+        quant.quantize(block, experts, group_size=32)
+    moe_module.register_for_compile(block)
+    return block, dtype
+
+
+def _operator(block, x, ids, weights):
+    return torch.ops.ernie_lab.moe_experts(x, ids, weights, block.compile_key, 0)
+
+
+@pytest.mark.parametrize("experts", ["fp32", "bf16", "w8a16", "w4a16", "w2a16", "w4a8"])
+@torch.inference_mode()
+def test_bound_experts_equal_dispatch_bit_for_bit(experts):
+    """One token, every expert format on the C's per-token kernels: the bound kernels give dispatch's very bits,
+    for fresh tokens and experts, bound once and reused (fresh=False) as the later steps of a generate do."""
+    block, dtype = _block(experts)
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        x = torch.randn(1, 64, generator=g).to(dtype)
+        ids = torch.randperm(8, generator=g)[:3][None]                                  # (1, k)
+        weights = torch.rand(1, 3, generator=g).to(dtype)
+        with moe_module.bound_experts(fresh=step == 0):
+            fast = _operator(block, x, ids, weights)
+        assert torch.equal(fast, moe_module.dispatch(x, ids, weights, block.group_experts(0))), (experts, step)
+        assert all(block._bound[(0, e, dtype)][1] is not None for e in ids[0].tolist())
+
+
+@torch.inference_mode()
+def test_bound_experts_bind_again_when_fresh_and_fall_back_without_a_kernel(monkeypatch):
+    """Experts quantized after a binding: a fresh binding reads the new layers. Plain nn.Linear experts (whose
+    forward is F.linear, not the kernel table) have no bound kernel: the operator dispatches as before."""
+    block, dtype = _block("bf16")
+    x, ids, weights = torch.randn(1, 64).to(dtype), torch.tensor([[0, 5, 7]]), torch.full((1, 3), 1 / 3).to(dtype)
+    with moe_module.bound_experts(fresh=True):
+        before = _operator(block, x, ids, weights)
+    quant.quantize(block, "w4a16", group_size=32)
+    with moe_module.bound_experts(fresh=True):
+        after = _operator(block, x, ids, weights)
+    assert torch.equal(after, moe_module.dispatch(x, ids, weights, block.group_experts(0)))
+    assert not torch.equal(after, before)
+
+    plain, dtype = _block("plain")
+    calls = []
+    real = moe_module.dispatch
+    monkeypatch.setattr(moe_module, "dispatch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = x.to(dtype)
+    with moe_module.bound_experts(fresh=True):
+        y = _operator(plain, x, ids, weights.to(dtype))
+    assert calls == [1] and torch.equal(y, real(x, ids, weights.to(dtype), plain.group_experts(0)))
+    assert plain._bound[(0, 0, dtype)][1] is None
+    with moe_module.bound_experts(fresh=True):                 # outside a step, nothing is bound or reused
+        pass
+    assert not moe_module._BINDING["active"]
 
 
 @pytest.fixture(scope="module")

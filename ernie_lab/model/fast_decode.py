@@ -28,7 +28,7 @@ import weakref
 import torch
 
 from .kv_cache import StaticKVCache
-from .moe import register_for_compile
+from .moe import bound_experts, register_for_compile
 
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, CompiledStep]" = weakref.WeakKeyDictionary()
 # On CPU inductor writes the code that calls the graph's kernels (its "wrapper") in C++ rather than Python,
@@ -76,14 +76,17 @@ class CompiledStep:
         """``same_as_last_call``: the caller vouches that nothing the graph depends on changed since its last
         call (the same model, cache, shapes and kernel switches: the steps of one ``generate`` after its first).
         Then dynamo checks only the guards that tell its compiled graphs apart, not all of them: at the 0.3B's
-        depth checking every guard (one per parameter, module and switch) costs about 1 ms a token."""
+        depth checking every guard (one per parameter, module and switch) costs about 1 ms a token; and an MoE
+        model's single-token experts reuse the kernels bound to their weights by earlier steps (moe.py)."""
         if same_as_last_call and self.compile_seconds is not None:
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True), bound_experts(fresh=False):
                 return self.step(model, token, position_ids, cache)
         if self.compile_seconds is not None:
-            return self.step(model, token, position_ids, cache)
+            with bound_experts(fresh=True):
+                return self.step(model, token, position_ids, cache)
         start = time.perf_counter()
-        logits = self.step(model, token, position_ids, cache)
+        with bound_experts(fresh=True):
+            logits = self.step(model, token, position_ids, cache)
         self.compile_seconds = time.perf_counter() - start
         print(f"compiled the decode step of {type(model).__name__} in {self.compile_seconds:.1f} s "
               "(once per model; inductor's cache keeps it warm for later runs)")

@@ -18,4 +18,10 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., hidden) -> (..., hidden)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
+
+
+def swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) for any three callables: the layers themselves, or (moe.py, a compiled
+    one-token step) their kernels bound to their weights."""
+    return down(F.silu(gate(x)) * up(x))

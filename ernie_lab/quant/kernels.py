@@ -75,6 +75,19 @@ def prime(layer: nn.Module, x: torch.Tensor) -> None:
         kernel.prime(layer)
 
 
+def bound(layer: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The kernel ``run(layer, x)`` would pick, with the layer's tensors bound in: a function of (M, K) rows in
+    x's dtype -> (M, N), the very call ``run`` makes, minus the choosing (a few us of Python per call). Only for
+    the C's per-token kernels (``PER_TOKEN``) on fp32 / bf16 rows, else None. It holds the tensors the layer has
+    now and the switches as they are: the caller binds again whenever either may have changed."""
+    kernel = choose(layer, x).name
+    if kernel not in PER_TOKEN or x.dtype not in FLOATS:
+        return None
+    operator, arguments = PER_TOKEN[kernel]
+    call, fixed = c_kernel(operator), arguments(layer, x.dtype)
+    return lambda rows: call(rows, *fixed)
+
+
 def choose(layer: nn.Module, x: torch.Tensor) -> Kernel:
     allowed = _ALLOWED[-1]
     return next(k for k in KERNELS if (allowed is None or k.name in allowed) and k.applies(layer, x))
@@ -130,12 +143,33 @@ def c_kernel(name: str):
     return getattr(native, name)
 
 
+# The C's three per-token kernels: the operator each calls and its arguments after the rows, for ``layer`` and
+# the rows' dtype. ``_per_token`` runs one on x; ``bound`` fixes the arguments once (moe.py's one-token experts).
+def _gemv_arguments(layer, dtype):
+    return layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size, layer.bias, dtype
+
+
+def _w4a8_arguments(layer, dtype):
+    return layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.bias, dtype
+
+
+def _linear_arguments(layer, dtype):
+    return layer.weight, layer.bias, dtype
+
+
+PER_TOKEN = {"native_gemv": ("gemv", _gemv_arguments), "native_w4a8": ("int8_int4", _w4a8_arguments),
+             "native_linear": ("linear", _linear_arguments)}
+
+
+def _per_token(kernel: str, layer, x):
+    operator, arguments = PER_TOKEN[kernel]
+    y = c_kernel(operator)(x.reshape(-1, layer.in_features), *arguments(layer, x.dtype))   # (M, K) -> (M, N)
+    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)                       # (..., N)
+
+
 def _native_gemv(layer, x):
     """Decode-sized rows: the C reads the plain packed codes once, adds the bias."""
-    rows = x.reshape(-1, layer.in_features)                                                # (M, K)
-    y = c_kernel("gemv")(rows, layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size,
-                 layer.bias, x.dtype)                                                      # (M, N)
-    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+    return _per_token("native_gemv", layer, x)
 
 
 # A prompt's dequantized weight lives only until its GEMM returns. Without a gradient to keep it for, eager mode
@@ -172,9 +206,7 @@ def _native_int8_int8(layer, x):
 
 def _native_w4a8(layer, x):
     """Decode-sized rows: the C rounds x to int8 per block of 32 and reads the int4 codes once."""
-    rows = x.reshape(-1, layer.in_features)                                                # (M, K)
-    y = c_kernel("int8_int4")(rows, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.bias, x.dtype)
-    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)                       # (M, N) -> (..., N)
+    return _per_token("native_w4a8", layer, x)
 
 
 def _native_w4a8_gemm(layer, x):
@@ -188,8 +220,8 @@ def _native_w4a8_gemm(layer, x):
 
 
 def _native_linear(layer, x):
-    y = c_kernel("linear")(x.reshape(-1, layer.in_features), layer.weight, layer.bias, x.dtype)
-    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)                       # (M, N) -> (..., N)
+    """Decode-sized rows: the C reads the fp32 / bf16 weight once."""
+    return _per_token("native_linear", layer, x)
 
 
 # ------------------------------------------------------------------ PyTorch's packed kernels

@@ -221,6 +221,10 @@ class QuantLinear(nn.Module):
         check_input(self, x)
         return kernels.run(self, x)
 
+    def decode_kernel(self, dtype: torch.dtype):
+        """This layer's kernel for one ``dtype`` row, its tensors bound in (``kernels.bound``), or None."""
+        return kernels.bound(self, torch.empty(1, self.in_features, dtype=dtype, device=self.qweight.device))
+
     def prime_kernels(self) -> None:
         """Build (or refresh) the copy of the codes that the kernel for a decode row keeps (``kernels.prime``:
         PyTorch's tiled int4 codes), outside any graph: a compiled generate calls this first, and its graph

@@ -42,6 +42,10 @@ class StreamingLinear(nn.Linear):
         check_input(self, x)
         return kernels.run(self, x)
 
+    def decode_kernel(self, dtype: torch.dtype):
+        """This layer's kernel for one ``dtype`` row, its weight bound in (``kernels.bound``), or None."""
+        return kernels.bound(self, torch.empty(1, self.in_features, dtype=dtype, device=self.weight.device))
+
 
 def stream_linears(model: nn.Module) -> list[str]:
     """Put a ``StreamingLinear`` in place of every exact ``nn.Linear`` of ``model`` (not routers, not LoRA or
