@@ -63,7 +63,7 @@ from ernie_lab.model.config import parse_config
 from ernie_lab.model.published import CONFIG_21B_A3B, CONFIG_VL_28B_A3B
 
 from fast_decode import seconds  # benchmarks/fast_decode.py
-from llama_cpp_tools import LLAMA_CPP_VERSION  # benchmarks/llama_cpp_tools.py
+from llama_cpp_tools import LLAMA_CPP_VERSION, crash_on_load  # benchmarks/llama_cpp_tools.py
 from quant import decode_speed, gguf_files, llama_speed, quantize_head  # benchmarks/quant.py
 
 RESULTS = Path(__file__).parent / "results" / "big_moe.json"
@@ -225,6 +225,10 @@ def measure_pair(folder: Path, scheme: str, gguf: Path, prompt, args, bandwidth:
                 f"{gguf.stat().st_size / GiB:.1f} GiB and room), {free / GiB:.1f} GiB are free; use fewer --layers")
         print(f"{scheme}: {note}")
         return {scheme: {"note": note}}
+    crashed = crash_on_load(gguf)
+    if crashed:
+        print(f"{scheme}: skipped, {crashed}")
+        return {scheme: {"note": f"skipped: {crashed}"}}
     model = kit_model(folder, scheme)
     switches, compile_note = compile_switches(model)
     llm = llama_cpp.Llama(str(gguf), n_threads=args.threads, n_threads_batch=args.threads, n_ctx=256, verbose=False)

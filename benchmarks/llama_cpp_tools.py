@@ -3,6 +3,7 @@
     llama_cpp_source()            llama.cpp's source tree, for convert_hf_to_gguf.py
     convert_to_gguf(folder, out)  an export (save_model's folder) -> one GGUF file, by llama.cpp's converter
     open_gguf(path)               a llama_cpp.Llama on that file (f32 KV cache by default)
+    crash_on_load(path)           None if llama.cpp loads the file and decodes with it in a child process, else why not
     llama_greedy(llm, ids, n)     llama.cpp's greedy continuation of token ids
 
 The converter reads the folder as a serving engine does: config.json, the safetensors, and the tokenizer's
@@ -58,6 +59,24 @@ def open_gguf(path: Path, *, threads: int = 2, n_ctx: int = 512, f32_cache: bool
     cache = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if f32_cache else {}
     return llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, verbose=False,
                            **cache)
+
+
+PROBE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(sys.argv[1], n_threads=2, n_ctx=64, verbose=False)
+llm.create_completion([1, 2, 3], max_tokens=2, temperature=0)
+"""
+
+
+def crash_on_load(path: Path) -> str | None:
+    """Load ``path`` and decode two tokens in a child process: None if that worked, else what happened. A
+    llama.cpp that crashes (seen: its AMX repacking of Q4_0 / Q8_0 weights, SIGSEGV on an Intel Xeon VM whose
+    CPU lists AMX) would otherwise take the whole benchmark, and every row measured before it, down with it."""
+    done = subprocess.run([sys.executable, "-c", PROBE, str(path)], capture_output=True, text=True)
+    if done.returncode == 0:
+        return None
+    how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit code {done.returncode}"
+    return f"llama.cpp failed to load and run {path.name} ({how}): {done.stderr.strip()[-300:]}"
 
 
 def llama_greedy(llm, ids: list[int], max_new_tokens: int, stop_ids=()) -> list[int]:

@@ -54,7 +54,7 @@ from ernie_lab.model.config import ErnieConfig
 from ernie_lab.model.fast_decode import compiled_step
 from ernie_lab.model.fast_prefill import compiled_prefill
 from fast_decode import seconds  # benchmarks/fast_decode.py
-from llama_cpp_tools import LLAMA_CPP_VERSION, convert_to_gguf  # benchmarks/llama_cpp_tools.py
+from llama_cpp_tools import LLAMA_CPP_VERSION, convert_to_gguf, crash_on_load  # benchmarks/llama_cpp_tools.py
 
 RESULTS = Path(__file__).parent / "results" / "quant.json"
 PREFILL_TOKENS = 512
@@ -240,7 +240,8 @@ def llama_decode_time(llm, prompt: list[int], new_tokens: int) -> float:
 
 
 def llama_cpp_models(base: nn.Module, work: Path, threads: int):
-    """{"llama.cpp F32": (Llama, file bytes), ...} on GGUFs converted from ``base``, or a message saying why not."""
+    """{"llama.cpp F32": (Llama, file bytes), ...} on GGUFs converted from ``base`` (a message for a format that
+    llama.cpp crashed on), or a message saying why not."""
     try:
         import llama_cpp
     except ImportError:
@@ -250,9 +251,10 @@ def llama_cpp_models(base: nn.Module, work: Path, threads: int):
         files = gguf_files(base, work)
     except Exception as err:  # no converter source, or a conversion error: say so, keep the run
         return f"skipped: no GGUF ({type(err).__name__}: {str(err)[:200]})"
-    return {f"llama.cpp {fmt}": (llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads,
+    crashes = {fmt: crash_on_load(path) for fmt, path in files.items()}   # a message where llama.cpp crashed
+    return {f"llama.cpp {fmt}": crashes[fmt] or (llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads,
                                                  n_ctx=2 * PREFILL_TOKENS, n_batch=PREFILL_TOKENS, verbose=False),
-                                 path.stat().st_size)
+                                                 path.stat().st_size)
             for fmt, path in files.items()}
 
 
@@ -367,7 +369,12 @@ def main():
         f"llama-cpp-python {LLAMA_CPP_VERSION}, GGUF converted from the same random checkpoint by llama.cpp's "
         "convert_hf_to_gguf.py (F32) and quantized by llama.cpp (BF16, Q8_0, Q4_0 with its default Q6_K head)")
     if not isinstance(peers, str):
-        for name, (llm, size) in peers.items():
+        for name, peer in peers.items():
+            if isinstance(peer, str):
+                rows[name] = {"error": peer}
+                print(f"{name}: skipped ({peer})", flush=True)
+                continue
+            llm, size = peer
             rows[name] = {"file_bytes": size}
             llama_speed(llm, prompt1[0].tolist(), 4)  # warm-up
             speeds[name, "decode_tok_s"] = (lambda m=llm: llama_speed(m, prompt1[0].tolist(), new))
