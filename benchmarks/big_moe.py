@@ -59,6 +59,7 @@ from ernie_lab.atomic import atomic_folder
 from ernie_lab.io.hub_names import INDEX_FILE, is_transposed, lab_to_hub
 from ernie_lab.io.loading import SAFETENSORS_DTYPES, available_memory
 from ernie_lab.io.saving import split_into_shards
+from ernie_lab.model import moe
 from ernie_lab.model.config import parse_config
 from ernie_lab.model.published import CONFIG_21B_A3B, CONFIG_VL_28B_A3B
 
@@ -316,12 +317,16 @@ def load_and_decode(folder: Path, scheme: str, new_tokens: int, rounds: int) -> 
     with contextlib.redirect_stdout(io.StringIO()):
         seconds(model, prompt, 2, switches)  # compiles the step once
     compile_s = time.perf_counter() - start
-    speeds, compiled = [], []
-    for _ in range(rounds):  # eager and compiled interleaved
+    speeds, compiled, unbound = [], [], []
+    for _ in range(rounds):  # eager, compiled and compiled with the experts through dispatch, interleaved
         speeds.append(decode_speed(model, prompt, new_tokens))
         compiled.append(decode_speed(model, prompt, new_tokens, **switches))
+        with moe.experts_unbound():
+            unbound.append(decode_speed(model, prompt, new_tokens, **switches))
     return {**loaded, "decode_tok_s": statistics.median(speeds), "decode_tok_s_rounds": speeds,
             "compiled_decode_tok_s": statistics.median(compiled), "compiled_decode_tok_s_rounds": compiled,
+            "compiled_experts_unbound_tok_s": statistics.median(unbound),
+            "compiled_experts_unbound_tok_s_rounds": unbound,
             "compile_s": compile_s,
             "bytes_per_token": quant.decode_bytes(model), "weight_bytes": quant.weight_bytes(model),
             **{f"after_decode_{k}": v for k, v in peak_memory(anonymous).items()}}
@@ -410,7 +415,8 @@ def one_full_model(name: str, config: dict, args, bandwidth: float) -> dict:
                       f"(after decode {row['after_decode_peak_rss'] / GiB:.2f}; anonymous "
                       f"{row.get('after_decode_peak_anonymous', float('nan')) / GiB:.2f}), decode {row['decode_tok_s']:.2f} tok/s "
                       f"= {row['fraction_of_bound']:.0%} of its bound {row['bandwidth_bound_tok_s']:.2f}; compiled "
-                      f"{row['compiled_decode_tok_s']:.2f} tok/s = {row['compiled_fraction_of_bound']:.0%}", flush=True)
+                      f"{row['compiled_decode_tok_s']:.2f} tok/s = {row['compiled_fraction_of_bound']:.0%} (experts "
+                      f"unbound {row['compiled_experts_unbound_tok_s']:.2f})", flush=True)
             else:
                 print(f"{name} {scheme}: {row['error']}")
             result[scheme] = row

@@ -556,6 +556,10 @@ assert tiny_table["vl_mean_accuracy"]["w2a16 GPTQ"] > tiny_table["vl_mean_accura
 # measured in one run. A prompt is another matter: its matmuls are compute-bound GEMMs, which PyTorch does
 # well, and a quantized model's prompt runs at nearly its bf16 speed (the 512-token prefill: 1.1-1.2x
 # llama.cpp in fp32, 1.25-1.9x at the other precisions).
+#
+# Machines differ: on an Intel Xeon VM with AMX (`intel_xeon_run`; llama.cpp without its AMX kernels, which
+# crashed there) both engines decode far below the bound, compute decides, and the compiled kit was
+# 1.05-2.2x llama.cpp, its prefill 1.45-5.9x.
 
 # %%
 results_file = repo_path("benchmarks/results/quant.json")

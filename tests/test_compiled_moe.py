@@ -177,9 +177,11 @@ def test_bound_experts_bind_again_when_fresh_and_fall_back_without_a_kernel(monk
         y = _operator(plain, x, ids, weights.to(dtype))
     assert calls == [1] and torch.equal(y, real(x, ids, weights.to(dtype), plain.group_experts(0)))
     assert plain._bound[(0, 0, dtype)][1] is None
-    with moe_module.bound_experts(fresh=True):                 # outside a step, nothing is bound or reused
-        pass
-    assert not moe_module._BINDING["active"]
+    assert not moe_module._BINDING["active"]                   # outside a step, nothing is bound or reused
+    calls.clear()
+    with moe_module.experts_unbound(), moe_module.bound_experts(fresh=True):
+        _operator(block, x.to(torch.bfloat16), ids, weights)   # bindable experts, binding switched off
+    assert calls == [1]
 
 
 @pytest.fixture(scope="module")
