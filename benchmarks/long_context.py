@@ -28,6 +28,7 @@ import torch
 import ernie_lab
 from ernie_lab.model.config import ErnieConfig
 from quant import decode_speed, gguf_files, llama_speed, random_model, variants  # benchmarks/quant.py
+from llama_cpp_tools import crash_on_load  # benchmarks/llama_cpp_tools.py
 
 RESULTS = Path(__file__).parent / "results" / "long_context.json"
 PAIRS = {"bf16": "BF16", "w4a8+w4a8 head": "Q4_0"}  # kit row -> llama.cpp file
@@ -69,6 +70,9 @@ def main():
         kit = {name: built[name][0]() for name in PAIRS}
         del base
         room = max(contexts) + args.new + 1
+        crashed = [why for why in (crash_on_load(files[fmt]) for fmt in PAIRS.values()) if why]
+        if crashed:  # every row is a pair with llama.cpp: stop now, before minutes of compiling
+            raise SystemExit("; ".join(crashed) + ". `make bench` builds llama-cpp-python without its AMX kernels.")
         llms = {fmt: llama_cpp.Llama(str(files[fmt]), n_threads=args.threads, n_threads_batch=args.threads,
                                      n_ctx=room, n_batch=512, verbose=False) for fmt in PAIRS.values()}
         speeds = timers(kit, llms, contexts, config.vocab_size, args.new)
