@@ -151,7 +151,7 @@ def test_bound_experts_equal_dispatch_bit_for_bit(experts):
         with moe_module.bound_experts(fresh=step == 0):
             fast = _operator(block, x, ids, weights)
         assert torch.equal(fast, moe_module.dispatch(x, ids, weights, block.group_experts(0))), (experts, step)
-        assert all(block._bound[(0, e, dtype)][1] is not None for e in ids[0].tolist())
+        assert all(moe_module._BOUND[block.compile_key, 0, e, dtype] is not None for e in ids[0].tolist())
 
 
 @torch.inference_mode()
@@ -176,7 +176,7 @@ def test_bound_experts_bind_again_when_fresh_and_fall_back_without_a_kernel(monk
     with moe_module.bound_experts(fresh=True):
         y = _operator(plain, x, ids, weights.to(dtype))
     assert calls == [1] and torch.equal(y, real(x, ids, weights.to(dtype), plain.group_experts(0)))
-    assert plain._bound[(0, 0, dtype)][1] is None
+    assert moe_module._BOUND[plain.compile_key, 0, 0, dtype] is None
     assert not moe_module._BINDING["active"]                   # outside a step, nothing is bound or reused
     calls.clear()
     with moe_module.experts_unbound(), moe_module.bound_experts(fresh=True):

@@ -164,7 +164,6 @@ class MoEBlock(nn.Module):
         self.k, self.norm_min = config.moe_k, config.moe_norm_min
         self.idle_experts_run = False   # the Trainer's FSDP mode: idle experts get zero gradients (dispatch)
         self.compile_key: int | None = None  # this block's key in the compiled step's registry (register_for_compile)
-        self._bound: dict = {}  # (group, expert, dtype) -> (binding, its kernels): see bound_expert
         self.routers = nn.ModuleList(Router(hidden, num_experts) for _ in widths)
         use_bias = config.extra.get("moe_use_aux_free", True)
         self.moe_statics = MoEStatics(len(widths), num_experts) if use_bias else None
@@ -226,17 +225,6 @@ class MoEBlock(nn.Module):
                              "ernie_lab.model.moe.register_for_compile(model) before torch.compile.")
         return self.compile_key
 
-    def bound_expert(self, group: int, expert: int, dtype: torch.dtype):
-        """Expert ``expert`` of ``group`` as one function of a (1, H) ``dtype`` row: SwiGLU on its three layers'
-        bound kernels (``decode_kernel``), bound once per binding (``bound_experts``); None where one of them
-        has no such kernel (a plain nn.Linear, LoRA, a PyTorch kernel) or the expert is not a plain SwiGLU."""
-        key = (group, expert, dtype)
-        binding, kernel = self._bound.get(key, (None, None))
-        if binding != _BINDING["count"]:
-            kernel = _bind_swiglu(self.group_experts(group)[expert], dtype)
-            self._bound[key] = (_BINDING["count"], kernel)
-        return kernel
-
     def _route_groups(self, tokens: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         """Modality-isolated routing: each token routed only inside its own group; results in token order."""
         N, E = tokens.shape[0], self.num_experts
@@ -280,12 +268,12 @@ def experts_operator(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.T
                      group: int) -> torch.Tensor:
     """:func:`dispatch` on the experts of group ``group`` of the registered block ``block_key``: (N, H) -> (N, H).
     Inside ``bound_experts`` a single token's experts run on their bound kernels (the same numbers)."""
-    block = _REGISTERED[block_key]
+    experts = _REGISTERED[block_key].group_experts(group)
     if _BINDING["active"] and x.shape[0] == 1:
-        kernels = [block.bound_expert(group, e, x.dtype) for e in expert_ids[0].tolist()]
+        kernels = [_bound_expert(experts, block_key, group, e, x.dtype) for e in expert_ids[0].tolist()]
         if None not in kernels:
             return one_token(x, weights, kernels)
-    return dispatch(x, expert_ids, weights, block.group_experts(group))
+    return dispatch(x, expert_ids, weights, experts)
 
 
 @experts_operator.register_fake
@@ -299,7 +287,8 @@ def _(x, expert_ids, weights, block_key, group):
 # 40 us of Python per expert around a few us of C (k = 6 experts in each of the 21B-A3B's 27 MoE layers: ~7 ms
 # a token). A step that vouches nothing changed since the last one can bind each expert's three kernels to its
 # weights once (``kernels.bound``: the very calls the layers make) and reuse them: the same numbers, no choosing.
-_BINDING = {"count": 0, "active": False, "allowed": True}
+_BINDING = {"active": False, "allowed": True}
+_BOUND: dict = {}   # (block key, group, expert, dtype) -> the expert on its bound kernels, or None (this binding)
 
 
 @contextlib.contextmanager
@@ -308,7 +297,7 @@ def bound_experts(fresh: bool):
     ``fresh``: bind again (the model, its weights or the kernel switches may have changed since the last
     step); else reuse the kernels bound by earlier steps. ``fast_decode.CompiledStep`` runs each step in it."""
     if fresh:
-        _BINDING["count"] += 1            # every earlier binding is stale
+        _BOUND.clear()   # every earlier binding is stale, and may hold tensors the model has dropped since
     _BINDING["active"] = _BINDING["allowed"]
     try:
         yield
@@ -324,6 +313,17 @@ def experts_unbound():
         yield
     finally:
         _BINDING["allowed"] = allowed
+
+
+def _bound_expert(experts: nn.ModuleList, block_key: int, group: int, expert: int, dtype: torch.dtype):
+    """``experts[expert]`` (of group ``group`` of the block registered as ``block_key``) as one function of a (1, H)
+    ``dtype`` row: SwiGLU on its three layers' bound kernels (``decode_kernel``), bound once per binding
+    (``bound_experts``); None where one of them has no such kernel (a plain nn.Linear, LoRA, a PyTorch kernel)
+    or the expert is not a plain SwiGLU."""
+    key = (block_key, group, expert, dtype)
+    if key not in _BOUND:
+        _BOUND[key] = _bind_swiglu(experts[expert], dtype)
+    return _BOUND[key]
 
 
 def _bind_swiglu(expert: nn.Module, dtype: torch.dtype):
